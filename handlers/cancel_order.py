@@ -1,0 +1,37 @@
+"""CancelOrder: the owner or an admin cancels a pending or awaiting order.
+
+Emits ``stock.release`` and ``order.cancelled``; when a payment may have
+been started, also the internal ``CancelPayment`` (cancel the
+PaymentIntent / void the PayPal order).  Someone else's order is refused as
+not found, so its existence does not leak.
+"""
+
+from __future__ import annotations
+
+from handlers import events
+from handlers.errors import NotFound, RetryLater
+from handlers.orders import HOLDS_STOCK, Status
+from handlers.outcome import MessageContext, Outcome
+from handlers.unit_of_work import UnitOfWork
+from schema.messages import CancelOrder
+
+
+def cancel_order(cmd: CancelOrder, msg: MessageContext, uow: UnitOfWork) -> Outcome:
+    order_id = str(cmd.order_id)
+    order = uow.order(order_id)
+    if order is None:
+        raise RetryLater(f"order {order_id} is not placed yet")
+    requester = cmd.requested_by
+    if "admin" not in requester.roles and requester.user_id != order.user_id:
+        raise NotFound(f"order {order_id} not found")
+    if order.status is Status.CANCELLED:
+        return Outcome.of("unchanged", order, "order was already cancelled")
+
+    previous = order.transition(Status.CANCELLED, msg.message_id, cmd.reason or f"cancelled by {requester.user_id}")
+    if previous in HOLDS_STOCK:
+        events.stock(uow, order, "stock.release", msg.message_id)
+    events.order_event(uow, order, "order.cancelled", msg.message_id)
+    payment = uow.payment(order_id)
+    if payment is not None and payment.status not in ("declined", "cancelled"):
+        events.internal(uow, order, "CancelPayment", "payment.cancel", msg.message_id)
+    return Outcome.of("applied", order)

@@ -1,0 +1,47 @@
+"""Errors a handler raises, sorted by what the worker does with them.
+
+    HandlerError
+     ├── Refused        permanent: the command is answered and acked, no retry
+     │    ├── NotFound          (someone else's order answers the same)
+     │    ├── Forbidden
+     │    ├── IllegalTransition
+     │    └── Mismatch          payment amount / currency / id disagree
+     └── RetryLater     the order it names does not exist yet: delay queue
+
+Infrastructure errors (database, broker) are not here: the worker sorts
+those in ``worker.errors``.
+"""
+
+from __future__ import annotations
+
+
+class HandlerError(Exception):
+    code = "error"
+
+
+class Refused(HandlerError):
+    """Permanent: applying the command again would fail the same way."""
+
+    code = "refused"
+
+
+class NotFound(Refused):
+    code = "not_found"
+
+
+class Forbidden(Refused):
+    code = "forbidden"
+
+
+class IllegalTransition(Refused):
+    code = "illegal_transition"
+
+
+class Mismatch(Refused):
+    code = "payment_mismatch"
+
+
+class RetryLater(HandlerError):
+    """The command arrived before what it depends on (e.g. its PlaceOrder)."""
+
+    code = "retry_later"

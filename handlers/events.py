@@ -1,0 +1,62 @@
+"""Events an order change emits, all through the outbox.
+
+Each event id is derived from the order, the routing key and the message
+that caused it, so the same effect can never be written under two ids.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from handlers.orders import Order
+from handlers.unit_of_work import UnitOfWork
+
+INVENTORY = "inventory"
+ORDER_EVENTS = "orders.events"
+INTERNAL = "orders.internal"
+
+EVENT_NAMESPACE = uuid.UUID("0d8f3a52-5a7e-4b7b-8f0c-5e1b1f0a9c11")
+
+
+def event_id(order_id: str, routing_key: str, message_id: str) -> str:
+    return str(uuid.uuid5(EVENT_NAMESPACE, f"{order_id}|{routing_key}|{message_id}"))
+
+
+def _envelope(order: Order, routing_key: str, message_id: str) -> dict[str, Any]:
+    return {
+        "event_id": event_id(order.order_id, routing_key, message_id),
+        "order_id": order.order_id,
+        "occurred_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def stock(uow: UnitOfWork, order: Order, routing_key: str, message_id: str) -> None:
+    """``stock.reserve`` / ``stock.release`` / ``stock.commit`` with the items."""
+    body = _envelope(order, routing_key, message_id)
+    body["items"] = order.stock_lines()
+    uow.emit(INVENTORY, routing_key, routing_key, body, order, body["event_id"])
+
+
+def order_event(uow: UnitOfWork, order: Order, routing_key: str, message_id: str, **extra: Any) -> None:
+    """``order.<status>`` with the order's state after the change."""
+    body = _envelope(order, routing_key, message_id)
+    body.update(
+        status=order.status.value,
+        user_id=order.user_id,
+        total=order.total,
+        currency=order.currency,
+    )
+    if order.reason:
+        body["reason"] = order.reason
+    if order.next_action and routing_key == "order.awaiting_payment":
+        body["next_action"] = order.next_action
+    body.update({k: v for k, v in extra.items() if v is not None})
+    uow.emit(ORDER_EVENTS, routing_key, routing_key, body, order, body["event_id"])
+
+
+def internal(uow: UnitOfWork, order: Order, command: str, routing_key: str, message_id: str, **data: Any) -> None:
+    """An internal command for the payment step, published by the relay."""
+    body = {"order_id": order.order_id, **data}
+    uow.emit(INTERNAL, routing_key, command, body, order, event_id(order.order_id, routing_key, message_id))

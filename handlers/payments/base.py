@@ -1,0 +1,125 @@
+"""The payment gateway seam.
+
+Handlers talk to payment providers only through :class:`PaymentGateway`.
+Only the two implementations (``stripe_gateway``, ``paypal_gateway``) import
+a provider SDK.  Every call that can move money takes an idempotency key
+derived from the order, so repeating it after a crash or a timeout returns
+the first answer instead of charging again.
+
+Errors::
+
+    PaymentError
+     ├── TransientPaymentError   timeout, dropped connection, 5xx, 429: retry
+     │    └── OutcomeUnknown     the request may have reached the provider:
+     │                           settle by repeating with the same key
+     └── PermanentPaymentError   4xx validation, bad configuration: no retry
+
+A card decline is not an error: it is ``PaymentResult(outcome=DECLINED)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol
+
+
+class PaymentError(Exception):
+    """Base of the gateway errors."""
+
+
+class TransientPaymentError(PaymentError):
+    """The provider could not answer now; the same call may succeed later."""
+
+
+class OutcomeUnknown(TransientPaymentError):
+    """The request was sent but no answer came back (timeout, reset)."""
+
+
+class PermanentPaymentError(PaymentError):
+    """The provider refused the request itself; repeating it will not help."""
+
+
+class WebhookVerificationError(Exception):
+    """A webhook's signature, timestamp or certificate did not verify."""
+
+
+class Outcome(str, enum.Enum):
+    SUCCEEDED = "succeeded"  # money taken (Stripe succeeded, PayPal capture COMPLETED)
+    REQUIRES_ACTION = "requires_action"  # the buyer must act (3DS, PayPal approval)
+    PROCESSING = "processing"  # accepted, result comes by webhook
+    DECLINED = "declined"  # card declined / payment refused
+
+
+@dataclass(frozen=True)
+class PaymentRequest:
+    order_id: str
+    amount: int  # minor units
+    currency: str  # ISO 4217, upper case
+    idempotency_key: str
+    payment_method: str | None = None  # Stripe
+    return_url: str | None = None  # PayPal
+    cancel_url: str | None = None  # PayPal
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class PaymentResult:
+    outcome: Outcome
+    provider_payment_id: str
+    #: what the buyer needs next, for the read model:
+    #: ``{"client_secret": ...}`` (Stripe) or ``{"approve_url": ...}`` (PayPal)
+    next_action: dict[str, str] = field(default_factory=dict)
+    decline_reason: str | None = None
+    #: PayPal capture id, needed to refund
+    capture_id: str | None = None
+    provider_status: str | None = None
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    refund_id: str
+    status: str
+
+
+class WebhookKind(str, enum.Enum):
+    CONFIRMED = "confirmed"  # money taken: becomes PaymentConfirmed
+    FAILED = "failed"  # payment failed / denied
+    APPROVED = "approved"  # PayPal buyer approved: capture next
+    IGNORED = "ignored"  # verified but not an event this service acts on
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    kind: WebhookKind
+    provider: str
+    event_id: str
+    event_type: str
+    order_id: str | None = None
+    provider_payment_id: str | None = None
+    amount: int | None = None  # minor units
+    currency: str | None = None
+    reason: str | None = None
+
+
+class PaymentGateway(Protocol):
+    """One provider.  Implementations are thread-safe."""
+
+    provider: str
+
+    def start(self, request: PaymentRequest) -> PaymentResult:
+        """Create (and for Stripe confirm) the payment; idempotent per key."""
+
+    def capture(self, provider_payment_id: str, idempotency_key: str) -> PaymentResult:
+        """Capture an approved payment (PayPal); idempotent per key."""
+
+    def cancel(self, provider_payment_id: str, idempotency_key: str) -> None:
+        """Cancel a PaymentIntent / void a PayPal order that was not captured."""
+
+    def refund(
+        self, result: PaymentResult, amount: int, currency: str, idempotency_key: str
+    ) -> RefundResult:
+        """Refund a captured payment in full; idempotent per key."""
+
+    def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
+        """Verify the signature and translate; raises WebhookVerificationError."""

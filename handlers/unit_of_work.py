@@ -1,0 +1,66 @@
+"""What a handler may ask of the unit of work it runs in.
+
+The worker's PostgreSQL implementation (``worker.unit_of_work``) loads and
+locks every order a batch names before the handlers run, so the reads here
+are plain lookups and every write lands in one transaction together with the
+inbox row and the outbox events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from handlers.orders import Order
+
+
+@dataclass(frozen=True)
+class Product:
+    product_id: str
+    price: int
+    currency: str
+    active: bool
+
+
+@dataclass
+class PaymentRecord:
+    order_id: str
+    provider: str
+    status: str
+    amount: int
+    currency: str
+    idempotency_key: str
+    provider_payment_id: str | None = None
+    capture_id: str | None = None
+    refund_id: str | None = None
+    confirmed_event_id: str | None = None
+    attempts: int = 0
+    last_error: str | None = None
+
+
+class UnitOfWork(Protocol):
+    def products(self, product_ids: list[str]) -> dict[str, Product]:
+        """Products by id (unknown ids are absent)."""
+
+    def order(self, order_id: str) -> Order | None:
+        """The order, locked for this unit of work, or None."""
+
+    def add_order(self, order: Order) -> None:
+        """Insert a new order with its lines."""
+
+    def payment(self, order_id: str) -> PaymentRecord | None:
+        """The order's payment record, or None."""
+
+    def save_payment(self, payment: PaymentRecord) -> None:
+        """Insert or update the payment record."""
+
+    def emit(
+        self,
+        exchange: str,
+        routing_key: str,
+        message_type: str,
+        body: dict[str, Any],
+        order: Order,
+        event_id: str,
+    ) -> None:
+        """Add a message to the outbox, published by the relay as ``event_id``."""

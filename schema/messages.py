@@ -1,0 +1,211 @@
+"""Message models: the command and event bodies of the public contract.
+
+Strict: unknown fields, wrong types, non-positive quantities, empty item
+lists and oversized strings are rejected, and the error names the field.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+#: Namespace for order ids derived from a PlaceOrder's message_id.
+ORDER_ID_NAMESPACE = uuid.UUID("6f1d5b8e-3c4a-4f7e-9b0e-2d8c1a7e5f30")
+
+MAX_MESSAGE_ID = 200
+MAX_ITEMS = 100
+MAX_QUANTITY = 10_000
+
+Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+ProductId = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+]
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+Url = Annotated[str, StringConstraints(min_length=8, max_length=2000, pattern=r"^https?://\S+$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Item(_Strict):
+    product_id: ProductId
+    quantity: int = Field(gt=0, le=MAX_QUANTITY)
+
+
+class StripePayment(_Strict):
+    provider: Literal["stripe"]
+    payment_method: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class PayPalPayment(_Strict):
+    provider: Literal["paypal"]
+    return_url: Url
+    cancel_url: Url
+
+
+Payment = Annotated[Union[StripePayment, PayPalPayment], Field(discriminator="provider")]
+
+
+class PlaceOrder(_Strict):
+    order_id: uuid.UUID | None = None
+    user_id: Id
+    items: list[Item] | None = Field(default=None, min_length=1, max_length=MAX_ITEMS)
+    product_id: ProductId | None = None
+    quantity: int | None = Field(default=None, gt=0, le=MAX_QUANTITY)
+    payment: Payment
+
+    @model_validator(mode="after")
+    def _one_item_form(self) -> "PlaceOrder":
+        single = self.product_id is not None or self.quantity is not None
+        if self.items is not None and single:
+            raise ValueError("give either items or product_id + quantity, not both")
+        if self.items is None and (self.product_id is None or self.quantity is None):
+            raise ValueError("items is required (or product_id + quantity)")
+        return self
+
+    def lines(self) -> list[Item]:
+        if self.items is not None:
+            return list(self.items)
+        assert self.product_id is not None and self.quantity is not None
+        return [Item(product_id=self.product_id, quantity=self.quantity)]
+
+    def resolved_order_id(self, message_id: str) -> str:
+        if self.order_id is not None:
+            return str(self.order_id)
+        return str(uuid.uuid5(ORDER_ID_NAMESPACE, message_id))
+
+
+class Requester(_Strict):
+    user_id: Id
+    roles: list[Literal["user", "admin"]] = Field(max_length=10)
+
+
+class _OrderCommand(_Strict):
+    order_id: uuid.UUID
+
+
+class CancelOrder(_OrderCommand):
+    requested_by: Requester
+    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class PaymentConfirmed(_OrderCommand):
+    provider: Literal["stripe", "paypal", "internal"]
+    payment_id: Id
+    amount: int = Field(ge=0)
+    currency: Currency
+    event_id: Id
+
+
+# -- internal commands of the payment step (queue orders.payments) ----------
+
+
+class StartPayment(_OrderCommand):
+    pass
+
+
+class CapturePayment(_OrderCommand):
+    provider: Literal["paypal"]
+    payment_id: Id
+    event_id: Id
+
+
+class PaymentFailed(_OrderCommand):
+    provider: Literal["stripe", "paypal", "internal"]
+    payment_id: Id
+    event_id: Id
+    reason: Annotated[str, StringConstraints(max_length=1000)] | None = None
+
+
+class RefundPayment(_OrderCommand):
+    pass
+
+
+class CancelPayment(_OrderCommand):
+    pass
+
+
+COMMANDS: dict[str, type[_Strict]] = {
+    "PlaceOrder": PlaceOrder,
+    "CancelOrder": CancelOrder,
+    "PaymentConfirmed": PaymentConfirmed,
+    "StartPayment": StartPayment,
+    "CapturePayment": CapturePayment,
+    "PaymentFailed": PaymentFailed,
+    "RefundPayment": RefundPayment,
+    "CancelPayment": CancelPayment,
+}
+
+
+class InvalidMessage(Exception):
+    """A message that can never be applied: wrong type, bad JSON, bad fields."""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_command(message_type: str | None, body: bytes) -> _Strict:
+    """Decode a command body; raises :class:`InvalidMessage` naming the field."""
+    model = COMMANDS.get(message_type or "")
+    if model is None:
+        raise InvalidMessage(f"unknown message type {message_type!r}")
+    try:
+        # JSON mode keeps strict types but takes JSON's forms (UUIDs as str)
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidMessage(f"{message_type}: {describe_validation_error(exc)}") from None
+
+
+# -- events ------------------------------------------------------------------
+
+
+class EventLine(_Strict):
+    product_id: str
+    quantity: int
+
+
+class Event(_Strict):
+    event_id: uuid.UUID
+    order_id: uuid.UUID
+    occurred_at: datetime
+
+
+class StockEvent(Event):
+    items: list[EventLine]
+
+
+class OrderEvent(Event):
+    status: str
+    user_id: str
+    total: int
+    currency: str
+    reason: str | None = None
+    next_action: dict[str, str] | None = None
+    refund_id: str | None = None
+
+
+INVENTORY_ROUTING_KEYS = ("stock.reserve", "stock.release", "stock.commit")
+ORDER_EVENT_ROUTING_KEYS = (
+    "order.placed",
+    "order.awaiting_payment",
+    "order.completed",
+    "order.cancelled",
+    "order.rejected",
+    "order.refunded",
+)

@@ -1,0 +1,165 @@
+"""Tables of the order service (SQLAlchemy 2.x Core metadata).
+
+Amounts are integers in minor units everywhere.  The migrations in
+``schema/migrations`` create exactly these tables; ``orders migrate --check``
+fails when the two drift apart.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+ORDER_STATUSES = ("pending", "awaiting_payment", "completed", "shipped", "cancelled", "rejected")
+
+products = Table(
+    "products",
+    metadata,
+    Column("product_id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("price", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("active", Boolean, nullable=False, server_default=text("true")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("price >= 0", name="price_not_negative"),
+)
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("order_id", UUID(as_uuid=False), primary_key=True),
+    Column("user_id", String(200), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("total", BigInteger, nullable=False),
+    Column("payment_provider", String(20), nullable=False),
+    #: what the PlaceOrder asked for (payment_method, return_url, ...)
+    Column("payment_request", JSONB, nullable=False),
+    #: what the buyer needs next (Stripe client_secret, PayPal approve_url)
+    Column("next_action", JSONB),
+    Column("reason", Text),
+    Column("correlation_id", String(200)),
+    Column("place_message_id", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("total >= 0", name="total_not_negative"),
+    CheckConstraint(
+        "status IN (" + ", ".join(f"'{s}'" for s in ORDER_STATUSES) + ")", name="status_known"
+    ),
+    Index("ix_orders_user_id", "user_id"),
+    Index("ix_orders_status", "status"),
+)
+
+order_items = Table(
+    "order_items",
+    metadata,
+    Column("order_id", UUID(as_uuid=False), ForeignKey("orders.order_id", ondelete="CASCADE")),
+    Column("line_no", Integer, nullable=False),
+    Column("product_id", String(64), nullable=False),
+    Column("quantity", Integer, nullable=False),
+    Column("unit_price", BigInteger, nullable=False),
+    PrimaryKeyConstraint("order_id", "line_no"),
+    CheckConstraint("quantity > 0", name="quantity_positive"),
+)
+
+#: Every status change of an order, in the transaction that made it.
+order_transitions = Table(
+    "order_transitions",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("order_id", UUID(as_uuid=False), ForeignKey("orders.order_id", ondelete="CASCADE"), nullable=False),
+    Column("from_status", String(20)),
+    Column("to_status", String(20), nullable=False),
+    Column("message_id", String(200), nullable=False),
+    Column("reason", Text),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("ix_order_transitions_order_id", "order_id"),
+)
+
+payments = Table(
+    "payments",
+    metadata,
+    Column("order_id", UUID(as_uuid=False), ForeignKey("orders.order_id", ondelete="CASCADE"), primary_key=True),
+    Column("provider", String(20), nullable=False),
+    #: started, unknown, requires_action, succeeded, declined, cancelled, refunded, failed
+    Column("status", String(20), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("idempotency_key", String(200), nullable=False),
+    Column("provider_payment_id", String(200)),
+    Column("capture_id", String(200)),
+    Column("refund_id", String(200)),
+    Column("confirmed_event_id", String(200)),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+#: One row per applied message: the dedup key of "effectively once".
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("consumer", String(64), nullable=False),
+    Column("message_id", String(200), nullable=False),
+    Column("processed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("consumer", "message_id"),
+    Index("ix_inbox_processed_at", "processed_at"),
+)
+
+#: Events waiting for (or kept a while after) publication by the relay.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("event_id", UUID(as_uuid=False), nullable=False, unique=True),
+    Column("exchange", String(100), nullable=False),
+    Column("routing_key", String(100), nullable=False),
+    Column("message_type", String(100), nullable=False),
+    Column("order_id", UUID(as_uuid=False)),
+    Column("correlation_id", String(200)),
+    Column("body", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("published_at", DateTime(timezone=True)),
+    Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+    Index("ix_outbox_order_id", "order_id"),
+)
+
+#: Who replayed or purged which dead letters, and when.
+dlq_audit = Table(
+    "dlq_audit",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("action", String(20), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("message_ids", JSONB, nullable=False),
+    Column("detail", Text),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run the whole service locally: `bash scripts/up.sh [process ...]`.
+# Sets up .venv and the services, migrates, declares the RabbitMQ topology,
+# loads the demo catalogue, then runs Procfile.local (worker pool, outbox
+# relay, HTTP shim and the two payment fakes) under honcho.  Ctrl-C stops all.
+# Naming processes (e.g. `bash scripts/up.sh worker relay`) starts only those.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/bootstrap.sh
+
+export VIRTUAL_ENV="$PWD/.venv"
+export PATH="$VIRTUAL_ENV/bin:$PATH" # Procfile.local's `orders` and `python` are the venv's
+
+orders migrate
+orders topology
+orders products import config/products.demo.json
+
+exec honcho start -f Procfile.local "$@"

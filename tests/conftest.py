@@ -1,0 +1,282 @@
+"""Fixtures: real PostgreSQL, RabbitMQ and Redis, never mocked.
+
+Tests use their own database (``orders_test``) and their own RabbitMQ vhost
+(``orders-test``, created with rabbitmqctl when it is at hand; else ``/``),
+so a service running on the same machine is not disturbed.  Processes
+(worker pool, relay) are started as subprocesses through the real CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pika
+import pytest
+from sqlalchemy import text
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDERS = str(Path(sys.executable).parent / "orders")
+VHOST = "orders-test"
+TEST_DB = os.environ.get("ORDERS_TEST_DBNAME", "orders_test")
+
+PRODUCTS = [
+    {"product_id": "sku-apple", "name": "Apple", "price": 150, "currency": "USD", "active": True},
+    {"product_id": "sku-pear", "name": "Pear", "price": 275, "currency": "USD", "active": True},
+    {"product_id": "sku-euro", "name": "Croissant", "price": 190, "currency": "EUR", "active": True},
+    {"product_id": "sku-gone", "name": "Discontinued", "price": 999, "currency": "USD", "active": False},
+]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+def _vhost() -> str:
+    try:
+        subprocess.run(["rabbitmqctl", "add_vhost", VHOST], capture_output=True, timeout=60)
+        done = subprocess.run(
+            ["rabbitmqctl", "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"],
+            capture_output=True, timeout=60,
+        )
+        if done.returncode == 0:
+            return VHOST
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return ""
+
+
+@pytest.fixture(scope="session")
+def test_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for the service under test (CLI subprocesses and in-process)."""
+    vhost = _vhost()
+    tmp = tmp_path_factory.mktemp("orders")
+    env = {
+        "ORDERS_DATABASE__DBNAME": TEST_DB,
+        "ORDERS_RABBITMQ__URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost.replace('/', '%2F')}",
+        "ORDERS_WORKER__RETRY_DELAYS_SECONDS": "[1, 2]",
+        "ORDERS_WORKER__BATCH_WAIT_MS": "10",
+        "ORDERS_WORKER__LIVENESS_FILE": str(tmp / "alive"),
+        "ORDERS_WORKER__SHUTDOWN_TIMEOUT_SECONDS": "15",
+        "ORDERS_RELAY__POLL_INTERVAL_SECONDS": "0.2",
+        "ORDERS_LOGGING__FORMAT": "json",
+    }
+    os.environ.update(env)
+    return {**os.environ, **env}
+
+
+@pytest.fixture(scope="session")
+def settings(test_env: dict[str, str]) -> Any:
+    from worker import db
+    from worker.settings import load_settings
+
+    s = load_settings()
+    import psycopg2
+
+    admin = psycopg2.connect(s.database.dsn.replace(f"dbname={TEST_DB}", "dbname=postgres"))
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
+    admin.close()
+    db.ensure_database(s.database)
+    db.migrate(db.make_engine(s.database, pool_size=1))
+    return s
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Any) -> Any:
+    from worker import db
+
+    return db.make_engine(settings.database, pool_size=4)
+
+
+class Bus:
+    """Test-side RabbitMQ: publish commands, capture events, read dead letters."""
+
+    CAPTURE = "test.capture"
+
+    def __init__(self, settings: Any) -> None:
+        self.url = settings.rabbitmq.url.get_secret_value()
+        self.delays = settings.worker.retry_delays_seconds
+        self.conn = pika.BlockingConnection(pika.URLParameters(self.url))
+        self.ch = self.conn.channel()
+        self.ch.confirm_delivery()
+
+    def reset(self) -> None:
+        from worker.broker import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, declare_topology, delay_queue
+
+        declare_topology(self.ch, self.delays)
+        for q in [*COMMAND_QUEUES, PAYMENTS_QUEUE, DEAD_LETTER_QUEUE, *(delay_queue(s) for s in self.delays)]:
+            self.ch.queue_purge(q)
+        self.ch.queue_delete(self.CAPTURE)
+        self.ch.queue_declare(self.CAPTURE, durable=True, arguments={"x-queue-type": "quorum"})
+        self.ch.queue_bind(self.CAPTURE, "inventory", routing_key="#")
+        self.ch.queue_bind(self.CAPTURE, "orders.events", routing_key="#")
+        self._events: list[dict[str, Any]] = []
+
+    def publish(self, message_type: str, body: Any, message_id: str | None = None, routing_key: str | None = None,
+                **props: Any) -> str:
+        from worker.broker import COMMAND_QUEUES, COMMANDS_EXCHANGE
+
+        keys = {"PlaceOrder": "order.place", "CancelOrder": "order.cancel", "PaymentConfirmed": "payment.confirmed"}
+        message_id = str(uuid.uuid4()) if message_id is None else message_id  # "" sends none
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.ch.basic_publish(
+            COMMANDS_EXCHANGE, routing_key or keys.get(message_type, "order.place"), raw,
+            pika.BasicProperties(message_id=message_id or None, type=message_type, content_type="application/json",
+                                 delivery_mode=2, **props),
+        )
+        assert COMMAND_QUEUES
+        return message_id
+
+    def events(self) -> list[dict[str, Any]]:
+        """All events captured so far: routing key, message id, body."""
+        while True:
+            method, props, body = self.ch.basic_get(self.CAPTURE, auto_ack=True)
+            if method is None:
+                return self._events
+            self._events.append({
+                "routing_key": method.routing_key, "exchange": method.exchange,
+                "message_id": props.message_id, "body": json.loads(body),
+            })
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Read the dead-letter queue without consuming it (requeue after)."""
+        from worker.broker import DEAD_LETTER_QUEUE
+
+        ch = self.conn.channel()
+        found, tags = [], []
+        while True:
+            method, props, body = ch.basic_get(DEAD_LETTER_QUEUE, auto_ack=False)
+            if method is None:
+                break
+            tags.append(method.delivery_tag)
+            found.append({"message_id": props.message_id, "type": props.type, "headers": props.headers or {}, "body": body})
+        if tags:
+            ch.basic_nack(tags[-1], multiple=True, requeue=True)
+        ch.close()
+        return found
+
+    def depth(self, queue: str) -> int:
+        return self.ch.queue_declare(queue, passive=True).method.message_count
+
+    def close(self) -> None:
+        if self.conn.is_open:
+            self.conn.close()
+
+
+@pytest.fixture
+def bus(settings: Any) -> Iterator[Bus]:
+    b = Bus(settings)
+    b.reset()
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def clean_db(engine: Any) -> Any:
+    from worker import catalogue
+
+    with engine.begin() as conn:
+        conn.execute(text(
+            "TRUNCATE orders, order_items, order_transitions, payments, inbox, outbox, products, dlq_audit"
+        ))
+    catalogue.upsert(engine, [catalogue.ProductRow(**p) for p in PRODUCTS])
+    return engine
+
+
+class Proc:
+    """A CLI process of the service (worker pool or relay) under test."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args, self.env, self.log = args, env, log
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.popen = subprocess.Popen(
+            [ORDERS, *self.args], env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def children(self) -> list[int]:
+        assert self.popen is not None
+        out = subprocess.run(["pgrep", "-P", str(self.popen.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def signal(self, sig: int) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(sig)
+
+    def kill_group(self) -> None:
+        assert self.popen is not None
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait()
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.popen is not None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill_group()
+        try:  # no orphans
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.popen.returncode
+
+
+@pytest.fixture
+def service(test_env: dict[str, str], tmp_path: Path, settings: Any) -> Iterator[Callable[..., Proc]]:
+    """Factory: ``service("worker", "--processes", "2")`` starts a CLI process."""
+    started: list[Proc] = []
+
+    def start(*args: str, **env: str) -> Proc:
+        p = Proc(list(args), {**test_env, **env}, tmp_path / f"{args[0]}-{len(started)}.log")
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def place_body(user: str = "user-1", items: list[tuple[str, int]] | None = None, order_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "user_id": user,
+        "items": [{"product_id": p, "quantity": q} for p, q in (items or [("sku-apple", 2)])],
+        "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+    }
+    if order_id:
+        body["order_id"] = order_id
+    return body
+
+
+@pytest.fixture
+def make_place() -> Callable[..., dict[str, Any]]:
+    return place_body
+
+
+@pytest.fixture
+def wait() -> Callable[..., Any]:
+    return wait_until

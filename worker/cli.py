@@ -1,0 +1,163 @@
+"""The ``orders`` command line: run the service and operate it.
+
+Exit codes: 0 success, 1 bad configuration or a failed check, 2 usage error
+(typer), 3 the worker pool gave up on children that keep crashing at start.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from worker.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Order service: workers, relay, shim and tools.")
+products_app = typer.Typer(no_args_is_help=True, help="The product catalogue.")
+app.add_typer(products_app, name="products")
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="Configuration file (default: $ORDERS_CONFIG or config/config.yaml).")
+]
+
+
+def _settings(config: Path | None) -> Settings:
+    from worker import logs
+
+    try:
+        settings = load_settings(config)
+    except SettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    logs.configure(settings.logging.level, settings.logging.format)
+    return settings
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
+@app.command()
+def migrate(
+    config: ConfigOption = None,
+    check: Annotated[bool, typer.Option(help="Only check that the models match the migrations.")] = False,
+) -> None:
+    """Create the database if needed and apply the migrations (alembic upgrade head)."""
+    from worker import db
+
+    settings = _settings(config)
+    try:
+        if db.ensure_database(settings.database):
+            typer.echo(f"created database {settings.database.dbname}")
+        engine = db.make_engine(settings.database, pool_size=1)
+        db.migrate(engine)
+        if check:
+            db.check_migrations(engine)
+    except Exception as exc:  # noqa: BLE001 - told plainly, no traceback
+        typer.echo(f"error: migration failed: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo("database is at the latest migration")
+
+
+@app.command()
+def topology(config: ConfigOption = None) -> None:
+    """Declare the RabbitMQ exchanges, queues and bindings (safe to repeat)."""
+    from worker.broker import BlockingBroker
+    from worker.errors import BrokerError
+
+    settings = _settings(config)
+    try:
+        broker = BlockingBroker(settings.rabbitmq.url.get_secret_value()).connect()
+        broker.declare_topology(settings.worker.retry_delays_seconds)
+        broker.close()
+    except BrokerError as exc:
+        typer.echo(f"error: RabbitMQ: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo("topology declared")
+
+
+@products_app.command("import")
+def products_import(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="CSV (with a header) or JSON list.")],
+    config: ConfigOption = None,
+) -> None:
+    """Load a catalogue; products already there are updated (idempotent)."""
+    from worker import catalogue, db
+
+    settings = _settings(config)
+    try:
+        products = catalogue.read(file)
+    except catalogue.CatalogueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    count = catalogue.upsert(db.make_engine(settings.database, pool_size=1), products)
+    typer.echo(f"imported {count} products")
+
+
+def _worker_process(settings: Settings, index: int, stop: threading.Event, queues: list[str]) -> None:
+    from worker import db, logs
+    from worker.broker import COMMAND_QUEUES
+    from worker.consumer import CommandConsumer
+
+    logs.configure(settings.logging.level, settings.logging.format)
+    import structlog
+
+    structlog.contextvars.bind_contextvars(worker=index)
+    engine = db.make_engine(settings.database)
+    CommandConsumer(settings, engine, queues or list(COMMAND_QUEUES)).run(stop)
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    processes: Annotated[Optional[int], typer.Option("--processes", "-p", min=1, help="Consumer processes (default: worker.processes).")] = None,
+    prefetch: Annotated[Optional[int], typer.Option(min=1, help="Unacked messages per process (default: worker.prefetch).")] = None,
+    queues: Annotated[Optional[list[str]], typer.Option("--queue", "-q", help="Consume only these command queues (repeatable).")] = None,
+) -> None:
+    """Run the worker pool: N processes consuming the command queues."""
+    from worker.broker import COMMAND_QUEUES
+    from worker.supervisor import run_pool
+
+    settings = _settings(config)
+    overrides = {}
+    if prefetch:
+        overrides["prefetch"] = prefetch
+    if overrides:
+        settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=overrides)})
+    for q in queues or []:
+        if q not in COMMAND_QUEUES:
+            typer.echo(f"error: unknown queue {q!r}; choose from {', '.join(COMMAND_QUEUES)}", err=True)
+            raise typer.Exit(2)
+    target = functools.partial(_worker_process, queues=list(queues or []))
+    raise typer.Exit(run_pool(target, settings, processes or settings.worker.processes))
+
+
+@app.command()
+def relay(config: ConfigOption = None) -> None:
+    """Run the outbox relay (one is active; more wait as standbys)."""
+    from worker import db
+    from worker.relay import Relay
+
+    settings = _settings(config)
+    stop = _stop_on_signals()
+    Relay(settings, db.make_engine(settings.database, pool_size=2)).run(stop)
+
+
+def main() -> None:
+    try:
+        app()
+    except SettingsError as exc:  # pragma: no cover - raised before typer catches
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""PostgreSQL: engines and migrations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg2
+from alembic import command
+from alembic.config import Config
+from psycopg2 import sql
+from sqlalchemy import Engine, create_engine
+
+from worker.settings import DatabaseSettings
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "schema" / "migrations"
+
+
+def make_engine(db: DatabaseSettings, pool_size: int | None = None) -> Engine:
+    """An engine for one process; never create one at import time."""
+    return create_engine(
+        db.url,
+        pool_size=pool_size or db.pool_size,
+        pool_pre_ping=True,
+        # UPDATE/DELETE executemany in pages instead of a round trip per row
+        executemany_mode="values_plus_batch",
+        connect_args={"connect_timeout": 5, "application_name": "orders"},
+    )
+
+
+def ensure_database(db: DatabaseSettings) -> bool:
+    """Create the database when it does not exist; True when created."""
+    conn = psycopg2.connect(db.dsn.replace(f"dbname={db.dbname}", "dbname=postgres"), connect_timeout=5)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db.dbname,))
+            if cur.fetchone():
+                return False
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db.dbname)))
+            return True
+    finally:
+        conn.close()
+
+
+def alembic_config(engine: Engine) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    cfg = alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def check_migrations(engine: Engine) -> None:
+    """Raise when the models drifted from the migrations (alembic check)."""
+    cfg = alembic_config(engine)
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.check(cfg)

@@ -1,0 +1,168 @@
+"""The outbox relay: publishes committed events with publisher confirms.
+
+Exactly one relay is active: it holds a PostgreSQL advisory lock on its
+LISTEN connection; others wait as standbys and take over when that
+connection (and so the lock) goes away.  Each round selects unpublished rows
+in id order (``FOR UPDATE SKIP LOCKED``), publishes them on one channel,
+waits until the broker confirmed all of them, and only then marks them
+published, in the same transaction.  A relay killed in between republishes
+the batch under the same message ids, so consumers can deduplicate.
+
+Events of one order leave in commit order: the transactions that write them
+serialise on the order's row lock, so their ids grow in commit order, and
+one relay publishes them in id order on one channel.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import structlog
+from sqlalchemy import Engine, text
+
+from worker.broker import Outgoing, PipelinedPublisher
+from worker.consumer import Backoff
+from worker.errors import BrokerError
+from worker.settings import Settings
+from worker.unit_of_work import OUTBOX_CHANNEL
+
+log = structlog.get_logger("worker.relay")
+
+#: advisory lock key of the active relay ("orders" in ASCII)
+RELAY_LOCK_KEY = 0x6F7264657273
+#: seconds between two housekeeping rounds (inbox and outbox retention)
+HOUSEKEEPING_INTERVAL = 60.0
+#: rows deleted per housekeeping statement, so no delete holds locks long
+HOUSEKEEPING_CHUNK = 5000
+
+
+class Relay:
+    def __init__(self, settings: Settings, engine: Engine, metrics: Any = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self._last_housekeeping = 0.0
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = Backoff()
+        state = "starting"
+        while not stop.is_set():
+            listener = publisher = None
+            try:
+                listener = self._listen()
+                if not self._try_lock(listener):
+                    if state != "standby":
+                        log.info("another relay is active; standing by")
+                        state = "standby"
+                    listener.close()
+                    stop.wait(self.settings.relay.poll_interval_seconds)
+                    continue
+                publisher = PipelinedPublisher(
+                    self.settings.rabbitmq.url.get_secret_value(), self.settings.rabbitmq.heartbeat_seconds
+                ).connect()
+                log.info("relay active")
+                state = "active"
+                backoff.reset()
+                self._loop(listener, publisher, stop)
+            except (BrokerError, psycopg2.Error, OSError) as exc:
+                if state != "down":
+                    log.warning("relay lost a dependency, retrying", error=f"{type(exc).__name__}: {exc}")
+                    state = "down"
+                stop.wait(backoff.next())
+            except Exception as exc:  # noqa: BLE001 - sqlalchemy errors and the like
+                if state != "down":
+                    log.warning("relay failed, retrying", error=f"{type(exc).__name__}: {exc}")
+                    state = "down"
+                stop.wait(backoff.next())
+            finally:
+                if publisher is not None:
+                    publisher.close()
+                if listener is not None and not listener.closed:
+                    listener.close()
+
+    def _listen(self) -> Any:
+        conn = psycopg2.connect(self.settings.database.dsn, connect_timeout=5, application_name="orders-relay")
+        conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+        return conn
+
+    def _try_lock(self, conn: Any) -> bool:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,))
+            locked = bool(cur.fetchone()[0])
+            if locked:
+                cur.execute(f"LISTEN {OUTBOX_CHANNEL}")
+            return locked
+
+    def _loop(self, listener: Any, publisher: PipelinedPublisher, stop: threading.Event) -> None:
+        batch_size = self.settings.relay.batch_size
+        while not stop.is_set():
+            published = self.publish_pending(publisher, batch_size)
+            if time.monotonic() - self._last_housekeeping > HOUSEKEEPING_INTERVAL:
+                self.housekeeping()
+            if published < batch_size:
+                self._wait(listener, stop)
+
+    def _wait(self, listener: Any, stop: threading.Event) -> None:
+        """Sleep until NOTIFY, the polling interval, or stop."""
+        ready, _, _ = select.select([listener], [], [], self.settings.relay.poll_interval_seconds)
+        listener.poll()  # raises when the connection (and our lock) is gone
+        listener.notifies.clear()
+        if not ready:
+            with listener.cursor() as cur:  # a lost lock connection must not go unnoticed
+                cur.execute("SELECT 1")
+
+    def publish_pending(self, publisher: PipelinedPublisher, limit: int) -> int:
+        """Publish one batch of unpublished events; return how many."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, event_id::text, exchange, routing_key, message_type, correlation_id, body,"
+                    " extract(epoch from created_at) AS created FROM outbox WHERE published_at IS NULL"
+                    " ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
+                ),
+                {"limit": limit},
+            ).all()
+            if not rows:
+                return 0
+            publisher.publish_batch([
+                Outgoing(r.exchange, r.routing_key, r.body.encode(), {
+                    "message_id": r.event_id, "type": r.message_type, "correlation_id": r.correlation_id,
+                    "timestamp": int(r.created), "app_id": "orders",
+                })
+                for r in rows
+            ])
+            conn.execute(
+                text("UPDATE outbox SET published_at = now() WHERE id = ANY(:ids)"),
+                {"ids": [r.id for r in rows]},
+            )
+        if self.metrics is not None:
+            self.metrics.relayed(len(rows), time.time() - float(rows[0].created))
+        return len(rows)
+
+    def housekeeping(self) -> dict[str, int]:
+        """Delete published outbox rows and inbox rows past their retention."""
+        self._last_housekeeping = time.monotonic()
+        cfg = self.settings.worker
+        deleted = {"outbox": 0, "inbox": 0}
+        statements = {
+            "outbox": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at"
+                      " < now() - make_interval(secs => :secs) LIMIT :chunk)",
+            "inbox": "DELETE FROM inbox WHERE ctid IN (SELECT ctid FROM inbox WHERE processed_at"
+                     " < now() - make_interval(secs => :secs) LIMIT :chunk)",
+        }
+        retention = {"outbox": cfg.outbox_retention_hours * 3600, "inbox": cfg.inbox_retention_days * 86400}
+        for table, stmt in statements.items():
+            while True:
+                with self.engine.begin() as conn:
+                    n = conn.execute(text(stmt), {"secs": retention[table], "chunk": HOUSEKEEPING_CHUNK}).rowcount
+                deleted[table] += n
+                if n < HOUSEKEEPING_CHUNK:
+                    break
+        if any(deleted.values()):
+            log.info("housekeeping", **{f"deleted_{k}": v for k, v in deleted.items()})
+        return deleted

@@ -1,0 +1,185 @@
+"""Settings: one frozen object, read once at start-up.
+
+The file (``config/config.yaml``, or the path in ``ORDERS_CONFIG``) is read
+first; environment variables ``ORDERS_<SECTION>__<KEY>`` override single
+keys.  A missing or malformed key stops start-up with a
+:class:`SettingsError` that names the key, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+from urllib.parse import quote
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+#: Prefix of the environment variables that override the file.
+ENV_PREFIX = "ORDERS_"
+#: Default file, relative to the project root.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
+
+
+class SettingsError(Exception):
+    """The configuration is missing a key or has a malformed one."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseSettings(_Section):
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    user: str
+    password: SecretStr
+    dbname: str
+    pool_size: int = Field(default=5, ge=1)
+
+    @property
+    def url(self) -> str:
+        password = self.password.get_secret_value()
+        auth = quote(self.user, safe="")
+        if password:
+            auth += ":" + quote(password, safe="")
+        return f"postgresql+psycopg2://{auth}@{self.host}:{self.port}/{self.dbname}"
+
+    @property
+    def dsn(self) -> str:
+        """libpq connection string (for psycopg2 and pgbench)."""
+        parts = f"host={self.host} port={self.port} user={self.user} dbname={self.dbname}"
+        password = self.password.get_secret_value()
+        return parts + (f" password={password}" if password else "")
+
+
+class RedisSettings(_Section):
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    db: int = Field(default=0, ge=0)
+    cache_ttl_seconds: int = Field(default=300, gt=0)
+
+
+class RabbitSettings(_Section):
+    url: SecretStr
+    heartbeat_seconds: int = Field(default=30, gt=0)
+
+
+class StripeSettings(_Section):
+    api_key: SecretStr
+    webhook_secret: SecretStr
+    api_base: str = "https://api.stripe.com"
+    timeout_seconds: float = Field(default=10, gt=0)
+    max_network_retries: int = Field(default=2, ge=0)
+    webhook_tolerance_seconds: int = Field(default=300, gt=0)
+
+
+class PayPalSettings(_Section):
+    client_id: str
+    client_secret: SecretStr
+    base_url: str = "https://api-m.sandbox.paypal.com"
+    webhook_id: str
+    cert_host_allowlist: tuple[str, ...] = ("api.paypal.com", "api.sandbox.paypal.com")
+    verification: Literal["offline", "postback"] = "offline"
+    timeout_seconds: float = Field(default=10, gt=0)
+
+
+class WorkerSettings(_Section):
+    processes: int = Field(default=2, ge=1)
+    prefetch: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=250, ge=1)
+    batch_wait_ms: int = Field(default=20, ge=0)
+    payment_concurrency: int = Field(default=8, ge=1)
+    inplace_retries: int = Field(default=3, ge=1)
+    retry_delays_seconds: tuple[int, ...] = (1, 5, 30, 120)
+    outage_threshold: int = Field(default=5, ge=1)
+    inbox_retention_days: float = Field(default=7, gt=0)
+    outbox_retention_hours: float = Field(default=24, ge=0)
+    shutdown_timeout_seconds: float = Field(default=30, gt=0)
+    liveness_file: str = "/tmp/orders-worker.alive"
+
+
+class RelaySettings(_Section):
+    batch_size: int = Field(default=1000, ge=1)
+    poll_interval_seconds: float = Field(default=1.0, gt=0)
+
+
+class ShimSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, gt=0, lt=65536)
+    jwt_secret: SecretStr
+    jwt_public_key: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    place_rate_per_minute: int = Field(default=60, gt=0)
+    read_rate_per_minute: int = Field(default=600, gt=0)
+
+
+class MetricsSettings(_Section):
+    port: int = Field(default=9400, ge=0, lt=65536)
+
+
+class LoggingSettings(_Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Section):
+    database: DatabaseSettings
+    redis: RedisSettings
+    rabbitmq: RabbitSettings
+    stripe: StripeSettings
+    paypal: PayPalSettings
+    worker: WorkerSettings = WorkerSettings()
+    relay: RelaySettings = RelaySettings()
+    shim: ShimSettings
+    metrics: MetricsSettings = MetricsSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+
+def _overlay_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        if section not in Settings.model_fields:
+            continue
+        value: Any = raw
+        if raw[:1] in "[{":
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise SettingsError(f"{name}: not valid JSON ({exc.msg})") from None
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise SettingsError(f"{section}: expected a mapping")
+        data[section][key] = value
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read the file, apply environment overrides and validate."""
+    environ = os.environ if environ is None else environ
+    path = Path(path or environ.get("ORDERS_CONFIG") or DEFAULT_CONFIG)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise SettingsError(f"configuration file {path} not found (set ORDERS_CONFIG)") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"configuration file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"configuration file {path}: expected a mapping at the top")
+    _overlay_environment(data, environ)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            env = ENV_PREFIX + "__".join(str(p) for p in err["loc"][:2]).upper()
+            problems.append(f"{key} ({env}): {err['msg']}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

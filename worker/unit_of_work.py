@@ -1,0 +1,239 @@
+"""The PostgreSQL unit of work: one transaction for a whole batch of commands.
+
+``claim`` writes the inbox rows first (sorted, so two workers holding the
+same duplicate cannot deadlock), ``preload`` locks every order the batch
+names (``FOR UPDATE``, in key order), the handlers then work on those rows in
+memory, and ``flush`` writes orders, lines, transitions, payments and outbox
+rows in a handful of set-based statements.  Status changes are written with
+a guard on the status that was read, and a lost guard aborts the batch.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from sqlalchemy import Connection, insert, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from handlers.orders import Line, Order, Status
+from handlers.unit_of_work import PaymentRecord, Product
+from schema import tables
+from worker.errors import ConcurrentUpdate
+
+#: Channel the relay LISTENs on; one NOTIFY per transaction that wrote events.
+OUTBOX_CHANNEL = "orders_outbox"
+
+_PAYMENT_FIELDS = (
+    "provider", "status", "amount", "currency", "idempotency_key", "provider_payment_id",
+    "capture_id", "refund_id", "confirmed_event_id", "attempts", "last_error",
+)
+
+
+class PostgresUnitOfWork:
+    """Implements :class:`handlers.unit_of_work.UnitOfWork` on one connection."""
+
+    def __init__(self, conn: Connection, consumer: str) -> None:
+        self.conn = conn
+        self.consumer = consumer
+        self._products: dict[str, Product | None] = {}
+        self._orders: dict[str, Order | None] = {}
+        self._payments: dict[str, PaymentRecord | None] = {}
+        self._new_orders: list[Order] = []
+        self._saved_payments: dict[str, PaymentRecord] = {}
+        self._outbox: list[dict[str, Any]] = []
+
+    # -- inbox -------------------------------------------------------------
+
+    def claim(self, message_ids: Iterable[str]) -> set[str]:
+        """Insert inbox rows; return the ids that were not applied before."""
+        ids = sorted(set(message_ids))
+        if not ids:
+            return set()
+        stmt = (
+            pg_insert(tables.inbox)
+            .values([{"consumer": self.consumer, "message_id": m} for m in ids])
+            .on_conflict_do_nothing()
+            .returning(tables.inbox.c.message_id)
+        )
+        return set(self.conn.execute(stmt).scalars())
+
+    def release(self, message_ids: list[str]) -> None:
+        """Drop inbox rows of messages that were deferred, not applied."""
+        if message_ids:
+            self.conn.execute(
+                text("DELETE FROM inbox WHERE consumer = :c AND message_id = ANY(:ids)"),
+                {"c": self.consumer, "ids": message_ids},
+            )
+
+    # -- reads ---------------------------------------------------------------
+
+    def preload(self, order_ids: Iterable[str], product_ids: Iterable[str]) -> None:
+        """Load and lock the batch's orders, load its products."""
+        self._load_orders(sorted(set(order_ids) - self._orders.keys()))
+        wanted = sorted(set(product_ids) - self._products.keys())
+        if wanted:
+            rows = self.conn.execute(
+                text("SELECT product_id, price, currency, active FROM products WHERE product_id = ANY(:ids)"),
+                {"ids": wanted},
+            )
+            found = {r.product_id: Product(r.product_id, r.price, r.currency, r.active) for r in rows}
+            for pid in wanted:
+                self._products[pid] = found.get(pid)
+
+    def _load_orders(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        rows = self.conn.execute(
+            text(
+                "SELECT order_id::text, user_id, status, currency, total, payment_provider,"
+                " payment_request, next_action, reason, correlation_id, place_message_id"
+                " FROM orders WHERE order_id = ANY(CAST(:ids AS uuid[])) ORDER BY order_id FOR UPDATE"
+            ),
+            {"ids": ids},
+        ).all()
+        for pid in ids:
+            self._orders[pid] = None
+            self._payments.setdefault(pid, None)
+        if not rows:
+            return
+        found = [r.order_id for r in rows]
+        for r in rows:
+            status = Status(r.status)
+            self._orders[r.order_id] = Order(
+                order_id=r.order_id, user_id=r.user_id, status=status, currency=r.currency,
+                total=r.total, payment_provider=r.payment_provider, payment_request=r.payment_request,
+                place_message_id=r.place_message_id, next_action=r.next_action, reason=r.reason,
+                correlation_id=r.correlation_id, loaded_status=status,
+            )
+        for r in self.conn.execute(
+            text(
+                "SELECT order_id::text, product_id, quantity, unit_price FROM order_items"
+                " WHERE order_id = ANY(CAST(:ids AS uuid[])) ORDER BY order_id, line_no"
+            ),
+            {"ids": found},
+        ):
+            self._orders[r.order_id].lines.append(Line(r.product_id, r.quantity, r.unit_price))  # type: ignore[union-attr]
+        for r in self.conn.execute(
+            text(
+                "SELECT order_id::text, " + ", ".join(_PAYMENT_FIELDS)
+                + " FROM payments WHERE order_id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": found},
+        ):
+            self._payments[r.order_id] = PaymentRecord(**r._asdict())
+
+    def products(self, product_ids: list[str]) -> dict[str, Product]:
+        self.preload((), product_ids)
+        return {pid: p for pid in product_ids if (p := self._products.get(pid)) is not None}
+
+    def order(self, order_id: str) -> Order | None:
+        if order_id not in self._orders:
+            self._load_orders([order_id])
+        return self._orders[order_id]
+
+    def payment(self, order_id: str) -> PaymentRecord | None:
+        if order_id not in self._payments:
+            self.order(order_id)
+        return self._payments.get(order_id)
+
+    # -- writes ----------------------------------------------------------------
+
+    def add_order(self, order: Order) -> None:
+        self._orders[order.order_id] = order
+        self._new_orders.append(order)
+
+    def save_payment(self, payment: PaymentRecord) -> None:
+        self._payments[payment.order_id] = payment
+        self._saved_payments[payment.order_id] = payment
+
+    def emit(
+        self, exchange: str, routing_key: str, message_type: str, body: dict[str, Any],
+        order: Order, event_id: str,
+    ) -> None:
+        self._outbox.append({
+            "event_id": event_id, "exchange": exchange, "routing_key": routing_key,
+            "message_type": message_type, "order_id": order.order_id,
+            "correlation_id": order.correlation_id, "body": json.dumps(body, separators=(",", ":")),
+        })
+
+    @property
+    def touched_orders(self) -> set[str]:
+        """Orders this unit of work created or changed (for cache refresh)."""
+        return {o.order_id for o in self._orders.values() if o is not None and o.transitions} | set(
+            self._saved_payments
+        )
+
+    def flush(self) -> None:
+        """Write everything the handlers did, in a few set-based statements."""
+        conn = self.conn
+        new_ids = {o.order_id for o in self._new_orders}
+        if self._new_orders:
+            conn.execute(insert(tables.orders), [_order_row(o) for o in self._new_orders])
+            items = [
+                {"order_id": o.order_id, "line_no": n, "product_id": line.product_id,
+                 "quantity": line.quantity, "unit_price": line.unit_price}
+                for o in self._new_orders for n, line in enumerate(o.lines, 1)
+            ]
+            if items:
+                conn.execute(insert(tables.order_items), items)
+        changed = [
+            o for o in self._orders.values()
+            if o is not None and o.order_id not in new_ids and o.transitions
+        ]
+        if changed:
+            self._update_orders(changed)
+        transitions = [
+            {"order_id": o.order_id, "from_status": f.value if f else None, "to_status": t.value,
+             "message_id": m, "reason": r}
+            for o in self._orders.values() if o is not None
+            for (f, t, m, r) in o.transitions
+        ]
+        if transitions:
+            conn.execute(insert(tables.order_transitions), transitions)
+        if self._saved_payments:
+            self._upsert_payments(list(self._saved_payments.values()))
+        if self._outbox:
+            conn.execute(insert(tables.outbox), self._outbox)
+            conn.execute(text("SELECT pg_notify(:ch, '')"), {"ch": OUTBOX_CHANNEL})
+
+    def _update_orders(self, changed: list[Order]) -> None:
+        rows = [
+            {"order_id": o.order_id, "status": o.status.value, "guard": o.loaded_status.value,  # type: ignore[union-attr]
+             "reason": o.reason, "next_action": o.next_action}
+            for o in changed
+        ]
+        result = self.conn.execute(
+            text(
+                "UPDATE orders AS o SET status = v.status, reason = v.reason,"
+                " next_action = v.next_action, updated_at = now()"
+                " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS"
+                " v(order_id uuid, status text, guard text, reason text, next_action jsonb)"
+                " WHERE o.order_id = v.order_id AND o.status = v.guard"
+            ),
+            {"rows": json.dumps(rows)},
+        )
+        if result.rowcount != len(rows):
+            raise ConcurrentUpdate(f"{len(rows) - result.rowcount} order(s) changed under this batch")
+
+    def _upsert_payments(self, records: list[PaymentRecord]) -> None:
+        stmt = pg_insert(tables.payments)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["order_id"],
+            set_={f: stmt.excluded[f] for f in _PAYMENT_FIELDS} | {"updated_at": text("now()")},
+        )
+        self.conn.execute(
+            stmt, [{"order_id": p.order_id, **{f: getattr(p, f) for f in _PAYMENT_FIELDS}} for p in records]
+        )
+
+
+def _order_row(o: Order) -> dict[str, Any]:
+    return {
+        "order_id": o.order_id, "user_id": o.user_id, "status": o.status.value,
+        "currency": o.currency, "total": o.total, "payment_provider": o.payment_provider,
+        "payment_request": o.payment_request, "next_action": o.next_action, "reason": o.reason,
+        "correlation_id": o.correlation_id, "place_message_id": o.place_message_id,
+    }
+
+
+__all__ = ["PostgresUnitOfWork", "OUTBOX_CHANNEL"]
