@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import structlog
 from sqlalchemy import Engine
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
 from handlers import APPLY_ORDER, COMMAND_HANDLERS, order_id_of
 from handlers.errors import Refused, RetryLater
@@ -130,7 +130,7 @@ class Applier:
         try:
             for attempt in Retrying(
                 stop=stop_after_attempt(self.inplace_retries),
-                wait=wait_exponential_jitter(initial=0.05, max=1.0),
+                wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
                 retry=retry_if_exception(lambda e: classify(e) is Kind.TRANSIENT),
                 reraise=True,
             ):

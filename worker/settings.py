@@ -94,7 +94,6 @@ class WorkerSettings(_Section):
     payment_concurrency: int = Field(default=8, ge=1)
     inplace_retries: int = Field(default=3, ge=1)
     retry_delays_seconds: tuple[int, ...] = (1, 5, 30, 120)
-    outage_threshold: int = Field(default=5, ge=1)
     inbox_retention_days: float = Field(default=7, gt=0)
     outbox_retention_hours: float = Field(default=24, ge=0)
     shutdown_timeout_seconds: float = Field(default=30, gt=0)

@@ -1,0 +1,214 @@
+"""PayPalGateway with the real ``paypal-server-sdk`` against the fake PayPal over HTTP."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
+    sys.path.insert(0, str(ROOT))
+
+from scripts.fakes import fake_paypal  # noqa: E402
+
+from handlers.payments import PaymentAlreadyCaptured  # noqa: E402
+from handlers.payments.base import (  # noqa: E402
+    Outcome,
+    OutcomeUnknown,
+    PaymentRequest,
+    PermanentPaymentError,
+    TransientPaymentError,
+)
+from handlers.payments.money import MoneyError, from_decimal_string, to_paypal_value  # noqa: E402
+from handlers.payments.paypal_gateway import PayPalGateway  # noqa: E402
+from worker.settings import PayPalSettings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Any]:
+    srv = fake_paypal.serve(0, client_id="cid", client_secret="csecret")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def fake(server: Any) -> Iterator[Any]:
+    httpx.post(server.url + "/_fake/reset").raise_for_status()
+    yield server
+
+
+@pytest.fixture
+def make_gateway(fake: Any) -> Callable[..., PayPalGateway]:
+    def make(**overrides: Any) -> PayPalGateway:
+        values: dict[str, Any] = {
+            "client_id": "cid", "client_secret": "csecret", "base_url": fake.url,
+            "webhook_id": "WH-ID", "timeout_seconds": 5, **overrides,
+        }
+        return PayPalGateway(PayPalSettings(**values))
+
+    return make
+
+
+def inject(fake: Any, **fault: Any) -> None:
+    httpx.post(fake.url + "/_fake/faults", json=fault).raise_for_status()
+
+
+def approve(fake: Any, order_id: str, **body: Any) -> None:
+    httpx.post(f"{fake.url}/_fake/approve/{order_id}", json=body or None).raise_for_status()
+
+
+def charges(fake: Any, order_id: str) -> dict[str, Any]:
+    return httpx.get(fake.url + "/_fake/charges").json()["orders"].get(order_id, {"orders": 0, "captures": 0, "refunds": 0})
+
+
+def request(order_id: str = "order-1", amount: int = 1099, currency: str = "USD", key: str | None = None) -> PaymentRequest:
+    return PaymentRequest(order_id=order_id, amount=amount, currency=currency, idempotency_key=key or f"pay-{order_id}",
+                          return_url="https://shop.example/return", cancel_url="https://shop.example/cancel")
+
+
+def sent_value(fake: Any, order_id: str) -> str:
+    return fake.app.orders[order_id]["purchase_units"][0]["amount"]["value"]
+
+
+def test_create_approve_capture_refund(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    gateway = make_gateway()
+    started = gateway.start(request())
+    assert started.outcome is Outcome.REQUIRES_ACTION
+    assert started.next_action["approve_url"].endswith(f"token={started.provider_payment_id}")
+    assert fake.app.orders[started.provider_payment_id]["purchase_units"][0]["custom_id"] == "order-1"
+    with pytest.raises(PermanentPaymentError, match="ORDER_NOT_APPROVED"):
+        gateway.capture(started.provider_payment_id, "capture-order-1")
+    # The buyer follows the approve link and comes back to our return_url.
+    back = httpx.get(started.next_action["approve_url"], follow_redirects=False)
+    assert back.status_code == 302 and back.headers["location"].startswith("https://shop.example/return?token=")
+    captured = gateway.capture(started.provider_payment_id, "capture-order-1")
+    assert captured.outcome is Outcome.SUCCEEDED and captured.capture_id
+    assert charges(fake, "order-1")["captures"] == 1
+    refund = gateway.refund(captured, 1099, "USD", "refund-order-1")
+    assert refund.status == "COMPLETED"
+    assert gateway.refund(captured, 1099, "USD", "refund-order-1") == refund  # replayed
+    assert charges(fake, "order-1")["refunds"] == 1
+
+
+def test_start_and_capture_are_idempotent(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    gateway = make_gateway()
+    first = gateway.start(request())
+    assert gateway.start(request()).provider_payment_id == first.provider_payment_id
+    assert charges(fake, "order-1")["orders"] == 1
+    approve(fake, first.provider_payment_id)
+    capture = gateway.capture(first.provider_payment_id, "cap")
+    assert gateway.capture(first.provider_payment_id, "cap").capture_id == capture.capture_id
+    # Another key after a lost answer: ORDER_ALREADY_CAPTURED is read back as success.
+    assert gateway.capture(first.provider_payment_id, "cap-2").capture_id == capture.capture_id
+    assert charges(fake, "order-1")["captures"] == 1
+
+
+def test_same_request_id_other_body_is_permanent(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    gateway = make_gateway()
+    gateway.start(request())
+    with pytest.raises(PermanentPaymentError, match="PAYPAL_REQUEST_ID_PREVIOUSLY_USED"):
+        gateway.start(request(amount=2000, key="pay-order-1"))
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "value"),
+    [(1099, "USD", "10.99"), (500, "JPY", "500"), (5000, "KRW", "5000"), (12300, "HUF", "123"), (10000, "TWD", "100"), (7, "EUR", "0.07")],
+)
+def test_amount_is_sent_in_paypal_decimals(fake: Any, make_gateway: Callable[..., PayPalGateway], amount: int, currency: str, value: str) -> None:
+    started = make_gateway().start(request(amount=amount, currency=currency))
+    assert sent_value(fake, started.provider_payment_id) == value
+
+
+def test_fractional_huf_is_refused_before_calling_paypal(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    with pytest.raises(PermanentPaymentError, match="HUF"):
+        make_gateway().start(request(amount=12345, currency="HUF"))
+    assert httpx.get(fake.url + "/_fake/charges").json()["api_requests"] == 0
+
+
+def test_money_round_trip() -> None:
+    assert to_paypal_value(100, "JPY") == "100" and from_decimal_string("100", "JPY") == 100
+    assert from_decimal_string("20.0", "USD") == 2000 and from_decimal_string("1.234", "KWD") == 1234
+    with pytest.raises(MoneyError):
+        from_decimal_string("1.5", "JPY")
+
+
+def test_503_twice_then_success_through_sdk_retries(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    inject(fake, count=2, status=503, path="/v2/checkout/orders")
+    assert make_gateway().start(request()).outcome is Outcome.REQUIRES_ACTION
+    assert charges(fake, "order-1")["orders"] == 1
+    assert httpx.get(fake.url + "/_fake/faults").json()["faults"] == []
+
+
+def test_persistent_5xx_is_transient(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    inject(fake, count=5, status=500, path="/v2/checkout/orders")
+    with pytest.raises(TransientPaymentError) as info:
+        make_gateway().start(request())
+    assert not isinstance(info.value, OutcomeUnknown)
+
+
+def test_timeout_is_outcome_unknown_and_same_key_settles_it(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    # Order created, every answer (first try and the SDK's 2 retries) too late.
+    inject(fake, count=3, delay=1.5, after_work=True, path="/v2/checkout/orders")
+    gateway = make_gateway(timeout_seconds=0.5)
+    with pytest.raises(OutcomeUnknown):
+        gateway.start(request())
+    assert charges(fake, "order-1")["orders"] == 1
+    again = gateway.start(request())
+    assert again.outcome is Outcome.REQUIRES_ACTION
+    assert charges(fake, "order-1")["orders"] == 1
+    assert list(fake.app.orders) == [again.provider_payment_id]
+
+
+def test_dropped_capture_answer_is_retried_with_same_request_id(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    gateway = make_gateway()
+    started = gateway.start(request())
+    approve(fake, started.provider_payment_id)
+    inject(fake, count=1, drop=True, after_work=True, path="/v2/checkout/orders")
+    assert gateway.capture(started.provider_payment_id, "cap").outcome is Outcome.SUCCEEDED
+    assert charges(fake, "order-1")["captures"] == 1
+    assert httpx.get(fake.url + "/_fake/log").json()["requests"][-1]["replayed"] is True
+
+
+def test_bad_credentials_are_permanent_and_not_leaked(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    with pytest.raises(PermanentPaymentError) as info:
+        make_gateway(client_secret="wrong-secret-value").start(request())
+    assert "401" in str(info.value) and "wrong-secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("decline", "outcome", "reason"),
+    [("instrument", Outcome.DECLINED, "INSTRUMENT_DECLINED"), ("capture", Outcome.DECLINED, "DECLINED_BY_PROCESSOR"),
+     ("pending", Outcome.PROCESSING, None)],
+)
+def test_capture_declines(fake: Any, make_gateway: Callable[..., PayPalGateway], decline: str, outcome: Outcome, reason: str | None) -> None:
+    gateway = make_gateway()
+    started = gateway.start(request())
+    approve(fake, started.provider_payment_id, decline=decline)
+    result = gateway.capture(started.provider_payment_id, "cap")
+    assert (result.outcome, result.decline_reason) == (outcome, reason)
+    assert charges(fake, "order-1")["captures"] == 0
+
+
+def test_cancel_uncaptured_is_noop_captured_is_refused(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    gateway = make_gateway()
+    open_order = gateway.start(request())
+    gateway.cancel(open_order.provider_payment_id, "cancel-1")
+    gateway.cancel("NOSUCHORDER", "cancel-2")
+    paid = gateway.start(request(order_id="order-2"))
+    approve(fake, paid.provider_payment_id)
+    gateway.capture(paid.provider_payment_id, "cap-2")
+    with pytest.raises(PaymentAlreadyCaptured):
+        gateway.cancel(paid.provider_payment_id, "cancel-3")
+    assert charges(fake, "order-1")["captures"] == 0
+
+
+def test_base_url_override_is_used(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    gateway = make_gateway()
+    assert gateway._client.config.get_base_uri() == fake.url  # noqa: SLF001 - the one override
+    gateway.start(request())
+    paths = [e["path"] for e in httpx.get(fake.url + "/_fake/log").json()["requests"]]
+    assert paths == ["/v1/oauth2/token", "/v2/checkout/orders"]

@@ -1,0 +1,152 @@
+"""Handlers and the state machine over a fake unit of work (no I/O)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+
+from handlers import cancel_order, payment_confirmed, place_order
+from handlers.errors import IllegalTransition, Mismatch, NotFound, Refused, RetryLater
+from handlers.orders import TRANSITIONS, Status, can_transition
+from handlers.outcome import MessageContext
+from handlers.unit_of_work import PaymentRecord, Product
+from schema.messages import CancelOrder, PaymentConfirmed, PlaceOrder
+
+
+def v(model: Any, data: dict[str, Any]) -> Any:
+    """Validate as the worker does: from JSON."""
+    return model.model_validate_json(json.dumps(data))
+
+
+class FakeUnitOfWork:
+    def __init__(self, products: list[Product]) -> None:
+        self._products = {p.product_id: p for p in products}
+        self.orders: dict[str, Any] = {}
+        self.payments: dict[str, PaymentRecord] = {}
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    def products(self, ids: list[str]) -> dict[str, Product]:
+        return {i: self._products[i] for i in ids if i in self._products}
+
+    def order(self, order_id: str) -> Any:
+        return self.orders.get(order_id)
+
+    def add_order(self, order: Any) -> None:
+        self.orders[order.order_id] = order
+
+    def payment(self, order_id: str) -> PaymentRecord | None:
+        return self.payments.get(order_id)
+
+    def save_payment(self, payment: PaymentRecord) -> None:
+        self.payments[payment.order_id] = payment
+
+    def emit(self, exchange: str, routing_key: str, message_type: str, body: dict[str, Any], order: Any, event_id: str) -> None:
+        self.events.append((exchange, routing_key, body))
+
+    def keys(self) -> list[str]:
+        return [rk for _, rk, _ in self.events]
+
+
+PRODUCTS = [Product("a", 100, "USD", True), Product("b", 250, "USD", True), Product("e", 100, "EUR", True),
+            Product("off", 100, "USD", False)]
+
+
+def ctx(kind: str = "PlaceOrder") -> MessageContext:
+    return MessageContext(str(uuid.uuid4()), kind, "corr")
+
+
+def place(uow: FakeUnitOfWork, items: list[dict[str, Any]], user: str = "u1") -> Any:
+    cmd = v(PlaceOrder, {"user_id": user, "items": items,
+                                     "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}})
+    return place_order(cmd, ctx(), uow)
+
+
+def test_state_machine_allows_only_the_lifecycle_of_the_design():
+    assert can_transition(Status.PENDING, Status.AWAITING_PAYMENT)
+    assert can_transition(Status.AWAITING_PAYMENT, Status.COMPLETED)
+    assert can_transition(Status.COMPLETED, Status.SHIPPED)
+    for final in (Status.CANCELLED, Status.REJECTED, Status.SHIPPED):
+        assert TRANSITIONS[final] == frozenset()
+    assert not can_transition(Status.COMPLETED, Status.CANCELLED)
+    assert not can_transition(Status.SHIPPED, Status.CANCELLED)
+    assert not can_transition(Status.CANCELLED, Status.COMPLETED)
+
+
+def test_place_order_totals_from_the_catalogue_and_merges_repeated_products():
+    uow = FakeUnitOfWork(PRODUCTS)
+    outcome = place(uow, [{"product_id": "a", "quantity": 2}, {"product_id": "b", "quantity": 1},
+                          {"product_id": "a", "quantity": 1}])
+    order = uow.orders[outcome.order_id]
+    assert (order.status, order.total, order.currency) == (Status.PENDING, 3 * 100 + 250, "USD")
+    assert [(l.product_id, l.quantity) for l in order.lines] == [("a", 3), ("b", 1)]
+    assert uow.keys() == ["stock.reserve", "order.placed", "payment.start"]
+
+
+@pytest.mark.parametrize("items, reason", [
+    ([{"product_id": "zzz", "quantity": 1}], "unknown product zzz"),
+    ([{"product_id": "off", "quantity": 1}], "product off is not available"),
+    ([{"product_id": "a", "quantity": 1}, {"product_id": "e", "quantity": 1}], "more than one currency"),
+])
+def test_place_order_rejects_bad_items_without_reserving(items, reason):
+    uow = FakeUnitOfWork(PRODUCTS)
+    outcome = place(uow, items)
+    assert outcome.result == "rejected" and reason in outcome.message
+    assert uow.keys() == ["order.rejected"]
+
+
+def test_cancel_checks_owner_state_and_existence():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
+    def cancel(user: str, roles: list[str]) -> Any:
+        cmd = v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": user, "roles": roles}})
+        return cancel_order(cmd, ctx("CancelOrder"), uow)
+    with pytest.raises(NotFound):
+        cancel("someone-else", ["user"])
+    assert cancel("admin-1", ["admin"]).status == "cancelled"
+    assert uow.keys()[-2:] == ["stock.release", "order.cancelled"]
+    assert cancel("u1", ["user"]).result == "unchanged"
+    with pytest.raises(RetryLater):
+        cancel_order(v(CancelOrder, {"order_id": str(uuid.uuid4()),
+                                                 "requested_by": {"user_id": "u1", "roles": ["user"]}}),
+                     ctx("CancelOrder"), uow)
+
+
+def test_cancel_is_refused_once_completed():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
+    confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 100,
+               "currency": "USD", "event_id": "evt_1"}
+    assert payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow).status == "completed"
+    with pytest.raises(IllegalTransition):
+        cancel_order(v(CancelOrder, {"order_id": order_id,
+                                                 "requested_by": {"user_id": "u1", "roles": ["user"]}}),
+                     ctx("CancelOrder"), uow)
+
+
+@pytest.mark.parametrize("change", [{"amount": 99}, {"currency": "EUR"}, {"provider": "paypal"}])
+def test_a_confirmation_that_does_not_match_the_order_never_completes_it(change):
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
+    confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 100,
+               "currency": "USD", "event_id": "evt_1", **change}
+    with pytest.raises(Mismatch):
+        payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow)
+    assert uow.orders[order_id].status is Status.PENDING
+
+
+def test_a_confirmation_for_a_cancelled_order_requests_one_refund():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
+    cancel_order(v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": "u1", "roles": ["user"]}}),
+                 ctx("CancelOrder"), uow)
+    confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 100,
+               "currency": "USD", "event_id": "evt_1"}
+    payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow)
+    again = payment_confirmed(v(PaymentConfirmed, {**confirm, "event_id": "evt_2"}), ctx("PaymentConfirmed"), uow)
+    assert again.result == "unchanged"
+    assert uow.keys().count("payment.refund") == 1
+    assert uow.orders[order_id].status is Status.CANCELLED
+    assert issubclass(Mismatch, Refused)
