@@ -84,6 +84,7 @@ class PayPalSettings(_Section):
     cert_host_allowlist: tuple[str, ...] = ("api.paypal.com", "api.sandbox.paypal.com")
     verification: Literal["offline", "postback"] = "offline"
     timeout_seconds: float = Field(default=10, gt=0)
+    max_network_retries: int = Field(default=2, ge=0)
 
 
 class WorkerSettings(_Section):

@@ -9,20 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from handlers.payments.base import PaymentGateway, PermanentPaymentError
+from handlers.payments.base import PaymentAlreadyCaptured, PaymentGateway
 
 if TYPE_CHECKING:
     from worker.settings import Settings
-
-
-class PaymentAlreadyCaptured(PermanentPaymentError):
-    """``cancel`` found the money already taken: refund instead of cancelling.
-
-    Raised by both gateways when the PaymentIntent has succeeded / the PayPal
-    order was captured.  The confirmation webhook will also arrive, and a
-    confirmation for a cancelled order is refunded (DESIGN.md), so a caller
-    may refund at once or leave it to that path.
-    """
 
 
 def build_gateways(settings: "Settings") -> dict[str, PaymentGateway]:

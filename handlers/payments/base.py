@@ -13,6 +13,7 @@ Errors::
      │    └── OutcomeUnknown     the request may have reached the provider:
      │                           settle by repeating with the same key
      └── PermanentPaymentError   4xx validation, bad configuration: no retry
+          └── PaymentAlreadyCaptured  cancel found the money taken: refund
 
 A card decline is not an error: it is ``PaymentResult(outcome=DECLINED)``.
 """
@@ -38,6 +39,16 @@ class OutcomeUnknown(TransientPaymentError):
 
 class PermanentPaymentError(PaymentError):
     """The provider refused the request itself; repeating it will not help."""
+
+
+class PaymentAlreadyCaptured(PermanentPaymentError):
+    """``cancel`` found the money already taken: refund instead of cancelling.
+
+    Raised by both gateways when the PaymentIntent has succeeded / the PayPal
+    order was captured.  The confirmation webhook will also arrive, and a
+    confirmation for a cancelled order is refunded (DESIGN.md), so a caller
+    may refund at once or leave it to that path.
+    """
 
 
 class WebhookVerificationError(Exception):

@@ -1,0 +1,470 @@
+"""PayPal through ``paypal-server-sdk`` (Orders v2, intent CAPTURE).
+
+Flow: :meth:`PayPalGateway.start` creates the order (``REQUIRES_ACTION`` with
+the buyer's ``approve_url``); the buyer approves at PayPal
+(``CHECKOUT.ORDER.APPROVED`` webhook); :meth:`PayPalGateway.capture` takes
+the money (``PAYMENT.CAPTURE.COMPLETED``).  Every mutating call carries an
+explicit ``PayPal-Request-Id``, so retries replay PayPal's first answer.
+
+Cancel: Orders v2 has no void for a CAPTURE-intent order that was not
+captured (void exists only for AUTHORIZE-intent authorizations).  Such an
+order simply expires unused at PayPal, and it is never captured because our
+order is cancelled first.  So :meth:`PayPalGateway.cancel` only checks that
+nothing was captured (``PaymentAlreadyCaptured`` otherwise: refund instead).
+
+Webhooks are verified offline as PayPal documents: the certificate comes
+from ``PAYPAL-CERT-URL`` (host on ``cert_host_allowlist``; ``https`` only,
+plain ``http`` only for a loopback host, i.e. the local fake), is checked for
+its validity period, its subject name and, when the PEM carries its chain, the
+chain's signatures; then SHA256withRSA over
+``transmission_id|transmission_time|webhook_id|crc32(body)``.  With
+``verification: postback`` PayPal's ``verify-webhook-signature`` is asked
+instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import logging
+import threading
+import zlib
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping, NoReturn, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+import requests
+from apimatic_core.exceptions.auth_validation_exception import AuthValidationException
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+from paypalserversdk.api_helper import APIHelper
+from paypalserversdk.configuration import Configuration, Server
+from paypalserversdk.exceptions.api_exception import ApiException
+from paypalserversdk.http.auth.o_auth_2 import ClientCredentialsAuthCredentials, OAuth2
+from paypalserversdk.models.amount_with_breakdown import AmountWithBreakdown
+from paypalserversdk.models.checkout_payment_intent import CheckoutPaymentIntent
+from paypalserversdk.models.money import Money
+from paypalserversdk.models.o_auth_token import OAuthToken
+from paypalserversdk.models.order_request import OrderRequest
+from paypalserversdk.models.payment_source import PaymentSource
+from paypalserversdk.models.paypal_experience_user_action import PaypalExperienceUserAction
+from paypalserversdk.models.paypal_wallet import PaypalWallet
+from paypalserversdk.models.paypal_wallet_experience_context import PaypalWalletExperienceContext
+from paypalserversdk.models.purchase_unit_request import PurchaseUnitRequest
+from paypalserversdk.models.refund_request import RefundRequest
+from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
+
+from handlers.payments.base import PaymentAlreadyCaptured
+from handlers.payments.base import (
+    Outcome,
+    OutcomeUnknown,
+    PaymentRequest,
+    PaymentResult,
+    PermanentPaymentError,
+    RefundResult,
+    TransientPaymentError,
+    WebhookEvent,
+    WebhookKind,
+    WebhookVerificationError,
+)
+from handlers.payments.money import MoneyError, from_decimal_string, to_paypal_value
+from worker.settings import PayPalSettings
+
+log = logging.getLogger(__name__)
+
+PROVIDER = "paypal"
+#: Subject names of PayPal's webhook signing certificates.
+PAYPAL_CERT_NAMES = ("messageverificationcerts.paypal.com", "messageverificationcerts.sandbox.paypal.com")
+
+_T = TypeVar("_T")
+
+
+class _BaseUrlConfiguration(Configuration):
+    """The SDK's Configuration with its base URL taken from our settings.
+
+    The SDK only knows its PRODUCTION and SANDBOX URLs; this override is the
+    one place where ``settings.base_url`` (the real API or the local fake)
+    gets in.  Beware: ``Configuration.clone_with()`` builds a plain
+    ``Configuration`` and ``from_environment()`` additionally reads ``.env``
+    and ``ENVIRONMENT``; both silently lose this base URL, so never use them
+    on this object.
+    """
+
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
+        self._base_url = base_url.rstrip("/")
+        super().__init__(**kwargs)
+
+    def get_base_uri(self, server: Server = Server.DEFAULT) -> str:
+        return self._base_url
+
+
+def _describe(exc: ApiException) -> str:
+    """Log- and exception-safe description (status, PayPal name, issue, debug id)."""
+    parts = [f"paypal http {exc.response_code}"]
+    for attr in ("name", "error"):  # ErrorException has name, OAuthProviderException error
+        value = getattr(exc, attr, None)
+        if value:
+            parts.append(str(getattr(value, "value", value)))
+    issue = _issue(exc)
+    if issue:
+        parts.append(issue)
+    if getattr(exc, "debug_id", None):
+        parts.append(f"debug_id {exc.debug_id}")  # type: ignore[attr-defined]
+    return ", ".join(parts)
+
+
+def _issue(exc: ApiException) -> str | None:
+    details = getattr(exc, "details", None) or []
+    return getattr(details[0], "issue", None) if details else None
+
+
+def _raise_mapped(exc: Exception) -> NoReturn:
+    """Re-raise an SDK/transport error as the gateway hierarchy."""
+    if isinstance(exc, ApiException):
+        text = _describe(exc)
+        if exc.response_code in (408, 409, 429) or exc.response_code >= 500:
+            raise TransientPaymentError(text) from exc
+        raise PermanentPaymentError(text) from exc
+    if isinstance(exc, requests.exceptions.RequestException):
+        # Timeout or connection lost: the request may have been executed.
+        raise OutcomeUnknown(f"paypal {type(exc).__name__}") from exc
+    if isinstance(exc, AuthValidationException):
+        raise TransientPaymentError("paypal access token unavailable") from exc
+    raise exc
+
+
+class PayPalGateway:
+    """:class:`~handlers.payments.base.PaymentGateway` for PayPal (thread-safe).
+
+    ``check_cert_expiry=False`` skips the certificate validity-period check
+    (for recorded test vectors whose certificate has expired); ``cert_names``
+    are the accepted certificate subject names.
+    """
+
+    provider = PROVIDER
+
+    def __init__(
+        self,
+        settings: PayPalSettings,
+        *,
+        check_cert_expiry: bool = True,
+        cert_names: tuple[str, ...] = PAYPAL_CERT_NAMES,
+    ) -> None:
+        self._settings = settings
+        self._check_cert_expiry = check_cert_expiry
+        self._cert_names = frozenset(n.lower() for n in cert_names)
+        self._certs: dict[str, list[x509.Certificate]] = {}
+        self._certs_lock = threading.Lock()
+        self._token: OAuthToken | None = None
+        config = _BaseUrlConfiguration(
+            settings.base_url,
+            timeout=settings.timeout_seconds,
+            max_retries=settings.max_network_retries,
+            backoff_factor=0.5,
+            retry_statuses=[429, 500, 502, 503, 504],
+            # POST is safe to retry: every mutating call carries PayPal-Request-Id,
+            # and a repeated token request is harmless.
+            retry_methods=["GET", "POST", "PUT"],
+            client_credentials_auth_credentials=ClientCredentialsAuthCredentials(
+                o_auth_client_id=settings.client_id,
+                o_auth_client_secret=settings.client_secret.get_secret_value(),
+                o_auth_token_provider=self._fetch_token,
+            ),
+        )
+        self._client = PaypalServersdkClient(config=config)
+
+    def _fetch_token(self, _last: OAuthToken | None, auth: OAuth2) -> OAuthToken:
+        # Our own provider so that token errors propagate with their status
+        # (the SDK's default swallows them into an opaque auth failure).
+        self._token = auth.fetch_token()
+        return self._token
+
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except (ApiException, requests.exceptions.RequestException, AuthValidationException) as exc:
+            _raise_mapped(exc)
+
+    # -- payments -----------------------------------------------------------
+    def start(self, request: PaymentRequest) -> PaymentResult:
+        """Create the order; the buyer approves at ``next_action["approve_url"]``."""
+        try:
+            value = to_paypal_value(request.amount, request.currency)
+        except MoneyError as exc:
+            raise PermanentPaymentError(str(exc)) from None
+        unit = PurchaseUnitRequest(
+            amount=AmountWithBreakdown(currency_code=request.currency.upper(), value=value),
+            reference_id=request.order_id,
+            custom_id=request.order_id,  # comes back in captures and webhooks
+            **({"description": request.description} if request.description else {}),
+        )
+        extra: dict[str, Any] = {}
+        if request.return_url:
+            # PayPal's current form: the buyer experience under payment_source.
+            extra["payment_source"] = PaymentSource(
+                paypal=PaypalWallet(
+                    experience_context=PaypalWalletExperienceContext(
+                        return_url=request.return_url,
+                        cancel_url=request.cancel_url or request.return_url,
+                        user_action=PaypalExperienceUserAction.PAY_NOW,
+                    )
+                )
+            )
+        body = OrderRequest(intent=CheckoutPaymentIntent.CAPTURE, purchase_units=[unit], **extra)
+        response = self._call(lambda: self._client.orders.create_order(
+            {"body": body, "paypal_request_id": request.idempotency_key, "prefer": "return=representation"}
+        ))
+        return self._order_result(APIHelper.to_dictionary(response.body))
+
+    def capture(self, provider_payment_id: str, idempotency_key: str) -> PaymentResult:
+        """Capture an approved order; an already captured one reports its capture."""
+        try:
+            response = self._client.orders.capture_order(
+                {"id": provider_payment_id, "paypal_request_id": idempotency_key, "prefer": "return=representation"}
+            )
+        except ApiException as exc:
+            issue = _issue(exc)
+            if issue == "INSTRUMENT_DECLINED":
+                return PaymentResult(outcome=Outcome.DECLINED, provider_payment_id=provider_payment_id,
+                                     decline_reason=issue, provider_status=issue)
+            if issue == "ORDER_ALREADY_CAPTURED":
+                # Captured by an earlier attempt whose answer was lost.
+                return self._order_result(self._get_order(provider_payment_id))
+            _raise_mapped(exc)
+        except (requests.exceptions.RequestException, AuthValidationException) as exc:
+            _raise_mapped(exc)
+        return self._order_result(APIHelper.to_dictionary(response.body))
+
+    def cancel(self, provider_payment_id: str, idempotency_key: str) -> None:
+        """Nothing to void for an uncaptured CAPTURE-intent order (see module doc).
+
+        Raises :class:`PaymentAlreadyCaptured` when the order was captured.
+        """
+        try:
+            order = self._get_order(provider_payment_id)
+        except PermanentPaymentError as exc:
+            if "http 404" in str(exc):
+                return  # unknown or purged at PayPal: nothing was taken
+            raise
+        result = self._order_result(order)
+        if result.outcome in (Outcome.SUCCEEDED, Outcome.PROCESSING):
+            raise PaymentAlreadyCaptured(f"paypal order {provider_payment_id} was captured: refund it")
+        log.info("paypal order abandoned", extra={"paypal_order_id": provider_payment_id, "status": result.provider_status})
+
+    def refund(self, result: PaymentResult, amount: int, currency: str, idempotency_key: str) -> RefundResult:
+        """Refund ``amount`` (minor units) of the capture ``result.capture_id``."""
+        if not result.capture_id:
+            raise PermanentPaymentError("paypal refund needs the capture id")
+        try:
+            value = to_paypal_value(amount, currency)
+        except MoneyError as exc:
+            raise PermanentPaymentError(str(exc)) from None
+        body = RefundRequest(amount=Money(currency_code=currency.upper(), value=value))
+        response = self._call(lambda: self._client.payments.refund_captured_payment(
+            {"capture_id": result.capture_id, "body": body, "paypal_request_id": idempotency_key, "prefer": "return=representation"}
+        ))
+        refund = APIHelper.to_dictionary(response.body)
+        return RefundResult(refund_id=refund["id"], status=str(refund.get("status")))
+
+    def _get_order(self, order_id: str) -> dict[str, Any]:
+        response = self._call(lambda: self._client.orders.get_order({"id": order_id}))
+        return APIHelper.to_dictionary(response.body)
+
+    @staticmethod
+    def _order_result(order: Mapping[str, Any]) -> PaymentResult:
+        order_id, status = order["id"], order.get("status")
+        if status == "COMPLETED":
+            units = order.get("purchase_units") or [{}]
+            captures = (units[0].get("payments") or {}).get("captures") or []
+            if not captures:
+                raise PermanentPaymentError(f"paypal order {order_id} completed without a capture")
+            capture = captures[0]
+            common = {"provider_payment_id": order_id, "capture_id": capture["id"], "provider_status": capture.get("status")}
+            if capture.get("status") in ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED"):
+                return PaymentResult(outcome=Outcome.SUCCEEDED, **common)
+            if capture.get("status") == "PENDING":
+                return PaymentResult(outcome=Outcome.PROCESSING, **common)
+            reason = (capture.get("status_details") or {}).get("reason") or capture.get("status")
+            return PaymentResult(outcome=Outcome.DECLINED, decline_reason=reason, **common)
+        if status in ("CREATED", "SAVED", "PAYER_ACTION_REQUIRED", "APPROVED"):
+            links = {link.get("rel"): link.get("href") for link in order.get("links") or []}
+            url = links.get("payer-action") or links.get("approve")
+            return PaymentResult(outcome=Outcome.REQUIRES_ACTION, provider_payment_id=order_id,
+                                 next_action={"approve_url": url} if url and status != "APPROVED" else {},
+                                 provider_status=status)
+        if status == "VOIDED":
+            return PaymentResult(outcome=Outcome.DECLINED, provider_payment_id=order_id, decline_reason="VOIDED", provider_status=status)
+        raise PermanentPaymentError(f"paypal order {order_id} in unexpected status {status}")
+
+    # -- webhooks -----------------------------------------------------------
+    def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
+        """Verify the transmission signature and translate the event.
+
+        Raises :class:`WebhookVerificationError` for anything that does not
+        verify, and :class:`TransientPaymentError` when the certificate (or
+        the postback) cannot be fetched now: answer 5xx so PayPal redelivers.
+        """
+        h = {k.lower(): v for k, v in headers.items()}
+        names = ("paypal-transmission-id", "paypal-transmission-time", "paypal-transmission-sig", "paypal-cert-url", "paypal-auth-algo")
+        missing = [n for n in names if not h.get(n)]
+        if missing:
+            raise WebhookVerificationError(f"paypal webhook lacks {', '.join(missing)}")
+        if self._settings.verification == "postback":
+            self._verify_postback(body, h)
+        else:
+            self._verify_offline(body, h)
+        try:
+            event = json.loads(body)
+        except ValueError:
+            raise WebhookVerificationError("paypal webhook body is not JSON") from None
+        return translate_event(event)
+
+    def _verify_offline(self, body: bytes, h: Mapping[str, str]) -> None:
+        if h["paypal-auth-algo"] != "SHA256withRSA":
+            raise WebhookVerificationError("paypal webhook: unsupported auth algorithm")
+        leaf = self._certificate(h["paypal-cert-url"])
+        key = leaf.public_key()
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise WebhookVerificationError("paypal certificate has no RSA key")
+        message = "|".join([h["paypal-transmission-id"], h["paypal-transmission-time"], self._settings.webhook_id,
+                            str(zlib.crc32(body) & 0xFFFFFFFF)])
+        try:
+            key.verify(base64.b64decode(h["paypal-transmission-sig"], validate=True), message.encode(), padding.PKCS1v15(), hashes.SHA256())
+        except (InvalidSignature, ValueError):
+            raise WebhookVerificationError("paypal webhook signature does not verify") from None
+
+    def _certificate(self, url: str) -> x509.Certificate:
+        """The checked signing certificate at ``url`` (fetched once, then cached)."""
+        self._check_cert_url(url)
+        with self._certs_lock:
+            chain = self._certs.get(url)
+        if chain is None:
+            chain = self._fetch_chain(url)
+            with self._certs_lock:
+                if len(self._certs) >= 32:  # PayPal rotates rarely; bound it anyway
+                    self._certs.clear()
+                self._certs[url] = chain
+        leaf = chain[0]
+        if self._check_cert_expiry:
+            now = datetime.now(timezone.utc)
+            if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+                raise WebhookVerificationError("paypal certificate is not valid now")
+        return leaf
+
+    def _check_cert_url(self, url: str) -> None:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        allowed = {h.lower() for h in self._settings.cert_host_allowlist}
+        if parts.username or parts.password or host not in allowed:
+            raise WebhookVerificationError("paypal certificate URL host is not allowed")
+        if parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(host)):
+            return
+        raise WebhookVerificationError("paypal certificate URL must be https")
+
+    def _fetch_chain(self, url: str) -> list[x509.Certificate]:
+        try:
+            response = httpx.get(url, timeout=self._settings.timeout_seconds, follow_redirects=False)
+        except httpx.HTTPError as exc:
+            raise TransientPaymentError(f"paypal certificate fetch failed: {type(exc).__name__}") from None
+        if response.status_code >= 500 or response.status_code == 429:
+            raise TransientPaymentError(f"paypal certificate fetch: http {response.status_code}")
+        if response.status_code != 200:
+            raise WebhookVerificationError(f"paypal certificate fetch: http {response.status_code}")
+        try:
+            chain = x509.load_pem_x509_certificates(response.content)
+        except ValueError:
+            raise WebhookVerificationError("paypal certificate URL did not return a PEM certificate") from None
+        self._check_chain(chain)
+        return chain
+
+    def _check_chain(self, chain: list[x509.Certificate]) -> None:
+        leaf = chain[0]
+        names = {a.value.lower() for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)}
+        try:
+            names |= {n.lower() for n in leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)}
+        except x509.ExtensionNotFound:
+            pass
+        if not names & self._cert_names:
+            raise WebhookVerificationError("paypal certificate is not PayPal's message verification certificate")
+        # Intermediates, when sent along, must have issued what precedes them.
+        # The root of trust is TLS to an allow-listed PayPal host.
+        for cert, issuer in zip(chain, chain[1:]):
+            try:
+                cert.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                raise WebhookVerificationError("paypal certificate chain does not verify") from None
+
+    def _verify_postback(self, body: bytes, h: Mapping[str, str]) -> None:
+        """Ask PayPal (``POST /v1/notifications/verify-webhook-signature``)."""
+        self._call(lambda: self._client.auth_managers["Oauth2"].is_valid())  # fetches a token if needed
+        if self._token is None:
+            raise TransientPaymentError("paypal access token unavailable")
+        fields = {
+            "auth_algo": h["paypal-auth-algo"], "cert_url": h["paypal-cert-url"],
+            "transmission_id": h["paypal-transmission-id"], "transmission_sig": h["paypal-transmission-sig"],
+            "transmission_time": h["paypal-transmission-time"], "webhook_id": self._settings.webhook_id,
+        }
+        # The event goes in byte for byte: PayPal checks the CRC of what it signed.
+        payload = json.dumps(fields)[:-1].encode() + b', "webhook_event": ' + body + b"}"
+        try:
+            response = httpx.post(
+                self._settings.base_url.rstrip("/") + "/v1/notifications/verify-webhook-signature",
+                content=payload, timeout=self._settings.timeout_seconds,
+                headers={"Authorization": f"Bearer {self._token.access_token}", "Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise TransientPaymentError(f"paypal webhook postback failed: {type(exc).__name__}") from None
+        if response.status_code >= 500 or response.status_code == 429:
+            raise TransientPaymentError(f"paypal webhook postback: http {response.status_code}")
+        if response.status_code != 200 or response.json().get("verification_status") != "SUCCESS":
+            raise WebhookVerificationError("paypal webhook postback verification failed")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _minor(amount: Mapping[str, Any] | None) -> tuple[int | None, str | None]:
+    if not amount:
+        return None, None
+    currency = str(amount.get("currency_code") or "").upper() or None
+    try:
+        return (from_decimal_string(str(amount.get("value")), currency) if currency else None), currency
+    except MoneyError:
+        raise WebhookVerificationError("paypal webhook amount is malformed") from None
+
+
+def translate_event(event: Mapping[str, Any]) -> WebhookEvent:
+    """A verified PayPal event (parsed JSON) → :class:`WebhookEvent`."""
+    try:
+        event_id, event_type, resource = event["id"], event["event_type"], event.get("resource") or {}
+    except (KeyError, TypeError):
+        raise WebhookVerificationError("paypal event lacks id or event_type") from None
+    common: dict[str, Any] = {"provider": PROVIDER, "event_id": event_id, "event_type": event_type}
+    if event_type in ("PAYMENT.CAPTURE.COMPLETED", "PAYMENT.CAPTURE.DENIED", "PAYMENT.CAPTURE.DECLINED"):
+        amount, currency = _minor(resource.get("amount"))
+        related = (resource.get("supplementary_data") or {}).get("related_ids") or {}
+        common.update(order_id=resource.get("custom_id"), provider_payment_id=related.get("order_id"), amount=amount, currency=currency)
+        if event_type == "PAYMENT.CAPTURE.COMPLETED":
+            return WebhookEvent(kind=WebhookKind.CONFIRMED, **common)
+        reason = (resource.get("status_details") or {}).get("reason") or resource.get("status") or "DENIED"
+        return WebhookEvent(kind=WebhookKind.FAILED, reason=reason, **common)
+    if event_type == "CHECKOUT.ORDER.APPROVED":
+        unit = (resource.get("purchase_units") or [{}])[0]
+        amount, currency = _minor(unit.get("amount"))
+        return WebhookEvent(kind=WebhookKind.APPROVED, order_id=unit.get("custom_id"), provider_payment_id=resource.get("id"),
+                            amount=amount, currency=currency, **common)
+    return WebhookEvent(kind=WebhookKind.IGNORED, **common)
+
+
+__all__ = ["PayPalGateway", "translate_event", "PAYPAL_CERT_NAMES"]

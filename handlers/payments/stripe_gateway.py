@@ -1,0 +1,227 @@
+"""Stripe through ``stripe.StripeClient`` (PaymentIntents, automatic capture).
+
+Every mutating call carries the caller's idempotency key, so the SDK's own
+retries (``max_network_retries``) and ours after a crash or timeout replay
+Stripe's first answer instead of charging twice.
+
+Error mapping (see ``base``): ``CardError`` → ``PaymentResult(DECLINED)``;
+connection errors and timeouts → ``OutcomeUnknown``; 5xx, 429 and 409 →
+``TransientPaymentError``; invalid request, authentication, permission and
+idempotency-key conflicts → ``PermanentPaymentError``.  Exception messages
+never contain the API key or the webhook secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Mapping, NoReturn
+
+import stripe
+
+from handlers.payments.base import PaymentAlreadyCaptured
+from handlers.payments.base import (
+    Outcome,
+    OutcomeUnknown,
+    PaymentRequest,
+    PaymentResult,
+    PermanentPaymentError,
+    RefundResult,
+    TransientPaymentError,
+    WebhookEvent,
+    WebhookKind,
+    WebhookVerificationError,
+)
+from worker.settings import StripeSettings
+
+log = logging.getLogger(__name__)
+
+PROVIDER = "stripe"
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    """SDK objects are not dicts since stripe v15: read them as plain data."""
+    if obj is None:
+        return {}
+    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+def _describe(exc: stripe.StripeError) -> str:
+    """A log- and exception-safe description of a Stripe error."""
+    parts = [f"stripe {type(exc).__name__}", f"http {exc.http_status}"]
+    if exc.code:
+        parts.append(f"code {exc.code}")
+    if exc.request_id:
+        parts.append(f"request {exc.request_id}")
+    # Authentication messages quote (part of) the key: leave them out.
+    if not isinstance(exc, (stripe.AuthenticationError, stripe.PermissionError)) and exc.user_message:
+        parts.append(str(exc.user_message))
+    return ", ".join(parts)
+
+
+def _raise_mapped(exc: stripe.StripeError) -> NoReturn:
+    """Re-raise a Stripe SDK error as the gateway hierarchy."""
+    text = _describe(exc)
+    if isinstance(exc, stripe.APIConnectionError):
+        raise OutcomeUnknown(text) from exc
+    # 409: another request with the same key is still running (SDK retries exhausted).
+    if isinstance(exc, (stripe.APIError, stripe.RateLimitError)) or (exc.http_status or 0) >= 500 or exc.http_status in (409, 429):
+        raise TransientPaymentError(text) from exc
+    raise PermanentPaymentError(text) from exc
+
+
+class StripeGateway:
+    """:class:`~handlers.payments.base.PaymentGateway` for Stripe (thread-safe)."""
+
+    provider = PROVIDER
+
+    def __init__(self, settings: StripeSettings) -> None:
+        self._settings = settings
+        self._client = stripe.StripeClient(
+            settings.api_key.get_secret_value(),
+            base_addresses={"api": settings.api_base},
+            max_network_retries=settings.max_network_retries,
+            http_client=stripe.RequestsClient(timeout=settings.timeout_seconds),
+        )
+
+    # -- payments -----------------------------------------------------------
+    def start(self, request: PaymentRequest) -> PaymentResult:
+        """Create and confirm a PaymentIntent for the order (idempotent per key)."""
+        if not request.payment_method:
+            raise PermanentPaymentError("stripe payment needs a payment_method")
+        params: dict[str, Any] = {
+            "amount": request.amount,
+            "currency": request.currency.lower(),
+            "payment_method": request.payment_method,
+            # Cards only: with no redirect-based methods no return_url is needed.
+            "payment_method_types": ["card"],
+            "confirm": True,
+            "metadata": {"order_id": request.order_id},
+        }
+        if request.description:
+            params["description"] = request.description
+        try:
+            intent = self._client.v1.payment_intents.create(params, {"idempotency_key": request.idempotency_key})
+        except stripe.CardError as exc:
+            return self._declined(exc)
+        except stripe.StripeError as exc:
+            _raise_mapped(exc)
+        return self._result(intent)
+
+    def capture(self, provider_payment_id: str, idempotency_key: str) -> PaymentResult:
+        """Intents capture automatically: report the intent's current state.
+
+        Useful after ``requires_action``/``processing`` to settle the outcome
+        without waiting for the webhook.  ``idempotency_key`` is unused (a read).
+        """
+        try:
+            intent = self._client.v1.payment_intents.retrieve(provider_payment_id)
+        except stripe.StripeError as exc:
+            _raise_mapped(exc)
+        return self._result(intent)
+
+    def cancel(self, provider_payment_id: str, idempotency_key: str) -> None:
+        """Cancel the intent; an already cancelled one is fine.
+
+        Raises :class:`PaymentAlreadyCaptured` when it has succeeded, and
+        :class:`TransientPaymentError` while it is ``processing`` and Stripe
+        refuses to cancel (ask again later).
+        """
+        try:
+            self._client.v1.payment_intents.cancel(provider_payment_id, {}, {"idempotency_key": idempotency_key})
+            return
+        except stripe.InvalidRequestError as exc:
+            if exc.code != "payment_intent_unexpected_state":
+                _raise_mapped(exc)
+        except stripe.StripeError as exc:
+            _raise_mapped(exc)
+        status = self.capture(provider_payment_id, idempotency_key).provider_status
+        if status == "canceled":
+            return
+        if status == "succeeded":
+            raise PaymentAlreadyCaptured(f"stripe payment {provider_payment_id} already succeeded: refund it")
+        if status == "processing":
+            raise TransientPaymentError(f"stripe payment {provider_payment_id} is processing: cannot cancel yet")
+        raise PermanentPaymentError(f"stripe payment {provider_payment_id} cannot be cancelled in status {status}")
+
+    def refund(self, result: PaymentResult, amount: int, currency: str, idempotency_key: str) -> RefundResult:
+        """Refund ``amount`` (minor units) of the intent; idempotent per key."""
+        params: dict[str, Any] = {"payment_intent": result.provider_payment_id, "amount": amount}
+        try:
+            refund = self._client.v1.refunds.create(params, {"idempotency_key": idempotency_key})
+        except stripe.StripeError as exc:
+            _raise_mapped(exc)
+        return RefundResult(refund_id=refund.id, status=str(refund.status))
+
+    # -- webhooks -----------------------------------------------------------
+    def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
+        """Verify ``Stripe-Signature`` (HMAC and timestamp tolerance) and translate."""
+        signature = next((v for k, v in headers.items() if k.lower() == "stripe-signature"), None)
+        try:
+            stripe.WebhookSignature.verify_header(
+                body, signature, self._settings.webhook_secret.get_secret_value(), self._settings.webhook_tolerance_seconds
+            )
+            event = json.loads(body)
+        except stripe.SignatureVerificationError as exc:
+            raise WebhookVerificationError(f"stripe signature rejected: {exc.user_message}") from None
+        except (UnicodeDecodeError, ValueError):
+            raise WebhookVerificationError("stripe webhook body is not JSON") from None
+        return translate_event(event)
+
+    # -- helpers ------------------------------------------------------------
+    @staticmethod
+    def _result(resource: Any) -> PaymentResult:
+        intent = _as_dict(resource)
+        status = intent.get("status")
+        common = {"provider_payment_id": intent["id"], "provider_status": status}
+        if status == "succeeded":
+            return PaymentResult(outcome=Outcome.SUCCEEDED, **common)
+        if status == "requires_action":
+            return PaymentResult(outcome=Outcome.REQUIRES_ACTION, next_action={"client_secret": intent["client_secret"]}, **common)
+        if status == "processing":
+            return PaymentResult(outcome=Outcome.PROCESSING, **common)
+        if status in ("requires_payment_method", "canceled"):
+            error = intent.get("last_payment_error") or {}
+            reason = error.get("decline_code") or error.get("code") or status
+            return PaymentResult(outcome=Outcome.DECLINED, decline_reason=reason, **common)
+        raise PermanentPaymentError(f"stripe payment {intent['id']} in unexpected status {status}")
+
+    @staticmethod
+    def _declined(exc: stripe.CardError) -> PaymentResult:
+        error = _as_dict(exc.error)
+        intent = _as_dict(error.get("payment_intent"))
+        reason = error.get("decline_code") or exc.code or "card_declined"
+        log.info("stripe card declined", extra={"decline_reason": reason, "request_id": exc.request_id})
+        return PaymentResult(
+            outcome=Outcome.DECLINED,
+            provider_payment_id=intent["id"] if intent else "",
+            decline_reason=reason,
+            provider_status=intent.get("status") if intent else None,
+        )
+
+
+def translate_event(event: Mapping[str, Any]) -> WebhookEvent:
+    """A verified Stripe event (parsed JSON) → :class:`WebhookEvent`."""
+    try:
+        event_id, event_type = event["id"], event["type"]
+        obj = event["data"]["object"]
+    except (KeyError, TypeError):
+        raise WebhookVerificationError("stripe event lacks id, type or data.object") from None
+    if event_type not in ("payment_intent.succeeded", "payment_intent.payment_failed") or obj.get("object") != "payment_intent":
+        return WebhookEvent(kind=WebhookKind.IGNORED, provider=PROVIDER, event_id=event_id, event_type=event_type)
+    common = {
+        "provider": PROVIDER,
+        "event_id": event_id,
+        "event_type": event_type,
+        "order_id": (obj.get("metadata") or {}).get("order_id"),
+        "provider_payment_id": obj.get("id"),
+        "currency": str(obj.get("currency") or "").upper() or None,
+    }
+    if event_type == "payment_intent.succeeded":
+        return WebhookEvent(kind=WebhookKind.CONFIRMED, amount=obj.get("amount_received") or obj.get("amount"), **common)
+    error = obj.get("last_payment_error") or {}
+    reason = error.get("decline_code") or error.get("code") or error.get("message") or "payment_failed"
+    return WebhookEvent(kind=WebhookKind.FAILED, amount=obj.get("amount"), reason=reason, **common)
+
+
+__all__ = ["StripeGateway", "translate_event"]

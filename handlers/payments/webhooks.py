@@ -1,0 +1,72 @@
+"""Provider webhooks → verified :class:`WebhookEvent` → PaymentConfirmed command.
+
+The HTTP shim hands the raw body and headers to :func:`parse_webhook`; the
+provider is recognised by its signature header (``Stripe-Signature`` or
+``PAYPAL-TRANSMISSION-SIG``, any case) and its gateway verifies and
+translates.  A ``CONFIRMED`` event becomes the PaymentConfirmed command of
+DESIGN.md with :func:`to_payment_confirmed`; the command's AMQP
+``message_id`` is the provider's event id (:func:`confirmation_message_id`),
+so a redelivered webhook is deduplicated by the worker's inbox.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from handlers.payments.base import PaymentGateway, WebhookEvent, WebhookKind, WebhookVerificationError
+
+_SIGNATURE_HEADERS = {"stripe-signature": "stripe", "paypal-transmission-sig": "paypal"}
+
+
+def detect_provider(headers: Mapping[str, str]) -> str:
+    """``"stripe"`` or ``"paypal"`` from the signature header; else WebhookVerificationError."""
+    found = {_SIGNATURE_HEADERS[k.lower()] for k in headers if k.lower() in _SIGNATURE_HEADERS}
+    if len(found) != 1:
+        raise WebhookVerificationError("webhook has no (or more than one) provider signature header")
+    return found.pop()
+
+
+def parse_webhook(gateways: Mapping[str, PaymentGateway], body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
+    """Verify a webhook with the right gateway and translate it.
+
+    Raises :class:`WebhookVerificationError` when no provider is recognised or
+    the signature does not verify (answer 400); PayPal may raise
+    ``TransientPaymentError`` when its certificate cannot be fetched (answer
+    5xx so the provider redelivers).
+    """
+    provider = detect_provider(headers)
+    gateway = gateways.get(provider)
+    if gateway is None:
+        raise WebhookVerificationError(f"no gateway configured for {provider}")
+    return gateway.parse_webhook(body, headers)
+
+
+def to_payment_confirmed(event: WebhookEvent) -> dict[str, Any]:
+    """The PaymentConfirmed command body for a ``CONFIRMED`` event.
+
+    ``{order_id, provider, payment_id, amount, currency, event_id}``; raises
+    ``ValueError`` for other kinds or when a field is missing (e.g. a PayPal
+    capture without our ``custom_id``): such an event cannot be applied.
+    """
+    if event.kind is not WebhookKind.CONFIRMED:
+        raise ValueError(f"only confirmed payments become PaymentConfirmed, not {event.kind.value}")
+    body = {
+        "order_id": event.order_id,
+        "provider": event.provider,
+        "payment_id": event.provider_payment_id,
+        "amount": event.amount,
+        "currency": event.currency,
+        "event_id": event.event_id,
+    }
+    missing = sorted(k for k, v in body.items() if v in (None, ""))
+    if missing:
+        raise ValueError(f"{event.provider} event {event.event_id} lacks {', '.join(missing)}")
+    return body
+
+
+def confirmation_message_id(event: WebhookEvent) -> str:
+    """AMQP ``message_id`` of the PaymentConfirmed command: the provider's event id."""
+    return event.event_id
+
+
+__all__ = ["confirmation_message_id", "detect_provider", "parse_webhook", "to_payment_confirmed"]

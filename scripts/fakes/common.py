@@ -1,0 +1,381 @@
+"""Shared plumbing of the fake payment providers (test use only).
+
+Each fake is a :class:`FakeApp` (the provider's behaviour, no HTTP) served by
+:class:`FakeHandler` on a ``ThreadingHTTPServer``.  This module owns what the
+two fakes have in common:
+
+* idempotency replay (Stripe ``Idempotency-Key``, PayPal ``PayPal-Request-Id``):
+  the first response to a key is stored; the same key with the same request
+  gets it back, the same key with a different request gets the app's
+  conflict answer;
+* fault injection, configured through ``POST /_fake/faults``;
+* the control endpoints every fake has (``/_fake/reset``, ``/_fake/faults``,
+  ``/_fake/charges``, ``/_fake/log``).
+
+Fault spec (JSON body of ``POST /_fake/faults``)::
+
+    {"count": 2, "status": 503}                  next 2 API calls answer 503
+    {"count": 1, "delay": 3}                     next call waits 3 s first
+    {"count": 1, "drop": true}                   next call: connection closed, nothing done
+    {"count": 1, "drop": true, "after_work": true}   work done, answer lost
+    {"count": 1, "delay": 3, "after_work": true}     work done, answer 3 s late
+    {"rate": 0.2, "seed": 7, "status": 503}      20 % of calls fail, reproducibly
+    optional "path": "/v1/payment_intents"       only calls whose path starts so
+    optional "retry_after": 1                    Retry-After header on a status fault
+
+Only the standard library is used, so the fakes run anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+CONTROL_PREFIX = "/_fake/"
+
+
+@dataclass
+class Response:
+    """One answer of a fake.  ``store`` says whether idempotency keeps it."""
+
+    status: int
+    body: Any = None  # dict/list → JSON, str → text, bytes → raw
+    headers: dict[str, str] = field(default_factory=dict)
+    store: bool | None = None  # None: store when status < 400
+    replayed: bool = False  # answered from the idempotency store
+
+    def should_store(self) -> bool:
+        return self.status < 400 if self.store is None else self.store
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+    host: str
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"{}")
+
+
+@dataclass
+class Fault:
+    count: int | None = 1
+    rate: float | None = None
+    seed: int | None = None
+    status: int | None = None
+    delay: float = 0.0
+    drop: bool = False
+    after_work: bool = False
+    path: str = ""
+    retry_after: float | None = None
+    rng: random.Random | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Fault":
+        known = {"count", "rate", "seed", "status", "delay", "drop", "after_work", "path", "retry_after"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown fault fields: {sorted(unknown)}")
+        fault = cls(**data)
+        if fault.rate is not None:
+            fault.count = None
+            fault.rng = random.Random(fault.seed)
+        if fault.status is None and not fault.drop and not fault.delay:
+            raise ValueError("a fault needs status, drop or delay")
+        return fault
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "rng" and v not in (None, "", False, 0.0)}
+
+
+class FakeApp:
+    """Provider behaviour.  Subclasses implement :meth:`handle_api`."""
+
+    #: request header carrying the idempotency key (lower case)
+    idempotency_header = ""
+    #: response header set on a replayed answer, if the provider sets one
+    replay_header: str | None = None
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # one lock: the fakes are not about throughput
+        self.faults: list[Fault] = []
+        self.idempotent: dict[tuple[str, str], tuple[Any, Response]] = {}
+        self.log: list[dict[str, Any]] = []
+        self.api_requests = 0
+
+    # -- to implement -------------------------------------------------------
+    def handle_api(self, req: Request) -> Response:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def handle_control(self, req: Request, path: str) -> Response | None:
+        """Provider-specific ``/_fake/...`` endpoints (path without prefix)."""
+        return None
+
+    def charges(self) -> dict[str, Any]:
+        return {}
+
+    def reset_provider(self) -> None:
+        """Forget payments (subclasses clear their own tables)."""
+
+    def fault_response(self, status: int) -> Response:
+        return Response(status, {"error": "injected fault"})
+
+    def idempotency_conflict(self, req: Request) -> Response:
+        return Response(400, {"error": "idempotency key reused with other parameters"}, store=False)
+
+    def idempotency_scope(self, req: Request) -> str:
+        """Who owns the key (keys are per account/credential)."""
+        return req.headers.get("authorization", "")
+
+    def fingerprint(self, req: Request) -> Any:
+        return (req.method, req.path, req.body)
+
+    def authenticate(self, req: Request) -> Response | None:
+        """Return an error response when the request is not authorised."""
+        return None
+
+    # -- shared -------------------------------------------------------------
+    def reset(self) -> None:
+        with self.lock:
+            self.faults.clear()
+            self.idempotent.clear()
+            self.log.clear()
+            self.api_requests = 0
+            self.reset_provider()
+
+    def take_fault(self, path: str) -> Fault | None:
+        with self.lock:
+            for fault in list(self.faults):
+                if not path.startswith(fault.path):
+                    continue
+                if fault.rng is not None:
+                    if fault.rng.random() < (fault.rate or 0.0):
+                        return fault
+                    continue
+                if fault.count is not None and fault.count > 0:
+                    fault.count -= 1
+                    if fault.count == 0:
+                        self.faults.remove(fault)
+                    return fault
+            return None
+
+    def process(self, req: Request) -> Response:
+        """Authenticate, apply idempotency, run the endpoint."""
+        with self.lock:
+            self.api_requests += 1
+            denied = self.authenticate(req)
+            if denied is not None:
+                resp = denied
+            else:
+                key = req.headers.get(self.idempotency_header) if self.idempotency_header else None
+                resp = self._idempotent(req, key) if key and req.method == "POST" else self.handle_api(req)
+            self.log.append(
+                {
+                    "method": req.method,
+                    "path": req.path,
+                    "idempotency_key": req.headers.get(self.idempotency_header),
+                    "status": resp.status,
+                    "replayed": resp.replayed,
+                }
+            )
+            del self.log[:-1000]
+            return resp
+
+    def _idempotent(self, req: Request, key: str) -> Response:
+        scope = (self.idempotency_scope(req), key)
+        stored = self.idempotent.get(scope)
+        fingerprint = self.fingerprint(req)
+        if stored is not None:
+            if stored[0] != fingerprint:
+                return self.idempotency_conflict(req)
+            first = stored[1]
+            headers = dict(first.headers)
+            if self.replay_header:
+                headers[self.replay_header] = "true"
+            return Response(first.status, first.body, headers, replayed=True)
+        resp = self.handle_api(req)
+        if resp.should_store():
+            self.idempotent[scope] = (fingerprint, resp)
+        return resp
+
+    def control(self, req: Request) -> Response:
+        path = req.path[len(CONTROL_PREFIX):]
+        if path == "reset" and req.method == "POST":
+            self.reset()
+            return Response(200, {"reset": True})
+        if path == "faults":
+            with self.lock:
+                if req.method == "POST":
+                    try:
+                        self.faults.append(Fault.from_json(req.json()))
+                    except (ValueError, TypeError) as exc:
+                        return Response(400, {"error": str(exc)})
+                elif req.method == "DELETE":
+                    self.faults.clear()
+                return Response(200, {"faults": [f.describe() for f in self.faults]})
+        if path == "charges" and req.method == "GET":
+            with self.lock:
+                return Response(200, {**self.charges(), "api_requests": self.api_requests})
+        if path == "log" and req.method == "GET":
+            with self.lock:
+                return Response(200, {"requests": list(self.log)})
+        with self.lock:
+            resp = self.handle_control(req, path)
+        return resp if resp is not None else Response(404, {"error": f"no control endpoint {req.path}"})
+
+
+class FakeHandler(BaseHTTPRequestHandler):
+    """HTTP adapter: parses the request, applies faults, writes the answer."""
+
+    protocol_version = "HTTP/1.1"
+    server: "FakeServer"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._dispatch()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        split = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        req = Request(
+            method=self.command,
+            path=split.path,
+            query=parse_qs(split.query),
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=body,
+            host=self.headers.get("Host") or "%s:%s" % self.server.server_address[:2],
+        )
+        app = self.server.app
+        if req.path.startswith(CONTROL_PREFIX):
+            self._send(app.control(req))
+            return
+        fault = app.take_fault(req.path)
+        if fault is not None and not fault.after_work:
+            if fault.delay:
+                time.sleep(fault.delay)
+            if fault.drop:
+                self._drop()
+                return
+            if fault.status:
+                resp = app.fault_response(fault.status)
+                if fault.retry_after is not None:
+                    resp.headers["Retry-After"] = str(fault.retry_after)
+                self._send(resp)
+                return
+        resp = app.process(req)
+        if fault is not None and fault.after_work:
+            if fault.delay:
+                time.sleep(fault.delay)
+            if fault.drop:
+                self._drop()
+                return
+        self._send(resp)
+
+    def _drop(self) -> None:
+        """Close the socket without a status line: the client sees a reset."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _send(self, resp: Response) -> None:
+        if isinstance(resp.body, (dict, list)):
+            payload = json.dumps(resp.body).encode()
+            ctype = "application/json"
+        elif isinstance(resp.body, str):
+            payload = resp.body.encode()
+            ctype = "text/plain; charset=utf-8"
+        else:
+            payload = resp.body or b""
+            ctype = "application/octet-stream"
+        try:
+            self.send_response(resp.status)
+            headers = {"Content-Type": ctype, **resp.headers}
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client gave up (timeout): exactly the "answer lost" case.
+            self.close_connection = True
+
+
+class FakeServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that carries its :class:`FakeApp`."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: FakeApp, verbose: bool = False) -> None:
+        super().__init__(address, FakeHandler)
+        self.app = app
+        self.verbose = verbose
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (for tests)."""
+        self.shutdown()
+        self.server_close()
+
+
+def start(app: FakeApp, port: int, host: str = "127.0.0.1", verbose: bool = False) -> FakeServer:
+    """Serve ``app`` in a daemon thread; ``port=0`` picks a free port."""
+    server = FakeServer((host, port), app, verbose=verbose)
+    threading.Thread(target=server.serve_forever, name=f"fake-{type(app).__name__}", daemon=True).start()
+    return server
+
+
+def run_cli(make_app: Callable[..., FakeApp], default_port: int, description: str, extra: Callable[[Any], None] | None = None) -> None:
+    """Parse ``--host/--port`` (and ``extra`` options) and serve in the foreground."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("--verbose", action="store_true", help="log every request")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    options = {k: v for k, v in vars(args).items() if k not in ("host", "port", "verbose")}
+    server = FakeServer((args.host, args.port), make_app(**options), verbose=args.verbose)
+    print(f"{description} listening on {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
