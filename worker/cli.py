@@ -103,16 +103,31 @@ def products_import(
 
 
 def _worker_process(settings: Settings, index: int, stop: threading.Event, queues: list[str]) -> None:
-    from worker import db, logs
-    from worker.broker import COMMAND_QUEUES
-    from worker.consumer import CommandConsumer
-
-    logs.configure(settings.logging.level, settings.logging.format)
+    """One pool process: the command consumer, and the payment step in a thread."""
     import structlog
 
+    from handlers.payments import build_gateways
+    from worker import db, logs
+    from worker.broker import COMMAND_QUEUES, PAYMENTS_QUEUE
+    from worker.consumer import CommandConsumer
+    from worker.payments import PaymentConsumer, PaymentStep
+
+    logs.configure(settings.logging.level, settings.logging.format)
     structlog.contextvars.bind_contextvars(worker=index)
     engine = db.make_engine(settings.database)
-    CommandConsumer(settings, engine, queues or list(COMMAND_QUEUES)).run(stop)
+    queues = queues or [*COMMAND_QUEUES, PAYMENTS_QUEUE]
+    payments = None
+    if PAYMENTS_QUEUE in queues:
+        step = PaymentStep(engine, build_gateways(settings), settings.worker.inplace_retries)
+        payments = threading.Thread(target=PaymentConsumer(settings, step).run, args=(stop,), name="payments")
+        payments.start()
+    commands = [q for q in queues if q in COMMAND_QUEUES]
+    if commands:
+        CommandConsumer(settings, engine, commands).run(stop)
+    else:
+        stop.wait()
+    if payments is not None:
+        payments.join()
 
 
 @app.command()
@@ -120,10 +135,10 @@ def worker(
     config: ConfigOption = None,
     processes: Annotated[Optional[int], typer.Option("--processes", "-p", min=1, help="Consumer processes (default: worker.processes).")] = None,
     prefetch: Annotated[Optional[int], typer.Option(min=1, help="Unacked messages per process (default: worker.prefetch).")] = None,
-    queues: Annotated[Optional[list[str]], typer.Option("--queue", "-q", help="Consume only these command queues (repeatable).")] = None,
+    queues: Annotated[Optional[list[str]], typer.Option("--queue", "-q", help="Consume only these queues (repeatable): orders.place, orders.cancel, orders.payment-confirmed, orders.payments.")] = None,
 ) -> None:
     """Run the worker pool: N processes consuming the command queues."""
-    from worker.broker import COMMAND_QUEUES
+    from worker.broker import COMMAND_QUEUES, PAYMENTS_QUEUE
     from worker.supervisor import run_pool
 
     settings = _settings(config)
@@ -132,9 +147,10 @@ def worker(
         overrides["prefetch"] = prefetch
     if overrides:
         settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=overrides)})
+    known = [*COMMAND_QUEUES, PAYMENTS_QUEUE]
     for q in queues or []:
-        if q not in COMMAND_QUEUES:
-            typer.echo(f"error: unknown queue {q!r}; choose from {', '.join(COMMAND_QUEUES)}", err=True)
+        if q not in known:
+            typer.echo(f"error: unknown queue {q!r}; choose from {', '.join(known)}", err=True)
             raise typer.Exit(2)
     target = functools.partial(_worker_process, queues=list(queues or []))
     raise typer.Exit(run_pool(target, settings, processes or settings.worker.processes))

@@ -81,6 +81,74 @@ class Backoff:
         self.current = self.first
 
 
+class Settlement:
+    """After the commit: replies, retries through the delay tiers, dead letters.
+
+    Every publish here is confirmed before the original is acked.
+    """
+
+    def __init__(self, delays: tuple[int, ...], metrics: Any = None) -> None:
+        self.delays = delays
+        self.metrics = metrics
+
+    def settle(self, broker: BlockingBroker, h: Handled) -> None:
+        d = h.delivery
+        if h.result in (Result.APPLIED, Result.REFUSED, Result.DUPLICATE):
+            if d.reply_to:
+                self._reply(broker, h)
+            return
+        if h.result is Result.INVALID:
+            self._dead_letter(broker, d, type(h.error).__name__, h.reason or "invalid message", None)
+            return
+        # DEFERRED or FAILED: through the delay tiers, then the dead-letter queue
+        tb = None
+        if h.result is Result.FAILED and h.error is not None:
+            tb = "".join(traceback.format_exception(h.error))
+            log.warning("command failed", message_id=d.message_id, type=d.message_type, error=h.reason)
+        error_class = type(h.error).__name__ if h.error else "Error"
+        attempts = int(d.headers.get("x-attempts", 0))
+        delays = self.delays
+        if attempts < len(delays):
+            headers = failure_headers(d, error_class, h.reason or "", tb)
+            headers["x-delay-tier"] = f"{delays[attempts]}s"
+            self._publish(broker, Outgoing(DELAY_EXCHANGE, d.queue, d.body, {**d.properties(), "headers": headers}))
+            if self.metrics is not None:
+                self.metrics.retried(d.message_type)
+        else:
+            self._dead_letter(broker, d, error_class, h.reason or "failed", tb)
+
+    def _dead_letter(self, broker: BlockingBroker, d: Delivery, error_class: str, message: str, tb: str | None) -> None:
+        log.warning("dead-lettering message", message_id=d.message_id, type=d.message_type,
+                    error_class=error_class, reason=message)
+        headers = failure_headers(d, error_class, message, tb)
+        headers.pop("x-delay-tier", None)
+        self._publish(broker, Outgoing(DEAD_LETTER_EXCHANGE, d.queue, d.body, {**d.properties(), "headers": headers}))
+        if self.metrics is not None:
+            self.metrics.dead_lettered(d.message_type, error_class)
+
+    def _publish(self, broker: BlockingBroker, message: Outgoing) -> None:
+        try:
+            broker.publish(message)
+        except PublishNotConfirmed:
+            # not acked: the broker redelivers the original, nothing is lost
+            raise ConnectionLost("retry/dead-letter publish was not confirmed") from None
+
+    def _reply(self, broker: BlockingBroker, h: Handled) -> None:
+        d = h.delivery
+        body = h.outcome.as_dict() if h.outcome else {"result": h.result.value, "order_id": h.order_id}
+        if h.result is Result.DUPLICATE:
+            body = {"result": "duplicate", "order_id": h.order_id}
+        try:
+            broker.publish(Outgoing("", d.reply_to or "", json.dumps(body).encode(), {
+                "correlation_id": d.correlation_id or d.message_id, "type": "CommandOutcome",
+                "delivery_mode": 1,
+            }))
+        except PublishNotConfirmed:
+            pass  # the caller has gone; it can read the order instead
+
+
+
+
 class CommandConsumer:
     """Consumes the command queues of one worker process."""
 
@@ -93,6 +161,7 @@ class CommandConsumer:
         self.queues = queues
         self.applier = Applier(engine, self.cfg.inplace_retries, on_commit=on_commit)
         self.metrics = metrics
+        self.settlement = Settlement(self.cfg.retry_delays_seconds, metrics)
         self._liveness = Path(self.cfg.liveness_file) if self.cfg.liveness_file else None
         self._last_touch = 0.0
         self._broker: BlockingBroker | None = None
@@ -160,7 +229,7 @@ class CommandConsumer:
         good, handled = self.applier.decode_all(batch)
         handled += self._apply(broker, good, stop)
         for h in handled:
-            self._settle(broker, h)
+            self.settlement.settle(broker, h)
         broker.ack_through(max(d.delivery_tag for d in batch))
         if self.metrics is not None:
             self.metrics.observe_batch(handled, time.perf_counter() - started)
@@ -199,62 +268,4 @@ class CommandConsumer:
             log.info("database available again")
             return
 
-    # -- after the commit ----------------------------------------------------------
-
-    def _settle(self, broker: BlockingBroker, h: Handled) -> None:
-        d = h.delivery
-        if h.result in (Result.APPLIED, Result.REFUSED, Result.DUPLICATE):
-            if d.reply_to:
-                self._reply(broker, h)
-            return
-        if h.result is Result.INVALID:
-            self._dead_letter(broker, d, type(h.error).__name__, h.reason or "invalid message", None)
-            return
-        # DEFERRED or FAILED: through the delay tiers, then the dead-letter queue
-        tb = None
-        if h.result is Result.FAILED and h.error is not None:
-            tb = "".join(traceback.format_exception(h.error))
-            log.warning("command failed", message_id=d.message_id, type=d.message_type, error=h.reason)
-        error_class = type(h.error).__name__ if h.error else "Error"
-        attempts = int(d.headers.get("x-attempts", 0))
-        delays = self.cfg.retry_delays_seconds
-        if attempts < len(delays):
-            headers = failure_headers(d, error_class, h.reason or "", tb)
-            headers["x-delay-tier"] = f"{delays[attempts]}s"
-            self._publish(broker, Outgoing(DELAY_EXCHANGE, d.queue, d.body, {**d.properties(), "headers": headers}))
-            if self.metrics is not None:
-                self.metrics.retried(d.message_type)
-        else:
-            self._dead_letter(broker, d, error_class, h.reason or "failed", tb)
-
-    def _dead_letter(self, broker: BlockingBroker, d: Delivery, error_class: str, message: str, tb: str | None) -> None:
-        log.warning("dead-lettering message", message_id=d.message_id, type=d.message_type,
-                    error_class=error_class, reason=message)
-        headers = failure_headers(d, error_class, message, tb)
-        headers.pop("x-delay-tier", None)
-        self._publish(broker, Outgoing(DEAD_LETTER_EXCHANGE, d.queue, d.body, {**d.properties(), "headers": headers}))
-        if self.metrics is not None:
-            self.metrics.dead_lettered(d.message_type, error_class)
-
-    def _publish(self, broker: BlockingBroker, message: Outgoing) -> None:
-        try:
-            broker.publish(message)
-        except PublishNotConfirmed:
-            # not acked: the broker redelivers the original, nothing is lost
-            raise ConnectionLost("retry/dead-letter publish was not confirmed") from None
-
-    def _reply(self, broker: BlockingBroker, h: Handled) -> None:
-        d = h.delivery
-        body = h.outcome.as_dict() if h.outcome else {"result": h.result.value, "order_id": h.order_id}
-        if h.result is Result.DUPLICATE:
-            body = {"result": "duplicate", "order_id": h.order_id}
-        try:
-            broker.publish(Outgoing("", d.reply_to or "", json.dumps(body).encode(), {
-                "correlation_id": d.correlation_id or d.message_id, "type": "CommandOutcome",
-                "delivery_mode": 1,
-            }))
-        except PublishNotConfirmed:
-            pass  # the caller has gone; it can read the order instead
-
-
-__all__ = ["CommandConsumer", "delay_queue", "failure_headers"]
+__all__ = ["CommandConsumer", "Settlement", "delay_queue", "failure_headers"]

@@ -11,6 +11,7 @@ so a redelivered webhook is deduplicated by the worker's inbox.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from handlers.payments.base import PaymentGateway, WebhookEvent, WebhookKind, WebhookVerificationError
@@ -70,3 +71,36 @@ def confirmation_message_id(event: WebhookEvent) -> str:
 
 
 __all__ = ["confirmation_message_id", "detect_provider", "parse_webhook", "to_payment_confirmed"]
+
+
+@dataclass(frozen=True)
+class WebhookCommand:
+    """What a verified webhook asks the service to do: one command to publish."""
+
+    exchange: str
+    routing_key: str
+    message_type: str
+    message_id: str
+    body: dict[str, Any]
+
+
+def to_command(event: WebhookEvent) -> WebhookCommand | None:
+    """The command a verified webhook becomes, or None for events not acted on.
+
+    Confirmed → PaymentConfirmed (public ``orders.commands``); PayPal approval
+    → the internal CapturePayment; a failure → the internal PaymentFailed.
+    The message id is the provider's event id, so a webhook delivered three
+    times is applied once.
+    """
+    if event.kind is WebhookKind.IGNORED or event.order_id is None:
+        return None
+    if event.kind is WebhookKind.CONFIRMED:
+        return WebhookCommand("orders.commands", "payment.confirmed", "PaymentConfirmed",
+                              confirmation_message_id(event), to_payment_confirmed(event))
+    common = {"order_id": event.order_id, "provider": event.provider,
+              "payment_id": event.provider_payment_id or "", "event_id": event.event_id}
+    if event.kind is WebhookKind.APPROVED:
+        return WebhookCommand("orders.internal", "payment.capture", "CapturePayment", event.event_id, common)
+    reason = (event.reason or "")[:1000] or None
+    return WebhookCommand("orders.internal", "payment.failed", "PaymentFailed", event.event_id,
+                          {**common, "reason": reason} if reason else common)

@@ -1,0 +1,255 @@
+"""The payment step: internal commands that talk to a payment provider.
+
+Each step is ``prepare`` (a short transaction that reads and locks the order
+and its payment, records the attempt, and says which provider call to make),
+the call itself with no transaction open, and ``record`` (a second short
+transaction, with the inbox row, that applies the provider's answer to the
+order).  Every call carries an idempotency key derived from the order and
+the action, so repeating a step after a crash or a timeout asks the
+provider the same question again instead of charging twice.
+
+Steps (queue ``orders.payments``):
+- ``StartPayment``: create (Stripe: and confirm) the payment.
+- ``CapturePayment``: capture a PayPal order the buyer approved.
+- ``CancelPayment``: cancel the PaymentIntent / leave the PayPal order to expire.
+- ``RefundPayment``: refund money taken for an order that ended meanwhile.
+- ``PaymentFailed``: the provider reported a failure (no call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from handlers import events
+from handlers.errors import Mismatch, RetryLater
+from handlers.orders import CANCELLABLE, Order, Status
+from handlers.outcome import MessageContext, Outcome
+from handlers.payments.base import (
+    Outcome as PayOutcome,
+    PaymentAlreadyCaptured,
+    PaymentError,
+    PaymentGateway,
+    PaymentRequest,
+    PaymentResult,
+    RefundResult,
+)
+from handlers.unit_of_work import PaymentRecord, UnitOfWork
+
+#: payment states after which StartPayment has nothing left to do
+STARTED_AND_ANSWERED = frozenset({"succeeded", "requires_action", "processing", "declined", "failed", "cancelled", "refunded"})
+
+
+def idempotency_key(order_id: str, action: str) -> str:
+    """Stripe ``Idempotency-Key`` / PayPal ``PayPal-Request-Id`` of one action on one order."""
+    return f"order-{order_id}-{action}"
+
+
+@dataclass(frozen=True)
+class Call:
+    """A provider call to make outside any transaction."""
+
+    provider: str
+    run: Callable[[PaymentGateway], Any]
+
+
+def _order_and_payment(uow: UnitOfWork, order_id: str) -> tuple[Order, PaymentRecord | None]:
+    order = uow.order(order_id)
+    if order is None:
+        raise RetryLater(f"order {order_id} is not placed yet")
+    return order, uow.payment(order_id)
+
+
+def _new_payment(order: Order) -> PaymentRecord:
+    return PaymentRecord(
+        order_id=order.order_id, provider=order.payment_provider, status="started", amount=order.total,
+        currency=order.currency, idempotency_key=idempotency_key(order.order_id, "start"),
+    )
+
+
+# -- StartPayment ---------------------------------------------------------------
+
+
+def prepare_start(cmd: Any, uow: UnitOfWork) -> Call | None:
+    order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if payment is not None and payment.status in STARTED_AND_ANSWERED:
+        return None  # answered before: a duplicate
+    attempted = payment is not None  # started or unknown: a call may have reached the provider
+    if order.status is not Status.PENDING and not attempted:
+        return None  # cancelled or rejected before any money was asked for
+    payment = payment or _new_payment(order)
+    payment.attempts += 1
+    uow.save_payment(payment)
+    req = order.payment_request
+    request = PaymentRequest(
+        order_id=order.order_id, amount=order.total, currency=order.currency,
+        idempotency_key=payment.idempotency_key, payment_method=req.get("payment_method"),
+        return_url=req.get("return_url"), cancel_url=req.get("cancel_url"),
+        description=f"order {order.order_id}",
+    )
+    return Call(order.payment_provider, lambda gateway: gateway.start(request))
+
+
+def apply_result(order: Order, payment: PaymentRecord, result: PaymentResult, msg: MessageContext, uow: UnitOfWork) -> Outcome:
+    """Move the order by the provider's answer (start or capture)."""
+    mid = msg.message_id
+    payment.provider_payment_id = result.provider_payment_id or payment.provider_payment_id
+    payment.capture_id = result.capture_id or payment.capture_id
+    if result.outcome is PayOutcome.SUCCEEDED:
+        payment.status = "succeeded"
+        payment.confirmed_event_id = payment.confirmed_event_id or f"{msg.message_type}:{mid}"
+        uow.save_payment(payment)
+        if order.status in CANCELLABLE:
+            order.next_action = None
+            order.transition(Status.COMPLETED, mid)
+            events.stock(uow, order, "stock.commit", mid)
+            events.order_event(uow, order, "order.completed", mid)
+        elif order.status in (Status.CANCELLED, Status.REJECTED):
+            events.internal(uow, order, "RefundPayment", "payment.refund", mid)
+        return Outcome.of("applied", order)
+    if result.outcome in (PayOutcome.REQUIRES_ACTION, PayOutcome.PROCESSING):
+        payment.status = result.outcome.value
+        uow.save_payment(payment)
+        if order.status is Status.PENDING:
+            order.next_action = result.next_action or None
+            order.transition(Status.AWAITING_PAYMENT, mid)
+            events.order_event(uow, order, "order.awaiting_payment", mid)
+        elif order.status is Status.CANCELLED:
+            events.internal(uow, order, "CancelPayment", "payment.cancel", mid)
+        return Outcome.of("applied", order)
+    payment.status = "declined"
+    payment.last_error = result.decline_reason
+    uow.save_payment(payment)
+    return _reject(order, f"payment declined: {result.decline_reason or 'no reason given'}", mid, uow)
+
+
+def _reject(order: Order, reason: str, mid: str, uow: UnitOfWork) -> Outcome:
+    if order.status in CANCELLABLE:
+        order.next_action = None
+        order.transition(Status.REJECTED, mid, reason)
+        events.stock(uow, order, "stock.release", mid)
+        events.order_event(uow, order, "order.rejected", mid)
+    return Outcome.of("applied", order, reason)
+
+
+def record_start(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: PaymentResult) -> Outcome:
+    order, payment = _order_and_payment(uow, str(cmd.order_id))
+    return apply_result(order, payment or _new_payment(order), result, msg, uow)
+
+
+def record_failure(cmd: Any, msg: MessageContext, uow: UnitOfWork, error: PaymentError) -> Outcome:
+    """A permanent provider error: the order ends ``rejected`` (or refunds, see cancel)."""
+    order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if isinstance(error, PaymentAlreadyCaptured):
+        if payment is not None:
+            payment.status = "succeeded"
+            uow.save_payment(payment)
+        events.internal(uow, order, "RefundPayment", "payment.refund", msg.message_id)
+        return Outcome.of("applied", order, str(error))
+    if payment is not None:
+        payment.status = "failed"
+        payment.last_error = str(error)[:1000]
+        uow.save_payment(payment)
+    return _reject(order, f"payment failed: {error}", msg.message_id, uow)
+
+
+# -- CapturePayment (PayPal buyer approved) ----------------------------------------
+
+
+def prepare_capture(cmd: Any, uow: UnitOfWork) -> Call | None:
+    order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if payment is None or payment.provider_payment_id is None:
+        raise RetryLater(f"payment of order {order.order_id} is not recorded yet")
+    if payment.provider_payment_id != cmd.payment_id:
+        raise Mismatch(f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
+    if payment.status != "requires_action" or order.status is not Status.AWAITING_PAYMENT:
+        return None  # captured already, or the order ended: never capture then
+    key = idempotency_key(order.order_id, "capture")
+    return Call(order.payment_provider, lambda gateway: gateway.capture(cmd.payment_id, key))
+
+
+record_capture = record_start
+
+
+# -- CancelPayment -----------------------------------------------------------------
+
+
+def prepare_cancel(cmd: Any, uow: UnitOfWork) -> Call | None:
+    order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if payment is None or payment.provider_payment_id is None or payment.status not in ("requires_action", "processing"):
+        return None  # nothing open at the provider (a start in flight settles itself)
+    key = idempotency_key(order.order_id, "cancel")
+    pid = payment.provider_payment_id
+    return Call(order.payment_provider, lambda gateway: gateway.cancel(pid, key))
+
+
+def record_cancel(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None) -> Outcome:
+    order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if payment is not None and payment.status in ("requires_action", "processing"):
+        payment.status = "cancelled"
+        uow.save_payment(payment)
+    return Outcome.of("applied", order)
+
+
+# -- RefundPayment -----------------------------------------------------------------
+
+
+def prepare_refund(cmd: Any, uow: UnitOfWork) -> Call | None:
+    order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if payment is None or payment.status == "refunded":
+        return None
+    if payment.provider_payment_id is None:
+        raise RetryLater(f"payment of order {order.order_id} has no provider id yet")
+    key = idempotency_key(order.order_id, "refund")
+    taken = PaymentResult(PayOutcome.SUCCEEDED, payment.provider_payment_id, capture_id=payment.capture_id)
+    amount, currency = payment.amount, payment.currency
+    return Call(order.payment_provider, lambda gateway: gateway.refund(taken, amount, currency, key))
+
+
+def record_refund(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: RefundResult | None) -> Outcome:
+    order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if payment is None or payment.status == "refunded" or result is None:
+        return Outcome.of("unchanged", order)
+    payment.status = "refunded"
+    payment.refund_id = result.refund_id
+    uow.save_payment(payment)
+    events.order_event(uow, order, "order.refunded", msg.message_id, refund_id=result.refund_id)
+    return Outcome.of("applied", order, "payment refunded")
+
+
+# -- PaymentFailed (webhook) ---------------------------------------------------------
+
+
+def prepare_none(cmd: Any, uow: UnitOfWork) -> None:
+    return None
+
+
+def record_failed(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None) -> Outcome:
+    order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if payment is not None and payment.provider_payment_id not in (None, cmd.payment_id):
+        raise Mismatch(f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
+    if payment is not None and payment.status == "succeeded":
+        return Outcome.of("unchanged", order, "payment already succeeded")
+    payment = payment or _new_payment(order)
+    payment.status = "declined"
+    payment.provider_payment_id = cmd.payment_id
+    payment.last_error = cmd.reason
+    uow.save_payment(payment)
+    return _reject(order, f"payment failed: {cmd.reason or 'reported by ' + cmd.provider}", msg.message_id, uow)
+
+
+@dataclass(frozen=True)
+class Step:
+    prepare: Callable[[Any, UnitOfWork], Call | None]
+    record: Callable[[Any, MessageContext, UnitOfWork, Any], Outcome]
+    #: False for steps that only change the order (record runs without a call)
+    calls_provider: bool = True
+
+
+PAYMENT_STEPS: dict[str, Step] = {
+    "StartPayment": Step(prepare_start, record_start),
+    "CapturePayment": Step(prepare_capture, record_capture),
+    "CancelPayment": Step(prepare_cancel, record_cancel),
+    "RefundPayment": Step(prepare_refund, record_refund),
+    "PaymentFailed": Step(prepare_none, record_failed, calls_provider=False),
+}

@@ -1,0 +1,239 @@
+"""Place → charge → webhook → completed, through the broker, the real SDKs and the fakes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pika
+import pytest
+import stripe
+from sqlalchemy import text
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
+    sys.path.insert(0, str(ROOT))
+
+from scripts.fakes import fake_paypal, fake_stripe  # noqa: E402
+
+from handlers.payments.paypal_gateway import translate_event as paypal_event  # noqa: E402
+from handlers.payments.webhooks import parse_webhook, to_command  # noqa: E402
+
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+COMMANDS_ONLY = ["--queue", "orders.place", "--queue", "orders.cancel", "--queue", "orders.payment-confirmed"]
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[dict[str, Any]]:
+    s, p = fake_stripe.serve(0), fake_paypal.serve(0)
+    yield {"stripe": s, "paypal": p}
+    s.stop()
+    p.stop()
+
+
+@pytest.fixture
+def pay(fakes, service, bus, clean_db, settings) -> Any:
+    for f in fakes.values():
+        httpx.post(f.url + "/_fake/reset").raise_for_status()
+    env = {"ORDERS_STRIPE__API_BASE": fakes["stripe"].url, "ORDERS_PAYPAL__BASE_URL": fakes["paypal"].url,
+           "ORDERS_STRIPE__TIMEOUT_SECONDS": "2", "ORDERS_STRIPE__MAX_NETWORK_RETRIES": "0",
+           "ORDERS_PAYPAL__MAX_NETWORK_RETRIES": "0"}
+    os.environ.update(env)
+    service("relay")  # StartPayment and the other steps leave through the outbox
+    return Payments(fakes, service, bus, clean_db, settings, env)
+
+
+class Payments:
+    def __init__(self, fakes, service, bus, engine, settings, env) -> None:
+        self.fakes, self.service, self.bus, self.engine, self.settings, self.env = fakes, service, bus, engine, settings, env
+
+    def start(self, *args: str) -> Any:
+        return self.service("worker", "--processes", "1", *args, **self.env)
+
+    def fault(self, provider: str, **spec: Any) -> None:
+        httpx.post(self.fakes[provider].url + "/_fake/faults", json=spec).raise_for_status()
+
+    def charges(self, provider: str, order_id: str) -> dict[str, Any]:
+        return httpx.get(self.fakes[provider].url + "/_fake/charges").json().get("orders", {}).get(order_id, {})
+
+    def order(self, order_id: str) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(text(
+                "SELECT o.status, o.reason, o.next_action, p.status AS payment_status, p.provider_payment_id,"
+                " p.refund_id FROM orders o LEFT JOIN payments p USING (order_id)"
+                " WHERE o.order_id = CAST(:o AS uuid)"), {"o": order_id}).first()
+
+    def events(self, order_id: str) -> list[str]:
+        return [e["routing_key"] for e in self.bus.events() if e["body"]["order_id"] == order_id]
+
+    def place(self, provider: str = "stripe", method: str = "pm_card_visa") -> str:
+        order_id = str(uuid.uuid4())
+        payment = ({"provider": "stripe", "payment_method": method} if provider == "stripe" else
+                   {"provider": "paypal", "return_url": "https://shop.example/ok", "cancel_url": "https://shop.example/no"})
+        self.bus.publish("PlaceOrder", {"order_id": order_id, "user_id": "buyer", "items": [
+            {"product_id": "sku-apple", "quantity": 2}], "payment": payment})
+        return order_id
+
+    def publish_webhook(self, body: bytes, headers: dict[str, str]) -> Any:
+        from handlers.payments import build_gateways
+
+        command = to_command(parse_webhook(build_gateways(self.settings_now()), body, headers))
+        assert command is not None
+        self.publish_command(command)
+        return command
+
+    def publish_command(self, command: Any) -> None:
+        self.bus.ch.basic_publish(command.exchange, command.routing_key, json.dumps(command.body).encode(),
+                                  pika.BasicProperties(message_id=command.message_id, type=command.message_type,
+                                                       content_type="application/json", delivery_mode=2))
+
+    def settings_now(self) -> Any:
+        from worker.settings import load_settings
+
+        return load_settings()
+
+    def stripe_webhook(self, pi_id: str, event_type: str = "payment_intent.succeeded", event_id: str | None = None) -> Any:
+        intent = httpx.get(f"{self.fakes['stripe'].url}/v1/payment_intents/{pi_id}",
+                           auth=("sk_test_local_fake", "")).json()
+        envelope = json.loads((FIXTURES / "stripe" / "event.json").read_text())
+        envelope.update(id=event_id or f"evt_{uuid.uuid4().hex[:16]}", type=event_type, data={"object": intent})
+        payload = json.dumps(envelope)
+        secret = self.settings.stripe.webhook_secret.get_secret_value()
+        return self.publish_webhook(payload.encode(), {
+            "Stripe-Signature": stripe.WebhookSignature.generate_signature_header(payload, secret)})
+
+
+def test_stripe_card_is_charged_once_and_the_webhook_changes_nothing_more(pay, wait):
+    pay.start()
+    order_id = pay.place()
+    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "completed", what="completed")
+    o = pay.order(order_id)
+    assert o.payment_status == "succeeded" and o.provider_payment_id.startswith("pi_")
+    assert pay.charges("stripe", order_id)["charges"] == 1
+    for _ in range(3):  # the same webhook delivered three times
+        pay.stripe_webhook(o.provider_payment_id, event_id="evt_same_three_times")
+    wait(lambda: pay.bus.depth("orders.payment-confirmed") == 0)
+    wait(lambda: Counter(pay.events(order_id)) == Counter(
+        {"stock.reserve": 1, "order.placed": 1, "stock.commit": 1, "order.completed": 1}), what="events")
+    with pay.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM inbox WHERE message_id = 'evt_same_three_times'")).scalar() == 1
+
+
+def test_stripe_requires_action_then_the_webhook_completes_the_order(pay, wait):
+    pay.start()
+    order_id = pay.place(method="pm_card_threeDSecure2Required")
+    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "awaiting_payment")
+    o = pay.order(order_id)
+    assert o.next_action["client_secret"].startswith(o.provider_payment_id)
+    wait(lambda: "order.awaiting_payment" in pay.events(order_id))
+    httpx.post(f"{pay.fakes['stripe'].url}/_fake/confirm/{o.provider_payment_id}").raise_for_status()
+    pay.stripe_webhook(o.provider_payment_id)
+    wait(lambda: pay.order(order_id).status == "completed", what="completed by webhook")
+    assert pay.charges("stripe", order_id)["charges"] == 1
+
+
+def test_a_wrong_amount_in_a_confirmation_never_completes_the_order(pay, wait):
+    pay.start()
+    order_id = pay.place(method="pm_card_threeDSecure2Required")
+    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "awaiting_payment")
+    pid = pay.order(order_id).provider_payment_id
+    pay.bus.publish("PaymentConfirmed", {"order_id": order_id, "provider": "stripe", "payment_id": pid,
+                                         "amount": 1, "currency": "USD", "event_id": "evt_cheap"})
+    wait(lambda: pay.bus.depth("orders.payment-confirmed") == 0)
+    time.sleep(0.5)
+    assert pay.order(order_id).status == "awaiting_payment"
+
+
+def test_a_declined_card_rejects_the_order_and_releases_stock(pay, wait):
+    pay.start()
+    order_id = pay.place(method="pm_card_chargeDeclined")
+    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "rejected")
+    assert "generic_decline" in pay.order(order_id).reason
+    wait(lambda: Counter(pay.events(order_id)) == Counter(
+        {"stock.reserve": 1, "order.placed": 1, "stock.release": 1, "order.rejected": 1}))
+    assert pay.charges("stripe", order_id).get("charges", 0) == 0
+
+
+def test_provider_503_twice_then_success_charges_once(pay, wait):
+    pay.fault("stripe", count=2, status=503)
+    pay.start()
+    order_id = pay.place()
+    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "completed")
+    assert pay.charges("stripe", order_id)["charges"] == 1
+
+
+def test_a_provider_timeout_after_the_charge_is_settled_without_a_second_charge(pay, wait):
+    # the fake takes the money, then answers too late for the client's 2 s timeout
+    pay.fault("stripe", count=1, delay=4, after_work=True, path="/v1/payment_intents")
+    pay.start()
+    order_id = pay.place()
+    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "completed", timeout=40)
+    assert pay.charges("stripe", order_id)["charges"] == 1
+
+
+def test_worker_killed_after_the_provider_charged_and_before_recording_charges_once(pay, wait):
+    pay.fault("stripe", count=1, delay=3, after_work=True, path="/v1/payment_intents")
+    pool = pay.start()
+    order_id = pay.place()
+    wait(lambda: pay.charges("stripe", order_id).get("charges") == 1, what="provider took the money")
+    assert pay.order(order_id).status == "pending"
+    for pid in pool.children():
+        os.kill(pid, signal.SIGKILL)  # before the late answer is recorded
+    wait(lambda: pay.order(order_id).status == "completed", timeout=40, what="completed after restart")
+    assert pay.charges("stripe", order_id)["charges"] == 1
+
+
+def test_paypal_order_is_approved_captured_and_completed(pay, wait):
+    pay.start()
+    order_id = pay.place(provider="paypal")
+    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "awaiting_payment")
+    o = pay.order(order_id)
+    assert "token=" + o.provider_payment_id in o.next_action["approve_url"]
+    httpx.post(f"{pay.fakes['paypal'].url}/_fake/approve/{o.provider_payment_id}").raise_for_status()
+    approved = {"id": "WH-APPROVED-1", "event_type": "CHECKOUT.ORDER.APPROVED", "resource_type": "checkout-order",
+                "resource": {"id": o.provider_payment_id, "status": "APPROVED", "intent": "CAPTURE",
+                             "purchase_units": [{"custom_id": order_id, "reference_id": order_id,
+                                                 "amount": {"currency_code": "USD", "value": "3.00"}}]}}
+    command = to_command(paypal_event(approved))
+    assert command.message_type == "CapturePayment"
+    for _ in range(2):
+        pay.publish_command(command)
+    wait(lambda: pay.order(order_id).status == "completed", what="captured")
+    assert pay.charges("paypal", order_id)["captures"] == 1
+    wait(lambda: "order.completed" in pay.events(order_id))
+
+
+def test_payment_landing_after_a_cancel_is_refunded_once(pay, wait, make_place):
+    commands = pay.start(*COMMANDS_ONLY)  # no payment step yet: the order stays pending
+    order_id = pay.place()
+    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "pending")
+    # the buyer's money is taken (e.g. by a payment step on another host) ...
+    from handlers.payment_step import idempotency_key
+    from handlers.payments import build_gateways
+    from handlers.payments.base import PaymentRequest
+
+    taken = build_gateways(pay.settings_now())["stripe"].start(PaymentRequest(
+        order_id=order_id, amount=300, currency="USD", idempotency_key=idempotency_key(order_id, "start"),
+        payment_method="pm_card_visa"))
+    # ... while the buyer cancels
+    pay.bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "buyer", "roles": ["user"]}})
+    wait(lambda: pay.order(order_id).status == "cancelled")
+    pay.stripe_webhook(taken.provider_payment_id)
+    pay.stripe_webhook(taken.provider_payment_id)  # a second delivery under a new event id
+    pay.start("--queue", "orders.payments")
+    wait(lambda: pay.order(order_id).payment_status == "refunded", what="refunded")
+    wait(lambda: "order.refunded" in pay.events(order_id))
+    wait(lambda: pay.bus.depth("orders.payments") == 0)
+    time.sleep(0.5)
+    assert pay.charges("stripe", order_id)["charges"] == 1
+    assert pay.charges("stripe", order_id)["refunds"] == 1
+    assert pay.events(order_id).count("order.refunded") == 1
+    assert pay.order(order_id).status == "cancelled"

@@ -1,0 +1,191 @@
+"""The payment consumer: runs the payment step beside the command consumer.
+
+It has its own connection and thread (pika connections are not shared
+between threads).  Provider calls run in a small thread pool while this
+thread keeps pika's I/O loop turning, so a slow provider never costs the
+connection its heartbeats.  Per message: prepare (transaction 1) → provider
+call (no transaction) → record with the inbox row (transaction 2); the
+delivery is acked only after that, or after its retry / dead letter was
+confirmed.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import structlog
+from sqlalchemy import Engine, text
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
+
+from handlers.errors import Refused, RetryLater
+from handlers.outcome import MessageContext, Outcome
+from handlers.payment_step import PAYMENT_STEPS, record_failure
+from handlers.payments.base import PaymentGateway, PermanentPaymentError, TransientPaymentError
+from schema.messages import InvalidMessage, parse_command
+from worker.broker import PAYMENTS_QUEUE, BlockingBroker, Delivery
+from worker.consumer import Backoff, Settlement
+from worker.errors import ConnectionLost, Kind, classify
+from worker.processing import Handled, Result
+from worker.settings import Settings
+from worker.unit_of_work import PostgresUnitOfWork
+
+log = structlog.get_logger("worker.payments")
+
+#: inbox consumer name of the payment step
+CONSUMER = "payments"
+
+
+class PaymentStep:
+    """Applies one internal payment command; never raises for the message's errors."""
+
+    def __init__(self, engine: Engine, gateways: dict[str, PaymentGateway], inplace_retries: int = 3,
+                 on_commit: Callable[[set[str]], None] | None = None, metrics: Any = None) -> None:
+        self.engine = engine
+        self.gateways = gateways
+        self.inplace_retries = inplace_retries
+        self.on_commit = on_commit
+        self.metrics = metrics
+
+    def handle(self, d: Delivery) -> Handled:
+        try:
+            if not d.message_id:
+                raise InvalidMessage("message_id property is missing")
+            step = PAYMENT_STEPS.get(d.message_type or "")
+            if step is None:
+                raise InvalidMessage(f"unknown payment step {d.message_type!r}")
+            command = parse_command(d.message_type, d.body)
+        except InvalidMessage as exc:
+            return Handled(d, Result.INVALID, error=exc, reason=str(exc))
+        ctx = MessageContext(d.message_id, d.message_type or "", d.correlation_id)
+        order_id = str(command.order_id)
+        with structlog.contextvars.bound_contextvars(message_id=d.message_id, order_id=order_id,
+                                                     correlation_id=d.correlation_id, step=ctx.message_type):
+            try:
+                outcome = self._run(step, command, ctx)
+            except RetryLater as exc:
+                return Handled(d, Result.DEFERRED, error=exc, reason=str(exc), order_id=order_id)
+            except Refused as exc:
+                log.warning("payment step refused", reason=str(exc))
+                return Handled(d, Result.REFUSED, error=exc, reason=str(exc), order_id=order_id)
+            except Exception as exc:  # noqa: BLE001 - transient or a bug: retry tiers
+                return Handled(d, Result.FAILED, error=exc, reason=f"{type(exc).__name__}: {exc}", order_id=order_id)
+        if outcome is None:
+            return Handled(d, Result.DUPLICATE, order_id=order_id)
+        return Handled(d, Result.APPLIED, outcome, order_id=order_id)
+
+    def _run(self, step: Any, command: Any, ctx: MessageContext) -> Outcome | None:
+        order_id = str(command.order_id)
+        with self.engine.begin() as conn:  # transaction 1: record the attempt
+            if conn.execute(text("SELECT 1 FROM inbox WHERE consumer = :c AND message_id = :m"),
+                            {"c": CONSUMER, "m": ctx.message_id}).first():
+                return None
+            uow = PostgresUnitOfWork(conn, CONSUMER)
+            call = step.prepare(command, uow)
+            uow.flush()
+        result: Any = None
+        failure: PermanentPaymentError | None = None
+        if call is not None:
+            try:
+                result = self._call(call, ctx)
+            except PermanentPaymentError as exc:
+                failure = exc
+        elif step.calls_provider:
+            return self._record(ctx, order_id, lambda uow: None)
+        if failure is not None:
+            return self._record(ctx, order_id, lambda uow: record_failure(command, ctx, uow, failure))
+        return self._record(ctx, order_id, lambda uow: step.record(command, ctx, uow, result))
+
+    def _call(self, call: Any, ctx: MessageContext) -> Any:
+        gateway = self.gateways[call.provider]
+        try:
+            for attempt in Retrying(
+                stop=stop_after_attempt(self.inplace_retries),
+                wait=wait_exponential(multiplier=0.2, max=2.0) + wait_random(0, 0.1),
+                retry=retry_if_exception_type(TransientPaymentError),
+                reraise=True,
+            ):
+                with attempt:
+                    result = call.run(gateway)
+        except TransientPaymentError as exc:
+            self._count(call.provider, ctx.message_type, "transient_error")
+            log.warning("payment provider unavailable; will retry", provider=call.provider, error=str(exc))
+            raise
+        except PermanentPaymentError:
+            self._count(call.provider, ctx.message_type, "permanent_error")
+            raise
+        self._count(call.provider, ctx.message_type, getattr(getattr(result, "outcome", None), "value", "ok"))
+        return result
+
+    def _count(self, provider: str, step: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.payment_call(provider, step, outcome)
+
+    def _record(self, ctx: MessageContext, order_id: str, apply: Callable[[Any], Outcome | None]) -> Outcome | None:
+        with self.engine.begin() as conn:  # transaction 2: the answer, with the inbox row
+            uow = PostgresUnitOfWork(conn, CONSUMER)
+            if not uow.claim([ctx.message_id]):
+                return None
+            uow.preload([order_id], [])
+            outcome = apply(uow)
+            uow.flush()
+            touched = uow.touched_orders
+        if self.on_commit is not None and touched:
+            self.on_commit(touched)
+        return outcome or Outcome("unchanged", order_id)
+
+
+class PaymentConsumer:
+    """Consumes ``orders.payments`` with ``payment_concurrency`` calls in flight."""
+
+    def __init__(self, settings: Settings, step: PaymentStep, metrics: Any = None) -> None:
+        self.settings = settings
+        self.step = step
+        self.concurrency = settings.worker.payment_concurrency
+        self.settlement = Settlement(settings.worker.retry_delays_seconds, metrics)
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = Backoff()
+        down = False
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="payment") as pool:
+            while not stop.is_set():
+                try:
+                    broker = BlockingBroker(self.settings.rabbitmq.url.get_secret_value(),
+                                            self.settings.rabbitmq.heartbeat_seconds).connect()
+                    broker.consume([PAYMENTS_QUEUE], self.concurrency)
+                except ConnectionLost as exc:
+                    if not down:
+                        log.warning("payment consumer: broker unavailable", error=str(exc))
+                        down = True
+                    stop.wait(backoff.next())
+                    continue
+                down = False
+                backoff.reset()
+                try:
+                    while not stop.is_set():
+                        batch = broker.poll(self.concurrency, first_wait=0.5, fill_wait=0.005)
+                        if batch:
+                            self._process(broker, pool, batch)
+                    self._process(broker, pool, broker.cancel())
+                except ConnectionLost as exc:
+                    log.warning("payment consumer: connection lost", error=str(exc))
+                    stop.wait(backoff.next())
+                finally:
+                    broker.close()
+
+    def _process(self, broker: BlockingBroker, pool: ThreadPoolExecutor, batch: list[Delivery]) -> None:
+        if not batch:
+            return
+        futures: list[Future[Handled]] = [pool.submit(self.step.handle, d) for d in batch]
+        while not all(f.done() for f in futures):
+            broker.sleep(0.02)  # heartbeats keep flowing while providers answer
+        for f in futures:
+            h = f.result()
+            if h.result is Result.FAILED and h.error is not None and classify(h.error) is Kind.OUTAGE:
+                raise ConnectionLost("database unavailable during the payment step")  # redelivered later
+            self.settlement.settle(broker, h)
+        broker.ack_through(max(d.delivery_tag for d in batch))
+
+
+__all__ = ["PaymentConsumer", "PaymentStep"]
