@@ -111,19 +111,21 @@ def _worker_process(settings: Settings, index: int, stop: threading.Event, queue
     from worker.broker import COMMAND_QUEUES, PAYMENTS_QUEUE
     from worker.consumer import CommandConsumer
     from worker.payments import PaymentConsumer, PaymentStep
+    from worker.read_model import OrderCache, make_redis
 
     logs.configure(settings.logging.level, settings.logging.format)
     structlog.contextvars.bind_contextvars(worker=index)
     engine = db.make_engine(settings.database)
+    cache = OrderCache(engine, make_redis(settings.redis), settings.redis.cache_ttl_seconds)
     queues = queues or [*COMMAND_QUEUES, PAYMENTS_QUEUE]
     payments = None
     if PAYMENTS_QUEUE in queues:
-        step = PaymentStep(engine, build_gateways(settings), settings.worker.inplace_retries)
+        step = PaymentStep(engine, build_gateways(settings), settings.worker.inplace_retries, on_commit=cache.refresh)
         payments = threading.Thread(target=PaymentConsumer(settings, step).run, args=(stop,), name="payments")
         payments.start()
     commands = [q for q in queues if q in COMMAND_QUEUES]
     if commands:
-        CommandConsumer(settings, engine, commands).run(stop)
+        CommandConsumer(settings, engine, commands, on_commit=cache.refresh).run(stop)
     else:
         stop.wait()
     if payments is not None:

@@ -206,7 +206,9 @@ class PostgresUnitOfWork:
         result = self.conn.execute(
             text(
                 "UPDATE orders AS o SET status = v.status, reason = v.reason,"
-                " next_action = v.next_action, updated_at = now()"
+                # clock_timestamp(): taken after the row lock, so it grows in
+                # commit order per order (the read model's version)
+                " next_action = v.next_action, updated_at = clock_timestamp()"
                 " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS"
                 " v(order_id uuid, status text, guard text, reason text, next_action jsonb)"
                 " WHERE o.order_id = v.order_id AND o.status = v.guard"

@@ -1,0 +1,134 @@
+"""The order read model: what ``GET /orders/{id}`` shows, cached in Redis.
+
+The worker refreshes the cached entry after every commit that touched the
+order (write-through, so a read right after an outcome sees it); entries
+also expire after ``redis.cache_ttl_seconds``.  When Redis is down, reads
+fall back to PostgreSQL and writes to the cache are skipped: the cache is an
+accelerator, never the record.  No secrets and no card data are in the view:
+the Stripe client secret is what the buyer's browser needs to finish a
+payment and is shown only to the order's owner (or an admin), as Stripe
+intends.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import redis
+import structlog
+from sqlalchemy import Engine, text
+
+from worker.settings import RedisSettings
+
+log = structlog.get_logger("worker.read_model")
+
+KEY_PREFIX = "orders:view:"
+
+#: Store a view only when it is newer than the one cached: two writers that
+#: refresh out of order can never put an older state back.
+_STORE_IF_NEWER = """
+local current = redis.call('HGET', KEYS[1], 'version')
+if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'view', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+_VIEW_SQL = text(
+    "SELECT o.order_id::text, o.user_id, o.status, o.currency, o.total, o.payment_provider, o.next_action,"
+    " o.reason, o.created_at, o.updated_at, p.status AS payment_status,"
+    " COALESCE(json_agg(json_build_object('product_id', i.product_id, 'quantity', i.quantity,"
+    " 'unit_price', i.unit_price) ORDER BY i.line_no) FILTER (WHERE i.order_id IS NOT NULL), '[]') AS items"
+    " FROM orders o LEFT JOIN payments p USING (order_id) LEFT JOIN order_items i USING (order_id)"
+    " WHERE o.order_id = ANY(CAST(:ids AS uuid[])) GROUP BY o.order_id, p.status"
+)
+
+
+def load_views(engine: Engine, order_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Order views from PostgreSQL, by order id."""
+    ids = list(order_ids)
+    if not ids:
+        return {}
+    with engine.connect() as conn:
+        rows = conn.execute(_VIEW_SQL, {"ids": ids}).mappings().all()
+    views = {}
+    for r in rows:
+        views[r["order_id"]] = {
+            "order_id": r["order_id"], "user_id": r["user_id"], "status": r["status"],
+            "total": r["total"], "currency": r["currency"], "items": r["items"],
+            "payment": {"provider": r["payment_provider"], "status": r["payment_status"] or "not_started"},
+            "next_action": r["next_action"], "reason": r["reason"],
+            "created_at": r["created_at"].isoformat(), "updated_at": r["updated_at"].isoformat(),
+            "version": int(r["updated_at"].timestamp() * 1_000_000),
+        }
+    return views
+
+
+def make_redis(cfg: RedisSettings) -> redis.Redis:
+    return redis.Redis(host=cfg.host, port=cfg.port, db=cfg.db, socket_timeout=0.5,
+                       socket_connect_timeout=0.5, health_check_interval=30)
+
+
+class OrderCache:
+    """Read-through cache of order views; every Redis failure degrades to PostgreSQL."""
+
+    def __init__(self, engine: Engine, client: redis.Redis, ttl_seconds: int, metrics: Any = None) -> None:
+        self.engine = engine
+        self.redis = client
+        self.ttl = ttl_seconds
+        self.metrics = metrics
+        self._redis_down = False
+        self._store_script = client.register_script(_STORE_IF_NEWER)
+
+    def _note(self, ok: bool, exc: Exception | None = None) -> None:
+        if ok and self._redis_down:
+            log.info("redis available again")
+        elif not ok and not self._redis_down:
+            log.warning("redis unavailable; serving from PostgreSQL", error=str(exc))
+        self._redis_down = not ok
+
+    def get(self, order_id: str) -> dict[str, Any] | None:
+        try:
+            cached = self.redis.hget(KEY_PREFIX + order_id, "view")
+            self._note(True)
+        except redis.RedisError as exc:
+            self._note(False, exc)
+            cached = None
+            if self.metrics is not None:
+                self.metrics.cache("error")
+        if cached is not None:
+            if self.metrics is not None:
+                self.metrics.cache("hit")
+            return json.loads(cached)
+        if self.metrics is not None and not self._redis_down:
+            self.metrics.cache("miss")
+        view = load_views(self.engine, [order_id]).get(order_id)
+        if view is not None:
+            self._store({order_id: view})
+        return view
+
+    def refresh(self, order_ids: Iterable[str]) -> None:
+        """After a commit: write the new views through (best effort)."""
+        self._store(load_views(self.engine, order_ids))
+
+    def _store(self, views: dict[str, dict[str, Any]]) -> None:
+        if not views or self._redis_down and not self._probe():
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for order_id, view in views.items():
+                self._store_script(keys=[KEY_PREFIX + order_id],
+                                   args=[view["version"], json.dumps(view, separators=(",", ":")), self.ttl],
+                                   client=pipe)
+            pipe.execute()
+            self._note(True)
+        except redis.RedisError as exc:
+            self._note(False, exc)
+
+    def _probe(self) -> bool:
+        try:
+            self.redis.ping()
+            return True
+        except redis.RedisError:
+            return False
