@@ -75,6 +75,7 @@ def test_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "ORDERS_WORKER__SHUTDOWN_TIMEOUT_SECONDS": "15",
         "ORDERS_RELAY__POLL_INTERVAL_SECONDS": "0.2",
         "ORDERS_LOGGING__FORMAT": "json",
+        "ORDERS_METRICS__PORT": "0",
     }
     os.environ.update(env)
     return {**os.environ, **env}

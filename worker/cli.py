@@ -111,21 +111,24 @@ def _worker_process(settings: Settings, index: int, stop: threading.Event, queue
     from worker.broker import COMMAND_QUEUES, PAYMENTS_QUEUE
     from worker.consumer import CommandConsumer
     from worker.payments import PaymentConsumer, PaymentStep
+    from worker.metrics import Metrics
     from worker.read_model import OrderCache, make_redis
 
     logs.configure(settings.logging.level, settings.logging.format)
     structlog.contextvars.bind_contextvars(worker=index)
     engine = db.make_engine(settings.database)
+    metrics = Metrics()
     cache = OrderCache(engine, make_redis(settings.redis), settings.redis.cache_ttl_seconds)
     queues = queues or [*COMMAND_QUEUES, PAYMENTS_QUEUE]
     payments = None
     if PAYMENTS_QUEUE in queues:
-        step = PaymentStep(engine, build_gateways(settings), settings.worker.inplace_retries, on_commit=cache.refresh)
-        payments = threading.Thread(target=PaymentConsumer(settings, step).run, args=(stop,), name="payments")
+        step = PaymentStep(engine, build_gateways(settings), settings.worker.inplace_retries,
+                           on_commit=cache.refresh, metrics=metrics)
+        payments = threading.Thread(target=PaymentConsumer(settings, step, metrics).run, args=(stop,), name="payments")
         payments.start()
     commands = [q for q in queues if q in COMMAND_QUEUES]
     if commands:
-        CommandConsumer(settings, engine, commands, on_commit=cache.refresh).run(stop)
+        CommandConsumer(settings, engine, commands, on_commit=cache.refresh, metrics=metrics).run(stop)
     else:
         stop.wait()
     if payments is not None:
@@ -161,12 +164,17 @@ def worker(
 @app.command()
 def relay(config: ConfigOption = None) -> None:
     """Run the outbox relay (one is active; more wait as standbys)."""
-    from worker import db
+    from worker import db, metrics
     from worker.relay import Relay
 
     settings = _settings(config)
     stop = _stop_on_signals()
-    Relay(settings, db.make_engine(settings.database, pool_size=2)).run(stop)
+    relay_port = settings.metrics.port + 1 if settings.metrics.port else 0
+    try:
+        metrics.serve(relay_port)
+    except OSError as exc:
+        typer.echo(f"warning: metrics port {relay_port} unavailable: {exc}", err=True)
+    Relay(settings, db.make_engine(settings.database, pool_size=2), metrics.Metrics()).run(stop)
 
 
 def main() -> None:

@@ -144,6 +144,7 @@ class PaymentConsumer:
         self.step = step
         self.concurrency = settings.worker.payment_concurrency
         self.settlement = Settlement(settings.worker.retry_delays_seconds, metrics)
+        self.metrics = metrics
 
     def run(self, stop: threading.Event) -> None:
         backoff = Backoff()
@@ -186,6 +187,8 @@ class PaymentConsumer:
                 raise ConnectionLost("database unavailable during the payment step")  # redelivered later
             self.settlement.settle(broker, h)
         broker.ack_through(max(d.delivery_tag for d in batch))
+        if self.metrics is not None:
+            self.metrics.count(f.result() for f in futures)
 
 
 __all__ = ["PaymentConsumer", "PaymentStep"]

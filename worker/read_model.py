@@ -15,7 +15,11 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+import time
+
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 import structlog
 from sqlalchemy import Engine, text
 
@@ -65,9 +69,14 @@ def load_views(engine: Engine, order_ids: Iterable[str]) -> dict[str, dict[str, 
     return views
 
 
+#: after a Redis failure, skip Redis for this long before trying it again (seconds)
+REDIS_RETRY_AFTER = 5.0
+
+
 def make_redis(cfg: RedisSettings) -> redis.Redis:
+    # one quick attempt: a cache that is down must cost a read milliseconds, not seconds
     return redis.Redis(host=cfg.host, port=cfg.port, db=cfg.db, socket_timeout=0.5,
-                       socket_connect_timeout=0.5, health_check_interval=30)
+                       socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0), health_check_interval=30)
 
 
 class OrderCache:
@@ -79,6 +88,7 @@ class OrderCache:
         self.ttl = ttl_seconds
         self.metrics = metrics
         self._redis_down = False
+        self._skip_until = 0.0
         self._store_script = client.register_script(_STORE_IF_NEWER)
 
     def _note(self, ok: bool, exc: Exception | None = None) -> None:
@@ -87,16 +97,22 @@ class OrderCache:
         elif not ok and not self._redis_down:
             log.warning("redis unavailable; serving from PostgreSQL", error=str(exc))
         self._redis_down = not ok
+        if not ok:
+            self._skip_until = time.monotonic() + REDIS_RETRY_AFTER
+
+    def _usable(self) -> bool:
+        return not self._redis_down or time.monotonic() >= self._skip_until
 
     def get(self, order_id: str) -> dict[str, Any] | None:
-        try:
-            cached = self.redis.hget(KEY_PREFIX + order_id, "view")
-            self._note(True)
-        except redis.RedisError as exc:
-            self._note(False, exc)
-            cached = None
-            if self.metrics is not None:
-                self.metrics.cache("error")
+        cached = None
+        if self._usable():
+            try:
+                cached = self.redis.hget(KEY_PREFIX + order_id, "view")
+                self._note(True)
+            except redis.RedisError as exc:
+                self._note(False, exc)
+        if self._redis_down and self.metrics is not None:
+            self.metrics.cache("error")
         if cached is not None:
             if self.metrics is not None:
                 self.metrics.cache("hit")
@@ -113,7 +129,7 @@ class OrderCache:
         self._store(load_views(self.engine, order_ids))
 
     def _store(self, views: dict[str, dict[str, Any]]) -> None:
-        if not views or self._redis_down and not self._probe():
+        if not views or not self._usable():
             return
         try:
             pipe = self.redis.pipeline(transaction=False)
@@ -125,10 +141,3 @@ class OrderCache:
             self._note(True)
         except redis.RedisError as exc:
             self._note(False, exc)
-
-    def _probe(self) -> bool:
-        try:
-            self.redis.ping()
-            return True
-        except redis.RedisError:
-            return False

@@ -53,6 +53,9 @@ def run_pool(
     title: str = "orders worker",
 ) -> int:
     """Run ``target(settings, index, stop)`` in ``processes`` children; return an exit code."""
+    from worker import metrics
+
+    metrics.prepare_multiprocess()  # before any prometheus_client import
     ctx = mp.get_context("fork")
     stopping = threading.Event()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
@@ -68,6 +71,10 @@ def run_pool(
 
     for i in range(processes):
         start(i)
+    try:
+        metrics.serve_pool_metrics(settings.metrics.port)
+    except OSError as exc:
+        log.warning("metrics port unavailable; serving no metrics", port=settings.metrics.port, error=str(exc))
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
@@ -81,6 +88,7 @@ def run_pool(
             quick = time.monotonic() - started[index] < QUICK_DEATH_SECONDS
             quick_deaths = quick_deaths + 1 if quick else 0
             log.warning("worker process died; restarting", index=index, pid=proc.pid, exitcode=proc.exitcode)
+            metrics.process_died(proc.pid)
             if quick_deaths >= CRASH_LOOP_LIMIT:
                 log.error("worker processes keep dying at start; giving up", deaths=quick_deaths)
                 code = EXIT_CRASH_LOOP
