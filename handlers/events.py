@@ -12,6 +12,7 @@ from typing import Any
 
 from handlers.orders import Order
 from handlers.unit_of_work import UnitOfWork
+from schema.messages import uuid5
 
 INVENTORY = "inventory"
 ORDER_EVENTS = "orders.events"
@@ -21,7 +22,7 @@ EVENT_NAMESPACE = uuid.UUID("0d8f3a52-5a7e-4b7b-8f0c-5e1b1f0a9c11")
 
 
 def event_id(order_id: str, routing_key: str, message_id: str) -> str:
-    return str(uuid.uuid5(EVENT_NAMESPACE, f"{order_id}|{routing_key}|{message_id}"))
+    return uuid5(EVENT_NAMESPACE, f"{order_id}|{routing_key}|{message_id}")
 
 
 def _envelope(order: Order, routing_key: str, message_id: str) -> dict[str, Any]:

@@ -15,6 +15,8 @@ class MessageContext:
     message_id: str
     message_type: str
     correlation_id: str | None = None
+    #: the order the command names, when the worker already worked it out
+    order_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ NO_CURRENCY = "XXX"
 
 
 def place_order(cmd: PlaceOrder, msg: MessageContext, uow: UnitOfWork) -> Outcome:
-    order_id = cmd.resolved_order_id(msg.message_id)
+    order_id = msg.order_id or cmd.resolved_order_id(msg.message_id)
     existing = uow.order(order_id)
     if existing is not None:
         raise Refused(f"order {order_id} already exists (placed by message {existing.place_message_id})")

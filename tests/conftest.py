@@ -1,7 +1,7 @@
 """Fixtures: real PostgreSQL, RabbitMQ and Redis, never mocked.
 
-Tests use their own database (``orders_test``) and their own RabbitMQ vhost
-(``orders-test``, created with rabbitmqctl when it is at hand; else ``/``),
+Each run uses its own database (``orders_test_<pid>``) and RabbitMQ vhost
+(``orders-test-<pid>``, created with rabbitmqctl when it is at hand; else ``/``),
 so a service running on the same machine is not disturbed.  Processes
 (worker pool, relay) are started as subprocesses through the real CLI.
 """
@@ -24,8 +24,11 @@ from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDERS = str(Path(sys.executable).parent / "orders")
-VHOST = "orders-test"
-TEST_DB = os.environ.get("ORDERS_TEST_DBNAME", "orders_test")
+#: each test run gets its own database and vhost, so runs side by side (and a
+#: service running on the same machine) never see each other's messages
+RUN_ID = os.environ.get("ORDERS_TEST_RUN_ID", str(os.getpid()))
+VHOST = f"orders-test-{RUN_ID}"
+TEST_DB = f"orders_test_{RUN_ID}"
 
 PRODUCTS = [
     {"product_id": "sku-apple", "name": "Apple", "price": 150, "currency": "USD", "active": True},
@@ -47,26 +50,40 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
         time.sleep(interval)
 
 
-def _vhost() -> str:
+def _rabbitmqctl(*args: str) -> bool:
     try:
-        subprocess.run(["rabbitmqctl", "add_vhost", VHOST], capture_output=True, timeout=60)
-        done = subprocess.run(
-            ["rabbitmqctl", "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"],
-            capture_output=True, timeout=60,
-        )
-        if done.returncode == 0:
-            return VHOST
+        return subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
-        pass
-    return ""
+        return False
+
+
+def _vhost() -> str:
+    """This run's vhost; "" (the default vhost) where rabbitmqctl is not at hand."""
+    _rabbitmqctl("add_vhost", VHOST)
+    return VHOST if _rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*") else ""
 
 
 @pytest.fixture(scope="session")
-def test_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def fakes() -> Iterator[dict[str, Any]]:
+    """The Stripe and PayPal fakes, serving real HTTP on loopback for the whole run."""
+    if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
+        sys.path.insert(0, str(ROOT))
+    from scripts.fakes import fake_paypal, fake_stripe
+
+    servers = {"stripe": fake_stripe.serve(0), "paypal": fake_paypal.serve(0)}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def test_env(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Any]) -> Iterator[dict[str, str]]:
     """Environment for the service under test (CLI subprocesses and in-process)."""
     vhost = _vhost()
     tmp = tmp_path_factory.mktemp("orders")
     env = {
+        "ORDERS_STRIPE__API_BASE": fakes["stripe"].url,
+        "ORDERS_PAYPAL__BASE_URL": fakes["paypal"].url,
         "ORDERS_DATABASE__DBNAME": TEST_DB,
         "ORDERS_RABBITMQ__URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost.replace('/', '%2F')}",
         "ORDERS_WORKER__RETRY_DELAYS_SECONDS": "[1, 2]",
@@ -78,15 +95,12 @@ def test_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "ORDERS_METRICS__PORT": "0",
     }
     os.environ.update(env)
-    return {**os.environ, **env}
+    yield {**os.environ, **env}
+    if vhost:
+        _rabbitmqctl("delete_vhost", vhost)
 
 
-@pytest.fixture(scope="session")
-def settings(test_env: dict[str, str]) -> Any:
-    from worker import db
-    from worker.settings import load_settings
-
-    s = load_settings()
+def _drop_database(s: Any) -> None:
     import psycopg2
 
     admin = psycopg2.connect(s.database.dsn.replace(f"dbname={TEST_DB}", "dbname=postgres"))
@@ -94,9 +108,19 @@ def settings(test_env: dict[str, str]) -> Any:
     with admin.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
     admin.close()
+
+
+@pytest.fixture(scope="session")
+def settings(test_env: dict[str, str]) -> Iterator[Any]:
+    from worker import db
+    from worker.settings import load_settings
+
+    s = load_settings()
+    _drop_database(s)
     db.ensure_database(s.database)
     db.migrate(db.make_engine(s.database, pool_size=1))
-    return s
+    yield s
+    _drop_database(s)
 
 
 @pytest.fixture(scope="session")
@@ -274,6 +298,12 @@ def place_body(user: str = "user-1", items: list[tuple[str, int]] | None = None,
 
 
 @pytest.fixture
+def commands_only() -> list[str]:
+    """``orders worker`` flags for a pool without the payment step."""
+    return ["--queue", "orders.place", "--queue", "orders.cancel", "--queue", "orders.payment-confirmed"]
+
+
+@pytest.fixture
 def make_place() -> Callable[..., dict[str, Any]]:
     return place_body
 
@@ -281,3 +311,93 @@ def make_place() -> Callable[..., dict[str, Any]]:
 @pytest.fixture
 def wait() -> Callable[..., Any]:
     return wait_until
+
+
+class TcpProxy:
+    """A loopback TCP forwarder the test can cut: a dependency 'going down'
+    without stopping the machine's real server (other runs share it)."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self._socket_mod, self._threading = socket, threading
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._conns: list[Any] = []
+        self._listener: Any = None
+        self.up()
+
+    def up(self) -> None:
+        s = self._socket_mod.socket()
+        s.setsockopt(self._socket_mod.SOL_SOCKET, self._socket_mod.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(128)
+        self._listener = s
+        self._threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def _accept(self, listener: Any) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self._socket_mod.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def down(self) -> None:
+        """Refuse new connections and cut every open one."""
+        import socket as _s
+
+        try:
+            self._listener.shutdown(_s.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        self._listener.close()
+        for c in self._conns:
+            try:
+                c.shutdown(_s.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        self._conns.clear()
+
+
+@pytest.fixture
+def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
+    made: list[TcpProxy] = []
+
+    def make(port: int) -> TcpProxy:
+        p = TcpProxy(port)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        try:
+            p.down()
+        except OSError:
+            pass

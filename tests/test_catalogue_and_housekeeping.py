@@ -52,7 +52,8 @@ def test_housekeeping_deletes_only_rows_past_their_retention(settings, clean_db)
             " (gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}', now() - interval '2 days'),"
             " (gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}', now()),"
             " (gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}', NULL)"))
-    deleted = Relay(settings, clean_db).housekeeping()
+    kept = settings.model_copy(update={"worker": settings.worker.model_copy(update={"outbox_retention_hours": 24})})
+    deleted = Relay(kept, clean_db).housekeeping()
     assert deleted == {"outbox": 1, "inbox": 1}
     with clean_db.connect() as conn:
         assert conn.execute(text("SELECT message_id FROM inbox")).scalars().all() == ["new"]

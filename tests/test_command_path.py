@@ -28,9 +28,9 @@ def event_keys(bus: Any, order_id: str) -> list[str]:
 
 
 @pytest.fixture
-def running(service: Any, bus: Any, clean_db: Any) -> Any:
+def running(service: Any, bus: Any, clean_db: Any, commands_only) -> Any:
     """A worker pool of two and a relay, on clean queues and tables."""
-    worker = service("worker", "--processes", "2")
+    worker = service("worker", "--processes", "2", *commands_only)
     relay = service("relay")
     return worker, relay
 
@@ -127,7 +127,7 @@ def test_someone_elses_cancel_is_refused_and_admin_may_cancel(running, bus, clea
     wait(lambda: status_of(clean_db, order_id) == "pending")
     bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "mallory", "roles": ["user"]}})
     wait(lambda: bus.depth("orders.cancel") == 0)
-    wait(lambda: rows(clean_db, "SELECT count(*) AS n FROM inbox")[0].n >= 2)
+    wait(lambda: rows(clean_db, "SELECT count(*) AS n FROM inbox WHERE consumer = 'orders'")[0].n >= 2)
     assert status_of(clean_db, order_id) == "pending"
     bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "ops", "roles": ["admin"]}})
     wait(lambda: status_of(clean_db, order_id) == "cancelled")

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pika
@@ -22,8 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
-from scripts.fakes import fake_paypal, fake_stripe  # noqa: E402
-
 from handlers.payments.paypal_gateway import translate_event as paypal_event  # noqa: E402
 from handlers.payments.webhooks import parse_webhook, to_command  # noqa: E402
 
@@ -31,20 +29,11 @@ FIXTURES = ROOT.parent / "shared" / "fixtures"
 COMMANDS_ONLY = ["--queue", "orders.place", "--queue", "orders.cancel", "--queue", "orders.payment-confirmed"]
 
 
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[dict[str, Any]]:
-    s, p = fake_stripe.serve(0), fake_paypal.serve(0)
-    yield {"stripe": s, "paypal": p}
-    s.stop()
-    p.stop()
-
-
 @pytest.fixture
 def pay(fakes, service, bus, clean_db, settings) -> Any:
     for f in fakes.values():
         httpx.post(f.url + "/_fake/reset").raise_for_status()
-    env = {"ORDERS_STRIPE__API_BASE": fakes["stripe"].url, "ORDERS_PAYPAL__BASE_URL": fakes["paypal"].url,
-           "ORDERS_STRIPE__TIMEOUT_SECONDS": "2", "ORDERS_STRIPE__MAX_NETWORK_RETRIES": "0",
+    env = {"ORDERS_STRIPE__TIMEOUT_SECONDS": "2", "ORDERS_STRIPE__MAX_NETWORK_RETRIES": "0",
            "ORDERS_PAYPAL__MAX_NETWORK_RETRIES": "0"}
     os.environ.update(env)
     service("relay")  # StartPayment and the other steps leave through the outbox

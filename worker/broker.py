@@ -12,6 +12,7 @@ keep the work between two ``poll`` calls short.
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -21,7 +22,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from worker.errors import ConnectionLost, PublishNotConfirmed
+from worker.errors import BrokerError, ConnectionLost, PublishNotConfirmed
 
 # -- the public contract (DESIGN.md) -----------------------------------------
 
@@ -310,7 +311,7 @@ class PipelinedPublisher:
         self._ready = False
         self._error: str | None = None
         self._next_tag = 0
-        self._unconfirmed: set[int] = set()
+        self._unconfirmed: collections.deque[int] = collections.deque()
         self._nacked = 0
 
     def connect(self, timeout: float = 10) -> "PipelinedPublisher":
@@ -337,10 +338,19 @@ class PipelinedPublisher:
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
-        tags = {t for t in self._unconfirmed if t <= method.delivery_tag} if method.multiple else {method.delivery_tag}
-        self._unconfirmed -= tags
+        if method.multiple:  # tags are sequential: drop everything up to this one
+            before = len(self._unconfirmed)
+            while self._unconfirmed and self._unconfirmed[0] <= method.delivery_tag:
+                self._unconfirmed.popleft()
+            count = before - len(self._unconfirmed)
+        else:
+            count = 1
+            try:
+                self._unconfirmed.remove(method.delivery_tag)
+            except ValueError:
+                count = 0
         if isinstance(method, Basic.Nack):
-            self._nacked += len(tags)
+            self._nacked += count
 
     def _run_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
         assert self._conn is not None
@@ -370,7 +380,7 @@ class PipelinedPublisher:
             for m in messages:
                 self._channel.basic_publish(m.exchange, m.routing_key, m.body, _props(m.properties))
                 self._next_tag += 1
-                self._unconfirmed.add(self._next_tag)
+                self._unconfirmed.append(self._next_tag)
         except _PIKA_ERRORS as exc:
             raise _lost(exc) from exc
         self._run_until(lambda: not self._unconfirmed, timeout, "waiting for confirms")
@@ -391,3 +401,324 @@ class PipelinedPublisher:
         if conn is not None:
             conn.ioloop.deactivate_poller()
             conn.ioloop.close()
+
+
+# -- the HTTP shim: a pool of confirmed channels with direct reply-to ----------------
+
+#: RabbitMQ's pseudo-queue for direct reply-to (no queue is declared)
+REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class ReplyChannel:
+    """A confirmed publishing channel that can also await a direct reply-to answer.
+
+    Owns its connection (pika connections are not thread-safe); the pool hands
+    it to one thread at a time.  Consuming ``amq.rabbitmq.reply-to`` with
+    auto-ack on the same channel as the publish is what RabbitMQ requires.
+    """
+
+    def __init__(self, url: str, heartbeat: int) -> None:
+        self._broker = BlockingBroker(url, heartbeat)
+        self._replies: dict[str, bytes] = {}
+        self._consuming = False
+        self.last_used = time.monotonic()
+
+    def connect(self) -> "ReplyChannel":
+        self._broker.connect()
+        return self
+
+    @property
+    def is_open(self) -> bool:
+        return self._broker.is_open
+
+    def publish(self, message: Outgoing) -> None:
+        """Publish (mandatory: an unroutable command is an error) and wait for the confirm."""
+        self._broker.publish(message, mandatory=True)
+
+    def request(self, message: Outgoing, timeout: float) -> bytes | None:
+        """Publish with ``reply_to`` set and wait up to ``timeout`` for the answer (None: none came)."""
+        channel = self._broker.channel()
+        self._replies.clear()  # answers to earlier, abandoned requests
+        try:
+            if not self._consuming:
+                channel.basic_consume(REPLY_TO, self._on_reply, auto_ack=True)
+                self._consuming = True
+        except _PIKA_ERRORS as exc:
+            raise _lost(exc) from exc
+        props = dict(message.properties)
+        correlation = props.get("correlation_id") or props.get("message_id") or ""
+        props.update(reply_to=REPLY_TO, correlation_id=correlation)
+        self.publish(Outgoing(message.exchange, message.routing_key, message.body, props))
+        deadline = time.monotonic() + timeout
+        while correlation not in self._replies:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                assert self._broker._conn is not None
+                self._broker._conn.process_data_events(time_limit=min(remaining, 0.05))
+            except _PIKA_ERRORS as exc:
+                raise _lost(exc) from exc
+        return self._replies.pop(correlation)
+
+    def _on_reply(self, _ch: Any, _method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
+        self._replies[props.correlation_id or ""] = body
+
+    def ping(self) -> None:
+        """Service the connection (heartbeats); raises ConnectionLost when it is gone."""
+        try:
+            assert self._broker._conn is not None
+            self._broker._conn.process_data_events(time_limit=0)
+        except (_PIKA_ERRORS + (AssertionError,)) as exc:
+            raise _lost(exc) from exc
+
+    def close(self) -> None:
+        self._broker.close()
+
+
+class ChannelPool:
+    """Up to ``size`` :class:`ReplyChannel` s shared by a process's threads.
+
+    A thread takes a channel for one publish (or one request and its wait)
+    and gives it back; threads never share a channel, and no lock is held
+    while publishing, so ``size`` publishes proceed at once.  A channel idle
+    longer than a heartbeat, or one that failed, is replaced by a fresh
+    connection, since the broker may have closed it meanwhile.
+    """
+
+    def __init__(self, url: str, heartbeat: int, size: int, acquire_timeout: float) -> None:
+        import queue
+        import threading
+
+        self._url, self._heartbeat = url, heartbeat
+        self._acquire_timeout = acquire_timeout
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: "queue.LifoQueue[ReplyChannel]" = queue.LifoQueue()
+        self._empty = queue.Empty
+
+    def _take(self) -> ReplyChannel:
+        try:
+            channel = self._idle.get_nowait()
+        except self._empty:
+            return ReplyChannel(self._url, self._heartbeat).connect()
+        if channel.is_open and time.monotonic() - channel.last_used < self._heartbeat:
+            return channel
+        channel.close()
+        return ReplyChannel(self._url, self._heartbeat).connect()
+
+    def run(self, work: Callable[[ReplyChannel], Any]) -> Any:
+        """Call ``work(channel)`` on a pooled channel; BrokerError when none is free or it fails."""
+        if not self._slots.acquire(timeout=self._acquire_timeout):
+            raise ConnectionLost(f"no publishing channel free within {self._acquire_timeout}s")
+        try:
+            channel = self._take()
+            try:
+                result = work(channel)
+            except BaseException:
+                channel.close()  # its state is unknown: never reuse it
+                raise
+            channel.last_used = time.monotonic()
+            self._idle.put(channel)
+            return result
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except self._empty:
+                return
+
+
+# -- operator tools: queue depths, topology check, the dead-letter queue ----------
+
+#: an exclusive queue used as a lock: one ``orders dlq`` session at a time,
+#: released by the broker when the holder's connection goes, even on SIGKILL
+DLQ_LOCK_QUEUE = "orders.dead-letter.session"
+#: seconds without a new delivery after which a session stops waiting for more
+DLQ_IDLE_SECONDS = 2.0
+#: unacked messages one session may hold (AMQP's prefetch count is 16 bits)
+DLQ_MAX_HELD = 65535
+
+
+class DeadLetterQueueBusy(BrokerError):
+    """Another ``orders dlq`` command holds the dead-letter queue."""
+
+
+def _delivery(method: Basic.Deliver, props: BasicProperties, body: bytes, queue: str) -> Delivery:
+    return Delivery(
+        delivery_tag=method.delivery_tag, exchange=method.exchange, routing_key=method.routing_key,
+        queue=queue, body=body, message_id=props.message_id, message_type=props.type,
+        correlation_id=props.correlation_id, reply_to=props.reply_to, content_type=props.content_type,
+        headers=dict(props.headers or {}), redelivered=bool(method.redelivered),
+        timestamp=props.timestamp, app_id=props.app_id,
+    )
+
+
+def _passive_check(url: str, names: list[tuple[str, str]]) -> dict[str, tuple[int, int] | None]:
+    """Passively declare ("exchange"|"queue", name) pairs; None where missing.
+
+    A failed passive declare closes its channel, so a new one is opened after each.
+    """
+    found: dict[str, tuple[int, int] | None] = {}
+    try:
+        conn = pika.BlockingConnection(connection_parameters(url, 30))
+    except _PIKA_ERRORS as exc:
+        raise _lost(exc) from exc
+    try:
+        channel = conn.channel()
+        for kind, name in names:
+            try:
+                if kind == "exchange":
+                    channel.exchange_declare(name, passive=True)
+                    found[name] = (0, 0)
+                else:
+                    ok = channel.queue_declare(name, passive=True)
+                    found[name] = (ok.method.message_count, ok.method.consumer_count)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    raise
+                found[name] = None
+                channel = conn.channel()
+    except _PIKA_ERRORS as exc:
+        raise _lost(exc) from exc
+    finally:
+        if conn.is_open:
+            conn.close()
+    return found
+
+
+def queue_depths(url: str, queues: Iterable[str]) -> dict[str, tuple[int, int] | None]:
+    """(ready messages, consumers) per queue; None for a queue that does not exist."""
+    return _passive_check(url, [("queue", q) for q in queues])
+
+
+def missing_topology(url: str, delays: Iterable[int]) -> list[str]:
+    """Exchanges and queues of :func:`declare_topology` that are not there.
+
+    AMQP has no passive check for bindings; ``orders topology`` repairs those too.
+    """
+    exchanges = [COMMANDS_EXCHANGE, INTERNAL_EXCHANGE, INVENTORY_EXCHANGE, EVENTS_EXCHANGE,
+                 DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE]
+    queues = [DEAD_LETTER_QUEUE, *COMMAND_QUEUES, PAYMENTS_QUEUE, *(delay_queue(s) for s in delays)]
+    found = _passive_check(url, [("exchange", e) for e in exchanges] + [("queue", q) for q in queues])
+    return [f"exchange {e}" for e in exchanges if found[e] is None] + [f"queue {q}" for q in queues if found[q] is None]
+
+
+class DeadLetterSession:
+    """Holds the dead-letter queue's messages without consuming them.
+
+    One consumer, with a prefetch as large as the queue, receives the
+    messages in queue order and acks only what the caller removes (after a
+    confirmed republish, or a purge).  ``close`` cancels the consumer and
+    returns everything else with a single ``nack(multiple, requeue)``.
+    Verified on RabbitMQ 3.10 (quorum queue): a multiple nack re-enqueues in
+    delivery-tag order, i.e. the old queue order, but *behind* anything
+    still ready in the queue, which is why a session always takes the whole
+    queue, including what arrives while it runs.  A session that dies (kill,
+    network) loses nothing: the broker returns its unacked messages, though
+    then not necessarily in their old order.
+    """
+
+    def __init__(self, url: str, heartbeat: int = 30, queue: str = DEAD_LETTER_QUEUE) -> None:
+        self._params = connection_parameters(url, heartbeat)
+        self.queue = queue
+        self._conn: pika.BlockingConnection | None = None
+        self._consume: BlockingChannel | None = None
+        self._publish: BlockingChannel | None = None
+        self._tag: str | None = None
+        self._pending: list[Delivery] = []
+        self._unacked: set[int] = set()
+
+    def open(self) -> int:
+        """Connect, take the lock and start receiving; returns the queue's depth."""
+        try:
+            self._conn = pika.BlockingConnection(self._params)
+            try:
+                self._conn.channel().queue_declare(DLQ_LOCK_QUEUE, exclusive=True, auto_delete=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 405:  # RESOURCE_LOCKED
+                    raise DeadLetterQueueBusy("another `orders dlq` command is working on the dead-letter queue") from None
+                raise
+            self._publish = self._conn.channel()
+            self._publish.confirm_delivery()
+            self._consume = self._conn.channel()
+            depth = int(self._consume.queue_declare(self.queue, passive=True).method.message_count)
+            # room for the whole queue plus what arrives meanwhile (see the class docstring)
+            self._consume.basic_qos(prefetch_count=min(DLQ_MAX_HELD, depth + 10_000))
+            self._tag = self._consume.basic_consume(self.queue, self._on_message)
+        except _PIKA_ERRORS as exc:
+            self.close()
+            raise _lost(exc) from exc
+        except DeadLetterQueueBusy:
+            self.close()
+            raise
+        return depth
+
+    def _on_message(self, _ch: Any, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
+        self._unacked.add(method.delivery_tag)
+        self._pending.append(_delivery(method, props, body, self.queue))
+
+    def deliveries(self, limit: int) -> Iterable[Delivery]:
+        """Up to ``limit`` messages in queue order, as the broker sends them."""
+        assert self._conn is not None, "open() first"
+        given, quiet_since = 0, time.monotonic()
+        try:
+            while given < limit:
+                if self._pending:
+                    given += 1
+                    quiet_since = time.monotonic()
+                    yield self._pending.pop(0)
+                    continue
+                if time.monotonic() - quiet_since > DLQ_IDLE_SECONDS:
+                    return  # fewer than announced (taken by another client meanwhile)
+                self._conn.process_data_events(time_limit=0.05)
+        except _PIKA_ERRORS as exc:
+            raise _lost(exc) from exc
+
+    def republish(self, message: Outgoing) -> None:
+        """Publish with ``mandatory`` (an unroutable message is not confirmed) and wait for the confirm."""
+        assert self._publish is not None, "open() first"
+        try:
+            self._publish.basic_publish(message.exchange, message.routing_key, message.body,
+                                        _props(message.properties), mandatory=True)
+        except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
+            raise PublishNotConfirmed(f"{message.exchange or '(default)'}/{message.routing_key}: "
+                                      f"{type(exc).__name__}") from exc
+        except _PIKA_ERRORS as exc:
+            raise _lost(exc) from exc
+
+    def remove(self, delivery: Delivery) -> None:
+        """Ack: the message leaves the dead-letter queue."""
+        assert self._consume is not None, "open() first"
+        try:
+            self._consume.basic_ack(delivery.delivery_tag)
+        except _PIKA_ERRORS as exc:
+            raise _lost(exc) from exc
+        self._unacked.discard(delivery.delivery_tag)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait while servicing heartbeats."""
+        assert self._conn is not None
+        try:
+            self._conn.sleep(seconds)
+        except _PIKA_ERRORS as exc:
+            raise _lost(exc) from exc
+
+    def close(self) -> None:
+        """Return every message not removed, in queue order, and disconnect."""
+        conn, self._conn = self._conn, None
+        if conn is None or not conn.is_open:
+            return
+        try:
+            if self._consume is not None and self._consume.is_open:
+                conn.process_data_events(time_limit=0)  # dispatch what is buffered, so it is returned in order
+                if self._tag is not None:
+                    self._consume.basic_cancel(self._tag)
+                if self._unacked:
+                    self._consume.basic_nack(max(self._unacked), multiple=True, requeue=True)
+                self._unacked.clear()
+            conn.close()
+        except _PIKA_ERRORS:
+            pass  # the broker returns whatever is unacked when the connection goes

@@ -177,6 +177,46 @@ def relay(config: ConfigOption = None) -> None:
     Relay(settings, db.make_engine(settings.database, pool_size=2), metrics.Metrics()).run(stop)
 
 
+token_app = typer.Typer(no_args_is_help=True, help="Development JWTs for the HTTP shim.")
+app.add_typer(token_app, name="token")
+
+
+@app.command()
+def shim(
+    config: ConfigOption = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default: shim.host).")] = None,
+    port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Port (default: shim.port).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Run the HTTP shim (FastAPI on uvicorn)."""
+    from worker.shim.server import serve
+
+    settings = _settings(config)
+    serve(settings, config, host or settings.shim.host, settings.shim.port if port is None else port, workers)
+
+
+@token_app.command("issue")
+def token_issue(
+    user: Annotated[str, typer.Option(help="The token's subject.")],
+    role: Annotated[str, typer.Option(help="user or admin.")] = "user",
+    ttl: Annotated[int, typer.Option(min=1, help="Lifetime in seconds.")] = 3600,
+    config: ConfigOption = None,
+) -> None:
+    """Mint an HS256 development token signed with shim.jwt_secret."""
+    from worker.shim.auth import issue_token
+
+    try:
+        typer.echo(issue_token(_settings(config).shim, user, role, ttl))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+from worker.cli_ops import register as _register_ops  # noqa: E402 - after the app exists
+
+_register_ops(app)
+
+
 def main() -> None:
     try:
         app()

@@ -34,7 +34,7 @@ from worker.broker import (
     Outgoing,
     delay_queue,
 )
-from worker.errors import ConnectionLost, Kind, PublishNotConfirmed, classify
+from worker.errors import ConnectionLost, Kind, PublishNotConfirmed, StopRequested, classify
 from worker.processing import Applier, Handled, Result
 from worker.settings import Settings
 
@@ -79,6 +79,32 @@ class Backoff:
 
     def reset(self) -> None:
         self.current = self.first
+
+
+def wait_for_database(engine: Engine, broker: BlockingBroker, exc: BaseException, stop: threading.Event,
+                      tick: Callable[[], None] = lambda: None) -> None:
+    """Outage protection: hold the work, probe with a growing wait, keep heartbeats flowing.
+
+    Raises :class:`StopRequested` when asked to stop meanwhile: the held
+    messages stay unacked and go back to the queue when the connection closes.
+    """
+    log.error("database unavailable, holding work until it is back", error=f"{type(exc).__name__}: {exc}")
+    backoff = Backoff()
+    while True:
+        wait = backoff.next()
+        while wait > 0:
+            if stop.is_set():
+                raise StopRequested("stopping while the database is unavailable")
+            broker.sleep(min(wait, 0.25))
+            wait -= 0.25
+        tick()
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception:  # noqa: BLE001 - still down
+            continue
+        log.info("database available again")
+        return
 
 
 class Settlement:
@@ -165,11 +191,13 @@ class CommandConsumer:
         self._liveness = Path(self.cfg.liveness_file) if self.cfg.liveness_file else None
         self._last_touch = 0.0
         self._broker: BlockingBroker | None = None
+        self._stop = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; reconnects with backoff on broker loss."""
+        self._stop = stop
         backoff = Backoff()
         state = "starting"
         while not stop.is_set():
@@ -196,6 +224,8 @@ class CommandConsumer:
                 # unacked messages go back to the queue; the inbox absorbs re-applies
                 log.warning("broker connection lost", error=str(exc))
                 state = "broker-down"
+            except StopRequested:
+                log.info("stopped during a database outage; held messages go back to the queue")
             finally:
                 broker.close()
 
@@ -255,17 +285,6 @@ class CommandConsumer:
         return results
 
     def _wait_for_database(self, broker: BlockingBroker, exc: BaseException) -> None:
-        log.error("database unavailable, holding work until it is back", error=f"{type(exc).__name__}: {exc}")
-        backoff = Backoff()
-        while True:
-            broker.sleep(backoff.next())  # keeps heartbeats flowing
-            self._touch_liveness()
-            try:
-                with self.engine.connect() as conn:
-                    conn.execute(text("SELECT 1"))
-            except Exception:  # noqa: BLE001 - still down
-                continue
-            log.info("database available again")
-            return
+        wait_for_database(self.engine, broker, exc, self._stop, self._touch_liveness)
 
 __all__ = ["CommandConsumer", "Settlement", "delay_queue", "failure_headers"]

@@ -4,7 +4,8 @@
      ├── BrokerError           RabbitMQ (raised by worker.broker only)
      │    └── ConnectionLost   the connection or channel is gone: reconnect
      ├── PublishNotConfirmed   the broker nacked or did not confirm in time
-     └── ConcurrentUpdate      a guarded UPDATE lost its race: retry
+     ├── ConcurrentUpdate      a guarded UPDATE lost its race: retry
+     └── StopRequested         stopping during an outage: leave the work unacked
 
 ``classify`` decides by class, never by message text (SQLSTATE codes are
 part of the class here: psycopg2 maps them to its own exception classes).
@@ -36,6 +37,10 @@ class PublishNotConfirmed(BrokerError):
 
 class ConcurrentUpdate(WorkerError):
     pass
+
+
+class StopRequested(WorkerError):
+    """Asked to stop while holding unfinished work: close without acking it."""
 
 
 class Kind(enum.Enum):

@@ -25,8 +25,8 @@ from handlers.payment_step import PAYMENT_STEPS, record_failure
 from handlers.payments.base import PaymentGateway, PermanentPaymentError, TransientPaymentError
 from schema.messages import InvalidMessage, parse_command
 from worker.broker import PAYMENTS_QUEUE, BlockingBroker, Delivery
-from worker.consumer import Backoff, Settlement
-from worker.errors import ConnectionLost, Kind, classify
+from worker.consumer import Backoff, Settlement, wait_for_database
+from worker.errors import ConnectionLost, Kind, StopRequested, classify
 from worker.processing import Handled, Result
 from worker.settings import Settings
 from worker.unit_of_work import PostgresUnitOfWork
@@ -145,8 +145,10 @@ class PaymentConsumer:
         self.concurrency = settings.worker.payment_concurrency
         self.settlement = Settlement(settings.worker.retry_delays_seconds, metrics)
         self.metrics = metrics
+        self._stop = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
         backoff = Backoff()
         down = False
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="payment") as pool:
@@ -172,23 +174,31 @@ class PaymentConsumer:
                 except ConnectionLost as exc:
                     log.warning("payment consumer: connection lost", error=str(exc))
                     stop.wait(backoff.next())
+                except StopRequested:
+                    log.info("payment consumer stopped during a database outage")
                 finally:
                     broker.close()
 
     def _process(self, broker: BlockingBroker, pool: ThreadPoolExecutor, batch: list[Delivery]) -> None:
         if not batch:
             return
-        futures: list[Future[Handled]] = [pool.submit(self.step.handle, d) for d in batch]
-        while not all(f.done() for f in futures):
-            broker.sleep(0.02)  # heartbeats keep flowing while providers answer
-        for f in futures:
-            h = f.result()
-            if h.result is Result.FAILED and h.error is not None and classify(h.error) is Kind.OUTAGE:
-                raise ConnectionLost("database unavailable during the payment step")  # redelivered later
+        results = self._handle_all(broker, pool, batch)
+        while outage := [h for h in results if h.result is Result.FAILED and h.error is not None
+                         and classify(h.error) is Kind.OUTAGE]:
+            wait_for_database(self.step.engine, broker, outage[0].error, self._stop)  # type: ignore[arg-type]
+            again = self._handle_all(broker, pool, [h.delivery for h in outage])
+            results = [h for h in results if h not in outage] + again
+        for h in results:
             self.settlement.settle(broker, h)
         broker.ack_through(max(d.delivery_tag for d in batch))
         if self.metrics is not None:
-            self.metrics.count(f.result() for f in futures)
+            self.metrics.count(results)
+
+    def _handle_all(self, broker: BlockingBroker, pool: ThreadPoolExecutor, batch: list[Delivery]) -> list[Handled]:
+        futures: list[Future[Handled]] = [pool.submit(self.step.handle, d) for d in batch]
+        while not all(f.done() for f in futures):
+            broker.sleep(0.02)  # heartbeats keep flowing while providers answer
+        return [f.result() for f in futures]
 
 
 __all__ = ["PaymentConsumer", "PaymentStep"]

@@ -83,40 +83,40 @@ class Applier:
         """All of ``items`` in one transaction; raises when the transaction fails."""
         if not items:
             return []
-        ordered = sorted(items, key=lambda it: APPLY_ORDER.get(it[0].message_type or "", 9))
+        ordered = [
+            (d, c, order_id_of(c, d.message_id))  # type: ignore[arg-type]
+            for d, c in sorted(items, key=lambda it: APPLY_ORDER.get(it[0].message_type or "", 9))
+        ]
         handled: list[Handled] = []
         with self.engine.begin() as conn:
             uow = PostgresUnitOfWork(conn, CONSUMER)
-            fresh = uow.claim(d.message_id for d, _ in ordered)  # type: ignore[misc]
+            fresh = uow.claim(d.message_id for d, _, _ in ordered)  # type: ignore[misc]
             uow.preload(
-                (order_id_of(c, d.message_id) for d, c in ordered),  # type: ignore[arg-type]
-                (line.product_id for _, c in ordered if hasattr(c, "lines") for line in c.lines()),
+                (order_id for _, _, order_id in ordered),
+                (line.product_id for _, c, _ in ordered if hasattr(c, "lines") for line in c.lines()),
             )
             deferred = []
-            for d, command in ordered:
+            for d, command, order_id in ordered:
                 mid: str = d.message_id  # type: ignore[assignment]
-                order_id = order_id_of(command, mid)
                 if mid not in fresh:
                     handled.append(Handled(d, Result.DUPLICATE, order_id=order_id))
                     continue
                 fresh.discard(mid)  # a second copy in this batch is a duplicate
-                ctx = MessageContext(mid, d.message_type or "", d.correlation_id)
-                with structlog.contextvars.bound_contextvars(
-                    message_id=mid, order_id=order_id, correlation_id=d.correlation_id
-                ):
-                    try:
-                        outcome = COMMAND_HANDLERS[ctx.message_type](command, ctx, uow)
-                    except RetryLater as exc:
-                        deferred.append(mid)
-                        handled.append(Handled(d, Result.DEFERRED, error=exc, reason=str(exc), order_id=order_id))
-                        continue
-                    except Refused as exc:
-                        log.info("command refused", reason=str(exc), type=ctx.message_type)
-                        handled.append(Handled(
-                            d, Result.REFUSED, Outcome("refused", order_id, error=exc.code, message=str(exc)),
-                            error=exc, reason=str(exc), order_id=order_id,
-                        ))
-                        continue
+                ctx = MessageContext(mid, d.message_type or "", d.correlation_id, order_id)
+                try:
+                    outcome = COMMAND_HANDLERS[ctx.message_type](command, ctx, uow)
+                except RetryLater as exc:
+                    deferred.append(mid)
+                    handled.append(Handled(d, Result.DEFERRED, error=exc, reason=str(exc), order_id=order_id))
+                    continue
+                except Refused as exc:
+                    log.info("command refused", reason=str(exc), type=ctx.message_type, message_id=mid,
+                             order_id=order_id, correlation_id=d.correlation_id)
+                    handled.append(Handled(
+                        d, Result.REFUSED, Outcome("refused", order_id, error=exc.code, message=str(exc)),
+                        error=exc, reason=str(exc), order_id=order_id,
+                    ))
+                    continue
                 handled.append(Handled(d, Result.APPLIED, outcome, order_id=order_id))
             uow.release(deferred)
             uow.flush()

@@ -41,6 +41,10 @@ HOUSEKEEPING_INTERVAL = 60.0
 HOUSEKEEPING_CHUNK = 5000
 
 
+_MARK_PUBLISHED = text("UPDATE outbox SET published_at = now() WHERE id = ANY(:ids)")
+_DELETE_PUBLISHED = text("DELETE FROM outbox WHERE id = ANY(:ids)")
+
+
 class Relay:
     def __init__(self, settings: Settings, engine: Engine, metrics: Any = None) -> None:
         self.settings = settings
@@ -136,10 +140,10 @@ class Relay:
                 })
                 for r in rows
             ])
-            conn.execute(
-                text("UPDATE outbox SET published_at = now() WHERE id = ANY(:ids)"),
-                {"ids": [r.id for r in rows]},
-            )
+            # with no retention, delete: marking can never be a HOT update (the
+            # column is in the partial index) and costs PostgreSQL 3x a delete
+            done = _DELETE_PUBLISHED if self.settings.worker.outbox_retention_hours == 0 else _MARK_PUBLISHED
+            conn.execute(done, {"ids": [r.id for r in rows]})
         if self.metrics is not None:
             self.metrics.relayed(len(rows), time.time() - float(rows[0].created))
         return len(rows)

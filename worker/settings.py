@@ -96,7 +96,7 @@ class WorkerSettings(_Section):
     inplace_retries: int = Field(default=3, ge=1)
     retry_delays_seconds: tuple[int, ...] = (1, 5, 30, 120)
     inbox_retention_days: float = Field(default=7, gt=0)
-    outbox_retention_hours: float = Field(default=24, ge=0)
+    outbox_retention_hours: float = Field(default=0, ge=0)
     shutdown_timeout_seconds: float = Field(default=30, gt=0)
     liveness_file: str = "/tmp/orders-worker.alive"
 
@@ -115,6 +115,22 @@ class ShimSettings(_Section):
     jwt_audience: str = ""
     place_rate_per_minute: int = Field(default=60, gt=0)
     read_rate_per_minute: int = Field(default=600, gt=0)
+    #: per client address (many users may share one behind a NAT, hence larger)
+    place_rate_per_minute_per_address: int = Field(default=600, gt=0)
+    read_rate_per_minute_per_address: int = Field(default=6000, gt=0)
+    #: HMAC-SHA256 secret of the internal payment service's webhooks ("" disables them)
+    webhook_hmac_secret: SecretStr = SecretStr("")
+    webhook_tolerance_seconds: int = Field(default=300, gt=0)
+    #: longest ``Prefer: wait=N`` honoured
+    max_wait_seconds: int = Field(default=30, ge=0, le=30)
+    #: pika connections (one confirmed channel each) per shim process
+    publisher_channels: int = Field(default=16, ge=1)
+    #: how long a request waits for a free channel before answering 503
+    publisher_acquire_timeout_seconds: float = Field(default=2.0, gt=0)
+    #: how long an Idempotency-Key is remembered
+    idempotency_ttl_seconds: int = Field(default=86400, gt=0)
+    #: largest request body accepted (bytes); larger answers 413
+    max_body_bytes: int = Field(default=65536, gt=0)
 
 
 class MetricsSettings(_Section):

@@ -10,10 +10,12 @@ a guard on the status that was read, and a lost guard aborts the batch.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any, Iterable
 
-from sqlalchemy import Connection, insert, text
+from pydantic_core import to_json
+from sqlalchemy import Connection, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from handlers.orders import Line, Order, Status
@@ -23,6 +25,38 @@ from worker.errors import ConcurrentUpdate
 
 #: Channel the relay LISTENs on; one NOTIFY per transaction that wrote events.
 OUTBOX_CHANNEL = "orders_outbox"
+
+_CLAIM = text(
+    "INSERT INTO inbox (consumer, message_id) SELECT :c, unnest(CAST(:ids AS text[]))"
+    " ON CONFLICT DO NOTHING RETURNING message_id"
+)
+
+_ORDER_COLUMNS = ("order_id", "user_id", "status", "currency", "total", "payment_provider",
+                  "payment_request", "next_action", "reason", "correlation_id", "place_message_id")
+_ITEM_COLUMNS = ("order_id", "line_no", "product_id", "quantity", "unit_price")
+_TRANSITION_COLUMNS = ("order_id", "from_status", "to_status", "message_id", "reason")
+_OUTBOX_COLUMNS = ("event_id", "exchange", "routing_key", "message_type", "order_id", "correlation_id", "body")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_value(value: Any) -> str:
+    if value is None:
+        return "\\N"
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value, separators=(",", ":"))
+    return str(value).translate(_COPY_ESCAPES)
+
+
+def copy_rows(conn: Connection, table: str, columns: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> None:
+    """Bulk insert with COPY (the cheapest way in for PostgreSQL and for Python)."""
+    data = "".join("\t".join(map(_copy_value, row)) + "\n" for row in rows)
+    if not data:
+        return
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", io.StringIO(data))
+    finally:
+        cursor.close()
 
 _PAYMENT_FIELDS = (
     "provider", "status", "amount", "currency", "idempotency_key", "provider_payment_id",
@@ -41,7 +75,7 @@ class PostgresUnitOfWork:
         self._payments: dict[str, PaymentRecord | None] = {}
         self._new_orders: list[Order] = []
         self._saved_payments: dict[str, PaymentRecord] = {}
-        self._outbox: list[dict[str, Any]] = []
+        self._outbox: list[tuple[Any, ...]] = []
 
     # -- inbox -------------------------------------------------------------
 
@@ -50,13 +84,8 @@ class PostgresUnitOfWork:
         ids = sorted(set(message_ids))
         if not ids:
             return set()
-        stmt = (
-            pg_insert(tables.inbox)
-            .values([{"consumer": self.consumer, "message_id": m} for m in ids])
-            .on_conflict_do_nothing()
-            .returning(tables.inbox.c.message_id)
-        )
-        return set(self.conn.execute(stmt).scalars())
+        # one fixed statement (compiled once), rows in key order
+        return set(self.conn.execute(_CLAIM, {"c": self.consumer, "ids": ids}).scalars())
 
     def release(self, message_ids: list[str]) -> None:
         """Drop inbox rows of messages that were deferred, not applied."""
@@ -151,11 +180,10 @@ class PostgresUnitOfWork:
         self, exchange: str, routing_key: str, message_type: str, body: dict[str, Any],
         order: Order, event_id: str,
     ) -> None:
-        self._outbox.append({
-            "event_id": event_id, "exchange": exchange, "routing_key": routing_key,
-            "message_type": message_type, "order_id": order.order_id,
-            "correlation_id": order.correlation_id, "body": json.dumps(body, separators=(",", ":")),
-        })
+        self._outbox.append((
+            event_id, exchange, routing_key, message_type, order.order_id, order.correlation_id,
+            to_json(body).decode(),
+        ))
 
     @property
     def touched_orders(self) -> set[str]:
@@ -169,32 +197,27 @@ class PostgresUnitOfWork:
         conn = self.conn
         new_ids = {o.order_id for o in self._new_orders}
         if self._new_orders:
-            conn.execute(insert(tables.orders), [_order_row(o) for o in self._new_orders])
-            items = [
-                {"order_id": o.order_id, "line_no": n, "product_id": line.product_id,
-                 "quantity": line.quantity, "unit_price": line.unit_price}
-                for o in self._new_orders for n, line in enumerate(o.lines, 1)
-            ]
-            if items:
-                conn.execute(insert(tables.order_items), items)
+            copy_rows(conn, "orders", _ORDER_COLUMNS, (
+                (o.order_id, o.user_id, o.status.value, o.currency, o.total, o.payment_provider,
+                 o.payment_request, o.next_action, o.reason, o.correlation_id, o.place_message_id)
+                for o in self._new_orders))
+            copy_rows(conn, "order_items", _ITEM_COLUMNS, (
+                (o.order_id, n, line.product_id, line.quantity, line.unit_price)
+                for o in self._new_orders for n, line in enumerate(o.lines, 1)))
         changed = [
             o for o in self._orders.values()
             if o is not None and o.order_id not in new_ids and o.transitions
         ]
         if changed:
             self._update_orders(changed)
-        transitions = [
-            {"order_id": o.order_id, "from_status": f.value if f else None, "to_status": t.value,
-             "message_id": m, "reason": r}
+        copy_rows(conn, "order_transitions", _TRANSITION_COLUMNS, (
+            (o.order_id, f.value if f else None, t.value, m, r)
             for o in self._orders.values() if o is not None
-            for (f, t, m, r) in o.transitions
-        ]
-        if transitions:
-            conn.execute(insert(tables.order_transitions), transitions)
+            for (f, t, m, r) in o.transitions))
         if self._saved_payments:
             self._upsert_payments(list(self._saved_payments.values()))
         if self._outbox:
-            conn.execute(insert(tables.outbox), self._outbox)
+            copy_rows(conn, "outbox", _OUTBOX_COLUMNS, self._outbox)
             conn.execute(text("SELECT pg_notify(:ch, '')"), {"ch": OUTBOX_CHANNEL})
 
     def _update_orders(self, changed: list[Order]) -> None:
@@ -227,15 +250,6 @@ class PostgresUnitOfWork:
         self.conn.execute(
             stmt, [{"order_id": p.order_id, **{f: getattr(p, f) for f in _PAYMENT_FIELDS}} for p in records]
         )
-
-
-def _order_row(o: Order) -> dict[str, Any]:
-    return {
-        "order_id": o.order_id, "user_id": o.user_id, "status": o.status.value,
-        "currency": o.currency, "total": o.total, "payment_provider": o.payment_provider,
-        "payment_request": o.payment_request, "next_action": o.next_action, "reason": o.reason,
-        "correlation_id": o.correlation_id, "place_message_id": o.place_message_id,
-    }
 
 
 __all__ = ["PostgresUnitOfWork", "OUTBOX_CHANNEL"]

@@ -74,3 +74,10 @@ def test_a_malformed_or_missing_setting_names_the_key(tmp_path):
 def test_secrets_are_masked_in_the_settings_repr():
     s = load_settings(CONFIG, {"ORDERS_STRIPE__API_KEY": "sk_live_very_secret"})
     assert "sk_live_very_secret" not in repr(s)
+
+
+def test_the_fast_uuid5_is_the_standard_one():
+    from schema.messages import ORDER_ID_NAMESPACE, uuid5
+
+    for name in ("m-1", "x" * 300, "ünïcode"):
+        assert uuid5(ORDER_ID_NAMESPACE, name) == str(uuid.uuid5(ORDER_ID_NAMESPACE, name))

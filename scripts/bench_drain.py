@@ -1,0 +1,806 @@
+#!/usr/bin/env python3
+"""Drain benchmark of the worker pool (a benchmark, not a test).
+
+Preloads N PlaceOrder commands into ``orders.commands``/``order.place``,
+starts ``orders relay`` and ``orders worker --processes P`` and measures the
+steady drain rate: the time from 10 % to 90 % of the N orders committed.
+A baseline runs the same inserts as one plain psycopg2 transaction per order
+(4 processes) against the same tables, measured the same way; pgbench with a
+custom script runs too when it is installed.
+
+Isolation: its own database ``orders_bench`` (dropped and re-created) and its
+own RabbitMQ vhost ``orders-bench`` (``/`` when rabbitmqctl is missing).
+Events are consumed by a capture queue bound to ``inventory`` and
+``orders.events`` (as the Inventory Service would), counted in a thread.
+
+Every process it starts is stopped on exit, on errors and on Ctrl-C; a run
+gives up with a message after ``--timeout`` seconds (default 600).
+
+Settings of the service under test come from the environment as usual
+(``ORDERS_WORKER__BATCH_SIZE=500 scripts/bench_drain.py``); the script sets
+only the database name, the vhost, the log level and the liveness file.
+
+Usage::
+
+    .venv/bin/python scripts/bench_drain.py --orders 20000 --processes 2
+    .venv/bin/python scripts/bench_drain.py --orders 5000 --skip-baseline --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pika
+import psycopg2
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from worker.broker import (  # noqa: E402
+    COMMAND_QUEUES,
+    COMMANDS_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    EVENTS_EXCHANGE,
+    INVENTORY_EXCHANGE,
+    PAYMENTS_QUEUE,
+    Outgoing,
+    PipelinedPublisher,
+    delay_queue,
+)
+from worker.settings import load_settings  # noqa: E402
+
+ORDERS_CLI = str(Path(sys.executable).parent / "orders")
+DBNAME = "orders_bench"
+VHOST = "orders-bench"
+CAPTURE_QUEUE = "bench.capture"
+CATALOGUE = ROOT / "config" / "products.demo.json"
+POLL = 0.1  # seconds between two samples of the order count
+HZ = os.sysconf("SC_CLK_TCK")
+BASELINE_WORKERS = 4
+EVENTS_PER_ORDER = 3  # stock.reserve, order.placed, StartPayment
+CAPTURED_PER_ORDER = 2  # StartPayment goes to orders.payments, not to the capture queue
+
+
+class BenchError(Exception):
+    """The run cannot go on (timeout, a process died, a service is missing)."""
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def check(self, what: str) -> None:
+        if time.monotonic() > self.at:
+            raise BenchError(f"gave up after {self.seconds:.0f}s (--timeout) while {what}")
+
+
+def say(*args: Any) -> None:
+    print("[bench]", *args, file=sys.stderr, flush=True)
+
+
+# -- environment ------------------------------------------------------------------
+
+
+def make_vhost() -> str:
+    if shutil.which("rabbitmqctl") is None:
+        say("rabbitmqctl not found: using vhost '/'")
+        return "/"
+    try:
+        subprocess.run(["rabbitmqctl", "add_vhost", VHOST], capture_output=True, timeout=60)
+        done = subprocess.run(["rabbitmqctl", "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"],
+                              capture_output=True, timeout=60)
+        if done.returncode == 0:
+            return VHOST
+        say("rabbitmqctl set_permissions failed, using vhost '/':", done.stderr.decode(errors="replace").strip())
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        say(f"rabbitmqctl failed ({exc}); using vhost '/'")
+    return "/"
+
+
+def service_env(vhost: str, tmp: Path) -> dict[str, str]:
+    base = load_settings()  # host/user/password from the usual config and environment
+    url = base.rabbitmq.url.get_secret_value()
+    prefix = url.rsplit("/", 1)[0] if url.count("/") >= 3 else url.rstrip("/")
+    env = dict(os.environ)
+    env.update({
+        "ORDERS_DATABASE__DBNAME": DBNAME,
+        "ORDERS_RABBITMQ__URL": f"{prefix}/{'%2F' if vhost == '/' else vhost}",
+        "ORDERS_LOGGING__LEVEL": os.environ.get("ORDERS_LOGGING__LEVEL", "WARNING"),
+        "ORDERS_LOGGING__FORMAT": os.environ.get("ORDERS_LOGGING__FORMAT", "json"),
+        "ORDERS_WORKER__LIVENESS_FILE": str(tmp / "alive"),
+    })
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
+    done = subprocess.run([ORDERS_CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise BenchError(f"orders {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return done.stdout.strip()
+
+
+def recreate_database(settings: Any) -> None:
+    admin = psycopg2.connect(settings.database.dsn.replace(f"dbname={DBNAME}", "dbname=postgres"), connect_timeout=5)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{DBNAME}" WITH (FORCE)')
+    admin.close()
+
+
+def products_for_bench() -> list[dict[str, Any]]:
+    products = json.loads(CATALOGUE.read_text(encoding="utf-8"))
+    usable = [p for p in products if p.get("active", True) and p["currency"] == "USD"]
+    if len(usable) < 2:
+        raise BenchError(f"{CATALOGUE} has fewer than two active USD products")
+    return usable
+
+
+# -- RabbitMQ ------------------------------------------------------------------------
+
+
+def prepare_queues(url: str, settings: Any, capture_type: str) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    queues = [*COMMAND_QUEUES, PAYMENTS_QUEUE, DEAD_LETTER_QUEUE,
+              *(delay_queue(s) for s in settings.worker.retry_delays_seconds)]
+    for q in queues:
+        ch.queue_purge(q)
+    ch.queue_delete(CAPTURE_QUEUE)
+    ch.queue_declare(CAPTURE_QUEUE, durable=True, arguments={"x-queue-type": capture_type})
+    ch.queue_bind(CAPTURE_QUEUE, INVENTORY_EXCHANGE, routing_key="#")
+    ch.queue_bind(CAPTURE_QUEUE, EVENTS_EXCHANGE, routing_key="#")
+    conn.close()
+
+
+def queue_depths(url: str, queues: list[str]) -> dict[str, int]:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        return {q: ch.queue_declare(q, passive=True).method.message_count for q in queues}
+    finally:
+        conn.close()
+
+
+def purge(url: str, queues: list[str]) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        for q in queues:
+            ch.queue_purge(q)
+    finally:
+        conn.close()
+
+
+def make_orders(n: int, products: list[dict[str, Any]], seed: int = 7) -> list[dict[str, Any]]:
+    """N PlaceOrder bodies with unique message ids: 1-3 lines, distinct products."""
+    rnd = random.Random(seed)
+    orders = []
+    for i in range(n):
+        picks = rnd.sample(products, rnd.randint(1, min(3, len(products))))
+        orders.append({
+            "message_id": f"bench-{uuid.UUID(int=rnd.getrandbits(128), version=4)}",
+            "body": {
+                "user_id": f"user-{i % 997}",
+                "items": [{"product_id": p["product_id"], "quantity": rnd.randint(1, 4)} for p in picks],
+                "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+            },
+        })
+    return orders
+
+
+def preload(url: str, orders: list[dict[str, Any]], deadline: Deadline) -> float:
+    started = time.monotonic()
+    publisher = PipelinedPublisher(url).connect()
+    try:
+        chunk = 1000
+        for start in range(0, len(orders), chunk):
+            deadline.check("preloading commands")
+            publisher.publish_batch([
+                Outgoing(COMMANDS_EXCHANGE, COMMAND_QUEUES["orders.place"],
+                         json.dumps(o["body"], separators=(",", ":")).encode(),
+                         {"message_id": o["message_id"], "type": "PlaceOrder",
+                          "content_type": "application/json", "delivery_mode": 2})
+                for o in orders[start:start + chunk]
+            ], timeout=60)
+    finally:
+        publisher.close()
+    return time.monotonic() - started
+
+
+class Capture(threading.Thread):
+    """Consumes the capture queue like the Inventory Service would, counting events."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(name="capture", daemon=True)
+        self.url = url
+        self.count = 0
+        self.by_key: dict[str, int] = {}
+        self.error: BaseException | None = None
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        try:
+            conn = pika.BlockingConnection(pika.URLParameters(self.url))
+            ch = conn.channel()
+            ch.basic_qos(prefetch_count=5000)
+            last = [0, 0]  # last tag seen, last tag acked
+
+            def on_message(_ch: Any, method: Any, _props: Any, _body: bytes) -> None:
+                self.count += 1
+                self.by_key[method.routing_key] = self.by_key.get(method.routing_key, 0) + 1
+                last[0] = method.delivery_tag
+                if last[0] - last[1] >= 1000:
+                    ch.basic_ack(last[0], multiple=True)
+                    last[1] = last[0]
+
+            ch.basic_consume(CAPTURE_QUEUE, on_message)
+            self.ready.set()
+            while not self.stop_event.is_set():
+                conn.process_data_events(time_limit=0.1)
+                if last[0] > last[1]:
+                    ch.basic_ack(last[0], multiple=True)
+                    last[1] = last[0]
+            conn.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            self.error = exc
+            self.ready.set()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(5)
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.name, self.log = name, log
+        self.popen = subprocess.Popen([ORDERS_CLI, *args], env=env, stdout=log.open("ab"),
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def tail(self, n: int = 1500) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.popen.poll() is None:
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                say(f"{self.name} did not stop within {timeout}s: killing it")
+        try:  # no orphans: the whole session (pool children included)
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def proc_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def pids_named(name: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def system_ticks() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + vals[4]  # idle + iowait
+    return sum(vals[:8]), idle
+
+
+class CpuSampler:
+    """CPU ticks of groups of processes; the share between two snapshots."""
+
+    def __init__(self, groups: Callable[[], dict[str, list[int]]]) -> None:
+        self.groups = groups
+
+    def snapshot(self) -> dict[str, Any]:
+        groups = self.groups()
+        return {
+            "t": time.monotonic(),
+            "sys": system_ticks(),
+            "pids": {g: {p: proc_ticks(p) for p in pids} for g, pids in groups.items()},
+        }
+
+    @staticmethod
+    def share(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+        """Per group: percent of one core over the interval (200 = two cores busy)."""
+        dt = b["t"] - a["t"]
+        out = {}
+        for g, pids in b["pids"].items():
+            before = a["pids"].get(g, {})
+            ticks = sum(t - before.get(p, 0) for p, t in pids.items())
+            out[g] = round(100.0 * ticks / HZ / dt, 1) if dt > 0 else 0.0
+        total, idle = b["sys"][0] - a["sys"][0], b["sys"][1] - a["sys"][1]
+        busy = round(100.0 * (os.cpu_count() or 1) * (total - idle) / total, 1) if total else 0.0
+        out["other"] = round(max(0.0, busy - sum(out.values())), 1)
+        out["machine busy (of %d%%)" % (100 * (os.cpu_count() or 1))] = busy
+        return out
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """Percent of one core the whole machine is busy (idle check before a run)."""
+    t1, i1 = system_ticks()
+    time.sleep(seconds)
+    t2, i2 = system_ticks()
+    return 100.0 * (os.cpu_count() or 1) * ((t2 - t1) - (i2 - i1)) / max(1, t2 - t1)
+
+
+# -- measuring -------------------------------------------------------------------------
+
+
+def count_orders(cur: Any) -> tuple[int, int]:
+    cur.execute("SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM outbox WHERE published_at IS NULL)")
+    return cur.fetchone()
+
+
+class Window:
+    """Records the first samples at or past 10 % and 90 % of N."""
+
+    def __init__(self, n: int, on_cross: Callable[[str], None] | None = None) -> None:
+        self.n = n
+        self.lo, self.hi = 0.1 * n, 0.9 * n
+        self.t10 = self.t90 = None  # (time, count)
+        self.on_cross = on_cross
+        self.samples: list[tuple[float, int]] = []
+
+    def feed(self, t: float, count: int) -> None:
+        self.samples.append((t, count))
+        if self.t10 is None and count >= self.lo:
+            self.t10 = (t, count)
+            if self.on_cross:
+                self.on_cross("10")
+        if self.t90 is None and count >= self.hi:
+            self.t90 = (t, count)
+            if self.on_cross:
+                self.on_cross("90")
+
+    def rate(self) -> float | None:
+        if self.t10 is None or self.t90 is None or self.t90[0] <= self.t10[0]:
+            return None
+        return (self.t90[1] - self.t10[1]) / (self.t90[0] - self.t10[0])
+
+
+def drain(args: argparse.Namespace, env: dict[str, str], settings: Any, url: str, tmp: Path,
+          deadline: Deadline, procs: list[Proc], capture: Capture) -> dict[str, Any]:
+    n = args.orders
+    db = psycopg2.connect(settings.database.dsn, connect_timeout=5, application_name="bench-poll")
+    db.autocommit = True
+    cur = db.cursor()
+
+    t0 = time.monotonic()
+    relay = Proc("relay", ["relay"], env, tmp / "relay.log")
+    procs.append(relay)
+    # only the command queues: the payment step (orders.payments) would call the payment
+    # providers; StartPayment piles up in orders.payments and is purged afterwards
+    queues = list(COMMAND_QUEUES)
+    pool = Proc("worker", ["worker", "--processes", str(args.processes), *(a for q in queues for a in ("-q", q))],
+                env, tmp / "worker.log")
+    procs.append(pool)
+
+    def groups() -> dict[str, list[int]]:
+        return {
+            "workers": [pool.pid, *pool.children()],
+            "relay": [relay.pid],
+            "rabbitmq": pids_named("beam.smp"),
+            "postgres": pids_named("postgres"),
+            "bench": [os.getpid()],
+        }
+
+    sampler = CpuSampler(groups)
+    snaps: dict[str, Any] = {}
+    window = Window(n, on_cross=lambda which: snaps.__setitem__(which, sampler.snapshot()))
+
+    t_all_orders = t_all_published = t_all_captured = None
+    hwm: dict[int, int] = {}
+    while True:
+        deadline.check(f"draining (orders {window.samples[-1][1] if window.samples else 0}/{n}, "
+                       f"captured {capture.count}/{CAPTURED_PER_ORDER * n})")
+        for p in (relay, pool):
+            if not p.alive():
+                raise BenchError(f"`orders {p.name}` exited with {p.popen.returncode}:\n{p.tail()}")
+        if capture.error is not None:
+            raise BenchError(f"capture consumer failed: {capture.error!r}")
+        orders, unpublished = count_orders(cur)
+        now = time.monotonic()
+        window.feed(now - t0, orders)
+        for child in pool.children():
+            hwm[child] = max(hwm.get(child, 0), vm_hwm_kib(child))
+        if t_all_orders is None and orders >= n:
+            t_all_orders = now - t0
+        if t_all_orders is not None and t_all_published is None and unpublished == 0:
+            t_all_published = now - t0
+        if t_all_captured is None and capture.count >= CAPTURED_PER_ORDER * n:
+            t_all_captured = now - t0
+        if t_all_orders is not None and t_all_published is not None and t_all_captured is not None:
+            break
+        time.sleep(POLL)
+
+    cur.execute("SELECT count(*), count(published_at) FROM outbox")
+    outbox_rows, outbox_published = cur.fetchone()
+    cur.execute("SELECT status, count(*) FROM orders GROUP BY status")
+    statuses = dict(cur.fetchall())
+    db.close()
+    relay_hwm = vm_hwm_kib(relay.pid)
+    depths = queue_depths(url, [*COMMAND_QUEUES, PAYMENTS_QUEUE, DEAD_LETTER_QUEUE, CAPTURE_QUEUE])
+    cpu = CpuSampler.share(snaps["10"], snaps["90"]) if "10" in snaps and "90" in snaps else {}
+    return {
+        "orders": n,
+        "processes": args.processes,
+        "drain_rate": window.rate(),
+        "window_s": (window.t90[0] - window.t10[0]) if window.t10 and window.t90 else None,
+        "all_orders_s": t_all_orders,
+        "all_events_published_s": t_all_published,
+        "all_events_captured_s": t_all_captured,
+        "outbox_rows": outbox_rows,
+        "outbox_published": outbox_published,
+        "events_captured": capture.count,
+        "events_captured_by_key": dict(capture.by_key),
+        "statuses": statuses,
+        "queue_depths_after": depths,
+        "worker_peak_rss_mib": {str(pid): round(kib / 1024, 1) for pid, kib in sorted(hwm.items())},
+        "relay_peak_rss_mib": round(relay_hwm / 1024, 1),
+        "cpu_percent_10_90": cpu,
+    }
+
+
+# -- baseline: the same inserts, one transaction per order ---------------------------------
+
+INSERTS = {
+    "inbox": "INSERT INTO inbox (consumer, message_id) VALUES ('orders', %s)",
+    "orders": (
+        "INSERT INTO orders (order_id, user_id, status, currency, total, payment_provider, payment_request,"
+        " next_action, reason, correlation_id, place_message_id)"
+        " VALUES (%s, %s, 'pending', 'USD', %s, 'stripe', %s, NULL, NULL, NULL, %s)"
+    ),
+    "order_items": "INSERT INTO order_items (order_id, line_no, product_id, quantity, unit_price) VALUES ",
+    "order_transitions": (
+        "INSERT INTO order_transitions (order_id, from_status, to_status, message_id, reason)"
+        " VALUES (%s, NULL, 'pending', %s, NULL)"
+    ),
+    "outbox": (
+        "INSERT INTO outbox (event_id, exchange, routing_key, message_type, order_id, correlation_id, body)"
+        " VALUES (%s, 'inventory', 'stock.reserve', 'stock.reserve', %s, NULL, %s),"
+        " (%s, 'orders.events', 'order.placed', 'order.placed', %s, NULL, %s),"
+        " (%s, 'orders.internal', 'payment.start', 'StartPayment', %s, NULL, %s)"
+    ),
+}
+
+
+def baseline_rows(orders: list[dict[str, Any]], prices: dict[str, int]) -> list[tuple]:
+    rows = []
+    for o in orders:
+        mid, body = o["message_id"], o["body"]
+        oid = str(uuid.uuid5(uuid.NAMESPACE_URL, mid))
+        lines = [(i["product_id"], i["quantity"], prices[i["product_id"]]) for i in body["items"]]
+        total = sum(q * p for _, q, p in lines)
+        ev = [str(uuid.uuid4()) for _ in range(3)]
+        now = "2024-01-01T00:00:00+00:00"
+        items = [{"product_id": p, "quantity": q} for p, q, _ in lines]
+        reserve = json.dumps({"event_id": ev[0], "order_id": oid, "occurred_at": now, "items": items})
+        placed = json.dumps({"event_id": ev[1], "order_id": oid, "occurred_at": now, "status": "pending",
+                             "user_id": body["user_id"], "total": total, "currency": "USD"})
+        start = json.dumps({"order_id": oid})
+        rows.append((mid, oid, body["user_id"], total, json.dumps(body["payment"]), lines,
+                     (ev[0], oid, reserve, ev[1], oid, placed, ev[2], oid, start)))
+    return rows
+
+
+def _baseline_worker(dsn: str, rows: list[tuple], go: Any) -> None:
+    conn = psycopg2.connect(dsn, application_name="bench-baseline")
+    cur = conn.cursor()
+    go.wait()
+    for mid, oid, user, total, payment, lines, outbox in rows:
+        cur.execute(INSERTS["inbox"], (mid,))
+        cur.execute(INSERTS["orders"], (oid, user, total, payment, mid))
+        values = ",".join(cur.mogrify("(%s,%s,%s,%s,%s)", (oid, n, p, q, price)).decode()
+                          for n, (p, q, price) in enumerate(lines, 1))
+        cur.execute(INSERTS["order_items"] + values)
+        cur.execute(INSERTS["order_transitions"], (oid, mid))
+        cur.execute(INSERTS["outbox"], outbox)
+        conn.commit()
+    conn.close()
+
+
+TRUNCATE = "TRUNCATE orders, order_items, order_transitions, payments, inbox, outbox"
+
+
+def baseline(settings: Any, orders: list[dict[str, Any]], prices: dict[str, int], deadline: Deadline) -> dict[str, Any]:
+    dsn = settings.database.dsn
+    db = psycopg2.connect(dsn, connect_timeout=5, application_name="bench-poll")
+    db.autocommit = True
+    cur = db.cursor()
+    cur.execute(TRUNCATE)
+    rows = baseline_rows(orders, prices)
+    ctx = mp.get_context("fork")
+    go = ctx.Event()
+    workers = [ctx.Process(target=_baseline_worker, args=(dsn, rows[i::BASELINE_WORKERS], go), daemon=True)
+               for i in range(BASELINE_WORKERS)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.5)  # connections up
+        window = Window(len(orders))
+        t0 = time.monotonic()
+        go.set()
+        while True:
+            deadline.check("running the baseline")
+            n, _ = count_orders(cur)
+            window.feed(time.monotonic() - t0, n)
+            if n >= len(orders):
+                break
+            if not any(w.is_alive() for w in workers):
+                raise BenchError(f"baseline processes exited with {n}/{len(orders)} orders inserted")
+            time.sleep(POLL)
+        total = time.monotonic() - t0
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+            w.join(5)
+    cur.execute(TRUNCATE)
+    db.close()
+    return {"rate": window.rate(), "total_s": total, "connections": BASELINE_WORKERS}
+
+
+PGBENCH_SCRIPT = """\
+\\set q random(1, 4)
+BEGIN;
+INSERT INTO inbox (consumer, message_id) VALUES ('orders', 'pgb-' || gen_random_uuid()::text);
+INSERT INTO orders (order_id, user_id, status, currency, total, payment_provider, payment_request, place_message_id)
+  VALUES (gen_random_uuid(), 'user-' || :client_id, 'pending', 'USD', 1200 * :q, 'stripe',
+          '{"provider":"stripe","payment_method":"pm_card_visa"}', 'pgb-' || :client_id || '-' || random())
+  RETURNING quote_literal(order_id) AS order_id \\gset
+INSERT INTO order_items (order_id, line_no, product_id, quantity, unit_price)
+  VALUES (:order_id, 1, 'sku-mug-001', :q, 1200), (:order_id, 2, 'sku-tee-002', 1, 2500);
+INSERT INTO order_transitions (order_id, from_status, to_status, message_id) VALUES (:order_id, NULL, 'pending', 'pgb');
+INSERT INTO outbox (event_id, exchange, routing_key, message_type, order_id, body) VALUES
+  (gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', :order_id, '{"items":[{"product_id":"sku-mug-001","quantity":1}]}'),
+  (gen_random_uuid(), 'orders.events', 'order.placed', 'order.placed', :order_id, '{"status":"pending","total":1200}'),
+  (gen_random_uuid(), 'orders.internal', 'payment.start', 'StartPayment', :order_id, '{}');
+COMMIT;
+"""
+
+
+def pgbench(settings: Any, n: int, tmp: Path, deadline: Deadline) -> dict[str, Any] | None:
+    exe = shutil.which("pgbench")
+    if exe is None:
+        return None
+    script = tmp / "place_order.sql"
+    script.write_text(PGBENCH_SCRIPT)
+    d = settings.database
+    env = {**os.environ, "PGPASSWORD": d.password.get_secret_value()}
+    per_client = max(1, n // BASELINE_WORKERS)
+    cmd = [exe, "-n", "-h", d.host, "-p", str(d.port), "-U", d.user, "-c", str(BASELINE_WORKERS),
+           "-j", str(min(BASELINE_WORKERS, os.cpu_count() or 1)), "-t", str(per_client), "-f", str(script), d.dbname]
+    remaining = max(10.0, deadline.at - time.monotonic())
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=remaining)
+    except subprocess.TimeoutExpired:
+        raise BenchError("pgbench did not finish before the deadline") from None
+    finally:
+        conn = psycopg2.connect(d.dsn, connect_timeout=5)
+        conn.autocommit = True
+        conn.cursor().execute(TRUNCATE)
+        conn.close()
+    if done.returncode != 0:
+        say("pgbench failed:", done.stderr.strip()[-500:])
+        return {"error": done.stderr.strip()[-500:]}
+    tps = None
+    for line in done.stdout.splitlines():
+        if line.startswith("tps ="):
+            tps = float(line.split()[2])
+    return {"tps": tps, "command": " ".join(cmd[:1] + cmd[1:]), "clients": BASELINE_WORKERS}
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu_model": model}
+
+
+def fmt(v: Any, spec: str = ".0f", unit: str = "") -> str:
+    return "n/a" if v is None else f"{v:{spec}}{unit}"
+
+
+def table(result: dict[str, Any]) -> str:
+    d, b, m = result["drain"], result.get("baseline"), result["machine"]
+    rate, base = d["drain_rate"], (b or {}).get("rate")
+    ratio = rate / base if rate and base else None
+    pgb = result.get("pgbench") or {}
+    rows = [
+        ("orders", f"{d['orders']}  (capture queue: {result['capture_queue']})"),
+        ("worker processes", f"{d['processes']}"),
+        ("settings (env)", " ".join(f"{k}={v}" for k, v in sorted(result["overrides"].items())) or "defaults"),
+        ("drained orders/s (10-90%)", f"{fmt(rate)}  ({fmt(d['window_s'], '.2f', ' s')} window)"),
+        ("baseline orders/s (psycopg2, tx/order)", f"{fmt(base)}  ({BASELINE_WORKERS} processes)" if b else "skipped"),
+        ("ratio drained/baseline", fmt(ratio, ".2f")),
+        ("pgbench tps (same inserts)", fmt(pgb.get("tps")) if pgb else "skipped / not installed"),
+        ("all orders committed after", fmt(d["all_orders_s"], ".2f", " s")),
+        ("all events published after", fmt(d["all_events_published_s"], ".2f", " s")
+         + f"  ({d['outbox_published']}/{d['outbox_rows']} outbox rows)"),
+        ("all events captured after", fmt(d["all_events_captured_s"], ".2f", " s")
+         + f"  ({d['events_captured']} events)"),
+        ("peak RSS per worker (VmHWM)", ", ".join(f"{v} MiB" for v in d["worker_peak_rss_mib"].values()) or "n/a"),
+        ("peak RSS relay", f"{d['relay_peak_rss_mib']} MiB"),
+        ("CPU % during 10-90% (100 = 1 core)", ", ".join(f"{k} {v}" for k, v in d["cpu_percent_10_90"].items())),
+        ("order statuses", ", ".join(f"{k} {v}" for k, v in d["statuses"].items())),
+        ("preload (not measured)", fmt(result["preload_s"], ".1f", " s")),
+        ("machine", f"{m['nproc']} CPUs, {m['cpu_model']}; {result['busy_before_run_percent']}% busy before the run"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 2 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--orders", type=int, default=20000, help="PlaceOrder commands to preload (default 20000)")
+    ap.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
+    ap.add_argument("--skip-baseline", action="store_true", help="skip the psycopg2 and pgbench baselines")
+    ap.add_argument("--no-pgbench", action="store_true", help="skip only the pgbench baseline")
+    ap.add_argument("--capture-queue", choices=("quorum", "classic"), default="quorum",
+                    help="type of the event capture queue (default quorum, like the service's own queues)")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    ap.add_argument("--timeout", type=float, default=600, help="give up after this many seconds (default 600)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the worker/relay logs (path printed)")
+    args = ap.parse_args(argv)
+    if args.orders < 10 or args.processes < 1:
+        ap.error("--orders must be >= 10 and --processes >= 1")
+
+    deadline = Deadline(args.timeout)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-drain-"))
+    procs: list[Proc] = []
+    capture: Capture | None = None
+    url = ""
+    # SIGTERM behaves like Ctrl-C, so the finally below always runs
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        vhost = make_vhost()
+        env = service_env(vhost, tmp)
+        settings = load_settings(environ=env)
+        url = settings.rabbitmq.url.get_secret_value()
+        overrides = {k: v for k, v in os.environ.items()
+                     if k.startswith(("ORDERS_WORKER__", "ORDERS_RELAY__", "ORDERS_DATABASE__POOL"))}
+
+        say(f"database {DBNAME}, vhost {vhost}, logs in {tmp}")
+        idle_busy = machine_busy()
+        if idle_busy > 20:
+            say(f"warning: the machine is already {idle_busy:.0f}% busy (100 = one core) before the run; "
+                "figures will be low and noisy")
+        recreate_database(settings)
+        run_cli(["migrate"], env)
+        run_cli(["topology"], env)
+        run_cli(["products", "import", str(CATALOGUE)], env)
+        products = products_for_bench()
+        prices = {p["product_id"]: p["price"] for p in products}
+        prepare_queues(url, settings, args.capture_queue)
+        capture = Capture(url)
+        capture.start()
+        capture.ready.wait(10)
+        if capture.error is not None:
+            raise BenchError(f"capture consumer failed: {capture.error!r}")
+
+        orders = make_orders(args.orders, products)
+        say(f"preloading {args.orders} PlaceOrder commands ...")
+        preload_s = preload(url, orders, deadline)
+        depth = queue_depths(url, ["orders.place"])["orders.place"]
+        if depth != args.orders:
+            raise BenchError(f"orders.place holds {depth} messages after preloading {args.orders}")
+        say(f"preloaded in {preload_s:.1f} s; draining with {args.processes} worker process(es) ...")
+
+        drained = drain(args, env, settings, url, tmp, deadline, procs, capture)
+        for p in reversed(procs):
+            p.stop()
+        procs.clear()
+        capture.stop()
+        purge(url, [PAYMENTS_QUEUE, CAPTURE_QUEUE])
+
+        result: dict[str, Any] = {"drain": drained, "preload_s": preload_s, "machine": machine(),
+                                  "busy_before_run_percent": round(idle_busy, 1), "capture_queue": args.capture_queue,
+                                  "overrides": overrides, "vhost": vhost, "database": DBNAME}
+        if not args.skip_baseline:
+            say(f"baseline: {args.orders} orders, one transaction each, {BASELINE_WORKERS} processes ...")
+            result["baseline"] = baseline(settings, orders, prices, deadline)
+            if not args.no_pgbench:
+                say("pgbench with the same inserts ...")
+                result["pgbench"] = pgbench(settings, args.orders, tmp, deadline)
+        rate, base = drained["drain_rate"], (result.get("baseline") or {}).get("rate")
+        result["ratio"] = rate / base if rate and base else None
+        print(json.dumps(result, indent=2, default=str) if args.json else table(result))
+        return 0
+    except BenchError as exc:
+        say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # don't interrupt the clean-up
+        for p in reversed(procs):
+            p.stop(timeout=15)
+        if capture is not None:
+            capture.stop()
+        if url:
+            try:
+                purge(url, [*COMMAND_QUEUES, PAYMENTS_QUEUE])
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        if not args.keep_logs:
+            shutil.rmtree(tmp, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

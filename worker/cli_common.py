@@ -1,0 +1,40 @@
+"""Shared bits of the operator verbs: options, settings, engine, failing plainly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+from sqlalchemy import Engine
+
+from worker.settings import Settings, SettingsError, load_settings
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="Configuration file (default: $ORDERS_CONFIG or config/config.yaml).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load(config: Path | None) -> Settings:
+    """Settings, with logging quiet enough for an interactive tool."""
+    from worker import logs
+
+    try:
+        settings = load_settings(config)
+    except SettingsError as exc:
+        fail(str(exc))
+    logs.configure("WARNING", settings.logging.format)
+    return settings
+
+
+def engine_for(settings: Settings) -> Engine:
+    from worker import db
+
+    return db.make_engine(settings.database, pool_size=1)

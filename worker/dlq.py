@@ -1,0 +1,209 @@
+"""Dead-letter operations: browse, replay, purge, export.
+
+Every operation opens one :class:`worker.broker.DeadLetterSession`, which
+takes the *whole* queue into hand (unacked), acks only what was moved
+(replay: after the broker confirmed the republish; purge: after the export
+was written) and gives the rest back in queue order.  A run killed at any
+instruction loses nothing: what it had not acked goes back to the queue; a
+message republished but not yet acked is then both replayed and still dead-
+lettered until the next run, and the inbox makes its second apply a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from sqlalchemy import Engine
+
+from worker import dlq_audit
+from worker.broker import DeadLetterSession, Outgoing
+from worker.dead_letters import DeadLetter, replay_headers
+from worker.errors import BrokerError, PublishNotConfirmed
+from worker.settings import Settings
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters: ids (any of), and every filter given (all of)."""
+
+    ids: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    error_classes: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ()
+    older_than: timedelta | None = None
+    newer_than: timedelta | None = None
+    everything: bool = False
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.ids or self.types or self.error_classes or self.queues
+                    or self.older_than or self.newer_than or self.everything)
+
+    def matches(self, dl: DeadLetter, now: datetime) -> bool:
+        if self.ids and dl.id not in self.ids:
+            return False
+        if self.types and dl.delivery.message_type not in self.types:
+            return False
+        if self.error_classes and dl.error_class not in self.error_classes:
+            return False
+        if self.queues and dl.original_queue not in self.queues:
+            return False
+        landed = dl.last_failure_at or dl.first_failure_at
+        if self.older_than is not None and (landed is None or now - landed < self.older_than):
+            return False
+        if self.newer_than is not None and (landed is None or now - landed > self.newer_than):
+            return False
+        return True
+
+    def describe(self) -> str:
+        parts = [f"id {', '.join(self.ids)}"] if self.ids else []
+        parts += [f"{name} {', '.join(vals)}" for name, vals in
+                  (("type", self.types), ("error", self.error_classes), ("queue", self.queues)) if vals]
+        parts += [f"older than {self.older_than}"] if self.older_than else []
+        parts += [f"newer than {self.newer_than}"] if self.newer_than else []
+        return "; ".join(parts) or "all"
+
+
+@contextmanager
+def session(settings: Settings) -> Iterator[tuple[DeadLetterSession, list[DeadLetter]]]:
+    """The dead-letter queue taken into hand: (session, every message in queue order)."""
+    s = DeadLetterSession(settings.rabbitmq.url.get_secret_value(), settings.rabbitmq.heartbeat_seconds)
+    try:
+        depth = s.open()
+        yield s, [DeadLetter.from_delivery(d) for d in s.deliveries(depth)]
+    finally:
+        s.close()
+
+
+def browse(settings: Settings, selection: Selection) -> list[DeadLetter]:
+    """The matching dead letters; the queue is left exactly as it was."""
+    now = datetime.now(timezone.utc)
+    with session(settings) as (_, letters):
+        return [dl for dl in letters if selection.matches(dl, now)]
+
+
+@dataclass
+class Report:
+    """What a replay or purge did."""
+
+    selected: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"selected": len(self.selected), "moved": self.moved,
+                "failed": [{"id": i, "reason": r} for i, r in self.failed], "interrupted": self.interrupted}
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    actor: str
+    to_queue: str | None = None
+    rate: float | None = None
+    edited_body: bytes | None = None
+    dry_run: bool = False
+
+
+def _outgoing(dl: DeadLetter, opts: ReplayOptions, now: datetime) -> Outgoing:
+    if opts.to_queue:
+        exchange, key = "", opts.to_queue  # the default exchange routes by queue name
+    elif dl.destination is not None:
+        exchange, key = dl.destination
+    else:
+        raise PublishNotConfirmed("no original exchange/routing key recorded; replay it with --to QUEUE")
+    headers = replay_headers(dl.delivery, now, opts.actor)
+    if opts.edited_body is not None:
+        headers["x-replay-edited"] = True
+    body = dl.delivery.body if opts.edited_body is None else opts.edited_body
+    return Outgoing(exchange, key, body, {**dl.delivery.properties(), "headers": headers})
+
+
+def replay(settings: Settings, engine: Engine, selection: Selection, opts: ReplayOptions,
+           on_start: Callable[[int], None] = lambda n: None,
+           on_each: Callable[[DeadLetter], None] = lambda dl: None) -> Report:
+    """Republish the selected dead letters with confirms; ack each only once confirmed."""
+    report = Report()
+    now = datetime.now(timezone.utc)
+    with session(settings) as (s, letters):
+        chosen = [dl for dl in letters if selection.matches(dl, now)]
+        report.selected = [dl.id for dl in chosen]
+        if opts.edited_body is not None and len(chosen) != 1:
+            raise ValueError(f"--edit needs exactly one message; the selection matches {len(chosen)}")
+        if opts.dry_run or not chosen:
+            return report
+        target = f"to queue {opts.to_queue}" if opts.to_queue else "to the original exchange"
+        audit_id = dlq_audit.start(engine, "replay", opts.actor, report.selected,
+                                   f"{len(chosen)} message(s) ({selection.describe()}) {target}"
+                                   + (", body edited" if opts.edited_body is not None else ""))
+        on_start(len(chosen))
+        started = time.monotonic()
+        try:
+            for i, dl in enumerate(chosen):
+                if opts.rate:
+                    wait = started + i / opts.rate - time.monotonic()
+                    if wait > 0:
+                        s.sleep(wait)
+                try:
+                    s.republish(_outgoing(dl, opts, datetime.now(timezone.utc)))
+                except PublishNotConfirmed as exc:
+                    report.failed.append((dl.id, str(exc)))  # stays in the dead-letter queue
+                else:
+                    s.remove(dl.delivery)
+                    report.moved.append(dl.id)
+                on_each(dl)
+        except BrokerError as exc:
+            report.interrupted = str(exc)
+        finally:
+            dlq_audit.finish(engine, audit_id, report.moved, _outcome("replayed", report, target))
+    return report
+
+
+def _outcome(verb: str, report: Report, extra: str) -> str:
+    text = f"{verb} {len(report.moved)} of {len(report.selected)} {extra}"
+    if report.failed:
+        text += f"; {len(report.failed)} left in the queue ({report.failed[0][1]})"
+    if report.interrupted:
+        text += f"; interrupted: {report.interrupted}"
+    return text
+
+
+def write_jsonl(letters: list[DeadLetter], path: Path) -> None:
+    """The messages as JSON lines (everything ``show`` prints), flushed to disk."""
+    with path.open("w", encoding="utf-8") as out:
+        for dl in letters:
+            out.write(json.dumps(dl.full(), default=str) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def purge(settings: Settings, engine: Engine, selection: Selection, actor: str,
+          export_to: Path | None = None, only_ids: set[str] | None = None) -> Report:
+    """Remove the selected dead letters (after exporting them, when asked)."""
+    report = Report()
+    now = datetime.now(timezone.utc)
+    with session(settings) as (s, letters):
+        chosen = [dl for dl in letters if selection.matches(dl, now) and (only_ids is None or dl.id in only_ids)]
+        report.selected = [dl.id for dl in chosen]
+        if not chosen:
+            return report
+        if export_to is not None:
+            write_jsonl(chosen, export_to)
+        detail = f"{len(chosen)} message(s) ({selection.describe()})" + (f", exported to {export_to}" if export_to else "")
+        audit_id = dlq_audit.start(engine, "purge", actor, report.selected, detail)
+        try:
+            for dl in chosen:
+                s.remove(dl.delivery)
+                report.moved.append(dl.id)
+        except BrokerError as exc:
+            report.interrupted = str(exc)
+        finally:
+            dlq_audit.finish(engine, audit_id, report.moved, _outcome("purged", report, detail))
+    return report

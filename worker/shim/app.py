@@ -1,0 +1,145 @@
+"""The FastAPI application factory of the HTTP shim.
+
+``create_app(settings)`` wires the process's resources (nothing connects
+until first use, so it is safe before uvicorn forks its workers);
+``from_environment`` is the factory uvicorn imports when it runs several
+worker processes.  Endpoint handlers are plain ``def`` functions: they block
+on pika, Redis and PostgreSQL in Starlette's thread pool, each on a channel
+or connection of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI
+
+from handlers.payments import build_gateways
+from worker import db
+from worker.broker import ChannelPool
+from worker.read_model import OrderCache, make_redis
+from worker.settings import Settings, load_settings
+from worker.shim import errors
+from worker.shim.auth import Authenticator
+from worker.shim.context import Shim
+from worker.shim.idempotency import IdempotencyStore
+from worker.shim.metrics import ShimMetrics
+from worker.shim.ops import router as ops_router
+from worker.shim.orders import router as orders_router
+from worker.shim.publisher import CommandPublisher
+from worker.shim.ratelimit import RateLimiter
+
+Scope = dict[str, Any]
+
+
+class EdgeMiddleware:
+    """Refuses bodies over the size limit (413) before any parsing, and times every request."""
+
+    def __init__(self, app: Any, max_body: int, metrics: ShimMetrics) -> None:
+        self.app, self.max_body, self.metrics = app, max_body, metrics
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                return await self._too_large(send_status)
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if replayed:
+                    return await receive()  # type: ignore[no-any-return]
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    async def _read_body(self, scope: Scope, receive: Any) -> bytes | None:
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_body):
+                return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    async def _too_large(self, send: Any) -> None:
+        body = json.dumps({"error": "payload_too_large",
+                           "message": f"request body larger than {self.max_body} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def build_shim(settings: Settings) -> Shim:
+    """The process's resources; connections open on first use."""
+    cfg = settings.shim
+    metrics = ShimMetrics()
+    engine = db.make_engine(settings.database)
+    client = make_redis(settings.redis)
+    pool = ChannelPool(settings.rabbitmq.url.get_secret_value(), settings.rabbitmq.heartbeat_seconds,
+                       cfg.publisher_channels, cfg.publisher_acquire_timeout_seconds)
+    limits = {"place": (cfg.place_rate_per_minute, cfg.place_rate_per_minute_per_address),
+              "read": (cfg.read_rate_per_minute, cfg.read_rate_per_minute_per_address)}
+    return Shim(
+        settings=settings, engine=engine, redis=client,
+        cache=OrderCache(engine, client, settings.redis.cache_ttl_seconds, metrics=metrics),
+        publisher=CommandPublisher(pool, metrics), gateways=build_gateways(settings),
+        auth=Authenticator(cfg), limiter=RateLimiter(client, limits, metrics),
+        idempotency=IdempotencyStore(client, cfg.idempotency_ttl_seconds), metrics=metrics,
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The shim's FastAPI application for ``settings``."""
+    shim = build_shim(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        shim.publisher.close()
+        shim.engine.dispose()
+
+    app = FastAPI(title="Order service HTTP API", version="1.0.0", lifespan=lifespan,
+                  description="Places, reads and cancels orders by enqueueing commands; takes payment webhooks.")
+    app.state.shim = shim
+    errors.install(app)
+    app.include_router(orders_router)
+    app.include_router(ops_router)
+    app.add_middleware(EdgeMiddleware, max_body=settings.shim.max_body_bytes, metrics=shim.metrics)
+    return app
+
+
+def from_environment() -> FastAPI:
+    """uvicorn ``--factory`` entry point: settings from ``ORDERS_CONFIG`` and the environment."""
+    from worker import logs
+
+    settings = load_settings()
+    logs.configure(settings.logging.level, settings.logging.format)
+    return create_app(settings)

@@ -1,0 +1,76 @@
+"""What every request handler needs, built once per process, and the auth dependencies.
+
+:class:`Shim` holds the process's resources (engine, Redis, cache, channel
+pool, gateways, limiter); ``create_app`` builds it at start-up and stores it
+on ``app.state``.  The dependencies authenticate the caller and apply the
+rate limit of the route's kind (``place`` for writes, ``read`` for reads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Mapping
+
+from fastapi import Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+
+from handlers.payments.base import PaymentGateway
+from worker.read_model import OrderCache
+from worker.settings import Settings
+from worker.shim.auth import Authenticator, Principal
+from worker.shim.errors import ApiError
+from worker.shim.idempotency import IdempotencyStore
+from worker.shim.metrics import ShimMetrics
+from worker.shim.publisher import CommandPublisher
+from worker.shim.ratelimit import RateLimiter
+
+
+@dataclass
+class Shim:
+    settings: Settings
+    engine: Engine
+    redis: Any
+    cache: OrderCache
+    publisher: CommandPublisher
+    gateways: Mapping[str, PaymentGateway]
+    auth: Authenticator
+    limiter: RateLimiter
+    idempotency: IdempotencyStore
+    metrics: ShimMetrics
+
+
+def shim(request: Request) -> Shim:
+    return request.app.state.shim  # type: ignore[no-any-return]
+
+
+ShimDep = Annotated[Shim, Depends(shim)]
+
+#: documents the scheme in OpenAPI; errors are ours (auto_error off), not FastAPI's 403
+_bearer = HTTPBearer(auto_error=False, description="JWT with `sub` and `roles` (`user`, `admin`).")
+
+
+def authenticated(request: Request, s: ShimDep,
+                  _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+    return s.auth.principal(request.headers.get("authorization"))
+
+
+def _limited(kind: str) -> Any:
+    def dependency(request: Request, response: Response, s: ShimDep,
+                   principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        address = request.client.host if request.client else "unknown"
+        decision = s.limiter.check(kind, principal.user_id, address)
+        if decision is None:  # Redis down: served without limits (see ratelimit)
+            return principal
+        if not decision.allowed:
+            s.metrics.rate_limited.labels(kind).inc()
+            raise ApiError(429, "rate_limited", f"too many {kind} requests; retry after "
+                           f"{decision.headers()['Retry-After']} s", decision.headers())
+        response.headers.update(decision.headers())
+        return principal
+
+    return dependency
+
+
+PlaceCaller = Annotated[Principal, Depends(_limited("place"))]
+ReadCaller = Annotated[Principal, Depends(_limited("read"))]

@@ -1,0 +1,81 @@
+"""``Idempotency-Key``: the same key and body give the same order id.
+
+Ids are derived, not stored: the order id (unless the body names one) and the
+command's AMQP ``message_id`` are uuid5 of (user, key).  A replay therefore
+publishes the very same command again, and the worker's inbox, keyed on
+``message_id``, applies it once, whether or not Redis remembers the key.
+
+Redis only remembers which body a key was first used with (a SHA-256
+fingerprint, for ``idempotency_ttl_seconds``), so that reusing a key with a
+different body answers 422.  When Redis is down that check is skipped, and a
+replay with a different body is absorbed by the inbox as a duplicate (the
+first body wins); derived ids keep the answer stable either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+import redis
+import structlog
+
+from worker.shim.errors import ApiError
+
+log = structlog.get_logger("worker.shim.idempotency")
+
+#: namespace of ids derived from (kind, user, Idempotency-Key)
+NAMESPACE = uuid.UUID("0b7f5a8e-6a55-4f57-8d3c-5a3c7f2e9d14")
+KEY_PREFIX = "orders:idem:"
+#: visible ASCII, at most 128 characters (the message id must stay ≤ 200)
+KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"
+_VALID_KEY = re.compile(KEY_PATTERN)
+REDIS_RETRY_AFTER = 5.0
+
+
+def validate_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not _VALID_KEY.match(key):
+        raise ApiError(422, "validation_error", "header.Idempotency-Key: 1 to 128 visible ASCII characters",
+                       fields=None)
+    return key
+
+
+def derived_id(kind: str, user: str, key: str) -> uuid.UUID:
+    """The deterministic id of the ``kind`` command sent under ``key`` by ``user``."""
+    return uuid.uuid5(NAMESPACE, f"{kind}\x00{user}\x00{key}")
+
+
+def fingerprint(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class IdempotencyStore:
+    """Remembers the body fingerprint each key was first used with."""
+
+    def __init__(self, client: redis.Redis, ttl_seconds: int) -> None:
+        self._redis = client
+        self._ttl = ttl_seconds
+        self._skip_until = 0.0
+
+    def claim(self, kind: str, user: str, key: str, body_hash: str) -> None:
+        """Record the first use of ``key``; 422 ApiError when it was used with another body."""
+        if time.monotonic() < self._skip_until:
+            return
+        name = f"{KEY_PREFIX}{kind}:{derived_id(kind, user, key)}"
+        try:
+            # SET NX GET: stores only the first use and returns what was there (Redis ≥ 7)
+            previous = self._redis.set(name, body_hash, nx=True, ex=self._ttl, get=True)
+        except redis.RedisError as exc:
+            log.warning("idempotency store unavailable; relying on derived ids", error=str(exc))
+            self._skip_until = time.monotonic() + REDIS_RETRY_AFTER
+            return
+        if previous is not None and previous.decode() != body_hash:
+            raise ApiError(422, "idempotency_key_reused",
+                           "this Idempotency-Key was already used with a different request body")

@@ -1,0 +1,169 @@
+"""Request and response bodies of the HTTP API (they make the OpenAPI document).
+
+The request body of ``POST /orders`` is the PlaceOrder body of DESIGN.md with
+``user_id`` optional (it comes from the token); items and payment reuse the
+strict message models, so the edge and the worker agree on every limit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, model_validator
+
+from schema.messages import MAX_ITEMS, MAX_QUANTITY, PayPalPayment, ProductId
+
+#: JSON carries UUIDs as strings: accept that form even though the model is strict
+JsonUuid = Annotated[uuid.UUID, Strict(False)]
+#: stricter than the message model at the edge: ids are tokens, not free text
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._@:|+-]+$")]
+PaymentMethod = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_]+$")]
+
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON Schema's "integer" includes 2.0; strict pydantic does not: take the integral floats
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Quantity = Annotated[int, Field(gt=0, le=MAX_QUANTITY), BeforeValidator(_whole_number)]
+
+
+class ItemRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    product_id: ProductId
+    quantity: Quantity
+
+
+class StripePaymentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    provider: Literal["stripe"]
+    payment_method: PaymentMethod = Field(description="A Stripe PaymentMethod id, e.g. `pm_card_visa`.")
+
+
+PaymentRequest = Annotated[Union[StripePaymentRequest, PayPalPayment], Field(discriminator="provider")]
+
+
+def _optional_not_null(schema: dict[str, Any]) -> None:
+    """Optional fields may be left out, not sent as ``null``: say so in the JSON schema."""
+    for prop in schema.get("properties", {}).values():
+        branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+        if len(branches) == 1 and len(prop["anyOf"]) == 2:
+            del prop["anyOf"]
+            prop.update(branches[0])
+            prop.pop("default", None)
+
+
+def _place_schema(schema: dict[str, Any]) -> None:
+    _optional_not_null(schema)
+    schema["oneOf"] = [
+        {"required": ["items"], "not": {"anyOf": [{"required": ["product_id"]}, {"required": ["quantity"]}]}},
+        {"required": ["product_id", "quantity"], "not": {"required": ["items"]}},
+    ]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulls = sorted(k for k, v in data.items() if v is None)
+            if nulls:
+                raise ValueError(f"leave out {', '.join(nulls)} instead of sending null")
+        return data
+
+
+class PlaceOrderRequest(_Request):
+    """An order to place: ``items`` (or ``product_id`` + ``quantity``) and ``payment``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, json_schema_extra=_place_schema)
+
+    order_id: JsonUuid | None = None
+    user_id: UserId | None = Field(default=None, description="Only an admin may name a user other than itself.")
+    items: list[ItemRequest] | None = Field(default=None, min_length=1, max_length=MAX_ITEMS)
+    product_id: ProductId | None = None
+    quantity: Quantity | None = None
+    payment: PaymentRequest
+
+    @model_validator(mode="after")
+    def _one_item_form(self) -> "PlaceOrderRequest":
+        single = self.product_id is not None or self.quantity is not None
+        if self.items is not None and single:
+            raise ValueError("give either items or product_id + quantity, not both")
+        if self.items is None and (self.product_id is None or self.quantity is None):
+            raise ValueError("items is required (or product_id + quantity)")
+        return self
+
+
+class CancelRequest(_Request):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, json_schema_extra=_optional_not_null)  # type: ignore[typeddict-item]
+
+    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class Accepted(BaseModel):
+    """The command was confirmed by the broker; the worker applies it shortly."""
+
+    order_id: uuid.UUID
+    status: str = Field(description="`pending` for a new order; `cancel_requested` for a cancel.")
+    status_url: str
+
+
+class OrderLine(BaseModel):
+    product_id: str
+    quantity: int
+    unit_price: int
+
+
+class PaymentView(BaseModel):
+    provider: str
+    status: str
+
+
+class OrderView(BaseModel):
+    """An order as its owner (or an admin) sees it: no card data, no provider secrets."""
+
+    order_id: uuid.UUID
+    user_id: str
+    status: Literal["pending", "awaiting_payment", "completed", "shipped", "cancelled", "rejected"]
+    total: int = Field(description="Minor units (cents).")
+    currency: str
+    items: list[OrderLine]
+    payment: PaymentView
+    next_action: dict[str, str] | None = Field(
+        default=None, description="What the buyer does next: `client_secret` (Stripe) or `approve_url` (PayPal).")
+    reason: str | None = None
+    created_at: str
+    updated_at: str
+
+    @classmethod
+    def of(cls, view: dict[str, Any]) -> "OrderView":
+        return cls.model_validate({k: v for k, v in view.items() if k in cls.model_fields})
+
+
+class WebhookAccepted(BaseModel):
+    received: bool = True
+    enqueued: bool = Field(description="False for verified events the service does not act on.")
+    event_id: str | None = None
+
+
+class Check(BaseModel):
+    postgresql: str
+    rabbitmq: str
+    redis: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: Check
+    error: str | None = None
+    message: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"

@@ -1,0 +1,70 @@
+"""Health, readiness, metrics and the payment webhook endpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from worker.shim.context import ShimDep
+from worker.shim.errors import ErrorBody
+from worker.shim.models import Health, Readiness, WebhookAccepted
+from worker.shim.webhook import to_publish
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health, tags=["operations"], summary="The process is up")
+async def healthz() -> Health:
+    return Health()
+
+
+def _check(probe: Any) -> str:
+    try:
+        probe()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready; the kind is reported
+        return f"unavailable: {type(exc).__name__}"
+
+
+@router.get("/readyz", response_model=Readiness, tags=["operations"], summary="Dependencies reachable",
+            responses={503: {"model": Readiness, "description": "A dependency is unreachable."}})
+def readyz(s: ShimDep) -> Any:
+    def postgres() -> None:
+        with s.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    checks = {"postgresql": _check(postgres), "rabbitmq": _check(s.publisher.ping), "redis": _check(s.redis.ping)}
+    ready = all(v == "ok" for v in checks.values())
+    body = Readiness(status="ready" if ready else "not_ready", checks=checks)  # type: ignore[arg-type]
+    if ready:
+        return body
+    failing = ", ".join(k for k, v in checks.items() if v != "ok")
+    body = body.model_copy(update={"error": "not_ready", "message": f"unreachable: {failing}"})
+    return JSONResponse(body.model_dump(mode="json"), 503, {"Retry-After": "5"})
+
+
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+def metrics(s: ShimDep) -> Response:
+    return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/orders/payment-confirmation", response_model=WebhookAccepted, tags=["payments"],
+             summary="Payment provider webhook (Stripe, PayPal, internal HMAC)",
+             responses={400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody},
+                        503: {"model": ErrorBody}},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"type": "object"}}}}})
+async def payment_confirmation(request: Request, s: ShimDep) -> WebhookAccepted:
+    # the raw bytes are what the provider signed: never re-serialise before verifying
+    body = await request.body()
+    headers = dict(request.headers)
+    event_id, command = await run_in_threadpool(to_publish, s.settings.shim, s.gateways, body, headers)
+    if command is not None:
+        await run_in_threadpool(s.publisher.send, command)
+    return WebhookAccepted(enqueued=command is not None, event_id=event_id)

@@ -1,0 +1,162 @@
+"""``/orders`` endpoints: place, read and cancel.
+
+Each enqueues a command (or reads the cache) and answers; the worker decides.
+``Prefer: wait=N`` waits for the worker's outcome through direct reply-to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
+
+from schema.messages import PlaceOrder
+from worker.broker import COMMANDS_EXCHANGE
+from worker.shim.auth import Principal
+from worker.shim.context import PlaceCaller, ReadCaller, Shim, ShimDep
+from worker.shim.errors import ApiError, ErrorBody
+from worker.shim.idempotency import KEY_PATTERN, derived_id, fingerprint, validate_key
+from worker.shim.models import Accepted, CancelRequest, OrderView, PlaceOrderRequest
+from worker.shim.publisher import Command
+
+router = APIRouter(tags=["orders"])
+
+#: while waiting, how often the read model is polled for the order to leave ``pending``
+POLL_SECONDS = 0.02
+_PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d{1,6})(?:$|[;,\s])")
+
+_RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
+_RATE_HEADERS = {**_RETRY_AFTER, "RateLimit-Limit": {"schema": {"type": "string"}},
+                 "RateLimit-Remaining": {"schema": {"type": "string"}}, "RateLimit-Reset": {"schema": {"type": "string"}}}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody} for c in codes}
+    if 429 in out:
+        out[429]["headers"] = _RATE_HEADERS
+    if 503 in out:
+        out[503]["headers"] = _RETRY_AFTER
+    return out
+
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", pattern=KEY_PATTERN,
+                                              description="Same key and body → the same order.")]
+Prefer = Annotated[str | None, Header(max_length=200, description="`wait=N` (N ≤ 30): wait for the outcome.")]
+
+
+def _wait_seconds(s: Shim, prefer: str | None) -> int:
+    match = _PREFER_WAIT.search(prefer or "")
+    return min(int(match.group(1)), s.settings.shim.max_wait_seconds) if match else 0
+
+
+def _view(s: Shim, order_id: str) -> dict[str, Any] | None:
+    try:
+        return s.cache.get(order_id)
+    except sa_exc.SQLAlchemyError:
+        raise ApiError(503, "database_unavailable", "orders cannot be read now; retry later",
+                       {"Retry-After": "5"}) from None
+
+
+def _owned_view(s: Shim, principal: Principal, order_id: uuid.UUID) -> dict[str, Any]:
+    view = _view(s, str(order_id))
+    if view is None or not principal.may_see(view["user_id"]):  # someone else's order: not found, not 403
+        raise ApiError(404, "order_not_found", f"order {order_id} not found")
+    return view
+
+
+def _settled_view(s: Shim, order_id: str, deadline: float, done: Any) -> dict[str, Any] | None:
+    """Poll the read model until ``done(view)`` or the deadline; the last view seen."""
+    view = _view(s, order_id)
+    while (view is None or not done(view)) and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+        view = _view(s, order_id)
+    return view
+
+
+def _accepted(order_id: str, status: str, headers: dict[str, str]) -> JSONResponse:
+    url = f"/orders/{order_id}"
+    body = Accepted(order_id=uuid.UUID(order_id), status=status, status_url=url)
+    return JSONResponse(body.model_dump(mode="json"), 202, {**headers, "Location": url})
+
+
+def _refusal(reply: dict[str, Any]) -> ApiError:
+    if reply.get("error") == "not_found":
+        return ApiError(404, "order_not_found", "order not found")
+    return ApiError(409, str(reply.get("error") or "refused"), str(reply.get("message") or "refused"))
+
+
+@router.post("/orders", status_code=202, response_model=Accepted, summary="Place an order",
+             responses={201: {"model": OrderView, "description": "Placed (with `Prefer: wait`)."},
+                        **_errors(401, 403, 409, 413, 422, 429, 503)})
+def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, principal: PlaceCaller,
+                idempotency_key: IdempotencyKey = None, prefer: Prefer = None) -> Any:
+    if body.user_id is not None and body.user_id != principal.user_id and not principal.is_admin:
+        raise ApiError(403, "forbidden", "a user may place orders only for itself")
+    user = body.user_id or principal.user_id
+    key = validate_key(idempotency_key)
+    order_id = body.order_id or (derived_id("place", user, key) if key else uuid.uuid4())
+    command = body.model_dump(mode="json", exclude_none=True) | {"user_id": user, "order_id": str(order_id)}
+    PlaceOrder.model_validate_json(json.dumps(command))  # the worker's own check, at the edge too
+    if key:
+        s.idempotency.claim("place", user, key, fingerprint(command))
+    cmd = Command(COMMANDS_EXCHANGE, "order.place", "PlaceOrder", f"http-place-{order_id}", command)
+    wait = _wait_seconds(s, prefer)
+    headers = dict(response.headers)
+    if not wait:
+        s.publisher.send(cmd)
+        return _accepted(str(order_id), "pending", headers)
+    deadline = time.monotonic() + wait
+    reply = s.publisher.request(cmd, wait)
+    headers["Preference-Applied"] = f"wait={wait}"
+    if reply is not None and reply.get("result") == "refused":
+        raise _refusal(reply)
+    view = None if reply is None else _settled_view(s, str(order_id), deadline, lambda v: v["status"] != "pending")
+    if view is None or not principal.may_see(view["user_id"]):
+        return _accepted(str(order_id), "pending", headers)
+    return JSONResponse(OrderView.of(view).model_dump(mode="json"), 201,
+                        {**headers, "Location": f"/orders/{order_id}"})
+
+
+@router.get("/orders/{order_id}", response_model=OrderView, summary="Read an order",
+            responses=_errors(401, 404, 422, 429, 503))
+def get_order(order_id: uuid.UUID, s: ShimDep, principal: ReadCaller) -> Any:
+    return OrderView.of(_owned_view(s, principal, order_id))
+
+
+@router.put("/orders/{order_id}/cancel", status_code=202, response_model=Accepted, summary="Cancel an order",
+            responses={200: {"model": OrderView, "description": "Cancelled (with `Prefer: wait`)."},
+                       **_errors(401, 404, 409, 413, 422, 429, 503)})
+def cancel_order(order_id: uuid.UUID, response: Response, s: ShimDep, principal: PlaceCaller,
+                 body: Annotated[CancelRequest | None, Body()] = None,
+                 idempotency_key: IdempotencyKey = None, prefer: Prefer = None) -> Any:
+    view = _owned_view(s, principal, order_id)
+    if view["status"] == "cancelled":
+        raise ApiError(409, "already_cancelled", f"order {order_id} is already cancelled")
+    if view["status"] not in ("pending", "awaiting_payment"):
+        raise ApiError(409, "not_cancellable", f"order {order_id} is {view['status']} and can no longer be cancelled")
+    key = validate_key(idempotency_key)
+    message_id = f"http-cancel-{derived_id('cancel', principal.user_id, f'{order_id}:{key}') if key else uuid.uuid4()}"
+    command: dict[str, Any] = {"order_id": str(order_id), "requested_by": {"user_id": principal.user_id, "roles": list(principal.roles)}}
+    if body is not None and body.reason:
+        command["reason"] = body.reason
+    cmd = Command(COMMANDS_EXCHANGE, "order.cancel", "CancelOrder", message_id, command)
+    wait = _wait_seconds(s, prefer)
+    headers = dict(response.headers)
+    if not wait:
+        s.publisher.send(cmd)
+        return _accepted(str(order_id), "cancel_requested", headers)
+    deadline = time.monotonic() + wait
+    reply = s.publisher.request(cmd, wait)
+    headers["Preference-Applied"] = f"wait={wait}"
+    if reply is None:
+        return _accepted(str(order_id), "cancel_requested", headers)
+    if reply.get("result") == "refused":
+        raise _refusal(reply)
+    settled = _settled_view(s, str(order_id), deadline, lambda v: v["status"] == reply.get("status"))
+    return JSONResponse(OrderView.of(settled or view).model_dump(mode="json"), 200, headers)

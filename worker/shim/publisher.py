@@ -1,0 +1,100 @@
+"""Publishing commands from request threads, under publisher confirms.
+
+A 202 is only ever answered after the broker confirmed the command; any
+broker failure (unreachable, connection lost, nack, no free channel) becomes
+503 with ``Retry-After``.  Publishing twice is harmless: the command's
+``message_id`` is stable and the worker's inbox applies it once, so a
+channel found dead is replaced and the publish repeated once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from worker.broker import ChannelPool, Outgoing, ReplyChannel
+from worker.errors import BrokerError, ConnectionLost
+from worker.shim.errors import ApiError
+
+log = structlog.get_logger("worker.shim.publisher")
+
+#: what a 503 asks the client to wait before retrying (seconds)
+RETRY_AFTER_SECONDS = 5
+
+
+@dataclass(frozen=True)
+class Command:
+    exchange: str
+    routing_key: str
+    message_type: str
+    message_id: str
+    body: dict[str, Any]
+    correlation_id: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    def outgoing(self) -> Outgoing:
+        return Outgoing(self.exchange, self.routing_key, json.dumps(self.body, separators=(",", ":")).encode(), {
+            "message_id": self.message_id, "type": self.message_type,
+            "correlation_id": self.correlation_id or self.message_id, "app_id": "orders-shim",
+            "headers": self.headers or None,
+        })
+
+
+def unavailable(message: str = "the message broker is unavailable; retry later") -> ApiError:
+    return ApiError(503, "broker_unavailable", message, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+class CommandPublisher:
+    """Confirmed publishes (and direct reply-to requests) through a :class:`ChannelPool`."""
+
+    def __init__(self, pool: ChannelPool, metrics: Any = None) -> None:
+        self._pool = pool
+        self._metrics = metrics
+
+    def send(self, command: Command) -> None:
+        """Publish and wait for the confirm; 503 ApiError otherwise."""
+        self._run(command, lambda ch: ch.publish(command.outgoing()))
+
+    def request(self, command: Command, timeout: float) -> dict[str, Any] | None:
+        """Publish, then wait up to ``timeout`` s for the worker's outcome (None: not in time)."""
+        raw = self._run(command, lambda ch: ch.request(command.outgoing(), timeout))
+        if raw is None:
+            return None
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            return None
+        return reply if isinstance(reply, dict) else None
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def ping(self) -> None:
+        """Raise BrokerError unless a channel can be had (readiness)."""
+        self._pool.run(ReplyChannel.ping)
+
+    def _run(self, command: Command, work: Any) -> Any:
+        for attempt in (1, 2):
+            try:
+                result = self._pool.run(work)
+                self._count(command, "confirmed")
+                return result
+            except ConnectionLost as exc:
+                if attempt == 2:
+                    return self._fail(command, exc)
+            except BrokerError as exc:  # nacked or unroutable: repeating now would not help
+                return self._fail(command, exc)
+        return None  # pragma: no cover - the loop returns or raises
+
+    def _fail(self, command: Command, exc: BaseException) -> Any:
+        self._count(command, "failed")
+        log.warning("command not confirmed", type=command.message_type, message_id=command.message_id,
+                    error=str(exc))
+        raise unavailable() from None
+
+    def _count(self, command: Command, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.published.labels(command.message_type, outcome).inc()

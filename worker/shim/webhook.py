@@ -1,0 +1,92 @@
+"""``POST /orders/payment-confirmation``: verified webhooks become commands.
+
+Stripe and PayPal are verified by :mod:`handlers.payments.webhooks` (their
+signature headers).  An internal payment service signs instead with the
+shared ``shim.webhook_hmac_secret``: header
+``X-Orders-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``,
+body a PaymentConfirmed command (provider ``internal``); the timestamp must
+be within ``shim.webhook_tolerance_seconds`` so a captured request cannot be
+replayed later (a replay inside the window is a duplicate the inbox drops).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from typing import Mapping
+
+import structlog
+from pydantic import ValidationError
+
+from handlers.payments.base import PaymentGateway, TransientPaymentError, WebhookVerificationError
+from handlers.payments.webhooks import parse_webhook, to_command
+from schema.messages import PaymentConfirmed, describe_validation_error
+from worker.broker import COMMANDS_EXCHANGE
+from worker.settings import ShimSettings
+from worker.shim.errors import ApiError
+from worker.shim.publisher import Command
+
+log = structlog.get_logger("worker.shim.webhook")
+
+INTERNAL_HEADER = "x-orders-signature"
+
+
+def sign_internal(secret: str, body: bytes, timestamp: int | None = None) -> str:
+    """The ``X-Orders-Signature`` value for ``body`` (for the internal service and tests)."""
+    t = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, "invalid_signature", message)
+
+
+def _internal_command(cfg: ShimSettings, body: bytes, header: str) -> Command:
+    secret = cfg.webhook_hmac_secret.get_secret_value()
+    if not secret:
+        raise _invalid("internal webhooks are not enabled")
+    parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
+    try:
+        t = int(parts.get("t", ""))
+    except ValueError:
+        raise _invalid("malformed X-Orders-Signature") from None
+    if abs(time.time() - t) > cfg.webhook_tolerance_seconds:
+        raise _invalid("signature timestamp outside the tolerance")
+    if not hmac.compare_digest(sign_internal(secret, body, t), f"t={t},v1={parts.get('v1', '')}"):
+        raise _invalid("signature does not match")
+    try:
+        cmd = PaymentConfirmed.model_validate_json(body)
+    except ValidationError as exc:
+        raise ApiError(422, "validation_error", describe_validation_error(exc)) from None
+    return Command(COMMANDS_EXCHANGE, "payment.confirmed", "PaymentConfirmed", cmd.event_id,
+                   cmd.model_dump(mode="json"))
+
+
+def to_publish(cfg: ShimSettings, gateways: Mapping[str, PaymentGateway], body: bytes,
+               headers: Mapping[str, str]) -> tuple[str | None, Command | None]:
+    """(event id, command to publish or None) for a webhook; 400/503 ApiError when it cannot be trusted."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    if INTERNAL_HEADER in lowered:
+        cmd = _internal_command(cfg, body, lowered[INTERNAL_HEADER])
+        return cmd.message_id, cmd
+    try:
+        event = parse_webhook(gateways, body, lowered)
+    except WebhookVerificationError as exc:
+        log.info("webhook rejected", reason=str(exc))
+        raise _invalid("the webhook signature did not verify") from None
+    except TransientPaymentError:
+        raise ApiError(503, "provider_unavailable", "could not verify the webhook now; redeliver later",
+                       {"Retry-After": "30"}) from None
+    try:
+        webhook = to_command(event)
+    except ValueError as exc:
+        # verified but unusable (e.g. no order id): redelivery would not help; operators must look
+        log.error("verified webhook cannot be applied", event_id=event.event_id, reason=str(exc))
+        return event.event_id, None
+    if webhook is None:
+        return event.event_id, None
+    return event.event_id, Command(webhook.exchange, webhook.routing_key, webhook.message_type,
+                                   webhook.message_id, webhook.body)
+
