@@ -161,6 +161,9 @@ def test_a_cancel_for_an_order_never_placed_ends_in_the_dead_letter_queue(runnin
     bus.publish("CancelOrder", {"order_id": str(uuid.uuid4()), "requested_by": {"user_id": "u", "roles": ["user"]}},
                 message_id="orphan-cancel")
     dead = wait(lambda: bus.dead_letters(), timeout=30, what="orphan dead-lettered after retry tiers")
+    wait(lambda: bus.depth("orders.delay.1s") + bus.depth("orders.delay.2s") + bus.depth("orders.cancel") == 0)
+    dead = bus.dead_letters()
+    assert len(dead) == 1, "each retry went to one delay tier only"
     h = dead[0]["headers"]
     assert dead[0]["message_id"] == "orphan-cancel"
     assert h["x-error-class"] == "RetryLater"

@@ -44,8 +44,10 @@ INTERNAL_EXCHANGE = "orders.internal"
 PAYMENTS_QUEUE = "orders.payments"
 PAYMENT_ROUTING_KEYS = ("payment.start", "payment.capture", "payment.cancel", "payment.refund", "payment.failed")
 DEAD_LETTER_EXCHANGE = "orders.dlx"
-#: headers exchange in front of the delay queues (header ``x-delay-tier``)
+#: headers exchange in front of the delay queues, routing on header DELAY_HEADER
 DELAY_EXCHANGE = "orders.delay"
+#: the tier header; not ``x-…``: a headers exchange ignores x- headers when matching
+DELAY_HEADER = "orders-delay-tier"
 #: redeliveries (e.g. a message that crashes its worker) before the broker dead-letters it
 DELIVERY_LIMIT = 20
 
@@ -89,7 +91,9 @@ def declare_topology(channel: BlockingChannel, delays: Iterable[int]) -> None:
             channel.queue_declare(queue, durable=True, arguments={
                 **_QUORUM, "x-message-ttl": seconds * 1000, "x-dead-letter-exchange": "",
             })
-            channel.queue_bind(queue, DELAY_EXCHANGE, arguments={"x-match": "all", "x-delay-tier": f"{seconds}s"})
+            channel.queue_bind(queue, DELAY_EXCHANGE, arguments={"x-match": "all", DELAY_HEADER: f"{seconds}s"})
+            # the binding of versions before 0.1 matched every message (x- headers are ignored)
+            channel.queue_unbind(queue, DELAY_EXCHANGE, arguments={"x-match": "all", "x-delay-tier": f"{seconds}s"})
     except pika.exceptions.AMQPError as exc:
         raise ConnectionLost(f"declaring topology failed: {exc!r}") from exc
 

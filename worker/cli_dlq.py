@@ -62,15 +62,17 @@ def _browse(config: Path | None, selection: Selection) -> tuple[Any, list[Any]]:
 
 @app.command("list")
 def list_(types: Types = None, errors: Errors = None, queues: Queues = None, older_than: Older = None,
-          newer_than: Newer = None, limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 1000,
+          newer_than: Newer = None,
+          limit: Annotated[Optional[int], typer.Option(min=1, help="Show at most this many (table: 1000).")] = None,
           as_json: JsonOption = False, config: ConfigOption = None) -> None:
     """List dead letters (the queue is browsed, never consumed or reordered)."""
     from worker.dlq_view import letters_table
 
     _, letters = _browse(config, _selection(None, types, errors, queues, older_than, newer_than))
-    if as_json:
+    if as_json:  # scripts get everything unless they ask for less
         typer.echo(json.dumps([dl.summary() for dl in letters[:limit]], indent=2))
         return
+    limit = limit or 1000
     title = f"{len(letters)} dead letter(s)" + (f", first {limit} shown" if len(letters) > limit else "")
     out.print(letters_table(letters[:limit], title))
 

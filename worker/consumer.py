@@ -29,6 +29,7 @@ from sqlalchemy import Engine, text
 from worker.broker import (
     DEAD_LETTER_EXCHANGE,
     DELAY_EXCHANGE,
+    DELAY_HEADER,
     BlockingBroker,
     Delivery,
     Outgoing,
@@ -136,7 +137,7 @@ class Settlement:
         delays = self.delays
         if attempts < len(delays):
             headers = failure_headers(d, error_class, h.reason or "", tb)
-            headers["x-delay-tier"] = f"{delays[attempts]}s"
+            headers[DELAY_HEADER] = f"{delays[attempts]}s"
             self._publish(broker, Outgoing(DELAY_EXCHANGE, d.queue, d.body, {**d.properties(), "headers": headers}))
             if self.metrics is not None:
                 self.metrics.retried(d.message_type)
@@ -147,7 +148,7 @@ class Settlement:
         log.warning("dead-lettering message", message_id=d.message_id, type=d.message_type,
                     error_class=error_class, reason=message)
         headers = failure_headers(d, error_class, message, tb)
-        headers.pop("x-delay-tier", None)
+        headers.pop(DELAY_HEADER, None)
         self._publish(broker, Outgoing(DEAD_LETTER_EXCHANGE, d.queue, d.body, {**d.properties(), "headers": headers}))
         if self.metrics is not None:
             self.metrics.dead_lettered(d.message_type, error_class)

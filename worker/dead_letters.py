@@ -27,7 +27,7 @@ from worker.broker import Delivery
 
 #: headers dropped on replay: the message gets a fresh round of retries
 FAILURE_HEADERS = (
-    "x-attempts", "x-delay-tier", "x-first-failure-at", "x-last-failure-at", "x-error-class",
+    "x-attempts", "orders-delay-tier", "x-first-failure-at", "x-last-failure-at", "x-error-class",
     "x-error-message", "x-error-digest", "x-error-traceback", "x-original-exchange",
     "x-original-routing-key", "x-original-queue", "x-death", "x-first-death-exchange",
     "x-first-death-queue", "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",

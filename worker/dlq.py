@@ -140,9 +140,10 @@ def replay(settings: Settings, engine: Engine, selection: Selection, opts: Repla
         if opts.dry_run or not chosen:
             return report
         target = f"to queue {opts.to_queue}" if opts.to_queue else "to the original exchange"
-        audit_id = dlq_audit.start(engine, "replay", opts.actor, report.selected,
-                                   f"{len(chosen)} message(s) ({selection.describe()}) {target}"
-                                   + (", body edited" if opts.edited_body is not None else ""))
+        detail = (f"{len(chosen)} message(s) ({selection.describe()}) {target}"
+                  + (", body edited" if opts.edited_body is not None else "")
+                  + (f", at most {opts.rate}/s" if opts.rate else ""))
+        audit_id = dlq_audit.start(engine, "replay", opts.actor, report.selected, detail)
         on_start(len(chosen))
         started = time.monotonic()
         try:
@@ -162,12 +163,12 @@ def replay(settings: Settings, engine: Engine, selection: Selection, opts: Repla
         except BrokerError as exc:
             report.interrupted = str(exc)
         finally:
-            dlq_audit.finish(engine, audit_id, report.moved, _outcome("replayed", report, target))
+            dlq_audit.finish(engine, audit_id, report.moved, _outcome("replayed", report, detail))
     return report
 
 
 def _outcome(verb: str, report: Report, extra: str) -> str:
-    text = f"{verb} {len(report.moved)} of {len(report.selected)} {extra}"
+    text = f"{verb} {len(report.moved)} of {len(report.selected)}: {extra}"
     if report.failed:
         text += f"; {len(report.failed)} left in the queue ({report.failed[0][1]})"
     if report.interrupted:

@@ -18,15 +18,23 @@ def _ago(when: datetime | None) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S") if when else "-"
 
 
+def _short(when: datetime | None) -> str:
+    return when.strftime("%m-%d %H:%M:%S") if when else "-"
+
+
 def letters_table(letters: list[DeadLetter], title: str) -> Table:
-    table = Table(title=title, title_justify="left", show_lines=False)
-    for name in ("id", "type", "original queue", "attempts", "first failure", "last failure"):
-        table.add_column(name, no_wrap=True, justify="right" if name == "attempts" else "left")
-    table.add_column("error", ratio=1, overflow="fold")
+    """One row per dead letter; long ids and errors wrap rather than vanish."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("id", overflow="fold", min_width=8)
+    table.add_column("type", overflow="fold")
+    table.add_column("original queue", overflow="fold")
+    table.add_column("att.", justify="right", no_wrap=True)
+    table.add_column("failed first\nand last", no_wrap=True)
+    table.add_column("error", overflow="fold", ratio=1)
     for dl in letters:
         error = f"[bold]{dl.error_class}[/]: {dl.error_message[:100]}"
         table.add_row(dl.id, dl.message_type, dl.original_queue or "-", str(dl.attempts),
-                      _ago(dl.first_failure_at), _ago(dl.last_failure_at), error)
+                      f"{_short(dl.first_failure_at)}\n{_short(dl.last_failure_at)}", error)
     return table
 
 
@@ -50,8 +58,8 @@ def show(console: Console, dl: DeadLetter, facts: dict[str, Any] | None, advice:
     headers = {k: v for k, v in full["headers"].items() if k != "x-error-traceback"}
     console.print(Panel(_kv(headers), title="headers", title_align="left"))
     error = [f"[bold red]{dl.error_class}[/]: {dl.error_message}",
-             f"attempts {dl.attempts}; digest {full['error_digest'] or '-'}; "
-             f"first {_ago(dl.first_failure_at)}; last {_ago(dl.last_failure_at)}"]
+             (f"attempts {dl.attempts}; digest {full['error_digest'] or '-'}; "
+              f"first {_ago(dl.first_failure_at)}; last {_ago(dl.last_failure_at)}")]
     parts: list[Any] = list(error)
     if full["traceback"]:
         parts.append(Syntax(full["traceback"], "pytb", word_wrap=True))
@@ -85,5 +93,5 @@ def history_table(rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         ids = r["message_ids"]
         shown = ", ".join(ids[:3]) + (f" … (+{len(ids) - 3})" if len(ids) > 3 else "")
-        table.add_row(str(r["id"]), r["at"][:19], r["action"], r["actor"], f"{len(ids)}: {shown}", r["detail"] or "")
+        table.add_row(str(r["id"]), r["at"][:19].replace("T", " "), r["action"], r["actor"], f"{len(ids)}: {shown}", r["detail"] or "")
     return table

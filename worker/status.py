@@ -35,7 +35,7 @@ def _database(engine: Engine) -> dict[str, Any]:
         backlog, age = conn.execute(text(
             "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at)) FROM outbox WHERE published_at IS NULL"
         )).one()
-        counts = dict(conn.execute(text("SELECT status, count(*) FROM orders GROUP BY status")).all())
+        counts: dict[str, int] = dict(conn.execute(text("SELECT status, count(*) FROM orders GROUP BY status")).all())
     return {
         "outbox": {"backlog": int(backlog), "lag_seconds": round(float(age), 3) if age is not None else 0.0},
         "orders": {s: int(counts.get(s, 0)) for s in ORDER_STATUSES},

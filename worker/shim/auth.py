@@ -53,7 +53,7 @@ class Authenticator:
     """Verifies bearer tokens against the configured keys."""
 
     def __init__(self, cfg: ShimSettings) -> None:
-        self._keys: dict[str, object] = {}
+        self._keys: dict[str, str] = {}
         if cfg.jwt_secret.get_secret_value():  # an empty HMAC key would let anyone sign
             self._keys["HS256"] = cfg.jwt_secret.get_secret_value()
         if cfg.jwt_public_key.strip():

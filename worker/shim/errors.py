@@ -63,7 +63,7 @@ def field_errors(errors: Any) -> list[FieldError]:
 
 
 #: one short code per HTTP status that Starlette raises on its own (404 route, 405 method)
-_STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+_STATUS_CODES = {400: "malformed_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
 
 def install(app: FastAPI) -> None:

@@ -76,6 +76,6 @@ class IdempotencyStore:
             log.warning("idempotency store unavailable; relying on derived ids", error=str(exc))
             self._skip_until = time.monotonic() + REDIS_RETRY_AFTER
             return
-        if previous is not None and previous.decode() != body_hash:
+        if isinstance(previous, bytes) and previous.decode() != body_hash:
             raise ApiError(422, "idempotency_key_reused",
                            "this Idempotency-Key was already used with a different request body")

@@ -1,14 +1,17 @@
 """Request and response bodies of the HTTP API (they make the OpenAPI document).
 
 The request body of ``POST /orders`` is the PlaceOrder body of DESIGN.md with
-``user_id`` optional (it comes from the token); items and payment reuse the
-strict message models, so the edge and the worker agree on every limit.
+``user_id`` optional (it comes from the token).  The edge is stricter than
+the message models (user ids and Stripe payment method ids are tokens, not
+free text; optional fields are left out, never ``null``), and the command it
+builds is validated again with :class:`schema.messages.PlaceOrder` before it
+is published, so nothing the worker would refuse leaves the shim.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, model_validator
 
@@ -44,7 +47,7 @@ class StripePaymentRequest(BaseModel):
     payment_method: PaymentMethod = Field(description="A Stripe PaymentMethod id, e.g. `pm_card_visa`.")
 
 
-PaymentRequest = Annotated[Union[StripePaymentRequest, PayPalPayment], Field(discriminator="provider")]
+PaymentRequest = Annotated[StripePaymentRequest | PayPalPayment, Field(discriminator="provider")]
 
 
 def _optional_not_null(schema: dict[str, Any]) -> None:
@@ -91,7 +94,7 @@ class PlaceOrderRequest(_Request):
     payment: PaymentRequest
 
     @model_validator(mode="after")
-    def _one_item_form(self) -> "PlaceOrderRequest":
+    def _one_item_form(self) -> PlaceOrderRequest:
         single = self.product_id is not None or self.quantity is not None
         if self.items is not None and single:
             raise ValueError("give either items or product_id + quantity, not both")
@@ -142,7 +145,7 @@ class OrderView(BaseModel):
     updated_at: str
 
     @classmethod
-    def of(cls, view: dict[str, Any]) -> "OrderView":
+    def of(cls, view: dict[str, Any]) -> OrderView:
         return cls.model_validate({k: v for k, v in view.items() if k in cls.model_fields})
 
 

@@ -93,7 +93,7 @@ def _refusal(reply: dict[str, Any]) -> ApiError:
 
 @router.post("/orders", status_code=202, response_model=Accepted, summary="Place an order",
              responses={201: {"model": OrderView, "description": "Placed (with `Prefer: wait`)."},
-                        **_errors(401, 403, 409, 413, 422, 429, 503)})
+                        **_errors(400, 401, 403, 409, 413, 422, 429, 503)})
 def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, principal: PlaceCaller,
                 idempotency_key: IdempotencyKey = None, prefer: Prefer = None) -> Any:
     if body.user_id is not None and body.user_id != principal.user_id and not principal.is_admin:
@@ -131,7 +131,7 @@ def get_order(order_id: uuid.UUID, s: ShimDep, principal: ReadCaller) -> Any:
 
 @router.put("/orders/{order_id}/cancel", status_code=202, response_model=Accepted, summary="Cancel an order",
             responses={200: {"model": OrderView, "description": "Cancelled (with `Prefer: wait`)."},
-                       **_errors(401, 404, 409, 413, 422, 429, 503)})
+                       **_errors(400, 401, 404, 409, 413, 422, 429, 503)})
 def cancel_order(order_id: uuid.UUID, response: Response, s: ShimDep, principal: PlaceCaller,
                  body: Annotated[CancelRequest | None, Body()] = None,
                  idempotency_key: IdempotencyKey = None, prefer: Prefer = None) -> Any:

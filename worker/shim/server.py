@@ -19,7 +19,7 @@ def serve(settings: Settings, config: Path | None, host: str, port: int, workers
     import uvicorn
 
     # access logs cost ~10% of throughput; /metrics counts every request instead
-    options = dict(host=host, port=port, access_log=False, log_config=None, timeout_graceful_shutdown=10)
+    options = {"host": host, "port": port, "access_log": False, "log_config": None, "timeout_graceful_shutdown": 10}
     if workers == 1:
         from worker.shim.app import create_app
 
