@@ -11,19 +11,20 @@ from sqlalchemy import text
 from worker.read_model import KEY_PREFIX, OrderCache, make_redis
 
 
-def test_views_are_written_through_after_commit_and_an_older_one_never_wins(service, bus, clean_db, settings, wait, make_place):
+def test_views_are_written_through_after_commit_and_an_older_one_never_wins(
+        service, bus, clean_db, settings, wait, make_place, commands_only):
     client = make_redis(settings.redis)
-    service("worker", "--processes", "1")
-    service("relay")
+    cache = OrderCache(clean_db, client, 60)
+    service("worker", "--processes", "1", *commands_only)
     order_id = str(uuid.uuid4())
     bus.publish("PlaceOrder", make_place(order_id=order_id))
-    cached = wait(lambda: client.hget(KEY_PREFIX + order_id, "view"), what="view cached by the worker")
-    view = json.loads(cached)
+    view = wait(lambda: cache.get(order_id), what="order placed")  # a read caches the view
     assert view["status"] == "pending" and view["total"] == 300 and view["items"][0]["product_id"] == "sku-apple"
+    assert json.loads(client.hget(KEY_PREFIX + order_id, "view"))["status"] == "pending"
     bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "user-1", "roles": ["user"]}})
+    # the worker writes the new state through after its commit: no read in between
     wait(lambda: json.loads(client.hget(KEY_PREFIX + order_id, "view"))["status"] == "cancelled", what="refreshed")
 
-    cache = OrderCache(clean_db, client, 60)
     newest = json.loads(client.hget(KEY_PREFIX + order_id, "view"))
     stale = {**newest, "status": "pending", "version": newest["version"] - 1}
     cache._store({order_id: stale})  # a late writer with an older state

@@ -40,9 +40,14 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 
 
 def _copy_value(value: Any) -> str:
+    kind = value.__class__
+    if kind is str:
+        return value.translate(_COPY_ESCAPES)
+    if kind is int:
+        return str(value)
     if value is None:
         return "\\N"
-    if isinstance(value, (dict, list)):
+    if kind is dict or kind is list:
         value = json.dumps(value, separators=(",", ":"))
     return str(value).translate(_COPY_ESCAPES)
 
@@ -187,10 +192,15 @@ class PostgresUnitOfWork:
 
     @property
     def touched_orders(self) -> set[str]:
-        """Orders this unit of work created or changed (for cache refresh)."""
-        return {o.order_id for o in self._orders.values() if o is not None and o.transitions} | set(
-            self._saved_payments
-        )
+        """Orders that existed before and changed here: the cached views to refresh.
+
+        A new order cannot be in the cache (only found orders are cached), so
+        refreshing it would cost a query for nothing.
+        """
+        return {
+            o.order_id for o in self._orders.values()
+            if o is not None and o.loaded_status is not None and o.transitions
+        } | set(self._saved_payments)
 
     def flush(self) -> None:
         """Write everything the handlers did, in a few set-based statements."""
