@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (shim and baseline)")
     parser.add_argument("--generators", type=int, default=2, help="load generator processes")
     parser.add_argument("--samples", type=int, default=200, help="orders timed from POST to visible")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
     from worker import catalogue, db
@@ -220,6 +221,10 @@ def main() -> None:
             p.terminate()
         for p in procs:
             p.wait(30)
+    if args.json:
+        print(json.dumps({"offered_per_s": args.rate, "duration_s": args.duration, "workers": args.workers,
+                          "targets": rows, "visible": visible}))
+        return
     print(f"\noffered {args.rate:.0f} req/s for {args.duration:.0f} s; uvicorn workers={args.workers}, "
           f"{os.cpu_count()} CPUs, load generators on the same machine\n")
     print(f"| {'target':<30} | accepted/s | p50 ms | p99 ms | errors |")
