@@ -41,7 +41,8 @@ class Shim:
     metrics: ShimMetrics
 
 
-def shim(request: Request) -> Shim:
+async def shim(request: Request) -> Shim:
+    # async: a plain lookup must not cost a hop through the thread pool
     return request.app.state.shim  # type: ignore[no-any-return]
 
 
@@ -51,8 +52,9 @@ ShimDep = Annotated[Shim, Depends(shim)]
 _bearer = HTTPBearer(auto_error=False, description="JWT with `sub` and `roles` (`user`, `admin`).")
 
 
-def authenticated(request: Request, s: ShimDep,
-                  _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+async def authenticated(request: Request, s: ShimDep,
+                        _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+    # async: verifying a JWT is CPU only; no thread pool hop
     return s.auth.principal(request.headers.get("authorization"))
 
 
