@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -67,6 +67,15 @@ class PayPalPayment(_Strict):
 Payment = Annotated[Union[StripePayment, PayPalPayment], Field(discriminator="provider")]
 
 
+def check_item_form(order: Any) -> None:
+    """``items``, or the single-product form ``product_id`` + ``quantity``: exactly one."""
+    single = order.product_id is not None or order.quantity is not None
+    if order.items is not None and single:
+        raise ValueError("give either items or product_id + quantity, not both")
+    if order.items is None and (order.product_id is None or order.quantity is None):
+        raise ValueError("items is required (or product_id + quantity)")
+
+
 class PlaceOrder(_Strict):
     order_id: uuid.UUID | None = None
     user_id: Id
@@ -77,11 +86,7 @@ class PlaceOrder(_Strict):
 
     @model_validator(mode="after")
     def _one_item_form(self) -> "PlaceOrder":
-        single = self.product_id is not None or self.quantity is not None
-        if self.items is not None and single:
-            raise ValueError("give either items or product_id + quantity, not both")
-        if self.items is None and (self.product_id is None or self.quantity is None):
-            raise ValueError("items is required (or product_id + quantity)")
+        check_item_form(self)
         return self
 
     def lines(self) -> list[Item]:

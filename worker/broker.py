@@ -210,13 +210,7 @@ class BlockingBroker:
             raise _lost(exc) from exc
 
     def _on_message(self, _ch: Any, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
-        self._buffer.append(Delivery(
-            delivery_tag=method.delivery_tag, exchange=method.exchange, routing_key=method.routing_key,
-            queue=self._queues.get(method.consumer_tag, ""), body=body, message_id=props.message_id,
-            message_type=props.type, correlation_id=props.correlation_id, reply_to=props.reply_to,
-            content_type=props.content_type, headers=dict(props.headers or {}),
-            redelivered=bool(method.redelivered), timestamp=props.timestamp, app_id=props.app_id,
-        ))
+        self._buffer.append(_delivery(method, props, body, self._queues.get(method.consumer_tag, "")))
 
     def poll(self, max_messages: int, first_wait: float, fill_wait: float) -> list[Delivery]:
         """Wait up to ``first_wait`` for a message, then up to ``fill_wait`` to fill a batch."""
@@ -610,7 +604,7 @@ def missing_topology(url: str, delays: Iterable[int]) -> list[str]:
     return [f"exchange {e}" for e in exchanges if found[e] is None] + [f"queue {q}" for q in queues if found[q] is None]
 
 
-class DeadLetterSession:
+class DeadLetterSession(BlockingBroker):
     """Holds the dead-letter queue's messages without consuming them.
 
     One consumer, with a prefetch as large as the queue, receives the
@@ -626,27 +620,22 @@ class DeadLetterSession:
     """
 
     def __init__(self, url: str, heartbeat: int = 30, queue: str = DEAD_LETTER_QUEUE) -> None:
-        self._params = connection_parameters(url, heartbeat)
+        super().__init__(url, heartbeat)
         self.queue = queue
-        self._conn: pika.BlockingConnection | None = None
-        self._consume: BlockingChannel | None = None
-        self._publish: BlockingChannel | None = None
         self._tag: str | None = None
-        self._pending: list[Delivery] = []
         self._unacked: set[int] = set()
 
     def open(self) -> int:
         """Connect, take the lock and start receiving; returns the queue's depth."""
+        self.connect()
+        assert self._conn is not None
         try:
-            self._conn = pika.BlockingConnection(self._params)
             try:
                 self._conn.channel().queue_declare(DLQ_LOCK_QUEUE, exclusive=True, auto_delete=True)
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code == 405:  # RESOURCE_LOCKED
                     raise DeadLetterQueueBusy("another `orders dlq` command is working on the dead-letter queue") from None
                 raise
-            self._publish = self._conn.channel()
-            self._publish.confirm_delivery()
             self._consume = self._conn.channel()
             depth = int(self._consume.queue_declare(self.queue, passive=True).method.message_count)
             # room for the whole queue plus what arrives meanwhile (see the class docstring)
@@ -662,7 +651,7 @@ class DeadLetterSession:
 
     def _on_message(self, _ch: Any, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
         self._unacked.add(method.delivery_tag)
-        self._pending.append(_delivery(method, props, body, self.queue))
+        self._buffer.append(_delivery(method, props, body, self.queue))
 
     def deliveries(self, limit: int) -> Iterable[Delivery]:
         """Up to ``limit`` messages in queue order, as the broker sends them."""
@@ -670,10 +659,10 @@ class DeadLetterSession:
         given, quiet_since = 0, time.monotonic()
         try:
             while given < limit:
-                if self._pending:
+                if self._buffer:
                     given += 1
                     quiet_since = time.monotonic()
-                    yield self._pending.pop(0)
+                    yield self._buffer.pop(0)
                     continue
                 if time.monotonic() - quiet_since > DLQ_IDLE_SECONDS:
                     return  # fewer than announced (taken by another client meanwhile)
@@ -683,15 +672,7 @@ class DeadLetterSession:
 
     def republish(self, message: Outgoing) -> None:
         """Publish with ``mandatory`` (an unroutable message is not confirmed) and wait for the confirm."""
-        assert self._publish is not None, "open() first"
-        try:
-            self._publish.basic_publish(message.exchange, message.routing_key, message.body,
-                                        _props(message.properties), mandatory=True)
-        except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
-            raise PublishNotConfirmed(f"{message.exchange or '(default)'}/{message.routing_key}: "
-                                      f"{type(exc).__name__}") from exc
-        except _PIKA_ERRORS as exc:
-            raise _lost(exc) from exc
+        self.publish(message, mandatory=True)
 
     def remove(self, delivery: Delivery) -> None:
         """Ack: the message leaves the dead-letter queue."""
@@ -702,27 +683,18 @@ class DeadLetterSession:
             raise _lost(exc) from exc
         self._unacked.discard(delivery.delivery_tag)
 
-    def sleep(self, seconds: float) -> None:
-        """Wait while servicing heartbeats."""
-        assert self._conn is not None
-        try:
-            self._conn.sleep(seconds)
-        except _PIKA_ERRORS as exc:
-            raise _lost(exc) from exc
-
     def close(self) -> None:
         """Return every message not removed, in queue order, and disconnect."""
-        conn, self._conn = self._conn, None
-        if conn is None or not conn.is_open:
-            return
-        try:
-            if self._consume is not None and self._consume.is_open:
-                conn.process_data_events(time_limit=0)  # dispatch what is buffered, so it is returned in order
-                if self._tag is not None:
-                    self._consume.basic_cancel(self._tag)
-                if self._unacked:
-                    self._consume.basic_nack(max(self._unacked), multiple=True, requeue=True)
-                self._unacked.clear()
-            conn.close()
-        except _PIKA_ERRORS:
-            pass  # the broker returns whatever is unacked when the connection goes
+        conn = self._conn
+        if conn is not None and conn.is_open:
+            try:
+                if self._consume is not None and self._consume.is_open:
+                    conn.process_data_events(time_limit=0)  # dispatch what is buffered, so it is returned in order
+                    if self._tag is not None:
+                        self._consume.basic_cancel(self._tag)
+                    if self._unacked:
+                        self._consume.basic_nack(max(self._unacked), multiple=True, requeue=True)
+                    self._unacked.clear()
+            except _PIKA_ERRORS:
+                pass  # the broker returns whatever is unacked when the connection goes
+        super().close()

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, model_validator
 
-from schema.messages import MAX_ITEMS, MAX_QUANTITY, PayPalPayment, ProductId
+from schema.messages import MAX_ITEMS, MAX_QUANTITY, PayPalPayment, ProductId, check_item_form
 
 #: JSON carries UUIDs as strings: accept that form even though the model is strict
 JsonUuid = Annotated[uuid.UUID, Strict(False)]
@@ -95,11 +95,7 @@ class PlaceOrderRequest(_Request):
 
     @model_validator(mode="after")
     def _one_item_form(self) -> PlaceOrderRequest:
-        single = self.product_id is not None or self.quantity is not None
-        if self.items is not None and single:
-            raise ValueError("give either items or product_id + quantity, not both")
-        if self.items is None and (self.product_id is None or self.quantity is None):
-            raise ValueError("items is required (or product_id + quantity)")
+        check_item_form(self)
         return self
 
 
