@@ -6,7 +6,8 @@
      │    ├── Forbidden
      │    ├── IllegalTransition
      │    └── Mismatch          payment amount / currency / id disagree
-     └── RetryLater     the order it names does not exist yet: delay queue
+     ├── RetryLater     the order it names does not exist yet: delay queue
+     └── ManualActionRequired   only a person can finish it: dead-letter queue
 
 Infrastructure errors (database, broker) are not here: the worker sorts
 those in ``worker.errors``.
@@ -45,3 +46,10 @@ class RetryLater(HandlerError):
     """The command arrived before what it depends on (e.g. its PlaceOrder)."""
 
     code = "retry_later"
+
+
+class ManualActionRequired(HandlerError):
+    """The service cannot finish this itself (e.g. refund money it did not take):
+    the message goes to the dead-letter queue with the reason, for an operator."""
+
+    code = "manual_action_required"

@@ -45,6 +45,7 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
         return Outcome.of("unchanged", order, "payment was already confirmed")
 
     payment.provider_payment_id = cmd.payment_id
+    payment.provider = cmd.provider  # who took the money, and so who can give it back
     payment.confirmed_event_id = cmd.event_id
     payment.status = "succeeded"
     uow.save_payment(payment)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from handlers import events
-from handlers.errors import Mismatch, RetryLater
+from handlers.errors import ManualActionRequired, Mismatch, RetryLater
 from handlers.orders import CANCELLABLE, Order, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.payments.base import (
@@ -93,6 +93,9 @@ def prepare_start(cmd: Any, uow: UnitOfWork) -> Call | None:
 def apply_result(order: Order, payment: PaymentRecord, result: PaymentResult, msg: MessageContext, uow: UnitOfWork) -> Outcome:
     """Move the order by the provider's answer (start or capture)."""
     mid = msg.message_id
+    other = payment.provider_payment_id
+    if payment.confirmed_event_id is not None and result.provider_payment_id not in (None, "", other):
+        return _second_payment(order, result, mid, uow)
     payment.provider_payment_id = result.provider_payment_id or payment.provider_payment_id
     payment.capture_id = result.capture_id or payment.capture_id
     if result.outcome is PayOutcome.SUCCEEDED:
@@ -123,6 +126,16 @@ def apply_result(order: Order, payment: PaymentRecord, result: PaymentResult, ms
     return _reject(order, f"payment declined: {result.decline_reason or 'no reason given'}", mid, uow)
 
 
+def _second_payment(order: Order, result: PaymentResult, mid: str, uow: UnitOfWork) -> Outcome:
+    """The order was paid another way while this call was in flight: undo this one."""
+    pid = result.provider_payment_id
+    if result.outcome is PayOutcome.SUCCEEDED:
+        events.internal(uow, order, "RefundPayment", "payment.refund", f"{mid}:{pid}", payment_id=pid)
+    elif result.outcome in (PayOutcome.REQUIRES_ACTION, PayOutcome.PROCESSING):
+        events.internal(uow, order, "CancelPayment", "payment.cancel", f"{mid}:{pid}", payment_id=pid)
+    return Outcome.of("unchanged", order, f"order was already paid; second payment {pid} is given back")
+
+
 def _reject(order: Order, reason: str, mid: str, uow: UnitOfWork) -> Outcome:
     if order.status in CANCELLABLE:
         order.next_action = None
@@ -138,14 +151,22 @@ def record_start(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: Payment
 
 
 def record_failure(cmd: Any, msg: MessageContext, uow: UnitOfWork, error: PaymentError) -> Outcome:
-    """A permanent provider error: the order ends ``rejected`` (or refunds, see cancel)."""
+    """A permanent provider error, by step: a failed start rejects the order; a
+    cancel that finds the money taken becomes a refund; a failed refund needs a
+    person (dead-letter queue), since money must never be kept silently."""
     order, payment = _order_and_payment(uow, str(cmd.order_id))
+    second = getattr(cmd, "payment_id", None) if msg.message_type in ("CancelPayment", "RefundPayment") else None
+    if msg.message_type == "RefundPayment":
+        raise ManualActionRequired(f"refund of order {order.order_id} failed: {error}; refund it by hand, then purge")
     if isinstance(error, PaymentAlreadyCaptured):
-        if payment is not None:
+        if payment is not None and second is None:
             payment.status = "succeeded"
             uow.save_payment(payment)
-        events.internal(uow, order, "RefundPayment", "payment.refund", msg.message_id)
+        events.internal(uow, order, "RefundPayment", "payment.refund", msg.message_id,
+                        **({"payment_id": second} if second else {}))
         return Outcome.of("applied", order, str(error))
+    if msg.message_type == "CancelPayment":
+        return Outcome.of("unchanged", order, f"payment could not be cancelled: {error}")
     if payment is not None:
         payment.status = "failed"
         payment.last_error = str(error)[:1000]
@@ -176,6 +197,9 @@ record_capture = record_start
 
 def prepare_cancel(cmd: Any, uow: UnitOfWork) -> Call | None:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if cmd.payment_id is not None:  # a second payment, never recorded as the order's
+        key, second = idempotency_key(order.order_id, f"cancel-{cmd.payment_id}"), cmd.payment_id
+        return Call(order.payment_provider, lambda gateway: gateway.cancel(second, key))
     if payment is None or payment.provider_payment_id is None or payment.status not in ("requires_action", "processing"):
         return None  # nothing open at the provider (a start in flight settles itself)
     key = idempotency_key(order.order_id, "cancel")
@@ -185,7 +209,7 @@ def prepare_cancel(cmd: Any, uow: UnitOfWork) -> Call | None:
 
 def record_cancel(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None) -> Outcome:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
-    if payment is not None and payment.status in ("requires_action", "processing"):
+    if cmd.payment_id is None and payment is not None and payment.status in ("requires_action", "processing"):
         payment.status = "cancelled"
         uow.save_payment(payment)
     return Outcome.of("applied", order)
@@ -196,18 +220,29 @@ def record_cancel(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None)
 
 def prepare_refund(cmd: Any, uow: UnitOfWork) -> Call | None:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if cmd.payment_id is not None:  # a second payment, never recorded as the order's
+        key = idempotency_key(order.order_id, f"refund-{cmd.payment_id}")
+        second = PaymentResult(PayOutcome.SUCCEEDED, cmd.payment_id)
+        total, cur = order.total, order.currency
+        return Call(order.payment_provider, lambda gateway: gateway.refund(second, total, cur, key))
     if payment is None or payment.status == "refunded":
         return None
     if payment.provider_payment_id is None:
         raise RetryLater(f"payment of order {order.order_id} has no provider id yet")
+    if payment.provider not in ("stripe", "paypal"):
+        raise ManualActionRequired(
+            f"payment {payment.provider_payment_id} of cancelled order {order.order_id} was taken by the "
+            f"{payment.provider} payment service: refund it there, then purge this message")
     key = idempotency_key(order.order_id, "refund")
     taken = PaymentResult(PayOutcome.SUCCEEDED, payment.provider_payment_id, capture_id=payment.capture_id)
     amount, currency = payment.amount, payment.currency
-    return Call(order.payment_provider, lambda gateway: gateway.refund(taken, amount, currency, key))
+    return Call(payment.provider, lambda gateway: gateway.refund(taken, amount, currency, key))
 
 
 def record_refund(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: RefundResult | None) -> Outcome:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if cmd.payment_id is not None:
+        return Outcome.of("applied", order, f"second payment {cmd.payment_id} refunded")
     if payment is None or payment.status == "refunded" or result is None:
         return Outcome.of("unchanged", order)
     payment.status = "refunded"

@@ -144,11 +144,13 @@ class PaymentFailed(_OrderCommand):
 
 
 class RefundPayment(_OrderCommand):
-    pass
+    #: a second payment to give back (the order was paid another way meanwhile)
+    payment_id: Id | None = None
 
 
 class CancelPayment(_OrderCommand):
-    pass
+    #: a second payment to cancel (the order was paid another way meanwhile)
+    payment_id: Id | None = None
 
 
 COMMANDS: dict[str, type[_Strict]] = {

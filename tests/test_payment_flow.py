@@ -226,3 +226,36 @@ def test_payment_landing_after_a_cancel_is_refunded_once(pay, wait, make_place):
     assert pay.charges("stripe", order_id)["refunds"] == 1
     assert pay.events(order_id).count("order.refunded") == 1
     assert pay.order(order_id).status == "cancelled"
+
+
+def test_an_internal_payment_for_a_cancelled_order_is_handed_to_a_person_not_kept(pay, wait, commands_only):
+    """Hole found by the chaos run: the refund went to Stripe with the internal id and was lost."""
+    pay.start(*commands_only)
+    order_id = pay.place()
+    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "pending")
+    pay.bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "buyer", "roles": ["user"]}})
+    wait(lambda: pay.order(order_id).status == "cancelled")
+    pay.bus.publish("PaymentConfirmed", {"order_id": order_id, "provider": "internal", "payment_id": "int-7",
+                                         "amount": 300, "currency": "USD", "event_id": "int-evt-7"})
+    pay.start("--queue", "orders.payments")
+    dead = wait(lambda: [d for d in pay.bus.dead_letters() if d["type"] == "RefundPayment"], what="refund dead-lettered")
+    assert dead[0]["headers"]["x-error-class"] == "ManualActionRequired"
+    assert "int-7" in dead[0]["headers"]["x-error-message"]
+    o = pay.order(order_id)
+    assert (o.status, o.payment_status, o.provider_payment_id) == ("cancelled", "succeeded", "int-7")
+    assert pay.charges("stripe", order_id).get("refunds", 0) == 0
+
+
+def test_a_charge_landing_after_the_order_was_paid_another_way_is_refunded(pay, wait):
+    """Hole found by the chaos run: the late answer overwrote the payment and the money was taken twice."""
+    pay.fault("stripe", count=1, delay=1.5, path="/v1/payment_intents")
+    pay.start()
+    order_id = pay.place()
+    wait(lambda: pay.order(order_id) and pay.order(order_id).payment_status == "started", what="charge in flight")
+    pay.bus.publish("PaymentConfirmed", {"order_id": order_id, "provider": "internal", "payment_id": "int-8",
+                                         "amount": 300, "currency": "USD", "event_id": "int-evt-8"})
+    wait(lambda: pay.charges("stripe", order_id).get("refunds") == 1, timeout=40, what="second charge refunded")
+    o = pay.order(order_id)
+    assert (o.status, o.payment_status, o.provider_payment_id) == ("completed", "succeeded", "int-8")
+    assert pay.charges("stripe", order_id)["charges"] == 1
+    assert pay.events(order_id).count("order.completed") == 1

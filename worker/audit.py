@@ -60,8 +60,9 @@ def _checks(stuck_minutes: int) -> list[tuple[str, str, str, str]]:
          "SELECT p.order_id::text, o.status, p.refund_id FROM payments p JOIN orders o USING (order_id)"
          " WHERE p.status = 'refunded' AND o.status NOT IN ('cancelled', 'rejected')"),
         ("money-kept-for-ended-orders", "stuck", "money taken for a cancelled or rejected order, not yet refunded",
-         "SELECT p.order_id::text, o.status, p.updated_at::text FROM payments p JOIN orders o USING (order_id)"
-         f" WHERE p.status = 'succeeded' AND o.status IN ('cancelled', 'rejected') AND p.updated_at < {age}"),
+         "SELECT p.order_id::text, o.status, p.provider, p.provider_payment_id, p.updated_at::text FROM payments p"
+         " JOIN orders o USING (order_id) WHERE p.status = 'succeeded' AND o.status IN ('cancelled', 'rejected')"
+         f" AND p.updated_at < {age}"),
         ("outbox-published", "stuck", "events not yet published by the relay",
          f"SELECT id, event_id::text, routing_key, created_at::text FROM outbox"
          f" WHERE published_at IS NULL AND created_at < {age} ORDER BY id"),

@@ -19,7 +19,7 @@ import structlog
 from sqlalchemy import Engine, text
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
-from handlers.errors import Refused, RetryLater
+from handlers.errors import ManualActionRequired, Refused, RetryLater
 from handlers.outcome import MessageContext, Outcome
 from handlers.payment_step import PAYMENT_STEPS, record_failure
 from handlers.payments.base import PaymentGateway, PermanentPaymentError, TransientPaymentError
@@ -66,6 +66,9 @@ class PaymentStep:
                 outcome = self._run(step, command, ctx)
             except RetryLater as exc:
                 return Handled(d, Result.DEFERRED, error=exc, reason=str(exc), order_id=order_id)
+            except ManualActionRequired as exc:
+                log.error("payment step needs a person", reason=str(exc))
+                return Handled(d, Result.INVALID, error=exc, reason=str(exc), order_id=order_id)
             except Refused as exc:
                 log.warning("payment step refused", reason=str(exc))
                 return Handled(d, Result.REFUSED, error=exc, reason=str(exc), order_id=order_id)
