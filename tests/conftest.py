@@ -218,6 +218,14 @@ def clean_db(engine: Any) -> Any:
     from worker import catalogue
 
     with engine.begin() as conn:
+        # a process an earlier test killed may have left a session behind (e.g. behind a cut
+        # proxy, where PostgreSQL cannot see its client go): it must not hold up this test
+        conn.execute(text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ))
+    engine.dispose()  # our own pooled connections may have been among them
+    with engine.begin() as conn:
         conn.execute(text(
             "TRUNCATE orders, order_items, order_transitions, payments, inbox, outbox, products, dlq_audit"
         ))
