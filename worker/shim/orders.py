@@ -91,6 +91,27 @@ def _refusal(reply: dict[str, Any]) -> ApiError:
     return ApiError(409, str(reply.get("error") or "refused"), str(reply.get("message") or "refused"))
 
 
+def _enqueue(s: Shim, cmd: Command, prefer: str | None,
+             response: Response) -> tuple[dict[str, str], float | None, dict[str, Any] | None]:
+    """Publish ``cmd``; with ``Prefer: wait`` also wait for the worker's reply.
+
+    Returns the response headers, the wait's deadline (None when the caller
+    did not ask to wait) and the reply (None when none came in time); a
+    refusal is raised as its HTTP error.
+    """
+    wait = _wait_seconds(s, prefer)
+    headers = dict(response.headers)
+    if not wait:
+        s.publisher.send(cmd)
+        return headers, None, None
+    deadline = time.monotonic() + wait
+    reply = s.publisher.request(cmd, wait)
+    headers["Preference-Applied"] = f"wait={wait}"
+    if reply is not None and reply.get("result") == "refused":
+        raise _refusal(reply)
+    return headers, deadline, reply
+
+
 @router.post("/orders", status_code=202, response_model=Accepted, summary="Place an order",
              responses={201: {"model": OrderView, "description": "Placed (with `Prefer: wait`)."},
                         **_errors(400, 401, 403, 409, 413, 422, 429, 503)})
@@ -106,16 +127,9 @@ def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, princip
     if key:
         s.idempotency.claim("place", user, key, fingerprint(command))
     cmd = Command(COMMANDS_EXCHANGE, "order.place", "PlaceOrder", f"http-place-{order_id}", command)
-    wait = _wait_seconds(s, prefer)
-    headers = dict(response.headers)
-    if not wait:
-        s.publisher.send(cmd)
+    headers, deadline, reply = _enqueue(s, cmd, prefer, response)
+    if deadline is None:
         return _accepted(str(order_id), "pending", headers)
-    deadline = time.monotonic() + wait
-    reply = s.publisher.request(cmd, wait)
-    headers["Preference-Applied"] = f"wait={wait}"
-    if reply is not None and reply.get("result") == "refused":
-        raise _refusal(reply)
     view = None if reply is None else _settled_view(s, str(order_id), deadline, lambda v: v["status"] != "pending")
     if view is None or not principal.may_see(view["user_id"]):
         return _accepted(str(order_id), "pending", headers)
@@ -146,17 +160,8 @@ def cancel_order(order_id: uuid.UUID, response: Response, s: ShimDep, principal:
     if body is not None and body.reason:
         command["reason"] = body.reason
     cmd = Command(COMMANDS_EXCHANGE, "order.cancel", "CancelOrder", message_id, command)
-    wait = _wait_seconds(s, prefer)
-    headers = dict(response.headers)
-    if not wait:
-        s.publisher.send(cmd)
+    headers, deadline, reply = _enqueue(s, cmd, prefer, response)
+    if deadline is None or reply is None:
         return _accepted(str(order_id), "cancel_requested", headers)
-    deadline = time.monotonic() + wait
-    reply = s.publisher.request(cmd, wait)
-    headers["Preference-Applied"] = f"wait={wait}"
-    if reply is None:
-        return _accepted(str(order_id), "cancel_requested", headers)
-    if reply.get("result") == "refused":
-        raise _refusal(reply)
     settled = _settled_view(s, str(order_id), deadline, lambda v: v["status"] == reply.get("status"))
     return JSONResponse(OrderView.of(settled or view).model_dump(mode="json"), 200, headers)
