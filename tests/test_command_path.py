@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import signal
-import threading
 import uuid
 from collections import Counter
 from typing import Any

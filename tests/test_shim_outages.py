@@ -150,7 +150,7 @@ def test_rabbitmq_unreachable_answers_503_with_retry_after_and_loses_nothing(
         worker, start_shim, amqp_url, clean_db, tcp_proxy, wait):
     proxy = tcp_proxy(5672)
     url = amqp_url.replace(":5672/", f":{proxy.port}/")
-    shim = start_shim(ORDERS_RABBITMQ__URL=url, ORDERS_SHIM__PUBLISHER_ACQUIRE_TIMEOUT_SECONDS="1")
+    shim = start_shim(ORDERS_RABBITMQ__URL=url, ORDERS_SHIM__PUBLISH_TIMEOUT_SECONDS="1")
     assert shim.place("frank").status_code == 202
 
     keys = [f"outage-{uuid.uuid4()}" for _ in range(40)]

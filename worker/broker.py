@@ -1,7 +1,8 @@
-"""RabbitMQ: the only module that imports pika.
+"""RabbitMQ for the workers, the relay and the CLI (the shim's asyncio channel is
+in :mod:`worker.shim.amqp`; no other module imports pika).
 
 Topology, the batch consumer used by the workers, a blocking confirmed
-publisher (shim, CLI, retries) and a pipelined confirmed publisher (relay).
+publisher (CLI, retries) and a pipelined confirmed publisher (relay).
 pika's exceptions become :class:`worker.errors.ConnectionLost` /
 :class:`worker.errors.PublishNotConfirmed` here, at the border.
 
@@ -401,132 +402,10 @@ class PipelinedPublisher:
             conn.ioloop.close()
 
 
-# -- the HTTP shim: a pool of confirmed channels with direct reply-to ----------------
+# -- the HTTP shim (worker/shim/amqp.py holds its asyncio channel) -------------------
 
 #: RabbitMQ's pseudo-queue for direct reply-to (no queue is declared)
 REPLY_TO = "amq.rabbitmq.reply-to"
-
-
-class ReplyChannel:
-    """A confirmed publishing channel that can also await a direct reply-to answer.
-
-    Owns its connection (pika connections are not thread-safe); the pool hands
-    it to one thread at a time.  Consuming ``amq.rabbitmq.reply-to`` with
-    auto-ack on the same channel as the publish is what RabbitMQ requires.
-    """
-
-    def __init__(self, url: str, heartbeat: int) -> None:
-        self._broker = BlockingBroker(url, heartbeat)
-        self._replies: dict[str, bytes] = {}
-        self._consuming = False
-        self.last_used = time.monotonic()
-
-    def connect(self) -> "ReplyChannel":
-        self._broker.connect()
-        return self
-
-    @property
-    def is_open(self) -> bool:
-        return self._broker.is_open
-
-    def publish(self, message: Outgoing) -> None:
-        """Publish (mandatory: an unroutable command is an error) and wait for the confirm."""
-        self._broker.publish(message, mandatory=True)
-
-    def request(self, message: Outgoing, timeout: float) -> bytes | None:
-        """Publish with ``reply_to`` set and wait up to ``timeout`` for the answer (None: none came)."""
-        channel = self._broker.channel()
-        self._replies.clear()  # answers to earlier, abandoned requests
-        try:
-            if not self._consuming:
-                channel.basic_consume(REPLY_TO, self._on_reply, auto_ack=True)
-                self._consuming = True
-        except _PIKA_ERRORS as exc:
-            raise _lost(exc) from exc
-        props = dict(message.properties)
-        correlation = props.get("correlation_id") or props.get("message_id") or ""
-        props.update(reply_to=REPLY_TO, correlation_id=correlation)
-        self.publish(Outgoing(message.exchange, message.routing_key, message.body, props))
-        deadline = time.monotonic() + timeout
-        while correlation not in self._replies:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                assert self._broker._conn is not None
-                self._broker._conn.process_data_events(time_limit=min(remaining, 0.05))
-            except _PIKA_ERRORS as exc:
-                raise _lost(exc) from exc
-        return self._replies.pop(correlation)
-
-    def _on_reply(self, _ch: Any, _method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
-        self._replies[props.correlation_id or ""] = body
-
-    def ping(self) -> None:
-        """Service the connection (heartbeats); raises ConnectionLost when it is gone."""
-        try:
-            assert self._broker._conn is not None
-            self._broker._conn.process_data_events(time_limit=0)
-        except (_PIKA_ERRORS + (AssertionError,)) as exc:
-            raise _lost(exc) from exc
-
-    def close(self) -> None:
-        self._broker.close()
-
-
-class ChannelPool:
-    """Up to ``size`` :class:`ReplyChannel` s shared by a process's threads.
-
-    A thread takes a channel for one publish (or one request and its wait)
-    and gives it back; threads never share a channel, and no lock is held
-    while publishing, so ``size`` publishes proceed at once.  A channel idle
-    longer than a heartbeat, or one that failed, is replaced by a fresh
-    connection, since the broker may have closed it meanwhile.
-    """
-
-    def __init__(self, url: str, heartbeat: int, size: int, acquire_timeout: float) -> None:
-        import queue
-        import threading
-
-        self._url, self._heartbeat = url, heartbeat
-        self._acquire_timeout = acquire_timeout
-        self._slots = threading.BoundedSemaphore(size)
-        self._idle: "queue.LifoQueue[ReplyChannel]" = queue.LifoQueue()
-        self._empty = queue.Empty
-
-    def _take(self) -> ReplyChannel:
-        try:
-            channel = self._idle.get_nowait()
-        except self._empty:
-            return ReplyChannel(self._url, self._heartbeat).connect()
-        if channel.is_open and time.monotonic() - channel.last_used < self._heartbeat:
-            return channel
-        channel.close()
-        return ReplyChannel(self._url, self._heartbeat).connect()
-
-    def run(self, work: Callable[[ReplyChannel], Any]) -> Any:
-        """Call ``work(channel)`` on a pooled channel; BrokerError when none is free or it fails."""
-        if not self._slots.acquire(timeout=self._acquire_timeout):
-            raise ConnectionLost(f"no publishing channel free within {self._acquire_timeout}s")
-        try:
-            channel = self._take()
-            try:
-                result = work(channel)
-            except BaseException:
-                channel.close()  # its state is unknown: never reuse it
-                raise
-            channel.last_used = time.monotonic()
-            self._idle.put(channel)
-            return result
-        finally:
-            self._slots.release()
-
-    def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except self._empty:
-                return
 
 
 # -- operator tools: queue depths, topology check, the dead-letter queue ----------

@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-import time
-
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 import structlog
 from sqlalchemy import Engine, text
 
+from worker.redis_gate import RedisGate
 from worker.settings import RedisSettings
 
 log = structlog.get_logger("worker.read_model")
@@ -69,59 +70,73 @@ def load_views(engine: Engine, order_ids: Iterable[str]) -> dict[str, dict[str, 
     return views
 
 
-#: after a Redis failure, skip Redis for this long before trying it again (seconds)
-REDIS_RETRY_AFTER = 5.0
-
-
 def make_redis(cfg: RedisSettings) -> redis.Redis:
     # one quick attempt: a cache that is down must cost a read milliseconds, not seconds
     return redis.Redis(host=cfg.host, port=cfg.port, db=cfg.db, socket_timeout=0.5,
                        socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0), health_check_interval=30)
 
 
-class OrderCache:
-    """Read-through cache of order views; every Redis failure degrades to PostgreSQL."""
+#: connections of one shim process to Redis; a request waits up to a socket timeout for a free one
+ASYNC_POOL_SIZE = 32
 
-    def __init__(self, engine: Engine, client: redis.Redis, ttl_seconds: int, metrics: Any = None) -> None:
+
+def make_async_redis(cfg: RedisSettings) -> aioredis.Redis:
+    """The asyncio client of the shim, with the same quick-failure settings.
+
+    A bounded pool: under a burst, requests queue for one of
+    :data:`ASYNC_POOL_SIZE` connections instead of opening hundreds.
+    """
+    pool = aioredis.BlockingConnectionPool(
+        max_connections=ASYNC_POOL_SIZE, timeout=0.5, host=cfg.host, port=cfg.port, db=cfg.db,
+        socket_timeout=0.5, socket_connect_timeout=0.5, retry=AsyncRetry(NoBackoff(), 0), health_check_interval=30)
+    return aioredis.Redis(connection_pool=pool)
+
+
+def _store_args(view: dict[str, Any], ttl: int) -> list[Any]:
+    return [view["version"], json.dumps(view, separators=(",", ":")), ttl]
+
+
+class _CachedViews:
+    """What the blocking and the asyncio caches share: settings, counting, decoding."""
+
+    def __init__(self, engine: Engine, client: Any, ttl_seconds: int, metrics: Any = None,
+                 gate: RedisGate | None = None) -> None:
         self.engine = engine
         self.redis = client
         self.ttl = ttl_seconds
         self.metrics = metrics
-        self._redis_down = False
-        self._skip_until = 0.0
+        self.gate = gate or RedisGate("order views")
         self._store_script = client.register_script(_STORE_IF_NEWER)
 
-    def _note(self, ok: bool, exc: Exception | None = None) -> None:
-        if ok and self._redis_down:
-            log.info("redis available again")
-        elif not ok and not self._redis_down:
-            log.warning("redis unavailable; serving from PostgreSQL", error=str(exc))
-        self._redis_down = not ok
-        if not ok:
-            self._skip_until = time.monotonic() + REDIS_RETRY_AFTER
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.cache(result)
 
-    def _usable(self) -> bool:
-        return not self._redis_down or time.monotonic() >= self._skip_until
+    def _cached(self, raw: bytes | None) -> dict[str, Any] | None:
+        """The view Redis gave (counted as a hit), or None: a miss, or an error while Redis is down."""
+        if raw is not None:
+            self._count("hit")
+            return json.loads(raw)  # type: ignore[no-any-return]
+        self._count("error" if self.gate.down else "miss")
+        return None
+
+
+class OrderCache(_CachedViews):
+    """Read-through cache of order views; every Redis failure degrades to PostgreSQL."""
 
     def get(self, order_id: str) -> dict[str, Any] | None:
-        cached = None
-        if self._usable():
+        raw = None
+        if self.gate.usable():
             try:
-                cached = self.redis.hget(KEY_PREFIX + order_id, "view")
-                self._note(True)
+                raw = self.redis.hget(KEY_PREFIX + order_id, "view")
+                self.gate.succeeded()
             except redis.RedisError as exc:
-                self._note(False, exc)
-        if self._redis_down and self.metrics is not None:
-            self.metrics.cache("error")
-        if cached is not None:
-            if self.metrics is not None:
-                self.metrics.cache("hit")
-            return json.loads(cached)
-        if self.metrics is not None and not self._redis_down:
-            self.metrics.cache("miss")
-        view = load_views(self.engine, [order_id]).get(order_id)
-        if view is not None:
-            self._store({order_id: view})
+                self.gate.failed(exc)
+        view = self._cached(raw)
+        if view is None:
+            view = load_views(self.engine, [order_id]).get(order_id)
+            if view is not None:
+                self._store({order_id: view})
         return view
 
     def refresh(self, order_ids: Iterable[str]) -> None:
@@ -129,15 +144,43 @@ class OrderCache:
         self._store(load_views(self.engine, order_ids))
 
     def _store(self, views: dict[str, dict[str, Any]]) -> None:
-        if not views or not self._usable():
+        if not views or not self.gate.usable():
             return
         try:
             pipe = self.redis.pipeline(transaction=False)
             for order_id, view in views.items():
-                self._store_script(keys=[KEY_PREFIX + order_id],
-                                   args=[view["version"], json.dumps(view, separators=(",", ":")), self.ttl],
-                                   client=pipe)
+                self._store_script(keys=[KEY_PREFIX + order_id], args=_store_args(view, self.ttl), client=pipe)
             pipe.execute()
-            self._note(True)
+            self.gate.succeeded()
         except redis.RedisError as exc:
-            self._note(False, exc)
+            self.gate.failed(exc)
+
+
+class AsyncOrderCache(_CachedViews):
+    """:class:`OrderCache`'s read path for the shim's event loop.
+
+    Redis is asked without leaving the loop; a miss (or Redis down) reads
+    PostgreSQL in the thread pool, since SQLAlchemy's engine is synchronous.
+    """
+
+    async def get(self, order_id: str) -> dict[str, Any] | None:
+        from starlette.concurrency import run_in_threadpool
+
+        raw = None
+        if self.gate.usable():
+            try:
+                raw = await self.redis.hget(KEY_PREFIX + order_id, "view")
+                self.gate.succeeded()
+            except redis.RedisError as exc:
+                self.gate.failed(exc)
+        view = self._cached(raw)
+        if view is not None:
+            return view
+        view = (await run_in_threadpool(load_views, self.engine, [order_id])).get(order_id)
+        if view is not None and self.gate.usable():
+            try:
+                await self._store_script(keys=[KEY_PREFIX + order_id], args=_store_args(view, self.ttl))
+                self.gate.succeeded()
+            except redis.RedisError as exc:
+                self.gate.failed(exc)
+        return view

@@ -123,10 +123,8 @@ class ShimSettings(_Section):
     webhook_tolerance_seconds: int = Field(default=300, gt=0)
     #: longest ``Prefer: wait=N`` honoured
     max_wait_seconds: int = Field(default=30, ge=0, le=30)
-    #: pika connections (one confirmed channel each) per shim process
-    publisher_channels: int = Field(default=16, ge=1)
-    #: how long a request waits for a free channel before answering 503
-    publisher_acquire_timeout_seconds: float = Field(default=2.0, gt=0)
+    #: how long a request waits for the broker (connecting, then the publish's confirm) before answering 503
+    publish_timeout_seconds: float = Field(default=5.0, gt=0)
     #: how long an Idempotency-Key is remembered
     idempotency_ttl_seconds: int = Field(default=86400, gt=0)
     #: largest request body accepted (bytes); larger answers 413

@@ -3,9 +3,10 @@
 ``create_app(settings)`` wires the process's resources (nothing connects
 until first use, so it is safe before uvicorn forks its workers);
 ``from_environment`` is the factory uvicorn imports when it runs several
-worker processes.  Endpoint handlers are plain ``def`` functions: they block
-on pika, Redis and PostgreSQL in Starlette's thread pool, each on a channel
-or connection of its own.
+worker processes.  Endpoint handlers are ``async``: RabbitMQ (pika's asyncio
+adapter, one pipelined confirmed channel per process) and Redis (redis-py's
+asyncio client) are asked on the event loop; PostgreSQL reads, the payment
+SDKs and webhook verification run in Starlette's thread pool.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from fastapi import FastAPI
 
 from handlers.payments import build_gateways
 from worker import db
-from worker.broker import ChannelPool
-from worker.read_model import OrderCache, make_redis
+from worker.read_model import AsyncOrderCache, make_async_redis
+from worker.redis_gate import RedisGate
 from worker.settings import Settings, load_settings
 from worker.shim import errors
+from worker.shim.amqp import AsyncChannel
 from worker.shim.auth import Authenticator
 from worker.shim.context import Shim
 from worker.shim.idempotency import IdempotencyStore
@@ -103,17 +105,17 @@ def build_shim(settings: Settings) -> Shim:
     cfg = settings.shim
     metrics = ShimMetrics()
     engine = db.make_engine(settings.database)
-    client = make_redis(settings.redis)
-    pool = ChannelPool(settings.rabbitmq.url.get_secret_value(), settings.rabbitmq.heartbeat_seconds,
-                       cfg.publisher_channels, cfg.publisher_acquire_timeout_seconds)
+    client = make_async_redis(settings.redis)
+    gate = RedisGate("the shim")  # one Redis: a failure seen by any user of it spares the others
+    channel = AsyncChannel(settings.rabbitmq.url.get_secret_value(), settings.rabbitmq.heartbeat_seconds)
     limits = {"place": (cfg.place_rate_per_minute, cfg.place_rate_per_minute_per_address),
               "read": (cfg.read_rate_per_minute, cfg.read_rate_per_minute_per_address)}
     return Shim(
         settings=settings, engine=engine, redis=client,
-        cache=OrderCache(engine, client, settings.redis.cache_ttl_seconds, metrics=metrics),
-        publisher=CommandPublisher(pool, metrics), gateways=build_gateways(settings),
-        auth=Authenticator(cfg), limiter=RateLimiter(client, limits, metrics),
-        idempotency=IdempotencyStore(client, cfg.idempotency_ttl_seconds), metrics=metrics,
+        cache=AsyncOrderCache(engine, client, settings.redis.cache_ttl_seconds, metrics=metrics, gate=gate),
+        publisher=CommandPublisher(channel, cfg.publish_timeout_seconds, metrics), gateways=build_gateways(settings),
+        auth=Authenticator(cfg), limiter=RateLimiter(client, limits, metrics, gate),
+        idempotency=IdempotencyStore(client, cfg.idempotency_ttl_seconds, gate), metrics=metrics,
     )
 
 
@@ -125,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         shim.publisher.close()
+        await shim.redis.aclose()
         shim.engine.dispose()
 
     app = FastAPI(title="Order service HTTP API", version="1.0.0", lifespan=lifespan,

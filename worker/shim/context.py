@@ -1,7 +1,7 @@
 """What every request handler needs, built once per process, and the auth dependencies.
 
 :class:`Shim` holds the process's resources (engine, Redis, cache, channel
-pool, gateways, limiter); ``create_app`` builds it at start-up and stores it
+publisher, gateways, limiter); ``create_app`` builds it at start-up and stores it
 on ``app.state``.  The dependencies authenticate the caller and apply the
 rate limit of the route's kind (``place`` for writes, ``read`` for reads).
 """
@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 
 from handlers.payments.base import PaymentGateway
-from worker.read_model import OrderCache
+from worker.read_model import AsyncOrderCache
 from worker.settings import Settings
 from worker.shim.auth import Authenticator, Principal
 from worker.shim.errors import ApiError
@@ -32,7 +32,7 @@ class Shim:
     settings: Settings
     engine: Engine
     redis: Any
-    cache: OrderCache
+    cache: AsyncOrderCache
     publisher: CommandPublisher
     gateways: Mapping[str, PaymentGateway]
     auth: Authenticator
@@ -59,10 +59,10 @@ async def authenticated(request: Request, s: ShimDep,
 
 
 def _limited(kind: str) -> Any:
-    def dependency(request: Request, response: Response, s: ShimDep,
-                   principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    async def dependency(request: Request, response: Response, s: ShimDep,
+                         principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
         address = request.client.host if request.client else "unknown"
-        decision = s.limiter.check(kind, principal.user_id, address)
+        decision = await s.limiter.check(kind, principal.user_id, address)
         if decision is None:  # Redis down: served without limits (see ratelimit)
             return principal
         if not decision.allowed:

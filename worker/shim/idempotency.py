@@ -17,16 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 import uuid
 from typing import Any
 
 import redis
-import structlog
+import redis.asyncio as aioredis
 
+from worker.redis_gate import RedisGate
 from worker.shim.errors import ApiError
-
-log = structlog.get_logger("worker.shim.idempotency")
 
 #: namespace of ids derived from (kind, user, Idempotency-Key)
 NAMESPACE = uuid.UUID("0b7f5a8e-6a55-4f57-8d3c-5a3c7f2e9d14")
@@ -34,7 +32,6 @@ KEY_PREFIX = "orders:idem:"
 #: visible ASCII, at most 128 characters (the message id must stay ≤ 200)
 KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"
 _VALID_KEY = re.compile(KEY_PATTERN)
-REDIS_RETRY_AFTER = 5.0
 
 
 def validate_key(key: str | None) -> str | None:
@@ -59,23 +56,26 @@ def fingerprint(body: dict[str, Any]) -> str:
 class IdempotencyStore:
     """Remembers the body fingerprint each key was first used with."""
 
-    def __init__(self, client: redis.Redis, ttl_seconds: int) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_seconds: int, gate: RedisGate | None = None) -> None:
         self._redis = client
         self._ttl = ttl_seconds
-        self._skip_until = 0.0
+        self._gate = gate or RedisGate("idempotency keys")
 
-    def claim(self, kind: str, user: str, key: str, body_hash: str) -> None:
-        """Record the first use of ``key``; 422 ApiError when it was used with another body."""
-        if time.monotonic() < self._skip_until:
+    async def claim(self, kind: str, user: str, key: str, body_hash: str) -> None:
+        """Record the first use of ``key``; 422 ApiError when it was used with another body.
+
+        With Redis down the check is skipped (derived ids keep replays stable).
+        """
+        if not self._gate.usable():
             return
         name = f"{KEY_PREFIX}{kind}:{derived_id(kind, user, key)}"
         try:
             # SET NX GET: stores only the first use and returns what was there (Redis ≥ 7)
-            previous = self._redis.set(name, body_hash, nx=True, ex=self._ttl, get=True)
+            previous = await self._redis.set(name, body_hash, nx=True, ex=self._ttl, get=True)
         except redis.RedisError as exc:
-            log.warning("idempotency store unavailable; relying on derived ids", error=str(exc))
-            self._skip_until = time.monotonic() + REDIS_RETRY_AFTER
+            self._gate.failed(exc)
             return
+        self._gate.succeeded()
         if isinstance(previous, bytes) and previous.decode() != body_hash:
             raise ApiError(422, "idempotency_key_reused",
                            "this Idempotency-Key was already used with a different request body")

@@ -23,9 +23,9 @@ async def healthz() -> Health:
     return Health()
 
 
-def _check(probe: Any) -> str:
+async def _check(probe: Any) -> str:
     try:
-        probe()
+        await probe()
         return "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready; the kind is reported
         return f"unavailable: {type(exc).__name__}"
@@ -33,12 +33,16 @@ def _check(probe: Any) -> str:
 
 @router.get("/readyz", response_model=Readiness, tags=["operations"], summary="Dependencies reachable",
             responses={503: {"model": Readiness, "description": "A dependency is unreachable."}})
-def readyz(s: ShimDep) -> Any:
-    def postgres() -> None:
+async def readyz(s: ShimDep) -> Any:
+    def select_one() -> None:
         with s.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
-    checks = {"postgresql": _check(postgres), "rabbitmq": _check(s.publisher.ping), "redis": _check(s.redis.ping)}
+    async def postgres() -> None:
+        await run_in_threadpool(select_one)
+
+    checks = {"postgresql": await _check(postgres), "rabbitmq": await _check(s.publisher.ping),
+              "redis": await _check(s.redis.ping)}
     ready = all(v == "ok" for v in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks)  # type: ignore[arg-type]
     if ready:
@@ -66,5 +70,5 @@ async def payment_confirmation(request: Request, s: ShimDep) -> WebhookAccepted:
     headers = dict(request.headers)
     event_id, command = await run_in_threadpool(to_publish, s.settings.shim, s.gateways, body, headers)
     if command is not None:
-        await run_in_threadpool(s.publisher.send, command)
+        await s.publisher.send(command)
     return WebhookAccepted(enqueued=command is not None, event_id=event_id)

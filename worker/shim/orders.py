@@ -2,10 +2,13 @@
 
 Each enqueues a command (or reads the cache) and answers; the worker decides.
 ``Prefer: wait=N`` waits for the worker's outcome through direct reply-to.
+Handlers run on the event loop: Redis and RabbitMQ are asked without a
+thread; only a PostgreSQL read (a cache miss) goes to the thread pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -55,27 +58,27 @@ def _wait_seconds(s: Shim, prefer: str | None) -> int:
     return min(int(match.group(1)), s.settings.shim.max_wait_seconds) if match else 0
 
 
-def _view(s: Shim, order_id: str) -> dict[str, Any] | None:
+async def _view(s: Shim, order_id: str) -> dict[str, Any] | None:
     try:
-        return s.cache.get(order_id)
+        return await s.cache.get(order_id)
     except sa_exc.SQLAlchemyError:
         raise ApiError(503, "database_unavailable", "orders cannot be read now; retry later",
                        {"Retry-After": "5"}) from None
 
 
-def _owned_view(s: Shim, principal: Principal, order_id: uuid.UUID) -> dict[str, Any]:
-    view = _view(s, str(order_id))
+async def _owned_view(s: Shim, principal: Principal, order_id: uuid.UUID) -> dict[str, Any]:
+    view = await _view(s, str(order_id))
     if view is None or not principal.may_see(view["user_id"]):  # someone else's order: not found, not 403
         raise ApiError(404, "order_not_found", f"order {order_id} not found")
     return view
 
 
-def _settled_view(s: Shim, order_id: str, deadline: float, done: Any) -> dict[str, Any] | None:
+async def _settled_view(s: Shim, order_id: str, deadline: float, done: Any) -> dict[str, Any] | None:
     """Poll the read model until ``done(view)`` or the deadline; the last view seen."""
-    view = _view(s, order_id)
+    view = await _view(s, order_id)
     while (view is None or not done(view)) and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
-        view = _view(s, order_id)
+        await asyncio.sleep(POLL_SECONDS)
+        view = await _view(s, order_id)
     return view
 
 
@@ -91,7 +94,7 @@ def _refusal(reply: dict[str, Any]) -> ApiError:
     return ApiError(409, str(reply.get("error") or "refused"), str(reply.get("message") or "refused"))
 
 
-def _enqueue(s: Shim, cmd: Command, prefer: str | None,
+async def _enqueue(s: Shim, cmd: Command, prefer: str | None,
              response: Response) -> tuple[dict[str, str], float | None, dict[str, Any] | None]:
     """Publish ``cmd``; with ``Prefer: wait`` also wait for the worker's reply.
 
@@ -102,10 +105,10 @@ def _enqueue(s: Shim, cmd: Command, prefer: str | None,
     wait = _wait_seconds(s, prefer)
     headers = dict(response.headers)
     if not wait:
-        s.publisher.send(cmd)
+        await s.publisher.send(cmd)
         return headers, None, None
     deadline = time.monotonic() + wait
-    reply = s.publisher.request(cmd, wait)
+    reply = await s.publisher.request(cmd, wait)
     headers["Preference-Applied"] = f"wait={wait}"
     if reply is not None and reply.get("result") == "refused":
         raise _refusal(reply)
@@ -115,7 +118,7 @@ def _enqueue(s: Shim, cmd: Command, prefer: str | None,
 @router.post("/orders", status_code=202, response_model=Accepted, summary="Place an order",
              responses={201: {"model": OrderView, "description": "Placed (with `Prefer: wait`)."},
                         **_errors(400, 401, 403, 409, 413, 422, 429, 503)})
-def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, principal: PlaceCaller,
+async def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, principal: PlaceCaller,
                 idempotency_key: IdempotencyKey = None, prefer: Prefer = None) -> Any:
     if body.user_id is not None and body.user_id != principal.user_id and not principal.is_admin:
         raise ApiError(403, "forbidden", "a user may place orders only for itself")
@@ -125,12 +128,12 @@ def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, princip
     command = body.model_dump(mode="json", exclude_none=True) | {"user_id": user, "order_id": str(order_id)}
     PlaceOrder.model_validate_json(json.dumps(command))  # the worker's own check, at the edge too
     if key:
-        s.idempotency.claim("place", user, key, fingerprint(command))
+        await s.idempotency.claim("place", user, key, fingerprint(command))
     cmd = Command(COMMANDS_EXCHANGE, "order.place", "PlaceOrder", f"http-place-{order_id}", command)
-    headers, deadline, reply = _enqueue(s, cmd, prefer, response)
+    headers, deadline, reply = await _enqueue(s, cmd, prefer, response)
     if deadline is None:
         return _accepted(str(order_id), "pending", headers)
-    view = None if reply is None else _settled_view(s, str(order_id), deadline, lambda v: v["status"] != "pending")
+    view = None if reply is None else await _settled_view(s, str(order_id), deadline, lambda v: v["status"] != "pending")
     if view is None or not principal.may_see(view["user_id"]):
         return _accepted(str(order_id), "pending", headers)
     return JSONResponse(OrderView.of(view).model_dump(mode="json"), 201,
@@ -139,17 +142,17 @@ def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, princip
 
 @router.get("/orders/{order_id}", response_model=OrderView, summary="Read an order",
             responses=_errors(401, 404, 422, 429, 503))
-def get_order(order_id: uuid.UUID, s: ShimDep, principal: ReadCaller) -> Any:
-    return OrderView.of(_owned_view(s, principal, order_id))
+async def get_order(order_id: uuid.UUID, s: ShimDep, principal: ReadCaller) -> Any:
+    return OrderView.of(await _owned_view(s, principal, order_id))
 
 
 @router.put("/orders/{order_id}/cancel", status_code=202, response_model=Accepted, summary="Cancel an order",
             responses={200: {"model": OrderView, "description": "Cancelled (with `Prefer: wait`)."},
                        **_errors(400, 401, 404, 409, 413, 422, 429, 503)})
-def cancel_order(order_id: uuid.UUID, response: Response, s: ShimDep, principal: PlaceCaller,
+async def cancel_order(order_id: uuid.UUID, response: Response, s: ShimDep, principal: PlaceCaller,
                  body: Annotated[CancelRequest | None, Body()] = None,
                  idempotency_key: IdempotencyKey = None, prefer: Prefer = None) -> Any:
-    view = _owned_view(s, principal, order_id)
+    view = await _owned_view(s, principal, order_id)
     if view["status"] == "cancelled":
         raise ApiError(409, "already_cancelled", f"order {order_id} is already cancelled")
     if view["status"] not in ("pending", "awaiting_payment"):
@@ -160,8 +163,8 @@ def cancel_order(order_id: uuid.UUID, response: Response, s: ShimDep, principal:
     if body is not None and body.reason:
         command["reason"] = body.reason
     cmd = Command(COMMANDS_EXCHANGE, "order.cancel", "CancelOrder", message_id, command)
-    headers, deadline, reply = _enqueue(s, cmd, prefer, response)
+    headers, deadline, reply = await _enqueue(s, cmd, prefer, response)
     if deadline is None or reply is None:
         return _accepted(str(order_id), "cancel_requested", headers)
-    settled = _settled_view(s, str(order_id), deadline, lambda v: v["status"] == reply.get("status"))
+    settled = await _settled_view(s, str(order_id), deadline, lambda v: v["status"] == reply.get("status"))
     return JSONResponse(OrderView.of(settled or view).model_dump(mode="json"), 200, headers)

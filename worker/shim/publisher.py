@@ -1,10 +1,11 @@
-"""Publishing commands from request threads, under publisher confirms.
+"""Publishing commands from request handlers, under publisher confirms.
 
 A 202 is only ever answered after the broker confirmed the command; any
-broker failure (unreachable, connection lost, nack, no free channel) becomes
-503 with ``Retry-After``.  Publishing twice is harmless: the command's
-``message_id`` is stable and the worker's inbox applies it once, so a
-channel found dead is replaced and the publish repeated once.
+broker failure (unreachable, connection lost, nack, no confirm within
+``shim.publish_timeout_seconds``) becomes 503 with ``Retry-After``.
+Publishing twice is harmless: the command's ``message_id`` is stable and the
+worker's inbox applies it once, so a publish that met a dead connection is
+repeated once on a fresh one.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 
 import structlog
 
-from worker.broker import ChannelPool, Outgoing, ReplyChannel
+from worker.broker import Outgoing
 from worker.errors import BrokerError, ConnectionLost
+from worker.shim.amqp import AsyncChannel
 from worker.shim.errors import ApiError
 
 log = structlog.get_logger("worker.shim.publisher")
@@ -48,19 +50,20 @@ def unavailable(message: str = "the message broker is unavailable; retry later")
 
 
 class CommandPublisher:
-    """Confirmed publishes (and direct reply-to requests) through a :class:`ChannelPool`."""
+    """Confirmed publishes (and direct reply-to requests) on the process's :class:`AsyncChannel`."""
 
-    def __init__(self, pool: ChannelPool, metrics: Any = None) -> None:
-        self._pool = pool
+    def __init__(self, channel: AsyncChannel, timeout: float, metrics: Any = None) -> None:
+        self._channel = channel
+        self._timeout = timeout
         self._metrics = metrics
 
-    def send(self, command: Command) -> None:
+    async def send(self, command: Command) -> None:
         """Publish and wait for the confirm; 503 ApiError otherwise."""
-        self._run(command, lambda ch: ch.publish(command.outgoing()))
+        await self._run(command, lambda: self._channel.publish(command.outgoing(), self._timeout))
 
-    def request(self, command: Command, timeout: float) -> dict[str, Any] | None:
+    async def request(self, command: Command, timeout: float) -> dict[str, Any] | None:
         """Publish, then wait up to ``timeout`` s for the worker's outcome (None: not in time)."""
-        raw = self._run(command, lambda ch: ch.request(command.outgoing(), timeout))
+        raw = await self._run(command, lambda: self._channel.request(command.outgoing(), timeout))
         if raw is None:
             return None
         try:
@@ -70,20 +73,20 @@ class CommandPublisher:
         return reply if isinstance(reply, dict) else None
 
     def close(self) -> None:
-        self._pool.close()
+        self._channel.close()
 
-    def ping(self) -> None:
-        """Raise BrokerError unless a channel can be had (readiness)."""
-        self._pool.run(ReplyChannel.ping)
+    async def ping(self) -> None:
+        """Raise BrokerError unless the channel is open or can be opened (readiness)."""
+        await self._channel.ping(self._timeout)
 
-    def _run(self, command: Command, work: Any) -> Any:
+    async def _run(self, command: Command, work: Any) -> Any:
         for attempt in (1, 2):
             try:
-                result = self._pool.run(work)
+                result = await work()
                 self._count(command, "confirmed")
                 return result
-            except ConnectionLost as exc:
-                if attempt == 2:
+            except (ConnectionLost, TimeoutError) as exc:
+                if attempt == 2 or isinstance(exc, TimeoutError):
                     return self._fail(command, exc)
             except BrokerError as exc:  # nacked or unroutable: repeating now would not help
                 return self._fail(command, exc)
@@ -92,7 +95,7 @@ class CommandPublisher:
     def _fail(self, command: Command, exc: BaseException) -> Any:
         self._count(command, "failed")
         log.warning("command not confirmed", type=command.message_type, message_id=command.message_id,
-                    error=str(exc))
+                    error=str(exc) or type(exc).__name__)
         raise unavailable() from None
 
     def _count(self, command: Command, outcome: str) -> None:

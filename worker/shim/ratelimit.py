@@ -14,17 +14,14 @@ all, so a dead Redis costs requests nothing.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import redis
-import structlog
+import redis.asyncio as aioredis
 
-log = structlog.get_logger("worker.shim.ratelimit")
+from worker.redis_gate import RedisGate
 
 WINDOW_SECONDS = 60
-#: after a Redis failure, skip the limiter for this long before asking again
-REDIS_RETRY_AFTER = 5.0
 KEY_PREFIX = "orders:rl:"
 
 # KEYS: counters; ARGV: their limits, then the window in ms.
@@ -66,33 +63,29 @@ class Decision:
 class RateLimiter:
     """Counts requests per (kind, user) and (kind, address) in Redis."""
 
-    def __init__(self, client: redis.Redis, limits: dict[str, tuple[int, int]], metrics: object = None) -> None:
+    def __init__(self, client: aioredis.Redis, limits: dict[str, tuple[int, int]], metrics: object = None,
+                 gate: RedisGate | None = None) -> None:
         """``limits``: kind (``place``/``read``) → (per user, per address) per minute."""
         self._script = client.register_script(_CHECK_AND_COUNT)
         self._limits = limits
         self._metrics = metrics
-        self._down = False
-        self._skip_until = 0.0
+        self._gate = gate or RedisGate("rate limits")
 
-    def check(self, kind: str, user: str, address: str) -> Decision | None:
+    async def check(self, kind: str, user: str, address: str) -> Decision | None:
         """A decision, or None when Redis cannot be asked (the request is served)."""
         per_user, per_address = self._limits[kind]
-        if self._down and time.monotonic() < self._skip_until:
+        if not self._gate.usable():
             self._count_unavailable()
             return None
         keys = [f"{KEY_PREFIX}{kind}:u:{user}", f"{KEY_PREFIX}{kind}:a:{address}"]
         try:
-            allowed, remaining, reset_ms, limit = self._script(keys=keys, args=[per_user, per_address,
-                                                                                 WINDOW_SECONDS * 1000])
+            allowed, remaining, reset_ms, limit = await self._script(
+                keys=keys, args=[per_user, per_address, WINDOW_SECONDS * 1000])
         except redis.RedisError as exc:
-            if not self._down:
-                log.warning("rate limiter unavailable; serving without limits", error=str(exc))
-            self._down, self._skip_until = True, time.monotonic() + REDIS_RETRY_AFTER
+            self._gate.failed(exc)
             self._count_unavailable()
             return None
-        if self._down:
-            log.info("rate limiter available again")
-            self._down = False
+        self._gate.succeeded()
         return Decision(bool(allowed), int(limit), max(0, int(remaining)), -(-int(reset_ms) // 1000))
 
     def _count_unavailable(self) -> None:
