@@ -23,6 +23,11 @@ import pytest
 from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the fakes and the TCP proxy live in scripts/, outside the installed packages
+    sys.path.insert(0, str(ROOT))
+
+from scripts.tcp_proxy import TcpProxy  # noqa: E402
+
 ORDERS = str(Path(sys.executable).parent / "orders")
 #: each test run gets its own database and vhost, so runs side by side (and a
 #: service running on the same machine) never see each other's messages
@@ -63,11 +68,32 @@ def _vhost() -> str:
     return VHOST if _rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*") else ""
 
 
+def private_vhost(settings: Any, name: str) -> str:
+    """A RabbitMQ vhost of this module's own (when rabbitmqctl is at hand), topology declared.
+
+    Other test runs on this machine share the test vhost; a worker of theirs
+    must never consume this module's commands.
+    """
+    from worker.broker import BlockingBroker
+
+    url = settings.rabbitmq.url.get_secret_value()
+    try:
+        subprocess.run(["rabbitmqctl", "add_vhost", name], capture_output=True, timeout=60, check=False)
+        done = subprocess.run(["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+                              capture_output=True, timeout=60, check=False)
+        if done.returncode == 0:
+            url = url[:url.rindex("/") + 1] + name
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    broker = BlockingBroker(url).connect()
+    broker.declare_topology(settings.worker.retry_delays_seconds)
+    broker.close()
+    return url
+
+
 @pytest.fixture(scope="session")
 def fakes() -> Iterator[dict[str, Any]]:
     """The Stripe and PayPal fakes, serving real HTTP on loopback for the whole run."""
-    if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
-        sys.path.insert(0, str(ROOT))
     from scripts.fakes import fake_paypal, fake_stripe
 
     servers = {"stripe": fake_stripe.serve(0), "paypal": fake_paypal.serve(0)}
@@ -319,79 +345,6 @@ def make_place() -> Callable[..., dict[str, Any]]:
 @pytest.fixture
 def wait() -> Callable[..., Any]:
     return wait_until
-
-
-class TcpProxy:
-    """A loopback TCP forwarder the test can cut: a dependency 'going down'
-    without stopping the machine's real server (other runs share it)."""
-
-    def __init__(self, target_port: int) -> None:
-        import socket
-        import threading
-
-        self.target_port = target_port
-        self._socket_mod, self._threading = socket, threading
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        self._conns: list[Any] = []
-        self._listener: Any = None
-        self.up()
-
-    def up(self) -> None:
-        s = self._socket_mod.socket()
-        s.setsockopt(self._socket_mod.SOL_SOCKET, self._socket_mod.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(128)
-        self._listener = s
-        self._threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def _accept(self, listener: Any) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = self._socket_mod.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: Any, dst: Any) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def down(self) -> None:
-        """Refuse new connections and cut every open one."""
-        import socket as _s
-
-        try:
-            self._listener.shutdown(_s.SHUT_RDWR)  # wakes the thread blocked in accept()
-        except OSError:
-            pass
-        self._listener.close()
-        for c in self._conns:
-            try:
-                c.shutdown(_s.SHUT_RDWR)
-                c.close()
-            except OSError:
-                pass
-        self._conns.clear()
 
 
 @pytest.fixture

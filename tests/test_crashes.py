@@ -61,7 +61,7 @@ def test_worker_killed_with_sigkill_during_a_stream_applies_every_command_once(s
     commands = [("PlaceOrder", make_place(user=f"u{n % 17}", order_id=str(uuid.uuid4())), f"place-{n}")
                 for n in range(total)]
     pool = service("worker", "--processes", "2", *commands_only)
-    relay = service("relay")
+    service("relay")
     wait(lambda: len(pool.children()) == 2, what="two worker processes")
     stream = publish_stream(bus, commands + commands[:300], pause_every=50)  # 300 duplicates too
     kills = 0
@@ -88,7 +88,7 @@ def test_worker_killed_with_sigkill_during_a_stream_applies_every_command_once(s
 
 def test_relay_killed_mid_batch_publishes_everything_under_stable_ids(service, bus, clean_db, wait, make_place, commands_only):
     total = 3000
-    pool = service("worker", "--processes", "2", *commands_only)
+    service("worker", "--processes", "2", *commands_only)
     for n in range(total):
         bus.publish("PlaceOrder", make_place(order_id=str(uuid.uuid4())), message_id=f"r-{n}")
     wait(lambda: count(clean_db, "SELECT count(*) FROM orders") == total, timeout=90, what="orders applied")
@@ -107,7 +107,7 @@ def test_relay_killed_mid_batch_publishes_everything_under_stable_ids(service, b
 
 
 def test_a_standby_relay_takes_over_when_the_active_one_dies(service, bus, clean_db, wait, make_place, commands_only):
-    pool = service("worker", "--processes", "1", *commands_only)
+    service("worker", "--processes", "1", *commands_only)
     first = service("relay")
     second = service("relay")
     bus.publish("PlaceOrder", make_place(order_id=str(uuid.uuid4())))
@@ -125,7 +125,7 @@ def test_sigterm_during_a_stream_loses_and_duplicates_nothing(service, bus, clea
     total = 1500
     commands = [("PlaceOrder", make_place(order_id=str(uuid.uuid4())), f"t-{n}") for n in range(total)]
     pool = service("worker", "--processes", "2", *commands_only, ORDERS_WORKER__BATCH_SIZE="50")
-    relay = service("relay")
+    service("relay")
     stream = publish_stream(bus, commands, pause_every=20)
     wait(lambda: count(clean_db, "SELECT count(*) FROM orders") > 200, what="work under way")
     started = time.monotonic()

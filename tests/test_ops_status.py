@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Any
 import pika
 import pytest
 from sqlalchemy import text
+from scripts.tcp_proxy import free_port
 
 ORDERS = str(Path(sys.executable).parent / "orders")
 DLQ = "orders.dead-letter"
@@ -23,12 +23,6 @@ DLQ = "orders.dead-letter"
 
 def orders(env: dict[str, str], *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([ORDERS, *args], env={**env, **extra}, capture_output=True, text=True, timeout=120)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scalar(engine: Any, sql: str) -> Any:

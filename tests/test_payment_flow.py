@@ -44,8 +44,8 @@ class Payments:
     def __init__(self, fakes, service, bus, engine, settings, env) -> None:
         self.fakes, self.service, self.bus, self.engine, self.settings, self.env = fakes, service, bus, engine, settings, env
 
-    def start(self, *args: str) -> Any:
-        return self.service("worker", "--processes", "1", *args, **self.env)
+    def start(self, *args: str, **env: str) -> Any:
+        return self.service("worker", "--processes", "1", *args, **{**self.env, **env})
 
     def fault(self, provider: str, **spec: Any) -> None:
         httpx.post(self.fakes[provider].url + "/_fake/faults", json=spec).raise_for_status()
@@ -201,7 +201,7 @@ def test_paypal_order_is_approved_captured_and_completed(pay, wait):
 
 
 def test_payment_landing_after_a_cancel_is_refunded_once(pay, wait, make_place):
-    commands = pay.start(*COMMANDS_ONLY)  # no payment step yet: the order stays pending
+    pay.start(*COMMANDS_ONLY)  # no payment step yet: the order stays pending
     order_id = pay.place()
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "pending")
     # the buyer's money is taken (e.g. by a payment step on another host) ...
@@ -259,3 +259,17 @@ def test_a_charge_landing_after_the_order_was_paid_another_way_is_refunded(pay, 
     assert (o.status, o.payment_status, o.provider_payment_id) == ("completed", "succeeded", "int-8")
     assert pay.charges("stripe", order_id)["charges"] == 1
     assert pay.events(order_id).count("order.completed") == 1
+
+
+def test_a_slow_provider_call_holds_up_only_its_own_slot(pay, wait):
+    """The payment step is a sliding window: while one call hangs, the other slot keeps charging."""
+    pay.start(ORDERS_WORKER__PAYMENT_CONCURRENCY="2", ORDERS_STRIPE__TIMEOUT_SECONDS="15")
+    pay.fault("stripe", count=1, delay=6, path="/v1/payment_intents")  # the next charge answers 6 s late
+    slow = pay.place()
+    wait(lambda: pay.order(slow) and pay.order(slow).payment_status == "started", what="slow call under way")
+    quick = [pay.place() for _ in range(12)]
+    wait(lambda: all(pay.order(o) and pay.order(o).status == "completed" for o in [slow, *quick]), what="all paid")
+    with pay.engine.connect() as conn:
+        done = dict(conn.execute(text("SELECT order_id::text, updated_at FROM orders")).all())
+    assert max(done[o] for o in quick) < done[slow], "the quick orders were paid while the slow call was out"
+    assert all(pay.charges("stripe", o)["charges"] == 1 for o in [slow, *quick])

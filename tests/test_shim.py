@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the install
 
 from scripts.fakes import fake_stripe
 from worker.shim.idempotency import KEY_PATTERN
+from conftest import private_vhost, wait_until
+from scripts.tcp_proxy import free_port
 
 ORDERS = str(Path(sys.executable).parent / "orders")
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -41,23 +42,6 @@ HMAC_SECRET = "internal-test-secret"
 JWT_SECRET = "shim-tests-jwt-secret-of-at-least-32-bytes"
 PRODUCTS = [("sku-apple", 150, "USD"), ("sku-pear", 275, "USD")]
 CARD, THREE_DS = "pm_card_visa", "pm_card_threeDSecure2Required"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Any, timeout: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
-        time.sleep(0.05)
 
 
 class Stack:
@@ -122,27 +106,6 @@ class Stack:
         return str(r.json()["order_id"])
 
 
-def private_vhost(settings: Any, name: str) -> str:
-    """A RabbitMQ vhost of this module's own (when rabbitmqctl is at hand), topology declared.
-
-    Other test runs on this machine share the test vhost; a worker of theirs
-    must never consume this module's commands.
-    """
-    from worker.broker import BlockingBroker
-
-    url = settings.rabbitmq.url.get_secret_value()
-    try:
-        subprocess.run(["rabbitmqctl", "add_vhost", name], capture_output=True, timeout=60, check=False)
-        done = subprocess.run(["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-                              capture_output=True, timeout=60, check=False)
-        if done.returncode == 0:
-            url = url[:url.rindex("/") + 1] + name
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    broker = BlockingBroker(url).connect()
-    broker.declare_topology(settings.worker.retry_delays_seconds)
-    broker.close()
-    return url
 
 
 def reset_world(engine: Any) -> None:
@@ -172,7 +135,7 @@ def stack(test_env: dict[str, str], settings: Any, engine: Any,
     s.start("relay")
     s.start("shim", "--port", str(s.port))
     try:
-        wait_for(lambda: _healthy(s.url), what="shim /healthz")
+        wait_until(lambda: _healthy(s.url), what="shim /healthz")
         yield s
     finally:
         s.stop()
@@ -195,7 +158,7 @@ def test_post_answers_202_with_the_order_id_and_the_worker_places_and_charges_it
     body = r.json()
     assert body["status"] == "pending" and body["status_url"] == f"/orders/{body['order_id']}"
     assert r.headers["Location"] == body["status_url"] and r.headers["RateLimit-Limit"]
-    view = wait_for(lambda: (v := stack.get(body["order_id"])).status_code == 200
+    view = wait_until(lambda: (v := stack.get(body["order_id"])).status_code == 200
                     and v.json()["status"] == "completed" and v.json(), what="completed")
     assert view["items"] == [{"product_id": "sku-apple", "quantity": 2, "unit_price": 150}]
     assert view["total"] == 300 and view["payment"] == {"provider": "stripe", "status": "succeeded"}
@@ -226,7 +189,7 @@ def test_cancel_answers_202_and_the_order_becomes_cancelled(stack):
     r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", json={"reason": "changed my mind"},
                   headers=stack.auth(), timeout=10)
     assert r.status_code == 202 and r.json()["status"] == "cancel_requested", r.text
-    wait_for(lambda: stack.status(order_id) == "cancelled", what="cancelled")
+    wait_until(lambda: stack.status(order_id) == "cancelled", what="cancelled")
     r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", headers=stack.auth(), timeout=10)
     assert r.status_code == 409 and r.json()["error"] == "already_cancelled"
 
@@ -239,7 +202,7 @@ def test_cancel_with_wait_answers_200_with_the_cancelled_order(stack):
 
 def test_cancelling_a_completed_order_answers_409(stack):
     order_id = stack.place().json()["order_id"]
-    wait_for(lambda: stack.status(order_id) == "completed", what="completed")
+    wait_until(lambda: stack.status(order_id) == "completed", what="completed")
     r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", headers=stack.auth(), timeout=10)
     assert r.status_code == 409 and r.json() == {
         "error": "not_cancellable", "message": f"order {order_id} is completed and can no longer be cancelled"}
@@ -271,7 +234,7 @@ def test_a_signed_stripe_webhook_enqueues_payment_confirmed_and_completes_the_or
     httpx.post(f"{stack.fake_url}/_fake/confirm/{pi_id}").raise_for_status()
     r = _stripe_webhook(stack, pi_id, event_id="evt_shim_ok_" + order_id[:8])
     assert r.status_code == 200 and r.json() == {"received": True, "enqueued": True, "event_id": "evt_shim_ok_" + order_id[:8]}
-    wait_for(lambda: stack.status(order_id) == "completed", what="completed by the webhook")
+    wait_until(lambda: stack.status(order_id) == "completed", what="completed by the webhook")
 
 
 def test_a_badly_signed_webhook_answers_400_and_enqueues_nothing(stack):
@@ -302,7 +265,7 @@ def test_the_internal_payment_service_signs_with_the_shared_hmac_secret(stack):
     assert bad.status_code == stale.status_code == 400
     r = httpx.post(url, content=body, headers={"X-Orders-Signature": sign_internal(HMAC_SECRET, body)}, timeout=10)
     assert r.status_code == 200 and r.json()["enqueued"] is True
-    wait_for(lambda: stack.status(order_id) == "completed", what="completed by the internal confirmation")
+    wait_until(lambda: stack.status(order_id) == "completed", what="completed by the internal confirmation")
 
 
 def _published(stack: Stack, message_type: str) -> float:
@@ -340,7 +303,7 @@ def test_rbac_matrix(stack, endpoint, caller):
     else:
         order_id = stack.awaiting("alice") if endpoint == "cancel" else stack.place().json()["order_id"]
         if endpoint == "read":
-            wait_for(lambda: stack.status(order_id), what="visible")
+            wait_until(lambda: stack.status(order_id), what="visible")
             r = httpx.get(f"{stack.url}/orders/{order_id}", headers=headers, timeout=10)
         else:
             r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", headers=headers, timeout=10)

@@ -5,7 +5,6 @@ proxy the test cuts."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 import uuid
@@ -18,16 +17,12 @@ import jwt
 import pytest
 import redis
 from sqlalchemy import text
+from conftest import private_vhost
+from scripts.tcp_proxy import free_port
 
 HIGH = "100000"
 JWT_SECRET = "shim-tests-jwt-secret-of-at-least-32-bytes"
 VHOST = "orders-shim-outages"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -52,21 +47,7 @@ def _pings(client: redis.Redis) -> bool:
 @pytest.fixture(scope="module")
 def amqp_url(settings: Any) -> str:
     """A vhost of this module's own: other runs' workers never take its commands."""
-    from worker.broker import BlockingBroker
-
-    url = settings.rabbitmq.url.get_secret_value()
-    try:
-        subprocess.run(["rabbitmqctl", "add_vhost", VHOST], capture_output=True, timeout=60, check=False)
-        done = subprocess.run(["rabbitmqctl", "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"],
-                              capture_output=True, timeout=60, check=False)
-        if done.returncode == 0:
-            url = url[:url.rindex("/") + 1] + VHOST
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    broker = BlockingBroker(url).connect()
-    broker.declare_topology(settings.worker.retry_delays_seconds)
-    broker.close()
-    return url
+    return private_vhost(settings, VHOST)
 
 
 @pytest.fixture

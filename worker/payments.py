@@ -140,7 +140,13 @@ class PaymentStep:
 
 
 class PaymentConsumer:
-    """Consumes ``orders.payments`` with ``payment_concurrency`` calls in flight."""
+    """Consumes ``orders.payments`` with up to ``payment_concurrency`` calls in flight.
+
+    A sliding window, not batches: as soon as one call finishes it is
+    settled and acked on its own, and the next delivery starts, so one slow
+    provider call (a timeout, a retry in place) holds up only its own slot,
+    never the other calls that finished meanwhile.
+    """
 
     def __init__(self, settings: Settings, step: PaymentStep, metrics: Any = None) -> None:
         self.settings = settings
@@ -168,40 +174,52 @@ class PaymentConsumer:
                     continue
                 down = False
                 backoff.reset()
+                in_flight: dict[Future[Handled], Delivery] = {}
                 try:
                     while not stop.is_set():
-                        batch = broker.poll(self.concurrency, first_wait=0.5, fill_wait=0.005)
-                        if batch:
-                            self._process(broker, pool, batch)
-                    self._process(broker, pool, broker.cancel())
+                        room = self.concurrency - len(in_flight)
+                        if room:
+                            for d in broker.poll(room, first_wait=0.02 if in_flight else 0.5, fill_wait=0.002):
+                                in_flight[pool.submit(self.step.handle, d)] = d
+                        else:
+                            broker.sleep(0.02)  # heartbeats keep flowing while providers answer
+                        self._settle_done(broker, pool, in_flight)
+                    for d in broker.cancel():  # delivered before the cancel: finish them too
+                        in_flight[pool.submit(self.step.handle, d)] = d
+                    while in_flight:
+                        broker.sleep(0.02)
+                        self._settle_done(broker, pool, in_flight)
                 except ConnectionLost as exc:
                     log.warning("payment consumer: connection lost", error=str(exc))
+                    # calls under way finish before the redeliveries start; theirs are not acked and come back
+                    wait_all(in_flight)
                     stop.wait(backoff.next())
                 except StopRequested:
                     log.info("payment consumer stopped during a database outage")
+                    wait_all(in_flight)
                 finally:
                     broker.close()
 
-    def _process(self, broker: BlockingBroker, pool: ThreadPoolExecutor, batch: list[Delivery]) -> None:
-        if not batch:
-            return
-        results = self._handle_all(broker, pool, batch)
-        while outage := [h for h in results if h.result is Result.FAILED and h.error is not None
-                         and classify(h.error) is Kind.OUTAGE]:
-            wait_for_database(self.step.engine, broker, outage[0].error, self._stop)  # type: ignore[arg-type]
-            again = self._handle_all(broker, pool, [h.delivery for h in outage])
-            results = [h for h in results if h not in outage] + again
-        for h in results:
+    def _settle_done(self, broker: BlockingBroker, pool: ThreadPoolExecutor,
+                     in_flight: dict[Future[Handled], Delivery]) -> None:
+        for future in [f for f in in_flight if f.done()]:
+            del in_flight[future]
+            h = future.result()
+            if h.result is Result.FAILED and h.error is not None and classify(h.error) is Kind.OUTAGE:
+                wait_for_database(self.step.engine, broker, h.error, self._stop)
+                in_flight[pool.submit(self.step.handle, h.delivery)] = h.delivery  # again, unsettled so far
+                continue
             self.settlement.settle(broker, h)
-        broker.ack_through(max(d.delivery_tag for d in batch))
-        if self.metrics is not None:
-            self.metrics.count(results)
+            broker.ack(h.delivery.delivery_tag)
+            if self.metrics is not None:
+                self.metrics.count([h])
 
-    def _handle_all(self, broker: BlockingBroker, pool: ThreadPoolExecutor, batch: list[Delivery]) -> list[Handled]:
-        futures: list[Future[Handled]] = [pool.submit(self.step.handle, d) for d in batch]
-        while not all(f.done() for f in futures):
-            broker.sleep(0.02)  # heartbeats keep flowing while providers answer
-        return [f.result() for f in futures]
+
+def wait_all(in_flight: dict[Future[Handled], Delivery]) -> None:
+    """Let the calls under way finish (unsettled: their deliveries were not acked)."""
+    for future in in_flight:
+        future.exception()
+    in_flight.clear()
 
 
 __all__ = ["PaymentConsumer", "PaymentStep"]

@@ -31,6 +31,28 @@ from worker.errors import ConnectionLost, PublishNotConfirmed
 
 log = structlog.get_logger("worker.shim.amqp")
 
+class _TurnWritesConnection(AsyncioConnection):
+    """An ``AsyncioConnection`` that writes once per turn of the event loop.
+
+    pika hands every frame to the socket as a buffer of its own (three per
+    message); here the frames emitted during one turn of the loop, by every
+    request publishing in it, are joined and written together on the next.
+    """
+
+    _out: list[bytes] | None = None
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        if self._out is None:
+            self._out = []
+            self.ioloop.call_soon(self._write_out)
+        self._out.append(data)
+
+    def _write_out(self) -> None:
+        out, self._out = self._out, None
+        if out and self._transport is not None:
+            super()._adapter_emit_data(b"".join(out))
+
+
 class _Closing(ConnectionLost):
     """The publisher was closed on purpose (shutdown): nothing to warn about."""
 
@@ -155,7 +177,7 @@ class AsyncChannel:
         return await asyncio.shield(opening)
 
     def _open(self, loop: asyncio.AbstractEventLoop, opening: asyncio.Future[Any]) -> None:
-        conn: AsyncioConnection | None = None
+        conn: _TurnWritesConnection | None = None
 
         def current() -> bool:  # callbacks of a connection already replaced change nothing
             return conn is not None and conn is self._conn
@@ -189,7 +211,7 @@ class AsyncChannel:
                 self._on_lost(exc)
 
         try:
-            conn = self._conn = AsyncioConnection(self._params, on_open, on_open_error, on_close, custom_ioloop=loop)
+            conn = self._conn = _TurnWritesConnection(self._params, on_open, on_open_error, on_close, custom_ioloop=loop)
         except (pika.exceptions.AMQPError, OSError) as exc:
             self._on_lost(exc)
 
