@@ -43,6 +43,8 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
         raise Mismatch(f"order {order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
     if payment.confirmed_event_id is not None:
         return Outcome.of("unchanged", order, "payment was already confirmed")
+    if payment.status == "refunded":  # a late confirmation of money already given back
+        return Outcome.of("unchanged", order, "payment was refunded already")
 
     payment.provider_payment_id = cmd.payment_id
     payment.provider = cmd.provider  # who took the money, and so who can give it back

@@ -37,7 +37,8 @@ from handlers.payments.base import (
 from handlers.unit_of_work import PaymentRecord, UnitOfWork
 
 #: payment states after which StartPayment has nothing left to do
-STARTED_AND_ANSWERED = frozenset({"succeeded", "requires_action", "processing", "declined", "failed", "cancelled", "refunded"})
+STARTED_AND_ANSWERED = frozenset({"succeeded", "requires_action", "capturing", "processing", "declined", "failed",
+                                  "cancelled", "refunded"})
 
 
 def idempotency_key(order_id: str, action: str) -> str:
@@ -94,6 +95,9 @@ def apply_result(order: Order, payment: PaymentRecord, result: PaymentResult, ms
     """Move the order by the provider's answer (start or capture)."""
     mid = msg.message_id
     other = payment.provider_payment_id
+    if payment.status == "refunded" and result.provider_payment_id in (None, "", other):
+        # a late answer about money already given back: recording it would refund (and announce) it again
+        return Outcome.of("unchanged", order, "this payment was refunded already")
     if payment.confirmed_event_id is not None and result.provider_payment_id not in (None, "", other):
         return _second_payment(order, result, mid, uow)
     payment.provider_payment_id = result.provider_payment_id or payment.provider_payment_id
@@ -159,6 +163,10 @@ def record_failure(cmd: Any, msg: MessageContext, uow: UnitOfWork, error: Paymen
     if msg.message_type == "RefundPayment":
         raise ManualActionRequired(f"refund of order {order.order_id} failed: {error}; refund it by hand, then purge")
     if isinstance(error, PaymentAlreadyCaptured):
+        if second is None and payment is not None and payment.status == "refunded":
+            # a second cancel finding the capture that a refund already gave back: done (found by the chaos run,
+            # which saw the payment set back to succeeded and refunded, and announced, twice)
+            return Outcome.of("unchanged", order, "captured, and refunded already")
         if payment is not None and second is None:
             payment.status = "succeeded"
             uow.save_payment(payment)
@@ -178,18 +186,48 @@ def record_failure(cmd: Any, msg: MessageContext, uow: UnitOfWork, error: Paymen
 
 
 def prepare_capture(cmd: Any, uow: UnitOfWork) -> Call | None:
+    """Capture an approved PayPal order, marking the payment ``capturing`` first (transaction 1).
+
+    The mark is what lets a cancel know that a capture of ours may still
+    land: a capture call that timed out on our side can be carried out by
+    PayPal afterwards (found by the chaos run: the cancel found the order
+    approved but not captured, the capture landed a moment later, and the
+    money was kept on a cancelled order).
+    """
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     if payment is None or payment.provider_payment_id is None:
         raise RetryLater(f"payment of order {order.order_id} is not recorded yet")
     if payment.provider_payment_id != cmd.payment_id:
         raise Mismatch(f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
-    if payment.status != "requires_action" or order.status is not Status.AWAITING_PAYMENT:
+    if payment.status == "capturing" and order.status is Status.CANCELLED:
+        return _check_captured(order, payment)  # cancelled while our capture was out: never capture, but look
+    if payment.status not in ("requires_action", "capturing") or order.status is not Status.AWAITING_PAYMENT:
         return None  # captured already, or the order ended: never capture then
+    payment.status = "capturing"
+    uow.save_payment(payment)
     key = idempotency_key(order.order_id, "capture")
     return Call(order.payment_provider, lambda gateway: gateway.capture(cmd.payment_id, key))
 
 
-record_capture = record_start
+def _check_captured(order: Order, payment: PaymentRecord) -> Call:
+    """Ask the provider whether the money was taken: ``cancel`` raises PaymentAlreadyCaptured if so."""
+    key, pid = idempotency_key(order.order_id, "cancel"), payment.provider_payment_id
+    return Call(order.payment_provider, lambda gateway: gateway.cancel(pid, key))
+
+
+def record_capture(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: PaymentResult | None) -> Outcome:
+    if result is None:  # the look at a cancelled order's payment found nothing captured (yet)
+        order, payment = _order_and_payment(uow, str(cmd.order_id))
+        return _not_captured_yet(order, payment)
+    return record_start(cmd, msg, uow, result)
+
+
+def _not_captured_yet(order: Order, payment: PaymentRecord | None) -> Outcome:
+    if payment is not None and payment.status == "capturing":
+        # our capture may still be carried out: look again later (the delay tiers), refund if it was
+        raise RetryLater(f"order {order.order_id} was cancelled while a capture of {payment.provider_payment_id} "
+                         "was out; looking again until it is settled")
+    return Outcome.of("unchanged", order, "nothing was captured")
 
 
 # -- CancelPayment -----------------------------------------------------------------
@@ -200,7 +238,8 @@ def prepare_cancel(cmd: Any, uow: UnitOfWork) -> Call | None:
     if cmd.payment_id is not None:  # a second payment, never recorded as the order's
         key, second = idempotency_key(order.order_id, f"cancel-{cmd.payment_id}"), cmd.payment_id
         return Call(order.payment_provider, lambda gateway: gateway.cancel(second, key))
-    if payment is None or payment.provider_payment_id is None or payment.status not in ("requires_action", "processing"):
+    if payment is None or payment.provider_payment_id is None or \
+            payment.status not in ("requires_action", "capturing", "processing"):
         return None  # nothing open at the provider (a start in flight settles itself)
     key = idempotency_key(order.order_id, "cancel")
     pid = payment.provider_payment_id
@@ -209,6 +248,8 @@ def prepare_cancel(cmd: Any, uow: UnitOfWork) -> Call | None:
 
 def record_cancel(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None) -> Outcome:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if cmd.payment_id is None and payment is not None and payment.status == "capturing":
+        return _not_captured_yet(order, payment)
     if cmd.payment_id is None and payment is not None and payment.status in ("requires_action", "processing"):
         payment.status = "cancelled"
         uow.save_payment(payment)

@@ -1509,7 +1509,7 @@ def db_counts(dsn: str) -> dict[str, Any]:
                 "SELECT (SELECT count(*) FROM orders),"
                 " (SELECT count(*) FROM orders WHERE status = 'pending'),"
                 " (SELECT count(*) FROM orders WHERE status = 'awaiting_payment'),"
-                " (SELECT count(*) FROM payments WHERE status IN ('started', 'unknown')),"
+                " (SELECT count(*) FROM payments WHERE status IN ('started', 'unknown', 'capturing')),"
                 " (SELECT count(*) FROM outbox WHERE published_at IS NULL),"
                 " (SELECT coalesce(max(id), 0) FROM order_transitions),"
                 " (SELECT count(*) FROM inbox),"

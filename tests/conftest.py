@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,6 +26,7 @@ if str(ROOT) not in sys.path:  # the fakes and the TCP proxy live in scripts/, o
     sys.path.insert(0, str(ROOT))
 
 from scripts.tcp_proxy import TcpProxy  # noqa: E402
+from tests.support import private_vhost, wait_until  # noqa: E402,F401 - fixtures and tests use them
 
 ORDERS = str(Path(sys.executable).parent / "orders")
 #: each test run gets its own database and vhost, so runs side by side (and a
@@ -43,18 +43,6 @@ PRODUCTS = [
 ]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
-
-
 def _rabbitmqctl(*args: str) -> bool:
     try:
         return subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60).returncode == 0
@@ -66,29 +54,6 @@ def _vhost() -> str:
     """This run's vhost; "" (the default vhost) where rabbitmqctl is not at hand."""
     _rabbitmqctl("add_vhost", VHOST)
     return VHOST if _rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*") else ""
-
-
-def private_vhost(settings: Any, name: str) -> str:
-    """A RabbitMQ vhost of this module's own (when rabbitmqctl is at hand), topology declared.
-
-    Other test runs on this machine share the test vhost; a worker of theirs
-    must never consume this module's commands.
-    """
-    from worker.broker import BlockingBroker
-
-    url = settings.rabbitmq.url.get_secret_value()
-    try:
-        subprocess.run(["rabbitmqctl", "add_vhost", name], capture_output=True, timeout=60, check=False)
-        done = subprocess.run(["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-                              capture_output=True, timeout=60, check=False)
-        if done.returncode == 0:
-            url = url[:url.rindex("/") + 1] + name
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    broker = BlockingBroker(url).connect()
-    broker.declare_topology(settings.worker.retry_delays_seconds)
-    broker.close()
-    return url
 
 
 @pytest.fixture(scope="session")

@@ -273,3 +273,28 @@ def test_a_slow_provider_call_holds_up_only_its_own_slot(pay, wait):
         done = dict(conn.execute(text("SELECT order_id::text, updated_at FROM orders")).all())
     assert max(done[o] for o in quick) < done[slow], "the quick orders were paid while the slow call was out"
     assert all(pay.charges("stripe", o)["charges"] == 1 for o in [slow, *quick])
+
+
+def test_a_paypal_capture_that_lands_after_the_cancel_checked_is_refunded_once(pay, wait):
+    """Hole found by the chaos run: our capture call timed out, the buyer cancelled, the cancel found the
+    PayPal order not yet captured, and then the capture landed: the money was kept on a cancelled order."""
+    pay.start(ORDERS_PAYPAL__TIMEOUT_SECONDS="1", ORDERS_WORKER__INPLACE_RETRIES="1")
+    order_id = pay.place(provider="paypal")
+    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "awaiting_payment")
+    pid = pay.order(order_id).provider_payment_id
+    httpx.post(f"{pay.fakes['paypal'].url}/_fake/approve/{pid}").raise_for_status()
+    pay.fault("paypal", count=1, delay=4, path=f"/v2/checkout/orders/{pid}/capture")  # done 4 s late; we wait 1 s
+    approved = {"id": "WH-APPROVED-LATE", "event_type": "CHECKOUT.ORDER.APPROVED", "resource_type": "checkout-order",
+                "resource": {"id": pid, "status": "APPROVED", "intent": "CAPTURE",
+                             "purchase_units": [{"custom_id": order_id, "reference_id": order_id,
+                                                 "amount": {"currency_code": "USD", "value": "3.00"}}]}}
+    pay.publish_command(to_command(paypal_event(approved)))
+    wait(lambda: pay.order(order_id).payment_status == "capturing", what="capture under way")
+    pay.bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "buyer", "roles": ["user"]}})
+    wait(lambda: pay.order(order_id).status == "cancelled", what="cancelled before the capture lands")
+    assert pay.charges("paypal", order_id)["captures"] == 0
+    wait(lambda: pay.order(order_id).payment_status == "refunded", timeout=40, what="late capture refunded")
+    charges = pay.charges("paypal", order_id)
+    assert (charges["captures"], charges["refunds"]) == (1, 1)
+    assert pay.order(order_id).status == "cancelled"
+    wait(lambda: pay.events(order_id).count("order.refunded") == 1, what="one order.refunded")

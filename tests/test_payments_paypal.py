@@ -20,6 +20,7 @@ from handlers.payments.base import (  # noqa: E402
     Outcome,
     OutcomeUnknown,
     PaymentRequest,
+    PaymentResult,
     PermanentPaymentError,
     TransientPaymentError,
 )
@@ -91,6 +92,23 @@ def test_create_approve_capture_refund(fake: Any, make_gateway: Callable[..., Pa
     refund = gateway.refund(captured, 1099, "USD", "refund-order-1")
     assert refund.status == "COMPLETED"
     assert gateway.refund(captured, 1099, "USD", "refund-order-1") == refund  # replayed
+    assert charges(fake, "order-1")["refunds"] == 1
+
+
+def test_a_capture_that_raced_a_cancel_is_refunded_without_a_recorded_capture_id(
+        fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    """Found by the chaos run: PayPal captured the order while our record still had no capture id (the
+    cancel found it captured), and the refund went to an operator instead of giving the money back."""
+    gateway = make_gateway()
+    started = gateway.start(request())
+    httpx.get(started.next_action["approve_url"], follow_redirects=False)
+    with pytest.raises(TransientPaymentError, match="no capture to refund yet"):  # approved, capture in flight
+        gateway.refund(PaymentResult(Outcome.SUCCEEDED, started.provider_payment_id), 1099, "USD", "refund-order-1")
+    captured = gateway.capture(started.provider_payment_id, "capture-order-1")
+    as_recorded = PaymentResult(Outcome.SUCCEEDED, started.provider_payment_id)  # no capture_id
+    refund = gateway.refund(as_recorded, 1099, "USD", "refund-order-1")
+    assert refund.status == "COMPLETED"
+    assert fake.app.refunds[refund.refund_id]["_capture"] == captured.capture_id
     assert charges(fake, "order-1")["refunds"] == 1
 
 

@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the install
 
 from scripts.fakes import fake_stripe
 from worker.shim.idempotency import KEY_PATTERN
-from conftest import private_vhost, wait_until
+from tests.support import private_vhost, wait_until
 from scripts.tcp_proxy import free_port
 
 ORDERS = str(Path(sys.executable).parent / "orders")

@@ -17,7 +17,7 @@ import jwt
 import pytest
 import redis
 from sqlalchemy import text
-from conftest import private_vhost
+from tests.support import private_vhost
 from scripts.tcp_proxy import free_port
 
 HIGH = "100000"

@@ -70,7 +70,7 @@ def _checks(stuck_minutes: int) -> list[tuple[str, str, str, str]]:
          f"SELECT order_id::text, updated_at::text FROM orders WHERE status = 'pending' AND updated_at < {age}"),
         ("payments-settled", "stuck", "payments whose outcome is still unknown",
          "SELECT order_id::text, status, attempts, last_error FROM payments"
-         f" WHERE status IN ('started', 'unknown') AND updated_at < {age}"),
+         f" WHERE status IN ('started', 'unknown', 'capturing') AND updated_at < {age}"),
     ]
 
 

@@ -236,17 +236,16 @@ class BlockingBroker:
 
     def ack(self, delivery_tag: int) -> None:
         """Ack this one message (deliveries settled out of order)."""
-        assert self._consume is not None
-        try:
-            self._consume.basic_ack(delivery_tag, multiple=False)
-        except _PIKA_ERRORS as exc:
-            raise _lost(exc) from exc
+        self._ack(delivery_tag, multiple=False)
 
     def ack_through(self, delivery_tag: int) -> None:
         """Ack every message up to and including ``delivery_tag``."""
+        self._ack(delivery_tag, multiple=True)
+
+    def _ack(self, delivery_tag: int, multiple: bool) -> None:
         assert self._consume is not None
         try:
-            self._consume.basic_ack(delivery_tag, multiple=True)
+            self._consume.basic_ack(delivery_tag, multiple=multiple)
         except _PIKA_ERRORS as exc:
             raise _lost(exc) from exc
 

@@ -202,17 +202,40 @@ class PaymentConsumer:
 
     def _settle_done(self, broker: BlockingBroker, pool: ThreadPoolExecutor,
                      in_flight: dict[Future[Handled], Delivery]) -> None:
-        for future in [f for f in in_flight if f.done()]:
+        done = [f for f in in_flight if f.done()]
+        outage: list[Handled] = []
+        for future in done:
             del in_flight[future]
             h = future.result()
             if h.result is Result.FAILED and h.error is not None and classify(h.error) is Kind.OUTAGE:
-                wait_for_database(self.step.engine, broker, h.error, self._stop)
-                in_flight[pool.submit(self.step.handle, h.delivery)] = h.delivery  # again, unsettled so far
-                continue
-            self.settlement.settle(broker, h)
-            broker.ack(h.delivery.delivery_tag)
-            if self.metrics is not None:
-                self.metrics.count([h])
+                outage.append(h)
+            else:
+                self._settle(broker, h)
+        if not outage:
+            return
+        if self._database_answers():
+            # a call that started before an outage that is over now: an ordinary failure (delay tiers)
+            for h in outage:
+                self._settle(broker, h)
+            return
+        # hold the work until the database is back (logged once, not once per call), then run it again
+        wait_for_database(self.step.engine, broker, outage[0].error, self._stop)  # type: ignore[arg-type]
+        for h in outage:
+            in_flight[pool.submit(self.step.handle, h.delivery)] = h.delivery
+
+    def _settle(self, broker: BlockingBroker, h: Handled) -> None:
+        self.settlement.settle(broker, h)
+        broker.ack(h.delivery.delivery_tag)
+        if self.metrics is not None:
+            self.metrics.count([h])
+
+    def _database_answers(self) -> bool:
+        try:
+            with self.step.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001 - any failure: still away
+            return False
 
 
 def wait_all(in_flight: dict[Future[Handled], Delivery]) -> None:

@@ -126,26 +126,26 @@ class Relay:
             rows = conn.execute(
                 text(
                     "SELECT id, event_id::text, exchange, routing_key, message_type, correlation_id, body,"
-                    " extract(epoch from created_at) AS created FROM outbox WHERE published_at IS NULL"
+                    " extract(epoch from created_at)::float8 AS created FROM outbox WHERE published_at IS NULL"
                     " ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
                 ),
                 {"limit": limit},
-            ).all()
+            ).all()  # unpacked below: looking columns up by name, and Decimal epochs, were a sixth of the relay CPU
             if not rows:
                 return 0
             publisher.publish_batch([
-                Outgoing(r.exchange, r.routing_key, r.body.encode(), {
-                    "message_id": r.event_id, "type": r.message_type, "correlation_id": r.correlation_id,
-                    "timestamp": int(r.created), "app_id": "orders",
+                Outgoing(exchange, routing_key, body.encode(), {
+                    "message_id": event_id, "type": message_type, "correlation_id": correlation_id,
+                    "timestamp": int(created), "app_id": "orders",
                 })
-                for r in rows
+                for _, event_id, exchange, routing_key, message_type, correlation_id, body, created in rows
             ])
             # with no retention, delete: marking can never be a HOT update (the
             # column is in the partial index) and costs PostgreSQL 3x a delete
             done = _DELETE_PUBLISHED if self.settings.worker.outbox_retention_hours == 0 else _MARK_PUBLISHED
-            conn.execute(done, {"ids": [r.id for r in rows]})
+            conn.execute(done, {"ids": [r[0] for r in rows]})
         if self.metrics is not None:
-            self.metrics.relayed(len(rows), time.time() - float(rows[0].created))
+            self.metrics.relayed(len(rows), time.time() - rows[0][7])
         return len(rows)
 
     def housekeeping(self) -> dict[str, int]:

@@ -257,19 +257,31 @@ class PayPalGateway:
         log.info("paypal order abandoned", extra={"paypal_order_id": provider_payment_id, "status": result.provider_status})
 
     def refund(self, result: PaymentResult, amount: int, currency: str, idempotency_key: str) -> RefundResult:
-        """Refund ``amount`` (minor units) of the capture ``result.capture_id``."""
-        if not result.capture_id:
-            raise PermanentPaymentError("paypal refund needs the capture id")
+        """Refund ``amount`` (minor units) of the capture ``result.capture_id``.
+
+        Without a capture id (a capture that raced a cancel: PayPal captured
+        the order while our record still said otherwise), the order is asked
+        for it; an order whose capture has not shown up yet is retried later.
+        """
+        capture_id = result.capture_id or self._capture_id(result.provider_payment_id)
         try:
             value = to_paypal_value(amount, currency)
         except MoneyError as exc:
             raise PermanentPaymentError(str(exc)) from None
         body = RefundRequest(amount=Money(currency_code=currency.upper(), value=value))
         response = self._call(lambda: self._client.payments.refund_captured_payment(
-            {"capture_id": result.capture_id, "body": body, "paypal_request_id": idempotency_key, "prefer": "return=representation"}
+            {"capture_id": capture_id, "body": body, "paypal_request_id": idempotency_key, "prefer": "return=representation"}
         ))
         refund = APIHelper.to_dictionary(response.body)
         return RefundResult(refund_id=refund["id"], status=str(refund.get("status")))
+
+    def _capture_id(self, order_id: str) -> str:
+        found = self._order_result(self._get_order(order_id))
+        if found.capture_id:
+            return found.capture_id
+        if found.outcome is Outcome.DECLINED:
+            raise PermanentPaymentError(f"paypal order {order_id} has no capture to refund ({found.provider_status})")
+        raise TransientPaymentError(f"paypal order {order_id} is {found.provider_status}: no capture to refund yet")
 
     def _get_order(self, order_id: str) -> dict[str, Any]:
         response = self._call(lambda: self._client.orders.get_order({"id": order_id}))

@@ -150,3 +150,26 @@ def test_a_confirmation_for_a_cancelled_order_requests_one_refund():
     assert uow.keys().count("payment.refund") == 1
     assert uow.orders[order_id].status is Status.CANCELLED
     assert issubclass(Mismatch, Refused)
+
+
+def test_late_answers_about_a_refunded_payment_change_nothing():
+    """Found by the chaos run: a late confirmation or capture answer set a refunded payment back to
+    succeeded, and the money was refunded, and announced as refunded, a second time."""
+    from handlers.payment_step import apply_result
+    from handlers.payments.base import Outcome as PayOutcome
+    from handlers.payments.base import PaymentResult
+
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
+    cancel_order(v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": "u1", "roles": ["user"]}}),
+                 ctx("CancelOrder"), uow)
+    uow.save_payment(PaymentRecord(order_id=order_id, provider="stripe", status="refunded", amount=100, currency="USD",
+                                   idempotency_key="k", provider_payment_id="pi_1", refund_id="re_1"))
+    late = payment_confirmed(v(PaymentConfirmed, {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1",
+                                                  "amount": 100, "currency": "USD", "event_id": "evt_late"}),
+                             ctx("PaymentConfirmed"), uow)
+    answer = apply_result(uow.orders[order_id], uow.payments[order_id], PaymentResult(PayOutcome.SUCCEEDED, "pi_1"),
+                          ctx("CapturePayment"), uow)
+    assert (late.result, answer.result) == ("unchanged", "unchanged")
+    assert uow.payments[order_id].status == "refunded"
+    assert "payment.refund" not in uow.keys()
