@@ -13,6 +13,7 @@ intends.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any, Iterable
 
 import redis
@@ -122,7 +123,23 @@ class _CachedViews:
 
 
 class OrderCache(_CachedViews):
-    """Read-through cache of order views; every Redis failure degrades to PostgreSQL."""
+    """Read-through cache of order views; every Redis failure degrades to PostgreSQL.
+
+    A write-through that could not be made (Redis down, or skipped for a few
+    seconds after a failure) is remembered and made with the next refresh
+    once Redis answers again: otherwise a view cached by another process
+    meanwhile (the shim caches what it reads) would stay behind the record
+    until it expires (found by the chaos run: orders cached ``awaiting_payment``
+    that were ``completed``).
+    """
+
+    #: order ids whose refresh is owed, at most; beyond it they are dropped (their views expire on their own)
+    MISSED_MAX = 10_000
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._missed: set[str] = set()
+        self._lock = threading.Lock()  # the command and payment threads share a process's cache
 
     def get(self, order_id: str) -> dict[str, Any] | None:
         raw = None
@@ -140,20 +157,41 @@ class OrderCache(_CachedViews):
         return view
 
     def refresh(self, order_ids: Iterable[str]) -> None:
-        """After a commit: write the new views through (best effort)."""
-        self._store(load_views(self.engine, order_ids))
-
-    def _store(self, views: dict[str, dict[str, Any]]) -> None:
-        if not views or not self.gate.usable():
+        """After a commit: write the new views through (best effort), and any owed from before."""
+        ids = set(order_ids)
+        if not self.gate.usable():
+            self._owe(ids)
             return
+        with self._lock:
+            ids |= self._missed
+            self._missed = set()
+        if not self._store(load_views(self.engine, ids)):
+            self._owe(ids)
+
+    def _owe(self, ids: set[str]) -> None:
+        with self._lock:
+            self._missed |= ids
+            if len(self._missed) > self.MISSED_MAX:
+                log.warning("too many order views left to refresh; they expire on their own",
+                            dropped=len(self._missed), ttl_seconds=self.ttl)
+                self._missed = set()
+
+    def _store(self, views: dict[str, dict[str, Any]]) -> bool:
+        """Store views newer than the cached ones; False when Redis could not be asked."""
+        if not views:
+            return True
+        if not self.gate.usable():
+            return False
         try:
             pipe = self.redis.pipeline(transaction=False)
             for order_id, view in views.items():
                 self._store_script(keys=[KEY_PREFIX + order_id], args=_store_args(view, self.ttl), client=pipe)
             pipe.execute()
             self.gate.succeeded()
+            return True
         except redis.RedisError as exc:
             self.gate.failed(exc)
+            return False
 
 
 class AsyncOrderCache(_CachedViews):
