@@ -108,7 +108,7 @@ payments = Table(
     metadata,
     Column("order_id", UUID(as_uuid=False), ForeignKey("orders.order_id", ondelete="CASCADE"), primary_key=True),
     Column("provider", String(20), nullable=False),
-    #: started, unknown, requires_action, succeeded, declined, cancelled, refunded, failed
+    #: started, unknown, requires_action, capturing (PayPal capture sent), succeeded, declined, cancelled, refunded, failed
     Column("status", String(20), nullable=False),
     Column("amount", BigInteger, nullable=False),
     Column("currency", String(3), nullable=False),
