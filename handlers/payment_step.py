@@ -200,7 +200,7 @@ def prepare_capture(cmd: Any, uow: UnitOfWork) -> Call | None:
     if payment.provider_payment_id != cmd.payment_id:
         raise Mismatch(f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
     if payment.status == "capturing" and order.status is Status.CANCELLED:
-        return _check_captured(order, payment)  # cancelled while our capture was out: never capture, but look
+        return _cancel_call(order, payment)  # cancelled while our capture was out: never capture, but look
     if payment.status not in ("requires_action", "capturing") or order.status is not Status.AWAITING_PAYMENT:
         return None  # captured already, or the order ended: never capture then
     payment.status = "capturing"
@@ -209,8 +209,9 @@ def prepare_capture(cmd: Any, uow: UnitOfWork) -> Call | None:
     return Call(order.payment_provider, lambda gateway: gateway.capture(cmd.payment_id, key))
 
 
-def _check_captured(order: Order, payment: PaymentRecord) -> Call:
-    """Ask the provider whether the money was taken: ``cancel`` raises PaymentAlreadyCaptured if so."""
+def _cancel_call(order: Order, payment: PaymentRecord) -> Call:
+    """Cancel the order's payment at the provider, which raises PaymentAlreadyCaptured when the money was
+    taken: also how a capture that landed after a cancel is found."""
     key, pid = idempotency_key(order.order_id, "cancel"), payment.provider_payment_id
     return Call(order.payment_provider, lambda gateway: gateway.cancel(pid, key))
 
@@ -241,9 +242,7 @@ def prepare_cancel(cmd: Any, uow: UnitOfWork) -> Call | None:
     if payment is None or payment.provider_payment_id is None or \
             payment.status not in ("requires_action", "capturing", "processing"):
         return None  # nothing open at the provider (a start in flight settles itself)
-    key = idempotency_key(order.order_id, "cancel")
-    pid = payment.provider_payment_id
-    return Call(order.payment_provider, lambda gateway: gateway.cancel(pid, key))
+    return _cancel_call(order, payment)
 
 
 def record_cancel(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None) -> Outcome:

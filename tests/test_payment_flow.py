@@ -79,6 +79,15 @@ class Payments:
         self.publish_command(command)
         return command
 
+    def paypal_approved(self, order_id: str, paypal_order_id: str, webhook_id: str) -> Any:
+        """The buyer approves at PayPal: the fake records it; the CapturePayment its webhook becomes."""
+        httpx.post(f"{self.fakes['paypal'].url}/_fake/approve/{paypal_order_id}").raise_for_status()
+        approved = {"id": webhook_id, "event_type": "CHECKOUT.ORDER.APPROVED", "resource_type": "checkout-order",
+                    "resource": {"id": paypal_order_id, "status": "APPROVED", "intent": "CAPTURE",
+                                 "purchase_units": [{"custom_id": order_id, "reference_id": order_id,
+                                                     "amount": {"currency_code": "USD", "value": "3.00"}}]}}
+        return to_command(paypal_event(approved))
+
     def publish_command(self, command: Any) -> None:
         self.bus.ch.basic_publish(command.exchange, command.routing_key, json.dumps(command.body).encode(),
                                   pika.BasicProperties(message_id=command.message_id, type=command.message_type,
@@ -186,12 +195,7 @@ def test_paypal_order_is_approved_captured_and_completed(pay, wait):
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "awaiting_payment")
     o = pay.order(order_id)
     assert "token=" + o.provider_payment_id in o.next_action["approve_url"]
-    httpx.post(f"{pay.fakes['paypal'].url}/_fake/approve/{o.provider_payment_id}").raise_for_status()
-    approved = {"id": "WH-APPROVED-1", "event_type": "CHECKOUT.ORDER.APPROVED", "resource_type": "checkout-order",
-                "resource": {"id": o.provider_payment_id, "status": "APPROVED", "intent": "CAPTURE",
-                             "purchase_units": [{"custom_id": order_id, "reference_id": order_id,
-                                                 "amount": {"currency_code": "USD", "value": "3.00"}}]}}
-    command = to_command(paypal_event(approved))
+    command = pay.paypal_approved(order_id, o.provider_payment_id, "WH-APPROVED-1")
     assert command.message_type == "CapturePayment"
     for _ in range(2):
         pay.publish_command(command)
@@ -282,13 +286,9 @@ def test_a_paypal_capture_that_lands_after_the_cancel_checked_is_refunded_once(p
     order_id = pay.place(provider="paypal")
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "awaiting_payment")
     pid = pay.order(order_id).provider_payment_id
-    httpx.post(f"{pay.fakes['paypal'].url}/_fake/approve/{pid}").raise_for_status()
+    capture = pay.paypal_approved(order_id, pid, "WH-APPROVED-LATE")
     pay.fault("paypal", count=1, delay=4, path=f"/v2/checkout/orders/{pid}/capture")  # done 4 s late; we wait 1 s
-    approved = {"id": "WH-APPROVED-LATE", "event_type": "CHECKOUT.ORDER.APPROVED", "resource_type": "checkout-order",
-                "resource": {"id": pid, "status": "APPROVED", "intent": "CAPTURE",
-                             "purchase_units": [{"custom_id": order_id, "reference_id": order_id,
-                                                 "amount": {"currency_code": "USD", "value": "3.00"}}]}}
-    pay.publish_command(to_command(paypal_event(approved)))
+    pay.publish_command(capture)
     wait(lambda: pay.order(order_id).payment_status == "capturing", what="capture under way")
     pay.bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "buyer", "roles": ["user"]}})
     wait(lambda: pay.order(order_id).status == "cancelled", what="cancelled before the capture lands")

@@ -140,7 +140,7 @@ class Outgoing:
     properties: dict[str, Any] = field(default_factory=dict)
 
 
-def _props(properties: dict[str, Any]) -> BasicProperties:
+def basic_properties(properties: dict[str, Any]) -> BasicProperties:
     values = {k: v for k, v in properties.items() if v is not None}
     values.setdefault("delivery_mode", 2)
     values.setdefault("content_type", "application/json")
@@ -275,7 +275,7 @@ class BlockingBroker:
         """Publish and wait for the broker's confirm."""
         try:
             self.channel().basic_publish(
-                message.exchange, message.routing_key, message.body, _props(message.properties),
+                message.exchange, message.routing_key, message.body, basic_properties(message.properties),
                 mandatory=mandatory,
             )
         except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
@@ -330,7 +330,6 @@ class _HeldWritesConnection(pika.SelectConnection):
             held, self._held = self._held, None
             if held and self._transport is not None:
                 super()._adapter_emit_data(b"".join(held))
-
 
 
 class PipelinedPublisher:
@@ -417,7 +416,7 @@ class PipelinedPublisher:
         try:
             with self._conn.held_writes():
                 for m in messages:
-                    self._channel.basic_publish(m.exchange, m.routing_key, m.body, _props(m.properties))
+                    self._channel.basic_publish(m.exchange, m.routing_key, m.body, basic_properties(m.properties))
                     self._next_tag += 1
                     self._unconfirmed.append(self._next_tag)
         except _PIKA_ERRORS as exc:

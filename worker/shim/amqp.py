@@ -26,7 +26,7 @@ import structlog
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.spec import Basic
 
-from worker.broker import REPLY_TO, Outgoing, _props, connection_parameters
+from worker.broker import REPLY_TO, Outgoing, basic_properties, connection_parameters
 from worker.errors import ConnectionLost, PublishNotConfirmed
 
 log = structlog.get_logger("worker.shim.amqp")
@@ -124,7 +124,7 @@ class AsyncChannel:
         message_id = str(message.properties.get("message_id") or "")
         try:
             channel.basic_publish(message.exchange, message.routing_key, message.body,
-                                  _props(message.properties), mandatory=True)
+                                  basic_properties(message.properties), mandatory=True)
         except (pika.exceptions.AMQPError, OSError) as exc:
             self._on_lost(exc)
             raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
