@@ -2,8 +2,9 @@
 the relay are SIGKILLed, RabbitMQ and PostgreSQL go away (behind cuttable proxies)
 and a private Redis stops, with the payment fakes failing 20 % of calls.
 
-It runs ``scripts/chaos.py`` itself (the same code as the full run) with smaller
-numbers, on a database and vhost of its own, and requires every check to pass.
+It calls ``chaos.run`` of the ``scripts.chaos`` package itself (the same code
+as the full run, ``python -m scripts.chaos``) with smaller numbers, on a
+database and vhost of its own, and requires every check to pass.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the script lives in scripts/, outside the installed packages
+if str(ROOT) not in sys.path:  # the package lives in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
 from scripts import chaos

@@ -1,0 +1,71 @@
+"""The run's settings (:class:`ChaosConfig`), what its modules share, its error and its log line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: the repository (this package is scripts/chaos/)
+ROOT = Path(__file__).resolve().parents[2]
+CATALOGUE = ROOT / "config" / "products.demo.json"
+CAPTURE_QUEUE = "chaos.capture"
+JWT_SECRET = "chaos-run-jwt-secret-of-at-least-32-bytes"
+HMAC_SECRET = "chaos-run-internal-webhook-secret"
+
+
+class ChaosError(Exception):
+    """The run cannot be carried out (setup failed, no quiescence, deadline)."""
+
+
+def say(*args: Any) -> None:
+    """A progress line on stderr (stdout is the report's)."""
+    print(f"[chaos {time.strftime('%H:%M:%S')}]", *args, file=sys.stderr, flush=True)
+
+
+@dataclass
+class ChaosConfig:
+    """One run: its seed and size, what it injects, and its time limits (defaults: the full run)."""
+
+    seed: int = 1
+    orders: int = 10_000
+    #: restart the machine's RabbitMQ, PostgreSQL and Redis instead of cutting proxies
+    real_restarts: bool = False
+    database: str = "orders_chaos"
+    vhost: str = "orders-chaos"
+    #: orders offered per second (the load window is orders / rate)
+    rate: float = 60.0
+    malformed: int = 1000
+    worker_kills: int = 20
+    relay_kills: int = 5
+    processes: int = 2
+    fault_rate: float = 0.20
+    rabbit_outage_s: float = 8.0
+    postgres_outage_s: float = 8.0
+    redis_outage_s: float = 15.0
+    shim_share: float = 0.15
+    cancel_share: float = 0.12
+    retry_delays: tuple[int, ...] = (1, 3, 10, 30)
+    payment_concurrency: int = 16
+    #: seconds allowed for reaching quiescence after the load
+    quiesce_timeout: float = 900.0
+    #: seconds allowed for the whole run
+    timeout: float = 3600.0
+    #: drop the database and the vhost at the end (the test suite does)
+    drop_after: bool = False
+    keep_logs: bool = False
+
+    @classmethod
+    def short(cls, **overrides: Any) -> ChaosConfig:
+        """The test suite's variant: about 1,000 orders and a few kills."""
+        values: dict[str, Any] = {"orders": 1000, "rate": 30.0, "malformed": 100, "worker_kills": 4,
+                                  "relay_kills": 2, "rabbit_outage_s": 5.0, "postgres_outage_s": 5.0,
+                                  "redis_outage_s": 8.0, "quiesce_timeout": 240.0, "timeout": 600.0}
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def window(self) -> float:
+        return max(20.0, self.orders / self.rate)

@@ -1,0 +1,143 @@
+"""The injections: the seeded schedule of worker and relay SIGKILLs and of RabbitMQ, PostgreSQL and
+Redis outages (:class:`Injector`), carried out while the load runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from .config import ChaosConfig, say
+from .processes import process_age
+from .stack import Stack
+
+#: the supervisor counts a child dying sooner than this after its start as a crash loop
+MIN_CHILD_AGE = 6.0
+#: seconds between the end of one injection and the start of the next, at least
+MIN_GAP = 2.0
+
+
+@dataclass
+class Injection:
+    kind: str
+    at: float
+    done_at: float | None = None
+    detail: str = ""
+    ok: bool = True
+
+
+class Injector:
+    """Runs the seeded schedule of kills and outages while the load runs."""
+
+    def __init__(self, cfg: ChaosConfig, stack: Stack) -> None:
+        self.cfg, self.stack = cfg, stack
+        rnd = random.Random(f"injections-{cfg.seed}")
+        kinds = (["worker kill"] * cfg.worker_kills + ["relay kill"] * cfg.relay_kills
+                 + ["rabbitmq restart", "postgresql restart", "redis stop"])
+        rnd.shuffle(kinds)
+        span = cfg.window * 0.9
+        slot = span / max(1, len(kinds))
+        self.schedule = [Injection(kind, cfg.window * 0.05 + i * slot + rnd.uniform(0, slot * 0.5))
+                         for i, kind in enumerate(kinds)]
+        self.rnd = rnd
+        self.done = threading.Event()
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self.killed_workers: list[int] = []
+        self.takeovers: list[float] = []
+        self.thread = threading.Thread(target=self._run, name="injector", daemon=True)
+        self.t0 = 0.0
+
+    def start(self, t0: float) -> None:
+        self.t0 = t0
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            ready = 0.0
+            for inj in self.schedule:
+                while time.monotonic() < max(self.t0 + inj.at, ready):
+                    if self.stop_event.wait(0.1):
+                        return
+                started = time.monotonic()
+                getattr(self, "_" + inj.kind.replace(" ", "_").replace("postgresql", "postgres"))(inj)
+                inj.done_at = started - self.t0
+                ready = time.monotonic() + MIN_GAP
+                say(f"injected {inj.kind} at {inj.done_at:.1f}s: {inj.detail}")
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            self.error = exc
+            say(f"injector failed: {exc!r}")
+        finally:
+            self.done.set()
+
+    def _worker_kill(self, inj: Injection) -> None:
+        pool = self.stack.pool
+        assert pool is not None
+        deadline = time.monotonic() + 30
+        while True:
+            kids = [p for p in pool.children() if process_age(p) >= MIN_CHILD_AGE]
+            if kids:
+                break
+            if time.monotonic() > deadline:
+                inj.ok, inj.detail = False, "no worker process old enough to kill"
+                return
+            time.sleep(0.2)
+        victim = self.rnd.choice(sorted(kids))
+        os.kill(victim, signal.SIGKILL)
+        self.killed_workers.append(victim)
+        inj.detail = f"SIGKILL pid {victim}"
+
+    def _relay_kill(self, inj: Injection) -> None:
+        deadline = time.monotonic() + 30
+        active = self.stack.active_relay()
+        while active is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            active = self.stack.active_relay()
+        if active is None:
+            inj.ok, inj.detail = False, "no active relay found"
+            return
+        others = [r for r in self.stack.relays if r is not active]
+        before = {r.name: sum(1 for e in r.log_events() if e.get("event") == "relay active") for r in others}
+        pid = active.pid
+        active.kill()
+        killed_at = time.monotonic()
+        took_over = None
+        while time.monotonic() - killed_at < 30:
+            for r in others:
+                if sum(1 for e in r.log_events() if e.get("event") == "relay active") > before[r.name]:
+                    took_over = time.monotonic() - killed_at
+                    break
+            if took_over is not None:
+                break
+            time.sleep(0.1)
+        # the script brings the killed relay back (as a process manager would); it becomes the standby
+        time.sleep(self.rnd.uniform(0.5, 2.0))
+        active.start()
+        if took_over is None:
+            inj.ok, inj.detail = False, f"SIGKILL pid {pid}; the standby did not take over within 30 s"
+        else:
+            self.takeovers.append(took_over)
+            inj.detail = f"SIGKILL pid {pid} ({active.name}); standby active after {took_over:.1f}s; restarted"
+
+    def _outage(self, inj: Injection, dependency: str, seconds: float, what: str) -> None:
+        started = time.monotonic()
+        self.stack.down(dependency)
+        if not self.cfg.real_restarts or what == "redis":
+            time.sleep(seconds)
+        self.stack.up(dependency)
+        inj.detail = f"{what} away for {time.monotonic() - started:.1f}s" + (
+            " (machine's server restarted)" if self.cfg.real_restarts else
+            " (proxy cut)" if what != "redis" else " (private redis-server killed, started again empty)")
+
+    def _rabbitmq_restart(self, inj: Injection) -> None:
+        self._outage(inj, "rabbitmq", self.cfg.rabbit_outage_s, "rabbitmq")
+
+    def _postgres_restart(self, inj: Injection) -> None:
+        self._outage(inj, "postgres", self.cfg.postgres_outage_s, "postgresql")
+
+    def _redis_stop(self, inj: Injection) -> None:
+        self._outage(inj, "redis", self.cfg.redis_outage_s, "redis")

@@ -1,0 +1,236 @@
+"""Observing the end state: waiting for quiescence (:func:`wait_for_quiescence`), then one
+:class:`Snapshot` of PostgreSQL, the captured events, the dead-letter queue, the fakes' records,
+``orders audit`` and the Redis read model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pika
+import psycopg2
+import redis
+
+from worker.broker import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
+
+from .config import CAPTURE_QUEUE, ChaosError
+from .driver import Buyer, Ledger
+from .processes import run_command
+from .stack import Stack
+
+
+def queue_depths(stack: Stack) -> dict[str, int]:
+    """Messages per queue of the run's vhost, ready and unacknowledged (rabbitmqctl)."""
+    done = run_command(["rabbitmqctl", "list_queues", "-p", stack.cfg.vhost, "name", "messages", "--quiet",
+                        "--no-table-headers"], timeout=60, check=False)
+    if done.returncode != 0:
+        raise ChaosError(f"rabbitmqctl list_queues failed: {done.stderr.strip()[-300:]}")
+    out = {}
+    for line in done.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def db_counts(dsn: str) -> dict[str, Any]:
+    conn = psycopg2.connect(dsn, connect_timeout=5, application_name="chaos-check")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT (SELECT count(*) FROM orders),"
+                " (SELECT count(*) FROM orders WHERE status = 'pending'),"
+                " (SELECT count(*) FROM orders WHERE status = 'awaiting_payment'),"
+                " (SELECT count(*) FROM payments WHERE status IN ('started', 'unknown', 'capturing')),"
+                " (SELECT count(*) FROM outbox WHERE published_at IS NULL),"
+                " (SELECT coalesce(max(id), 0) FROM order_transitions),"
+                " (SELECT count(*) FROM inbox),"
+                # money the service can give back itself; an internal payment goes to an operator
+                " (SELECT count(*) FROM payments WHERE status = 'succeeded' AND provider IN ('stripe', 'paypal')"
+                "   AND order_id IN"
+                "   (SELECT order_id FROM orders WHERE status IN ('cancelled', 'rejected')))")
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    keys = ("orders", "pending", "awaiting_payment", "payments_unsettled", "outbox", "last_transition", "inbox",
+            "refund_due")
+    return dict(zip(keys, row))
+
+
+def awaiting_ids(dsn: str) -> list[str]:
+    conn = psycopg2.connect(dsn, connect_timeout=5, application_name="chaos-check")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT order_id::text FROM orders WHERE status = 'awaiting_payment'")
+            return [r[0] for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def wait_for_quiescence(stack: Stack, ledger: Ledger, buyer: Buyer, timeout: float) -> dict[str, Any]:
+    """Until queues, outbox and payments are empty and nothing changes; ChaosError at the deadline."""
+    deadline = time.monotonic() + timeout
+    work_queues = [*COMMAND_QUEUES, PAYMENTS_QUEUE, *(delay_queue(s) for s in stack.cfg.retry_delays)]
+    last, stable, started = None, 0, time.monotonic()
+    reasons: list[str] = []
+    while True:
+        reasons = []
+        try:
+            counts = db_counts(stack.direct_dsn())
+            depths = queue_depths(stack)
+        except (psycopg2.Error, ChaosError) as exc:
+            counts, depths = {}, {}
+            reasons.append(f"cannot observe: {exc}")
+        if counts:
+            with buyer.lock:
+                handled = set(buyer.handled)
+            waiting = set(awaiting_ids(stack.direct_dsn())) if counts["awaiting_payment"] else set()
+            if counts["orders"] < len(ledger.placed):
+                reasons.append(f"{len(ledger.placed) - counts['orders']} accepted orders not in PostgreSQL")
+            for key in ("pending", "payments_unsettled", "outbox", "refund_due"):
+                if counts[key]:
+                    reasons.append(f"{counts[key]} {key.replace('_', ' ')}")
+            if waiting - handled or not buyer.idle:
+                reasons.append(f"{len(waiting - handled)} orders awaiting a buyer")
+        for q in work_queues:
+            if depths.get(q):
+                reasons.append(f"{q}: {depths[q]} messages")
+        if not reasons:
+            snapshot = (counts["last_transition"], counts["inbox"], counts["orders"])
+            stable = stable + 1 if snapshot == last else 0
+            last = snapshot
+            if stable >= 2:
+                return {"seconds": time.monotonic() - started, **counts}
+        else:
+            stable, last = 0, None
+        if time.monotonic() > deadline:
+            raise ChaosError(f"no quiescence within {timeout:.0f}s: " + "; ".join(reasons or ["still changing"]))
+        time.sleep(1.5)
+
+
+@dataclass
+class Snapshot:
+    orders: dict[str, dict[str, Any]]
+    transitions: dict[str, list[dict[str, Any]]]
+    payments: dict[str, dict[str, Any]]
+    inbox: dict[str, set[str]]
+    items: dict[str, list[tuple[str, int]]]
+    events: list[dict[str, Any]]
+    dead_letters: list[dict[str, Any]]
+    stripe: dict[str, Any]
+    paypal: dict[str, Any]
+    audit: dict[str, Any]
+    read_model: dict[str, str]
+    tables: list[str]
+
+
+def capture_events(url: str) -> list[dict[str, Any]]:
+    """Everything on the capture queue, in arrival order (consumed: the run is over)."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    expected = ch.queue_declare(CAPTURE_QUEUE, passive=True).method.message_count
+    ch.basic_qos(prefetch_count=2000)
+    events: list[dict[str, Any]] = []
+    last = [0]
+
+    def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
+        events.append({"routing_key": method.routing_key, "exchange": method.exchange,
+                       "message_id": props.message_id, "raw": body})
+        last[0] = method.delivery_tag
+        if len(events) % 1000 == 0:
+            ch.basic_ack(last[0], multiple=True)
+
+    ch.basic_consume(CAPTURE_QUEUE, on_message)
+    quiet = time.monotonic()
+    while len(events) < expected or time.monotonic() - quiet < 1.0:
+        n = len(events)
+        conn.process_data_events(time_limit=0.2)
+        if len(events) != n:
+            quiet = time.monotonic()
+        elif time.monotonic() - quiet > 10:
+            break
+    if last[0]:
+        ch.basic_ack(last[0], multiple=True)
+    conn.close()
+    for e in events:
+        try:
+            e["body"] = json.loads(e["raw"])
+        except ValueError:
+            e["body"] = None
+    return events
+
+
+def read_dead_letters(url: str) -> list[dict[str, Any]]:
+    """The dead-letter queue's messages, left in place (not acknowledged)."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    expected = ch.queue_declare(DEAD_LETTER_QUEUE, passive=True).method.message_count
+    ch.basic_qos(prefetch_count=min(65535, expected + 100))
+    found: list[dict[str, Any]] = []
+
+    def on_message(_ch: Any, _method: Any, props: Any, body: bytes) -> None:
+        try:
+            order_id = json.loads(body).get("order_id")
+        except (ValueError, AttributeError):
+            order_id = None
+        found.append({"message_id": props.message_id, "type": props.type, "headers": dict(props.headers or {}),
+                      "size": len(body), "order_id": order_id})
+
+    ch.basic_consume(DEAD_LETTER_QUEUE, on_message)
+    started = time.monotonic()
+    while len(found) < expected and time.monotonic() - started < 30:
+        conn.process_data_events(time_limit=0.2)
+    conn.close()  # unacknowledged: they stay in the queue for the operator
+    return found
+
+
+def snapshot(stack: Stack) -> Snapshot:
+    dsn = stack.direct_dsn()
+    conn = psycopg2.connect(dsn, connect_timeout=5, application_name="chaos-check")
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT order_id::text, status, user_id, total, currency, payment_provider, place_message_id,"
+                    " reason FROM orders")
+        orders = {r[0]: dict(zip(("order_id", "status", "user_id", "total", "currency", "provider", "place_mid",
+                                  "reason"), r)) for r in cur.fetchall()}
+        cur.execute("SELECT order_id::text, from_status, to_status, message_id, id FROM order_transitions ORDER BY id")
+        transitions: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in cur.fetchall():
+            transitions[r[0]].append({"from": r[1], "to": r[2], "message_id": r[3], "id": r[4]})
+        cur.execute("SELECT order_id::text, provider, status, amount, currency, provider_payment_id, capture_id,"
+                    " refund_id, confirmed_event_id, last_error FROM payments")
+        payments = {r[0]: dict(zip(("order_id", "provider", "status", "amount", "currency", "pid", "capture_id",
+                                    "refund_id", "confirmed_event_id", "last_error"), r)) for r in cur.fetchall()}
+        cur.execute("SELECT consumer, message_id FROM inbox")
+        inbox: dict[str, set[str]] = defaultdict(set)
+        for consumer, mid in cur.fetchall():
+            inbox[consumer].add(mid)
+        cur.execute("SELECT order_id::text, product_id, quantity FROM order_items ORDER BY order_id, line_no")
+        items: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for oid, pid, q in cur.fetchall():
+            items[oid].append((pid, q))
+        cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        tables = sorted(r[0] for r in cur.fetchall())
+    finally:
+        conn.close()
+    url = stack.amqp_url()
+    audit_run = stack.cli("audit", "--json", "--stuck-minutes", "0", check=False)
+    try:
+        audit = json.loads(audit_run.stdout)
+    except ValueError:
+        audit = {"ok": False, "findings": [], "error": (audit_run.stderr or audit_run.stdout)[-1000:]}
+    stripe = httpx.get(stack.fake_urls["stripe"] + "/_fake/charges", timeout=30).json()
+    paypal = httpx.get(stack.fake_urls["paypal"] + "/_fake/charges", timeout=30).json()
+    read_model: dict[str, str] = {}
+    client = redis.Redis(port=stack.redis_port, socket_timeout=5)
+    for key in client.scan_iter("orders:view:*", count=1000):
+        view = client.hget(key, "view")
+        if view is not None:
+            read_model[key.decode().rsplit(":", 1)[-1]] = json.loads(view).get("status")
+    return Snapshot(orders, transitions, payments, inbox, items, capture_events(url), read_dead_letters(url),
+                    stripe, paypal, audit, read_model, tables)

@@ -1,0 +1,305 @@
+"""The world of one run (:class:`Stack`): its database and vhost, the payment fakes, Redis, the proxies
+and the service's own processes, started through the real ``orders`` CLI; and the outages it is put through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+import pika
+import psycopg2
+
+from scripts.tcp_proxy import free_port
+from worker.broker import EVENTS_EXCHANGE, INVENTORY_EXCHANGE
+from worker.settings import load_settings
+
+from .config import (
+    CAPTURE_QUEUE,
+    CATALOGUE,
+    HMAC_SECRET,
+    JWT_SECRET,
+    ROOT,
+    ChaosConfig,
+    ChaosError,
+)
+from .processes import PrivateRedis, Proc, ProxyProcess, RealServices, run_command
+
+ORDERS_CLI = str(Path(sys.executable).parent / "orders")
+FAKES = ROOT / "scripts" / "fakes"
+#: payment-provider client timeout; injected delays are longer, so they time out
+CLIENT_TIMEOUT = 2.0
+INJECTED_DELAY = 3.0
+
+
+class Stack:
+    """Database, vhost, fakes, Redis, proxies and the service's processes of one run."""
+
+    def __init__(self, cfg: ChaosConfig, tmp: Path) -> None:
+        self.cfg, self.tmp = cfg, tmp
+        self.procs: list[Proc] = []
+        self.fakes: dict[str, Proc] = {}
+        self.fake_urls: dict[str, str] = {}
+        self.proxy: ProxyProcess | None = None
+        self.redis: PrivateRedis | None = None
+        self.real = RealServices() if cfg.real_restarts else None
+        self.outage: str | None = None  # the dependency currently away (restored on exit)
+        base = load_settings(environ={k: v for k, v in os.environ.items()
+                                      if not k.startswith(("ORDERS_DATABASE__DBNAME", "ORDERS_RABBITMQ__URL"))})
+        self.base = base
+        url = urlsplit(base.rabbitmq.url.get_secret_value())
+        self.amqp_host, self.amqp_port = url.hostname or "127.0.0.1", url.port or 5672
+        self.amqp_auth = url.netloc.rsplit("@", 1)[0] if "@" in url.netloc else "guest:guest"
+        self.pg_host, self.pg_port = base.database.host, base.database.port
+        self.redis_port = 6379
+        self.shim_port = 0
+        self.pool: Proc | None = None
+        self.relays: list[Proc] = []
+        self.shim: Proc | None = None
+
+    # urls and environments
+
+    def amqp_url(self, port: int | None = None) -> str:
+        return f"amqp://{self.amqp_auth}@{self.amqp_host}:{port or self.amqp_port}/{quote(self.cfg.vhost, safe='')}"
+
+    def env(self, direct: bool = False) -> dict[str, str]:
+        """The service's environment; ``direct`` bypasses the proxies (the script's own tools)."""
+        proxied = self.proxy is not None and not direct
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+        if "ORDERS_CONFIG" in os.environ:
+            env["ORDERS_CONFIG"] = os.environ["ORDERS_CONFIG"]
+        for key in ("ORDERS_DATABASE__HOST", "ORDERS_DATABASE__USER", "ORDERS_DATABASE__PASSWORD"):
+            if key in os.environ:
+                env[key] = os.environ[key]
+        env.update({
+            "ORDERS_DATABASE__DBNAME": self.cfg.database,
+            "ORDERS_DATABASE__PORT": str(self.proxy.ports["postgres"] if proxied and self.proxy else self.pg_port),
+            "ORDERS_RABBITMQ__URL": self.amqp_url(self.proxy.ports["rabbitmq"] if proxied and self.proxy else None),
+            "ORDERS_REDIS__HOST": "127.0.0.1",
+            "ORDERS_REDIS__PORT": str(self.redis_port),
+            "ORDERS_STRIPE__API_BASE": self.fake_urls.get("stripe", ""),
+            "ORDERS_STRIPE__TIMEOUT_SECONDS": str(CLIENT_TIMEOUT),
+            "ORDERS_STRIPE__MAX_NETWORK_RETRIES": "2",
+            "ORDERS_PAYPAL__BASE_URL": self.fake_urls.get("paypal", ""),
+            "ORDERS_PAYPAL__TIMEOUT_SECONDS": str(CLIENT_TIMEOUT),
+            "ORDERS_PAYPAL__MAX_NETWORK_RETRIES": "2",
+            "ORDERS_PAYPAL__VERIFICATION": "offline",
+            "ORDERS_WORKER__RETRY_DELAYS_SECONDS": json.dumps(list(self.cfg.retry_delays)),
+            "ORDERS_WORKER__PAYMENT_CONCURRENCY": str(self.cfg.payment_concurrency),
+            "ORDERS_WORKER__LIVENESS_FILE": str(self.tmp / "alive"),
+            "ORDERS_WORKER__SHUTDOWN_TIMEOUT_SECONDS": "10",
+            "ORDERS_SHIM__JWT_SECRET": JWT_SECRET,
+            "ORDERS_SHIM__WEBHOOK_HMAC_SECRET": HMAC_SECRET,
+            "ORDERS_SHIM__PLACE_RATE_PER_MINUTE": "1000000",
+            "ORDERS_SHIM__READ_RATE_PER_MINUTE": "1000000",
+            "ORDERS_SHIM__PLACE_RATE_PER_MINUTE_PER_ADDRESS": "1000000",
+            "ORDERS_SHIM__READ_RATE_PER_MINUTE_PER_ADDRESS": "1000000",
+            "ORDERS_METRICS__PORT": "0",
+            "ORDERS_LOGGING__FORMAT": "json",
+            "ORDERS_LOGGING__LEVEL": "INFO",
+        })
+        return env
+
+    def settings(self, direct: bool = True) -> Any:
+        return load_settings(environ=self.env(direct))
+
+    def direct_dsn(self) -> str:
+        return self.settings(direct=True).database.dsn
+
+    def cli(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([ORDERS_CLI, *args], env=self.env(direct=True), capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        if check and done.returncode != 0:
+            raise ChaosError(f"orders {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-1500:]}")
+        return done
+
+    # set up
+
+    def prepare(self) -> None:
+        self._vhost()
+        self._fakes()
+        if self.cfg.real_restarts:
+            self.redis_port = 6379
+        else:
+            self.redis = PrivateRedis(self.tmp / "redis.log")
+            self.redis_port = self.redis.port
+            self.proxy = ProxyProcess({"postgres": self.pg_port, "rabbitmq": self.amqp_port}, self.tmp / "proxy.log")
+        self._database()
+        self.cli("topology")
+        self.cli("products", "import", str(CATALOGUE))
+        self._capture_queue()
+
+    def _vhost(self) -> None:
+        if shutil.which("rabbitmqctl") is None:
+            raise ChaosError("rabbitmqctl is needed to create the run's own vhost")
+        run_command(["rabbitmqctl", "delete_vhost", self.cfg.vhost], check=False)  # a clean slate
+        run_command(["rabbitmqctl", "add_vhost", self.cfg.vhost])
+        run_command(["rabbitmqctl", "set_permissions", "-p", self.cfg.vhost, self.amqp_auth.split(":")[0],
+                     ".*", ".*", ".*"])
+
+    def _database(self) -> None:
+        self._drop_database()
+        self.cli("migrate")
+
+    def _drop_database(self) -> None:
+        admin = psycopg2.connect(self.direct_dsn().replace(f"dbname={self.cfg.database}", "dbname=postgres"),
+                                 connect_timeout=5)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{self.cfg.database}" WITH (FORCE)')
+        admin.close()
+
+    def _fakes(self) -> None:
+        for name, module in (("stripe", "fake_stripe.py"), ("paypal", "fake_paypal.py")):
+            port = free_port()
+            proc = Proc(f"fake-{name}", [sys.executable, str(FAKES / module), "--port", str(port)], dict(os.environ),
+                        self.tmp / f"fake-{name}.log")
+            self.fakes[name] = proc
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    httpx.get(url + "/_fake/charges", timeout=1).raise_for_status()
+                    break
+                except httpx.HTTPError:
+                    if time.monotonic() > deadline or not proc.alive():
+                        raise ChaosError(f"the {name} fake did not start (see {proc.log})") from None
+                    time.sleep(0.1)
+            self.fake_urls[name] = url
+
+    def faults_on(self, seed: int) -> dict[str, Any]:
+        """20 % of the fakes' API calls fail: 5xx, answers later than the client timeout, dropped connections."""
+        r = self.cfg.fault_rate
+        # three independent draws in a row; rates chosen so that together they fail `r` of the calls
+        status, drop, delay = r * 0.5, r * 0.3, r * 0.2
+        drop_rate = drop / (1 - status)
+        delay_rate = delay / ((1 - status) * (1 - drop_rate))
+        specs = [{"rate": status, "seed": seed, "status": 503},
+                 {"rate": drop_rate, "seed": seed + 1, "drop": True},
+                 {"rate": delay_rate, "seed": seed + 2, "delay": INJECTED_DELAY}]
+        for url in self.fake_urls.values():
+            for spec in specs:
+                httpx.post(url + "/_fake/faults", json=spec, timeout=5).raise_for_status()
+        return {"5xx": status, "dropped connection": drop, f"{INJECTED_DELAY:.0f}s delay (client timeout "
+                f"{CLIENT_TIMEOUT:.0f}s)": delay}
+
+    def faults_off(self) -> None:
+        for url in self.fake_urls.values():
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.delete(url + "/_fake/faults", timeout=5)
+
+    def _capture_queue(self) -> None:
+        conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url()))
+        ch = conn.channel()
+        ch.queue_declare(CAPTURE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(CAPTURE_QUEUE, INVENTORY_EXCHANGE, routing_key="#")
+        ch.queue_bind(CAPTURE_QUEUE, EVENTS_EXCHANGE, routing_key="#")
+        conn.close()
+
+    def start_service(self) -> None:
+        env = self.env()
+        self.pool = Proc("worker pool", [ORDERS_CLI, "worker", "--processes", str(self.cfg.processes)], env,
+                         self.tmp / "worker.log")
+        self.procs.append(self.pool)
+        for name in ("relay-a", "relay-b"):
+            relay = Proc(name, [ORDERS_CLI, "relay"], env, self.tmp / f"{name}.log")
+            self.relays.append(relay)
+            self.procs.append(relay)
+            time.sleep(1.0)  # relay-a becomes the active one
+        self.shim_port = free_port()
+        self.shim = Proc("shim", [ORDERS_CLI, "shim", "--port", str(self.shim_port)], env, self.tmp / "shim.log")
+        self.procs.append(self.shim)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.shim_url + "/readyz", timeout=2).status_code == 200 \
+                        and len(self.pool.children()) == self.cfg.processes:
+                    break
+            except httpx.HTTPError:
+                pass
+            for p in self.procs:
+                if not p.alive():
+                    raise ChaosError(f"{p.name} exited at start: {p.log.read_text(errors='replace')[-1500:]}")
+            if time.monotonic() > deadline:
+                raise ChaosError("the service did not become ready within 60 s")
+            time.sleep(0.3)
+
+    @property
+    def shim_url(self) -> str:
+        return f"http://127.0.0.1:{self.shim_port}"
+
+    def active_relay(self) -> Proc | None:
+        """The relay whose last state line says it is active (and that is alive)."""
+        for relay in self.relays:
+            if not relay.alive():
+                continue
+            state = None
+            for e in relay.log_events(current_only=True):
+                ev = e.get("event", "")
+                if ev == "relay active":
+                    state = "active"
+                elif ev.startswith(("another relay is active", "relay lost", "relay failed")):
+                    state = "other"
+            if state == "active":
+                return relay
+        return None
+
+    # dependencies away and back
+
+    def down(self, name: str) -> None:
+        """Take ``name`` (rabbitmq, postgres, redis) away; :meth:`up` brings it back."""
+        self.outage = name
+        stop, _ = self._switches(name)
+        stop()
+
+    def up(self, name: str) -> None:
+        _, start = self._switches(name)
+        start()
+        self.outage = None
+
+    def _switches(self, name: str) -> tuple[Callable[[], None], Callable[[], None]]:
+        """How ``name`` is taken away and brought back: the machine's server, or the run's proxy or Redis."""
+        if self.real:
+            return {"rabbitmq": (self.real.rabbit_stop, self.real.rabbit_start),
+                    "postgres": (self.real.postgres_restart, lambda: None),  # a restart: down and up in one
+                    "redis": (self.real.redis_stop, self.real.redis_start)}[name]
+        if name == "redis":
+            assert self.redis is not None
+            return self.redis.stop, self.redis.start
+        assert self.proxy is not None
+        return partial(self.proxy.down, name), partial(self.proxy.up, name)
+
+    def restore(self) -> None:
+        """Bring back whatever dependency an interrupted injection left away."""
+        outage, self.outage = self.outage, None
+        with contextlib.suppress(Exception):
+            if outage is not None:
+                self.up(outage)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.restore()
+        for p in self.fakes.values():
+            p.stop(5)
+        if self.proxy is not None:
+            self.proxy.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+    def drop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._drop_database()
+        with contextlib.suppress(Exception):
+            run_command(["rabbitmqctl", "delete_vhost", self.cfg.vhost], check=False)
