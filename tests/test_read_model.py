@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import redis
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from worker.read_model import KEY_PREFIX, OrderCache, make_redis
@@ -69,3 +71,53 @@ def test_a_refresh_missed_while_redis_was_away_is_made_once_it_is_back(
     writer.gate.failed(redis.ConnectionError("away"))
     writer.refresh({second})  # the next commit, with Redis back
     assert json.loads(client.hget(KEY_PREFIX + first, "view"))["status"] == "cancelled"
+
+
+def test_an_idle_worker_makes_the_refreshes_it_owes_once_redis_answers_again(
+        service, bus, clean_db, settings, wait, make_place, commands_only, tcp_proxy):
+    """The owed refreshes used to wait for the worker's next commit: a worker that went quiet
+    after a Redis outage left the views it could not write behind the record until they expired."""
+    client = make_redis(settings.redis)
+    link = tcp_proxy(settings.redis.port)  # the worker's only way to Redis
+    service("worker", "--processes", "1", *commands_only, ORDERS_REDIS__PORT=str(link.port))
+    order_id = str(uuid.uuid4())
+    bus.publish("PlaceOrder", make_place(order_id=order_id))
+    reader = OrderCache(clean_db, client, 600)
+    wait(lambda: reader.get(order_id), what="order placed and cached")
+
+    link.down()  # the worker cannot reach Redis; the shim (this reader) still can
+    bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "user-1", "roles": ["user"]}})
+
+    def status_in_postgresql() -> str:
+        with clean_db.connect() as conn:
+            return str(conn.execute(text("SELECT status FROM orders WHERE order_id = CAST(:o AS uuid)"),
+                                    {"o": order_id}).scalar())
+
+    wait(lambda: status_in_postgresql() == "cancelled", what="cancel committed")
+    time.sleep(1)  # the worker's write-through has failed by now
+    assert json.loads(client.hget(KEY_PREFIX + order_id, "view"))["status"] == "pending"  # behind, for now
+
+    link.up()  # no command follows: only the idle worker can make the refresh it owes
+    wait(lambda: json.loads(client.hget(KEY_PREFIX + order_id, "view"))["status"] == "cancelled",
+         timeout=20, what="the owed refresh made without a new commit")
+
+
+def test_owed_refreshes_stay_owed_while_postgresql_cannot_be_read(settings):
+    from sqlalchemy import create_engine
+
+    nowhere = create_engine("postgresql+psycopg2://postgres@127.0.0.1:1/none", connect_args={"connect_timeout": 1})
+    cache = OrderCache(nowhere, make_redis(settings.redis), 60)
+    cache.gate.failed(redis.ConnectionError("away"))
+    order_id = str(uuid.uuid4())
+    cache.refresh({order_id})  # Redis skipped for a while: owed
+    assert cache._missed == {order_id}
+    cache.gate.retry_after = 0
+    cache.gate.failed(redis.ConnectionError("away"))  # Redis may be asked again
+    try:
+        cache.refresh(())
+    except sa_exc.OperationalError:
+        pass
+    else:
+        raise AssertionError("the refresh read PostgreSQL")
+    cache.settle_owed()  # the idle call swallows the outage
+    assert cache._missed == {order_id}

@@ -21,6 +21,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Order servic
 products_app = typer.Typer(no_args_is_help=True, help="The product catalogue.")
 app.add_typer(products_app, name="products")
 
+#: how often a pool process without command queues makes the cache refreshes it owes (seconds)
+IDLE_SECONDS = 0.5
+
 ConfigOption = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="Configuration file (default: $ORDERS_CONFIG or config/config.yaml).")
 ]
@@ -128,9 +131,11 @@ def _worker_process(settings: Settings, index: int, stop: threading.Event, queue
         payments.start()
     commands = [q for q in queues if q in COMMAND_QUEUES]
     if commands:
-        CommandConsumer(settings, engine, commands, on_commit=cache.refresh, metrics=metrics).run(stop)
+        CommandConsumer(settings, engine, commands, on_commit=cache.refresh, metrics=metrics,
+                        on_idle=cache.settle_owed).run(stop)
     else:
-        stop.wait()
+        while not stop.wait(IDLE_SECONDS):
+            cache.settle_owed()
     if payments is not None:
         payments.join()
 

@@ -181,8 +181,9 @@ class CommandConsumer:
 
     def __init__(self, settings: Settings, engine: Engine, queues: list[str],
                  on_commit: Callable[[set[str]], None] | None = None,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, on_idle: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self.on_idle = on_idle  # called when a poll brought nothing (the owed cache refreshes)
         self.cfg = settings.worker
         self.engine = engine
         self.queues = queues
@@ -236,6 +237,8 @@ class CommandConsumer:
             self._touch_liveness()
             if batch:
                 self.process(broker, batch, stop)
+            elif self.on_idle is not None:
+                self.on_idle()
 
     def _drain(self, broker: BlockingBroker) -> None:
         """On stop: cancel the consumers, finish what is held, ack it."""

@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 import structlog
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from worker.redis_gate import RedisGate
 from worker.settings import RedisSettings
@@ -127,10 +128,11 @@ class OrderCache(_CachedViews):
 
     A write-through that could not be made (Redis down, or skipped for a few
     seconds after a failure) is remembered and made with the next refresh
-    once Redis answers again: otherwise a view cached by another process
-    meanwhile (the shim caches what it reads) would stay behind the record
-    until it expires (found by the chaos run: orders cached ``awaiting_payment``
-    that were ``completed``).
+    once Redis answers again, or by :meth:`settle_owed`, which an idle
+    worker calls: otherwise a view cached by another process meanwhile (the
+    shim caches what it reads) would stay behind the record until it
+    expires (found by the chaos run: orders cached ``awaiting_payment`` that
+    were ``completed``).
     """
 
     #: order ids whose refresh is owed, at most; beyond it they are dropped (their views expire on their own)
@@ -165,8 +167,28 @@ class OrderCache(_CachedViews):
         with self._lock:
             ids |= self._missed
             self._missed = set()
-        if not self._store(load_views(self.engine, ids)):
+        try:
+            stored = self._store(load_views(self.engine, ids))
+        except BaseException:  # PostgreSQL could not be read: still owed
             self._owe(ids)
+            raise
+        if not stored:
+            self._owe(ids)
+
+    def settle_owed(self) -> None:
+        """Make the refreshes still owed once Redis answers again, without waiting for a commit.
+
+        For a worker with nothing to do: after an outage, the last changes
+        before it went quiet would otherwise stay behind in the cache until
+        their views expire.  Never raises: a database that cannot be read
+        now leaves them owed for the next call.
+        """
+        if not self._missed or not self.gate.usable():
+            return
+        try:
+            self.refresh(())
+        except SQLAlchemyError as exc:
+            log.debug("owed order views not refreshed; the database is unavailable", error=str(exc))
 
     def _owe(self, ids: set[str]) -> None:
         with self._lock:

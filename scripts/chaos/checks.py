@@ -232,6 +232,8 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
     # 12. read model agrees with PostgreSQL
     problems = [f"order {oid}: cached {status}, PostgreSQL {snap.orders[oid]['status']}"
                 for oid, status in snap.read_model.items() if oid in snap.orders and snap.orders[oid]["status"] != status]
+    if not snap.read_model:  # Redis came back empty and load followed: changed orders must have views again
+        problems.append("no order views cached at the end: nothing was written through after Redis came back")
     checks.append(_check("Redis read model agrees with PostgreSQL", problems,
                          f"{len(snap.read_model)} cached views, all current"))
 

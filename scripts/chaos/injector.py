@@ -19,6 +19,8 @@ from .stack import Stack
 MIN_CHILD_AGE = 6.0
 #: seconds between the end of one injection and the start of the next, at least
 MIN_GAP = 2.0
+#: the injections that take a dependency away
+OUTAGES = ("rabbitmq restart", "postgresql restart", "redis stop")
 
 
 @dataclass
@@ -37,8 +39,16 @@ class Injector:
         self.cfg, self.stack = cfg, stack
         rnd = random.Random(f"injections-{cfg.seed}")
         kinds = (["worker kill"] * cfg.worker_kills + ["relay kill"] * cfg.relay_kills
-                 + ["rabbitmq restart", "postgresql restart", "redis stop"])
+                 + list(OUTAGES))
         rnd.shuffle(kinds)
+        # outages only in the first 70 % of the schedule: load still follows each of them, so the run sees
+        # the recovery under load, and views are written to the Redis that came back empty (check 12)
+        late = len(kinds) * 7 // 10
+        for i in range(late, len(kinds)):
+            if kinds[i] in OUTAGES:
+                j = next((j for j in range(late) if kinds[j] not in OUTAGES), None)
+                if j is not None:
+                    kinds[i], kinds[j] = kinds[j], kinds[i]
         span = cfg.window * 0.9
         slot = span / max(1, len(kinds))
         self.schedule = [Injection(kind, cfg.window * 0.05 + i * slot + rnd.uniform(0, slot * 0.5))
