@@ -200,7 +200,7 @@ def prepare_capture(cmd: Any, uow: UnitOfWork) -> Call | None:
     if payment.provider_payment_id != cmd.payment_id:
         raise Mismatch(f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
     if payment.status == "capturing" and order.status is Status.CANCELLED:
-        return _cancel_call(order, payment)  # cancelled while our capture was out: never capture, but look
+        return _cancel_call(order, payment.provider_payment_id)  # cancelled while our capture was out: look
     if payment.status not in ("requires_action", "capturing") or order.status is not Status.AWAITING_PAYMENT:
         return None  # captured already, or the order ended: never capture then
     payment.status = "capturing"
@@ -209,11 +209,11 @@ def prepare_capture(cmd: Any, uow: UnitOfWork) -> Call | None:
     return Call(order.payment_provider, lambda gateway: gateway.capture(cmd.payment_id, key))
 
 
-def _cancel_call(order: Order, payment: PaymentRecord) -> Call:
+def _cancel_call(order: Order, payment_id: str) -> Call:
     """Cancel the order's payment at the provider, which raises PaymentAlreadyCaptured when the money was
-    taken: also how a capture that landed after a cancel is found."""
-    key, pid = idempotency_key(order.order_id, "cancel"), payment.provider_payment_id
-    return Call(order.payment_provider, lambda gateway: gateway.cancel(pid, key))
+    taken: also how a capture that landed after a cancel is found (never capture then, but look)."""
+    key = idempotency_key(order.order_id, "cancel")
+    return Call(order.payment_provider, lambda gateway: gateway.cancel(payment_id, key))
 
 
 def record_capture(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: PaymentResult | None) -> Outcome:
@@ -242,7 +242,7 @@ def prepare_cancel(cmd: Any, uow: UnitOfWork) -> Call | None:
     if payment is None or payment.provider_payment_id is None or \
             payment.status not in ("requires_action", "capturing", "processing"):
         return None  # nothing open at the provider (a start in flight settles itself)
-    return _cancel_call(order, payment)
+    return _cancel_call(order, payment.provider_payment_id)
 
 
 def record_cancel(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None) -> Outcome:

@@ -236,6 +236,6 @@ class AsyncChannel:
         for future, _ in pending.values():
             if not future.done():
                 future.set_exception(exc)
-        for future in self._replies.values():
-            if not future.done():
-                future.set_exception(exc)
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_exception(exc)
