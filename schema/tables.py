@@ -77,6 +77,12 @@ orders = Table(
     Index("ix_orders_status", "status"),
 )
 
+#: An order's version, in SQL over ``orders`` aliased ``o``: ``updated_at`` in µs.
+#: Every change to an order or its payment sets ``updated_at`` to
+#: ``clock_timestamp()`` under the order's row lock, so versions grow in
+#: commit order; the read model never lets an older version replace a newer.
+ORDER_VERSION_SQL = "(extract(epoch FROM o.updated_at) * 1000000)::bigint"
+
 order_items = Table(
     "order_items",
     metadata,

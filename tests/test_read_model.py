@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Any, Iterable
 
 import redis
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from worker.read_model import KEY_PREFIX, OrderCache, make_redis
+from worker.broker import Delivery
+from worker.processing import Applier, Result
+from worker.read_model import KEY_PREFIX, OrderCache, load_views, make_redis
+from worker.unit_of_work import PostgresUnitOfWork
 
 
 def test_views_are_written_through_after_commit_and_an_older_one_never_wins(
@@ -121,3 +125,76 @@ def test_owed_refreshes_stay_owed_while_postgresql_cannot_be_read(settings):
         raise AssertionError("the refresh read PostgreSQL")
     cache.settle_owed()  # the idle call swallows the outage
     assert cache._missed == {order_id}
+
+
+class _DiesAfterCommit(OrderCache):
+    """The views of a worker killed between its commit and its write-through."""
+
+    def refresh(self, order_ids: Iterable[str]) -> None:
+        pass
+
+
+def _apply(applier: Applier, kind: str, body: dict[str, Any]) -> Any:
+    good, bad = applier.decode_all([Delivery(
+        delivery_tag=1, exchange="orders.commands", routing_key="x", queue="q", body=json.dumps(body).encode(),
+        message_id=str(uuid.uuid4()), message_type=kind, correlation_id=None, reply_to=None,
+        content_type="application/json", headers={}, redelivered=False)])
+    assert not bad
+    return applier.apply_one(*good[0])
+
+
+def test_a_worker_killed_between_commit_and_write_through_leaves_no_stale_view(clean_db, settings, make_place):
+    """Found by the chaos run (--real-restarts): a worker SIGKILLed right after committing a
+    PaymentConfirmed left the order cached as awaiting_payment while PostgreSQL said completed."""
+    client = make_redis(settings.redis)
+    reader = OrderCache(clean_db, client, 600)  # the shim
+    order_id = str(uuid.uuid4())
+    assert _apply(Applier(clean_db), "PlaceOrder", make_place(order_id=order_id)).result is Result.APPLIED
+    assert reader.get(order_id)["status"] == "pending"  # cached
+
+    dying = Applier(clean_db, views=_DiesAfterCommit(clean_db, client, 600))
+    cancel = {"order_id": order_id, "requested_by": {"user_id": "user-1", "roles": ["user"]}}
+    assert _apply(dying, "CancelOrder", cancel).result is Result.APPLIED
+
+    assert reader.get(order_id)["status"] == "cancelled"  # the old view was outdated before the commit
+    assert json.loads(client.hget(KEY_PREFIX + order_id, "view"))["status"] == "cancelled"  # and cached again
+
+
+def test_a_view_read_before_the_commit_cannot_be_stored_over_the_outdated_mark(clean_db, settings, make_place):
+    """The race the mark closes: a reader that loaded the old state while the change was being
+    committed must not store it (the worker that would refresh may die)."""
+    client = make_redis(settings.redis)
+    cache = OrderCache(clean_db, client, 600)
+    order_id = str(uuid.uuid4())
+    assert _apply(Applier(clean_db), "PlaceOrder", make_place(order_id=order_id)).result is Result.APPLIED
+    old = load_views(clean_db, [order_id])[order_id]
+    cache.outdate({order_id: old["version"] + 1})  # a change of this order is being committed
+    assert cache.get(order_id)["status"] == "pending"  # reads still answer, from PostgreSQL
+    assert client.hget(KEY_PREFIX + order_id, "view") is None  # but the old state was not cached
+    cache._store({order_id: {**old, "status": "cancelled", "version": old["version"] + 1}})
+    assert json.loads(client.hget(KEY_PREFIX + order_id, "view"))["status"] == "cancelled"  # its commit's view is
+
+
+def test_a_payment_change_alone_is_a_new_version_of_the_view(clean_db, settings, make_place):
+    """A refund changes the payment, not the order's status: the cached view must still show it."""
+    client = make_redis(settings.redis)
+    cache = OrderCache(clean_db, client, 600)
+    order_id = str(uuid.uuid4())
+    applier = Applier(clean_db, views=cache)
+    assert _apply(applier, "PlaceOrder", make_place(order_id=order_id)).result is Result.APPLIED
+    confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 300, "currency": "USD",
+               "event_id": "evt_1"}
+    assert _apply(applier, "PaymentConfirmed", confirm).result is Result.APPLIED
+    before = cache.get(order_id)
+    assert (before["status"], before["payment"]["status"]) == ("completed", "succeeded")
+    with clean_db.begin() as conn:  # what the payment step's refund does: the payment alone changes
+        uow = PostgresUnitOfWork(conn, "test")
+        uow.preload([order_id], [])
+        payment = uow.payment(order_id)
+        payment.status = "refunded"
+        uow.save_payment(payment)
+        uow.flush()
+        touched = uow.touched_versions
+    assert touched.get(order_id, 0) > before["version"]
+    cache.refresh(touched)
+    assert cache.get(order_id)["payment"]["status"] == "refunded"

@@ -126,13 +126,12 @@ def _worker_process(settings: Settings, index: int, stop: threading.Event, queue
     payments = None
     if PAYMENTS_QUEUE in queues:
         step = PaymentStep(engine, build_gateways(settings), settings.worker.inplace_retries,
-                           on_commit=cache.refresh, metrics=metrics)
+                           views=cache, metrics=metrics)
         payments = threading.Thread(target=PaymentConsumer(settings, step, metrics).run, args=(stop,), name="payments")
         payments.start()
     commands = [q for q in queues if q in COMMAND_QUEUES]
     if commands:
-        CommandConsumer(settings, engine, commands, on_commit=cache.refresh, metrics=metrics,
-                        on_idle=cache.settle_owed).run(stop)
+        CommandConsumer(settings, engine, commands, views=cache, metrics=metrics).run(stop)
     else:
         while not stop.wait(IDLE_SECONDS):
             cache.settle_owed()

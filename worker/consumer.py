@@ -36,7 +36,7 @@ from worker.broker import (
     delay_queue,
 )
 from worker.errors import ConnectionLost, Kind, PublishNotConfirmed, StopRequested, classify
-from worker.processing import Applier, Handled, Result
+from worker.processing import Applier, Handled, Result, Views
 from worker.settings import Settings
 
 log = structlog.get_logger("worker.consumer")
@@ -180,14 +180,13 @@ class CommandConsumer:
     """Consumes the command queues of one worker process."""
 
     def __init__(self, settings: Settings, engine: Engine, queues: list[str],
-                 on_commit: Callable[[set[str]], None] | None = None,
-                 metrics: Any = None, on_idle: Callable[[], None] | None = None) -> None:
+                 views: Views | None = None, metrics: Any = None) -> None:
         self.settings = settings
-        self.on_idle = on_idle  # called when a poll brought nothing (the owed cache refreshes)
+        self.views = views
         self.cfg = settings.worker
         self.engine = engine
         self.queues = queues
-        self.applier = Applier(engine, self.cfg.inplace_retries, on_commit=on_commit)
+        self.applier = Applier(engine, self.cfg.inplace_retries, views=views)
         self.metrics = metrics
         self.settlement = Settlement(self.cfg.retry_delays_seconds, metrics)
         self._liveness = Path(self.cfg.liveness_file) if self.cfg.liveness_file else None
@@ -237,8 +236,8 @@ class CommandConsumer:
             self._touch_liveness()
             if batch:
                 self.process(broker, batch, stop)
-            elif self.on_idle is not None:
-                self.on_idle()
+            elif self.views is not None:
+                self.views.settle_owed()
 
     def _drain(self, broker: BlockingBroker) -> None:
         """On stop: cancel the consumers, finish what is held, ack it."""

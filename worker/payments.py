@@ -27,7 +27,7 @@ from schema.messages import InvalidMessage, parse_command
 from worker.broker import PAYMENTS_QUEUE, BlockingBroker, Delivery
 from worker.consumer import Backoff, Settlement, wait_for_database
 from worker.errors import ConnectionLost, Kind, StopRequested, classify
-from worker.processing import Handled, Result
+from worker.processing import Handled, Result, Views, committing
 from worker.settings import Settings
 from worker.unit_of_work import PostgresUnitOfWork
 
@@ -41,11 +41,11 @@ class PaymentStep:
     """Applies one internal payment command; never raises for the message's errors."""
 
     def __init__(self, engine: Engine, gateways: dict[str, PaymentGateway], inplace_retries: int = 3,
-                 on_commit: Callable[[set[str]], None] | None = None, metrics: Any = None) -> None:
+                 views: Views | None = None, metrics: Any = None) -> None:
         self.engine = engine
         self.gateways = gateways
         self.inplace_retries = inplace_retries
-        self.on_commit = on_commit
+        self.views = views
         self.metrics = metrics
 
     def handle(self, d: Delivery) -> Handled:
@@ -87,6 +87,9 @@ class PaymentStep:
             uow = PostgresUnitOfWork(conn, CONSUMER)
             call = step.prepare(command, uow)
             uow.flush()
+            touched = committing(uow, self.views)  # e.g. the payment is now ``capturing``
+        if self.views is not None and touched:
+            self.views.refresh(touched)
         result: Any = None
         failure: PermanentPaymentError | None = None
         if call is not None:
@@ -133,9 +136,9 @@ class PaymentStep:
             uow.preload([order_id], [])
             outcome = apply(uow)
             uow.flush()
-            touched = uow.touched_orders
-        if self.on_commit is not None and touched:
-            self.on_commit(touched)
+            touched = committing(uow, self.views)
+        if self.views is not None and touched:
+            self.views.refresh(touched)
         return outcome or Outcome("unchanged", order_id)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Iterable, Protocol
 
 import structlog
 from sqlalchemy import Engine
@@ -63,12 +63,35 @@ def decode(delivery: Delivery) -> Any:
     return parse_command(delivery.message_type, delivery.body)
 
 
+class Views(Protocol):
+    """The read model as the transactions that change orders keep it (:class:`worker.read_model.OrderCache`)."""
+
+    def outdate(self, versions: dict[str, int]) -> None:
+        """Before the commit: the cached views of these orders are outdated."""
+
+    def refresh(self, order_ids: Iterable[str]) -> None:
+        """After the commit: write the new views through."""
+
+    def settle_owed(self) -> None:
+        """When idle: the refreshes that could not be made before."""
+
+
+def committing(uow: PostgresUnitOfWork, views: Views | None) -> dict[str, int]:
+    """Just before the commit of ``uow``'s transaction: mark the changed orders' views outdated.
+
+    Returns the changed orders, for :meth:`Views.refresh` after the commit.
+    """
+    touched = uow.touched_versions
+    if views is not None and touched:
+        views.outdate(touched)
+    return touched
+
+
 class Applier:
-    def __init__(self, engine: Engine, inplace_retries: int = 3,
-                 on_commit: Callable[[set[str]], None] | None = None) -> None:
+    def __init__(self, engine: Engine, inplace_retries: int = 3, views: Views | None = None) -> None:
         self.engine = engine
         self.inplace_retries = inplace_retries
-        self.on_commit = on_commit
+        self.views = views
 
     def decode_all(self, deliveries: list[Delivery]) -> tuple[list[tuple[Delivery, Any]], list[Handled]]:
         good, bad = [], []
@@ -120,9 +143,9 @@ class Applier:
                 handled.append(Handled(d, Result.APPLIED, outcome, order_id=order_id))
             uow.release(deferred)
             uow.flush()
-            touched = uow.touched_orders
-        if self.on_commit is not None and touched:
-            self.on_commit(touched)
+            touched = committing(uow, self.views)
+        if self.views is not None and touched:
+            self.views.refresh(touched)
         return handled
 
     def apply_one(self, delivery: Delivery, command: Any) -> Handled:

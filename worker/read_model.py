@@ -25,6 +25,7 @@ import structlog
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from schema import tables
 from worker.redis_gate import RedisGate
 from worker.settings import RedisSettings
 
@@ -33,18 +34,40 @@ log = structlog.get_logger("worker.read_model")
 KEY_PREFIX = "orders:view:"
 
 #: Store a view only when it is newer than the one cached: two writers that
-#: refresh out of order can never put an older state back.
+#: refresh out of order can never put an older state back.  A mark left by
+#: :data:`_OUTDATE` (a version without a view) gives way to the view of
+#: that same version.
 _STORE_IF_NEWER = """
 local current = redis.call('HGET', KEYS[1], 'version')
-if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+if current then
+  local have, new = tonumber(current), tonumber(ARGV[1])
+  if have > new or (have == new and redis.call('HEXISTS', KEYS[1], 'view') == 1) then return 0 end
+end
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'view', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+#: Before a commit: replace the cached view by a mark carrying the version
+#: being committed.  Reads then miss and go to PostgreSQL, and no view older
+#: than that version can be stored, so a worker that dies between its commit
+#: and its refresh leaves nothing stale behind (found by the chaos run).
+_OUTDATE = """
+local current = redis.call('HGET', KEYS[1], 'version')
+if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'version', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+#: how long a mark of :data:`_OUTDATE` lives at most (seconds): its commit
+#: replaces it at once; one that never committed only costs reads a while
+OUTDATED_TTL = 60
+
 _VIEW_SQL = text(
     "SELECT o.order_id::text, o.user_id, o.status, o.currency, o.total, o.payment_provider, o.next_action,"
-    " o.reason, o.created_at, o.updated_at, p.status AS payment_status,"
+    " o.reason, o.created_at, o.updated_at, p.status AS payment_status, " + tables.ORDER_VERSION_SQL + " AS version,"
     " COALESCE(json_agg(json_build_object('product_id', i.product_id, 'quantity', i.quantity,"
     " 'unit_price', i.unit_price) ORDER BY i.line_no) FILTER (WHERE i.order_id IS NOT NULL), '[]') AS items"
     " FROM orders o LEFT JOIN payments p USING (order_id) LEFT JOIN order_items i USING (order_id)"
@@ -67,7 +90,7 @@ def load_views(engine: Engine, order_ids: Iterable[str]) -> dict[str, dict[str, 
             "payment": {"provider": r["payment_provider"], "status": r["payment_status"] or "not_started"},
             "next_action": r["next_action"], "reason": r["reason"],
             "created_at": r["created_at"].isoformat(), "updated_at": r["updated_at"].isoformat(),
-            "version": int(r["updated_at"].timestamp() * 1_000_000),
+            "version": r["version"],
         }
     return views
 
@@ -109,6 +132,7 @@ class _CachedViews:
         self.metrics = metrics
         self.gate = gate or RedisGate("order views")
         self._store_script = client.register_script(_STORE_IF_NEWER)
+        self._outdate_script = client.register_script(_OUTDATE)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -174,6 +198,26 @@ class OrderCache(_CachedViews):
             raise
         if not stored:
             self._owe(ids)
+
+    def outdate(self, versions: dict[str, int]) -> None:
+        """Before the commit of these versions: mark the cached views outdated (best effort).
+
+        A view that cannot be marked (Redis down) is owed a refresh, as
+        after a missed write-through.
+        """
+        if not versions:
+            return
+        if self.gate.usable():
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for order_id, version in versions.items():
+                    self._outdate_script(keys=[KEY_PREFIX + order_id], args=[version, OUTDATED_TTL], client=pipe)
+                pipe.execute()
+                self.gate.succeeded()
+                return
+            except redis.RedisError as exc:
+                self.gate.failed(exc)
+        self._owe(set(versions))
 
     def settle_owed(self) -> None:
         """Make the refreshes still owed once Redis answers again, without waiting for a commit.

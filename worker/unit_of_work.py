@@ -82,6 +82,7 @@ class PostgresUnitOfWork:
         self._new_orders: list[Order] = []
         self._saved_payments: dict[str, PaymentRecord] = {}
         self._outbox: list[tuple[Any, ...]] = []
+        self._versions: dict[str, int] = {}
 
     # -- inbox -------------------------------------------------------------
 
@@ -192,16 +193,15 @@ class PostgresUnitOfWork:
         ))
 
     @property
-    def touched_orders(self) -> set[str]:
-        """Orders that existed before and changed here: the cached views to refresh.
+    def touched_versions(self) -> dict[str, int]:
+        """Orders that existed before and changed here, with their new read-model versions.
 
-        A new order cannot be in the cache (only found orders are cached), so
-        refreshing it would cost a query for nothing.
+        Known after :meth:`flush`: the cached views to mark outdated before the
+        commit and to refresh after it.  A new order cannot be in the cache
+        (only found orders are cached), so refreshing it would cost a query
+        for nothing.
         """
-        return {
-            o.order_id for o in self._orders.values()
-            if o is not None and o.loaded_status is not None and o.transitions
-        } | set(self._saved_payments)
+        return self._versions
 
     def flush(self) -> None:
         """Write everything the handlers did, in a few set-based statements."""
@@ -215,9 +215,9 @@ class PostgresUnitOfWork:
             copy_rows(conn, "order_items", _ITEM_COLUMNS, (
                 (o.order_id, n, line.product_id, line.quantity, line.unit_price)
                 for o in self._new_orders for n, line in enumerate(o.lines, 1)))
-        changed = [
+        changed = [  # moved on, or its payment did: either is a new version of the order's view
             o for o in self._orders.values()
-            if o is not None and o.order_id not in new_ids and o.transitions
+            if o is not None and o.order_id not in new_ids and (o.transitions or o.order_id in self._saved_payments)
         ]
         if changed:
             self._update_orders(changed)
@@ -245,12 +245,13 @@ class PostgresUnitOfWork:
                 " next_action = v.next_action, updated_at = clock_timestamp()"
                 " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS"
                 " v(order_id uuid, status text, guard text, reason text, next_action jsonb)"
-                " WHERE o.order_id = v.order_id AND o.status = v.guard"
+                f" WHERE o.order_id = v.order_id AND o.status = v.guard RETURNING o.order_id::text, {tables.ORDER_VERSION_SQL}"
             ),
             {"rows": json.dumps(rows)},
-        )
-        if result.rowcount != len(rows):
-            raise ConcurrentUpdate(f"{len(rows) - result.rowcount} order(s) changed under this batch")
+        ).all()
+        if len(result) != len(rows):
+            raise ConcurrentUpdate(f"{len(rows) - len(result)} order(s) changed under this batch")
+        self._versions.update(result)
 
     def _upsert_payments(self, records: list[PaymentRecord]) -> None:
         stmt = pg_insert(tables.payments)
