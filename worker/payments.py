@@ -27,9 +27,8 @@ from schema.messages import InvalidMessage, parse_command
 from worker.broker import PAYMENTS_QUEUE, BlockingBroker, Delivery
 from worker.consumer import Backoff, Settlement, wait_for_database
 from worker.errors import ConnectionLost, Kind, StopRequested, classify
-from worker.processing import Handled, Result, Views, committing
+from worker.processing import Handled, Result, Views, order_transaction
 from worker.settings import Settings
-from worker.unit_of_work import PostgresUnitOfWork
 
 log = structlog.get_logger("worker.payments")
 
@@ -80,16 +79,11 @@ class PaymentStep:
 
     def _run(self, step: Any, command: Any, ctx: MessageContext) -> Outcome | None:
         order_id = str(command.order_id)
-        with self.engine.begin() as conn:  # transaction 1: record the attempt
-            if conn.execute(text("SELECT 1 FROM inbox WHERE consumer = :c AND message_id = :m"),
-                            {"c": CONSUMER, "m": ctx.message_id}).first():
+        with order_transaction(self.engine, CONSUMER, self.views) as uow:  # transaction 1: record the attempt
+            if uow.conn.execute(text("SELECT 1 FROM inbox WHERE consumer = :c AND message_id = :m"),
+                                {"c": CONSUMER, "m": ctx.message_id}).first():
                 return None
-            uow = PostgresUnitOfWork(conn, CONSUMER)
             call = step.prepare(command, uow)
-            uow.flush()
-            touched = committing(uow, self.views)  # e.g. the payment is now ``capturing``
-        if self.views is not None and touched:
-            self.views.refresh(touched)
         result: Any = None
         failure: PermanentPaymentError | None = None
         if call is not None:
@@ -129,16 +123,11 @@ class PaymentStep:
             self.metrics.payment_call(provider, step, outcome)
 
     def _record(self, ctx: MessageContext, order_id: str, apply: Callable[[Any], Outcome | None]) -> Outcome | None:
-        with self.engine.begin() as conn:  # transaction 2: the answer, with the inbox row
-            uow = PostgresUnitOfWork(conn, CONSUMER)
+        with order_transaction(self.engine, CONSUMER, self.views) as uow:  # transaction 2: the answer, with the inbox row
             if not uow.claim([ctx.message_id]):
                 return None
             uow.preload([order_id], [])
             outcome = apply(uow)
-            uow.flush()
-            touched = committing(uow, self.views)
-        if self.views is not None and touched:
-            self.views.refresh(touched)
         return outcome or Outcome("unchanged", order_id)
 
 

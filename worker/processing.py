@@ -10,8 +10,10 @@ results into acks, replies, retries and dead letters.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import structlog
 from sqlalchemy import Engine
@@ -76,15 +78,22 @@ class Views(Protocol):
         """When idle: the refreshes that could not be made before."""
 
 
-def committing(uow: PostgresUnitOfWork, views: Views | None) -> dict[str, int]:
-    """Just before the commit of ``uow``'s transaction: mark the changed orders' views outdated.
+@contextmanager
+def order_transaction(engine: Engine, consumer: str, views: Views | None) -> Iterator[PostgresUnitOfWork]:
+    """One transaction that changes orders, as a unit of work that the body fills.
 
-    Returns the changed orders, for :meth:`Views.refresh` after the commit.
+    On a normal exit: flush, mark the changed orders' views outdated, commit,
+    then refresh those views.  On an exception: roll back, and nothing else.
     """
-    touched = uow.touched_versions
+    with engine.begin() as conn:
+        uow = PostgresUnitOfWork(conn, consumer)
+        yield uow
+        uow.flush()
+        touched = uow.touched_versions
+        if views is not None and touched:
+            views.outdate(touched)  # before the commit: a process killed after it leaves no stale view
     if views is not None and touched:
-        views.outdate(touched)
-    return touched
+        views.refresh(touched)
 
 
 class Applier:
@@ -111,8 +120,7 @@ class Applier:
             for d, c in sorted(items, key=lambda it: APPLY_ORDER.get(it[0].message_type or "", 9))
         ]
         handled: list[Handled] = []
-        with self.engine.begin() as conn:
-            uow = PostgresUnitOfWork(conn, CONSUMER)
+        with order_transaction(self.engine, CONSUMER, self.views) as uow:
             fresh = uow.claim(d.message_id for d, _, _ in ordered)  # type: ignore[misc]
             uow.preload(
                 (order_id for _, _, order_id in ordered),
@@ -142,10 +150,6 @@ class Applier:
                     continue
                 handled.append(Handled(d, Result.APPLIED, outcome, order_id=order_id))
             uow.release(deferred)
-            uow.flush()
-            touched = committing(uow, self.views)
-        if self.views is not None and touched:
-            self.views.refresh(touched)
         return handled
 
     def apply_one(self, delivery: Delivery, command: Any) -> Handled:
