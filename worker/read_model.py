@@ -183,7 +183,12 @@ class OrderCache(_CachedViews):
         return view
 
     def refresh(self, order_ids: Iterable[str]) -> None:
-        """After a commit: write the new views through (best effort), and any owed from before."""
+        """After a commit: write the new views through, and any owed from before.
+
+        Best effort, never raises: the commit stands whatever happens here.
+        Views that could not be written (Redis away, or PostgreSQL not
+        readable just now) stay owed.
+        """
         ids = set(order_ids)
         if not self.gate.usable():
             self._owe(ids)
@@ -193,9 +198,9 @@ class OrderCache(_CachedViews):
             self._missed = set()
         try:
             stored = self._store(load_views(self.engine, ids))
-        except BaseException:  # PostgreSQL could not be read: still owed
-            self._owe(ids)
-            raise
+        except SQLAlchemyError as exc:
+            log.debug("order views not refreshed; the database is unavailable", error=str(exc))
+            stored = False
         if not stored:
             self._owe(ids)
 
@@ -224,15 +229,10 @@ class OrderCache(_CachedViews):
 
         For a worker with nothing to do: after an outage, the last changes
         before it went quiet would otherwise stay behind in the cache until
-        their views expire.  Never raises: a database that cannot be read
-        now leaves them owed for the next call.
+        their views expire.
         """
-        if not self._missed or not self.gate.usable():
-            return
-        try:
+        if self._missed and self.gate.usable():
             self.refresh(())
-        except SQLAlchemyError as exc:
-            log.debug("owed order views not refreshed; the database is unavailable", error=str(exc))
 
     def _owe(self, ids: set[str]) -> None:
         with self._lock:
