@@ -41,7 +41,7 @@ import bench_drain  # noqa: E402
 PY = sys.executable
 ORDERS = str(Path(PY).parent / "orders")
 SOAK_DB, SOAK_VHOST = "orders_soak", "orders-soak"
-HTTP_DB, HTTP_VHOST = "orders_bench_http", "orders-bench-http"
+HTTP_DB, HTTP_VHOST = "orders_bench_http", "orders-bench-http"  # bench_http.py's own
 #: RSS samples taken during the soak's first minute are warm-up, not judged
 WARMUP_SECONDS = 60.0
 
@@ -164,10 +164,8 @@ def main() -> int:
     args = ap.parse_args()
 
     drain = run_json([str(ROOT / "scripts" / "bench_drain.py"), "--orders", str(args.orders)], dict(os.environ), 1200)
-    http_env = isolated_env(HTTP_DB, HTTP_VHOST)
-    prepare(http_env)
     http = run_json([str(ROOT / "scripts" / "bench_http.py"), "--rate", str(args.rate), "--duration",
-                     str(args.http_seconds), "--sweep", args.sweep], http_env, 900)
+                     str(args.http_seconds), "--sweep", args.sweep], dict(os.environ), 900)
     memory = soak(args.soak_minutes, args.soak_rate)
     result = {"drain": drain, "http": http, "soak": memory, "machine": bench_drain.machine()}
     if args.json:

@@ -9,9 +9,12 @@ hide its queue) and measures POST→visible-through-GET for a paced sample.
 
     .venv/bin/python scripts/bench_http.py --rate 1000 --duration 20 --workers 2
 
-Uses the configured PostgreSQL/RabbitMQ/Redis (ORDERS_* overrides apply; the
-topology must exist: ``orders topology``); it migrates the database if needed
-and adds one product, ``sku-bench``.
+Uses the configured PostgreSQL/RabbitMQ/Redis servers (ORDERS_* overrides
+apply), but a database and a RabbitMQ vhost of its own (``orders_bench_http``,
+dropped and made anew each run, and ``orders-bench-http``; ``/`` when
+rabbitmqctl is missing).  A run places tens of thousands of orders; in the
+service's own database, the first relay and payment step to start there
+would publish their ``StartPayment`` events and charge every one of them.
 """
 
 from __future__ import annotations
@@ -57,6 +60,20 @@ def baseline_app() -> Any:
         return {"status": "ok"}
 
     return app
+
+
+def drop_own_database(dsn: str, dbname: str) -> None:
+    """Drop this benchmark's own database (each run starts empty)."""
+    import psycopg2
+    from psycopg2 import sql
+
+    admin = psycopg2.connect(dsn.replace(f"dbname={dbname}", "dbname=postgres"), connect_timeout=5)
+    try:
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+    finally:
+        admin.close()
 
 
 def free_port() -> int:
@@ -190,10 +207,14 @@ def main() -> None:
     from worker.settings import load_settings
     from worker.shim.auth import issue_token
 
+    from bench import HTTP_DB, HTTP_VHOST, isolated_env, prepare  # scripts/ is on sys.path
+
+    os.environ.update(isolated_env(HTTP_DB, HTTP_VHOST))
     settings = load_settings()
-    db.ensure_database(settings.database)
+    drop_own_database(settings.database.dsn, HTTP_DB)
+    prepare(dict(os.environ))  # migrate, topology, the demo catalogue
+
     engine = db.make_engine(settings.database, pool_size=1)
-    db.migrate(engine)
     catalogue.upsert(engine, [catalogue.ProductRow(product_id="sku-bench", name="Bench", price=100,
                                                    currency="USD", active=True)])
     headers = {"Authorization": "Bearer " + issue_token(settings.shim, "bench", "user", 3600)}
