@@ -79,6 +79,8 @@ class Order:
         if not can_transition(current, target):
             raise IllegalTransition(f"order {self.order_id} is {current.value}, cannot become {target.value}")
         self.status = target
+        if target is not Status.AWAITING_PAYMENT:
+            self.next_action = None  # what the buyer needs next matters only while the payment waits for them
         if reason is not None:
             self.reason = reason
         self.transitions.append((current, target, message_id, reason))

@@ -107,7 +107,6 @@ def apply_result(order: Order, payment: PaymentRecord, result: PaymentResult, ms
         payment.confirmed_event_id = payment.confirmed_event_id or f"{msg.message_type}:{mid}"
         uow.save_payment(payment)
         if order.status in CANCELLABLE:
-            order.next_action = None
             order.transition(Status.COMPLETED, mid)
             events.stock(uow, order, "stock.commit", mid)
             events.order_event(uow, order, "order.completed", mid)
@@ -142,7 +141,6 @@ def _second_payment(order: Order, result: PaymentResult, mid: str, uow: UnitOfWo
 
 def _reject(order: Order, reason: str, mid: str, uow: UnitOfWork) -> Outcome:
     if order.status in CANCELLABLE:
-        order.next_action = None
         order.transition(Status.REJECTED, mid, reason)
         events.stock(uow, order, "stock.release", mid)
         events.order_event(uow, order, "order.rejected", mid)

@@ -173,3 +173,22 @@ def test_late_answers_about_a_refunded_payment_change_nothing():
     assert (late.result, answer.result) == ("unchanged", "unchanged")
     assert uow.payments[order_id].status == "refunded"
     assert "payment.refund" not in uow.keys()
+
+
+@pytest.mark.parametrize("end", ["CancelOrder", "PaymentConfirmed"])
+def test_an_order_that_leaves_awaiting_payment_drops_the_buyers_next_step(end):
+    """Seen in the up.sh smoke test: a cancelled PayPal order still showed its approve link."""
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
+    order = uow.orders[order_id]
+    order.next_action = {"approve_url": "https://paypal.example/checkoutnow?token=T"}
+    order.transition(Status.AWAITING_PAYMENT, "m-start")
+    assert order.next_action is not None
+    if end == "CancelOrder":
+        cmd = v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": "u1", "roles": ["user"]}})
+        assert cancel_order(cmd, ctx(end), uow).status == "cancelled"
+    else:
+        confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 100,
+                   "currency": "USD", "event_id": "evt_1"}
+        assert payment_confirmed(v(PaymentConfirmed, confirm), ctx(end), uow).status == "completed"
+    assert order.next_action is None
