@@ -41,7 +41,6 @@ import bench_drain  # noqa: E402
 PY = sys.executable
 ORDERS = str(Path(PY).parent / "orders")
 SOAK_DB, SOAK_VHOST = "orders_soak", "orders-soak"
-HTTP_DB, HTTP_VHOST = "orders_bench_http", "orders-bench-http"  # bench_http.py's own
 #: RSS samples taken during the soak's first minute are warm-up, not judged
 WARMUP_SECONDS = 60.0
 

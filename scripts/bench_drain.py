@@ -61,6 +61,7 @@ from worker.broker import (  # noqa: E402
     PipelinedPublisher,
     delay_queue,
 )
+from worker import db  # noqa: E402
 from worker.settings import load_settings  # noqa: E402
 
 ORDERS_CLI = str(Path(sys.executable).parent / "orders")
@@ -132,14 +133,6 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
     if done.returncode != 0:
         raise BenchError(f"orders {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
     return done.stdout.strip()
-
-
-def recreate_database(settings: Any) -> None:
-    admin = psycopg2.connect(settings.database.dsn.replace(f"dbname={DBNAME}", "dbname=postgres"), connect_timeout=5)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{DBNAME}" WITH (FORCE)')
-    admin.close()
 
 
 def products_for_bench() -> list[dict[str, Any]]:
@@ -417,9 +410,9 @@ class Window:
 def drain(args: argparse.Namespace, env: dict[str, str], settings: Any, url: str, tmp: Path,
           deadline: Deadline, procs: list[Proc], capture: Capture) -> dict[str, Any]:
     n = args.orders
-    db = psycopg2.connect(settings.database.dsn, connect_timeout=5, application_name="bench-poll")
-    db.autocommit = True
-    cur = db.cursor()
+    poll = psycopg2.connect(settings.database.dsn, connect_timeout=5, application_name="bench-poll")
+    poll.autocommit = True
+    cur = poll.cursor()
 
     t0 = time.monotonic()
     relay = Proc("relay", ["relay"], env, tmp / "relay.log")
@@ -473,7 +466,7 @@ def drain(args: argparse.Namespace, env: dict[str, str], settings: Any, url: str
     outbox_rows, outbox_published = cur.fetchone()
     cur.execute("SELECT status, count(*) FROM orders GROUP BY status")
     statuses = dict(cur.fetchall())
-    db.close()
+    poll.close()
     relay_hwm = vm_hwm_kib(relay.pid)
     depths = queue_depths(url, [*COMMAND_QUEUES, PAYMENTS_QUEUE, DEAD_LETTER_QUEUE, CAPTURE_QUEUE])
     cpu = CpuSampler.share(snaps["10"], snaps["90"]) if "10" in snaps and "90" in snaps else {}
@@ -560,9 +553,9 @@ TRUNCATE = "TRUNCATE orders, order_items, order_transitions, payments, inbox, ou
 
 def baseline(settings: Any, orders: list[dict[str, Any]], prices: dict[str, int], deadline: Deadline) -> dict[str, Any]:
     dsn = settings.database.dsn
-    db = psycopg2.connect(dsn, connect_timeout=5, application_name="bench-poll")
-    db.autocommit = True
-    cur = db.cursor()
+    poll = psycopg2.connect(dsn, connect_timeout=5, application_name="bench-poll")
+    poll.autocommit = True
+    cur = poll.cursor()
     cur.execute(TRUNCATE)
     rows = baseline_rows(orders, prices)
     ctx = mp.get_context("fork")
@@ -592,7 +585,7 @@ def baseline(settings: Any, orders: list[dict[str, Any]], prices: dict[str, int]
                 w.terminate()
             w.join(5)
     cur.execute(TRUNCATE)
-    db.close()
+    poll.close()
     return {"rate": window.rate(), "total_s": total, "connections": BASELINE_WORKERS}
 
 
@@ -738,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         if idle_busy > 20:
             say(f"warning: the machine is already {idle_busy:.0f}% busy (100 = one core) before the run; "
                 "figures will be low and noisy")
-        recreate_database(settings)
+        db.drop_database(settings.database)
         run_cli(["migrate"], env)
         run_cli(["topology"], env)
         run_cli(["products", "import", str(CATALOGUE)], env)

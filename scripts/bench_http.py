@@ -62,18 +62,8 @@ def baseline_app() -> Any:
     return app
 
 
-def drop_own_database(dsn: str, dbname: str) -> None:
-    """Drop this benchmark's own database (each run starts empty)."""
-    import psycopg2
-    from psycopg2 import sql
-
-    admin = psycopg2.connect(dsn.replace(f"dbname={dbname}", "dbname=postgres"), connect_timeout=5)
-    try:
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
-    finally:
-        admin.close()
+#: this benchmark's own database and vhost (see the module docstring)
+HTTP_DB, HTTP_VHOST = "orders_bench_http", "orders-bench-http"
 
 
 def free_port() -> int:
@@ -207,11 +197,11 @@ def main() -> None:
     from worker.settings import load_settings
     from worker.shim.auth import issue_token
 
-    from bench import HTTP_DB, HTTP_VHOST, isolated_env, prepare  # scripts/ is on sys.path
+    from bench import isolated_env, prepare  # scripts/ is on sys.path
 
     os.environ.update(isolated_env(HTTP_DB, HTTP_VHOST))
     settings = load_settings()
-    drop_own_database(settings.database.dsn, HTTP_DB)
+    db.drop_database(settings.database)  # each run starts empty
     prepare(dict(os.environ))  # migrate, topology, the demo catalogue
 
     engine = db.make_engine(settings.database, pool_size=1)

@@ -91,27 +91,17 @@ def test_env(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Any]) ->
         _rabbitmqctl("delete_vhost", vhost)
 
 
-def _drop_database(s: Any) -> None:
-    import psycopg2
-
-    admin = psycopg2.connect(s.database.dsn.replace(f"dbname={TEST_DB}", "dbname=postgres"))
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
-    admin.close()
-
-
 @pytest.fixture(scope="session")
 def settings(test_env: dict[str, str]) -> Iterator[Any]:
     from worker import db
     from worker.settings import load_settings
 
     s = load_settings()
-    _drop_database(s)
+    db.drop_database(s.database)
     db.ensure_database(s.database)
     db.migrate(db.make_engine(s.database, pool_size=1))
     yield s
-    _drop_database(s)
+    db.drop_database(s.database)
 
 
 @pytest.fixture(scope="session")

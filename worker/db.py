@@ -47,6 +47,17 @@ def ensure_database(db: DatabaseSettings) -> bool:
         conn.close()
 
 
+def drop_database(db: DatabaseSettings) -> None:
+    """Drop the database if it exists, closing its connections (tests, benchmarks, the chaos run)."""
+    conn = psycopg2.connect(db.dsn.replace(f"dbname={db.dbname}", "dbname=postgres"), connect_timeout=5)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db.dbname)))
+    finally:
+        conn.close()
+
+
 def alembic_config(engine: Engine) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))

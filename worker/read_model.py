@@ -132,7 +132,6 @@ class _CachedViews:
         self.metrics = metrics
         self.gate = gate or RedisGate("order views")
         self._store_script = client.register_script(_STORE_IF_NEWER)
-        self._outdate_script = client.register_script(_OUTDATE)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -164,6 +163,7 @@ class OrderCache(_CachedViews):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._outdate_script = self.redis.register_script(_OUTDATE)  # only the writers mark views outdated
         self._missed: set[str] = set()
         self._lock = threading.Lock()  # the command and payment threads share a process's cache
 

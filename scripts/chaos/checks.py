@@ -38,6 +38,16 @@ def _check(name: str, problems: list[str], ok_detail: str) -> Check:
     return Check(name, True, ok_detail)
 
 
+def _for_an_operator(dl: dict[str, Any]) -> bool:
+    """A RefundPayment waiting in the dead-letter queue for a person (ManualActionRequired)."""
+    return bool(dl["type"] == "RefundPayment" and dl["headers"].get("x-error-class") == "ManualActionRequired")
+
+
+def handed_to_an_operator(snap: Snapshot) -> set[str]:
+    """Orders whose refund an operator must make (the internal payment service's money)."""
+    return {dl["order_id"] for dl in snap.dead_letters if _for_an_operator(dl)}
+
+
 def expected_final(plan: PlannedOrder) -> set[str]:
     """The end states an order of this plan may reach."""
     base = {"visa": {"completed"}, "declined": {"rejected"}, "3ds": {"completed"}, "3ds_fail": {"rejected"},
@@ -93,8 +103,7 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
     # 4. orders audit (database side: states vs history, payments vs orders, outbox, nothing stuck)
     # internal payments of ended orders are the audit's to report: they wait for an operator
     # (their RefundPayment is dead-lettered with ManualActionRequired, checked with the money below)
-    handed = {dl["order_id"] for dl in snap.dead_letters
-              if dl["type"] == "RefundPayment" and dl["headers"].get("x-error-class") == "ManualActionRequired"}
+    handed = handed_to_an_operator(snap)
     kept = {oid for oid, p in snap.payments.items() if p["status"] == "succeeded"
             and snap.orders.get(oid, {}).get("status") in ("cancelled", "rejected")}
     all_handed = all(snap.payments[oid]["provider"] == "internal" and oid in handed for oid in kept)
@@ -193,7 +202,7 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
     unexpected = []
     for dl in snap.dead_letters:
         idx = dl["headers"].get("chaos-malformed")
-        if dl["type"] == "RefundPayment" and dl["headers"].get("x-error-class") == "ManualActionRequired":
+        if _for_an_operator(dl):
             continue  # an internal payment to give back by hand (see the money check)
         if idx is None:
             unexpected.append(dl)
@@ -369,8 +378,7 @@ def money_checks(snap: Snapshot, plan: list[PlannedOrder], seed: int) -> list[Ch
     internal_events = {f"chaos-{seed}-intpay-{o.index}" for o in plan if o.kind == "internal_early"}
     # money the internal payment service took for an order that ended: the service cannot refund it
     # itself, so the RefundPayment waits in the dead-letter queue for a person (ManualActionRequired)
-    manual = {dl["order_id"] for dl in snap.dead_letters
-              if dl["type"] == "RefundPayment" and dl["headers"].get("x-error-class") == "ManualActionRequired"}
+    manual = handed_to_an_operator(snap)
     for oid, row in snap.orders.items():
         pay = snap.payments.get(oid, {})
         internal = (pay.get("confirmed_event_id") in internal_events

@@ -19,9 +19,9 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 import pika
-import psycopg2
 
 from scripts.tcp_proxy import free_port
+from worker import db
 from worker.broker import EVENTS_EXCHANGE, INVENTORY_EXCHANGE
 from worker.settings import load_settings
 
@@ -153,12 +153,7 @@ class Stack:
         self.cli("migrate")
 
     def _drop_database(self) -> None:
-        admin = psycopg2.connect(self.direct_dsn().replace(f"dbname={self.cfg.database}", "dbname=postgres"),
-                                 connect_timeout=5)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{self.cfg.database}" WITH (FORCE)')
-        admin.close()
+        db.drop_database(self.settings(direct=True).database)
 
     def _fakes(self) -> None:
         for name, module in (("stripe", "fake_stripe.py"), ("paypal", "fake_paypal.py")):
