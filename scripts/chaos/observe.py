@@ -72,6 +72,23 @@ def awaiting_ids(dsn: str) -> list[str]:
         conn.close()
 
 
+def unsettled_sample(dsn: str) -> str:
+    """A few payments that keep the run from going quiet, for the error message."""
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=5, application_name="chaos-check")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT p.order_id::text, p.provider, p.status, o.status, p.updated_at::text"
+                            " FROM payments p JOIN orders o USING (order_id)"
+                            " WHERE p.status IN ('started', 'unknown', 'capturing') LIMIT 5")
+                rows = cur.fetchall()
+        finally:
+            conn.close()
+    except psycopg2.Error:
+        return ""
+    return "".join(f"\n  payment of order {r[0]} ({r[1]}): {r[2]}, order {r[3]}, since {r[4]}" for r in rows)
+
+
 def wait_for_quiescence(stack: Stack, ledger: Ledger, buyer: Buyer, timeout: float) -> dict[str, Any]:
     """Until queues, outbox and payments are empty and nothing changes; ChaosError at the deadline."""
     deadline = time.monotonic() + timeout
@@ -109,7 +126,8 @@ def wait_for_quiescence(stack: Stack, ledger: Ledger, buyer: Buyer, timeout: flo
         else:
             stable, last = 0, None
         if time.monotonic() > deadline:
-            raise ChaosError(f"no quiescence within {timeout:.0f}s: " + "; ".join(reasons or ["still changing"]))
+            raise ChaosError(f"no quiescence within {timeout:.0f}s: " + "; ".join(reasons or ["still changing"])
+                             + unsettled_sample(stack.direct_dsn()))
         time.sleep(1.5)
 
 

@@ -138,12 +138,14 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
         if buyer is not None and buyer.thread.is_alive():
             buyer.stop()
         stack.stop()
-        if cfg.drop_after:
+        failed = keep and not cfg.keep_logs
+        if cfg.drop_after and not failed:
             stack.drop()
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            say(f"logs kept in {tmp}")
+            say(f"logs kept in {tmp}" + (f"; database {cfg.database} and vhost {cfg.vhost} kept too"
+                                         if failed and cfg.drop_after else ""))
         lock_file.close()
 
 
