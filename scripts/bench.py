@@ -58,7 +58,7 @@ def isolated_env(dbname: str, vhost: str) -> dict[str, str]:
 
     made = vhost if _vhost(vhost) else ""
     url = load_settings().rabbitmq.url.get_secret_value().rstrip("/") + "/" + made.replace("/", "%2F")
-    return {**os.environ, "ORDERS_DATABASE__DBNAME": dbname, "ORDERS_RABBITMQ__URL": url,
+    return {"ORDERS_ENVIRONMENT": "development", **os.environ, "ORDERS_DATABASE__DBNAME": dbname, "ORDERS_RABBITMQ__URL": url,
             "ORDERS_LOGGING__LEVEL": "WARNING", "ORDERS_METRICS__PORT": "0"}
 
 

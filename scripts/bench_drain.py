@@ -117,7 +117,7 @@ def service_env(vhost: str, tmp: Path) -> dict[str, str]:
     base = load_settings()  # host/user/password from the usual config and environment
     url = base.rabbitmq.url.get_secret_value()
     prefix = url.rsplit("/", 1)[0] if url.count("/") >= 3 else url.rstrip("/")
-    env = dict(os.environ)
+    env = {"ORDERS_ENVIRONMENT": "development", **os.environ}
     env.update({
         "ORDERS_DATABASE__DBNAME": DBNAME,
         "ORDERS_RABBITMQ__URL": f"{prefix}/{'%2F' if vhost == '/' else vhost}",

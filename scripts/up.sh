@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 
 bash scripts/bootstrap.sh
 
+# a local run: the shipped config/config.yaml holds development secrets and points at the fakes,
+# which production mode (the default) refuses
+export ORDERS_ENVIRONMENT=${ORDERS_ENVIRONMENT:-development}
 export VIRTUAL_ENV="$PWD/.venv"
 export PATH="$VIRTUAL_ENV/bin:$PATH" # Procfile.local's `orders` and `python` are the venv's
 

@@ -73,6 +73,7 @@ def test_env(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Any]) ->
     vhost = _vhost()
     tmp = tmp_path_factory.mktemp("orders")
     env = {
+        "ORDERS_ENVIRONMENT": "development",
         "ORDERS_STRIPE__API_BASE": fakes["stripe"].url,
         "ORDERS_PAYPAL__BASE_URL": fakes["paypal"].url,
         "ORDERS_DATABASE__DBNAME": TEST_DB,

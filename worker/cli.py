@@ -29,14 +29,23 @@ ConfigOption = Annotated[
 ]
 
 
-def _settings(config: Path | None) -> Settings:
-    from worker import logs
+def _settings(config: Path | None, serving: bool = False) -> Settings:
+    """The settings, or exit 1 with the reason; ``serving``: also refuse what production mode refuses."""
+    from worker import logs, production
 
     try:
         settings = load_settings(config)
     except SettingsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    if serving:
+        refused = production.problems(settings)
+        for problem in refused:
+            typer.echo(f"error: production mode refuses {problem.line()}", err=True)
+        if refused:
+            typer.echo("error: set these, or ORDERS_ENVIRONMENT=development for a local run "
+                       "(`orders doctor` lists every check)", err=True)
+            raise typer.Exit(1)
     logs.configure(settings.logging.level, settings.logging.format)
     return settings
 
@@ -150,7 +159,7 @@ def worker(
     from worker.broker import COMMAND_QUEUES, PAYMENTS_QUEUE
     from worker.supervisor import run_pool
 
-    settings = _settings(config)
+    settings = _settings(config, serving=True)
     overrides = {}
     if prefetch:
         overrides["prefetch"] = prefetch
@@ -171,7 +180,7 @@ def relay(config: ConfigOption = None) -> None:
     from worker import db, metrics
     from worker.relay import Relay
 
-    settings = _settings(config)
+    settings = _settings(config, serving=True)
     stop = _stop_on_signals()
     relay_port = settings.metrics.port + 1 if settings.metrics.port else 0
     try:
@@ -195,7 +204,7 @@ def shim(
     """Run the HTTP shim (FastAPI on uvicorn)."""
     from worker.shim.server import serve
 
-    settings = _settings(config)
+    settings = _settings(config, serving=True)
     serve(settings, config, host or settings.shim.host, settings.shim.port if port is None else port, workers)
 
 

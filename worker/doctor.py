@@ -37,6 +37,21 @@ def check_configuration(path: Path | None) -> tuple[Settings | None, list[Findin
     return settings, [Finding("configuration", True, "loaded and valid")]
 
 
+def check_production(settings: Settings) -> list[Finding]:
+    """What production mode refuses (:mod:`worker.production`), one finding each."""
+    from worker import production
+
+    if settings.environment != "production":
+        return [Finding("environment", True, "development: production checks are off (development secrets and "
+                        "local payment fakes are accepted)", warning=True)]
+    refused = production.problems(settings)
+    if not refused:
+        return [Finding("production", True, "no development secret, provider URLs and certificate hosts are the providers'")]
+    return [Finding("production", False, p.line(),
+                    f"Set {p.variable} (or {p.key} in the configuration file); the worker, relay and shim refuse "
+                    "to start until it is fixed.") for p in refused]
+
+
 def check_postgres(settings: Settings) -> list[Finding]:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
@@ -118,6 +133,6 @@ def run_all(config: Path | None) -> list[Finding]:
     settings, findings = check_configuration(config)
     if settings is None:
         return findings
-    for check in (check_postgres, check_rabbitmq, check_redis, check_payments):
+    for check in (check_production, check_postgres, check_rabbitmq, check_redis, check_payments):
         findings += check(settings)
     return findings

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_origin
 from urllib.parse import quote
 
 import yaml
@@ -109,6 +109,7 @@ class RelaySettings(_Section):
 class ShimSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, gt=0, lt=65536)
+    #: HS256 key of the bearer tokens ("" accepts no HS256 token: set jwt_public_key instead)
     jwt_secret: SecretStr
     jwt_public_key: str = ""
     jwt_issuer: str = ""
@@ -129,6 +130,8 @@ class ShimSettings(_Section):
     idempotency_ttl_seconds: int = Field(default=86400, gt=0)
     #: largest request body accepted (bytes); larger answers 413
     max_body_bytes: int = Field(default=65536, gt=0)
+    #: HMAC-SHA256 key from which order ids of an Idempotency-Key are derived (nobody else can compute them)
+    id_secret: SecretStr = SecretStr("")
 
 
 class MetricsSettings(_Section):
@@ -140,7 +143,13 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+Environment = Literal["production", "development"]
+
+
 class Settings(_Section):
+    #: ``production`` (the default) refuses development secrets and non-provider hosts at start
+    #: (:mod:`worker.production`); ``development`` is set by the local scripts, the tests and compose.yml
+    environment: Environment = "production"
     database: DatabaseSettings
     redis: RedisSettings
     rabbitmq: RabbitSettings
@@ -153,19 +162,41 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
 
 
+def _wants_json(section: str, key: str | None) -> bool:
+    """Whether the setting is a list or a mapping (its environment value is JSON) rather than a scalar."""
+    field = Settings.model_fields.get(section)
+    if field is None:
+        return False
+    annotation = field.annotation
+    if key is not None:
+        sub = getattr(annotation, "model_fields", {}).get(key)
+        if sub is None:
+            return False
+        annotation = sub.annotation
+    return get_origin(annotation) in (list, tuple, dict) or annotation in (list, tuple, dict)
+
+
 def _overlay_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """``ORDERS_<SECTION>__<KEY>`` sets one key of a section, ``ORDERS_<KEY>`` a top-level key.
+
+    A string setting takes the value as it is (``""`` is an empty string);
+    only list and mapping settings parse it as JSON.
+    """
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
+        if not name.startswith(ENV_PREFIX):
             continue
-        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")
         if section not in Settings.model_fields:
             continue
         value: Any = raw
-        if raw[:1] in "[{":
+        if _wants_json(section, key if sep else None):
             try:
                 value = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise SettingsError(f"{name}: not valid JSON ({exc.msg})") from None
+        if not sep:
+            data[section] = value
+            continue
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise SettingsError(f"{section}: expected a mapping")

@@ -83,6 +83,7 @@ class Stack:
             if key in os.environ:
                 env[key] = os.environ[key]
         env.update({
+            "ORDERS_ENVIRONMENT": "development",  # the fakes and the shipped development secrets
             "ORDERS_DATABASE__DBNAME": self.cfg.database,
             "ORDERS_DATABASE__PORT": str(self.proxy.ports["postgres"] if proxied and self.proxy else self.pg_port),
             "ORDERS_RABBITMQ__URL": self.amqp_url(self.proxy.ports["rabbitmq"] if proxied and self.proxy else None),

@@ -1,7 +1,9 @@
 """JWT bearer authentication (PyJWT) and the roles it carries.
 
-Tokens are HS256 with ``shim.jwt_secret``, or RS256 verified with
-``shim.jwt_public_key`` when one is configured.  ``exp`` and ``sub`` are
+Tokens are HS256 with ``shim.jwt_secret``; when ``shim.jwt_public_key`` is
+configured, only the algorithms of that key's family are accepted (RS*/PS*
+for RSA, ES* for EC, EdDSA for Ed25519) and the HMAC secret is not used at
+all, so a token signed with a leaked or default secret cannot pass.  ``exp`` and ``sub`` are
 required; ``iss``/``aud`` are checked when configured.  ``roles`` lists
 ``user`` and/or ``admin`` (unknown roles are ignored; none means ``user``).
 Every failure is the same 401 to the caller; the reason goes to the log only.
@@ -19,8 +21,12 @@ import re
 import time
 from dataclasses import dataclass
 
+from typing import Any
+
 import jwt
 import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from worker.settings import ShimSettings
 from worker.shim.errors import ApiError
@@ -35,7 +41,18 @@ LEEWAY_SECONDS = 10
 #: verified tokens remembered per process (the oldest half is dropped when full)
 CACHE_SIZE = 10_000
 #: user ids are tokens (the same rule as ``user_id`` in request bodies)
-_SUBJECT = re.compile(r"^[A-Za-z0-9._@:|+-]{1,200}$")
+_SUBJECT = re.compile(r"[A-Za-z0-9._@:|+-]{1,200}")
+
+
+def _family(key: Any) -> tuple[str, ...]:
+    """The JWS algorithms of a public key's family."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return ("ES256", "ES384", "ES512")
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return ("EdDSA",)
+    raise ValueError(f"shim.jwt_public_key: unsupported key type {type(key).__name__}")
 
 
 @dataclass(frozen=True)
@@ -61,11 +78,12 @@ class Authenticator:
     """Verifies bearer tokens against the configured keys."""
 
     def __init__(self, cfg: ShimSettings) -> None:
-        self._keys: dict[str, str] = {}
-        if cfg.jwt_secret.get_secret_value():  # an empty HMAC key would let anyone sign
-            self._keys["HS256"] = cfg.jwt_secret.get_secret_value()
+        self._keys: dict[str, Any] = {}
         if cfg.jwt_public_key.strip():
-            self._keys["RS256"] = cfg.jwt_public_key
+            key = serialization.load_pem_public_key(cfg.jwt_public_key.strip().encode())
+            self._keys = dict.fromkeys(_family(key), key)
+        elif cfg.jwt_secret.get_secret_value():  # an empty HMAC key would let anyone sign
+            self._keys["HS256"] = cfg.jwt_secret.get_secret_value()
         self._issuer = cfg.jwt_issuer or None
         self._audience = cfg.jwt_audience or None
         #: token → (caller, exp) of tokens that verified
@@ -106,7 +124,7 @@ class Authenticator:
             log.info("token rejected", reason=type(exc).__name__)
             raise unauthorized("the token is not valid") from None
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not _SUBJECT.match(sub):
+        if not isinstance(sub, str) or not _SUBJECT.fullmatch(sub):  # match() with $ let "bob\n" pass as bob
             raise unauthorized("the token has no valid subject")
         raw = claims.get("roles") or ["user"]
         roles = tuple(r for r in (raw if isinstance(raw, list) else [raw]) if r in ROLES) or ("user",)
