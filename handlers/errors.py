@@ -5,6 +5,7 @@
      │    ├── NotFound          (someone else's order answers the same)
      │    ├── Forbidden
      │    ├── IllegalTransition
+     │    ├── Taken             a PlaceOrder names an order id already used
      │    └── Mismatch          payment amount / currency / id disagree
      ├── RetryLater     the order it names does not exist yet: delay queue
      └── ManualActionRequired   only a person can finish it: dead-letter queue
@@ -36,6 +37,12 @@ class Forbidden(Refused):
 
 class IllegalTransition(Refused):
     code = "illegal_transition"
+
+
+class Taken(Refused):
+    """The order id is used by another order; nothing about that order is told."""
+
+    code = "order_id_taken"
 
 
 class Mismatch(Refused):

@@ -9,7 +9,7 @@ currency, end the order ``rejected`` (``order.rejected``, nothing reserved).
 from __future__ import annotations
 
 from handlers import events
-from handlers.errors import Refused
+from handlers.errors import Taken
 from handlers.orders import Line, Order, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.unit_of_work import UnitOfWork
@@ -23,7 +23,8 @@ def place_order(cmd: PlaceOrder, msg: MessageContext, uow: UnitOfWork) -> Outcom
     order_id = msg.order_id or cmd.resolved_order_id(msg.message_id)
     existing = uow.order(order_id)
     if existing is not None:
-        raise Refused(f"order {order_id} already exists (placed by message {existing.place_message_id})")
+        # generic: who placed it, and with which message, is not the sender's business
+        raise Taken(f"order id {order_id} is already taken")
 
     quantities: dict[str, int] = {}
     for item in cmd.lines():  # the same product twice is one line

@@ -1,12 +1,19 @@
 """Message models: the command and event bodies of the public contract.
 
 Strict: unknown fields, wrong types, non-positive quantities, empty item
-lists and oversized strings are rejected, and the error names the field.
+lists, oversized strings, strings holding NUL or any other control character
+(:class:`Text`, the one check every model here and the shim's request models
+inherit) and bodies with a duplicated JSON key (:func:`loads_no_duplicates`)
+are rejected, and the error names the field.  PostgreSQL cannot store a NUL
+in text: a command carrying one must fail here, as invalid, not at the
+commit after five attempts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
@@ -17,6 +24,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -41,10 +49,68 @@ ProductId = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
 ]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
-Url = Annotated[str, StringConstraints(min_length=8, max_length=2000, pattern=r"^https?://\S+$")]
+Url = Annotated[str, StringConstraints(min_length=8, max_length=2000, pattern=r"^https?://[^\s\x00-\x1f\x7f-\x9f]+$")]
 
 
-class _Strict(BaseModel):
+#: C0 controls (NUL, newline, tab, ...), DEL and the C1 controls
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: the same rule as a JSON Schema pattern, so that the OpenAPI document says it too
+NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
+def check_text(value: Any) -> Any:
+    """``value`` unchanged; ValueError when any string in it holds a control character."""
+    if isinstance(value, str):
+        if _CONTROL.search(value):
+            raise ValueError("must not contain NUL or other control characters")
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            check_text(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k)
+            check_text(v)
+    return value
+
+
+class Text(BaseModel):
+    """Base of every model that takes text from outside: no string may hold a control character."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_control_characters(cls, value: Any) -> Any:
+        return check_text(value)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
+        schema = handler(core_schema)
+        for prop in handler.resolve_ref_schema(schema).get("properties", {}).values():
+            for branch in (prop, *prop.get("anyOf", ())):
+                if branch.get("type") == "string" and not {"pattern", "format", "enum", "const"} & branch.keys():
+                    branch["pattern"] = NO_CONTROL_PATTERN
+        return schema
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {dup!r}")
+    return obj
+
+
+def loads_no_duplicates(body: bytes | str) -> Any:
+    """``json.loads`` that refuses an object naming a key twice (ValueError saying which).
+
+    Left to ``json.loads`` or pydantic the last copy wins: a body with
+    ``"quantity": 1, "quantity": 9999`` would be checked by one reader and
+    charged by another.
+    """
+    return json.loads(body, object_pairs_hook=_unique_pairs)
+
+
+class _Strict(Text):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
@@ -182,6 +248,12 @@ def parse_command(message_type: str | None, body: bytes) -> _Strict:
     model = COMMANDS.get(message_type or "")
     if model is None:
         raise InvalidMessage(f"unknown message type {message_type!r}")
+    try:
+        loads_no_duplicates(body)
+    except json.JSONDecodeError as exc:
+        raise InvalidMessage(f"{message_type}: body: Invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidMessage(f"{message_type}: body: {exc}") from None
     try:
         # JSON mode keeps strict types but takes JSON's forms (UUIDs as str)
         return model.model_validate_json(body)

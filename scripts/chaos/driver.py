@@ -292,7 +292,8 @@ class Driver:
         if r is None:
             self.ledger.gave_up.append(f"PUT /orders/{o.order_id}/cancel")
         elif r.status_code == 202:
-            mid = f"http-cancel-{derived_id('cancel', o.user, f'{o.order_id}:{key}')}"
+            secret = self.shim_settings.id_secret.get_secret_value().encode()
+            mid = f"http-cancel-{derived_id(secret, 'cancel', o.user, f'{o.order_id}:{key}')}"
             self.ledger.accept("orders", mid)
             self.ledger.count("PUT /orders/{id}/cancel accepted")
         else:  # 409: no longer cancellable (or already cancelled), 404: never became visible

@@ -14,6 +14,7 @@ from typing import Any
 from schema.messages import ORDER_ID_NAMESPACE, InvalidMessage, uuid5
 from worker.broker import COMMANDS_EXCHANGE, Delivery
 from worker.processing import decode
+from worker.shim.orders import place_message_id
 
 from .config import CATALOGUE, ChaosConfig, ChaosError
 
@@ -110,7 +111,7 @@ def plan_orders(cfg: ChaosConfig, products: list[dict[str, Any]]) -> list[Planne
         if not explicit:
             oid = uuid5(ORDER_ID_NAMESPACE, place_mid)
         if channel == "shim":
-            place_mid = f"http-place-{oid}"
+            place_mid = place_message_id(oid, user)
         cancel = None
         if kind in ("3ds", "paypal") and rnd.random() < 0.3:
             cancel = "race"  # the buyer pays and cancels at once: refunds, cancelled intents

@@ -115,7 +115,7 @@ def build_shim(settings: Settings) -> Shim:
         cache=AsyncOrderCache(engine, client, settings.redis.cache_ttl_seconds, metrics=metrics, gate=gate),
         publisher=CommandPublisher(channel, cfg.publish_timeout_seconds, metrics), gateways=build_gateways(settings),
         auth=Authenticator(cfg), limiter=RateLimiter(client, limits, metrics, gate),
-        idempotency=IdempotencyStore(client, cfg.idempotency_ttl_seconds, gate), metrics=metrics,
+        idempotency=IdempotencyStore(client, cfg.idempotency_ttl_seconds, gate, cfg.id_secret.get_secret_value()), metrics=metrics,
     )
 
 

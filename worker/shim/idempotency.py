@@ -1,7 +1,11 @@
 """``Idempotency-Key``: the same key and body give the same order id.
 
 Ids are derived, not stored: the order id (unless the body names one) and the
-command's AMQP ``message_id`` are uuid5 of (user, key).  A replay therefore
+command's AMQP ``message_id`` are an HMAC-SHA256 of (kind, user, key) under
+the server's ``shim.id_secret``.  Nobody without the secret can compute
+another user's order id for a key and take it first (with a public uuid5
+namespace anyone could, and the victim's later POST then answered 202 for an
+order it could not read).  A replay therefore
 publishes the very same command again, and the worker's inbox, keyed on
 ``message_id``, applies it once, whether or not Redis remembers the key.
 
@@ -15,6 +19,7 @@ first body wins); derived ids keep the answer stable either way.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 import uuid
@@ -26,8 +31,6 @@ import redis.asyncio as aioredis
 from worker.redis_gate import RedisGate
 from worker.shim.errors import ApiError
 
-#: namespace of ids derived from (kind, user, Idempotency-Key)
-NAMESPACE = uuid.UUID("0b7f5a8e-6a55-4f57-8d3c-5a3c7f2e9d14")
 KEY_PREFIX = "orders:idem:"
 #: visible ASCII, at most 128 characters (the message id must stay ≤ 200)
 KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"
@@ -37,15 +40,22 @@ _VALID_KEY = re.compile(KEY_PATTERN)
 def validate_key(key: str | None) -> str | None:
     if key is None:
         return None
-    if not _VALID_KEY.match(key):
+    if not _VALID_KEY.fullmatch(key):
         raise ApiError(422, "validation_error", "header.Idempotency-Key: 1 to 128 visible ASCII characters",
                        fields=None)
     return key
 
 
-def derived_id(kind: str, user: str, key: str) -> uuid.UUID:
-    """The deterministic id of the ``kind`` command sent under ``key`` by ``user``."""
-    return uuid.uuid5(NAMESPACE, f"{kind}\x00{user}\x00{key}")
+def derived_id(secret: bytes, kind: str, user: str, key: str) -> uuid.UUID:
+    """The id of the ``kind`` command sent under ``key`` by ``user``: deterministic, and secret.
+
+    The first 128 bits of HMAC-SHA256(secret, kind NUL user NUL key), marked
+    as an RFC 9562 version 8 (custom) UUID.
+    """
+    digest = bytearray(hmac.new(secret, f"{kind}\x00{user}\x00{key}".encode(), hashlib.sha256).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x80  # version 8
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return uuid.UUID(bytes=bytes(digest))
 
 
 def fingerprint(body: dict[str, Any]) -> str:
@@ -56,10 +66,16 @@ def fingerprint(body: dict[str, Any]) -> str:
 class IdempotencyStore:
     """Remembers the body fingerprint each key was first used with."""
 
-    def __init__(self, client: aioredis.Redis, ttl_seconds: int, gate: RedisGate | None = None) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_seconds: int, gate: RedisGate | None = None,
+                 secret: str = "") -> None:
+        self._secret = secret.encode()
         self._redis = client
         self._ttl = ttl_seconds
         self._gate = gate or RedisGate("idempotency keys")
+
+    def derive(self, kind: str, user: str, key: str) -> uuid.UUID:
+        """:func:`derived_id` under this shim's secret."""
+        return derived_id(self._secret, kind, user, key)
 
     async def claim(self, kind: str, user: str, key: str, body_hash: str) -> None:
         """Record the first use of ``key``; 422 ApiError when it was used with another body.
@@ -68,7 +84,7 @@ class IdempotencyStore:
         """
         if not self._gate.usable():
             return
-        name = f"{KEY_PREFIX}{kind}:{derived_id(kind, user, key)}"
+        name = f"{KEY_PREFIX}{kind}:{self.derive(kind, user, key)}"
         try:
             # SET NX GET: stores only the first use and returns what was there (Redis ≥ 7)
             previous = await self._redis.set(name, body_hash, nx=True, ex=self._ttl, get=True)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, model_validator
 
-from schema.messages import MAX_ITEMS, MAX_QUANTITY, PayPalPayment, ProductId, check_item_form
+from schema.messages import MAX_ITEMS, MAX_QUANTITY, PayPalPayment, ProductId, Text, check_item_form
 
 #: JSON carries UUIDs as strings: accept that form even though the model is strict
 JsonUuid = Annotated[uuid.UUID, Strict(False)]
@@ -33,14 +33,14 @@ def _whole_number(value: Any) -> Any:
 Quantity = Annotated[int, Field(gt=0, le=MAX_QUANTITY), BeforeValidator(_whole_number)]
 
 
-class ItemRequest(BaseModel):
+class ItemRequest(Text):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     product_id: ProductId
     quantity: Quantity
 
 
-class StripePaymentRequest(BaseModel):
+class StripePaymentRequest(Text):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     provider: Literal["stripe"]
@@ -68,7 +68,7 @@ def _place_schema(schema: dict[str, Any]) -> None:
     ]
 
 
-class _Request(BaseModel):
+class _Request(Text):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     @model_validator(mode="before")

@@ -9,6 +9,7 @@ thread; only a PostgreSQL read (a cache miss) goes to the thread pool.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import time
@@ -24,7 +25,7 @@ from worker.broker import COMMANDS_EXCHANGE
 from worker.shim.auth import Principal
 from worker.shim.context import PlaceCaller, ReadCaller, Shim, ShimDep
 from worker.shim.errors import ApiError, ErrorBody
-from worker.shim.idempotency import KEY_PATTERN, derived_id, fingerprint, validate_key
+from worker.shim.idempotency import KEY_PATTERN, fingerprint, validate_key
 from worker.shim.models import Accepted, CancelRequest, OrderView, PlaceOrderRequest
 from worker.shim.publisher import Command
 
@@ -51,6 +52,21 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", pattern=KEY_PATTERN,
                                               description="Same key and body → the same order.")]
 Prefer = Annotated[str | None, Header(max_length=200, description="`wait=N` (N ≤ 30): wait for the outcome.")]
+
+
+def place_message_id(order_id: str, user: str) -> str:
+    """AMQP ``message_id`` of a PlaceOrder sent through the shim: one per (order id, user).
+
+    The same user sending the same order again is a duplicate the inbox drops;
+    another user naming a taken order id sends a different message, which the
+    worker refuses (and announces) instead of it vanishing as a duplicate.
+    """
+    return f"http-place-{order_id}-{hashlib.sha256(user.encode()).hexdigest()[:16]}"
+
+
+def _taken() -> ApiError:
+    # the same answer whoever owns the order: nothing about it (owner, message ids) is told
+    return ApiError(409, "order_id_taken", "this order id is already taken; choose another (or leave it out)")
 
 
 def _wait_seconds(s: Shim, prefer: str | None) -> int:
@@ -91,6 +107,8 @@ def _accepted(order_id: str, status: str, headers: dict[str, str]) -> JSONRespon
 def _refusal(reply: dict[str, Any]) -> ApiError:
     if reply.get("error") == "not_found":
         return ApiError(404, "order_not_found", "order not found")
+    if reply.get("error") == "order_id_taken":
+        return _taken()
     return ApiError(409, str(reply.get("error") or "refused"), str(reply.get("message") or "refused"))
 
 
@@ -124,17 +142,23 @@ async def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, p
         raise ApiError(403, "forbidden", "a user may place orders only for itself")
     user = body.user_id or principal.user_id
     key = validate_key(idempotency_key)
-    order_id = body.order_id or (derived_id("place", user, key) if key else uuid.uuid4())
+    order_id = body.order_id or (s.idempotency.derive("place", user, key) if key else uuid.uuid4())
     command = body.model_dump(mode="json", exclude_none=True) | {"user_id": user, "order_id": str(order_id)}
     PlaceOrder.model_validate_json(json.dumps(command))  # the worker's own check, at the edge too
+    if body.order_id is not None:  # a chosen id may be someone else's: never accept an order for it
+        existing = await _view(s, str(order_id))
+        if existing is not None and existing["user_id"] != user:
+            raise _taken()
     if key:
         await s.idempotency.claim("place", user, key, fingerprint(command))
-    cmd = Command(COMMANDS_EXCHANGE, "order.place", "PlaceOrder", f"http-place-{order_id}", command)
+    cmd = Command(COMMANDS_EXCHANGE, "order.place", "PlaceOrder", place_message_id(str(order_id), user), command)
     headers, deadline, reply = await _enqueue(s, cmd, prefer, response)
     if deadline is None:
         return _accepted(str(order_id), "pending", headers)
     view = None if reply is None else await _settled_view(s, str(order_id), deadline, lambda v: v["status"] != "pending")
-    if view is None or not principal.may_see(view["user_id"]):
+    if view is not None and view["user_id"] != user:
+        raise _taken()
+    if view is None:
         return _accepted(str(order_id), "pending", headers)
     return JSONResponse(OrderView.of(view).model_dump(mode="json"), 201,
                         {**headers, "Location": f"/orders/{order_id}"})
@@ -158,7 +182,7 @@ async def cancel_order(order_id: uuid.UUID, response: Response, s: ShimDep, prin
     if view["status"] not in ("pending", "awaiting_payment"):
         raise ApiError(409, "not_cancellable", f"order {order_id} is {view['status']} and can no longer be cancelled")
     key = validate_key(idempotency_key)
-    message_id = f"http-cancel-{derived_id('cancel', principal.user_id, f'{order_id}:{key}') if key else uuid.uuid4()}"
+    message_id = f"http-cancel-{s.idempotency.derive('cancel', principal.user_id, f'{order_id}:{key}') if key else uuid.uuid4()}"
     command: dict[str, Any] = {"order_id": str(order_id), "requested_by": {"user_id": principal.user_id, "roles": list(principal.roles)}}
     if body is not None and body.reason:
         command["reason"] = body.reason
