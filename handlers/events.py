@@ -37,7 +37,7 @@ def stock(uow: UnitOfWork, order: Order, routing_key: str, message_id: str) -> N
     """``stock.reserve`` / ``stock.release`` / ``stock.commit`` with the items."""
     body = _envelope(order, routing_key, message_id)
     body["items"] = order.stock_lines()
-    uow.emit(INVENTORY, routing_key, routing_key, body, order, body["event_id"])
+    uow.emit(INVENTORY, routing_key, routing_key, body, order.order_id, order.correlation_id, body["event_id"])
 
 
 def order_event(uow: UnitOfWork, order: Order, routing_key: str, message_id: str, **extra: Any) -> None:
@@ -54,10 +54,29 @@ def order_event(uow: UnitOfWork, order: Order, routing_key: str, message_id: str
     if order.next_action and routing_key == "order.awaiting_payment":
         body["next_action"] = order.next_action
     body.update({k: v for k, v in extra.items() if v is not None})
-    uow.emit(ORDER_EVENTS, routing_key, routing_key, body, order, body["event_id"])
+    uow.emit(ORDER_EVENTS, routing_key, routing_key, body, order.order_id, order.correlation_id, body["event_id"])
 
 
 def internal(uow: UnitOfWork, order: Order, command: str, routing_key: str, message_id: str, **data: Any) -> None:
     """An internal command for the payment step, published by the relay."""
     body = {"order_id": order.order_id, **data}
-    uow.emit(INTERNAL, routing_key, command, body, order, event_id(order.order_id, routing_key, message_id))
+    uow.emit(INTERNAL, routing_key, command, body, order.order_id, order.correlation_id,
+             event_id(order.order_id, routing_key, message_id))
+
+
+REFUSED = "command.refused"
+
+
+def refused(uow: UnitOfWork, order_id: str, message_id: str, command: str, reason: str, message: str,
+            correlation_id: str | None) -> None:
+    """``command.refused``: a well-formed command was refused for a business reason.
+
+    Published like every event (outbox, stable id), so that an upstream
+    service that sent no ``reply_to`` learns of it too; one event per
+    refused message id, however often the message is delivered.
+    """
+    eid = event_id(order_id, REFUSED, message_id)
+    body = {"event_id": eid, "order_id": order_id, "occurred_at": datetime.now(timezone.utc).isoformat(),
+            "message_id": message_id, "command": command, "reason": reason, "message": message[:1000],
+            "correlation_id": correlation_id}
+    uow.emit(ORDER_EVENTS, REFUSED, "CommandRefused", body, order_id, correlation_id, eid)

@@ -1,21 +1,42 @@
 """PaymentConfirmed: the provider took the money for an order.
 
-Provider, payment id, amount and currency must match the order and its
-payment record; a mismatch is refused and never completes the order.  A
-pending or awaiting order becomes ``completed`` (``stock.commit``,
-``order.completed``).  Money taken for an order that was cancelled or
-rejected meanwhile is refunded (internal ``RefundPayment``; the payment step
-emits ``order.refunded``).  A repeated or late confirmation changes nothing.
+A confirmation that matches the order and its payment record (provider,
+payment id, amount, currency) completes a pending or awaiting order
+(``stock.commit``, ``order.completed``).  One that does not match is never
+trusted and never dropped: it is settled by asking the provider (internal
+``SettlePayment``, run by the payment step outside any transaction), which
+completes the order on the payment the provider vouches for or refuses the
+confirmation with ``command.refused``.  Every PayPal confirmation is asked
+about too, since its webhook is only as trustworthy as a certificate check.
+An ``internal`` confirmation cannot be asked about: a mismatch is refused.
+
+Money taken for an order that was cancelled or rejected meanwhile is
+refunded (internal ``RefundPayment``; the payment step emits
+``order.refunded``).  A repeated or late confirmation changes nothing.
 """
 
 from __future__ import annotations
 
 from handlers import events
 from handlers.errors import Mismatch, RetryLater
-from handlers.orders import CANCELLABLE, Status
+from handlers.orders import CANCELLABLE, Order, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.unit_of_work import PaymentRecord, UnitOfWork
 from schema.messages import PaymentConfirmed
+
+#: providers whose payments the payment step can look up
+ASKABLE = frozenset({"stripe", "paypal"})
+
+
+def _mismatch(cmd: PaymentConfirmed, order: Order, payment: PaymentRecord | None) -> str | None:
+    """Why the confirmation does not match the order and its payment record, or None."""
+    if cmd.provider not in (order.payment_provider, "internal"):
+        return f"order {order.order_id} is paid through {order.payment_provider}, not {cmd.provider}"
+    if (cmd.amount, cmd.currency) != (order.total, order.currency):
+        return f"order {order.order_id} costs {order.total} {order.currency}, confirmation says {cmd.amount} {cmd.currency}"
+    if payment is not None and payment.provider_payment_id not in (None, cmd.payment_id):
+        return f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}"
+    return None
 
 
 def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWork) -> Outcome:
@@ -23,41 +44,42 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
     order = uow.order(order_id)
     if order is None:
         raise RetryLater(f"order {order_id} is not placed yet")
-    if cmd.provider not in (order.payment_provider, "internal"):
-        raise Mismatch(f"order {order_id} is paid through {order.payment_provider}, not {cmd.provider}")
-    if (cmd.amount, cmd.currency) != (order.total, order.currency):
-        raise Mismatch(
-            f"order {order_id} costs {order.total} {order.currency}, confirmation says {cmd.amount} {cmd.currency}"
-        )
     payment = uow.payment(order_id)
-    if payment is None:  # confirmed before the payment step recorded anything
-        payment = PaymentRecord(
-            order_id=order_id,
-            provider=order.payment_provider,
-            status="started",
-            amount=order.total,
-            currency=order.currency,
-            idempotency_key=f"order-{order_id}",
-        )
-    if payment.provider_payment_id not in (None, cmd.payment_id):
-        raise Mismatch(f"order {order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
-    if payment.confirmed_event_id is not None:
-        return Outcome.of("unchanged", order, "payment was already confirmed")
-    if payment.status == "refunded":  # a late confirmation of money already given back
-        return Outcome.of("unchanged", order, "payment was refunded already")
+    if payment is not None and payment.provider_payment_id == cmd.payment_id:
+        if payment.confirmed_event_id is not None:
+            return Outcome.of("unchanged", order, "payment was already confirmed")
+        if payment.status == "refunded":  # a late confirmation of money already given back
+            return Outcome.of("unchanged", order, "payment was refunded already")
+    problem = _mismatch(cmd, order, payment)
+    if cmd.provider in ASKABLE and (problem is not None or cmd.provider == "paypal"):
+        events.internal(uow, order, "SettlePayment", "payment.settle", msg.message_id,
+                        provider=cmd.provider, payment_id=cmd.payment_id, amount=cmd.amount, currency=cmd.currency,
+                        event_id=cmd.event_id, confirmation_id=msg.message_id, correlation_id=msg.correlation_id)
+        return Outcome("settling", order_id, order.status.value,
+                       message=f"{problem or 'a PayPal confirmation'}: asking {cmd.provider} about {cmd.payment_id}")
+    if problem is not None:
+        raise Mismatch(problem)
+    payment = payment or PaymentRecord(  # confirmed before the payment step recorded anything
+        order_id=order_id, provider=order.payment_provider, status="started", amount=order.total,
+        currency=order.currency, idempotency_key=f"order-{order_id}",
+    )
+    return confirm(order, payment, cmd.provider, cmd.payment_id, cmd.event_id, msg.message_id, uow)
 
-    payment.provider_payment_id = cmd.payment_id
-    payment.provider = cmd.provider  # who took the money, and so who can give it back
-    payment.confirmed_event_id = cmd.event_id
+
+def confirm(order: Order, payment: PaymentRecord, provider: str, payment_id: str, event_id: str, message_id: str,
+            uow: UnitOfWork) -> Outcome:
+    """Record ``payment_id`` as the order's money taken, and move the order by it."""
+    payment.provider_payment_id = payment_id
+    payment.provider = provider  # who took the money, and so who can give it back
+    payment.confirmed_event_id = event_id
     payment.status = "succeeded"
     uow.save_payment(payment)
-
     if order.status in CANCELLABLE:
-        order.transition(Status.COMPLETED, msg.message_id)
-        events.stock(uow, order, "stock.commit", msg.message_id)
-        events.order_event(uow, order, "order.completed", msg.message_id)
+        order.transition(Status.COMPLETED, message_id)
+        events.stock(uow, order, "stock.commit", message_id)
+        events.order_event(uow, order, "order.completed", message_id)
         return Outcome.of("applied", order)
     if order.status in (Status.CANCELLED, Status.REJECTED):
-        events.internal(uow, order, "RefundPayment", "payment.refund", msg.message_id)
+        events.internal(uow, order, "RefundPayment", "payment.refund", message_id)
         return Outcome.of("applied", order, "payment arrived after the order ended: refund requested")
     return Outcome.of("unchanged", order, f"order is already {order.status.value}")

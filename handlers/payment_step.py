@@ -14,21 +14,32 @@ Steps (queue ``orders.payments``):
 - ``CancelPayment``: cancel the PaymentIntent / leave the PayPal order to expire.
 - ``RefundPayment``: refund money taken for an order that ended meanwhile.
 - ``PaymentFailed``: the provider reported a failure (no call).
+- ``SettlePayment``: look up the payment a confirmation names, and complete
+  the order on it or refuse the confirmation (``command.refused``).
+
+A capture that was marked ``capturing`` but never seen at PayPal (the worker
+was killed, or the database went away, between marking it and sending it)
+is waited for at most ``capture_settle_seconds``; then it is recorded as not
+captured (``cancelled``), and a capture that still lands later is refunded
+through its confirmation, as any payment of a cancelled order is.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from handlers import events
 from handlers.errors import ManualActionRequired, Mismatch, RetryLater
+from handlers.payment_confirmed import confirm
 from handlers.orders import CANCELLABLE, Order, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.payments.base import (
     Outcome as PayOutcome,
     PaymentAlreadyCaptured,
     PaymentError,
+    PaymentFacts,
     PaymentGateway,
     PaymentRequest,
     PaymentResult,
@@ -39,6 +50,10 @@ from handlers.unit_of_work import PaymentRecord, UnitOfWork
 #: payment states after which StartPayment has nothing left to do
 STARTED_AND_ANSWERED = frozenset({"succeeded", "requires_action", "capturing", "processing", "declined", "failed",
                                   "cancelled", "refunded"})
+#: payment states in which a payment is open at the provider and can still be cancelled
+OPEN = frozenset({"started", "requires_action", "processing", "capturing"})
+#: how long a capture of ours may stay unseen at the provider before it counts as never sent (seconds)
+CAPTURE_SETTLE_SECONDS = 60.0
 
 
 def idempotency_key(order_id: str, action: str) -> str:
@@ -214,19 +229,28 @@ def _cancel_call(order: Order, payment_id: str) -> Call:
     return Call(order.payment_provider, lambda gateway: gateway.cancel(payment_id, key))
 
 
-def record_capture(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: PaymentResult | None) -> Outcome:
+def record_capture(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: PaymentResult | None,
+                   settle_after: float = CAPTURE_SETTLE_SECONDS) -> Outcome:
     if result is None:  # the look at a cancelled order's payment found nothing captured (yet)
         order, payment = _order_and_payment(uow, str(cmd.order_id))
-        return _not_captured_yet(order, payment)
+        return _not_captured_yet(order, payment, uow, settle_after)
     return record_start(cmd, msg, uow, result)
 
 
-def _not_captured_yet(order: Order, payment: PaymentRecord | None) -> Outcome:
-    if payment is not None and payment.status == "capturing":
+def _not_captured_yet(order: Order, payment: PaymentRecord | None, uow: UnitOfWork, settle_after: float) -> Outcome:
+    if payment is None or payment.status != "capturing":
+        return Outcome.of("unchanged", order, "nothing was captured")
+    if payment.unchanged_seconds < settle_after:
         # our capture may still be carried out: look again later (the delay tiers), refund if it was
         raise RetryLater(f"order {order.order_id} was cancelled while a capture of {payment.provider_payment_id} "
                          "was out; looking again until it is settled")
-    return Outcome.of("unchanged", order, "nothing was captured")
+    # far past any client timeout: the capture never went out (a kill or an outage between marking and
+    # sending it). Recorded as not captured; one that lands after all is refunded through its confirmation.
+    payment.status = "cancelled"
+    payment.last_error = (f"capture not seen at {payment.provider} {int(payment.unchanged_seconds)} s after it was "
+                          "marked; recorded as not captured")
+    uow.save_payment(payment)
+    return Outcome.of("applied", order, payment.last_error)
 
 
 # -- CancelPayment -----------------------------------------------------------------
@@ -243,10 +267,11 @@ def prepare_cancel(cmd: Any, uow: UnitOfWork) -> Call | None:
     return _cancel_call(order, payment.provider_payment_id)
 
 
-def record_cancel(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None) -> Outcome:
+def record_cancel(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None,
+                  settle_after: float = CAPTURE_SETTLE_SECONDS) -> Outcome:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     if cmd.payment_id is None and payment is not None and payment.status == "capturing":
-        return _not_captured_yet(order, payment)
+        return _not_captured_yet(order, payment, uow, settle_after)
     if cmd.payment_id is None and payment is not None and payment.status in ("requires_action", "processing"):
         payment.status = "cancelled"
         uow.save_payment(payment)
@@ -311,6 +336,55 @@ def record_failed(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None)
     return _reject(order, f"payment failed: {cmd.reason or 'reported by ' + cmd.provider}", msg.message_id, uow)
 
 
+# -- SettlePayment (a confirmation that is asked about) --------------------------------
+
+
+def prepare_settle(cmd: Any, uow: UnitOfWork) -> Call | None:
+    _order_and_payment(uow, str(cmd.order_id))  # the order must exist (a retry waits for it)
+    payment_id = cmd.payment_id
+    return Call(cmd.provider, lambda gateway: gateway.lookup(payment_id))
+
+
+def record_settle(cmd: Any, msg: MessageContext, uow: UnitOfWork, facts: PaymentFacts) -> Outcome:
+    """The provider's word on the payment a confirmation named: complete the order on it, or refuse."""
+    order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if not facts.taken or facts.order_id != order.order_id:
+        said = f"{cmd.provider} has {facts.provider_payment_id} as {facts.status}" + (
+            "" if facts.order_id in (None, order.order_id) else ", for another order")
+        return _refuse_confirmation(cmd, order, "payment_not_confirmed", f"payment not confirmed: {said}", uow)
+    if (facts.amount, facts.currency) != (order.total, order.currency):
+        # money taken for this order that it cannot keep: give it back, and say why
+        _give_back(order, payment, facts.provider_payment_id, msg.message_id, uow)
+        return _refuse_confirmation(cmd, order, "payment_mismatch", (
+            f"{cmd.provider} took {facts.amount} {facts.currency} with {facts.provider_payment_id}; the order costs "
+            f"{order.total} {order.currency}: refunded"), uow)
+    if payment is not None and payment.confirmed_event_id is not None:
+        # paid already (this payment, or another one whose second payment is given back)
+        taken = PaymentResult(PayOutcome.SUCCEEDED, facts.provider_payment_id, capture_id=facts.capture_id)
+        return apply_result(order, payment, taken, msg, uow)
+    payment = payment or _new_payment(order)
+    unused = payment.provider_payment_id
+    if unused not in (None, facts.provider_payment_id) and payment.status in OPEN:
+        # the payment step's own intent was never paid: the order keeps the one the buyer paid
+        events.internal(uow, order, "CancelPayment", "payment.cancel", f"{msg.message_id}:{unused}", payment_id=unused)
+    payment.capture_id = facts.capture_id or (payment.capture_id if unused == facts.provider_payment_id else None)
+    return confirm(order, payment, cmd.provider, facts.provider_payment_id, cmd.event_id, msg.message_id, uow)
+
+
+def _give_back(order: Order, payment: PaymentRecord | None, payment_id: str, mid: str, uow: UnitOfWork) -> None:
+    if payment is not None and payment.provider_payment_id == payment_id and payment.confirmed_event_id is None:
+        payment.status = "succeeded"  # the order's own payment, taken wrongly: refund it as the order's
+        uow.save_payment(payment)
+        events.internal(uow, order, "RefundPayment", "payment.refund", mid)
+    else:
+        events.internal(uow, order, "RefundPayment", "payment.refund", f"{mid}:{payment_id}", payment_id=payment_id)
+
+
+def _refuse_confirmation(cmd: Any, order: Order, reason: str, message: str, uow: UnitOfWork) -> Outcome:
+    events.refused(uow, order.order_id, cmd.confirmation_id, "PaymentConfirmed", reason, message, cmd.correlation_id)
+    return Outcome("refused", order.order_id, order.status.value, error=reason, message=message)
+
+
 @dataclass(frozen=True)
 class Step:
     prepare: Callable[[Any, UnitOfWork], Call | None]
@@ -319,10 +393,17 @@ class Step:
     calls_provider: bool = True
 
 
-PAYMENT_STEPS: dict[str, Step] = {
-    "StartPayment": Step(prepare_start, record_start),
-    "CapturePayment": Step(prepare_capture, record_capture),
-    "CancelPayment": Step(prepare_cancel, record_cancel),
-    "RefundPayment": Step(prepare_refund, record_refund),
-    "PaymentFailed": Step(prepare_none, record_failed, calls_provider=False),
-}
+def payment_steps(capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS) -> dict[str, Step]:
+    """The steps by command type, with the worker's settings."""
+    settle = {"settle_after": capture_settle_seconds}
+    return {
+        "StartPayment": Step(prepare_start, record_start),
+        "CapturePayment": Step(prepare_capture, functools.partial(record_capture, **settle)),
+        "CancelPayment": Step(prepare_cancel, functools.partial(record_cancel, **settle)),
+        "RefundPayment": Step(prepare_refund, record_refund),
+        "PaymentFailed": Step(prepare_none, record_failed, calls_provider=False),
+        "SettlePayment": Step(prepare_settle, record_settle),
+    }
+
+
+PAYMENT_STEPS = payment_steps()

@@ -36,6 +36,8 @@ class PaymentRecord:
     confirmed_event_id: str | None = None
     attempts: int = 0
     last_error: str | None = None
+    #: seconds since the record last changed, by the database's clock (read only; 0 for a new record)
+    unchanged_seconds: float = 0.0
 
 
 class UnitOfWork(Protocol):
@@ -60,7 +62,8 @@ class UnitOfWork(Protocol):
         routing_key: str,
         message_type: str,
         body: dict[str, Any],
-        order: Order,
+        order_id: str,
+        correlation_id: str | None,
         event_id: str,
     ) -> None:
-        """Add a message to the outbox, published by the relay as ``event_id``."""
+        """Add a message about ``order_id`` to the outbox, published by the relay as ``event_id``."""

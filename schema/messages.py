@@ -219,6 +219,25 @@ class CancelPayment(_OrderCommand):
     payment_id: Id | None = None
 
 
+class SettlePayment(_OrderCommand):
+    """A confirmation not to be taken at its word: ask the provider about the payment it names.
+
+    Sent by the PaymentConfirmed handler when the confirmation does not match
+    the recorded payment, and for every PayPal confirmation (its webhook is
+    only as good as a certificate check); the payment step retrieves the
+    payment and completes the order on it, or refuses the confirmation.
+    """
+
+    provider: Literal["stripe", "paypal"]
+    payment_id: Id
+    amount: int = Field(ge=0)
+    currency: Currency
+    event_id: Id
+    #: message id and correlation id of the PaymentConfirmed, for its refusal
+    confirmation_id: Id
+    correlation_id: Id | None = None
+
+
 COMMANDS: dict[str, type[_Strict]] = {
     "PlaceOrder": PlaceOrder,
     "CancelOrder": CancelOrder,
@@ -228,6 +247,7 @@ COMMANDS: dict[str, type[_Strict]] = {
     "PaymentFailed": PaymentFailed,
     "RefundPayment": RefundPayment,
     "CancelPayment": CancelPayment,
+    "SettlePayment": SettlePayment,
 }
 
 
@@ -289,6 +309,16 @@ class OrderEvent(Event):
     refund_id: str | None = None
 
 
+class CommandRefused(Event):
+    """``command.refused``: a well-formed command refused for a business reason."""
+
+    message_id: str
+    command: str
+    reason: str
+    message: str
+    correlation_id: str | None = None
+
+
 INVENTORY_ROUTING_KEYS = ("stock.reserve", "stock.release", "stock.commit")
 ORDER_EVENT_ROUTING_KEYS = (
     "order.placed",
@@ -297,4 +327,5 @@ ORDER_EVENT_ROUTING_KEYS = (
     "order.cancelled",
     "order.rejected",
     "order.refunded",
+    "command.refused",
 )

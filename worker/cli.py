@@ -135,7 +135,7 @@ def _worker_process(settings: Settings, index: int, stop: threading.Event, queue
     payments = None
     if PAYMENTS_QUEUE in queues:
         step = PaymentStep(engine, build_gateways(settings), settings.worker.inplace_retries,
-                           views=cache, metrics=metrics)
+                           views=cache, metrics=metrics, capture_settle_seconds=settings.worker.capture_settle_seconds)
         payments = threading.Thread(target=PaymentConsumer(settings, step, metrics).run, args=(stop,), name="payments")
         payments.start()
     commands = [q for q in queues if q in COMMAND_QUEUES]

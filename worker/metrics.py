@@ -28,6 +28,9 @@ class Metrics:
         reg = registry or REGISTRY
         self.commands = Counter("orders_commands", "Commands handled, by message type and result.",
                                 ["type", "result"], registry=reg)
+        self.refused = Counter("orders_commands_refused", "Commands refused for a business reason (each also "
+                               "announced as command.refused), by message type and reason code.",
+                               ["type", "reason"], registry=reg)
         self.retries = Counter("orders_commands_retried", "Commands sent to a delay queue.", ["type"], registry=reg)
         self.dead_letters = Counter("orders_commands_dead_lettered", "Commands sent to the dead-letter queue.",
                                     ["type", "error_class"], registry=reg)
@@ -47,6 +50,8 @@ class Metrics:
         for h in handled:
             n += 1
             self.commands.labels(h.delivery.message_type or "unknown", h.result.value).inc()
+            if h.outcome is not None and h.outcome.result == "refused":
+                self.refused.labels(h.delivery.message_type or "unknown", h.outcome.error or "refused").inc()
         return n
 
     def observe_batch(self, handled: Iterable[Any], seconds: float) -> None:

@@ -19,9 +19,10 @@ import structlog
 from sqlalchemy import Engine, text
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
+from handlers import events
 from handlers.errors import ManualActionRequired, Refused, RetryLater
 from handlers.outcome import MessageContext, Outcome
-from handlers.payment_step import PAYMENT_STEPS, record_failure
+from handlers.payment_step import CAPTURE_SETTLE_SECONDS, payment_steps, record_failure
 from handlers.payments.base import PaymentGateway, PermanentPaymentError, TransientPaymentError
 from schema.messages import InvalidMessage, parse_command
 from worker.broker import PAYMENTS_QUEUE, BlockingBroker, Delivery
@@ -40,7 +41,9 @@ class PaymentStep:
     """Applies one internal payment command; never raises for the message's errors."""
 
     def __init__(self, engine: Engine, gateways: dict[str, PaymentGateway], inplace_retries: int = 3,
-                 views: Views | None = None, metrics: Any = None) -> None:
+                 views: Views | None = None, metrics: Any = None,
+                 capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS) -> None:
+        self.steps = payment_steps(capture_settle_seconds)
         self.engine = engine
         self.gateways = gateways
         self.inplace_retries = inplace_retries
@@ -51,7 +54,7 @@ class PaymentStep:
         try:
             if not d.message_id:
                 raise InvalidMessage("message_id property is missing")
-            step = PAYMENT_STEPS.get(d.message_type or "")
+            step = self.steps.get(d.message_type or "")
             if step is None:
                 raise InvalidMessage(f"unknown payment step {d.message_type!r}")
             command = parse_command(d.message_type, d.body)
@@ -70,7 +73,13 @@ class PaymentStep:
                 return Handled(d, Result.INVALID, error=exc, reason=str(exc), order_id=order_id)
             except Refused as exc:
                 log.warning("payment step refused", reason=str(exc))
-                return Handled(d, Result.REFUSED, error=exc, reason=str(exc), order_id=order_id)
+                try:
+                    self._announce_refusal(ctx, order_id, exc)
+                except Exception as failure:  # noqa: BLE001 - unannounced: not acked, tried again
+                    return Handled(d, Result.FAILED, error=failure, reason=f"{type(failure).__name__}: {failure}",
+                                   order_id=order_id)
+                outcome = Outcome("refused", order_id, error=exc.code, message=str(exc))
+                return Handled(d, Result.REFUSED, outcome, error=exc, reason=str(exc), order_id=order_id)
             except Exception as exc:  # noqa: BLE001 - transient or a bug: retry tiers
                 return Handled(d, Result.FAILED, error=exc, reason=f"{type(exc).__name__}: {exc}", order_id=order_id)
         if outcome is None:
@@ -96,6 +105,12 @@ class PaymentStep:
         if failure is not None:
             return self._record(ctx, order_id, lambda uow: record_failure(command, ctx, uow, failure))
         return self._record(ctx, order_id, lambda uow: step.record(command, ctx, uow, result))
+
+    def _announce_refusal(self, ctx: MessageContext, order_id: str, exc: Refused) -> None:
+        """``command.refused`` with the inbox row, in a transaction of its own (the step's rolled back)."""
+        with order_transaction(self.engine, CONSUMER, self.views) as uow:
+            if uow.claim([ctx.message_id]):
+                events.refused(uow, order_id, ctx.message_id, ctx.message_type, exc.code, str(exc), ctx.correlation_id)
 
     def _call(self, call: Any, ctx: MessageContext) -> Any:
         gateway = self.gateways[call.provider]

@@ -19,7 +19,7 @@ import structlog
 from sqlalchemy import Engine
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
-from handlers import APPLY_ORDER, COMMAND_HANDLERS, order_id_of
+from handlers import APPLY_ORDER, COMMAND_HANDLERS, events, order_id_of
 from handlers.errors import Refused, RetryLater
 from handlers.outcome import MessageContext, Outcome
 from schema.messages import MAX_MESSAGE_ID, InvalidMessage, parse_command
@@ -143,6 +143,8 @@ class Applier:
                 except Refused as exc:
                     log.info("command refused", reason=str(exc), type=ctx.message_type, message_id=mid,
                              order_id=order_id, correlation_id=d.correlation_id)
+                    # never silent: announced in this transaction, with the inbox row that makes it once
+                    events.refused(uow, order_id, mid, ctx.message_type, exc.code, str(exc), d.correlation_id)
                     handled.append(Handled(
                         d, Result.REFUSED, Outcome("refused", order_id, error=exc.code, message=str(exc)),
                         error=exc, reason=str(exc), order_id=order_id,

@@ -93,6 +93,8 @@ class WorkerSettings(_Section):
     batch_size: int = Field(default=250, ge=1)
     batch_wait_ms: int = Field(default=20, ge=0)
     payment_concurrency: int = Field(default=8, ge=1)
+    #: a PayPal capture marked as sent but not seen at PayPal this long after counts as never sent
+    capture_settle_seconds: float = Field(default=60, gt=0)
     inplace_retries: int = Field(default=3, ge=1)
     retry_delays_seconds: tuple[int, ...] = (1, 5, 30, 120)
     inbox_retention_days: float = Field(default=7, gt=0)

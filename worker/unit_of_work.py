@@ -153,6 +153,7 @@ class PostgresUnitOfWork:
         for r in self.conn.execute(
             text(
                 "SELECT order_id::text, " + ", ".join(_PAYMENT_FIELDS)
+                + ", EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float AS unchanged_seconds"
                 + " FROM payments WHERE order_id = ANY(CAST(:ids AS uuid[]))"
             ),
             {"ids": found},
@@ -185,11 +186,10 @@ class PostgresUnitOfWork:
 
     def emit(
         self, exchange: str, routing_key: str, message_type: str, body: dict[str, Any],
-        order: Order, event_id: str,
+        order_id: str, correlation_id: str | None, event_id: str,
     ) -> None:
         self._outbox.append((
-            event_id, exchange, routing_key, message_type, order.order_id, order.correlation_id,
-            to_json(body).decode(),
+            event_id, exchange, routing_key, message_type, order_id, correlation_id, to_json(body).decode(),
         ))
 
     @property

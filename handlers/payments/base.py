@@ -88,6 +88,19 @@ class PaymentResult:
 
 
 @dataclass(frozen=True)
+class PaymentFacts:
+    """What the provider says of one payment (``lookup``): the word a confirmation is checked against."""
+
+    provider_payment_id: str  # Stripe PaymentIntent id / PayPal order id
+    taken: bool  # money taken and not failed (Stripe status succeeded; PayPal capture COMPLETED)
+    order_id: str | None  # OUR order id the provider has on it (Stripe metadata order_id; PayPal custom_id)
+    amount: int | None  # minor units actually taken
+    currency: str | None  # upper-case ISO code
+    status: str  # provider's status string
+    capture_id: str | None = None  # PayPal capture id
+
+
+@dataclass(frozen=True)
 class RefundResult:
     refund_id: str
     status: str
@@ -131,6 +144,9 @@ class PaymentGateway(Protocol):
         self, result: PaymentResult, amount: int, currency: str, idempotency_key: str
     ) -> RefundResult:
         """Refund a captured payment in full; idempotent per key."""
+
+    def lookup(self, provider_payment_id: str) -> PaymentFacts:
+        """What the provider says of this payment (an unknown id: not taken, status ``not_found``)."""
 
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
         """Verify the signature and translate; raises WebhookVerificationError."""

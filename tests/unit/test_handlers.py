@@ -43,7 +43,8 @@ class FakeUnitOfWork:
     def save_payment(self, payment: PaymentRecord) -> None:
         self.payments[payment.order_id] = payment
 
-    def emit(self, exchange: str, routing_key: str, message_type: str, body: dict[str, Any], order: Any, event_id: str) -> None:
+    def emit(self, exchange: str, routing_key: str, message_type: str, body: dict[str, Any], order_id: str,
+             correlation_id: str | None, event_id: str) -> None:
         self.events.append((exchange, routing_key, body))
 
     def keys(self) -> list[str]:
@@ -127,11 +128,23 @@ def test_cancel_is_refused_once_completed():
 
 
 @pytest.mark.parametrize("change", [{"amount": 99}, {"currency": "EUR"}, {"provider": "paypal"}])
-def test_a_confirmation_that_does_not_match_the_order_never_completes_it(change):
+def test_a_confirmation_that_does_not_match_the_order_never_completes_it_but_asks_the_provider(change):
     uow = FakeUnitOfWork(PRODUCTS)
     order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
     confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 100,
                "currency": "USD", "event_id": "evt_1", **change}
+    outcome = payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow)
+    assert outcome.result == "settling"
+    assert uow.orders[order_id].status is Status.PENDING
+    settle = [body for _, rk, body in uow.events if rk == "payment.settle"]
+    assert len(settle) == 1 and settle[0]["payment_id"] == "pi_1"
+
+
+def test_a_mismatched_internal_confirmation_cannot_be_asked_about_and_is_refused():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
+    confirm = {"order_id": order_id, "provider": "internal", "payment_id": "pay_1", "amount": 99,
+               "currency": "USD", "event_id": "evt_1"}
     with pytest.raises(Mismatch):
         payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow)
     assert uow.orders[order_id].status is Status.PENDING
