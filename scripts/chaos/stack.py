@@ -98,6 +98,8 @@ class Stack:
             "ORDERS_PAYPAL__VERIFICATION": "offline",
             "ORDERS_WORKER__RETRY_DELAYS_SECONDS": json.dumps(list(self.cfg.retry_delays)),
             "ORDERS_WORKER__PAYMENT_CONCURRENCY": str(self.cfg.payment_concurrency),
+            # below the sum of the delay tiers, so a capture that never went out settles before they run out
+            "ORDERS_WORKER__CAPTURE_SETTLE_SECONDS": str(max(1, sum(self.cfg.retry_delays) // 2)),
             "ORDERS_WORKER__LIVENESS_FILE": str(self.tmp / "alive"),
             "ORDERS_WORKER__SHUTDOWN_TIMEOUT_SECONDS": "10",
             "ORDERS_SHIM__JWT_SECRET": JWT_SECRET,
