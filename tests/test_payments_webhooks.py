@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the install
 from scripts.fakes import fake_paypal, paypal_certs  # noqa: E402
 from scripts.fakes.common import tls_context  # noqa: E402
 
-from handlers.payments.base import TransientPaymentError, WebhookKind, WebhookVerificationError  # noqa: E402
+from handlers.payments.base import MalformedWebhook, TransientPaymentError, WebhookKind, WebhookVerificationError  # noqa: E402
 from handlers.payments.paypal_gateway import PayPalGateway  # noqa: E402
 from handlers.payments.stripe_gateway import StripeGateway  # noqa: E402
 from handlers.payments.webhooks import confirmation_message_id, parse_webhook, to_payment_confirmed  # noqa: E402
@@ -99,6 +99,44 @@ def test_stripe_stale_timestamp_rejected(stripe_gateway: StripeGateway) -> None:
     payload = stripe_event()
     with pytest.raises(WebhookVerificationError, match="tolerance"):
         stripe_gateway.parse_webhook(payload.encode(), signed(payload, timestamp=int(time.time()) - 301))
+
+
+def test_stripe_timestamp_in_the_future_beyond_the_tolerance_rejected(stripe_gateway: StripeGateway) -> None:
+    payload = stripe_event()
+    with pytest.raises(WebhookVerificationError, match="future"):
+        stripe_gateway.parse_webhook(payload.encode(), signed(payload, timestamp=int(time.time()) + 301))
+    # inside the tolerance a clock a little ahead is fine
+    assert stripe_gateway.parse_webhook(payload.encode(), signed(payload, timestamp=int(time.time()) + 200)).kind is WebhookKind.CONFIRMED
+
+
+def _stripe_shaped(change: Callable[[dict[str, Any]], None]) -> str:
+    event = json.loads(stripe_event())
+    change(event)
+    return json.dumps(event)
+
+
+@pytest.mark.parametrize("change", [
+    lambda e: e["data"].update(object="pi_123"),
+    lambda e: e["data"]["object"].update(metadata=["order_id"]),
+    lambda e: e["data"]["object"].update(metadata={"order_id": 7}),
+    lambda e: e["data"]["object"].update(amount="1099"),
+    lambda e: e["data"]["object"].update(id={"id": "pi_1"}),
+    lambda e: e.update(type=["payment_intent.succeeded"]),
+    lambda e: e.update(data="x"),
+    lambda e: e.update(id="evt_" + "x" * 296),  # 300 characters: longer than an AMQP message id may be here
+    lambda e: e.update(id=12345),
+    lambda e: e.pop("id"),
+], ids=["object-string", "metadata-list", "order-id-number", "amount-string", "id-object", "type-list", "data-string",
+        "id-300-chars", "id-number", "no-id"])
+def test_stripe_signed_but_oddly_shaped_events_are_malformed(stripe_gateway: StripeGateway, change: Any) -> None:
+    payload = _stripe_shaped(change)
+    with pytest.raises(MalformedWebhook):
+        stripe_gateway.parse_webhook(payload.encode(), signed(payload))
+
+
+def test_stripe_event_id_of_200_characters_is_fine(stripe_gateway: StripeGateway) -> None:
+    payload = _stripe_shaped(lambda e: e.update(id="evt_" + "x" * 196))
+    assert len(stripe_gateway.parse_webhook(payload.encode(), signed(payload)).event_id) == 200
 
 
 def test_stripe_wrong_secret_rejected(stripe_gateway: StripeGateway) -> None:
@@ -318,6 +356,26 @@ def test_paypal_capture_denied_and_order_approved(make_paypal: Callable[..., Pay
     event = gateway.parse_webhook(*signer(approved))
     assert (event.kind, event.provider_payment_id, event.order_id, event.amount) == (
         WebhookKind.APPROVED, "5O190127TN364715T", "7d0c9a8e-0000-4000-8000-000000000002", 1099)
+
+
+@pytest.mark.parametrize("event", [
+    {**CAPTURE_COMPLETED, "resource": "42311647XV020574X"},
+    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "amount": "1500 JPY"}},
+    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "amount": {"currency_code": "JPY", "value": 1500}}},
+    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "amount": {"currency_code": "JPY", "value": "15.5"}}},
+    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "supplementary_data": {"related_ids": ["x"]}}},
+    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "custom_id": ["7d0c9a8e"]}},
+    {**CAPTURE_COMPLETED, "id": "WH-" + "X" * 297},
+    {**CAPTURE_COMPLETED, "event_type": None},
+    {"id": "WH-APPROVED", "event_type": "CHECKOUT.ORDER.APPROVED", "resource": {"id": "5O1", "purchase_units": "none"}},
+    {"id": "WH-APPROVED", "event_type": "CHECKOUT.ORDER.APPROVED", "resource": {"id": "5O1", "purchase_units": ["unit"]}},
+    ["not", "an", "event"],
+], ids=["resource-string", "amount-string", "value-number", "value-fraction-of-yen", "related-ids-list", "custom-id-list",
+        "id-300-chars", "event-type-null", "units-string", "unit-string", "list"])
+def test_paypal_signed_but_oddly_shaped_events_are_malformed(make_paypal: Callable[..., PayPalGateway], signer: Any,
+                                                             event: Any) -> None:
+    with pytest.raises(MalformedWebhook):
+        make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(event))
 
 
 def test_paypal_cert_for_another_name_is_rejected(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:

@@ -55,6 +55,14 @@ class WebhookVerificationError(Exception):
     """A webhook's signature, timestamp or certificate did not verify."""
 
 
+class MalformedWebhook(WebhookVerificationError):
+    """A validly signed webhook that is not a provider event this service can read.
+
+    E.g. ``data.object`` a string, an amount that is not a number, an event id
+    longer than a message id may be.  Redelivery would not help: answer 400.
+    """
+
+
 class Outcome(str, enum.Enum):
     SUCCEEDED = "succeeded"  # money taken (Stripe succeeded, PayPal capture COMPLETED)
     REQUIRES_ACTION = "requires_action"  # the buyer must act (3DS, PayPal approval)
@@ -133,4 +141,4 @@ class PaymentGateway(Protocol):
         """Refund a captured payment in full; idempotent per key."""
 
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
-        """Verify the signature and translate; raises WebhookVerificationError."""
+        """Verify the signature and translate; raises WebhookVerificationError (MalformedWebhook for odd shapes)."""

@@ -72,6 +72,7 @@ from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
 
 from handlers.payments.base import PaymentAlreadyCaptured
 from handlers.payments.base import (
+    MalformedWebhook,
     Outcome,
     OutcomeUnknown,
     PaymentRequest,
@@ -84,6 +85,7 @@ from handlers.payments.base import (
     WebhookVerificationError,
 )
 from handlers.payments.money import MoneyError, from_decimal_string, to_paypal_value
+from handlers.payments.shapes import EventId, Ref, Shape, read
 from worker.settings import PayPalSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -536,35 +538,89 @@ def _is_untrusted_tls(exc: BaseException) -> bool:
     return False
 
 
-def _minor(amount: Mapping[str, Any] | None) -> tuple[int | None, str | None]:
-    if not amount:
+class _Money(Shape):
+    currency_code: str
+    value: str
+
+
+class _Related(Shape):
+    order_id: Ref | None = None
+
+
+class _Supplementary(Shape):
+    related_ids: _Related | None = None
+
+
+class _StatusDetails(Shape):
+    reason: str | None = None
+
+
+class _Capture(Shape):
+    """A capture, as in ``PAYMENT.CAPTURE.*`` events and ``GET /v2/payments/captures/{id}``."""
+
+    id: Ref | None = None
+    status: str | None = None
+    amount: _Money | None = None
+    custom_id: Ref | None = None
+    supplementary_data: _Supplementary | None = None
+    status_details: _StatusDetails | None = None
+
+    @property
+    def order_id(self) -> str | None:
+        """PayPal's order id the capture belongs to."""
+        related = self.supplementary_data.related_ids if self.supplementary_data else None
+        return related.order_id if related else None
+
+
+class _Unit(Shape):
+    custom_id: Ref | None = None
+    amount: _Money | None = None
+
+
+class _Order(Shape):
+    id: Ref | None = None
+    status: str | None = None
+    purchase_units: list[_Unit] | None = None
+
+    @property
+    def unit(self) -> _Unit:
+        return (self.purchase_units or [_Unit()])[0]
+
+
+class _Event(Shape):
+    id: EventId
+    event_type: str
+    resource: dict[str, Any] | None = None
+
+
+def _minor(amount: _Money | None) -> tuple[int | None, str | None]:
+    """(minor units, upper-case currency) of a PayPal amount."""
+    if amount is None:
         return None, None
-    currency = str(amount.get("currency_code") or "").upper() or None
+    currency = amount.currency_code.upper() or None
     try:
-        return (from_decimal_string(str(amount.get("value")), currency) if currency else None), currency
+        return (from_decimal_string(amount.value, currency) if currency else None), currency
     except MoneyError:
-        raise WebhookVerificationError("paypal webhook amount is malformed") from None
+        raise MalformedWebhook("paypal amount is malformed") from None
 
 
-def translate_event(event: Mapping[str, Any]) -> WebhookEvent:
-    """A verified PayPal event (parsed JSON) → :class:`WebhookEvent`."""
-    try:
-        event_id, event_type, resource = event["id"], event["event_type"], event.get("resource") or {}
-    except (KeyError, TypeError):
-        raise WebhookVerificationError("paypal event lacks id or event_type") from None
-    common: dict[str, Any] = {"provider": PROVIDER, "event_id": event_id, "event_type": event_type}
+def translate_event(event: Any) -> WebhookEvent:
+    """A verified PayPal event (parsed JSON) → :class:`WebhookEvent`; MalformedWebhook when it is not one."""
+    envelope = read(_Event, event, "paypal event")
+    event_type, resource = envelope.event_type, envelope.resource or {}
+    common: dict[str, Any] = {"provider": PROVIDER, "event_id": envelope.id, "event_type": event_type}
     if event_type in ("PAYMENT.CAPTURE.COMPLETED", "PAYMENT.CAPTURE.DENIED", "PAYMENT.CAPTURE.DECLINED"):
-        amount, currency = _minor(resource.get("amount"))
-        related = (resource.get("supplementary_data") or {}).get("related_ids") or {}
-        common.update(order_id=resource.get("custom_id"), provider_payment_id=related.get("order_id"), amount=amount, currency=currency)
+        capture = read(_Capture, resource, "paypal capture")
+        amount, currency = _minor(capture.amount)
+        common.update(order_id=capture.custom_id, provider_payment_id=capture.order_id, amount=amount, currency=currency)
         if event_type == "PAYMENT.CAPTURE.COMPLETED":
             return WebhookEvent(kind=WebhookKind.CONFIRMED, **common)
-        reason = (resource.get("status_details") or {}).get("reason") or resource.get("status") or "DENIED"
+        reason = (capture.status_details.reason if capture.status_details else None) or capture.status or "DENIED"
         return WebhookEvent(kind=WebhookKind.FAILED, reason=reason, **common)
     if event_type == "CHECKOUT.ORDER.APPROVED":
-        unit = (resource.get("purchase_units") or [{}])[0]
-        amount, currency = _minor(unit.get("amount"))
-        return WebhookEvent(kind=WebhookKind.APPROVED, order_id=unit.get("custom_id"), provider_payment_id=resource.get("id"),
+        order = read(_Order, resource, "paypal order")
+        amount, currency = _minor(order.unit.amount)
+        return WebhookEvent(kind=WebhookKind.APPROVED, order_id=order.unit.custom_id, provider_payment_id=order.id,
                             amount=amount, currency=currency, **common)
     return WebhookEvent(kind=WebhookKind.IGNORED, **common)
 
