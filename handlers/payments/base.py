@@ -101,6 +101,29 @@ class RefundResult:
     status: str
 
 
+@dataclass(frozen=True)
+class PaymentFacts:
+    """What the provider says about a payment, asked by its id (:meth:`PaymentGateway.lookup`).
+
+    For settling a confirmation that does not match our record, and for
+    checking a PayPal capture before a webhook completes an order.
+    """
+
+    provider_payment_id: str  # Stripe PaymentIntent id / PayPal order id
+    taken: bool  # money taken and not failed (Stripe status succeeded; PayPal capture COMPLETED)
+    order_id: str | None  # OUR order id the provider has on it (Stripe metadata order_id; PayPal custom_id)
+    amount: int | None  # minor units taken (Stripe amount_received, else amount; PayPal capture amount, else the order's)
+    currency: str | None  # upper-case ISO code
+    status: str  # the provider's status string ("not_found" for an unknown id)
+    capture_id: str | None = None  # PayPal capture id
+
+    @classmethod
+    def not_found(cls, provider_payment_id: str) -> "PaymentFacts":
+        """The provider knows no payment by this id."""
+        return cls(provider_payment_id=provider_payment_id, taken=False, order_id=None, amount=None, currency=None,
+                   status="not_found")
+
+
 class WebhookKind(str, enum.Enum):
     CONFIRMED = "confirmed"  # money taken: becomes PaymentConfirmed
     FAILED = "failed"  # payment failed / denied
@@ -139,6 +162,9 @@ class PaymentGateway(Protocol):
         self, result: PaymentResult, amount: int, currency: str, idempotency_key: str
     ) -> RefundResult:
         """Refund a captured payment in full; idempotent per key."""
+
+    def lookup(self, provider_payment_id: str) -> PaymentFacts:
+        """Ask the provider about a payment (a read); an unknown id is ``PaymentFacts.not_found``."""
 
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
         """Verify the signature and translate; raises WebhookVerificationError (MalformedWebhook for odd shapes)."""

@@ -75,6 +75,7 @@ from handlers.payments.base import (
     MalformedWebhook,
     Outcome,
     OutcomeUnknown,
+    PaymentFacts,
     PaymentRequest,
     PaymentResult,
     PermanentPaymentError,
@@ -100,6 +101,7 @@ CERT_CACHE_SIZE = 32
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 _T = TypeVar("_T")
+_S = TypeVar("_S", bound=Shape)
 
 
 class _BaseUrlConfiguration(Configuration):
@@ -348,6 +350,46 @@ class PayPalGateway:
         refund = APIHelper.to_dictionary(response.body)
         return RefundResult(refund_id=refund["id"], status=str(refund.get("status")))
 
+    def lookup(self, provider_payment_id: str) -> PaymentFacts:
+        """The order's facts, from its capture when it has one; an unknown id is ``PaymentFacts.not_found``.
+
+        The capture is read by itself (``GET /v2/payments/captures/{id}``):
+        its status, amount, ``custom_id`` and the order it belongs to, which
+        must be this order.
+        """
+        found = self._get_or_none(lambda: self._client.orders.get_order({"id": provider_payment_id}))
+        if found is None:
+            return PaymentFacts.not_found(provider_payment_id)
+        order = _api_shape(_Order, found, "order")
+        captures = (order.unit.payments.captures if order.unit.payments else None) or []
+        capture_id = captures[0].id if captures else None
+        if not capture_id:
+            amount, currency = _api_minor(order.unit.amount)
+            return PaymentFacts(provider_payment_id=provider_payment_id, taken=False, order_id=order.unit.custom_id,
+                                amount=amount, currency=currency, status=str(order.status))
+        raw = self._get_or_none(lambda: self._client.payments.get_captured_payment({"capture_id": capture_id}))
+        if raw is None:
+            raise TransientPaymentError(f"paypal capture {capture_id} of order {provider_payment_id} is not readable yet")
+        capture = _api_shape(_Capture, raw, "capture")
+        if capture.order_id != provider_payment_id:
+            raise PermanentPaymentError(f"paypal capture {capture_id} belongs to order {capture.order_id}, "
+                                        f"not {provider_payment_id}")
+        amount, currency = _api_minor(capture.amount)
+        return PaymentFacts(provider_payment_id=provider_payment_id, taken=capture.status == "COMPLETED",
+                            order_id=capture.custom_id, amount=amount, currency=currency, status=str(capture.status),
+                            capture_id=capture.id or capture_id)
+
+    def _get_or_none(self, fn: Callable[[], Any]) -> dict[str, Any] | None:
+        """A GET's body as plain data; None for 404."""
+        try:
+            return APIHelper.to_dictionary(fn().body)
+        except ApiException as exc:
+            if exc.response_code == 404:
+                return None
+            _raise_mapped(exc)
+        except (requests.exceptions.RequestException, AuthValidationException) as exc:
+            _raise_mapped(exc)
+
     def _capture_id(self, order_id: str) -> str:
         found = self._order_result(self._get_order(order_id))
         if found.capture_id:
@@ -572,9 +614,14 @@ class _Capture(Shape):
         return related.order_id if related else None
 
 
+class _Payments(Shape):
+    captures: list[_Capture] | None = None
+
+
 class _Unit(Shape):
     custom_id: Ref | None = None
     amount: _Money | None = None
+    payments: _Payments | None = None
 
 
 class _Order(Shape):
@@ -602,6 +649,21 @@ def _minor(amount: _Money | None) -> tuple[int | None, str | None]:
         return (from_decimal_string(amount.value, currency) if currency else None), currency
     except MoneyError:
         raise MalformedWebhook("paypal amount is malformed") from None
+
+
+def _api_shape(model: type[_S], data: Any, what: str) -> _S:
+    """A PayPal API answer read with an event shape; a mismatch is PayPal's fault, not a webhook's."""
+    try:
+        return read(model, data, f"paypal {what}")
+    except MalformedWebhook as exc:
+        raise PermanentPaymentError(str(exc)) from None
+
+
+def _api_minor(amount: _Money | None) -> tuple[int | None, str | None]:
+    try:
+        return _minor(amount)
+    except MalformedWebhook as exc:
+        raise PermanentPaymentError(str(exc)) from None
 
 
 def translate_event(event: Any) -> WebhookEvent:

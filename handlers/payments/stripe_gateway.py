@@ -24,6 +24,7 @@ from handlers.payments.base import PaymentAlreadyCaptured
 from handlers.payments.base import (
     Outcome,
     OutcomeUnknown,
+    PaymentFacts,
     PaymentRequest,
     PaymentResult,
     PermanentPaymentError,
@@ -154,6 +155,26 @@ class StripeGateway:
         except stripe.StripeError as exc:
             _raise_mapped(exc)
         return RefundResult(refund_id=refund.id, status=str(refund.status))
+
+    def lookup(self, provider_payment_id: str) -> PaymentFacts:
+        """The PaymentIntent's facts; an unknown id is ``PaymentFacts.not_found``."""
+        try:
+            intent = _as_dict(self._client.v1.payment_intents.retrieve(provider_payment_id))
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                return PaymentFacts.not_found(provider_payment_id)
+            _raise_mapped(exc)
+        except stripe.StripeError as exc:
+            _raise_mapped(exc)
+        status = str(intent.get("status"))
+        return PaymentFacts(
+            provider_payment_id=intent["id"],
+            taken=status == "succeeded",
+            order_id=(intent.get("metadata") or {}).get("order_id"),
+            amount=intent.get("amount_received") or intent.get("amount"),
+            currency=str(intent.get("currency") or "").upper() or None,
+            status=status,
+        )
 
     # -- webhooks -----------------------------------------------------------
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
