@@ -167,5 +167,30 @@ def paypal_headers(signer: Issued, body: bytes, webhook_id: str, cert_url: str, 
             "PAYPAL-CERT-URL": cert_url, "PAYPAL-AUTH-ALGO": "SHA256withRSA"}
 
 
+def main() -> None:
+    """Command line: write a CA, the https host's certificate and a signing certificate for local runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Make a local PayPal webhook PKI (for the fake, never for production)")
+    parser.add_argument("directory", type=Path)
+    directory = parser.parse_args().directory
+    directory.mkdir(parents=True, exist_ok=True)
+    authority = TestAuthority()
+    ca = authority.write_ca(directory / "paypal-ca.pem")
+    cert, key = write_tls(authority.tls_cert(), directory)
+    signing = authority.signing_cert(not_after=datetime.now(timezone.utc) + timedelta(days=29))
+    (directory / "paypal-signing.pem").write_bytes(signing.cert_pem)
+    (directory / "paypal-signing.key").write_bytes(signing.key_pem)
+    (directory / "paypal-signing.key").chmod(0o600)
+    print(f"ORDERS_PAYPAL__CERT_CA_FILE={ca}\nORDERS_PAYPAL__CERT_HOST_ALLOWLIST='[\"127.0.0.1\"]'\n"
+          f"fake: python scripts/fakes/fake_paypal.py --port 12112 --tls-port 12113 --tls-cert {cert} --tls-key {key}\n"
+          f"then PUT {directory / 'paypal-signing.pem'} to http://127.0.0.1:12112/_fake/certs/<name>; the cert URL is "
+          "https://127.0.0.1:12113/_fake/certs/<name>")
+
+
+if __name__ == "__main__":
+    main()
+
+
 __all__ = ["Issued", "LOCAL_HOSTS", "SANDBOX_SIGNING_NAME", "TestAuthority", "paypal_headers", "self_signed",
            "write_tls"]
