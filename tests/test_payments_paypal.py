@@ -19,6 +19,7 @@ from handlers.payments import PaymentAlreadyCaptured  # noqa: E402
 from handlers.payments.base import (  # noqa: E402
     Outcome,
     OutcomeUnknown,
+    PaymentFacts,
     PaymentRequest,
     PaymentResult,
     PermanentPaymentError,
@@ -64,6 +65,10 @@ def approve(fake: Any, order_id: str, **body: Any) -> None:
 
 def charges(fake: Any, order_id: str) -> dict[str, Any]:
     return httpx.get(fake.url + "/_fake/charges").json()["orders"].get(order_id, {"orders": 0, "captures": 0, "refunds": 0})
+
+
+def log(fake: Any) -> list[dict[str, Any]]:
+    return httpx.get(fake.url + "/_fake/log").json()["requests"]
 
 
 def request(order_id: str = "order-1", amount: int = 1099, currency: str = "USD", key: str | None = None) -> PaymentRequest:
@@ -230,3 +235,59 @@ def test_base_url_override_is_used(fake: Any, make_gateway: Callable[..., PayPal
     gateway.start(request())
     paths = [e["path"] for e in httpx.get(fake.url + "/_fake/log").json()["requests"]]
     assert paths == ["/v1/oauth2/token", "/v2/checkout/orders"]
+
+
+# -- lookup ---------------------------------------------------------------------
+
+
+def test_lookup_of_a_captured_order_reads_the_capture(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    gateway = make_gateway()
+    order_id = gateway.start(request(order_id="order-facts", amount=1500, currency="JPY")).provider_payment_id
+    approve(fake, order_id)
+    captured = gateway.capture(order_id, "capture-facts")
+    assert gateway.lookup(order_id) == PaymentFacts(provider_payment_id=order_id, taken=True, order_id="order-facts",
+                                                    amount=1500, currency="JPY", status="COMPLETED",
+                                                    capture_id=captured.capture_id)
+    assert ("GET", f"/v2/payments/captures/{captured.capture_id}") in {(e["method"], e["path"]) for e in log(fake)}
+
+
+def test_lookup_of_a_declined_capture_says_not_taken(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    gateway = make_gateway()
+    order_id = gateway.start(request(order_id="order-facts")).provider_payment_id
+    approve(fake, order_id, decline="capture")
+    gateway.capture(order_id, "capture-facts")
+    facts = gateway.lookup(order_id)
+    assert (facts.taken, facts.status, facts.order_id, facts.amount) == (False, "DECLINED", "order-facts", 1099)
+
+
+def test_lookup_of_an_approved_order_not_captured_says_not_taken(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    gateway = make_gateway()
+    order_id = gateway.start(request(order_id="order-facts")).provider_payment_id
+    approve(fake, order_id)
+    assert gateway.lookup(order_id) == PaymentFacts(provider_payment_id=order_id, taken=False, order_id="order-facts",
+                                                    amount=1099, currency="USD", status="APPROVED")
+
+
+def test_lookup_of_an_unknown_order_is_not_found(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    assert make_gateway().lookup("5O190127TN364715T") == PaymentFacts.not_found("5O190127TN364715T")
+
+
+def test_lookup_refuses_a_capture_that_belongs_to_another_order(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    gateway = make_gateway()
+    order_id = gateway.start(request(order_id="order-facts")).provider_payment_id
+    approve(fake, order_id)
+    capture_id = gateway.capture(order_id, "capture-facts").capture_id
+    fake.app.captures[capture_id]["supplementary_data"]["related_ids"]["order_id"] = "SOMEONE-ELSES"
+    with pytest.raises(PermanentPaymentError, match="belongs to order SOMEONE-ELSES"):
+        gateway.lookup(order_id)
+
+
+def test_lookup_errors_map_like_the_other_calls(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    gateway = make_gateway(max_network_retries=0)
+    order_id = gateway.start(request(order_id="order-facts")).provider_payment_id
+    inject(fake, count=1, status=503, path="/v2/checkout/orders")
+    with pytest.raises(TransientPaymentError):
+        gateway.lookup(order_id)
+    inject(fake, count=1, drop=True, path="/v2/checkout/orders")
+    with pytest.raises(OutcomeUnknown):
+        gateway.lookup(order_id)

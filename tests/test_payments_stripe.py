@@ -19,6 +19,7 @@ from handlers.payments import PaymentAlreadyCaptured  # noqa: E402
 from handlers.payments.base import (  # noqa: E402
     Outcome,
     OutcomeUnknown,
+    PaymentFacts,
     PaymentRequest,
     PermanentPaymentError,
     TransientPaymentError,
@@ -217,3 +218,39 @@ def test_refund_is_idempotent(fake: Any, make_gateway: Callable[..., StripeGatew
     assert charges(fake, "order-1")["refunds"] == 1
     with pytest.raises(PermanentPaymentError, match="charge_already_refunded"):
         gateway.refund(paid, 1099, "EUR", "refund-order-1-again")
+
+
+# -- lookup ---------------------------------------------------------------------
+
+
+def test_lookup_of_a_succeeded_intent_says_taken_with_our_order_and_the_amount_received(
+        fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
+    gateway = make_gateway()
+    pi_id = gateway.start(request(order_id="order-facts")).provider_payment_id
+    assert gateway.lookup(pi_id) == PaymentFacts(provider_payment_id=pi_id, taken=True, order_id="order-facts",
+                                                 amount=1099, currency="EUR", status="succeeded")
+
+
+@pytest.mark.parametrize(("pm", "status"), [("pm_card_chargeDeclined", "requires_payment_method"),
+                                            ("pm_card_threeDSecure2Required", "requires_action"),
+                                            ("pm_fake_processing", "processing")])
+def test_lookup_of_a_declined_or_unfinished_intent_says_not_taken(
+        fake: Any, make_gateway: Callable[..., StripeGateway], pm: str, status: str) -> None:
+    gateway = make_gateway()
+    pi_id = gateway.start(request(order_id="order-facts", pm=pm)).provider_payment_id
+    facts = gateway.lookup(pi_id)
+    assert (facts.taken, facts.status, facts.order_id, facts.amount, facts.currency) == (
+        False, status, "order-facts", 1099, "EUR")
+
+
+def test_lookup_of_an_unknown_intent_is_not_found(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
+    assert make_gateway().lookup("pi_unknown") == PaymentFacts.not_found("pi_unknown")
+
+
+def test_lookup_errors_map_like_the_other_calls(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
+    gateway = make_gateway(max_network_retries=0)
+    inject(fake, count=1, status=503)
+    with pytest.raises(TransientPaymentError):
+        gateway.lookup("pi_unknown")
+    with pytest.raises(PermanentPaymentError):
+        make_gateway(api_key="sk_test_wrong").lookup("pi_unknown")

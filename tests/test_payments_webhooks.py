@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
+import socket
 import sys
 import time
-import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -15,22 +14,19 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 import stripe
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
-from scripts.fakes import fake_paypal  # noqa: E402
+from scripts.fakes import fake_paypal, paypal_certs  # noqa: E402
+from scripts.fakes.common import tls_context  # noqa: E402
 
-from handlers.payments.base import TransientPaymentError, WebhookKind, WebhookVerificationError  # noqa: E402
+from handlers.payments.base import MalformedWebhook, TransientPaymentError, WebhookKind, WebhookVerificationError  # noqa: E402
 from handlers.payments.paypal_gateway import PayPalGateway  # noqa: E402
 from handlers.payments.stripe_gateway import StripeGateway  # noqa: E402
 from handlers.payments.webhooks import confirmation_message_id, parse_webhook, to_payment_confirmed  # noqa: E402
-from worker.settings import PayPalSettings, StripeSettings  # noqa: E402
+from worker.settings import PayPalSettings, SettingsError, StripeSettings  # noqa: E402
 
 FIXTURES = Path("/work/shared/fixtures")
 STRIPE_SECRET = "whsec_test_secret"
@@ -105,6 +101,44 @@ def test_stripe_stale_timestamp_rejected(stripe_gateway: StripeGateway) -> None:
         stripe_gateway.parse_webhook(payload.encode(), signed(payload, timestamp=int(time.time()) - 301))
 
 
+def test_stripe_timestamp_in_the_future_beyond_the_tolerance_rejected(stripe_gateway: StripeGateway) -> None:
+    payload = stripe_event()
+    with pytest.raises(WebhookVerificationError, match="future"):
+        stripe_gateway.parse_webhook(payload.encode(), signed(payload, timestamp=int(time.time()) + 301))
+    # inside the tolerance a clock a little ahead is fine
+    assert stripe_gateway.parse_webhook(payload.encode(), signed(payload, timestamp=int(time.time()) + 200)).kind is WebhookKind.CONFIRMED
+
+
+def _stripe_shaped(change: Callable[[dict[str, Any]], None]) -> str:
+    event = json.loads(stripe_event())
+    change(event)
+    return json.dumps(event)
+
+
+@pytest.mark.parametrize("change", [
+    lambda e: e["data"].update(object="pi_123"),
+    lambda e: e["data"]["object"].update(metadata=["order_id"]),
+    lambda e: e["data"]["object"].update(metadata={"order_id": 7}),
+    lambda e: e["data"]["object"].update(amount="1099"),
+    lambda e: e["data"]["object"].update(id={"id": "pi_1"}),
+    lambda e: e.update(type=["payment_intent.succeeded"]),
+    lambda e: e.update(data="x"),
+    lambda e: e.update(id="evt_" + "x" * 296),  # 300 characters: longer than an AMQP message id may be here
+    lambda e: e.update(id=12345),
+    lambda e: e.pop("id"),
+], ids=["object-string", "metadata-list", "order-id-number", "amount-string", "id-object", "type-list", "data-string",
+        "id-300-chars", "id-number", "no-id"])
+def test_stripe_signed_but_oddly_shaped_events_are_malformed(stripe_gateway: StripeGateway, change: Any) -> None:
+    payload = _stripe_shaped(change)
+    with pytest.raises(MalformedWebhook):
+        stripe_gateway.parse_webhook(payload.encode(), signed(payload))
+
+
+def test_stripe_event_id_of_200_characters_is_fine(stripe_gateway: StripeGateway) -> None:
+    payload = _stripe_shaped(lambda e: e.update(id="evt_" + "x" * 196))
+    assert len(stripe_gateway.parse_webhook(payload.encode(), signed(payload)).event_id) == 200
+
+
 def test_stripe_wrong_secret_rejected(stripe_gateway: StripeGateway) -> None:
     payload = stripe_event()
     with pytest.raises(WebhookVerificationError):
@@ -112,22 +146,50 @@ def test_stripe_wrong_secret_rejected(stripe_gateway: StripeGateway) -> None:
 
 
 # -- PayPal -------------------------------------------------------------------
+# The gateway fetches PAYPAL-CERT-URL over https from allow-listed hosts only, and accepts a certificate
+# only when it chains to cert_ca_file.  Here: the fake PayPal, also listening over https with a TLS
+# certificate from a test CA; cert_ca_file holds that CA (for the https host and our own signing
+# certificates) and DigiCert's root (for the recorded vector's real PayPal certificate).
+VECTOR_TIME = datetime.fromisoformat(VECTOR["transmission_time"].replace("Z", "+00:00"))
+DIGICERT_CHAIN = (ROOT / "tests" / "fixtures" / "paypal-vector-digicert-chain.pem").read_text()
+DIGICERT_INTERMEDIATE = DIGICERT_CHAIN[DIGICERT_CHAIN.index("-----BEGIN"):DIGICERT_CHAIN.index("-----END CERTIFICATE-----") + 25]
+#: the vector's signing certificate as PayPal's URL serves it: with its issuer
+VECTOR_CHAIN = VECTOR["cert_pem"].strip() + "\n" + DIGICERT_INTERMEDIATE + "\n"
+
+
 @pytest.fixture(scope="module")
-def server() -> Iterator[Any]:
+def authority() -> paypal_certs.TestAuthority:
+    return paypal_certs.TestAuthority()
+
+
+@pytest.fixture(scope="module")
+def server(authority: paypal_certs.TestAuthority, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     srv = fake_paypal.serve(0)
-    srv.app.certs[CERT_NAME] = VECTOR["cert_pem"]
+    srv.app.certs[CERT_NAME] = VECTOR_CHAIN
+    cert, key = paypal_certs.write_tls(authority.tls_cert(), tmp_path_factory.mktemp("paypal-tls"))
+    secure = fake_paypal.serve(0, tls=tls_context(str(cert), str(key)), app=srv.app)
+    srv.cert_base = f"{secure.url}/_fake/certs"  # type: ignore[attr-defined]
     yield srv
+    secure.stop()
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def ca_file(authority: paypal_certs.TestAuthority, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("paypal-ca") / "roots.pem"
+    path.write_bytes(authority.ca_pem + DIGICERT_CHAIN[DIGICERT_CHAIN.index("-----END CERTIFICATE-----") + 25:].encode())
+    return str(path)
+
+
 @pytest.fixture
-def make_paypal(server: Any) -> Callable[..., PayPalGateway]:
-    def make(check_cert_expiry: bool = False, **overrides: Any) -> PayPalGateway:
+def make_paypal(server: Any, ca_file: str) -> Callable[..., PayPalGateway]:
+    def make(at: datetime | None = None, **overrides: Any) -> PayPalGateway:
         values: dict[str, Any] = {
             "client_id": fake_paypal.DEFAULT_CLIENT_ID, "client_secret": fake_paypal.DEFAULT_CLIENT_SECRET,
-            "base_url": server.url, "webhook_id": VECTOR["webhook_id"], "cert_host_allowlist": ("127.0.0.1",), **overrides,
+            "base_url": server.url, "webhook_id": VECTOR["webhook_id"], "cert_host_allowlist": ("127.0.0.1",),
+            "cert_ca_file": ca_file, **overrides,
         }
-        return PayPalGateway(PayPalSettings(**values), check_cert_expiry=check_cert_expiry)
+        return PayPalGateway(PayPalSettings(**values), **({"clock": lambda: at} if at else {}))
 
     return make
 
@@ -140,87 +202,113 @@ def vector_headers(cert_url: str) -> dict[str, str]:
     }
 
 
-def test_paypal_real_vector_verifies_offline(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
-    event = parse_webhook({"paypal": make_paypal()}, VECTOR["body"].encode(), vector_headers(f"{server.url}/_fake/certs/{CERT_NAME}"))
+def test_paypal_real_vector_verifies_through_digicert_at_its_own_time(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
+    event = parse_webhook({"paypal": make_paypal(at=VECTOR_TIME)}, VECTOR["body"].encode(),
+                          vector_headers(f"{server.cert_base}/{CERT_NAME}"))
     assert (event.kind, event.provider) == (WebhookKind.IGNORED, "paypal")  # a v1 sale event: verified, not ours
     assert (event.event_id, event.event_type) == ("WH-0G2756385H040842W-5Y612302CV158622M", "PAYMENT.SALE.COMPLETED")
+
+
+def test_paypal_real_vector_is_refused_today_its_certificate_has_expired(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
+    with pytest.raises(WebhookVerificationError, match="not valid"):
+        make_paypal().parse_webhook(VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/{CERT_NAME}"))
+
+
+def test_paypal_real_vector_without_its_intermediate_does_not_chain(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
+    server.app.certs["CERT-vector-alone"] = VECTOR["cert_pem"]
+    with pytest.raises(WebhookVerificationError, match="does not verify"):
+        make_paypal(at=VECTOR_TIME).parse_webhook(VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/CERT-vector-alone"))
 
 
 def test_paypal_one_flipped_byte_fails(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
     body = bytearray(VECTOR["body"].encode())
     body[body.index(b"20.00")] ^= 0x01  # "20.00" → "30.00"
     with pytest.raises(WebhookVerificationError, match="signature"):
-        make_paypal().parse_webhook(bytes(body), vector_headers(f"{server.url}/_fake/certs/{CERT_NAME}"))
+        make_paypal(at=VECTOR_TIME).parse_webhook(bytes(body), vector_headers(f"{server.cert_base}/{CERT_NAME}"))
 
 
 def test_paypal_other_webhook_id_fails(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
-    with pytest.raises(WebhookVerificationError):
-        make_paypal(webhook_id="SOMEONE-ELSES").parse_webhook(VECTOR["body"].encode(), vector_headers(f"{server.url}/_fake/certs/{CERT_NAME}"))
+    with pytest.raises(WebhookVerificationError, match="signature"):
+        make_paypal(at=VECTOR_TIME, webhook_id="SOMEONE-ELSES").parse_webhook(
+            VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/{CERT_NAME}"))
 
 
 @pytest.mark.parametrize(
     "url",
     [
-        "http://localhost:{port}/_fake/certs/" + CERT_NAME,  # loopback, but not on the allow-list
+        "http://127.0.0.1:{port}/_fake/certs/" + CERT_NAME,  # allowed host, plain http (even on loopback)
+        "https://localhost:{port}/_fake/certs/" + CERT_NAME,  # loopback, but not on the allow-list
+        "https://127.0.0.2:{port}/_fake/certs/" + CERT_NAME,
+        "https://user@127.0.0.1:{port}/_fake/certs/" + CERT_NAME,
+        "ftp://127.0.0.1:{port}/_fake/certs/" + CERT_NAME,
         "https://evil.example.com/v1/notifications/certs/" + CERT_NAME,
         "http://api.sandbox.paypal.com/v1/notifications/certs/" + CERT_NAME,  # allowed host, plain http
-        "http://user@127.0.0.1:{port}/_fake/certs/" + CERT_NAME,
     ],
 )
-def test_paypal_cert_url_not_allowed(server: Any, make_paypal: Callable[..., PayPalGateway], url: str) -> None:
-    gateway = make_paypal(cert_host_allowlist=("127.0.0.1", "api.sandbox.paypal.com"))
-    with pytest.raises(WebhookVerificationError, match="certificate URL"):
-        gateway.parse_webhook(VECTOR["body"].encode(), vector_headers(url.format(port=server.server_address[1])))
-
-
-def test_paypal_expired_cert_rejected_unless_told(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
-    with pytest.raises(WebhookVerificationError, match="not valid now"):
-        make_paypal(check_cert_expiry=True).parse_webhook(VECTOR["body"].encode(), vector_headers(f"{server.url}/_fake/certs/{CERT_NAME}"))
+def test_paypal_cert_url_not_allowed_is_refused_without_a_connection(make_paypal: Callable[..., PayPalGateway], url: str) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))  # what a probed port would be
+    listener.setblocking(False)
+    try:
+        gateway = make_paypal(at=VECTOR_TIME, cert_host_allowlist=("127.0.0.1", "api.sandbox.paypal.com"))
+        with pytest.raises(WebhookVerificationError, match="certificate URL"):
+            gateway.parse_webhook(VECTOR["body"].encode(), vector_headers(url.format(port=listener.getsockname()[1])))
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    finally:
+        listener.close()
 
 
 def test_paypal_missing_cert_is_rejected(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
     with pytest.raises(WebhookVerificationError, match="http 404"):
-        make_paypal().parse_webhook(VECTOR["body"].encode(), vector_headers(f"{server.url}/_fake/certs/CERT-unknown"))
+        make_paypal().parse_webhook(VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/CERT-unknown"))
 
 
 def test_paypal_unreachable_cert_host_is_transient(make_paypal: Callable[..., PayPalGateway]) -> None:
     with pytest.raises(TransientPaymentError):
-        make_paypal().parse_webhook(VECTOR["body"].encode(), vector_headers(f"http://127.0.0.1:9/certs/{CERT_NAME}"))
+        make_paypal().parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:9/certs/{CERT_NAME}"))
+
+
+def test_a_cert_host_whose_tls_certificate_is_not_trusted_is_refused(server: Any, make_paypal: Callable[..., PayPalGateway],
+                                                                     tmp_path: Path) -> None:
+    other = paypal_certs.TestAuthority("Someone Else's CA")
+    with pytest.raises(WebhookVerificationError, match="TLS"):
+        make_paypal(at=VECTOR_TIME, cert_ca_file=str(other.write_ca(tmp_path / "other.pem"))).parse_webhook(
+            VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/{CERT_NAME}"))
+
+
+def test_an_unreadable_cert_ca_file_stops_start_up(make_paypal: Callable[..., PayPalGateway], tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="paypal.cert_ca_file"):
+        make_paypal(cert_ca_file=str(tmp_path / "missing.pem"))
+    (tmp_path / "empty.pem").write_text("no certificate here\n")
+    with pytest.raises(SettingsError, match="paypal.cert_ca_file"):
+        make_paypal(cert_ca_file=str(tmp_path / "empty.pem"))
 
 
 def test_paypal_postback_verification(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
-    gateway = make_paypal(verification="postback")
-    headers = vector_headers(f"{server.url}/_fake/certs/{CERT_NAME}")
+    server.app.certs["CERT-vector-alone"] = VECTOR["cert_pem"]  # the fake checks the signature with it
+    gateway = make_paypal(verification="postback", cert_ca_file="/nonexistent")  # postback never reads it
+    headers = vector_headers(f"{server.url}/_fake/certs/CERT-vector-alone")
     assert gateway.parse_webhook(VECTOR["body"].encode(), headers).event_type == "PAYMENT.SALE.COMPLETED"
     with pytest.raises(WebhookVerificationError, match="postback"):
         gateway.parse_webhook(VECTOR["body"].replace("20.00", "30.00", 1).encode(), headers)
 
 
-# Our own signing certificate, to sign the events this service acts on.
+# Our own signing certificates, to sign the events this service acts on.
 @pytest.fixture(scope="module")
-def signer(server: Any) -> Callable[..., tuple[bytes, dict[str, str]]]:
-    def make_cert(name: str) -> tuple[rsa.RSAPrivateKey, str]:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.now(timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
-                .not_valid_after(now + timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-                .sign(key, hashes.SHA256()))
-        return key, cert.public_bytes(serialization.Encoding.PEM).decode()
-
-    keys = {}
-    for cert_name, subject in (("CERT-good", "messageverificationcerts.sandbox.paypal.com"), ("CERT-other", "shop.example.com")):
-        keys[cert_name], server.app.certs[cert_name] = make_cert(subject)
+def signer(server: Any, authority: paypal_certs.TestAuthority) -> Callable[..., tuple[bytes, dict[str, str]]]:
+    now = datetime.now(timezone.utc)
+    certs = {
+        "CERT-good": authority.signing_cert(),
+        "CERT-other": authority.signing_cert("shop.example.com"),
+        "CERT-expired": authority.signing_cert(not_before=now - timedelta(days=3), not_after=now - timedelta(days=1)),
+        "CERT-forged": paypal_certs.self_signed(),  # PayPal's name, served by an allowed host, chains to nothing
+    }
+    for name, issued in certs.items():
+        server.app.certs[name] = issued.cert_pem.decode()
 
     def sign(event: dict[str, Any], cert_name: str = "CERT-good", webhook_id: str = "OUR-WEBHOOK") -> tuple[bytes, dict[str, str]]:
         body = json.dumps(event).encode()
-        tid, ttime = "b2384410-0000-11ef-0000-000000000001", "2026-01-01T00:00:00Z"
-        message = f"{tid}|{ttime}|{webhook_id}|{zlib.crc32(body)}".encode()
-        sig = keys[cert_name].sign(message, padding.PKCS1v15(), hashes.SHA256())
-        return body, {"paypal-transmission-id": tid, "paypal-transmission-time": ttime, "paypal-auth-algo": "SHA256withRSA",
-                      "paypal-transmission-sig": base64.b64encode(sig).decode(), "paypal-cert-url": f"{server.url}/_fake/certs/{cert_name}"}
+        return body, paypal_certs.paypal_headers(certs[cert_name], body, webhook_id, f"{server.cert_base}/{cert_name}")
 
     return sign
 
@@ -237,12 +325,22 @@ CAPTURE_COMPLETED = {
 
 def test_paypal_capture_completed_becomes_payment_confirmed(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:
     body, headers = signer(CAPTURE_COMPLETED)
-    gateway = make_paypal(check_cert_expiry=True, webhook_id="OUR-WEBHOOK")  # our cert is valid now
+    gateway = make_paypal(webhook_id="OUR-WEBHOOK")  # our cert chains to the configured CA and is valid now
     event = parse_webhook({"paypal": gateway}, body, headers)
     assert to_payment_confirmed(event) == {
         "order_id": "7d0c9a8e-0000-4000-8000-000000000002", "provider": "paypal", "payment_id": "5O190127TN364715T",
         "amount": 1500, "currency": "JPY", "event_id": "WH-58D329510W468432D-8HN650336L201105X",
     }
+
+
+def test_a_forged_self_signed_paypal_certificate_is_refused(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:
+    with pytest.raises(WebhookVerificationError, match="does not verify"):
+        make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(CAPTURE_COMPLETED, cert_name="CERT-forged"))
+
+
+def test_an_expired_paypal_signing_certificate_is_refused(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:
+    with pytest.raises(WebhookVerificationError, match="not valid"):
+        make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(CAPTURE_COMPLETED, cert_name="CERT-expired"))
 
 
 def test_paypal_capture_denied_and_order_approved(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:
@@ -258,6 +356,26 @@ def test_paypal_capture_denied_and_order_approved(make_paypal: Callable[..., Pay
     event = gateway.parse_webhook(*signer(approved))
     assert (event.kind, event.provider_payment_id, event.order_id, event.amount) == (
         WebhookKind.APPROVED, "5O190127TN364715T", "7d0c9a8e-0000-4000-8000-000000000002", 1099)
+
+
+@pytest.mark.parametrize("event", [
+    {**CAPTURE_COMPLETED, "resource": "42311647XV020574X"},
+    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "amount": "1500 JPY"}},
+    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "amount": {"currency_code": "JPY", "value": 1500}}},
+    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "amount": {"currency_code": "JPY", "value": "15.5"}}},
+    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "supplementary_data": {"related_ids": ["x"]}}},
+    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "custom_id": ["7d0c9a8e"]}},
+    {**CAPTURE_COMPLETED, "id": "WH-" + "X" * 297},
+    {**CAPTURE_COMPLETED, "event_type": None},
+    {"id": "WH-APPROVED", "event_type": "CHECKOUT.ORDER.APPROVED", "resource": {"id": "5O1", "purchase_units": "none"}},
+    {"id": "WH-APPROVED", "event_type": "CHECKOUT.ORDER.APPROVED", "resource": {"id": "5O1", "purchase_units": ["unit"]}},
+    ["not", "an", "event"],
+], ids=["resource-string", "amount-string", "value-number", "value-fraction-of-yen", "related-ids-list", "custom-id-list",
+        "id-300-chars", "event-type-null", "units-string", "unit-string", "list"])
+def test_paypal_signed_but_oddly_shaped_events_are_malformed(make_paypal: Callable[..., PayPalGateway], signer: Any,
+                                                             event: Any) -> None:
+    with pytest.raises(MalformedWebhook):
+        make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(event))
 
 
 def test_paypal_cert_for_another_name_is_rejected(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:
@@ -277,8 +395,8 @@ def test_unsigned_or_doubly_signed_webhooks_are_rejected(stripe_gateway: StripeG
 
 
 def test_cert_is_fetched_once(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
-    gateway = make_paypal()
-    headers = vector_headers(f"{server.url}/_fake/certs/{CERT_NAME}")
+    gateway = make_paypal(at=VECTOR_TIME)
+    headers = vector_headers(f"{server.cert_base}/{CERT_NAME}")
     before = httpx.get(server.url + "/_fake/charges").json()["cert_fetches"].get(CERT_NAME, 0)
     for _ in range(3):
         gateway.parse_webhook(VECTOR["body"].encode(), headers)

@@ -251,6 +251,33 @@ def test_a_badly_signed_webhook_answers_400_and_enqueues_nothing(stack):
     assert not _inbox_has(stack, "evt_forged_" + order_id[:8]) and stack.status(order_id) == "awaiting_payment"
 
 
+def _signed_stripe(stack: Stack, envelope: dict[str, Any]) -> httpx.Response:
+    payload = json.dumps(envelope)
+    signature = stripe.WebhookSignature.generate_signature_header(
+        payload, stack.settings.stripe.webhook_secret.get_secret_value())
+    return httpx.post(stack.url + "/orders/payment-confirmation", content=payload, timeout=10,
+                      headers={"Stripe-Signature": signature, "Content-Type": "application/json"})
+
+
+def test_a_signed_webhook_with_a_300_character_event_id_answers_400_and_the_next_one_still_goes_through(stack):
+    order_id = stack.awaiting()
+    pi_id = stack.db_order(order_id).provider_payment_id
+    httpx.post(f"{stack.fake_url}/_fake/confirm/{pi_id}").raise_for_status()
+    r = _stripe_webhook(stack, pi_id, event_id="evt_" + "x" * 296)  # an AMQP message_id holds at most 255 bytes
+    assert r.status_code == 400 and r.json()["error"] == "invalid_webhook", r.text
+    r = _stripe_webhook(stack, pi_id, event_id="evt_after_long_" + order_id[:8])
+    assert r.status_code == 200 and r.json()["enqueued"], r.text
+    wait_until(lambda: stack.status(order_id) == "completed", what="completed by the next webhook")
+
+
+def test_a_signed_but_oddly_shaped_webhook_answers_400_invalid_webhook(stack):
+    envelope = json.loads((FIXTURES / "stripe" / "event.json").read_text())
+    for odd in ({"object": "pi_123"}, {"object": {"object": "payment_intent", "id": "pi_1", "metadata": ["order_id"]}}):
+        envelope.update(id=f"evt_{uuid.uuid4().hex[:16]}", type="payment_intent.succeeded", data=odd)
+        r = _signed_stripe(stack, envelope)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_webhook", r.text
+
+
 def test_the_internal_payment_service_signs_with_the_shared_hmac_secret(stack):
     from worker.shim.webhook import sign_internal
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from worker.settings import ENV_PREFIX, Settings
+from worker.settings import ENV_PREFIX, PAYPAL_CERT_HOSTS, Settings
 
 #: shortest HMAC key accepted in production (RFC 7518 §3.2: at least the hash's size)
 MIN_HMAC_KEY_BYTES = 32
@@ -40,8 +40,6 @@ DEVELOPMENT_SECRETS = frozenset({
 #: the providers' API hosts (https only)
 STRIPE_API_HOSTS = frozenset({"api.stripe.com"})
 PAYPAL_API_HOSTS = frozenset({"api-m.paypal.com", "api-m.sandbox.paypal.com", "api.paypal.com", "api.sandbox.paypal.com"})
-#: hosts PayPal serves its webhook signing certificates from
-PAYPAL_CERT_HOSTS = PAYPAL_API_HOSTS
 
 
 @dataclass(frozen=True)
@@ -98,9 +96,9 @@ def problems(settings: Settings) -> list[Problem]:
         found.append(Problem("rabbitmq.url", "uses RabbitMQ's guest user or no password; use the service's own user"))
     found += _provider_url("stripe.api_base", stripe.api_base, STRIPE_API_HOSTS, "Stripe")
     found += _provider_url("paypal.base_url", paypal.base_url, PAYPAL_API_HOSTS, "PayPal")
-    foreign = sorted({h.lower() for h in paypal.cert_host_allowlist} - PAYPAL_CERT_HOSTS)
+    foreign = sorted({h.lower() for h in paypal.cert_host_allowlist} - set(PAYPAL_CERT_HOSTS))
     if foreign:
         found.append(Problem("paypal.cert_host_allowlist", f"names hosts that are not PayPal's: {', '.join(foreign)}"))
-    if getattr(paypal, "cert_ca_file", ""):
+    if paypal.cert_ca_file:
         found.append(Problem("paypal.cert_ca_file", "must be empty (the system's CAs) in production"))
     return found

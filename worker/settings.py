@@ -23,6 +23,10 @@ ENV_PREFIX = "ORDERS_"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
 
 
+#: PayPal's webhook certificate hosts (the default ``paypal.cert_host_allowlist``).
+PAYPAL_CERT_HOSTS = ("api.paypal.com", "api.sandbox.paypal.com", "api-m.paypal.com", "api-m.sandbox.paypal.com")
+
+
 class SettingsError(Exception):
     """The configuration is missing a key or has a malformed one."""
 
@@ -81,7 +85,10 @@ class PayPalSettings(_Section):
     client_secret: SecretStr
     base_url: str = "https://api-m.sandbox.paypal.com"
     webhook_id: str
-    cert_host_allowlist: tuple[str, ...] = ("api.paypal.com", "api.sandbox.paypal.com")
+    #: hosts a webhook's PAYPAL-CERT-URL may name (fetched over https only): PayPal's certificate hosts
+    cert_host_allowlist: tuple[str, ...] = PAYPAL_CERT_HOSTS
+    #: PEM bundle of the roots PayPal's signing certificate (and its https host) must chain to; "" = the system's CAs
+    cert_ca_file: str = ""
     verification: Literal["offline", "postback"] = "offline"
     timeout_seconds: float = Field(default=10, gt=0)
     max_network_retries: int = Field(default=2, ge=0)

@@ -55,6 +55,14 @@ class WebhookVerificationError(Exception):
     """A webhook's signature, timestamp or certificate did not verify."""
 
 
+class MalformedWebhook(WebhookVerificationError):
+    """A validly signed webhook that is not a provider event this service can read.
+
+    E.g. ``data.object`` a string, an amount that is not a number, an event id
+    longer than a message id may be.  Redelivery would not help: answer 400.
+    """
+
+
 class Outcome(str, enum.Enum):
     SUCCEEDED = "succeeded"  # money taken (Stripe succeeded, PayPal capture COMPLETED)
     REQUIRES_ACTION = "requires_action"  # the buyer must act (3DS, PayPal approval)
@@ -88,22 +96,32 @@ class PaymentResult:
 
 
 @dataclass(frozen=True)
+class RefundResult:
+    refund_id: str
+    status: str
+
+
+@dataclass(frozen=True)
 class PaymentFacts:
-    """What the provider says of one payment (``lookup``): the word a confirmation is checked against."""
+    """What the provider says about a payment, asked by its id (:meth:`PaymentGateway.lookup`).
+
+    For settling a confirmation that does not match our record, and for
+    checking a PayPal capture before a webhook completes an order.
+    """
 
     provider_payment_id: str  # Stripe PaymentIntent id / PayPal order id
     taken: bool  # money taken and not failed (Stripe status succeeded; PayPal capture COMPLETED)
     order_id: str | None  # OUR order id the provider has on it (Stripe metadata order_id; PayPal custom_id)
-    amount: int | None  # minor units actually taken
+    amount: int | None  # minor units taken (Stripe amount_received, else amount; PayPal capture amount, else the order's)
     currency: str | None  # upper-case ISO code
-    status: str  # provider's status string
+    status: str  # the provider's status string ("not_found" for an unknown id)
     capture_id: str | None = None  # PayPal capture id
 
-
-@dataclass(frozen=True)
-class RefundResult:
-    refund_id: str
-    status: str
+    @classmethod
+    def not_found(cls, provider_payment_id: str) -> "PaymentFacts":
+        """The provider knows no payment by this id."""
+        return cls(provider_payment_id=provider_payment_id, taken=False, order_id=None, amount=None, currency=None,
+                   status="not_found")
 
 
 class WebhookKind(str, enum.Enum):
@@ -146,7 +164,7 @@ class PaymentGateway(Protocol):
         """Refund a captured payment in full; idempotent per key."""
 
     def lookup(self, provider_payment_id: str) -> PaymentFacts:
-        """What the provider says of this payment (an unknown id: not taken, status ``not_found``)."""
+        """Ask the provider about a payment (a read); an unknown id is ``PaymentFacts.not_found``."""
 
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
-        """Verify the signature and translate; raises WebhookVerificationError."""
+        """Verify the signature and translate; raises WebhookVerificationError (MalformedWebhook for odd shapes)."""

@@ -13,24 +13,34 @@ order is cancelled first.  So :meth:`PayPalGateway.cancel` only checks that
 nothing was captured (``PaymentAlreadyCaptured`` otherwise: refund instead).
 
 Webhooks are verified offline as PayPal documents: the certificate comes
-from ``PAYPAL-CERT-URL`` (host on ``cert_host_allowlist``; ``https`` only,
-plain ``http`` only for a loopback host, i.e. the local fake), is checked for
-its validity period, its subject name and, when the PEM carries its chain, the
-chain's signatures; then SHA256withRSA over
+from ``PAYPAL-CERT-URL``, which is fetched only over https, only from a host
+on ``cert_host_allowlist`` (PayPal's certificate hosts), never following a
+redirect; anything else is refused before any connection is made (the header
+is the sender's: it must not make us probe other hosts or ports).  The PEM
+there (the signing certificate, then any intermediates) is accepted only when
+``cryptography.x509.verification`` builds a chain from it to a root in
+``cert_ca_file`` (the system's CAs when empty; the same roots verify the https
+connection), valid now, for ``messageverificationcerts.paypal.com`` or its
+sandbox name.  Then SHA256withRSA over
 ``transmission_id|transmission_time|webhook_id|crc32(body)``.  With
 ``verification: postback`` PayPal's ``verify-webhook-signature`` is asked
-instead.
+instead (at ``base_url``; the certificate URL is not fetched).
 """
 
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import logging
+import re
+import ssl
 import threading
+import warnings
 import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
@@ -41,7 +51,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from paypalserversdk.api_helper import APIHelper
 from paypalserversdk.configuration import Configuration, Server
 from paypalserversdk.exceptions.api_exception import ApiException
@@ -61,8 +72,10 @@ from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
 
 from handlers.payments.base import PaymentAlreadyCaptured
 from handlers.payments.base import (
+    MalformedWebhook,
     Outcome,
     OutcomeUnknown,
+    PaymentFacts,
     PaymentRequest,
     PaymentResult,
     PermanentPaymentError,
@@ -73,15 +86,22 @@ from handlers.payments.base import (
     WebhookVerificationError,
 )
 from handlers.payments.money import MoneyError, from_decimal_string, to_paypal_value
-from worker.settings import PayPalSettings
+from handlers.payments.shapes import EventId, Ref, Shape, read
+from worker.settings import PayPalSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
 PROVIDER = "paypal"
 #: Subject names of PayPal's webhook signing certificates.
 PAYPAL_CERT_NAMES = ("messageverificationcerts.paypal.com", "messageverificationcerts.sandbox.paypal.com")
+#: Largest certificate response read (PayPal's PEM chain is a few KiB).
+MAX_CERT_BYTES = 64 * 1024
+#: Certificates kept, per URL (PayPal rotates them rarely; each URL names one for good).
+CERT_CACHE_SIZE = 32
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 _T = TypeVar("_T")
+_S = TypeVar("_S", bound=Shape)
 
 
 class _BaseUrlConfiguration(Configuration):
@@ -138,12 +158,65 @@ def _raise_mapped(exc: Exception) -> NoReturn:
     raise exc
 
 
+@dataclass(frozen=True)
+class CertificateTrust:
+    """The roots a PayPal signing certificate must chain to, and the https context of its fetch."""
+
+    store: Store
+    tls: ssl.SSLContext
+    source: str  # the bundle's path, for messages
+
+    @classmethod
+    def load(cls, ca_file: str) -> "CertificateTrust":
+        """From ``paypal.cert_ca_file``: a PEM bundle, or "" for the system's CAs."""
+        path = ca_file or _system_bundle()
+        try:
+            roots = _certificates(Path(path).read_bytes())
+            tls = ssl.create_default_context(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(f"paypal.cert_ca_file: cannot load {path}: {exc}") from None
+        if not roots:
+            raise SettingsError(f"paypal.cert_ca_file: {path} holds no certificate")
+        return cls(Store(roots), tls, path)
+
+
+def _system_bundle() -> str:
+    """The system's CA bundle (OpenSSL's default, or ``SSL_CERT_FILE``); certifi's where there is none."""
+    cafile = ssl.get_default_verify_paths().cafile
+    if cafile:
+        return cafile
+    import certifi  # an httpx dependency
+
+    return certifi.where()
+
+
+def _certificates(pem: bytes) -> list[x509.Certificate]:
+    """The certificates of a PEM bundle, skipping any that cannot be parsed.
+
+    Not ``x509.load_pem_x509_certificates``: one odd certificate in a system
+    bundle (e.g. a negative serial) would make it refuse the whole bundle.
+    """
+    found = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        for block in _PEM_CERTIFICATE.findall(pem):
+            try:
+                found.append(x509.load_pem_x509_certificate(block))
+            except ValueError:
+                continue
+    return found
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 class PayPalGateway:
     """:class:`~handlers.payments.base.PaymentGateway` for PayPal (thread-safe).
 
-    ``check_cert_expiry=False`` skips the certificate validity-period check
-    (for recorded test vectors whose certificate has expired); ``cert_names``
-    are the accepted certificate subject names.
+    ``clock`` gives the time certificates must be valid at (a recorded test
+    vector is verified at its own transmission time); ``cert_names`` are the
+    accepted certificate subject names.
     """
 
     provider = PROVIDER
@@ -152,14 +225,16 @@ class PayPalGateway:
         self,
         settings: PayPalSettings,
         *,
-        check_cert_expiry: bool = True,
+        clock: Callable[[], datetime] = _utcnow,
         cert_names: tuple[str, ...] = PAYPAL_CERT_NAMES,
     ) -> None:
         self._settings = settings
-        self._check_cert_expiry = check_cert_expiry
+        self._clock = clock
         self._cert_names = frozenset(n.lower() for n in cert_names)
-        self._certs: dict[str, list[x509.Certificate]] = {}
+        self._certs: OrderedDict[str, list[x509.Certificate]] = OrderedDict()
         self._certs_lock = threading.Lock()
+        #: loaded at start so that a bad ``cert_ca_file`` stops start-up, not a webhook
+        self._trust = CertificateTrust.load(settings.cert_ca_file) if settings.verification == "offline" else None
         self._token: OAuthToken | None = None
         config = _BaseUrlConfiguration(
             settings.base_url,
@@ -275,6 +350,46 @@ class PayPalGateway:
         refund = APIHelper.to_dictionary(response.body)
         return RefundResult(refund_id=refund["id"], status=str(refund.get("status")))
 
+    def lookup(self, provider_payment_id: str) -> PaymentFacts:
+        """The order's facts, from its capture when it has one; an unknown id is ``PaymentFacts.not_found``.
+
+        The capture is read by itself (``GET /v2/payments/captures/{id}``):
+        its status, amount, ``custom_id`` and the order it belongs to, which
+        must be this order.
+        """
+        found = self._get_or_none(lambda: self._client.orders.get_order({"id": provider_payment_id}))
+        if found is None:
+            return PaymentFacts.not_found(provider_payment_id)
+        order = _api_shape(_Order, found, "order")
+        captures = (order.unit.payments.captures if order.unit.payments else None) or []
+        capture_id = captures[0].id if captures else None
+        if not capture_id:
+            amount, currency = _api_minor(order.unit.amount)
+            return PaymentFacts(provider_payment_id=provider_payment_id, taken=False, order_id=order.unit.custom_id,
+                                amount=amount, currency=currency, status=str(order.status))
+        raw = self._get_or_none(lambda: self._client.payments.get_captured_payment({"capture_id": capture_id}))
+        if raw is None:
+            raise TransientPaymentError(f"paypal capture {capture_id} of order {provider_payment_id} is not readable yet")
+        capture = _api_shape(_Capture, raw, "capture")
+        if capture.order_id != provider_payment_id:
+            raise PermanentPaymentError(f"paypal capture {capture_id} belongs to order {capture.order_id}, "
+                                        f"not {provider_payment_id}")
+        amount, currency = _api_minor(capture.amount)
+        return PaymentFacts(provider_payment_id=provider_payment_id, taken=capture.status == "COMPLETED",
+                            order_id=capture.custom_id, amount=amount, currency=currency, status=str(capture.status),
+                            capture_id=capture.id or capture_id)
+
+    def _get_or_none(self, fn: Callable[[], Any]) -> dict[str, Any] | None:
+        """A GET's body as plain data; None for 404."""
+        try:
+            return APIHelper.to_dictionary(fn().body)
+        except ApiException as exc:
+            if exc.response_code == 404:
+                return None
+            _raise_mapped(exc)
+        except (requests.exceptions.RequestException, AuthValidationException) as exc:
+            _raise_mapped(exc)
+
     def _capture_id(self, order_id: str) -> str:
         found = self._order_result(self._get_order(order_id))
         if found.capture_id:
@@ -351,65 +466,74 @@ class PayPalGateway:
             raise WebhookVerificationError("paypal webhook signature does not verify") from None
 
     def _certificate(self, url: str) -> x509.Certificate:
-        """The checked signing certificate at ``url`` (fetched once, then cached)."""
+        """The signing certificate at ``url``, verified now (fetched once, then cached)."""
         self._check_cert_url(url)
         with self._certs_lock:
             chain = self._certs.get(url)
         if chain is None:
             chain = self._fetch_chain(url)
+            self._verify_chain(chain)  # only a chain that verified is kept
             with self._certs_lock:
-                if len(self._certs) >= 32:  # PayPal rotates rarely; bound it anyway
-                    self._certs.clear()
                 self._certs[url] = chain
-        leaf = chain[0]
-        if self._check_cert_expiry:
-            now = datetime.now(timezone.utc)
-            if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-                raise WebhookVerificationError("paypal certificate is not valid now")
-        return leaf
+                while len(self._certs) > CERT_CACHE_SIZE:
+                    self._certs.popitem(last=False)
+            return chain[0]
+        self._verify_chain(chain)  # again: it must still be valid now
+        return chain[0]
 
     def _check_cert_url(self, url: str) -> None:
+        """Refuse, before any connection, a URL that is not https to an allow-listed host."""
         parts = urlsplit(url)
+        if parts.scheme != "https":
+            raise WebhookVerificationError("paypal certificate URL must be https")
+        try:
+            parts.port  # noqa: B018 - raises for a malformed port
+        except ValueError:
+            raise WebhookVerificationError("paypal certificate URL has a malformed port") from None
         host = (parts.hostname or "").lower()
         allowed = {h.lower() for h in self._settings.cert_host_allowlist}
-        if parts.username or parts.password or host not in allowed:
+        if parts.username is not None or parts.password is not None or host not in allowed:
             raise WebhookVerificationError("paypal certificate URL host is not allowed")
-        if parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(host)):
-            return
-        raise WebhookVerificationError("paypal certificate URL must be https")
 
     def _fetch_chain(self, url: str) -> list[x509.Certificate]:
+        assert self._trust is not None
         try:
-            response = httpx.get(url, timeout=self._settings.timeout_seconds, follow_redirects=False)
+            with httpx.stream("GET", url, verify=self._trust.tls, timeout=self._settings.timeout_seconds,
+                              follow_redirects=False) as response:
+                status = response.status_code
+                content = _read_bounded(response) if status == 200 else b""
         except httpx.HTTPError as exc:
+            if _is_untrusted_tls(exc):
+                raise WebhookVerificationError("paypal certificate host's TLS certificate is not trusted") from None
             raise TransientPaymentError(f"paypal certificate fetch failed: {type(exc).__name__}") from None
-        if response.status_code >= 500 or response.status_code == 429:
-            raise TransientPaymentError(f"paypal certificate fetch: http {response.status_code}")
-        if response.status_code != 200:
-            raise WebhookVerificationError(f"paypal certificate fetch: http {response.status_code}")
-        try:
-            chain = x509.load_pem_x509_certificates(response.content)
-        except ValueError:
-            raise WebhookVerificationError("paypal certificate URL did not return a PEM certificate") from None
-        self._check_chain(chain)
+        if status >= 500 or status == 429:
+            raise TransientPaymentError(f"paypal certificate fetch: http {status}")
+        if status != 200:  # a redirect too: never followed
+            raise WebhookVerificationError(f"paypal certificate fetch: http {status}")
+        chain = _certificates(content)
+        if not chain:
+            raise WebhookVerificationError("paypal certificate URL did not return a PEM certificate")
         return chain
 
-    def _check_chain(self, chain: list[x509.Certificate]) -> None:
+    def _verify_chain(self, chain: list[x509.Certificate]) -> None:
+        """The leaf must name PayPal's signing service and chain to a trusted root, valid now."""
+        assert self._trust is not None
         leaf = chain[0]
-        names = {a.value.lower() for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)}
         try:
-            names |= {n.lower() for n in leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)}
+            names = {n.lower() for n in leaf.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)}
         except x509.ExtensionNotFound:
-            pass
-        if not names & self._cert_names:
+            names = set()
+        ours = sorted(names & self._cert_names)
+        if not ours:
             raise WebhookVerificationError("paypal certificate is not PayPal's message verification certificate")
-        # Intermediates, when sent along, must have issued what precedes them.
-        # The root of trust is TLS to an allow-listed PayPal host.
-        for cert, issuer in zip(chain, chain[1:]):
-            try:
-                cert.verify_directly_issued_by(issuer)
-            except (ValueError, TypeError, InvalidSignature):
-                raise WebhookVerificationError("paypal certificate chain does not verify") from None
+        verifier = (PolicyBuilder().store(self._trust.store).time(self._clock())
+                    .build_server_verifier(x509.DNSName(ours[0])))
+        try:
+            verifier.verify(leaf, chain[1:])
+        except VerificationError as exc:
+            reason = str(exc).split(" (encountered processing", 1)[0]
+            raise WebhookVerificationError(f"paypal certificate does not verify: {reason}") from None
 
     def _verify_postback(self, body: bytes, h: Mapping[str, str]) -> None:
         """Ask PayPal (``POST /v1/notifications/verify-webhook-signature``)."""
@@ -437,44 +561,128 @@ class PayPalGateway:
             raise WebhookVerificationError("paypal webhook postback verification failed")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _read_bounded(response: httpx.Response) -> bytes:
+    data = bytearray()
+    for chunk in response.iter_bytes():
+        data += chunk
+        if len(data) > MAX_CERT_BYTES:
+            raise WebhookVerificationError("paypal certificate response is too large")
+    return bytes(data)
 
 
-def _minor(amount: Mapping[str, Any] | None) -> tuple[int | None, str | None]:
-    if not amount:
+def _is_untrusted_tls(exc: BaseException) -> bool:
+    """Whether an httpx error is the server's TLS certificate failing verification."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class _Money(Shape):
+    currency_code: str
+    value: str
+
+
+class _Related(Shape):
+    order_id: Ref | None = None
+
+
+class _Supplementary(Shape):
+    related_ids: _Related | None = None
+
+
+class _StatusDetails(Shape):
+    reason: str | None = None
+
+
+class _Capture(Shape):
+    """A capture, as in ``PAYMENT.CAPTURE.*`` events and ``GET /v2/payments/captures/{id}``."""
+
+    id: Ref | None = None
+    status: str | None = None
+    amount: _Money | None = None
+    custom_id: Ref | None = None
+    supplementary_data: _Supplementary | None = None
+    status_details: _StatusDetails | None = None
+
+    @property
+    def order_id(self) -> str | None:
+        """PayPal's order id the capture belongs to."""
+        related = self.supplementary_data.related_ids if self.supplementary_data else None
+        return related.order_id if related else None
+
+
+class _Payments(Shape):
+    captures: list[_Capture] | None = None
+
+
+class _Unit(Shape):
+    custom_id: Ref | None = None
+    amount: _Money | None = None
+    payments: _Payments | None = None
+
+
+class _Order(Shape):
+    id: Ref | None = None
+    status: str | None = None
+    purchase_units: list[_Unit] | None = None
+
+    @property
+    def unit(self) -> _Unit:
+        return (self.purchase_units or [_Unit()])[0]
+
+
+class _Event(Shape):
+    id: EventId
+    event_type: str
+    resource: dict[str, Any] | None = None
+
+
+def _minor(amount: _Money | None) -> tuple[int | None, str | None]:
+    """(minor units, upper-case currency) of a PayPal amount."""
+    if amount is None:
         return None, None
-    currency = str(amount.get("currency_code") or "").upper() or None
+    currency = amount.currency_code.upper() or None
     try:
-        return (from_decimal_string(str(amount.get("value")), currency) if currency else None), currency
+        return (from_decimal_string(amount.value, currency) if currency else None), currency
     except MoneyError:
-        raise WebhookVerificationError("paypal webhook amount is malformed") from None
+        raise MalformedWebhook("paypal amount is malformed") from None
 
 
-def translate_event(event: Mapping[str, Any]) -> WebhookEvent:
-    """A verified PayPal event (parsed JSON) → :class:`WebhookEvent`."""
+def _api_shape(model: type[_S], data: Any, what: str) -> _S:
+    """A PayPal API answer read with an event shape; a mismatch is PayPal's fault, not a webhook's."""
     try:
-        event_id, event_type, resource = event["id"], event["event_type"], event.get("resource") or {}
-    except (KeyError, TypeError):
-        raise WebhookVerificationError("paypal event lacks id or event_type") from None
-    common: dict[str, Any] = {"provider": PROVIDER, "event_id": event_id, "event_type": event_type}
+        return read(model, data, f"paypal {what}")
+    except MalformedWebhook as exc:
+        raise PermanentPaymentError(str(exc)) from None
+
+
+def _api_minor(amount: _Money | None) -> tuple[int | None, str | None]:
+    try:
+        return _minor(amount)
+    except MalformedWebhook as exc:
+        raise PermanentPaymentError(str(exc)) from None
+
+
+def translate_event(event: Any) -> WebhookEvent:
+    """A verified PayPal event (parsed JSON) → :class:`WebhookEvent`; MalformedWebhook when it is not one."""
+    envelope = read(_Event, event, "paypal event")
+    event_type, resource = envelope.event_type, envelope.resource or {}
+    common: dict[str, Any] = {"provider": PROVIDER, "event_id": envelope.id, "event_type": event_type}
     if event_type in ("PAYMENT.CAPTURE.COMPLETED", "PAYMENT.CAPTURE.DENIED", "PAYMENT.CAPTURE.DECLINED"):
-        amount, currency = _minor(resource.get("amount"))
-        related = (resource.get("supplementary_data") or {}).get("related_ids") or {}
-        common.update(order_id=resource.get("custom_id"), provider_payment_id=related.get("order_id"), amount=amount, currency=currency)
+        capture = read(_Capture, resource, "paypal capture")
+        amount, currency = _minor(capture.amount)
+        common.update(order_id=capture.custom_id, provider_payment_id=capture.order_id, amount=amount, currency=currency)
         if event_type == "PAYMENT.CAPTURE.COMPLETED":
             return WebhookEvent(kind=WebhookKind.CONFIRMED, **common)
-        reason = (resource.get("status_details") or {}).get("reason") or resource.get("status") or "DENIED"
+        reason = (capture.status_details.reason if capture.status_details else None) or capture.status or "DENIED"
         return WebhookEvent(kind=WebhookKind.FAILED, reason=reason, **common)
     if event_type == "CHECKOUT.ORDER.APPROVED":
-        unit = (resource.get("purchase_units") or [{}])[0]
-        amount, currency = _minor(unit.get("amount"))
-        return WebhookEvent(kind=WebhookKind.APPROVED, order_id=unit.get("custom_id"), provider_payment_id=resource.get("id"),
+        order = read(_Order, resource, "paypal order")
+        amount, currency = _minor(order.unit.amount)
+        return WebhookEvent(kind=WebhookKind.APPROVED, order_id=order.unit.custom_id, provider_payment_id=order.id,
                             amount=amount, currency=currency, **common)
     return WebhookEvent(kind=WebhookKind.IGNORED, **common)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any, Mapping, NoReturn
 
 import stripe
@@ -23,6 +24,7 @@ from handlers.payments.base import PaymentAlreadyCaptured
 from handlers.payments.base import (
     Outcome,
     OutcomeUnknown,
+    PaymentFacts,
     PaymentRequest,
     PaymentResult,
     PermanentPaymentError,
@@ -32,6 +34,7 @@ from handlers.payments.base import (
     WebhookKind,
     WebhookVerificationError,
 )
+from handlers.payments.shapes import EventId, Ref, Shape, read
 from worker.settings import StripeSettings
 
 log = logging.getLogger(__name__)
@@ -153,19 +156,41 @@ class StripeGateway:
             _raise_mapped(exc)
         return RefundResult(refund_id=refund.id, status=str(refund.status))
 
+    def lookup(self, provider_payment_id: str) -> PaymentFacts:
+        """The PaymentIntent's facts; an unknown id is ``PaymentFacts.not_found``."""
+        try:
+            intent = _as_dict(self._client.v1.payment_intents.retrieve(provider_payment_id))
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                return PaymentFacts.not_found(provider_payment_id)
+            _raise_mapped(exc)
+        except stripe.StripeError as exc:
+            _raise_mapped(exc)
+        status = str(intent.get("status"))
+        return PaymentFacts(
+            provider_payment_id=intent["id"],
+            taken=status == "succeeded",
+            order_id=(intent.get("metadata") or {}).get("order_id"),
+            amount=intent.get("amount_received") or intent.get("amount"),
+            currency=str(intent.get("currency") or "").upper() or None,
+            status=status,
+        )
+
     # -- webhooks -----------------------------------------------------------
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
         """Verify ``Stripe-Signature`` (HMAC and timestamp tolerance) and translate."""
         signature = next((v for k, v in headers.items() if k.lower() == "stripe-signature"), None)
+        tolerance = self._settings.webhook_tolerance_seconds
         try:
-            stripe.WebhookSignature.verify_header(
-                body, signature, self._settings.webhook_secret.get_secret_value(), self._settings.webhook_tolerance_seconds
-            )
+            stripe.WebhookSignature.verify_header(body, signature, self._settings.webhook_secret.get_secret_value(), tolerance)
             event = json.loads(body)
         except stripe.SignatureVerificationError as exc:
             raise WebhookVerificationError(f"stripe signature rejected: {exc.user_message}") from None
         except (UnicodeDecodeError, ValueError):
             raise WebhookVerificationError("stripe webhook body is not JSON") from None
+        # The SDK refuses only timestamps too far in the past; one far in the future is as suspect.
+        if _signed_at(signature or "") > time.time() + tolerance:
+            raise WebhookVerificationError("stripe signature timestamp is in the future, outside the tolerance")
         return translate_event(event)
 
     # -- helpers ------------------------------------------------------------
@@ -200,28 +225,60 @@ class StripeGateway:
         )
 
 
-def translate_event(event: Mapping[str, Any]) -> WebhookEvent:
-    """A verified Stripe event (parsed JSON) → :class:`WebhookEvent`."""
-    try:
-        event_id, event_type = event["id"], event["type"]
-        obj = event["data"]["object"]
-    except (KeyError, TypeError):
-        raise WebhookVerificationError("stripe event lacks id, type or data.object") from None
+class _Data(Shape):
+    object: dict[str, Any]
+
+
+class _Envelope(Shape):
+    id: EventId
+    type: str
+    data: _Data
+
+
+class _PaymentError(Shape):
+    code: str | None = None
+    decline_code: str | None = None
+    message: str | None = None
+
+
+class _Intent(Shape):
+    id: Ref
+    metadata: dict[str, Ref] | None = None
+    currency: str | None = None
+    amount: int | None = None
+    amount_received: int | None = None
+    last_payment_error: _PaymentError | None = None
+
+
+def _signed_at(header: str) -> int:
+    """The ``t=`` of a ``Stripe-Signature`` header the SDK has accepted."""
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t":
+            return int(value)
+    raise WebhookVerificationError("stripe signature has no timestamp")
+
+
+def translate_event(event: Any) -> WebhookEvent:
+    """A verified Stripe event (parsed JSON) → :class:`WebhookEvent`; MalformedWebhook when it is not one."""
+    envelope = read(_Envelope, event, "stripe event")
+    event_id, event_type, obj = envelope.id, envelope.type, envelope.data.object
     if event_type not in ("payment_intent.succeeded", "payment_intent.payment_failed") or obj.get("object") != "payment_intent":
         return WebhookEvent(kind=WebhookKind.IGNORED, provider=PROVIDER, event_id=event_id, event_type=event_type)
+    intent = read(_Intent, obj, "stripe payment_intent")
     common = {
         "provider": PROVIDER,
         "event_id": event_id,
         "event_type": event_type,
-        "order_id": (obj.get("metadata") or {}).get("order_id"),
-        "provider_payment_id": obj.get("id"),
-        "currency": str(obj.get("currency") or "").upper() or None,
+        "order_id": (intent.metadata or {}).get("order_id"),
+        "provider_payment_id": intent.id,
+        "currency": (intent.currency or "").upper() or None,
     }
     if event_type == "payment_intent.succeeded":
-        return WebhookEvent(kind=WebhookKind.CONFIRMED, amount=obj.get("amount_received") or obj.get("amount"), **common)
-    error = obj.get("last_payment_error") or {}
-    reason = error.get("decline_code") or error.get("code") or error.get("message") or "payment_failed"
-    return WebhookEvent(kind=WebhookKind.FAILED, amount=obj.get("amount"), reason=reason, **common)
+        return WebhookEvent(kind=WebhookKind.CONFIRMED, amount=intent.amount_received or intent.amount, **common)
+    error = intent.last_payment_error or _PaymentError()
+    reason = error.decline_code or error.code or error.message or "payment_failed"
+    return WebhookEvent(kind=WebhookKind.FAILED, amount=intent.amount, reason=reason, **common)
 
 
 __all__ = ["StripeGateway", "translate_event"]

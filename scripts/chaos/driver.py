@@ -5,7 +5,6 @@ orders that wait for them, and the :class:`Ledger` keeps what the service accept
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import heapq
@@ -15,11 +14,10 @@ import random
 import threading
 import time
 import uuid
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -28,6 +26,7 @@ import pika
 import pika.exceptions
 import psycopg2
 
+from scripts.fakes.paypal_certs import paypal_headers
 from worker.broker import COMMANDS_EXCHANGE
 from worker.shim.auth import issue_token
 from worker.shim.idempotency import derived_id
@@ -315,36 +314,17 @@ class Driver:
 
 
 class PayPalSigner:
-    """Signs PayPal webhooks with a certificate the PayPal fake serves (offline verification)."""
+    """Signs PayPal webhooks with a certificate from the run's PayPal CA, served over https by the PayPal fake."""
 
-    def __init__(self, fake_url: str, webhook_id: str) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-        from cryptography.x509.oid import NameOID
-
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "messageverificationcerts.sandbox.paypal.com")])
-        now = datetime.now(UTC)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
-                .not_valid_after(now + timedelta(days=2)).sign(self.key, hashes.SHA256()))
-        pem = cert.public_bytes(serialization.Encoding.PEM)
-        httpx.put(f"{fake_url}/_fake/certs/{PAYPAL_CERT_NAME}", content=pem, timeout=5).raise_for_status()
-        self.cert_url = f"{fake_url}/_fake/certs/{PAYPAL_CERT_NAME}"
+    def __init__(self, stack: Stack, webhook_id: str) -> None:
+        self.issued = stack.paypal_pki.signing_cert()
+        httpx.put(f"{stack.fake_urls['paypal']}/_fake/certs/{PAYPAL_CERT_NAME}", content=self.issued.cert_pem,
+                  timeout=5).raise_for_status()
+        self.cert_url = f"{stack.paypal_cert_base}/{PAYPAL_CERT_NAME}"
         self.webhook_id = webhook_id
 
     def headers(self, body: bytes) -> dict[str, str]:
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import padding
-
-        tid = str(uuid.uuid4())
-        ttime = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        message = f"{tid}|{ttime}|{self.webhook_id}|{zlib.crc32(body) & 0xFFFFFFFF}".encode()
-        sig = base64.b64encode(self.key.sign(message, padding.PKCS1v15(), hashes.SHA256())).decode()
-        return {"PAYPAL-TRANSMISSION-ID": tid, "PAYPAL-TRANSMISSION-TIME": ttime, "PAYPAL-TRANSMISSION-SIG": sig,
-                "PAYPAL-CERT-URL": self.cert_url, "PAYPAL-AUTH-ALGO": "SHA256withRSA",
-                "Content-Type": "application/json"}
+        return {**paypal_headers(self.issued, body, self.webhook_id, self.cert_url), "Content-Type": "application/json"}
 
 
 def stripe_signature(payload: bytes, secret: str) -> str:
@@ -366,7 +346,7 @@ class Buyer:
         self.cfg, self.stack, self.orders, self.ledger = cfg, stack, orders, ledger
         self.http = Http(stack.shim_url, deadline)
         self.settings = stack.settings()
-        self.signer = PayPalSigner(stack.fake_urls["paypal"], self.settings.paypal.webhook_id)
+        self.signer = PayPalSigner(stack, self.settings.paypal.webhook_id)
         self.handled: dict[str, str] = {}  # order id -> what the buyer did
         self.pending: set[str] = set()
         self.lock = threading.Lock()

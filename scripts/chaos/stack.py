@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pika
 
+from scripts.fakes import paypal_certs
 from scripts.tcp_proxy import free_port
 from worker import db
 from worker.broker import EVENTS_EXCHANGE, INVENTORY_EXCHANGE
@@ -67,6 +68,11 @@ class Stack:
         self.pool: Proc | None = None
         self.relays: list[Proc] = []
         self.shim: Proc | None = None
+        #: PayPal's side of webhook signing: the CA the service trusts (cert_ca_file), the https
+        #: certificate host (the PayPal fake's second listener) and the signing certificate
+        self.paypal_pki = paypal_certs.TestAuthority("Chaos PayPal Root CA")
+        self.paypal_ca_file = self.tmp / "paypal-ca.pem"
+        self.paypal_cert_base = ""  # https://127.0.0.1:<port>/_fake/certs, once the fake runs
 
     # urls and environments
 
@@ -96,6 +102,8 @@ class Stack:
             "ORDERS_PAYPAL__TIMEOUT_SECONDS": str(CLIENT_TIMEOUT),
             "ORDERS_PAYPAL__MAX_NETWORK_RETRIES": "2",
             "ORDERS_PAYPAL__VERIFICATION": "offline",
+            "ORDERS_PAYPAL__CERT_HOST_ALLOWLIST": '["127.0.0.1"]',
+            "ORDERS_PAYPAL__CERT_CA_FILE": str(self.paypal_ca_file),
             "ORDERS_WORKER__RETRY_DELAYS_SECONDS": json.dumps(list(self.cfg.retry_delays)),
             "ORDERS_WORKER__PAYMENT_CONCURRENCY": str(self.cfg.payment_concurrency),
             # below the sum of the delay tiers, so a capture that never went out settles before they run out
@@ -159,10 +167,15 @@ class Stack:
         db.drop_database(self.settings(direct=True).database)
 
     def _fakes(self) -> None:
+        self.paypal_pki.write_ca(self.paypal_ca_file)
+        tls_cert, tls_key = paypal_certs.write_tls(self.paypal_pki.tls_cert(), self.tmp)
+        tls_port = free_port()
+        self.paypal_cert_base = f"https://127.0.0.1:{tls_port}/_fake/certs"
+        https = {"stripe": [], "paypal": ["--tls-port", str(tls_port), "--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]}
         for name, module in (("stripe", "fake_stripe.py"), ("paypal", "fake_paypal.py")):
             port = free_port()
-            proc = Proc(f"fake-{name}", [sys.executable, str(FAKES / module), "--port", str(port)], dict(os.environ),
-                        self.tmp / f"fake-{name}.log")
+            proc = Proc(f"fake-{name}", [sys.executable, str(FAKES / module), "--port", str(port), *https[name]],
+                        dict(os.environ), self.tmp / f"fake-{name}.log")
             self.fakes[name] = proc
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 15

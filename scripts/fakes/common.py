@@ -23,6 +23,10 @@ Fault spec (JSON body of ``POST /_fake/faults``)::
     optional "path": "/v1/payment_intents"       only calls whose path starts so
     optional "retry_after": 1                    Retry-After header on a status fault
 
+A fake can also listen over https (``start(..., tls=tls_context(cert, key))``
+or ``--tls-port/--tls-cert/--tls-key``), sharing one app with its http
+listener: PayPal's certificate URL must be https (see ``paypal_certs``).
+
 Only the standard library is used, so the fakes run anywhere.
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -245,6 +250,16 @@ class FakeHandler(BaseHTTPRequestHandler):
         if self.server.verbose:
             super().log_message(format, *args)
 
+    def handle(self) -> None:
+        # TLS handshakes happen here, in the connection's thread, not in the accepting one.
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.do_handshake()
+            except (ssl.SSLError, OSError):
+                self.close_connection = True
+                return
+        super().handle()
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         self._dispatch()
 
@@ -335,15 +350,23 @@ class FakeServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: FakeApp, verbose: bool = False) -> None:
+    def __init__(self, address: tuple[str, int], app: FakeApp, verbose: bool = False,
+                 tls: ssl.SSLContext | None = None) -> None:
         super().__init__(address, FakeHandler)
         self.app = app
         self.verbose = verbose
+        self.tls = tls
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     def stop(self) -> None:
         """Stop serving and close the socket (for tests)."""
@@ -351,9 +374,21 @@ class FakeServer(ThreadingHTTPServer):
         self.server_close()
 
 
-def start(app: FakeApp, port: int, host: str = "127.0.0.1", verbose: bool = False) -> FakeServer:
-    """Serve ``app`` in a daemon thread; ``port=0`` picks a free port."""
-    server = FakeServer((host, port), app, verbose=verbose)
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server-side TLS context for an https listener of a fake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def start(app: FakeApp, port: int, host: str = "127.0.0.1", verbose: bool = False,
+          tls: ssl.SSLContext | None = None) -> FakeServer:
+    """Serve ``app`` in a daemon thread; ``port=0`` picks a free port; ``tls`` makes it https.
+
+    One app may be served by several servers (e.g. http for the API and https
+    for PayPal's certificate URL): they share its state.
+    """
+    server = FakeServer((host, port), app, verbose=verbose, tls=tls)
     threading.Thread(target=server.serve_forever, name=f"fake-{type(app).__name__}", daemon=True).start()
     return server
 
@@ -366,12 +401,21 @@ def run_cli(make_app: Callable[..., FakeApp], default_port: int, description: st
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--verbose", action="store_true", help="log every request")
+    parser.add_argument("--tls-port", type=int, help="also serve over https on this port (needs --tls-cert/--tls-key)")
+    parser.add_argument("--tls-cert", help="PEM certificate of the https listener")
+    parser.add_argument("--tls-key", help="PEM private key of the https listener")
     if extra is not None:
         extra(parser)
     args = parser.parse_args()
-    options = {k: v for k, v in vars(args).items() if k not in ("host", "port", "verbose")}
-    server = FakeServer((args.host, args.port), make_app(**options), verbose=args.verbose)
+    options = {k: v for k, v in vars(args).items() if k not in ("host", "port", "verbose", "tls_port", "tls_cert", "tls_key")}
+    app = make_app(**options)
+    server = FakeServer((args.host, args.port), app, verbose=args.verbose)
     print(f"{description} listening on {server.url}", flush=True)
+    if args.tls_port is not None:
+        if not (args.tls_cert and args.tls_key):
+            parser.error("--tls-port needs --tls-cert and --tls-key")
+        secure = start(app, args.tls_port, args.host, args.verbose, tls_context(args.tls_cert, args.tls_key))
+        print(f"{description} listening on {secure.url}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -28,8 +28,13 @@ Control endpoints, besides those of :mod:`common` (reset, faults, charges, log):
   — the webhook signing certificates (kept across ``/_fake/reset``, as are
   access tokens); ``/_fake/charges`` also counts ``cert_fetches`` per name.
 
-Run: ``python scripts/fakes/fake_paypal.py --port 12112``; in-process:
-``server = serve(0)`` then ``server.url`` and ``server.stop()``.
+The service fetches certificates only over https from its allow-listed hosts:
+serve the same fake over https too (``serve(0, tls=...)`` sharing ``app``, or
+``--tls-port``), with a certificate made by :mod:`paypal_certs`.
+
+Run: ``python scripts/fakes/fake_paypal.py --port 12112 [--tls-port 12113
+--tls-cert host.pem --tls-key host.key]``; in-process: ``server = serve(0)``
+then ``server.url`` and ``server.stop()``.
 """
 
 from __future__ import annotations
@@ -41,12 +46,15 @@ import secrets
 import zlib
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:  # run as a script or imported as scripts.fakes.fake_paypal
     from .common import FakeApp, FakeServer, Request, Response, run_cli, start
 except ImportError:  # pragma: no cover - script mode
     from common import FakeApp, FakeServer, Request, Response, run_cli, start  # type: ignore[no-redef]
+
+if TYPE_CHECKING:
+    import ssl
 
 DEFAULT_CLIENT_ID = "local-fake-client"
 DEFAULT_CLIENT_SECRET = "local-fake-secret"
@@ -379,13 +387,17 @@ def _raw_member(document: bytes, member: str) -> bytes | None:
 
 
 def serve(port: int = 0, host: str = "127.0.0.1", client_id: str = DEFAULT_CLIENT_ID,
-          client_secret: str = DEFAULT_CLIENT_SECRET, verbose: bool = False) -> FakeServer:
+          client_secret: str = DEFAULT_CLIENT_SECRET, verbose: bool = False,
+          tls: "ssl.SSLContext | None" = None, app: FakePayPal | None = None) -> FakeServer:
     """Start the fake in a daemon thread and return the running server.
 
     ``port=0`` picks a free port (read ``server.url``); ``server.app`` is the
-    :class:`FakePayPal`; ``server.stop()`` shuts it down.
+    :class:`FakePayPal`; ``server.stop()`` shuts it down.  ``tls`` serves
+    https; ``app`` serves an existing fake (e.g. the http one's ``app``, so
+    that its certificates are reachable over https).
     """
-    return start(FakePayPal(client_id=client_id, client_secret=client_secret), port, host, verbose)
+    app = app or FakePayPal(client_id=client_id, client_secret=client_secret)
+    return start(app, port, host, verbose, tls)
 
 
 def main() -> None:

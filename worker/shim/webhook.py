@@ -7,6 +7,11 @@ shared ``shim.webhook_hmac_secret``: header
 body a PaymentConfirmed command (provider ``internal``); the timestamp must
 be within ``shim.webhook_tolerance_seconds`` so a captured request cannot be
 replayed later (a replay inside the window is a duplicate the inbox drops).
+
+A provider webhook that does not verify answers 400 ``invalid_signature``; one
+that verifies but is not a readable event (odd shapes, an event id longer than
+an AMQP message id may be) answers 400 ``invalid_webhook`` and is never
+published.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Mapping
 import structlog
 from pydantic import ValidationError
 
-from handlers.payments.base import PaymentGateway, TransientPaymentError, WebhookVerificationError
+from handlers.payments.base import MalformedWebhook, PaymentGateway, TransientPaymentError, WebhookVerificationError
 from handlers.payments.webhooks import parse_webhook, to_command
 from schema.messages import PaymentConfirmed, describe_validation_error
 from worker.broker import COMMANDS_EXCHANGE
@@ -73,6 +78,10 @@ def to_publish(cfg: ShimSettings, gateways: Mapping[str, PaymentGateway], body: 
         return cmd.message_id, cmd
     try:
         event = parse_webhook(gateways, body, lowered)
+    except MalformedWebhook as exc:
+        # signed, so the provider's (or its key's holder's): worth a look, but redelivery will not help
+        log.warning("signed webhook is not a readable event", reason=str(exc))
+        raise ApiError(400, "invalid_webhook", "the webhook is signed but is not an event this service can read") from None
     except WebhookVerificationError as exc:
         log.info("webhook rejected", reason=str(exc))
         raise _invalid("the webhook signature did not verify") from None
