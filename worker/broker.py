@@ -44,7 +44,8 @@ DEAD_LETTER_QUEUE = "orders.dead-letter"
 #: internal commands of the payment step, published by the relay
 INTERNAL_EXCHANGE = "orders.internal"
 PAYMENTS_QUEUE = "orders.payments"
-PAYMENT_ROUTING_KEYS = ("payment.start", "payment.capture", "payment.cancel", "payment.refund", "payment.failed")
+PAYMENT_ROUTING_KEYS = ("payment.start", "payment.capture", "payment.cancel", "payment.refund", "payment.failed",
+                        "payment.settle")
 DEAD_LETTER_EXCHANGE = "orders.dlx"
 #: headers exchange in front of the delay queues, routing on header DELAY_HEADER
 DELAY_EXCHANGE = "orders.delay"
