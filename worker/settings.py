@@ -129,6 +129,27 @@ class ShimSettings(_Section):
     idempotency_ttl_seconds: int = Field(default=86400, gt=0)
     #: largest request body accepted (bytes); larger answers 413
     max_body_bytes: int = Field(default=65536, gt=0)
+    #: uvicorn worker processes (``orders shim --workers`` overrides it and tells its workers)
+    workers: int = Field(default=1, ge=1)
+    #: requests one shim process works on at once; beyond it a request is shed (503, Retry-After)
+    max_concurrent_requests: int = Field(default=256, ge=1)
+    #: Redis connections of one shim process; 0: max_concurrent_requests (a request holds at most
+    #: one at a time, so the pool cannot run dry before the concurrency limit sheds)
+    redis_pool_size: int = Field(default=0, ge=0)
+    #: how long a request waits for a free Redis connection before it is shed (503, Retry-After)
+    redis_pool_timeout_seconds: float = Field(default=0.1, gt=0)
+    #: shim processes that share the rate limits when Redis is unreachable (each then allows its
+    #: share, limit / this, in-process); 0: ``workers``.  Set it to replicas x workers.
+    rate_limit_processes: int = Field(default=0, ge=0)
+
+    @property
+    def redis_pool_connections(self) -> int:
+        return self.redis_pool_size or self.max_concurrent_requests
+
+    @property
+    def rate_limit_share_of(self) -> int:
+        """How many processes the configured limits are divided among when Redis is unreachable."""
+        return self.rate_limit_processes or self.workers
 
 
 class MetricsSettings(_Section):
