@@ -132,7 +132,7 @@ def build_shim(settings: Settings) -> Shim:
     cfg = settings.shim
     metrics = ShimMetrics()
     engine = db.make_engine(settings.database)
-    client = make_async_redis(settings.redis, cfg.redis_pool_connections, cfg.redis_pool_timeout_seconds)
+    client = make_async_redis(settings.redis, cfg.redis_pool_size, cfg.redis_pool_timeout_seconds)
     gate = RedisGate("the shim")  # one Redis: a failure seen by any user of it spares the others
     channel = AsyncChannel(settings.rabbitmq.url.get_secret_value(), settings.rabbitmq.heartbeat_seconds)
     limits = {"place": (cfg.place_rate_per_minute, cfg.place_rate_per_minute_per_address),
