@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
+from worker.redis_gate import RedisBusy
 from worker.shim.app import EdgeMiddleware
 from worker.shim.metrics import ShimMetrics
+from worker.shim.orders import _settled_view
 from worker.shim.ratelimit import LOCAL_MAX_BUCKETS, LocalLimiter
 
 
@@ -87,3 +90,23 @@ def test_fallback_limiter_keeps_at_most_its_bucket_bound() -> None:
     for i in range(LOCAL_MAX_BUCKETS // 2 + 10):
         limiter.check("read", f"u{i}", f"a{i}")
     assert len(limiter._buckets) == LOCAL_MAX_BUCKETS
+
+
+def test_waiting_for_a_published_order_ends_without_a_503_when_the_redis_pool_is_exhausted() -> None:
+    views = iter([{"status": "pending"}])
+
+    class Cache:
+        async def get(self, _order_id: str) -> Any:
+            view = next(views, None)
+            if view is None:
+                raise RedisBusy("all 1 Redis connections in use")
+            return view
+
+    class Shim:
+        cache = Cache()
+
+    async def wait() -> Any:
+        return await _settled_view(Shim(), "o-1", time.monotonic() + 5, lambda v: v["status"] != "pending")  # type: ignore[arg-type]
+
+    # the command is out: the caller gets 202 pending (a 503 would invite a duplicate order)
+    assert asyncio.run(wait()) == {"status": "pending"}
