@@ -199,13 +199,14 @@ def shim(
     config: ConfigOption = None,
     host: Annotated[Optional[str], typer.Option(help="Address to bind (default: shim.host).")] = None,
     port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Port (default: shim.port).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="uvicorn worker processes (default: shim.workers).")] = None,
 ) -> None:
     """Run the HTTP shim (FastAPI on uvicorn)."""
     from worker.shim.server import serve
 
     settings = _settings(config, serving=True)
-    serve(settings, config, host or settings.shim.host, settings.shim.port if port is None else port, workers)
+    serve(settings, config, host or settings.shim.host, settings.shim.port if port is None else port,
+          settings.shim.workers if workers is None else workers)
 
 
 @token_app.command("issue")

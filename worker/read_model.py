@@ -12,6 +12,7 @@ intends.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from typing import Any, Iterable
@@ -26,7 +27,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from schema import tables
-from worker.redis_gate import RedisGate
+from worker.redis_gate import RedisBusy, RedisGate
 from worker.settings import RedisSettings
 
 log = structlog.get_logger("worker.read_model")
@@ -101,18 +102,33 @@ def make_redis(cfg: RedisSettings) -> redis.Redis:
                        socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0), health_check_interval=30)
 
 
-#: connections of one shim process to Redis; a request waits up to a socket timeout for a free one
-ASYNC_POOL_SIZE = 32
+class _SheddingPool(aioredis.BlockingConnectionPool):
+    """A bounded pool that tells local overload from an outage.
+
+    When every connection stays in use for the pool's timeout, it raises
+    :class:`~worker.redis_gate.RedisBusy` instead of redis-py's
+    ``ConnectionError("No connection available.")``: the request is shed,
+    and nobody takes Redis for dead.
+    """
+
+    async def get_connection(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **options)
+        except redis.ConnectionError as exc:
+            if isinstance(exc.__cause__, asyncio.TimeoutError):  # waited for a free connection in vain
+                raise RedisBusy(f"all {self.max_connections} Redis connections in use") from exc
+            raise
 
 
-def make_async_redis(cfg: RedisSettings) -> aioredis.Redis:
+def make_async_redis(cfg: RedisSettings, pool_size: int, pool_timeout: float) -> aioredis.Redis:
     """The asyncio client of the shim, with the same quick-failure settings.
 
-    A bounded pool: under a burst, requests queue for one of
-    :data:`ASYNC_POOL_SIZE` connections instead of opening hundreds.
+    A bounded pool of ``pool_size`` connections: under a burst, requests
+    wait up to ``pool_timeout`` seconds for one instead of opening hundreds,
+    then get :class:`~worker.redis_gate.RedisBusy`.
     """
-    pool = aioredis.BlockingConnectionPool(
-        max_connections=ASYNC_POOL_SIZE, timeout=0.5, host=cfg.host, port=cfg.port, db=cfg.db,
+    pool = _SheddingPool(
+        max_connections=pool_size, timeout=pool_timeout, host=cfg.host, port=cfg.port, db=cfg.db,
         socket_timeout=0.5, socket_connect_timeout=0.5, retry=AsyncRetry(NoBackoff(), 0), health_check_interval=30)
     return aioredis.Redis(connection_pool=pool)
 
@@ -287,4 +303,6 @@ class AsyncOrderCache(_CachedViews):
                 self.gate.succeeded()
             except redis.RedisError as exc:
                 self.gate.failed(exc)
+            except RedisBusy:
+                pass  # the answer is at hand: shedding it would waste it; a later read caches the view
         return view

@@ -141,6 +141,25 @@ class ShimSettings(_Section):
     max_body_bytes: int = Field(default=65536, gt=0)
     #: HMAC-SHA256 key from which order ids of an Idempotency-Key are derived (nobody else can compute them)
     id_secret: SecretStr = SecretStr("")
+    #: uvicorn worker processes (``orders shim --workers`` overrides it and tells its workers)
+    workers: int = Field(default=1, ge=1)
+    #: requests one shim process works on at once; beyond it a request is shed (503, Retry-After)
+    max_concurrent_requests: int = Field(default=256, ge=1)
+    #: Redis connections of one shim process.  A request holds one only while it waits on Redis,
+    #: so a quarter of max_concurrent_requests serves a healthy process; equal to it, the pool can
+    #: never run dry, but a burst then opens that many connections at once (connects that time
+    #: out on a saturated event loop look like an outage)
+    redis_pool_size: int = Field(default=64, ge=1)
+    #: how long a request waits for a free Redis connection before it is shed (503, Retry-After)
+    redis_pool_timeout_seconds: float = Field(default=0.25, gt=0)
+    #: shim processes that share the rate limits when Redis is unreachable (each then allows its
+    #: share, limit / this, in-process); 0: ``workers``.  Set it to replicas x workers.
+    rate_limit_processes: int = Field(default=0, ge=0)
+
+    @property
+    def rate_limit_share_of(self) -> int:
+        """How many processes the configured limits are divided among when Redis is unreachable."""
+        return self.rate_limit_processes or self.workers
 
 
 class MetricsSettings(_Section):

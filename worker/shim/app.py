@@ -7,22 +7,29 @@ worker processes.  Endpoint handlers are ``async``: RabbitMQ (pika's asyncio
 adapter, one pipelined confirmed channel per process) and Redis (redis-py's
 asyncio client) are asked on the event loop; PostgreSQL reads, the payment
 SDKs and webhook verification run in Starlette's thread pool.
+
+Overload is shed, not queued: a process working on
+``shim.max_concurrent_requests`` requests, or one whose Redis pool had no
+free connection in time (:class:`~worker.redis_gate.RedisBusy`), answers
+503 ``overloaded`` with ``Retry-After``, counted in
+``orders_shim_shed_total{reason}``.  Rate limits stay on meanwhile.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from handlers.payments import build_gateways
 from worker import db
 from worker.read_model import AsyncOrderCache, make_async_redis
-from worker.redis_gate import RedisGate
+from worker.redis_gate import RedisBusy, RedisGate
 from worker.settings import Settings, load_settings
 from worker.shim import errors
 from worker.shim.amqp import AsyncChannel
@@ -37,19 +44,33 @@ from worker.shim.ratelimit import RateLimiter
 
 Scope = dict[str, Any]
 
+#: seconds a shed request is told to wait (Retry-After) before trying again
+SHED_RETRY_AFTER = 1
+#: never shed for concurrency: probes and scrapes must see an overloaded process
+UNSHED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def shed(metrics: ShimMetrics, reason: str) -> JSONResponse:
+    """503 ``overloaded`` with Retry-After, counted by reason (``concurrency``, ``redis_pool``)."""
+    metrics.shed.labels(reason).inc()
+    return errors.error_response(503, "overloaded", f"the service is overloaded; retry after {SHED_RETRY_AFTER} s",
+                                 {"Retry-After": str(SHED_RETRY_AFTER)})
+
 
 class EdgeMiddleware:
-    """Refuses bodies over the size limit (413) before any parsing, and times every request."""
+    """Refuses bodies over the size limit (413) before any parsing, sheds requests beyond the
+    concurrency limit (503), and times every request."""
 
-    def __init__(self, app: Any, max_body: int, metrics: ShimMetrics) -> None:
+    def __init__(self, app: Any, max_body: int, metrics: ShimMetrics, max_concurrent: int) -> None:
         self.app, self.max_body, self.metrics = app, max_body, metrics
+        self.max_concurrent, self.in_flight = max_concurrent, 0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), 500
 
-        async def send_status(message: dict[str, Any]) -> None:
+        async def send_status(message: MutableMapping[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -59,6 +80,8 @@ class EdgeMiddleware:
             body = await self._read_body(scope, receive)
             if body is None:
                 return await self._too_large(send_status)
+            if self.in_flight >= self.max_concurrent and scope["path"] not in UNSHED_PATHS:
+                return await shed(self.metrics, "concurrency")(scope, receive, send_status)
             replayed = False
 
             async def replay() -> dict[str, Any]:
@@ -68,7 +91,11 @@ class EdgeMiddleware:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            await self.app(scope, replay, send_status)
+            self.in_flight += 1
+            try:
+                await self.app(scope, replay, send_status)
+            finally:
+                self.in_flight -= 1
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
@@ -105,17 +132,18 @@ def build_shim(settings: Settings) -> Shim:
     cfg = settings.shim
     metrics = ShimMetrics()
     engine = db.make_engine(settings.database)
-    client = make_async_redis(settings.redis)
+    client = make_async_redis(settings.redis, cfg.redis_pool_size, cfg.redis_pool_timeout_seconds)
     gate = RedisGate("the shim")  # one Redis: a failure seen by any user of it spares the others
     channel = AsyncChannel(settings.rabbitmq.url.get_secret_value(), settings.rabbitmq.heartbeat_seconds)
     limits = {"place": (cfg.place_rate_per_minute, cfg.place_rate_per_minute_per_address),
               "read": (cfg.read_rate_per_minute, cfg.read_rate_per_minute_per_address)}
     return Shim(
-        settings=settings, engine=engine, redis=client,
+        settings=settings, engine=engine, redis=client, gate=gate,
         cache=AsyncOrderCache(engine, client, settings.redis.cache_ttl_seconds, metrics=metrics, gate=gate),
         publisher=CommandPublisher(channel, cfg.publish_timeout_seconds, metrics), gateways=build_gateways(settings),
-        auth=Authenticator(cfg), limiter=RateLimiter(client, limits, metrics, gate),
-        idempotency=IdempotencyStore(client, cfg.idempotency_ttl_seconds, gate, cfg.id_secret.get_secret_value()), metrics=metrics,
+        auth=Authenticator(cfg), limiter=RateLimiter(client, limits, metrics, gate, cfg.rate_limit_share_of),
+        idempotency=IdempotencyStore(client, cfg.idempotency_ttl_seconds, gate,
+                                     cfg.id_secret.get_secret_value()), metrics=metrics,
     )
 
 
@@ -134,9 +162,15 @@ def create_app(settings: Settings) -> FastAPI:
                   description="Places, reads and cancels orders by enqueueing commands; takes payment webhooks.")
     app.state.shim = shim
     errors.install(app)
+
+    @app.exception_handler(RedisBusy)
+    async def _redis_busy(_request: Request, _exc: RedisBusy) -> JSONResponse:
+        return shed(shim.metrics, "redis_pool")  # local overload: the gate stays open for everyone else
+
     app.include_router(orders_router)
     app.include_router(ops_router)
-    app.add_middleware(EdgeMiddleware, max_body=settings.shim.max_body_bytes, metrics=shim.metrics)
+    app.add_middleware(EdgeMiddleware, max_body=settings.shim.max_body_bytes, metrics=shim.metrics,
+                       max_concurrent=settings.shim.max_concurrent_requests)
     return app
 
 

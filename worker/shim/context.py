@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 
 from handlers.payments.base import PaymentGateway
 from worker.read_model import AsyncOrderCache
+from worker.redis_gate import RedisGate
 from worker.settings import Settings
 from worker.shim.auth import Authenticator, Principal
 from worker.shim.errors import ApiError
@@ -32,6 +33,8 @@ class Shim:
     settings: Settings
     engine: Engine
     redis: Any
+    #: whether Redis is usable now; shared by the cache, the limiter and the idempotency store
+    gate: RedisGate
     cache: AsyncOrderCache
     publisher: CommandPublisher
     gateways: Mapping[str, PaymentGateway]
@@ -62,9 +65,8 @@ def _limited(kind: str) -> Any:
     async def dependency(request: Request, response: Response, s: ShimDep,
                          principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
         address = request.client.host if request.client else "unknown"
+        # in Redis, or this process's share while Redis is unreachable; RedisBusy sheds (see app)
         decision = await s.limiter.check(kind, principal.user_id, address)
-        if decision is None:  # Redis down: served without limits (see ratelimit)
-            return principal
         if not decision.allowed:
             s.metrics.rate_limited.labels(kind).inc()
             raise ApiError(429, "rate_limited", f"too many {kind} requests; retry after "

@@ -157,9 +157,16 @@ class Check(BaseModel):
     redis: str
 
 
+class RateLimitState(BaseModel):
+    mode: Literal["redis", "local"] = Field(
+        description="Where limits are enforced: `redis` (shared), or `local` (this process's share) while Redis is unreachable.")
+    share_of: int = Field(description="The configured limits are divided by this many processes in `local` mode.")
+
+
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: Check
+    rate_limits: RateLimitState
     error: str | None = None
     message: str | None = None
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from worker.redis_gate import RedisBusy
 from worker.shim.context import ShimDep
 from worker.shim.errors import ErrorBody
-from worker.shim.models import Health, Readiness, WebhookAccepted
+from worker.shim.models import Health, RateLimitState, Readiness, WebhookAccepted
 from worker.shim.webhook import to_publish
 
 router = APIRouter()
@@ -32,8 +34,10 @@ async def _check(probe: Any) -> str:
 
 
 @router.get("/readyz", response_model=Readiness, tags=["operations"], summary="Dependencies reachable",
-            responses={503: {"model": Readiness, "description": "A dependency is unreachable."}})
+            responses={503: {"model": Readiness, "description": "PostgreSQL or RabbitMQ is unreachable."}})
 async def readyz(s: ShimDep) -> Any:
+    """Ready when PostgreSQL and RabbitMQ answer.  Redis is reported, never required: without it
+    reads come from PostgreSQL and rate limits are enforced in-process (``rate_limits``)."""
     def select_one() -> None:
         with s.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -42,14 +46,28 @@ async def readyz(s: ShimDep) -> Any:
         await run_in_threadpool(select_one)
 
     checks = {"postgresql": await _check(postgres), "rabbitmq": await _check(s.publisher.ping),
-              "redis": await _check(s.redis.ping)}
-    ready = all(v == "ok" for v in checks.values())
-    body = Readiness(status="ready" if ready else "not_ready", checks=checks)  # type: ignore[arg-type]
+              "redis": await _redis(s)}
+    ready = checks["postgresql"] == "ok" and checks["rabbitmq"] == "ok"
+    body = Readiness(status="ready" if ready else "not_ready", checks=checks,  # type: ignore[arg-type]
+                     rate_limits=RateLimitState(mode=s.limiter.mode, share_of=s.limiter.local.processes))
     if ready:
         return body
-    failing = ", ".join(k for k, v in checks.items() if v != "ok")
+    failing = ", ".join(k for k in ("postgresql", "rabbitmq") if checks[k] != "ok")
     body = body.model_copy(update={"error": "not_ready", "message": f"unreachable: {failing}"})
     return JSONResponse(body.model_dump(mode="json"), 503, {"Retry-After": "5"})
+
+
+async def _redis(s: Any) -> str:
+    """Ping Redis and tell the gate: a probe also notices an outage, or its end, with no traffic."""
+    try:
+        await s.redis.ping()
+    except RedisBusy:
+        return "busy: every connection in use"
+    except redis.RedisError as exc:
+        s.gate.failed(exc)
+        return f"unavailable: {type(exc).__name__}"
+    s.gate.succeeded()
+    return "ok"
 
 
 @router.get("/metrics", tags=["operations"], summary="Prometheus metrics",

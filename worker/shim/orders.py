@@ -22,6 +22,7 @@ from sqlalchemy import exc as sa_exc
 
 from schema.messages import PlaceOrder
 from worker.broker import COMMANDS_EXCHANGE
+from worker.redis_gate import RedisBusy
 from worker.shim.auth import Principal
 from worker.shim.context import PlaceCaller, ReadCaller, Shim, ShimDep
 from worker.shim.errors import ApiError, ErrorBody
@@ -90,11 +91,20 @@ async def _owned_view(s: Shim, principal: Principal, order_id: uuid.UUID) -> dic
 
 
 async def _settled_view(s: Shim, order_id: str, deadline: float, done: Any) -> dict[str, Any] | None:
-    """Poll the read model until ``done(view)`` or the deadline; the last view seen."""
-    view = await _view(s, order_id)
-    while (view is None or not done(view)) and time.monotonic() < deadline:
-        await asyncio.sleep(POLL_SECONDS)
+    """Poll the read model until ``done(view)`` or the deadline; the last view seen.
+
+    No free Redis connection ends the wait early instead of shedding: the
+    command is published already, and a 503 would invite a retry that, without
+    an Idempotency-Key, places the order twice.
+    """
+    view = None
+    try:
         view = await _view(s, order_id)
+        while (view is None or not done(view)) and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_SECONDS)
+            view = await _view(s, order_id)
+    except RedisBusy:
+        pass
     return view
 
 

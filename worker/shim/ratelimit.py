@@ -1,23 +1,38 @@
-"""Rate limits in Redis: per user and per client address, for placing and reading.
+"""Rate limits: per user and per client address, for placing and reading.
 
-One Lua script checks every key of a request and increments them only when
-all have room, so concurrent requests can never overshoot a limit (Redis
-runs a script atomically).  Windows are fixed, 60 s from a key's first hit.
+In Redis, shared by every shim process: one Lua script checks every key of
+a request and increments them only when all have room, so concurrent
+requests can never overshoot a limit (Redis runs a script atomically).
+Windows are fixed, 60 s from a key's first hit.
 
-Redis down → fail open: the request is served, the outage is logged once per
-change of state (down, then up again) and counted in
-``orders_shim_ratelimit_unavailable_total``.  Rate limits protect capacity;
-refusing every order because the limiter's store is down would turn a cache
-outage into a full outage.  For the next few seconds Redis is not asked at
-all, so a dead Redis costs requests nothing.
+Redis unreachable → the limits stay on, enforced in each process by
+:class:`LocalLimiter` (token buckets holding that process's share: the
+configured limit divided by the number of shim processes).  Abuse and
+overload are exactly when limits matter; switching them off when Redis is
+gone would hand the service to whoever sends most.  The switch is logged
+once each way, shown on ``/readyz`` and in ``orders_shim_ratelimit_mode``,
+and each decision made locally is counted in
+``orders_shim_ratelimit_unavailable_total``.  While Redis is down it is not
+asked for a few seconds at a time (:class:`~worker.redis_gate.RedisGate`),
+so a dead Redis costs requests nothing.
+
+A Redis pool with every connection in use is no outage: it raises
+:class:`~worker.redis_gate.RedisBusy`, which is left to propagate (the
+request is shed with 503), and the limits stay in Redis for everyone else.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import redis
 import redis.asyncio as aioredis
+import structlog
 
 from worker.redis_gate import RedisGate
 
@@ -60,34 +75,113 @@ class Decision:
         return h
 
 
+Mode = Literal["redis", "local"]
+log = structlog.get_logger("worker.shim")
+
+#: buckets one process keeps at most while Redis is unreachable; beyond it the least recently used
+#: is dropped (it starts full again), so a flood of distinct users or addresses cannot exhaust memory
+LOCAL_MAX_BUCKETS = 100_000
+
+
+def share(limit: int, processes: int) -> int:
+    """One process's part of ``limit`` (at least 1: a tiny limit must not refuse everything)."""
+    return max(1, limit // processes)
+
+
+class LocalLimiter:
+    """Token buckets of one process: the limits while Redis cannot be asked.
+
+    Each bucket holds up to this process's share of a limit and refills at
+    that share per :data:`WINDOW_SECONDS`: a burst beyond the share is
+    refused at once, and a steady client gets its share per minute.  A check
+    never awaits, so checking both keys and taking from both is atomic on
+    the event loop.
+    """
+
+    def __init__(self, limits: dict[str, tuple[int, int]], processes: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.processes = processes
+        self.clock = clock
+        self._caps = {kind: (share(u, processes), share(a, processes)) for kind, (u, a) in limits.items()}
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key → (tokens, as of)
+
+    def check(self, kind: str, user: str, address: str) -> Decision:
+        now = self.clock()
+        keys = (f"{kind}:u:{user}", f"{kind}:a:{address}")
+        caps = self._caps[kind]
+        levels = [self._level(key, cap, now) for key, cap in zip(keys, caps)]
+        for tokens, cap in zip(levels, caps):
+            if tokens < 1:
+                return Decision(False, cap, 0, _seconds((1 - tokens) * WINDOW_SECONDS / cap))
+        for key, tokens in zip(keys, levels):
+            self._buckets[key] = (tokens - 1, now)
+            self._buckets.move_to_end(key)
+        while len(self._buckets) > LOCAL_MAX_BUCKETS:
+            self._buckets.popitem(last=False)
+        left, cap = min((tokens - 1, cap) for tokens, cap in zip(levels, caps))
+        return Decision(True, cap, math.floor(left), _seconds((cap - left) * WINDOW_SECONDS / cap))
+
+    def _level(self, key: str, cap: int, now: float) -> float:
+        tokens, then = self._buckets.get(key, (cap, now))
+        return min(cap, tokens + (now - then) * cap / WINDOW_SECONDS)
+
+
+def _seconds(s: float) -> int:
+    return max(1, math.ceil(s - 1e-9))
+
+
 class RateLimiter:
-    """Counts requests per (kind, user) and (kind, address) in Redis."""
+    """Counts requests per (kind, user) and (kind, address): in Redis, or in-process while it is down."""
 
     def __init__(self, client: aioredis.Redis, limits: dict[str, tuple[int, int]], metrics: object = None,
-                 gate: RedisGate | None = None) -> None:
-        """``limits``: kind (``place``/``read``) → (per user, per address) per minute."""
+                 gate: RedisGate | None = None, processes: int = 1) -> None:
+        """``limits``: kind (``place``/``read``) → (per user, per address) per minute;
+        ``processes``: how many shim processes share them when Redis is unreachable."""
         self._script = client.register_script(_CHECK_AND_COUNT)
         self._limits = limits
         self._metrics = metrics
         self._gate = gate or RedisGate("rate limits")
+        self.local = LocalLimiter(limits, processes)
+        self._gate.on_change(self._switched)
+        self._show_mode()
 
-    async def check(self, kind: str, user: str, address: str) -> Decision | None:
-        """A decision, or None when Redis cannot be asked (the request is served)."""
+    @property
+    def mode(self) -> Mode:
+        """Where limits are enforced now."""
+        return "local" if self._gate.down else "redis"
+
+    async def check(self, kind: str, user: str, address: str) -> Decision:
+        """The decision for one request.
+
+        Raises :class:`~worker.redis_gate.RedisBusy` when no Redis connection
+        came free in time (the caller sheds the request).
+        """
+        if self._gate.usable():
+            try:
+                return await self._in_redis(kind, user, address)
+            except redis.RedisError as exc:
+                self._gate.failed(exc)
+        if self._metrics is not None:
+            self._metrics.ratelimit_unavailable.inc()  # type: ignore[attr-defined]
+        return self.local.check(kind, user, address)
+
+    async def _in_redis(self, kind: str, user: str, address: str) -> Decision:
         per_user, per_address = self._limits[kind]
-        if not self._gate.usable():
-            self._count_unavailable()
-            return None
         keys = [f"{KEY_PREFIX}{kind}:u:{user}", f"{KEY_PREFIX}{kind}:a:{address}"]
-        try:
-            allowed, remaining, reset_ms, limit = await self._script(
-                keys=keys, args=[per_user, per_address, WINDOW_SECONDS * 1000])
-        except redis.RedisError as exc:
-            self._gate.failed(exc)
-            self._count_unavailable()
-            return None
+        allowed, remaining, reset_ms, limit = await self._script(
+            keys=keys, args=[per_user, per_address, WINDOW_SECONDS * 1000])
         self._gate.succeeded()
         return Decision(bool(allowed), int(limit), max(0, int(remaining)), -(-int(reset_ms) // 1000))
 
-    def _count_unavailable(self) -> None:
+    def _switched(self, down: bool) -> None:
+        if down:
+            log.warning("rate limits enforced in-process while redis is unreachable",
+                        share_of=self.local.processes)
+        else:
+            log.info("rate limits enforced in redis again")
+        self._show_mode()
+
+    def _show_mode(self) -> None:
         if self._metrics is not None:
-            self._metrics.ratelimit_unavailable.inc()  # type: ignore[attr-defined]
+            for mode in ("redis", "local"):
+                self._metrics.ratelimit_mode.labels(mode).set(int(mode == self.mode))  # type: ignore[attr-defined]
