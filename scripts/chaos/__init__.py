@@ -1,7 +1,7 @@
 """The chaos run: a mixed load through the real stack while processes die and dependencies go away.
 
 ``python -m scripts.chaos --help`` (from the repository's root) says what it does
-(the docstring of :mod:`scripts.chaos.run`); the README's "Chaos run" says more.
+(the docstring of :mod:`scripts.chaos.run`); docs/chaos.md says more.
 The modules, in the order a run goes through them:
 
 - ``config``: :class:`ChaosConfig`, the constants the modules share, :class:`ChaosError`;
