@@ -12,7 +12,8 @@ Steps (queue ``orders.payments``):
 - ``StartPayment``: create (Stripe: and confirm) the payment.
 - ``CapturePayment``: capture a PayPal order the buyer approved.
 - ``CancelPayment``: cancel the PaymentIntent / leave the PayPal order to expire.
-- ``RefundPayment``: refund money taken for an order that ended meanwhile.
+- ``RefundPayment``: refund money taken for an order that ended meanwhile, or
+  for a completed order, which becomes ``refunded``.
 - ``PaymentFailed``: the provider reported a failure (no call).
 """
 
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from handlers import events
-from handlers.errors import ManualActionRequired, Mismatch, RetryLater
-from handlers.orders import CANCELLABLE, Order, Status
+from handlers.errors import IllegalTransition, ManualActionRequired, Mismatch, RetryLater
+from handlers.orders import CANCELLABLE, REFUNDABLE, Order, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.payments.base import (
     Outcome as PayOutcome,
@@ -265,6 +266,9 @@ def prepare_refund(cmd: Any, uow: UnitOfWork) -> Call | None:
         return Call(order.payment_provider, lambda gateway: gateway.refund(second, total, cur, key))
     if payment is None or payment.status == "refunded":
         return None
+    if order.status not in REFUNDABLE:
+        raise IllegalTransition(f"order {order.order_id} is {order.status.value}: only a completed, cancelled or "
+                                "rejected order's payment is refunded")
     if payment.provider_payment_id is None:
         raise RetryLater(f"payment of order {order.order_id} has no provider id yet")
     if payment.provider not in ("stripe", "paypal"):
@@ -286,6 +290,10 @@ def record_refund(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: Refund
     payment.status = "refunded"
     payment.refund_id = result.refund_id
     uow.save_payment(payment)
+    if order.status is Status.COMPLETED:
+        order.transition(Status.REFUNDED, msg.message_id)  # money returned always shows
+    # (a cancelled or rejected order keeps its status: its payment says refunded, and order.refunded tells;
+    # an order shipped between the call and now is left for `orders audit` to report, never unrecorded)
     events.order_event(uow, order, "order.refunded", msg.message_id, refund_id=result.refund_id)
     return Outcome.of("applied", order, "payment refunded")
 

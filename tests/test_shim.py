@@ -208,6 +208,24 @@ def test_cancelling_a_completed_order_answers_409(stack):
         "error": "not_cancellable", "message": f"order {order_id} is completed and can no longer be cancelled"}
 
 
+def test_a_refunded_order_reads_refunded_and_cannot_be_cancelled(stack):
+    import pika
+
+    order_id = stack.place().json()["order_id"]
+    wait_until(lambda: stack.status(order_id) == "completed", what="completed")
+    conn = pika.BlockingConnection(pika.URLParameters(stack.env["ORDERS_RABBITMQ__URL"]))
+    try:
+        conn.channel().basic_publish("orders.internal", "payment.refund", json.dumps({"order_id": order_id}).encode(),
+                                     pika.BasicProperties(message_id=f"refund-{order_id}", type="RefundPayment",
+                                                          content_type="application/json", delivery_mode=2))
+    finally:
+        conn.close()
+    wait_until(lambda: stack.status(order_id) == "refunded", what="refunded, as the shim shows it")
+    assert stack.get(order_id).json()["payment"] == {"provider": "stripe", "status": "refunded"}
+    r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", headers=stack.auth(), timeout=10)
+    assert r.status_code == 409 and r.json()["error"] == "not_cancellable"
+
+
 # -- webhooks ------------------------------------------------------------------------
 
 

@@ -82,6 +82,6 @@ def advice(dl: DeadLetter, facts: dict[str, Any]) -> str:
     order = facts["order"]
     if dl.delivery.message_type != "PlaceOrder" and order is None:
         return "Its order does not exist (yet): replay once the PlaceOrder went through, else purge it."
-    if order is not None and order["status"] in ("cancelled", "rejected", "completed", "shipped"):
+    if order is not None and order["status"] in ("cancelled", "rejected", "completed", "shipped", "refunded"):
         return f"The order is already {order['status']}: check whether replaying still makes sense."
     return "Nothing of it took effect: fix the cause, then replay it."

@@ -129,7 +129,7 @@ class OrderView(BaseModel):
 
     order_id: uuid.UUID
     user_id: str
-    status: Literal["pending", "awaiting_payment", "completed", "shipped", "cancelled", "rejected"]
+    status: Literal["pending", "awaiting_payment", "completed", "shipped", "cancelled", "rejected", "refunded"]
     total: int = Field(description="Minor units (cents).")
     currency: str
     items: list[OrderLine]
