@@ -68,7 +68,8 @@ class Order:
     order_id: str
     user_id: str
     status: Status
-    currency: str
+    #: None only for a rejected order none of whose products is known
+    currency: str | None
     total: int
     payment_provider: str
     payment_request: dict[str, Any]

@@ -27,7 +27,8 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
         raise Mismatch(f"order {order_id} is paid through {order.payment_provider}, not {cmd.provider}")
     if (cmd.amount, cmd.currency) != (order.total, order.currency):
         raise Mismatch(
-            f"order {order_id} costs {order.total} {order.currency}, confirmation says {cmd.amount} {cmd.currency}"
+            f"order {order_id} costs {order.total} {order.currency or '(no currency)'}, "
+            f"confirmation says {cmd.amount} {cmd.currency}"
         )
     payment = uow.payment(order_id)
     if payment is None:  # confirmed before the payment step recorded anything

@@ -311,6 +311,8 @@ def record_failed(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None)
         raise Mismatch(f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
     if payment is not None and payment.status == "succeeded":
         return Outcome.of("unchanged", order, "payment already succeeded")
+    if payment is None and order.currency is None:
+        return Outcome.of("unchanged", order, "no product of this order is known: no payment was ever asked for")
     payment = payment or _new_payment(order)
     payment.status = "declined"
     payment.provider_payment_id = cmd.payment_id

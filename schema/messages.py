@@ -211,7 +211,8 @@ class OrderEvent(Event):
     status: str
     user_id: str
     total: int
-    currency: str
+    #: null for a rejected order none of whose products is known
+    currency: str | None = None
     reason: str | None = None
     next_action: dict[str, str] | None = None
     refund_id: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
 from typing import Any
@@ -57,8 +58,14 @@ def test_unknown_or_inactive_product_rejects_the_order_without_reserving(running
     assert status_of(clean_db, unknown) == "rejected"
     assert status_of(clean_db, inactive) == "rejected"
     assert event_keys(bus, unknown) == ["order.rejected"]
-    reason = rows(clean_db, "SELECT reason FROM orders WHERE order_id = CAST(:o AS uuid)", o=unknown)[0].reason
-    assert "unknown product sku-nope" in reason
+    order = rows(clean_db, "SELECT reason, currency FROM orders WHERE order_id = CAST(:o AS uuid)", o=unknown)[0]
+    assert "unknown product sku-nope" in order.reason
+    # no product known, no currency: NULL, never a made-up code, in the row and in the event
+    assert order.currency is None
+    from schema.messages import OrderEvent
+
+    rejected = [e for e in bus.events() if e["body"]["order_id"] == unknown][0]["body"]
+    assert rejected["currency"] is None and OrderEvent.model_validate_json(json.dumps(rejected)).currency is None
 
 
 def test_the_same_command_three_times_has_one_effect_and_one_event_per_id(running, bus, clean_db, wait, make_place):
@@ -186,8 +193,6 @@ def test_a_place_order_routed_into_orders_cancel_is_dead_lettered_and_places_not
 
 
 def _payment_delivery(queue: str, message_type: str, body: dict[str, Any]) -> Any:
-    import json
-
     from worker.broker import Delivery
 
     return Delivery(delivery_tag=1, exchange="orders.internal", routing_key="payment.refund", queue=queue,

@@ -51,7 +51,7 @@ def _checks(stuck_minutes: int) -> list[tuple[str, str, str, str]]:
         ("payment-matches-order", "error", "a payment's amount or currency differs from its order",
          "SELECT p.order_id::text, p.amount, p.currency, o.total, o.currency AS order_currency"
          " FROM payments p JOIN orders o USING (order_id)"
-         " WHERE p.amount <> o.total OR p.currency <> o.currency"),
+         " WHERE p.amount <> o.total OR p.currency IS DISTINCT FROM o.currency"),
         ("completed-orders-are-paid", "error", "a completed or shipped order without a succeeded payment",
          "SELECT o.order_id::text, o.status, p.status AS payment_status FROM orders o"
          " LEFT JOIN payments p USING (order_id) WHERE o.status IN ('completed', 'shipped')"

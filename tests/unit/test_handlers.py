@@ -232,3 +232,24 @@ def test_a_shipped_order_is_not_refunded_behind_its_back():
     with pytest.raises(IllegalTransition, match="shipped"):
         prepare_refund(v(RefundPayment, {"order_id": order_id}), uow)
     assert uow.payments[order_id].status == "succeeded"
+
+
+def test_an_order_with_no_known_product_has_no_currency_not_a_made_up_one():
+    uow = FakeUnitOfWork(PRODUCTS)
+    outcome = place(uow, [{"product_id": "zzz", "quantity": 1}])
+    assert uow.orders[outcome.order_id].currency is None
+    assert uow.events[-1][2]["currency"] is None
+    # a product known among unknown ones still names the currency the order would have had
+    outcome = place(uow, [{"product_id": "zzz", "quantity": 1}, {"product_id": "e", "quantity": 1}])
+    assert uow.orders[outcome.order_id].currency == "EUR"
+
+
+def test_a_failed_payment_reported_for_an_order_with_no_currency_records_no_payment():
+    from handlers.payment_step import record_failed
+    from schema.messages import PaymentFailed
+
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = place(uow, [{"product_id": "zzz", "quantity": 1}]).order_id
+    cmd = v(PaymentFailed, {"order_id": order_id, "provider": "stripe", "payment_id": "pi_x", "event_id": "evt_x", "reason": "declined"})
+    assert record_failed(cmd, ctx("PaymentFailed"), uow, None).result == "unchanged"
+    assert order_id not in uow.payments
