@@ -1,10 +1,14 @@
 """The order and its state machine: every allowed transition in one place.
 
 ``pending`` → ``awaiting_payment`` → ``completed`` → ``shipped``;
-``pending``/``awaiting_payment`` → ``cancelled``; ``pending`` → ``rejected``.
+``pending``/``awaiting_payment`` → ``cancelled``; ``pending`` → ``rejected``;
+``completed`` → ``refunded`` when the money goes back.
 Two additions the contract leaves open: ``pending`` → ``completed`` (the
 provider took the money at once, no buyer action needed) and
 ``awaiting_payment`` → ``rejected`` (the buyer's authentication failed).
+Not ``shipped`` → ``refunded``: the contract lists only ``completed`` →
+``refunded``; money for goods already sent goes back through a return, which
+this service does not run, so a refund of a shipped order is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class Status(str, enum.Enum):
     SHIPPED = "shipped"
     CANCELLED = "cancelled"
     REJECTED = "rejected"
+    REFUNDED = "refunded"
 
 
 TRANSITIONS: dict[Status | None, frozenset[Status]] = {
@@ -31,15 +36,20 @@ TRANSITIONS: dict[Status | None, frozenset[Status]] = {
         {Status.AWAITING_PAYMENT, Status.COMPLETED, Status.CANCELLED, Status.REJECTED}
     ),
     Status.AWAITING_PAYMENT: frozenset({Status.COMPLETED, Status.CANCELLED, Status.REJECTED}),
-    Status.COMPLETED: frozenset({Status.SHIPPED}),
+    Status.COMPLETED: frozenset({Status.SHIPPED, Status.REFUNDED}),
     Status.SHIPPED: frozenset(),
     Status.CANCELLED: frozenset(),
     Status.REJECTED: frozenset(),
+    Status.REFUNDED: frozenset(),
 }
 
 #: States from which stock was reserved and not yet committed or released.
 HOLDS_STOCK = frozenset({Status.PENDING, Status.AWAITING_PAYMENT})
 CANCELLABLE = frozenset({Status.PENDING, Status.AWAITING_PAYMENT})
+#: States in which the order's own payment may be given back, and the order then shows it:
+#: ``completed`` becomes ``refunded``; a cancelled or rejected order keeps its status and its
+#: payment is recorded ``refunded`` (with ``order.refunded``)
+REFUNDABLE = frozenset({Status.COMPLETED, Status.CANCELLED, Status.REJECTED})
 
 
 def can_transition(current: Status | None, target: Status) -> bool:
@@ -58,7 +68,8 @@ class Order:
     order_id: str
     user_id: str
     status: Status
-    currency: str
+    #: None only for a rejected order none of whose products is known
+    currency: str | None
     total: int
     payment_provider: str
     payment_request: dict[str, Any]

@@ -33,7 +33,8 @@ def _mismatch(cmd: PaymentConfirmed, order: Order, payment: PaymentRecord | None
     if cmd.provider not in (order.payment_provider, "internal"):
         return f"order {order.order_id} is paid through {order.payment_provider}, not {cmd.provider}"
     if (cmd.amount, cmd.currency) != (order.total, order.currency):
-        return f"order {order.order_id} costs {order.total} {order.currency}, confirmation says {cmd.amount} {cmd.currency}"
+        return (f"order {order.order_id} costs {order.total} {order.currency or '(no currency)'}, "
+                f"confirmation says {cmd.amount} {cmd.currency}")
     if payment is not None and payment.provider_payment_id not in (None, cmd.payment_id):
         return f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}"
     return None

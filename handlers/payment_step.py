@@ -12,7 +12,8 @@ Steps (queue ``orders.payments``):
 - ``StartPayment``: create (Stripe: and confirm) the payment.
 - ``CapturePayment``: capture a PayPal order the buyer approved.
 - ``CancelPayment``: cancel the PaymentIntent / leave the PayPal order to expire.
-- ``RefundPayment``: refund money taken for an order that ended meanwhile.
+- ``RefundPayment``: refund money taken for an order that ended meanwhile, or
+  for a completed order, which becomes ``refunded``.
 - ``PaymentFailed``: the provider reported a failure (no call).
 - ``SettlePayment``: look up the payment a confirmation names, and complete
   the order on it or refuse the confirmation (``command.refused``).
@@ -31,9 +32,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from handlers import events
-from handlers.errors import ManualActionRequired, Mismatch, RetryLater
+from handlers.errors import IllegalTransition, ManualActionRequired, Mismatch, RetryLater
+from handlers.orders import CANCELLABLE, REFUNDABLE, Order, Status
 from handlers.payment_confirmed import confirm
-from handlers.orders import CANCELLABLE, Order, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.payments.base import (
     Outcome as PayOutcome,
@@ -286,10 +287,13 @@ def prepare_refund(cmd: Any, uow: UnitOfWork) -> Call | None:
     if cmd.payment_id is not None:  # a second payment, never recorded as the order's
         key = idempotency_key(order.order_id, f"refund-{cmd.payment_id}")
         second = PaymentResult(PayOutcome.SUCCEEDED, cmd.payment_id)
-        total, cur = order.total, order.currency
+        total, cur = (cmd.amount, cmd.currency) if cmd.amount is not None else (order.total, order.currency)
         return Call(order.payment_provider, lambda gateway: gateway.refund(second, total, cur, key))
     if payment is None or payment.status == "refunded":
         return None
+    if order.status not in REFUNDABLE:
+        raise IllegalTransition(f"order {order.order_id} is {order.status.value}: only a completed, cancelled or "
+                                "rejected order's payment is refunded")
     if payment.provider_payment_id is None:
         raise RetryLater(f"payment of order {order.order_id} has no provider id yet")
     if payment.provider not in ("stripe", "paypal"):
@@ -311,6 +315,10 @@ def record_refund(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: Refund
     payment.status = "refunded"
     payment.refund_id = result.refund_id
     uow.save_payment(payment)
+    if order.status is Status.COMPLETED:
+        order.transition(Status.REFUNDED, msg.message_id)  # money returned always shows
+    # (a cancelled or rejected order keeps its status: its payment says refunded, and order.refunded tells;
+    # an order shipped between the call and now is left for `orders audit` to report, never unrecorded)
     events.order_event(uow, order, "order.refunded", msg.message_id, refund_id=result.refund_id)
     return Outcome.of("applied", order, "payment refunded")
 
@@ -328,6 +336,8 @@ def record_failed(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None)
         raise Mismatch(f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
     if payment is not None and payment.status == "succeeded":
         return Outcome.of("unchanged", order, "payment already succeeded")
+    if payment is None and order.currency is None:
+        return Outcome.of("unchanged", order, "no product of this order is known: no payment was ever asked for")
     payment = payment or _new_payment(order)
     payment.status = "declined"
     payment.provider_payment_id = cmd.payment_id
@@ -354,7 +364,7 @@ def record_settle(cmd: Any, msg: MessageContext, uow: UnitOfWork, facts: Payment
         return _refuse_confirmation(cmd, order, "payment_not_confirmed", f"payment not confirmed: {said}", uow)
     if (facts.amount, facts.currency) != (order.total, order.currency):
         # money taken for this order that it cannot keep: give it back, and say why
-        _give_back(order, payment, facts.provider_payment_id, msg.message_id, uow)
+        _give_back(order, facts, msg.message_id, uow)
         return _refuse_confirmation(cmd, order, "payment_mismatch", (
             f"{cmd.provider} took {facts.amount} {facts.currency} with {facts.provider_payment_id}; the order costs "
             f"{order.total} {order.currency}: refunded"), uow)
@@ -371,13 +381,11 @@ def record_settle(cmd: Any, msg: MessageContext, uow: UnitOfWork, facts: Payment
     return confirm(order, payment, cmd.provider, facts.provider_payment_id, cmd.event_id, msg.message_id, uow)
 
 
-def _give_back(order: Order, payment: PaymentRecord | None, payment_id: str, mid: str, uow: UnitOfWork) -> None:
-    if payment is not None and payment.provider_payment_id == payment_id and payment.confirmed_event_id is None:
-        payment.status = "succeeded"  # the order's own payment, taken wrongly: refund it as the order's
-        uow.save_payment(payment)
-        events.internal(uow, order, "RefundPayment", "payment.refund", mid)
-    else:
-        events.internal(uow, order, "RefundPayment", "payment.refund", f"{mid}:{payment_id}", payment_id=payment_id)
+def _give_back(order: Order, facts: PaymentFacts, mid: str, uow: UnitOfWork) -> None:
+    """Refund in full what the provider took with ``facts``' payment, which the order does not keep."""
+    pid = facts.provider_payment_id
+    events.internal(uow, order, "RefundPayment", "payment.refund", f"{mid}:{pid}", payment_id=pid,
+                    amount=facts.amount, currency=facts.currency)
 
 
 def _refuse_confirmation(cmd: Any, order: Order, reason: str, message: str, uow: UnitOfWork) -> Outcome:

@@ -4,6 +4,8 @@ A valid order becomes ``pending`` and emits ``stock.reserve``,
 ``order.placed`` and the internal ``StartPayment`` that the payment step
 consumes.  Unknown or inactive products, or items in more than one
 currency, end the order ``rejected`` (``order.rejected``, nothing reserved).
+An order none of whose products is known has no currency (NULL), never a
+made-up one.
 """
 
 from __future__ import annotations
@@ -14,10 +16,6 @@ from handlers.orders import Line, Order, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.unit_of_work import UnitOfWork
 from schema.messages import PlaceOrder
-
-#: ISO 4217 code for "no currency", used when no product of a rejected order is known.
-NO_CURRENCY = "XXX"
-
 
 def place_order(cmd: PlaceOrder, msg: MessageContext, uow: UnitOfWork) -> Outcome:
     order_id = msg.order_id or cmd.resolved_order_id(msg.message_id)
@@ -49,7 +47,7 @@ def place_order(cmd: PlaceOrder, msg: MessageContext, uow: UnitOfWork) -> Outcom
         order_id=order_id,
         user_id=cmd.user_id,
         status=status,
-        currency=currencies[0] if currencies else NO_CURRENCY,
+        currency=currencies[0] if currencies else None,
         total=sum(line.quantity * line.unit_price for line in lines),
         payment_provider=cmd.payment.provider,
         payment_request=cmd.payment.model_dump(),

@@ -212,6 +212,9 @@ class PaymentFailed(_OrderCommand):
 class RefundPayment(_OrderCommand):
     #: a second payment to give back (the order was paid another way meanwhile)
     payment_id: Id | None = None
+    #: what that payment took, when it is not the order's total (a confirmation of a wrong amount)
+    amount: int | None = Field(default=None, ge=0)
+    currency: Currency | None = None
 
 
 class CancelPayment(_OrderCommand):
@@ -303,7 +306,8 @@ class OrderEvent(Event):
     status: str
     user_id: str
     total: int
-    currency: str
+    #: null for a rejected order none of whose products is known
+    currency: str | None = None
     reason: str | None = None
     next_action: dict[str, str] | None = None
     refund_id: str | None = None

@@ -37,7 +37,7 @@ metadata = MetaData(
     }
 )
 
-ORDER_STATUSES = ("pending", "awaiting_payment", "completed", "shipped", "cancelled", "rejected")
+ORDER_STATUSES = ("pending", "awaiting_payment", "completed", "shipped", "cancelled", "rejected", "refunded")
 
 products = Table(
     "products",
@@ -57,7 +57,8 @@ orders = Table(
     Column("order_id", UUID(as_uuid=False), primary_key=True),
     Column("user_id", String(200), nullable=False),
     Column("status", String(20), nullable=False),
-    Column("currency", String(3), nullable=False),
+    #: NULL when no product of the order is known (a rejected order has no currency to claim)
+    Column("currency", String(3)),
     Column("total", BigInteger, nullable=False),
     Column("payment_provider", String(20), nullable=False),
     #: what the PlaceOrder asked for (payment_method, return_url, ...)

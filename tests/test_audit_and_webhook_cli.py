@@ -60,3 +60,35 @@ def test_webhook_replay_verifies_a_saved_stripe_delivery_and_rejects_a_tampered_
     saved.write_text(json.dumps({"headers": {"Stripe-Signature": header}, "body": body.replace("succeeded", "failed", 1)}))
     done = orders_cli(["webhook", "replay", str(saved)], test_env)
     assert done.returncode == 1 and "WebhookVerificationError" in done.stderr
+
+
+def _order_with_payment(conn, status: str, history: list[str], payment_status: str) -> str:
+    """An order written straight into the tables (a state no code path should leave), with its history."""
+    order_id = str(uuid.uuid4())
+    conn.execute(text(
+        "INSERT INTO orders (order_id, user_id, status, currency, total, payment_provider, payment_request,"
+        " place_message_id) VALUES (CAST(:o AS uuid), 'u1', :s, 'USD', 1200, 'stripe', '{}', :o)"),
+        {"o": order_id, "s": status})
+    for before, after in zip([None, *history], history):
+        conn.execute(text("INSERT INTO order_transitions (order_id, from_status, to_status, message_id)"
+                          " VALUES (CAST(:o AS uuid), :f, :t, :m)"), {"o": order_id, "f": before, "t": after, "m": f"m-{after}"})
+    conn.execute(text(
+        "INSERT INTO payments (order_id, provider, status, amount, currency, idempotency_key, provider_payment_id,"
+        " refund_id) VALUES (CAST(:o AS uuid), 'stripe', :s, 1200, 'USD', :o, 'pi_1', 're_1')"),
+        {"o": order_id, "s": payment_status})
+    return order_id
+
+
+def test_audit_finds_money_returned_on_an_order_that_does_not_show_it(clean_db):
+    from worker.audit import run_audit
+
+    with clean_db.begin() as conn:
+        hidden = _order_with_payment(conn, "completed", ["pending", "completed"], "refunded")
+        shown = _order_with_payment(conn, "refunded", ["pending", "completed", "refunded"], "refunded")
+        ended = _order_with_payment(conn, "cancelled", ["pending", "cancelled"], "refunded")
+        claimed = _order_with_payment(conn, "refunded", ["pending", "completed", "refunded"], "succeeded")
+    found = {f.check: f for f in run_audit(clean_db, stuck_minutes=60)}
+    assert [r["order_id"] for r in found["money-returned-shows"].sample] == [hidden]
+    assert [r["order_id"] for r in found["refunded-orders-were-refunded"].sample] == [claimed]
+    flagged = {r["order_id"] for f in found.values() for r in f.sample}
+    assert shown not in flagged and ended not in flagged

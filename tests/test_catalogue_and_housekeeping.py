@@ -42,6 +42,19 @@ def test_models_match_the_migrations(test_env, settings):
     assert done.returncode == 0, done.stderr
 
 
+def test_the_migrated_database_takes_every_order_status_and_no_currency(settings, clean_db):
+    """alembic's check compares columns, not CHECK constraints: the status list is checked here."""
+    from schema.tables import ORDER_STATUSES
+
+    with clean_db.connect() as conn:
+        check = conn.execute(text("SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+                                  " WHERE conname = 'ck_orders_status_known'")).scalar_one()
+        nullable = conn.execute(text("SELECT is_nullable FROM information_schema.columns"
+                                     " WHERE table_name = 'orders' AND column_name = 'currency'")).scalar_one()
+    assert {s for s in ORDER_STATUSES if f"'{s}'" in check} == set(ORDER_STATUSES)
+    assert "refunded" in ORDER_STATUSES and nullable == "YES"
+
+
 def test_housekeeping_deletes_only_rows_past_their_retention(settings, clean_db):
     with clean_db.begin() as conn:
         conn.execute(text(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
 from typing import Any
@@ -57,8 +58,14 @@ def test_unknown_or_inactive_product_rejects_the_order_without_reserving(running
     assert status_of(clean_db, unknown) == "rejected"
     assert status_of(clean_db, inactive) == "rejected"
     assert event_keys(bus, unknown) == ["order.rejected"]
-    reason = rows(clean_db, "SELECT reason FROM orders WHERE order_id = CAST(:o AS uuid)", o=unknown)[0].reason
-    assert "unknown product sku-nope" in reason
+    order = rows(clean_db, "SELECT reason, currency FROM orders WHERE order_id = CAST(:o AS uuid)", o=unknown)[0]
+    assert "unknown product sku-nope" in order.reason
+    # no product known, no currency: NULL, never a made-up code, in the row and in the event
+    assert order.currency is None
+    from schema.messages import OrderEvent
+
+    rejected = [e for e in bus.events() if e["body"]["order_id"] == unknown][0]["body"]
+    assert rejected["currency"] is None and OrderEvent.model_validate_json(json.dumps(rejected)).currency is None
 
 
 def test_the_same_command_three_times_has_one_effect_and_one_event_per_id(running, bus, clean_db, wait, make_place):
@@ -166,3 +173,44 @@ def test_a_cancel_for_an_order_never_placed_ends_in_the_dead_letter_queue(runnin
     assert h["x-error-class"] == "RetryLater"
     assert h["x-attempts"] == 3  # two delay tiers, then the dead-letter queue
     assert h["x-original-routing-key"] == "order.cancel"
+
+
+def test_a_place_order_routed_into_orders_cancel_is_dead_lettered_and_places_nothing(running, bus, clean_db, wait,
+                                                                                    make_place):
+    """Hole: the worker dispatched on the ``type`` property, so a PlaceOrder that sat in orders.cancel was placed."""
+    misrouted = str(uuid.uuid4())
+    bus.publish("PlaceOrder", make_place(order_id=misrouted), message_id="misrouted", routing_key="order.cancel")
+    dead = wait(lambda: bus.dead_letters(), what="the misrouted PlaceOrder dead-lettered")
+    h = dead[0]["headers"]
+    assert (dead[0]["message_id"], h["x-error-class"], h["x-attempts"]) == ("misrouted", "InvalidMessage", 1)
+    assert h["x-original-queue"] == "orders.cancel"
+    assert "'PlaceOrder' does not belong on queue 'orders.cancel'" in h["x-error-message"]
+    good = str(uuid.uuid4())
+    bus.publish("PlaceOrder", make_place(order_id=good))
+    wait(lambda: status_of(clean_db, good) == "pending", what="the worker still consuming")
+    assert status_of(clean_db, misrouted) is None
+    assert rows(clean_db, "SELECT count(*) AS n FROM inbox WHERE message_id = 'misrouted'")[0].n == 0
+
+
+def _payment_delivery(queue: str, message_type: str, body: dict[str, Any]) -> Any:
+    from worker.broker import Delivery
+
+    return Delivery(delivery_tag=1, exchange="orders.internal", routing_key="payment.refund", queue=queue,
+                    body=json.dumps(body).encode(), message_id=str(uuid.uuid4()), message_type=message_type,
+                    correlation_id=None, reply_to=None, content_type="application/json", headers={},
+                    redelivered=False)
+
+
+def test_orders_payments_takes_only_payment_steps_and_a_payment_step_only_from_there(clean_db, make_place):
+    from worker.payments import PaymentStep
+    from worker.processing import Result
+
+    step = PaymentStep(clean_db, gateways={})
+    refund = {"order_id": str(uuid.uuid4())}
+    # accepted: its order is not there yet, so it waits in the delay tiers (not dead-lettered as invalid)
+    assert step.handle(_payment_delivery("orders.payments", "RefundPayment", refund)).result is Result.DEFERRED
+    placed = step.handle(_payment_delivery("orders.payments", "PlaceOrder", make_place()))
+    assert placed.result is Result.INVALID
+    misplaced = step.handle(_payment_delivery("orders.place", "RefundPayment", refund))
+    assert misplaced.result is Result.INVALID
+    assert "'RefundPayment' does not belong on queue 'orders.place'" in str(misplaced.reason)

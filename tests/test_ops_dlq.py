@@ -179,6 +179,27 @@ def test_replay_to_a_queue_keeps_the_message_id_and_resets_the_failure_headers(b
     bus.ch.queue_delete("test.replayed")
 
 
+def test_replay_never_sends_a_command_to_a_queue_that_does_not_take_it(bus, clean_db, test_env):
+    """A queue accepts only its own command: replaying a misrouted PlaceOrder where it was would only
+    dead-letter it again, so it stays until it is replayed to orders.place."""
+    body = json.dumps({"user_id": "user-1", "product_id": "sku-apple", "quantity": 1,
+                       "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}).encode()
+    seed_dead_letters(bus, [("misrouted", "PlaceOrder", body)], error_class="InvalidMessage",
+                      queue="orders.cancel", key="order.cancel")
+
+    for target in ([], ["--to", "orders.cancel"]):
+        refused = orders(test_env, "dlq", "replay", "misrouted", *target)
+        said = " ".join(refused.stderr.split())  # (rich wraps the line)
+        assert refused.returncode == 1 and "does not belong on queue 'orders.cancel'" in said
+        assert "replay it with --to orders.place" in said
+        assert [m["message_id"] for m in bus.dead_letters()] == ["misrouted"]
+    assert bus.depth("orders.cancel") == 0
+
+    done = orders(test_env, "dlq", "replay", "misrouted", "--to", "orders.place")
+    assert done.returncode == 0, done.stderr
+    assert bus.depth("orders.place") == 1 and bus.dead_letters() == []
+
+
 def test_replay_with_edit_validates_the_body_before_anything_moves(worker, bus, clean_db, wait, tmp_path, test_env):
     order_id = str(uuid.uuid4())
     broken = json.dumps({"order_id": order_id, "user_id": "user-1", "items": [{"product_id": "sku-pear", "quantity": "two"}],

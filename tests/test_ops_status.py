@@ -74,7 +74,7 @@ def test_status_and_metrics_match_what_the_test_did(service, bus, clean_db, wait
     assert status["errors"] == []
     assert status["dead_letters"] == dead
     assert status["orders"] == {"pending": 3, "awaiting_payment": 0, "completed": 0, "shipped": 0,
-                                "cancelled": 0, "rejected": 1}
+                                "cancelled": 0, "rejected": 1, "refunded": 0}
     for queue in ("orders.place", "orders.cancel", "orders.payment-confirmed"):
         assert status["queues"][queue] == {"role": "commands", "messages": 0, "consumers": 1, "exists": True}
     assert status["queues"]["orders.payments"]["consumers"] == 0  # this pool runs without the payment step

@@ -125,6 +125,27 @@ def test_stripe_card_is_charged_once_and_the_webhook_changes_nothing_more(pay, w
         assert conn.execute(text("SELECT count(*) FROM inbox WHERE message_id = 'evt_same_three_times'")).scalar() == 1
 
 
+def test_a_refund_of_a_completed_order_leaves_it_refunded_and_announced(pay, wait):
+    """Hole: a RefundPayment on orders.internal gave back 300 of 300 on a completed order that stayed
+    completed, with no order.refunded."""
+    pay.start()
+    order_id = pay.place()
+    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "completed", what="completed")
+    for _ in range(2):  # the same command twice: one refund
+        pay.bus.ch.basic_publish("orders.internal", "payment.refund", json.dumps({"order_id": order_id}).encode(),
+                                 pika.BasicProperties(message_id=f"refund-{order_id}", type="RefundPayment",
+                                                      content_type="application/json", delivery_mode=2))
+    wait(lambda: pay.order(order_id).status == "refunded", what="order refunded")
+    o = pay.order(order_id)
+    assert o.payment_status == "refunded" and o.refund_id
+    wait(lambda: "order.refunded" in pay.events(order_id), what="order.refunded")
+    wait(lambda: pay.bus.depth("orders.payments") == 0)
+    assert pay.charges("stripe", order_id)["refunds"] == 1
+    assert pay.events(order_id).count("order.refunded") == 1
+    refunded = [e for e in pay.bus.events() if e["routing_key"] == "order.refunded" and e["body"]["order_id"] == order_id]
+    assert refunded[0]["body"]["status"] == "refunded"
+
+
 def test_stripe_requires_action_then_the_webhook_completes_the_order(pay, wait):
     pay.start()
     order_id = pay.place(method="pm_card_threeDSecure2Required")

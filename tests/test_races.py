@@ -9,13 +9,13 @@ from typing import Any
 
 from sqlalchemy import text
 
-from worker.broker import Delivery
+from worker.broker import Delivery, queue_of
 from worker.processing import Applier, Result
 
 
 def delivery(kind: str, body: dict[str, Any], message_id: str | None = None) -> Delivery:
     return Delivery(
-        delivery_tag=1, exchange="orders.commands", routing_key="x", queue="q", body=json.dumps(body).encode(),
+        delivery_tag=1, exchange="orders.commands", routing_key="x", queue=queue_of(kind) or "", body=json.dumps(body).encode(),
         message_id=message_id or str(uuid.uuid4()), message_type=kind, correlation_id=None, reply_to=None,
         content_type="application/json", headers={}, redelivered=False,
     )

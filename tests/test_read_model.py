@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import redis
 from sqlalchemy import text
 
-from worker.broker import Delivery
+from worker.broker import Delivery, queue_of
 from worker.processing import Applier, Result
 from worker.read_model import KEY_PREFIX, OrderCache, load_views, make_redis
 from worker.unit_of_work import PostgresUnitOfWork
@@ -132,7 +132,7 @@ class _DiesAfterCommit(OrderCache):
 
 def _apply(applier: Applier, kind: str, body: dict[str, Any]) -> Any:
     good, bad = applier.decode_all([Delivery(
-        delivery_tag=1, exchange="orders.commands", routing_key="x", queue="q", body=json.dumps(body).encode(),
+        delivery_tag=1, exchange="orders.commands", routing_key="x", queue=queue_of(kind) or "", body=json.dumps(body).encode(),
         message_id=str(uuid.uuid4()), message_type=kind, correlation_id=None, reply_to=None,
         content_type="application/json", headers={}, redelivered=False)])
     assert not bad

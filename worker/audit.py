@@ -51,14 +51,18 @@ def _checks(stuck_minutes: int) -> list[tuple[str, str, str, str]]:
         ("payment-matches-order", "error", "a payment's amount or currency differs from its order",
          "SELECT p.order_id::text, p.amount, p.currency, o.total, o.currency AS order_currency"
          " FROM payments p JOIN orders o USING (order_id)"
-         " WHERE p.amount <> o.total OR p.currency <> o.currency"),
+         " WHERE p.amount <> o.total OR p.currency IS DISTINCT FROM o.currency"),
         ("completed-orders-are-paid", "error", "a completed or shipped order without a succeeded payment",
          "SELECT o.order_id::text, o.status, p.status AS payment_status FROM orders o"
          " LEFT JOIN payments p USING (order_id) WHERE o.status IN ('completed', 'shipped')"
          " AND p.status IS DISTINCT FROM 'succeeded'"),
-        ("refunds-match-ended-orders", "error", "a refund on an order that was not cancelled or rejected",
+        ("money-returned-shows", "error", "money returned, but the order does not show it (neither refunded,"
+         " cancelled nor rejected)",
          "SELECT p.order_id::text, o.status, p.refund_id FROM payments p JOIN orders o USING (order_id)"
-         " WHERE p.status = 'refunded' AND o.status NOT IN ('cancelled', 'rejected')"),
+         " WHERE p.status = 'refunded' AND o.status NOT IN ('refunded', 'cancelled', 'rejected')"),
+        ("refunded-orders-were-refunded", "error", "a refunded order whose payment was not refunded",
+         "SELECT o.order_id::text, p.status AS payment_status FROM orders o LEFT JOIN payments p USING (order_id)"
+         " WHERE o.status = 'refunded' AND p.status IS DISTINCT FROM 'refunded'"),
         ("money-kept-for-ended-orders", "stuck", "money taken for a cancelled or rejected order, not yet refunded",
          "SELECT p.order_id::text, o.status, p.provider, p.provider_payment_id, p.updated_at::text FROM payments p"
          " JOIN orders o USING (order_id) WHERE p.status = 'succeeded' AND o.status IN ('cancelled', 'rejected')"

@@ -35,6 +35,12 @@ COMMAND_QUEUES = {
     "orders.cancel": "order.cancel",
     "orders.payment-confirmed": "payment.confirmed",
 }
+#: queue -> the one command type it accepts ("A queue accepts only its own command")
+COMMAND_TYPES = {
+    "orders.place": "PlaceOrder",
+    "orders.cancel": "CancelOrder",
+    "orders.payment-confirmed": "PaymentConfirmed",
+}
 INVENTORY_EXCHANGE = "inventory"
 EVENTS_EXCHANGE = "orders.events"
 DEAD_LETTER_QUEUE = "orders.dead-letter"
@@ -46,6 +52,9 @@ INTERNAL_EXCHANGE = "orders.internal"
 PAYMENTS_QUEUE = "orders.payments"
 PAYMENT_ROUTING_KEYS = ("payment.start", "payment.capture", "payment.cancel", "payment.refund", "payment.failed",
                         "payment.settle")
+#: the internal payment-step commands, the only types ``orders.payments`` accepts
+PAYMENT_STEP_TYPES = frozenset({"StartPayment", "CapturePayment", "CancelPayment", "RefundPayment", "PaymentFailed",
+                                "SettlePayment"})
 DEAD_LETTER_EXCHANGE = "orders.dlx"
 #: headers exchange in front of the delay queues, routing on header DELAY_HEADER
 DELAY_EXCHANGE = "orders.delay"
@@ -56,6 +65,26 @@ DELIVERY_LIMIT = 20
 
 QUEUE_ROUTES = {**COMMAND_QUEUES, **{PAYMENTS_QUEUE: "payment.*"}}
 QUEUE_EXCHANGES = {**{q: COMMANDS_EXCHANGE for q in COMMAND_QUEUES}, PAYMENTS_QUEUE: INTERNAL_EXCHANGE}
+#: queue -> the message types a delivery on it may carry; anything else is an invalid message.
+#: A retry comes back to the queue it failed on (delay tiers), so it is held to the same rule.
+QUEUE_ACCEPTS: dict[str, frozenset[str]] = {
+    **{queue: frozenset({kind}) for queue, kind in COMMAND_TYPES.items()},
+    PAYMENTS_QUEUE: PAYMENT_STEP_TYPES,
+}
+
+
+def wrong_queue(queue: str, message_type: str | None) -> str | None:
+    """Why a message of this type may not be taken from ``queue``; None when it may."""
+    accepted = QUEUE_ACCEPTS.get(queue, frozenset())
+    if message_type in accepted:
+        return None
+    takes = ", ".join(sorted(accepted)) or "no commands"
+    return f"message type {message_type!r} does not belong on queue {queue!r} (it takes {takes})"
+
+
+def queue_of(message_type: str | None) -> str | None:
+    """The queue a command or payment step of this type is consumed from; None for an unknown type."""
+    return next((queue for queue, kinds in QUEUE_ACCEPTS.items() if message_type in kinds), None)
 
 
 def delay_queue(seconds: int) -> str:
@@ -111,6 +140,7 @@ class Delivery:
     delivery_tag: int
     exchange: str
     routing_key: str
+    #: the queue it was consumed from (by consumer tag), which decides the commands it may carry
     queue: str
     body: bytes
     message_id: str | None

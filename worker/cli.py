@@ -80,12 +80,29 @@ def migrate(
 
 
 @app.command()
-def topology(config: ConfigOption = None) -> None:
-    """Declare the RabbitMQ exchanges, queues and bindings (safe to repeat)."""
+def topology(
+    config: ConfigOption = None,
+    users: Annotated[bool, typer.Option("--users", help=(
+        "Instead: create or update the upstream and the service user in the configured vhost, with least "
+        "privilege (rabbitmqctl). Passwords from ORDERS_UPSTREAM_PASSWORD and ORDERS_SERVICE_PASSWORD."))] = False,
+    upstream_user: Annotated[Optional[str], typer.Option(
+        "--upstream-user", help="With --users: the user upstream services publish commands as.")] = None,
+    service_user: Annotated[Optional[str], typer.Option(
+        "--service-user", help="With --users: the user the service's own processes connect as.")] = None,
+    print_only: Annotated[bool, typer.Option(
+        "--print", help="With --users: print the rabbitmqctl recipe (for a remote cluster) instead of running it.")] = False,
+) -> None:
+    """Declare the RabbitMQ exchanges, queues and bindings (safe to repeat); with --users, the broker users."""
     from worker.broker import BlockingBroker
     from worker.errors import BrokerError
 
     settings = _settings(config)
+    if users:
+        _topology_users(settings, upstream_user, service_user, print_only)
+        return
+    if upstream_user or service_user or print_only:
+        typer.echo("error: --upstream-user, --service-user and --print go with --users", err=True)
+        raise typer.Exit(2)
     try:
         broker = BlockingBroker(settings.rabbitmq.url.get_secret_value()).connect()
         broker.declare_topology(settings.worker.retry_delays_seconds)
@@ -94,6 +111,30 @@ def topology(config: ConfigOption = None) -> None:
         typer.echo(f"error: RabbitMQ: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo("topology declared")
+
+
+def _topology_users(settings: Settings, upstream: str | None, service: str | None, print_only: bool) -> None:
+    import os
+
+    from worker import broker_users
+
+    if not upstream or not service:
+        typer.echo("error: --users needs --upstream-user NAME and --service-user NAME", err=True)
+        raise typer.Exit(2)
+    if upstream == service:
+        typer.echo("error: the upstream and the service user must differ (that is the boundary)", err=True)
+        raise typer.Exit(2)
+    steps = broker_users.recipe(broker_users.vhost_of(settings.rabbitmq.url.get_secret_value()), upstream, service)
+    if print_only:
+        typer.echo(broker_users.render(steps), nl=False)
+        return
+    try:
+        for line in broker_users.apply(steps, os.environ):
+            typer.echo(f"rabbitmqctl {line}")
+    except broker_users.UserSetupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"users {upstream} (upstream) and {service} (service) set up")
 
 
 @products_app.command("import")

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from sqlalchemy import Engine
 
 from worker import dlq_audit
-from worker.broker import DeadLetterSession, Outgoing
+from worker.broker import QUEUE_ACCEPTS, DeadLetterSession, Outgoing, queue_of, wrong_queue
 from worker.dead_letters import DeadLetter, replay_headers
 from worker.errors import BrokerError, PublishNotConfirmed
 from worker.settings import Settings
@@ -112,6 +112,19 @@ class ReplayOptions:
     dry_run: bool = False
 
 
+def misplaced(dl: DeadLetter, to_queue: str | None) -> str | None:
+    """Why replaying ``dl`` would only dead-letter it again: its type does not belong on the queue it
+    would reach (``--to``, else the queue it failed on). None for a queue that is not the service's."""
+    queue = to_queue or dl.original_queue
+    if queue not in QUEUE_ACCEPTS:
+        return None
+    reason = wrong_queue(queue, dl.delivery.message_type)
+    if reason is None:
+        return None
+    home = queue_of(dl.delivery.message_type)
+    return f"{reason}; " + (f"replay it with --to {home}" if home else "purge it")
+
+
 def _outgoing(dl: DeadLetter, opts: ReplayOptions, now: datetime) -> Outgoing:
     if opts.to_queue:
         exchange, key = "", opts.to_queue  # the default exchange routes by queue name
@@ -152,6 +165,11 @@ def replay(settings: Settings, engine: Engine, selection: Selection, opts: Repla
                     wait = started + i / opts.rate - time.monotonic()
                     if wait > 0:
                         s.sleep(wait)
+                wrong = misplaced(dl, opts.to_queue)
+                if wrong is not None:
+                    report.failed.append((dl.id, wrong))  # a queue takes only its own commands
+                    on_each(dl)
+                    continue
                 try:
                     s.republish(_outgoing(dl, opts, datetime.now(timezone.utc)))
                 except PublishNotConfirmed as exc:

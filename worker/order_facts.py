@@ -14,6 +14,7 @@ from sqlalchemy import Engine, text
 
 from schema.messages import ORDER_ID_NAMESPACE
 from worker.dead_letters import DeadLetter
+from worker.dlq import misplaced
 from worker.processing import CONSUMER
 
 
@@ -73,11 +74,14 @@ def advice(dl: DeadLetter, facts: dict[str, Any]) -> str:
     """One plain sentence: replay, fix first, or compensate."""
     if facts["already_applied"]:
         return "Its effects are already committed (inbox): a replay changes nothing; purge it."
+    wrong = misplaced(dl, None)
+    if wrong is not None:
+        return f"It was sent to the wrong queue: {wrong}."
     if dl.error_class in ("InvalidMessage", "ValidationError"):
         return "The message itself is malformed: fix the body with `dlq replay ID --edit`, or purge it."
     order = facts["order"]
     if dl.delivery.message_type != "PlaceOrder" and order is None:
         return "Its order does not exist (yet): replay once the PlaceOrder went through, else purge it."
-    if order is not None and order["status"] in ("cancelled", "rejected", "completed", "shipped"):
+    if order is not None and order["status"] in ("cancelled", "rejected", "completed", "shipped", "refunded"):
         return f"The order is already {order['status']}: check whether replaying still makes sense."
     return "Nothing of it took effect: fix the cause, then replay it."

@@ -25,7 +25,7 @@ from handlers.outcome import MessageContext, Outcome
 from handlers.payment_step import CAPTURE_SETTLE_SECONDS, payment_steps, record_failure
 from handlers.payments.base import PaymentGateway, PermanentPaymentError, TransientPaymentError
 from schema.messages import InvalidMessage, parse_command
-from worker.broker import PAYMENTS_QUEUE, BlockingBroker, Delivery
+from worker.broker import PAYMENTS_QUEUE, BlockingBroker, Delivery, wrong_queue
 from worker.consumer import Backoff, Settlement, wait_for_database
 from worker.errors import ConnectionLost, Kind, StopRequested, classify
 from worker.processing import Handled, Result, Views, order_transaction
@@ -57,6 +57,9 @@ class PaymentStep:
             step = self.steps.get(d.message_type or "")
             if step is None:
                 raise InvalidMessage(f"unknown payment step {d.message_type!r}")
+            misplaced = wrong_queue(d.queue, d.message_type)
+            if misplaced is not None:
+                raise InvalidMessage(misplaced)
             command = parse_command(d.message_type, d.body)
         except InvalidMessage as exc:
             return Handled(d, Result.INVALID, error=exc, reason=str(exc))

@@ -23,7 +23,7 @@ from handlers import APPLY_ORDER, COMMAND_HANDLERS, events, order_id_of
 from handlers.errors import Refused, RetryLater
 from handlers.outcome import MessageContext, Outcome
 from schema.messages import MAX_MESSAGE_ID, InvalidMessage, parse_command
-from worker.broker import Delivery
+from worker.broker import Delivery, wrong_queue
 from worker.errors import Kind, classify
 from worker.unit_of_work import PostgresUnitOfWork
 
@@ -53,7 +53,12 @@ class Handled:
 
 
 def decode(delivery: Delivery) -> Any:
-    """The command model of a delivery; raises :class:`InvalidMessage`."""
+    """The command model of a delivery; raises :class:`InvalidMessage`.
+
+    A command is taken only from its own queue (``delivery.queue``, the queue
+    it was consumed from): the routing key is the publisher's choice, so a
+    PlaceOrder routed into ``orders.cancel`` is invalid, never placed.
+    """
     if not delivery.message_id:
         raise InvalidMessage("message_id property is missing")
     if len(delivery.message_id) > MAX_MESSAGE_ID:
@@ -62,6 +67,9 @@ def decode(delivery: Delivery) -> Any:
         raise InvalidMessage(f"content_type {delivery.content_type!r} is not application/json")
     if delivery.message_type not in COMMAND_HANDLERS:
         raise InvalidMessage(f"unknown message type {delivery.message_type!r}")
+    misplaced = wrong_queue(delivery.queue, delivery.message_type)
+    if misplaced is not None:
+        raise InvalidMessage(misplaced)
     return parse_command(delivery.message_type, delivery.body)
 
 

@@ -28,7 +28,8 @@ class Check:
 
 
 STATUS_EVENT = {"pending": "order.placed", "awaiting_payment": "order.awaiting_payment", "completed": "order.completed",
-                "cancelled": "order.cancelled", "rejected": "order.rejected", "shipped": "order.shipped"}
+                "cancelled": "order.cancelled", "rejected": "order.rejected", "shipped": "order.shipped",
+                "refunded": "order.refunded"}
 HOLDING = ("pending", "awaiting_payment")
 
 
@@ -371,7 +372,7 @@ def money_checks(snap: Snapshot, plan: list[PlannedOrder], seed: int) -> list[Ch
             elif m.refunds:
                 refunded += 1
                 partial = terms.full_refunds and m.amount_refunded != m.amount
-                if order["status"] not in ("cancelled", "rejected") or pay.get("status") != "refunded" or partial:
+                if order["status"] not in ("cancelled", "rejected", "refunded") or pay.get("status") != "refunded" or partial:
                     refund_problems.append(f"{name}: order {oid} ({order['status']}, payment {pay.get('status')}) refunded"
                                            + (f" {m.amount_refunded} of {m.amount}" if terms.full_refunds else ""))
     # money held per order: net charges at the fakes plus a confirmation from the internal payment service

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schema.messages import ORDER_ID_NAMESPACE, InvalidMessage, uuid5
-from worker.broker import COMMANDS_EXCHANGE, Delivery
+from worker.broker import COMMAND_QUEUES, COMMANDS_EXCHANGE, Delivery
 from worker.processing import decode
 from worker.shim.orders import place_message_id
 
@@ -136,6 +136,7 @@ def plan_malformed(cfg: ChaosConfig, orders: list[PlannedOrder]) -> list[Malform
     rnd = random.Random(f"malformed-{cfg.seed}")
     real_ids = [o.order_id for o in orders] or [str(uuid.uuid4())]
     keys = {"PlaceOrder": "order.place", "CancelOrder": "order.cancel", "PaymentConfirmed": "payment.confirmed"}
+    queues = {key: queue for queue, key in COMMAND_QUEUES.items()}  # where each routing key delivers
 
     def place(**changes: Any) -> bytes:
         body = _valid_place(rnd)
@@ -215,19 +216,25 @@ def plan_malformed(cfg: ChaosConfig, orders: list[PlannedOrder]) -> list[Malform
         ])),
         ("wrong content type", lambda: ("PlaceOrder", place(), {"content_type": rnd.choice(
             ["text/plain", "application/xml", "application/x-java-serialized-object"])})),
+        # a well-formed command routed into another command's queue
+        ("wrong queue", lambda: rnd.choice([
+            ("PlaceOrder", place(), {"routing_key": "order.cancel"}),
+            ("CancelOrder", cancel(), {"routing_key": "payment.confirmed"}),
+            ("PaymentConfirmed", confirmed(), {"routing_key": "order.place"}),
+        ])),
     ]
     out = []
     for i in range(cfg.malformed):
         category, make = makers[i % len(makers)] if i < len(makers) else rnd.choice(makers)
         mtype, body, props = make()
         message_id = props.get("message_id", f"chaos-{cfg.seed}-bad-{i}")
-        key = keys.get(mtype or "", rnd.choice(list(keys.values())))
+        key = props.get("routing_key") or keys.get(mtype or "", rnd.choice(list(keys.values())))
         m = Malformed(i, category, key, mtype, message_id, body, props.get("content_type", "application/json"),
                       at=rnd.uniform(0, cfg.window))
         # the script's own check: the worker's decoder must refuse every one of them
         try:
-            decode(Delivery(0, COMMANDS_EXCHANGE, key, "", body, m.message_id, mtype, None, None, m.content_type, {},
-                            False))
+            decode(Delivery(0, COMMANDS_EXCHANGE, key, queues[key], body, m.message_id, mtype, None, None,
+                            m.content_type, {}, False))
         except InvalidMessage:
             pass
         else:

@@ -69,7 +69,8 @@ def test_state_machine_allows_only_the_lifecycle_of_the_design():
     assert can_transition(Status.PENDING, Status.AWAITING_PAYMENT)
     assert can_transition(Status.AWAITING_PAYMENT, Status.COMPLETED)
     assert can_transition(Status.COMPLETED, Status.SHIPPED)
-    for final in (Status.CANCELLED, Status.REJECTED, Status.SHIPPED):
+    assert can_transition(Status.COMPLETED, Status.REFUNDED)
+    for final in (Status.CANCELLED, Status.REJECTED, Status.SHIPPED, Status.REFUNDED):
         assert TRANSITIONS[final] == frozenset()
     assert not can_transition(Status.COMPLETED, Status.CANCELLED)
     assert not can_transition(Status.SHIPPED, Status.CANCELLED)
@@ -205,3 +206,63 @@ def test_an_order_that_leaves_awaiting_payment_drops_the_buyers_next_step(end):
                    "currency": "USD", "event_id": "evt_1"}
         assert payment_confirmed(v(PaymentConfirmed, confirm), ctx(end), uow).status == "completed"
     assert order.next_action is None
+
+
+def _paid(uow: FakeUnitOfWork) -> str:
+    order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
+    confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 100,
+               "currency": "USD", "event_id": "evt_1"}
+    assert payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow).status == "completed"
+    return order_id
+
+
+def test_a_refund_of_a_completed_order_makes_it_refunded_and_says_so():
+    """Hole: a RefundPayment gave back all the money of a completed order that stayed completed, unannounced."""
+    from handlers.payment_step import prepare_refund, record_refund
+    from handlers.payments.base import RefundResult
+    from schema.messages import RefundPayment
+
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = _paid(uow)
+    cmd = v(RefundPayment, {"order_id": order_id})
+    assert prepare_refund(cmd, uow) is not None  # the provider is asked
+    outcome = record_refund(cmd, ctx("RefundPayment"), uow, RefundResult("re_1", "succeeded"))
+    assert (outcome.status, uow.payments[order_id].status) == ("refunded", "refunded")
+    assert uow.orders[order_id].transitions[-1][:2] == (Status.COMPLETED, Status.REFUNDED)
+    exchange, key, body = uow.events[-1]
+    assert (exchange, key, body["status"], body["refund_id"]) == ("orders.events", "order.refunded", "refunded", "re_1")
+
+
+def test_a_shipped_order_is_not_refunded_behind_its_back():
+    """The contract has completed → refunded only: the money of a shipped order is never given back
+    while the order keeps saying shipped (no provider call is made)."""
+    from handlers.payment_step import prepare_refund
+    from schema.messages import RefundPayment
+
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = _paid(uow)
+    uow.orders[order_id].transition(Status.SHIPPED, "m-ship")
+    with pytest.raises(IllegalTransition, match="shipped"):
+        prepare_refund(v(RefundPayment, {"order_id": order_id}), uow)
+    assert uow.payments[order_id].status == "succeeded"
+
+
+def test_an_order_with_no_known_product_has_no_currency_not_a_made_up_one():
+    uow = FakeUnitOfWork(PRODUCTS)
+    outcome = place(uow, [{"product_id": "zzz", "quantity": 1}])
+    assert uow.orders[outcome.order_id].currency is None
+    assert uow.events[-1][2]["currency"] is None
+    # a product known among unknown ones still names the currency the order would have had
+    outcome = place(uow, [{"product_id": "zzz", "quantity": 1}, {"product_id": "e", "quantity": 1}])
+    assert uow.orders[outcome.order_id].currency == "EUR"
+
+
+def test_a_failed_payment_reported_for_an_order_with_no_currency_records_no_payment():
+    from handlers.payment_step import record_failed
+    from schema.messages import PaymentFailed
+
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = place(uow, [{"product_id": "zzz", "quantity": 1}]).order_id
+    cmd = v(PaymentFailed, {"order_id": order_id, "provider": "stripe", "payment_id": "pi_x", "event_id": "evt_x", "reason": "declined"})
+    assert record_failed(cmd, ctx("PaymentFailed"), uow, None).result == "unchanged"
+    assert order_id not in uow.payments

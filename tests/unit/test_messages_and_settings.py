@@ -81,3 +81,31 @@ def test_the_fast_uuid5_is_the_standard_one():
 
     for name in ("m-1", "x" * 300, "ünïcode"):
         assert uuid5(ORDER_ID_NAMESPACE, name) == str(uuid.uuid5(ORDER_ID_NAMESPACE, name))
+
+
+def test_each_queue_takes_exactly_the_commands_its_consumer_applies():
+    """The queue → command map in worker.broker is the one the consumers and the routing agree with."""
+    from handlers import COMMAND_HANDLERS
+    from handlers.payment_step import PAYMENT_STEPS
+    from worker.broker import COMMAND_QUEUES, PAYMENTS_QUEUE, QUEUE_ACCEPTS
+
+    assert set(QUEUE_ACCEPTS) == {*COMMAND_QUEUES, PAYMENTS_QUEUE}
+    assert {t for q in COMMAND_QUEUES for t in QUEUE_ACCEPTS[q]} == set(COMMAND_HANDLERS)
+    assert QUEUE_ACCEPTS[PAYMENTS_QUEUE] == set(PAYMENT_STEPS)
+
+
+def test_a_command_on_another_commands_queue_is_an_invalid_message():
+    from worker.broker import Delivery
+    from worker.processing import decode
+
+    body = json.dumps({"order_id": str(uuid.uuid4()), "user_id": "u1", "items": [{"product_id": "p", "quantity": 1}],
+                       "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}).encode()
+
+    def on(queue: str) -> Delivery:
+        return Delivery(1, "orders.commands", "order.cancel", queue, body, "m-1", "PlaceOrder", None, None,
+                        "application/json", {}, False)
+
+    assert decode(on("orders.place")).user_id == "u1"
+    for queue in ("orders.cancel", "orders.payment-confirmed", "orders.payments", ""):
+        with pytest.raises(InvalidMessage, match="does not belong on queue"):
+            decode(on(queue))

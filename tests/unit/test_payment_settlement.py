@@ -91,7 +91,7 @@ def test_money_taken_for_the_order_in_a_wrong_amount_is_given_back_and_the_confi
     assert (outcome.result, outcome.error) == ("refused", "payment_mismatch")
     assert uow.orders[order_id].status is Status.AWAITING_PAYMENT
     refunds = [b for _, rk, b in uow.events if rk == "payment.refund"]
-    assert refunds == [{"order_id": order_id, "payment_id": "pi_buyer"}]
+    assert refunds == [{"order_id": order_id, "payment_id": "pi_buyer", "amount": 1, "currency": "USD"}]
     assert uow.keys().count("command.refused") == 1
 
 

@@ -31,22 +31,25 @@ class ErrorBody(BaseModel):
     error: str
     message: str
     fields: list[FieldError] | None = None
+    #: the order the error is about, where one was created (e.g. ``order_rejected``)
+    order_id: str | None = None
 
 
 class ApiError(Exception):
     """Raised by handlers and dependencies; becomes an :class:`ErrorBody` response."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                 fields: list[FieldError] | None = None) -> None:
+                 fields: list[FieldError] | None = None, order_id: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers = headers or {}
         self.fields = fields
+        self.order_id = order_id
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                   fields: list[FieldError] | None = None) -> JSONResponse:
-    body = ErrorBody(error=code, message=message, fields=fields).model_dump(exclude_none=True)
+                   fields: list[FieldError] | None = None, order_id: str | None = None) -> JSONResponse:
+    body = ErrorBody(error=code, message=message, fields=fields, order_id=order_id).model_dump(exclude_none=True)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -71,7 +74,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers, exc.fields)
+        return error_response(exc.status, exc.code, exc.message, exc.headers, exc.fields, exc.order_id)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -129,9 +129,9 @@ class OrderView(BaseModel):
 
     order_id: uuid.UUID
     user_id: str
-    status: Literal["pending", "awaiting_payment", "completed", "shipped", "cancelled", "rejected"]
+    status: Literal["pending", "awaiting_payment", "completed", "shipped", "cancelled", "rejected", "refunded"]
     total: int = Field(description="Minor units (cents).")
-    currency: str
+    currency: str | None = Field(description="ISO 4217; null for a rejected order none of whose products is known.")
     items: list[OrderLine]
     payment: PaymentView
     next_action: dict[str, str] | None = Field(

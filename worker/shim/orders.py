@@ -122,6 +122,13 @@ def _refusal(reply: dict[str, Any]) -> ApiError:
     return ApiError(409, str(reply.get("error") or "refused"), str(reply.get("message") or "refused"))
 
 
+def _rejection(order_id: str, view: dict[str, Any], headers: dict[str, str]) -> ApiError:
+    """A placed order the worker rejected (unknown product, declined card, ...): the rejection, not a 201."""
+    reason = view.get("reason") or "no reason given"
+    return ApiError(422, "order_rejected", f"order {order_id} was rejected: {reason}",
+                    {**headers, "Location": f"/orders/{order_id}"}, order_id=order_id)
+
+
 async def _enqueue(s: Shim, cmd: Command, prefer: str | None,
              response: Response) -> tuple[dict[str, str], float | None, dict[str, Any] | None]:
     """Publish ``cmd``; with ``Prefer: wait`` also wait for the worker's reply.
@@ -145,7 +152,9 @@ async def _enqueue(s: Shim, cmd: Command, prefer: str | None,
 
 @router.post("/orders", status_code=202, response_model=Accepted, summary="Place an order",
              responses={201: {"model": OrderView, "description": "Placed (with `Prefer: wait`)."},
-                        **_errors(400, 401, 403, 409, 413, 422, 429, 503)})
+                        422: {"model": ErrorBody, "description": "Invalid request (`validation_error`), or, with "
+                              "`Prefer: wait`, the order was rejected (`order_rejected`: the reason and `order_id`)."},
+                        **_errors(400, 401, 403, 409, 413, 429, 503)})
 async def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, principal: PlaceCaller,
                 idempotency_key: IdempotencyKey = None, prefer: Prefer = None) -> Any:
     if body.user_id is not None and body.user_id != principal.user_id and not principal.is_admin:
@@ -170,6 +179,8 @@ async def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, p
         raise _taken()
     if view is None:
         return _accepted(str(order_id), "pending", headers)
+    if view["status"] == "rejected":
+        raise _rejection(str(order_id), view, headers)
     return JSONResponse(OrderView.of(view).model_dump(mode="json"), 201,
                         {**headers, "Location": f"/orders/{order_id}"})
 
