@@ -132,6 +132,8 @@ class ShimSettings(_Section):
 
 
 class MetricsSettings(_Section):
+    #: address the worker pool's and the relay's metrics listen on (the shim serves /metrics on its own port)
+    host: str = "127.0.0.1"
     port: int = Field(default=9400, ge=0, lt=65536)
 
 
