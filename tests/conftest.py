@@ -19,13 +19,14 @@ from typing import Any, Callable, Iterator
 
 import pika
 import pytest
+import redis
 from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the fakes and the TCP proxy live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
-from scripts.tcp_proxy import TcpProxy  # noqa: E402
+from scripts.tcp_proxy import TcpProxy, free_port  # noqa: E402
 from tests.support import private_vhost, wait_until  # noqa: E402,F401 - fixtures and tests use them
 
 ORDERS = str(Path(sys.executable).parent / "orders")
@@ -317,3 +318,23 @@ def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
             p.down()
         except OSError:
             pass
+
+
+@pytest.fixture
+def private_redis(wait: Any) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A redis-server of the test's own (no other run shares its counters), killed at the end."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    wait(lambda: _pings(client), timeout=10, what="private redis")
+    yield port, proc
+    proc.kill()
+    proc.wait()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False

@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping
 from urllib.parse import quote
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, SecretStr, ValidationError
 
 #: Prefix of the environment variables that override the file.
 ENV_PREFIX = "ORDERS_"
@@ -129,6 +129,8 @@ class ShimSettings(_Section):
     idempotency_ttl_seconds: int = Field(default=86400, gt=0)
     #: largest request body accepted (bytes); larger answers 413
     max_body_bytes: int = Field(default=65536, gt=0)
+    #: proxies (IPs or CIDRs) whose X-Forwarded-For names the client; empty: the header is ignored
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = ()
 
 
 class MetricsSettings(_Section):
