@@ -261,19 +261,30 @@ class Proc:
         return self.popen.returncode
 
 
-@pytest.fixture
-def service(test_env: dict[str, str], tmp_path: Path, settings: Any) -> Iterator[Callable[..., Proc]]:
-    """Factory: ``service("worker", "--processes", "2")`` starts a CLI process."""
+def _services(test_env: dict[str, str], logs: Path) -> Iterator[Callable[..., Proc]]:
     started: list[Proc] = []
 
     def start(*args: str, **env: str) -> Proc:
-        p = Proc(list(args), {**test_env, **env}, tmp_path / f"{args[0]}-{len(started)}.log")
+        p = Proc(list(args), {**test_env, **env}, logs / f"{args[0]}-{len(started)}.log")
         started.append(p)
         return p
 
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def service(test_env: dict[str, str], tmp_path: Path, settings: Any) -> Iterator[Callable[..., Proc]]:
+    """Factory: ``service("worker", "--processes", "2")`` starts a CLI process."""
+    yield from _services(test_env, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_service(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
+                   settings: Any) -> Iterator[Callable[..., Proc]]:
+    """``service`` for processes that serve a whole module (stopped after its last test)."""
+    yield from _services(test_env, tmp_path_factory.mktemp("services"))
 
 
 def place_body(user: str = "user-1", items: list[tuple[str, int]] | None = None, order_id: str | None = None) -> dict[str, Any]:

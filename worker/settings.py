@@ -129,6 +129,14 @@ class ShimSettings(_Section):
     idempotency_ttl_seconds: int = Field(default=86400, gt=0)
     #: largest request body accepted (bytes); larger answers 413
     max_body_bytes: int = Field(default=65536, gt=0)
+    #: largest request head (request line and headers, bytes); larger answers 431 and the connection closes
+    max_header_bytes: int = Field(default=16384, ge=1024)
+    #: seconds a request head may take to arrive (from the connection's start or the request's first byte); 408
+    header_timeout_seconds: float = Field(default=10, gt=0)
+    #: seconds a request body may take to arrive after its head; later answers 408 and the connection closes
+    body_timeout_seconds: float = Field(default=10, gt=0)
+    #: seconds an idle keep-alive connection stays open (behind a proxy: longer than the proxy's idle timeout)
+    keep_alive_seconds: int = Field(default=5, gt=0)
     #: proxies (IPs or CIDRs) whose X-Forwarded-For names the client; empty: the header is ignored
     trusted_proxies: tuple[IPvAnyNetwork, ...] = ()
 

@@ -11,7 +11,7 @@ SDKs and webhook verification run in Starlette's thread pool.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,10 +39,12 @@ Scope = dict[str, Any]
 
 
 class EdgeMiddleware:
-    """Refuses bodies over the size limit (413) before any parsing, and times every request."""
+    """Refuses bodies over the size limit (413) before any parsing, and bodies that do not
+    arrive in time (408, connection closed: a client trickling bytes must not hold a
+    connection and a buffer for ever); times every request."""
 
-    def __init__(self, app: Any, max_body: int, metrics: ShimMetrics) -> None:
-        self.app, self.max_body, self.metrics = app, max_body, metrics
+    def __init__(self, app: Any, max_body: int, body_timeout: float, metrics: ShimMetrics) -> None:
+        self.app, self.max_body, self.body_timeout, self.metrics = app, max_body, body_timeout, metrics
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -56,9 +58,15 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            body = await self._read_body(scope, receive)
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await self._read_body(scope, receive)
+            except TimeoutError:
+                return await _refuse(send_status, 408, "request_timeout",
+                                     f"request body not received within {self.body_timeout:g} s")
             if body is None:
-                return await self._too_large(send_status)
+                return await _refuse(send_status, 413, "payload_too_large",
+                                     f"request body larger than {self.max_body} bytes")
             replayed = False
 
             async def replay() -> dict[str, Any]:
@@ -91,13 +99,14 @@ class EdgeMiddleware:
             more = message.get("more_body", False)
         return b"".join(chunks)
 
-    async def _too_large(self, send: Any) -> None:
-        body = json.dumps({"error": "payload_too_large",
-                           "message": f"request body larger than {self.max_body} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+
+async def _refuse(send: Any, status: int, code: str, message: str) -> None:
+    """Answer before the app saw the request, and close the connection (its body is left unread)."""
+    body = errors.error_json(code, message)
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def build_shim(settings: Settings) -> Shim:
@@ -136,7 +145,8 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.include_router(orders_router)
     app.include_router(ops_router)
-    app.add_middleware(EdgeMiddleware, max_body=settings.shim.max_body_bytes, metrics=shim.metrics)
+    app.add_middleware(EdgeMiddleware, max_body=settings.shim.max_body_bytes,
+                       body_timeout=settings.shim.body_timeout_seconds, metrics=shim.metrics)
     return app
 
 

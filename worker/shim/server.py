@@ -1,19 +1,22 @@
 """Serving the shim with uvicorn (``orders shim``).
 
-:func:`uvicorn_options` is the one place uvicorn's edge settings come from,
-among them which peers may name the client in ``X-Forwarded-For``.  uvicorn
-trusts that header from 127.0.0.1 unless told otherwise, which let any local
-client pick the rate-limit bucket of any address; here it is honoured only
-from ``shim.trusted_proxies``.
+:func:`uvicorn_options` is the one place uvicorn's edge settings come from:
+the HTTP protocol with the head limits (:mod:`worker.shim.protocol`), the
+keep-alive timeout, and which peers may name the client in
+``X-Forwarded-For``.  uvicorn trusts that header from 127.0.0.1 unless told
+otherwise, which let any local client pick the rate-limit bucket of any
+address; here it is honoured only from ``shim.trusted_proxies``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
 from worker.settings import Settings
+from worker.shim.protocol import EdgeHttpToolsProtocol
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -23,6 +26,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return {
         # access logs cost ~10% of throughput; /metrics counts every request instead
         "access_log": False, "log_config": None, "timeout_graceful_shutdown": 10,
+        "http": functools.partial(EdgeHttpToolsProtocol, max_head_bytes=cfg.max_header_bytes,
+                                  head_timeout=cfg.header_timeout_seconds),
+        "timeout_keep_alive": cfg.keep_alive_seconds,
         # without trusted proxies the middleware is left out: the peer's address is the client's
         "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies,
     }
