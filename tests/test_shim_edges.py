@@ -1,6 +1,7 @@
 """The shim's HTTP edge, against a real ``orders shim`` (uvicorn) on loopback, spoken to
 with raw sockets where a well-behaved client cannot show the case: who may name the
-client in X-Forwarded-For, oversized and slow request heads, and slow bodies."""
+client in X-Forwarded-For, oversized and slow request heads, slow bodies, and JSON
+bodies that name a key twice."""
 
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ class Shim:
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def post_raw(self, path: str, body: bytes, method: str = "POST") -> httpx.Response:
+        return httpx.request(method, self.url + path, content=body, timeout=10,
+                             headers={**self.auth(), "Content-Type": "application/json"})
 
 
 def _start(service: Any, amqp_url: str, wait: Any, **env: str) -> Shim:
@@ -165,3 +170,37 @@ def test_a_normal_request_is_still_served_and_the_connection_kept_alive(shim):
         assert read.status_code in (200, 404)  # no worker here: the order may not exist yet
         assert client.get("/healthz").status_code == 200
         assert client.post("/orders", json=BODY, headers=shim.auth()).status_code == 202
+
+
+# -- duplicate JSON keys ----------------------------------------------------------------------
+
+
+def _queued_orders(amqp_url: str) -> int:
+    from worker.broker import BlockingBroker
+
+    broker = BlockingBroker(amqp_url).connect()
+    try:
+        return broker.queue_depth("orders.place")[0]
+    finally:
+        broker.close()
+
+
+def test_a_json_body_naming_a_key_twice_answers_422_naming_the_key_and_where(shim, amqp_url):
+    queued = _queued_orders(amqp_url)
+    top = b'{"product_id": "sku-apple", "quantity": 1, "quantity": 9999,' \
+          b' "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}'
+    r = shim.post_raw("/orders", top)
+    assert r.status_code == 422 and r.json()["error"] == "validation_error"
+    assert r.json()["fields"] == [{"field": "body", "message": "duplicate key 'quantity'"}]
+
+    nested = b'{"items": [{"product_id": "sku-apple", "quantity": 1, "quantity": 9999}],' \
+             b' "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}'
+    r = shim.post_raw("/orders", nested)
+    assert r.status_code == 422 and r.json()["message"] == "body.items.0: duplicate key 'quantity'"
+
+    r = shim.post_raw(f"/orders/{uuid.uuid4()}/cancel", b'{"reason": "a", "reason": "b"}', method="PUT")
+    assert r.status_code == 422 and r.json()["message"] == "body: duplicate key 'reason'"
+
+    r = shim.post_raw("/orders", b'{"items": [{"product_id": "sku-apple", "quantity": 1}')  # malformed: as before
+    assert r.status_code == 422 and r.json()["error"] == "validation_error" and "JSON decode error" in r.text
+    assert _queued_orders(amqp_url) == queued  # nothing was enqueued
