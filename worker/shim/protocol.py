@@ -42,6 +42,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self.max_head_bytes, self.head_timeout = max_head_bytes, head_timeout
         self._in_head = True  # the next bytes belong to a request head
         self._head_bytes = 0  # bytes received, in whole reads, since the head began
+        self._read_began_in_head = False  # the read being parsed started with the head still to come
+        self._head_counted_whole = True  # the head began with a read, so _head_bytes counts all of it
         self._head_deadline: asyncio.TimerHandle | None = None
         self._refused = False  # answered 431/408: the rest of the connection's bytes are ignored
 
@@ -58,7 +60,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        counted = self._in_head
+        counted = self._read_began_in_head = self._in_head
         if counted:
             self._head_bytes += len(data)
         super().data_received(data)
@@ -70,18 +72,21 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_counted_whole = self._read_began_in_head  # not so for a pipelined head begun mid-read
         self._arm_head_deadline()
 
     def on_headers_complete(self) -> None:
         if self._refused:
             return
         self._disarm_head_deadline()
-        self._in_head, self._head_bytes = False, 0
-        # a whole head can arrive in one read: measure what was parsed
-        size = len(self.url) + sum(len(name) + len(value) + _LINE_OVERHEAD for name, value in self.headers)
-        if size > self.max_head_bytes:
+        counted, self._in_head, self._head_bytes = self._head_bytes, False, 0
+        # the reads counted hold the whole head: only a larger count (or a head begun mid-read) needs measuring
+        if (counted > self.max_head_bytes or not self._head_counted_whole) and self._head_size() > self.max_head_bytes:
             return self._refuse(431, "headers_too_large", f"request head larger than {self.max_head_bytes} bytes")
         super().on_headers_complete()
+
+    def _head_size(self) -> int:
+        return len(self.url) + sum([len(name) + len(value) + _LINE_OVERHEAD for name, value in self.headers])
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
