@@ -6,8 +6,8 @@ picked by ``http="auto"``).  Unlike its h11 protocol, which refuses a head
 over ``h11_max_incomplete_event_size``, the httptools one buffers a head of
 any size (an 8 MB header was accepted) and has no deadline for it: a
 connection that sends nothing, or a head one byte at a time, is held until
-the client leaves.  h11 closes the first hole but not the second, and costs
-throughput; this subclass keeps httptools and adds both:
+the client leaves.  h11 closes the first hole but not the second, and parses
+more slowly; this subclass keeps httptools and adds both:
 
 - a head (request line and headers) over ``max_head_bytes`` answers 431 and
   the connection closes, as soon as that many bytes arrived without the head
