@@ -3,7 +3,7 @@
 Strict: unknown fields, wrong types, non-positive quantities, empty item
 lists, oversized strings, strings holding NUL or any other control character
 (:class:`Text`, the one check every model here and the shim's request models
-inherit) and bodies with a duplicated JSON key (:func:`loads_no_duplicates`)
+inherit) and bodies with a duplicated JSON key (:func:`schema.jsonstrict.loads_no_duplicates`)
 are rejected, and the error names the field.  PostgreSQL cannot store a NUL
 in text: a command carrying one must fail here, as invalid, not at the
 commit after five attempts.
@@ -27,6 +27,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from schema.jsonstrict import loads_no_duplicates
 
 #: Namespace for order ids derived from a PlaceOrder's message_id.
 ORDER_ID_NAMESPACE = uuid.UUID("6f1d5b8e-3c4a-4f7e-9b0e-2d8c1a7e5f30")
@@ -89,25 +91,6 @@ class Text(BaseModel):
                 if branch.get("type") == "string" and not {"pattern", "format", "enum", "const"} & branch.keys():
                     branch["pattern"] = NO_CONTROL_PATTERN
         return schema
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"duplicate key {dup!r}")
-    return obj
-
-
-def loads_no_duplicates(body: bytes | str) -> Any:
-    """``json.loads`` that refuses an object naming a key twice (ValueError saying which).
-
-    Left to ``json.loads`` or pydantic the last copy wins: a body with
-    ``"quantity": 1, "quantity": 9999`` would be checked by one reader and
-    charged by another.
-    """
-    return json.loads(body, object_pairs_hook=_unique_pairs)
 
 
 class _Strict(Text):

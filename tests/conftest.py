@@ -19,13 +19,14 @@ from typing import Any, Callable, Iterator
 
 import pika
 import pytest
+import redis
 from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the fakes and the TCP proxy live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
-from scripts.tcp_proxy import TcpProxy  # noqa: E402
+from scripts.tcp_proxy import TcpProxy, free_port  # noqa: E402
 from tests.support import private_vhost, wait_until  # noqa: E402,F401 - fixtures and tests use them
 
 ORDERS = str(Path(sys.executable).parent / "orders")
@@ -261,19 +262,30 @@ class Proc:
         return self.popen.returncode
 
 
-@pytest.fixture
-def service(test_env: dict[str, str], tmp_path: Path, settings: Any) -> Iterator[Callable[..., Proc]]:
-    """Factory: ``service("worker", "--processes", "2")`` starts a CLI process."""
+def _services(test_env: dict[str, str], logs: Path) -> Iterator[Callable[..., Proc]]:
     started: list[Proc] = []
 
     def start(*args: str, **env: str) -> Proc:
-        p = Proc(list(args), {**test_env, **env}, tmp_path / f"{args[0]}-{len(started)}.log")
+        p = Proc(list(args), {**test_env, **env}, logs / f"{args[0]}-{len(started)}.log")
         started.append(p)
         return p
 
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def service(test_env: dict[str, str], tmp_path: Path, settings: Any) -> Iterator[Callable[..., Proc]]:
+    """Factory: ``service("worker", "--processes", "2")`` starts a CLI process."""
+    yield from _services(test_env, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_service(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
+                   settings: Any) -> Iterator[Callable[..., Proc]]:
+    """``service`` for processes that serve a whole module (stopped after its last test)."""
+    yield from _services(test_env, tmp_path_factory.mktemp("services"))
 
 
 def place_body(user: str = "user-1", items: list[tuple[str, int]] | None = None, order_id: str | None = None) -> dict[str, Any]:
@@ -318,3 +330,23 @@ def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
             p.down()
         except OSError:
             pass
+
+
+@pytest.fixture
+def private_redis(wait: Any) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A redis-server of the test's own (no other run shares its counters), killed at the end."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    wait(lambda: _pings(client), timeout=10, what="private redis")
+    yield port, proc
+    proc.kill()
+    proc.wait()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False

@@ -5,17 +5,14 @@ proxy the test cuts."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import jwt
 import pytest
-import redis
 from sqlalchemy import text
 from tests.support import private_vhost
 from scripts.tcp_proxy import free_port
@@ -23,25 +20,6 @@ from scripts.tcp_proxy import free_port
 HIGH = "100000"
 JWT_SECRET = "shim-tests-jwt-secret-of-at-least-32-bytes"
 VHOST = "orders-shim-outages"
-
-
-@pytest.fixture
-def private_redis(wait: Any) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    wait(lambda: _pings(client), timeout=10, what="private redis")
-    yield port, proc
-    proc.kill()
-    proc.wait()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture(scope="module")

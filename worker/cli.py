@@ -225,7 +225,7 @@ def relay(config: ConfigOption = None) -> None:
     stop = _stop_on_signals()
     relay_port = settings.metrics.port + 1 if settings.metrics.port else 0
     try:
-        metrics.serve(relay_port)
+        metrics.serve(settings.metrics.host, relay_port)
     except OSError as exc:
         typer.echo(f"warning: metrics port {relay_port} unavailable: {exc}", err=True)
     Relay(settings, db.make_engine(settings.database, pool_size=2), metrics.Metrics()).run(stop)

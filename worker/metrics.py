@@ -4,7 +4,9 @@ The worker pool runs prometheus-client in multiprocess mode: the supervisor
 points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before it forks, the
 children write their samples there, and the supervisor serves the merged view
 on ``metrics.port``.  The relay serves its own on ``metrics.port + 1``; the
-shim serves ``/metrics`` on its HTTP port.
+shim serves ``/metrics`` on its HTTP port.  Both listen on ``metrics.host``
+(127.0.0.1 unless configured): the numbers name queues, providers and error
+classes, and nothing authenticates a scrape.
 """
 
 from __future__ import annotations
@@ -84,8 +86,8 @@ def prepare_multiprocess() -> str:
     return path
 
 
-def serve_pool_metrics(port: int) -> None:
-    """Serve the merged samples of every pool process (supervisor side)."""
+def serve_pool_metrics(host: str, port: int) -> None:
+    """Serve the merged samples of every pool process (supervisor side) on ``host:port``."""
     if not port:
         return
     from prometheus_client import CollectorRegistry, start_http_server
@@ -93,7 +95,7 @@ def serve_pool_metrics(port: int) -> None:
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
-    start_http_server(port, addr="0.0.0.0", registry=registry)
+    start_http_server(port, addr=host, registry=registry)
 
 
 def process_died(pid: int) -> None:
@@ -104,9 +106,9 @@ def process_died(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def serve(port: int) -> None:
-    """Serve this process's own metrics (the relay)."""
+def serve(host: str, port: int) -> None:
+    """Serve this process's own metrics (the relay) on ``host:port``."""
     if port:
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr="0.0.0.0")
+        start_http_server(port, addr=host)

@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping, get_origin
 from urllib.parse import quote
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, SecretStr, ValidationError
 
 #: Prefix of the environment variables that override the file.
 ENV_PREFIX = "ORDERS_"
@@ -155,6 +155,16 @@ class ShimSettings(_Section):
     #: shim processes that share the rate limits when Redis is unreachable (each then allows its
     #: share, limit / this, in-process); 0: ``workers``.  Set it to replicas x workers.
     rate_limit_processes: int = Field(default=0, ge=0)
+    #: largest request head (request line and headers, bytes); larger answers 431 and the connection closes
+    max_header_bytes: int = Field(default=16384, ge=1024)
+    #: seconds a request head may take to arrive (from the connection's start or the request's first byte); 408
+    header_timeout_seconds: float = Field(default=10, gt=0)
+    #: seconds a request body may take to arrive after its head; later answers 408 and the connection closes
+    body_timeout_seconds: float = Field(default=10, gt=0)
+    #: seconds an idle keep-alive connection stays open (behind a proxy: longer than the proxy's idle timeout)
+    keep_alive_seconds: int = Field(default=5, gt=0)
+    #: proxies (IPs or CIDRs) whose X-Forwarded-For names the client; empty: the header is ignored
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = ()
 
     @property
     def rate_limit_share_of(self) -> int:
@@ -163,6 +173,8 @@ class ShimSettings(_Section):
 
 
 class MetricsSettings(_Section):
+    #: address the worker pool's and the relay's metrics listen on (the shim serves /metrics on its own port)
+    host: str = "127.0.0.1"
     port: int = Field(default=9400, ge=0, lt=65536)
 
 

@@ -72,7 +72,7 @@ def run_pool(
     for i in range(processes):
         start(i)
     try:
-        metrics.serve_pool_metrics(settings.metrics.port)
+        metrics.serve_pool_metrics(settings.metrics.host, settings.metrics.port)
     except OSError as exc:
         log.warning("metrics port unavailable; serving no metrics", port=settings.metrics.port, error=str(exc))
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

@@ -17,7 +17,7 @@ free connection in time (:class:`~worker.redis_gate.RedisBusy`), answers
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
@@ -57,12 +57,19 @@ def shed(metrics: ShimMetrics, reason: str) -> JSONResponse:
                                  {"Retry-After": str(SHED_RETRY_AFTER)})
 
 
-class EdgeMiddleware:
-    """Refuses bodies over the size limit (413) before any parsing, sheds requests beyond the
-    concurrency limit (503), and times every request."""
+class ClientGone(Exception):
+    """The client disconnected before its whole body arrived."""
 
-    def __init__(self, app: Any, max_body: int, metrics: ShimMetrics, max_concurrent: int) -> None:
-        self.app, self.max_body, self.metrics = app, max_body, metrics
+
+class EdgeMiddleware:
+    """Refuses bodies over the size limit (413) before any parsing, and bodies that do not
+    arrive in time (408, connection closed: a client trickling bytes must not hold a
+    connection and a buffer for ever); sheds requests beyond the concurrency limit (503);
+    times every request."""
+
+    def __init__(self, app: Any, max_body: int, body_timeout: float, metrics: ShimMetrics,
+                 max_concurrent: int) -> None:
+        self.app, self.max_body, self.body_timeout, self.metrics = app, max_body, body_timeout, metrics
         self.max_concurrent, self.in_flight = max_concurrent, 0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -77,9 +84,18 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            body = await self._read_body(scope, receive)
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await self._read_body(scope, receive)
+            except TimeoutError:
+                return await _refuse(send_status, 408, "request_timeout",
+                                     f"request body not received within {self.body_timeout:g} s")
+            except ClientGone:
+                status = 499  # nobody to answer; the part of a body that came must never be acted on
+                return
             if body is None:
-                return await self._too_large(send_status)
+                return await _refuse(send_status, 413, "payload_too_large",
+                                     f"request body larger than {self.max_body} bytes")
             if self.in_flight >= self.max_concurrent and scope["path"] not in UNSHED_PATHS:
                 return await shed(self.metrics, "concurrency")(scope, receive, send_status)
             replayed = False
@@ -108,6 +124,8 @@ class EdgeMiddleware:
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
             if message["type"] != "http.request":
                 break
             chunk = message.get("body", b"")
@@ -118,13 +136,14 @@ class EdgeMiddleware:
             more = message.get("more_body", False)
         return b"".join(chunks)
 
-    async def _too_large(self, send: Any) -> None:
-        body = json.dumps({"error": "payload_too_large",
-                           "message": f"request body larger than {self.max_body} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+
+async def _refuse(send: Any, status: int, code: str, message: str) -> None:
+    """Answer before the app saw the request, and close the connection (its body is left unread)."""
+    body = errors.error_json(code, message)
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def build_shim(settings: Settings) -> Shim:
@@ -169,7 +188,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(orders_router)
     app.include_router(ops_router)
-    app.add_middleware(EdgeMiddleware, max_body=settings.shim.max_body_bytes, metrics=shim.metrics,
+    app.add_middleware(EdgeMiddleware, max_body=settings.shim.max_body_bytes,
+                       body_timeout=settings.shim.body_timeout_seconds, metrics=shim.metrics,
                        max_concurrent=settings.shim.max_concurrent_requests)
     return app
 

@@ -47,6 +47,11 @@ class ApiError(Exception):
         self.order_id = order_id
 
 
+def error_json(code: str, message: str) -> bytes:
+    """An :class:`ErrorBody` as bytes, for answers written below FastAPI (middleware, protocol)."""
+    return ErrorBody(error=code, message=message).model_dump_json(exclude_none=True).encode()
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
                    fields: list[FieldError] | None = None, order_id: str | None = None) -> JSONResponse:
     body = ErrorBody(error=code, message=message, fields=fields, order_id=order_id).model_dump(exclude_none=True)

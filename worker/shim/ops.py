@@ -15,9 +15,11 @@ from worker.redis_gate import RedisBusy
 from worker.shim.context import ShimDep
 from worker.shim.errors import ErrorBody
 from worker.shim.models import Health, RateLimitState, Readiness, WebhookAccepted
+from worker.shim.routing import StrictJsonRoute
 from worker.shim.webhook import to_publish
 
-router = APIRouter()
+#: the webhook declares no body model (it reads its signed bytes), so the strict route leaves it alone
+router = APIRouter(route_class=StrictJsonRoute)
 
 
 @router.get("/healthz", response_model=Health, tags=["operations"], summary="The process is up")

@@ -29,8 +29,9 @@ from worker.shim.errors import ApiError, ErrorBody
 from worker.shim.idempotency import KEY_PATTERN, fingerprint, validate_key
 from worker.shim.models import Accepted, CancelRequest, OrderView, PlaceOrderRequest
 from worker.shim.publisher import Command
+from worker.shim.routing import StrictJsonRoute
 
-router = APIRouter(tags=["orders"])
+router = APIRouter(tags=["orders"], route_class=StrictJsonRoute)
 
 #: while waiting, how often the read model is polled for the order to leave ``pending``
 POLL_SECONDS = 0.02

@@ -1,0 +1,61 @@
+"""JSON that refuses duplicate object keys.
+
+The standard parser keeps the last of two equal keys, so a body with
+``"quantity": 1, "quantity": 9999`` reads as 9999 here while a filter or
+log line upstream that keeps the first saw 1.  Every JSON body that carries
+an order (HTTP requests, AMQP commands) is read with :func:`loads_no_duplicates`,
+which refuses such a body instead of guessing which value was meant.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class DuplicateKeyError(ValueError):
+    """An object in the document names the same key twice.
+
+    ``path`` leads from the document's root to that object (keys and list
+    indexes); ``key`` is the repeated key.
+    """
+
+    def __init__(self, key: str, path: tuple[str | int, ...]) -> None:
+        where = ".".join(str(p) for p in path) or "the top-level object"
+        super().__init__(f"duplicate key {key!r} in {where}")
+        self.key, self.path = key, path
+
+
+def loads_no_duplicates(body: bytes | str) -> Any:
+    """``json.loads``, except that an object with a repeated key raises :class:`DuplicateKeyError`.
+
+    Malformed JSON raises :class:`json.JSONDecodeError` as usual; both are
+    ``ValueError``.
+    """
+    repeated: list[tuple[dict[str, Any], str]] = []
+
+    def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs) and not repeated:
+            seen: set[str] = set()
+            key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            repeated.append((obj, key))
+        return obj
+
+    document = json.loads(body, object_pairs_hook=pairs_to_dict)
+    if repeated:
+        obj, key = repeated[0]
+        raise DuplicateKeyError(key, _path_to(document, obj) or ())
+    return document
+
+
+def _path_to(node: Any, target: dict[str, Any], path: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
+    """Where ``target`` (by identity) sits in ``node``; parsing already finished, so only refusals pay for this."""
+    if node is target:
+        return path
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for step, child in children:
+        found = _path_to(child, target, (*path, step))
+        if found is not None:
+            return found
+    return None
