@@ -11,7 +11,8 @@ variable, when:
   ``shim.webhook_hmac_secret``) is shorter than :data:`MIN_HMAC_KEY_BYTES`;
 - a payment base URL is not the provider's own (https, provider host);
 - the PayPal certificate allow-list names a host other than PayPal's, or the
-  certificates' trust roots are not the system's.
+  certificates' trust roots are not the system's;
+- RabbitMQ is reached as ``guest``, or ``shim.trusted_proxies`` trusts every address.
 
 ``orders doctor`` reports the same problems as findings.  Development mode
 (set by ``scripts/up.sh``, the tests and ``compose.yml``) checks nothing
@@ -101,4 +102,8 @@ def problems(settings: Settings) -> list[Problem]:
         found.append(Problem("paypal.cert_host_allowlist", f"names hosts that are not PayPal's: {', '.join(foreign)}"))
     if paypal.cert_ca_file:
         found.append(Problem("paypal.cert_ca_file", "must be empty (the system's CAs) in production"))
+    open_proxies = [str(n) for n in shim.trusted_proxies if n.prefixlen == 0]
+    if open_proxies:
+        found.append(Problem("shim.trusted_proxies", f"trusts every address ({', '.join(open_proxies)}): anyone could "
+                             "name their own client address; list the proxies"))
     return found

@@ -77,6 +77,7 @@ def test_a_configuration_of_real_secrets_and_provider_urls_passes():
     ({"ORDERS_PAYPAL__CERT_HOST_ALLOWLIST": '["api.paypal.com", "127.0.0.1"]'}, "paypal.cert_host_allowlist"),
     ({"ORDERS_RABBITMQ__URL": "amqp://guest:guest@rabbit.internal:5672/"}, "rabbitmq.url"),
     ({"ORDERS_PAYPAL__CERT_CA_FILE": "/etc/ssl/certs/my-own-ca.pem"}, "paypal.cert_ca_file"),
+    ({"ORDERS_SHIM__TRUSTED_PROXIES": '["10.0.0.0/8", "0.0.0.0/0"]'}, "shim.trusted_proxies"),
 ])
 def test_each_unsafe_setting_is_refused_by_name(override, key):
     assert refused_keys({**PRODUCTION_ENV, **override}) == {key}
