@@ -51,7 +51,7 @@ def test_requests_beyond_the_concurrency_limit_are_shed_with_503_and_retry_after
             await send({"type": "http.response.body", "body": b""})
 
         metrics = ShimMetrics()
-        edge = EdgeMiddleware(held, max_body=1024, metrics=metrics, max_concurrent=2)
+        edge = EdgeMiddleware(held, max_body=1024, body_timeout=10, metrics=metrics, max_concurrent=2)
         busy = [asyncio.create_task(_call(edge, "/orders")) for _ in range(2)]
         probe = asyncio.create_task(_call(edge, "/readyz"))
         await asyncio.wait_for(_entered(inside, 3), 5)
