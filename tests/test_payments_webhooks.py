@@ -28,7 +28,7 @@ from handlers.payments.stripe_gateway import StripeGateway  # noqa: E402
 from handlers.payments.webhooks import confirmation_message_id, parse_webhook, to_payment_confirmed  # noqa: E402
 from worker.settings import PayPalSettings, SettingsError, StripeSettings  # noqa: E402
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 STRIPE_SECRET = "whsec_test_secret"
 VECTOR = json.loads((FIXTURES / "paypal" / "webhook-signed-vector.json").read_text())
 CERT_NAME = VECTOR["cert_url"].rsplit("/", 1)[-1]
