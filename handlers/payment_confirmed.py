@@ -61,8 +61,8 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
     if problem is not None:
         raise Mismatch(problem)
     payment = payment or PaymentRecord(  # confirmed before the payment step recorded anything
-        order_id=order_id, provider=order.payment_provider, status="started", amount=order.total,
-        currency=order.currency, idempotency_key=f"order-{order_id}",
+        order_id=order_id, provider=order.payment_provider, status="started", amount=cmd.amount,
+        currency=cmd.currency, idempotency_key=f"order-{order_id}",  # equal to the order's: checked above
     )
     return confirm(order, payment, cmd.provider, cmd.payment_id, cmd.event_id, msg.message_id, uow)
 

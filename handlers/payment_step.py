@@ -78,6 +78,8 @@ def _order_and_payment(uow: UnitOfWork, order_id: str) -> tuple[Order, PaymentRe
 
 
 def _new_payment(order: Order) -> PaymentRecord:
+    if order.currency is None:  # none of its products was known: it was rejected when placed
+        raise IllegalTransition(f"order {order.order_id} has no currency and takes no payment")
     return PaymentRecord(
         order_id=order.order_id, provider=order.payment_provider, status="started", amount=order.total,
         currency=order.currency, idempotency_key=idempotency_key(order.order_id, "start"),
@@ -99,7 +101,7 @@ def prepare_start(cmd: Any, uow: UnitOfWork) -> Call | None:
     uow.save_payment(payment)
     req = order.payment_request
     request = PaymentRequest(
-        order_id=order.order_id, amount=order.total, currency=order.currency,
+        order_id=order.order_id, amount=payment.amount, currency=payment.currency,
         idempotency_key=payment.idempotency_key, payment_method=req.get("payment_method"),
         return_url=req.get("return_url"), cancel_url=req.get("cancel_url"),
         description=f"order {order.order_id}",
@@ -287,7 +289,11 @@ def prepare_refund(cmd: Any, uow: UnitOfWork) -> Call | None:
     if cmd.payment_id is not None:  # a second payment, never recorded as the order's
         key = idempotency_key(order.order_id, f"refund-{cmd.payment_id}")
         second = PaymentResult(PayOutcome.SUCCEEDED, cmd.payment_id)
-        total, cur = (cmd.amount, cmd.currency) if cmd.amount is not None else (order.total, order.currency)
+        total = cmd.amount if cmd.amount is not None else order.total
+        cur = cmd.currency or order.currency
+        if cur is None:
+            raise ManualActionRequired(f"payment {cmd.payment_id} of order {order.order_id} names no currency: "
+                                       "refund it by hand, then purge this message")
         return Call(order.payment_provider, lambda gateway: gateway.refund(second, total, cur, key))
     if payment is None or payment.status == "refunded":
         return None
@@ -403,11 +409,10 @@ class Step:
 
 def payment_steps(capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS) -> dict[str, Step]:
     """The steps by command type, with the worker's settings."""
-    settle = {"settle_after": capture_settle_seconds}
     return {
         "StartPayment": Step(prepare_start, record_start),
-        "CapturePayment": Step(prepare_capture, functools.partial(record_capture, **settle)),
-        "CancelPayment": Step(prepare_cancel, functools.partial(record_cancel, **settle)),
+        "CapturePayment": Step(prepare_capture, functools.partial(record_capture, settle_after=capture_settle_seconds)),
+        "CancelPayment": Step(prepare_cancel, functools.partial(record_cancel, settle_after=capture_settle_seconds)),
         "RefundPayment": Step(prepare_refund, record_refund),
         "PaymentFailed": Step(prepare_none, record_failed, calls_provider=False),
         "SettlePayment": Step(prepare_settle, record_settle),

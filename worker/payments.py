@@ -60,7 +60,7 @@ class PaymentStep:
             misplaced = wrong_queue(d.queue, d.message_type)
             if misplaced is not None:
                 raise InvalidMessage(misplaced)
-            command = parse_command(d.message_type, d.body)
+            command: Any = parse_command(d.message_type, d.body)  # an internal command: each names its order
         except InvalidMessage as exc:
             return Handled(d, Result.INVALID, error=exc, reason=str(exc))
         ctx = MessageContext(d.message_id, d.message_type or "", d.correlation_id)

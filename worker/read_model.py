@@ -127,7 +127,7 @@ def make_async_redis(cfg: RedisSettings, pool_size: int, pool_timeout: float) ->
     wait up to ``pool_timeout`` seconds for one instead of opening hundreds,
     then get :class:`~worker.redis_gate.RedisBusy`.
     """
-    pool = _SheddingPool(
+    pool = _SheddingPool(  # type: ignore[call-overload]  # a float timeout works; the stub says int
         max_connections=pool_size, timeout=pool_timeout, host=cfg.host, port=cfg.port, db=cfg.db,
         socket_timeout=0.5, socket_connect_timeout=0.5, retry=AsyncRetry(NoBackoff(), 0), health_check_interval=30)
     return aioredis.Redis(connection_pool=pool)

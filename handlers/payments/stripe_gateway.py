@@ -266,7 +266,7 @@ def translate_event(event: Any) -> WebhookEvent:
     if event_type not in ("payment_intent.succeeded", "payment_intent.payment_failed") or obj.get("object") != "payment_intent":
         return WebhookEvent(kind=WebhookKind.IGNORED, provider=PROVIDER, event_id=event_id, event_type=event_type)
     intent = read(_Intent, obj, "stripe payment_intent")
-    common = {
+    common: dict[str, Any] = {
         "provider": PROVIDER,
         "event_id": event_id,
         "event_type": event_type,

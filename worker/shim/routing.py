@@ -13,7 +13,7 @@ is left to FastAPI's own error path.  Routes that declare no body model
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -44,7 +44,7 @@ class StrictJsonRequest(Request):
 class StrictJsonRoute(APIRoute):
     """An ``APIRoute`` that answers 422 to a JSON body naming a key twice."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         if self.body_field is None:
             return handler
