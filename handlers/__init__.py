@@ -6,7 +6,8 @@ worker knows nothing else about the commands.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from handlers.cancel_order import cancel_order
 from handlers.outcome import MessageContext, Outcome

@@ -7,7 +7,7 @@ that caused it, so the same effect can never be written under two ids.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from handlers.orders import Order
@@ -29,7 +29,7 @@ def _envelope(order: Order, routing_key: str, message_id: str) -> dict[str, Any]
     return {
         "event_id": event_id(order.order_id, routing_key, message_id),
         "order_id": order.order_id,
-        "occurred_at": datetime.now(timezone.utc).isoformat(),
+        "occurred_at": datetime.now(UTC).isoformat(),
     }
 
 
@@ -60,15 +60,23 @@ def order_event(uow: UnitOfWork, order: Order, routing_key: str, message_id: str
 def internal(uow: UnitOfWork, order: Order, command: str, routing_key: str, message_id: str, **data: Any) -> None:
     """An internal command for the payment step, published by the relay."""
     body = {"order_id": order.order_id, **data}
-    uow.emit(INTERNAL, routing_key, command, body, order.order_id, order.correlation_id,
-             event_id(order.order_id, routing_key, message_id))
+    uow.emit(
+        INTERNAL,
+        routing_key,
+        command,
+        body,
+        order.order_id,
+        order.correlation_id,
+        event_id(order.order_id, routing_key, message_id),
+    )
 
 
 REFUSED = "command.refused"
 
 
-def refused(uow: UnitOfWork, order_id: str, message_id: str, command: str, reason: str, message: str,
-            correlation_id: str | None) -> None:
+def refused(
+    uow: UnitOfWork, order_id: str, message_id: str, command: str, reason: str, message: str, correlation_id: str | None
+) -> None:
     """``command.refused``: a well-formed command was refused for a business reason.
 
     Published like every event (outbox, stable id), so that an upstream
@@ -76,7 +84,14 @@ def refused(uow: UnitOfWork, order_id: str, message_id: str, command: str, reaso
     refused message id, however often the message is delivered.
     """
     eid = event_id(order_id, REFUSED, message_id)
-    body = {"event_id": eid, "order_id": order_id, "occurred_at": datetime.now(timezone.utc).isoformat(),
-            "message_id": message_id, "command": command, "reason": reason, "message": message[:1000],
-            "correlation_id": correlation_id}
+    body = {
+        "event_id": eid,
+        "order_id": order_id,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "message_id": message_id,
+        "command": command,
+        "reason": reason,
+        "message": message[:1000],
+        "correlation_id": correlation_id,
+    }
     uow.emit(ORDER_EVENTS, REFUSED, "CommandRefused", body, order_id, correlation_id, eid)

@@ -32,9 +32,7 @@ class Status(str, enum.Enum):
 
 TRANSITIONS: dict[Status | None, frozenset[Status]] = {
     None: frozenset({Status.PENDING, Status.REJECTED}),
-    Status.PENDING: frozenset(
-        {Status.AWAITING_PAYMENT, Status.COMPLETED, Status.CANCELLED, Status.REJECTED}
-    ),
+    Status.PENDING: frozenset({Status.AWAITING_PAYMENT, Status.COMPLETED, Status.CANCELLED, Status.REJECTED}),
     Status.AWAITING_PAYMENT: frozenset({Status.COMPLETED, Status.CANCELLED, Status.REJECTED}),
     Status.COMPLETED: frozenset({Status.SHIPPED, Status.REFUNDED}),
     Status.SHIPPED: frozenset(),

@@ -30,7 +30,7 @@ class Outcome:
     next_action: dict[str, str] | None = field(default=None)
 
     @classmethod
-    def of(cls, result: str, order: Order, message: str | None = None) -> "Outcome":
+    def of(cls, result: str, order: Order, message: str | None = None) -> Outcome:
         return cls(
             result=result,
             order_id=order.order_id,

@@ -33,8 +33,10 @@ def _mismatch(cmd: PaymentConfirmed, order: Order, payment: PaymentRecord | None
     if cmd.provider not in (order.payment_provider, "internal"):
         return f"order {order.order_id} is paid through {order.payment_provider}, not {cmd.provider}"
     if (cmd.amount, cmd.currency) != (order.total, order.currency):
-        return (f"order {order.order_id} costs {order.total} {order.currency or '(no currency)'}, "
-                f"confirmation says {cmd.amount} {cmd.currency}")
+        return (
+            f"order {order.order_id} costs {order.total} {order.currency or '(no currency)'}, "
+            f"confirmation says {cmd.amount} {cmd.currency}"
+        )
     if payment is not None and payment.provider_payment_id not in (None, cmd.payment_id):
         return f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}"
     return None
@@ -53,22 +55,48 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
             return Outcome.of("unchanged", order, "payment was refunded already")
     problem = _mismatch(cmd, order, payment)
     if cmd.provider in ASKABLE and (problem is not None or cmd.provider == "paypal"):
-        events.internal(uow, order, "SettlePayment", "payment.settle", msg.message_id,
-                        provider=cmd.provider, payment_id=cmd.payment_id, amount=cmd.amount, currency=cmd.currency,
-                        event_id=cmd.event_id, confirmation_id=msg.message_id, correlation_id=msg.correlation_id)
-        return Outcome("settling", order_id, order.status.value,
-                       message=f"{problem or 'a PayPal confirmation'}: asking {cmd.provider} about {cmd.payment_id}")
+        events.internal(
+            uow,
+            order,
+            "SettlePayment",
+            "payment.settle",
+            msg.message_id,
+            provider=cmd.provider,
+            payment_id=cmd.payment_id,
+            amount=cmd.amount,
+            currency=cmd.currency,
+            event_id=cmd.event_id,
+            confirmation_id=msg.message_id,
+            correlation_id=msg.correlation_id,
+        )
+        return Outcome(
+            "settling",
+            order_id,
+            order.status.value,
+            message=f"{problem or 'a PayPal confirmation'}: asking {cmd.provider} about {cmd.payment_id}",
+        )
     if problem is not None:
         raise Mismatch(problem)
     payment = payment or PaymentRecord(  # confirmed before the payment step recorded anything
-        order_id=order_id, provider=order.payment_provider, status="started", amount=cmd.amount,
-        currency=cmd.currency, idempotency_key=f"order-{order_id}",  # equal to the order's: checked above
+        order_id=order_id,
+        provider=order.payment_provider,
+        status="started",
+        amount=cmd.amount,
+        currency=cmd.currency,
+        idempotency_key=f"order-{order_id}",  # equal to the order's: checked above
     )
     return confirm(order, payment, cmd.provider, cmd.payment_id, cmd.event_id, msg.message_id, uow)
 
 
-def confirm(order: Order, payment: PaymentRecord, provider: str, payment_id: str, event_id: str, message_id: str,
-            uow: UnitOfWork) -> Outcome:
+def confirm(
+    order: Order,
+    payment: PaymentRecord,
+    provider: str,
+    payment_id: str,
+    event_id: str,
+    message_id: str,
+    uow: UnitOfWork,
+) -> Outcome:
     """Record ``payment_id`` as the order's money taken, and move the order by it."""
     payment.provider_payment_id = payment_id
     payment.provider = provider  # who took the money, and so who can give it back

@@ -28,16 +28,19 @@ through its confirmation, as any payment of a cancelled order is.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from handlers import events
 from handlers.errors import IllegalTransition, ManualActionRequired, Mismatch, RetryLater
 from handlers.orders import CANCELLABLE, REFUNDABLE, Order, Status
-from handlers.payment_confirmed import confirm
 from handlers.outcome import MessageContext, Outcome
+from handlers.payment_confirmed import confirm
 from handlers.payments.base import (
     Outcome as PayOutcome,
+)
+from handlers.payments.base import (
     PaymentAlreadyCaptured,
     PaymentError,
     PaymentFacts,
@@ -49,8 +52,9 @@ from handlers.payments.base import (
 from handlers.unit_of_work import PaymentRecord, UnitOfWork
 
 #: payment states after which StartPayment has nothing left to do
-STARTED_AND_ANSWERED = frozenset({"succeeded", "requires_action", "capturing", "processing", "declined", "failed",
-                                  "cancelled", "refunded"})
+STARTED_AND_ANSWERED = frozenset(
+    {"succeeded", "requires_action", "capturing", "processing", "declined", "failed", "cancelled", "refunded"}
+)
 #: payment states in which a payment is open at the provider and can still be cancelled
 OPEN = frozenset({"started", "requires_action", "processing", "capturing"})
 #: how long a capture of ours may stay unseen at the provider before it counts as never sent (seconds)
@@ -81,8 +85,12 @@ def _new_payment(order: Order) -> PaymentRecord:
     if order.currency is None:  # none of its products was known: it was rejected when placed
         raise IllegalTransition(f"order {order.order_id} has no currency and takes no payment")
     return PaymentRecord(
-        order_id=order.order_id, provider=order.payment_provider, status="started", amount=order.total,
-        currency=order.currency, idempotency_key=idempotency_key(order.order_id, "start"),
+        order_id=order.order_id,
+        provider=order.payment_provider,
+        status="started",
+        amount=order.total,
+        currency=order.currency,
+        idempotency_key=idempotency_key(order.order_id, "start"),
     )
 
 
@@ -101,15 +109,21 @@ def prepare_start(cmd: Any, uow: UnitOfWork) -> Call | None:
     uow.save_payment(payment)
     req = order.payment_request
     request = PaymentRequest(
-        order_id=order.order_id, amount=payment.amount, currency=payment.currency,
-        idempotency_key=payment.idempotency_key, payment_method=req.get("payment_method"),
-        return_url=req.get("return_url"), cancel_url=req.get("cancel_url"),
+        order_id=order.order_id,
+        amount=payment.amount,
+        currency=payment.currency,
+        idempotency_key=payment.idempotency_key,
+        payment_method=req.get("payment_method"),
+        return_url=req.get("return_url"),
+        cancel_url=req.get("cancel_url"),
         description=f"order {order.order_id}",
     )
     return Call(order.payment_provider, lambda gateway: gateway.start(request))
 
 
-def apply_result(order: Order, payment: PaymentRecord, result: PaymentResult, msg: MessageContext, uow: UnitOfWork) -> Outcome:
+def apply_result(
+    order: Order, payment: PaymentRecord, result: PaymentResult, msg: MessageContext, uow: UnitOfWork
+) -> Outcome:
     """Move the order by the provider's answer (start or capture)."""
     mid = msg.message_id
     other = payment.provider_payment_id
@@ -186,8 +200,9 @@ def record_failure(cmd: Any, msg: MessageContext, uow: UnitOfWork, error: Paymen
         if payment is not None and second is None:
             payment.status = "succeeded"
             uow.save_payment(payment)
-        events.internal(uow, order, "RefundPayment", "payment.refund", msg.message_id,
-                        **({"payment_id": second} if second else {}))
+        events.internal(
+            uow, order, "RefundPayment", "payment.refund", msg.message_id, **({"payment_id": second} if second else {})
+        )
         return Outcome.of("applied", order, str(error))
     if msg.message_type == "CancelPayment":
         return Outcome.of("unchanged", order, f"payment could not be cancelled: {error}")
@@ -232,8 +247,13 @@ def _cancel_call(order: Order, payment_id: str) -> Call:
     return Call(order.payment_provider, lambda gateway: gateway.cancel(payment_id, key))
 
 
-def record_capture(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: PaymentResult | None,
-                   settle_after: float = CAPTURE_SETTLE_SECONDS) -> Outcome:
+def record_capture(
+    cmd: Any,
+    msg: MessageContext,
+    uow: UnitOfWork,
+    result: PaymentResult | None,
+    settle_after: float = CAPTURE_SETTLE_SECONDS,
+) -> Outcome:
     if result is None:  # the look at a cancelled order's payment found nothing captured (yet)
         order, payment = _order_and_payment(uow, str(cmd.order_id))
         return _not_captured_yet(order, payment, uow, settle_after)
@@ -245,13 +265,17 @@ def _not_captured_yet(order: Order, payment: PaymentRecord | None, uow: UnitOfWo
         return Outcome.of("unchanged", order, "nothing was captured")
     if payment.unchanged_seconds < settle_after:
         # our capture may still be carried out: look again later (the delay tiers), refund if it was
-        raise RetryLater(f"order {order.order_id} was cancelled while a capture of {payment.provider_payment_id} "
-                         "was out; looking again until it is settled")
+        raise RetryLater(
+            f"order {order.order_id} was cancelled while a capture of {payment.provider_payment_id} "
+            "was out; looking again until it is settled"
+        )
     # far past any client timeout: the capture never went out (a kill or an outage between marking and
     # sending it). Recorded as not captured; one that lands after all is refunded through its confirmation.
     payment.status = "cancelled"
-    payment.last_error = (f"capture not seen at {payment.provider} {int(payment.unchanged_seconds)} s after it was "
-                          "marked; recorded as not captured")
+    payment.last_error = (
+        f"capture not seen at {payment.provider} {int(payment.unchanged_seconds)} s after it was "
+        "marked; recorded as not captured"
+    )
     uow.save_payment(payment)
     return Outcome.of("applied", order, payment.last_error)
 
@@ -264,14 +288,18 @@ def prepare_cancel(cmd: Any, uow: UnitOfWork) -> Call | None:
     if cmd.payment_id is not None:  # a second payment, never recorded as the order's
         key, second = idempotency_key(order.order_id, f"cancel-{cmd.payment_id}"), cmd.payment_id
         return Call(order.payment_provider, lambda gateway: gateway.cancel(second, key))
-    if payment is None or payment.provider_payment_id is None or \
-            payment.status not in ("requires_action", "capturing", "processing"):
+    if (
+        payment is None
+        or payment.provider_payment_id is None
+        or payment.status not in ("requires_action", "capturing", "processing")
+    ):
         return None  # nothing open at the provider (a start in flight settles itself)
     return _cancel_call(order, payment.provider_payment_id)
 
 
-def record_cancel(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None,
-                  settle_after: float = CAPTURE_SETTLE_SECONDS) -> Outcome:
+def record_cancel(
+    cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None, settle_after: float = CAPTURE_SETTLE_SECONDS
+) -> Outcome:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     if cmd.payment_id is None and payment is not None and payment.status == "capturing":
         return _not_captured_yet(order, payment, uow, settle_after)
@@ -292,20 +320,25 @@ def prepare_refund(cmd: Any, uow: UnitOfWork) -> Call | None:
         total = cmd.amount if cmd.amount is not None else order.total
         cur = cmd.currency or order.currency
         if cur is None:
-            raise ManualActionRequired(f"payment {cmd.payment_id} of order {order.order_id} names no currency: "
-                                       "refund it by hand, then purge this message")
+            raise ManualActionRequired(
+                f"payment {cmd.payment_id} of order {order.order_id} names no currency: "
+                "refund it by hand, then purge this message"
+            )
         return Call(order.payment_provider, lambda gateway: gateway.refund(second, total, cur, key))
     if payment is None or payment.status == "refunded":
         return None
     if order.status not in REFUNDABLE:
-        raise IllegalTransition(f"order {order.order_id} is {order.status.value}: only a completed, cancelled or "
-                                "rejected order's payment is refunded")
+        raise IllegalTransition(
+            f"order {order.order_id} is {order.status.value}: only a completed, cancelled or "
+            "rejected order's payment is refunded"
+        )
     if payment.provider_payment_id is None:
         raise RetryLater(f"payment of order {order.order_id} has no provider id yet")
     if payment.provider not in ("stripe", "paypal"):
         raise ManualActionRequired(
             f"payment {payment.provider_payment_id} of cancelled order {order.order_id} was taken by the "
-            f"{payment.provider} payment service: refund it there, then purge this message")
+            f"{payment.provider} payment service: refund it there, then purge this message"
+        )
     key = idempotency_key(order.order_id, "refund")
     taken = PaymentResult(PayOutcome.SUCCEEDED, payment.provider_payment_id, capture_id=payment.capture_id)
     amount, currency = payment.amount, payment.currency
@@ -366,14 +399,22 @@ def record_settle(cmd: Any, msg: MessageContext, uow: UnitOfWork, facts: Payment
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     if not facts.taken or facts.order_id != order.order_id:
         said = f"{cmd.provider} has {facts.provider_payment_id} as {facts.status}" + (
-            "" if facts.order_id in (None, order.order_id) else ", for another order")
+            "" if facts.order_id in (None, order.order_id) else ", for another order"
+        )
         return _refuse_confirmation(cmd, order, "payment_not_confirmed", f"payment not confirmed: {said}", uow)
     if (facts.amount, facts.currency) != (order.total, order.currency):
         # money taken for this order that it cannot keep: give it back, and say why
         _give_back(order, facts, msg.message_id, uow)
-        return _refuse_confirmation(cmd, order, "payment_mismatch", (
-            f"{cmd.provider} took {facts.amount} {facts.currency} with {facts.provider_payment_id}; the order costs "
-            f"{order.total} {order.currency}: refunded"), uow)
+        return _refuse_confirmation(
+            cmd,
+            order,
+            "payment_mismatch",
+            (
+                f"{cmd.provider} took {facts.amount} {facts.currency} with {facts.provider_payment_id}; the order costs "
+                f"{order.total} {order.currency}: refunded"
+            ),
+            uow,
+        )
     if payment is not None and payment.confirmed_event_id is not None:
         # paid already (this payment, or another one whose second payment is given back)
         taken = PaymentResult(PayOutcome.SUCCEEDED, facts.provider_payment_id, capture_id=facts.capture_id)
@@ -390,8 +431,16 @@ def record_settle(cmd: Any, msg: MessageContext, uow: UnitOfWork, facts: Payment
 def _give_back(order: Order, facts: PaymentFacts, mid: str, uow: UnitOfWork) -> None:
     """Refund in full what the provider took with ``facts``' payment, which the order does not keep."""
     pid = facts.provider_payment_id
-    events.internal(uow, order, "RefundPayment", "payment.refund", f"{mid}:{pid}", payment_id=pid,
-                    amount=facts.amount, currency=facts.currency)
+    events.internal(
+        uow,
+        order,
+        "RefundPayment",
+        "payment.refund",
+        f"{mid}:{pid}",
+        payment_id=pid,
+        amount=facts.amount,
+        currency=facts.currency,
+    )
 
 
 def _refuse_confirmation(cmd: Any, order: Order, reason: str, message: str, uow: UnitOfWork) -> Outcome:

@@ -17,6 +17,7 @@ from handlers.outcome import MessageContext, Outcome
 from handlers.unit_of_work import UnitOfWork
 from schema.messages import PlaceOrder
 
+
 def place_order(cmd: PlaceOrder, msg: MessageContext, uow: UnitOfWork) -> Outcome:
     order_id = msg.order_id or cmd.resolved_order_id(msg.message_id)
     existing = uow.order(order_id)

@@ -16,7 +16,7 @@ import json
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -33,6 +33,7 @@ from schema.jsonstrict import loads_no_duplicates
 #: Namespace for order ids derived from a PlaceOrder's message_id.
 ORDER_ID_NAMESPACE = uuid.UUID("6f1d5b8e-3c4a-4f7e-9b0e-2d8c1a7e5f30")
 
+
 def uuid5(namespace: uuid.UUID, name: str) -> str:
     """``str(uuid.uuid5(namespace, name))``, three times faster (it runs per event)."""
     digest = bytearray(hashlib.sha1(namespace.bytes + name.encode()).digest()[:16])
@@ -47,9 +48,7 @@ MAX_ITEMS = 100
 MAX_QUANTITY = 10_000
 
 Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-ProductId = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
-]
+ProductId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 Url = Annotated[str, StringConstraints(min_length=8, max_length=2000, pattern=r"^https?://[^\s\x00-\x1f\x7f-\x9f]+$")]
 
@@ -113,7 +112,7 @@ class PayPalPayment(_Strict):
     cancel_url: Url
 
 
-Payment = Annotated[Union[StripePayment, PayPalPayment], Field(discriminator="provider")]
+Payment = Annotated[StripePayment | PayPalPayment, Field(discriminator="provider")]
 
 
 def check_item_form(order: Any) -> None:
@@ -134,7 +133,7 @@ class PlaceOrder(_Strict):
     payment: Payment
 
     @model_validator(mode="after")
-    def _one_item_form(self) -> "PlaceOrder":
+    def _one_item_form(self) -> PlaceOrder:
         check_item_form(self)
         return self
 
@@ -257,7 +256,9 @@ def parse_command(message_type: str | None, body: bytes) -> _Strict:
     try:
         loads_no_duplicates(body)
     except json.JSONDecodeError as exc:
-        raise InvalidMessage(f"{message_type}: body: Invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise InvalidMessage(
+            f"{message_type}: body: Invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     except (ValueError, RecursionError) as exc:
         raise InvalidMessage(f"{message_type}: body: {exc}") from None
     try:

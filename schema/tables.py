@@ -71,9 +71,7 @@ orders = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("total >= 0", name="total_not_negative"),
-    CheckConstraint(
-        "status IN (" + ", ".join(f"'{s}'" for s in ORDER_STATUSES) + ")", name="status_known"
-    ),
+    CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in ORDER_STATUSES) + ")", name="status_known"),
     Index("ix_orders_user_id", "user_id"),
     Index("ix_orders_status", "status"),
 )

@@ -50,7 +50,7 @@ def run_json(args: list[str], env: dict[str, str], timeout: float) -> dict[str, 
     if done.returncode != 0:
         raise SystemExit(f"{args[0]} failed:\n{done.stderr[-3000:]}")
     out = done.stdout
-    return json.loads(out[out.index("{"):])
+    return json.loads(out[out.index("{") :])
 
 
 def isolated_env(dbname: str, vhost: str) -> dict[str, str]:
@@ -58,15 +58,27 @@ def isolated_env(dbname: str, vhost: str) -> dict[str, str]:
 
     made = vhost if _vhost(vhost) else ""
     url = load_settings().rabbitmq.url.get_secret_value().rstrip("/") + "/" + made.replace("/", "%2F")
-    return {"ORDERS_ENVIRONMENT": "development", **os.environ, "ORDERS_DATABASE__DBNAME": dbname, "ORDERS_RABBITMQ__URL": url,
-            "ORDERS_LOGGING__LEVEL": "WARNING", "ORDERS_METRICS__PORT": "0"}
+    return {
+        "ORDERS_ENVIRONMENT": "development",
+        **os.environ,
+        "ORDERS_DATABASE__DBNAME": dbname,
+        "ORDERS_RABBITMQ__URL": url,
+        "ORDERS_LOGGING__LEVEL": "WARNING",
+        "ORDERS_METRICS__PORT": "0",
+    }
 
 
 def _vhost(name: str) -> bool:
     try:
         subprocess.run(["rabbitmqctl", "add_vhost", name], capture_output=True, timeout=60)
-        return subprocess.run(["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-                              capture_output=True, timeout=60).returncode == 0
+        return (
+            subprocess.run(
+                ["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+                capture_output=True,
+                timeout=60,
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -93,26 +105,52 @@ def soak(minutes: float, rate: float) -> dict[str, Any]:
     env = isolated_env(SOAK_DB, SOAK_VHOST)
     prepare(env)
     logs = Path(tempfile.mkdtemp(prefix="orders-soak-"))
-    pool = subprocess.Popen([ORDERS, "worker", "--processes", "2", "--queue", "orders.place", "--queue",
-                             "orders.cancel", "--queue", "orders.payment-confirmed"], env=env,
-                            stdout=(logs / "worker.log").open("w"), stderr=subprocess.STDOUT)
-    relay = subprocess.Popen([ORDERS, "relay"], env=env, stdout=(logs / "relay.log").open("w"),
-                             stderr=subprocess.STDOUT)
+    pool = subprocess.Popen(
+        [
+            ORDERS,
+            "worker",
+            "--processes",
+            "2",
+            "--queue",
+            "orders.place",
+            "--queue",
+            "orders.cancel",
+            "--queue",
+            "orders.payment-confirmed",
+        ],
+        env=env,
+        stdout=(logs / "worker.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    relay = subprocess.Popen(
+        [ORDERS, "relay"], env=env, stdout=(logs / "relay.log").open("w"), stderr=subprocess.STDOUT
+    )
     stop = threading.Event()
     sent = [0]
 
     def publish() -> None:
         conn = pika.BlockingConnection(pika.URLParameters(env["ORDERS_RABBITMQ__URL"]))
         ch = conn.channel()
-        body = {"user_id": "soak", "items": [{"product_id": "sku-apple", "quantity": 1}],
-                "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}
+        body = {
+            "user_id": "soak",
+            "items": [{"product_id": "sku-apple", "quantity": 1}],
+            "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+        }
         start = time.monotonic()
         while not stop.is_set():
             due = int((time.monotonic() - start) * rate)
             while sent[0] < due:
-                ch.basic_publish("orders.commands", "order.place", json.dumps(body).encode(),
-                                 pika.BasicProperties(message_id=str(uuid.uuid4()), type="PlaceOrder",
-                                                      content_type="application/json", delivery_mode=2))
+                ch.basic_publish(
+                    "orders.commands",
+                    "order.place",
+                    json.dumps(body).encode(),
+                    pika.BasicProperties(
+                        message_id=str(uuid.uuid4()),
+                        type="PlaceOrder",
+                        content_type="application/json",
+                        delivery_mode=2,
+                    ),
+                )
                 sent[0] += 1
             conn.sleep(0.01)
         conn.close()
@@ -139,10 +177,19 @@ def soak(minutes: float, rate: float) -> dict[str, Any]:
         after = [kib for t, kib in points if t >= min(WARMUP_SECONDS, minutes * 30)]
         if after:
             first = after[0]
-            judged[pid] = {"first_mib": first / 1024, "min_mib": min(after) / 1024, "max_mib": max(after) / 1024,
-                           "drift_pct": 100 * (max(abs(max(after) - first), abs(first - min(after)))) / first}
-    return {"minutes": minutes, "offered_per_s": rate, "published": sent[0], "workers": judged,
-            "flat": bool(judged) and all(w["drift_pct"] <= 10 for w in judged.values())}
+            judged[pid] = {
+                "first_mib": first / 1024,
+                "min_mib": min(after) / 1024,
+                "max_mib": max(after) / 1024,
+                "drift_pct": 100 * (max(abs(max(after) - first), abs(first - min(after)))) / first,
+            }
+    return {
+        "minutes": minutes,
+        "offered_per_s": rate,
+        "published": sent[0],
+        "workers": judged,
+        "flat": bool(judged) and all(w["drift_pct"] <= 10 for w in judged.values()),
+    }
 
 
 def _children(pid: int) -> list[int]:
@@ -155,16 +202,30 @@ def main() -> int:
     ap.add_argument("--orders", type=int, default=20000, help="drain benchmark size")
     ap.add_argument("--rate", type=float, default=1000, help="offered POST /orders per second")
     ap.add_argument("--http-seconds", type=float, default=20, help="seconds of HTTP load per target")
-    ap.add_argument("--sweep", default="300,400,500,600,800", help="rates also offered to the shim, 10 s each, "
-                    "for the highest with p99 < 25 ms")
+    ap.add_argument(
+        "--sweep",
+        default="300,400,500,600,800",
+        help="rates also offered to the shim, 10 s each, for the highest with p99 < 25 ms",
+    )
     ap.add_argument("--soak-minutes", type=float, default=10, help="memory soak length")
     ap.add_argument("--soak-rate", type=float, default=500, help="commands per second during the soak")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     drain = run_json([str(ROOT / "scripts" / "bench_drain.py"), "--orders", str(args.orders)], dict(os.environ), 1200)
-    http = run_json([str(ROOT / "scripts" / "bench_http.py"), "--rate", str(args.rate), "--duration",
-                     str(args.http_seconds), "--sweep", args.sweep], dict(os.environ), 900)
+    http = run_json(
+        [
+            str(ROOT / "scripts" / "bench_http.py"),
+            "--rate",
+            str(args.rate),
+            "--duration",
+            str(args.http_seconds),
+            "--sweep",
+            args.sweep,
+        ],
+        dict(os.environ),
+        900,
+    )
     memory = soak(args.soak_minutes, args.soak_rate)
     result = {"drain": drain, "http": http, "soak": memory, "machine": bench_drain.machine()}
     if args.json:
@@ -178,15 +239,27 @@ def main() -> int:
         (f"POST /orders accepted/s at {args.rate:.0f}/s offered", f"{shim['accepted_per_s']:.0f}", f"{args.rate:.0f}"),
         ("POST p50 / p99 ms", f"{shim['p50_ms']:.1f} / {shim['p99_ms']:.1f}", "p99 < 25"),
         ("baseline FastAPI p50 / p99 ms", f"{base['p50_ms']:.1f} / {base['p99_ms']:.1f}", ""),
-        ("highest offered POST/s with p99 < 25 ms", f"{http['best_rate_within_p99'] or 0:.0f}"
-         f" (of {args.sweep})" if args.sweep else "not swept", "1000"),
+        (
+            "highest offered POST/s with p99 < 25 ms",
+            f"{http['best_rate_within_p99'] or 0:.0f} (of {args.sweep})" if args.sweep else "not swept",
+            "1000",
+        ),
         ("order visible p99 ms", f"{http['visible']['p99_ms']:.1f}", "< 100"),
-        ("peak RSS per worker (drain) MiB", ", ".join(f"{v}" for v in drain["drain"]["worker_peak_rss_mib"].values()), ""),
+        (
+            "peak RSS per worker (drain) MiB",
+            ", ".join(f"{v}" for v in drain["drain"]["worker_peak_rss_mib"].values()),
+            "",
+        ),
         (f"worker RSS over {args.soak_minutes:g} min soak", "flat" if memory["flat"] else "NOT flat", "± 10 %"),
     ]
     for pid, w in memory["workers"].items():
-        rows.append((f"  worker {pid} RSS MiB first/min/max", f"{w['first_mib']:.1f}/{w['min_mib']:.1f}/{w['max_mib']:.1f}",
-                     f"drift {w['drift_pct']:.1f} %"))
+        rows.append(
+            (
+                f"  worker {pid} RSS MiB first/min/max",
+                f"{w['first_mib']:.1f}/{w['min_mib']:.1f}/{w['max_mib']:.1f}",
+                f"drift {w['drift_pct']:.1f} %",
+            )
+        )
     m = result["machine"]
     print(f"\nmachine: {m}\n")
     print(f"| {'measure':<44} | {'value':>24} | {'target':>8} |")

@@ -41,8 +41,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pika
 import psycopg2
@@ -50,6 +51,7 @@ import psycopg2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from worker import db  # noqa: E402
 from worker.broker import (  # noqa: E402
     COMMAND_QUEUES,
     COMMANDS_EXCHANGE,
@@ -61,7 +63,6 @@ from worker.broker import (  # noqa: E402
     PipelinedPublisher,
     delay_queue,
 )
-from worker import db  # noqa: E402
 from worker.settings import load_settings  # noqa: E402
 
 ORDERS_CLI = str(Path(sys.executable).parent / "orders")
@@ -103,8 +104,9 @@ def make_vhost() -> str:
         return "/"
     try:
         subprocess.run(["rabbitmqctl", "add_vhost", VHOST], capture_output=True, timeout=60)
-        done = subprocess.run(["rabbitmqctl", "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"],
-                              capture_output=True, timeout=60)
+        done = subprocess.run(
+            ["rabbitmqctl", "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"], capture_output=True, timeout=60
+        )
         if done.returncode == 0:
             return VHOST
         say("rabbitmqctl set_permissions failed, using vhost '/':", done.stderr.decode(errors="replace").strip())
@@ -118,13 +120,15 @@ def service_env(vhost: str, tmp: Path) -> dict[str, str]:
     url = base.rabbitmq.url.get_secret_value()
     prefix = url.rsplit("/", 1)[0] if url.count("/") >= 3 else url.rstrip("/")
     env = {"ORDERS_ENVIRONMENT": "development", **os.environ}
-    env.update({
-        "ORDERS_DATABASE__DBNAME": DBNAME,
-        "ORDERS_RABBITMQ__URL": f"{prefix}/{'%2F' if vhost == '/' else vhost}",
-        "ORDERS_LOGGING__LEVEL": os.environ.get("ORDERS_LOGGING__LEVEL", "WARNING"),
-        "ORDERS_LOGGING__FORMAT": os.environ.get("ORDERS_LOGGING__FORMAT", "json"),
-        "ORDERS_WORKER__LIVENESS_FILE": str(tmp / "alive"),
-    })
+    env.update(
+        {
+            "ORDERS_DATABASE__DBNAME": DBNAME,
+            "ORDERS_RABBITMQ__URL": f"{prefix}/{'%2F' if vhost == '/' else vhost}",
+            "ORDERS_LOGGING__LEVEL": os.environ.get("ORDERS_LOGGING__LEVEL", "WARNING"),
+            "ORDERS_LOGGING__FORMAT": os.environ.get("ORDERS_LOGGING__FORMAT", "json"),
+            "ORDERS_WORKER__LIVENESS_FILE": str(tmp / "alive"),
+        }
+    )
     return env
 
 
@@ -149,8 +153,12 @@ def products_for_bench() -> list[dict[str, Any]]:
 def prepare_queues(url: str, settings: Any, capture_type: str) -> None:
     conn = pika.BlockingConnection(pika.URLParameters(url))
     ch = conn.channel()
-    queues = [*COMMAND_QUEUES, PAYMENTS_QUEUE, DEAD_LETTER_QUEUE,
-              *(delay_queue(s) for s in settings.worker.retry_delays_seconds)]
+    queues = [
+        *COMMAND_QUEUES,
+        PAYMENTS_QUEUE,
+        DEAD_LETTER_QUEUE,
+        *(delay_queue(s) for s in settings.worker.retry_delays_seconds),
+    ]
     for q in queues:
         ch.queue_purge(q)
     ch.queue_delete(CAPTURE_QUEUE)
@@ -185,14 +193,16 @@ def make_orders(n: int, products: list[dict[str, Any]], seed: int = 7) -> list[d
     orders = []
     for i in range(n):
         picks = rnd.sample(products, rnd.randint(1, min(3, len(products))))
-        orders.append({
-            "message_id": f"bench-{uuid.UUID(int=rnd.getrandbits(128), version=4)}",
-            "body": {
-                "user_id": f"user-{i % 997}",
-                "items": [{"product_id": p["product_id"], "quantity": rnd.randint(1, 4)} for p in picks],
-                "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
-            },
-        })
+        orders.append(
+            {
+                "message_id": f"bench-{uuid.UUID(int=rnd.getrandbits(128), version=4)}",
+                "body": {
+                    "user_id": f"user-{i % 997}",
+                    "items": [{"product_id": p["product_id"], "quantity": rnd.randint(1, 4)} for p in picks],
+                    "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+                },
+            }
+        )
     return orders
 
 
@@ -203,13 +213,23 @@ def preload(url: str, orders: list[dict[str, Any]], deadline: Deadline) -> float
         chunk = 1000
         for start in range(0, len(orders), chunk):
             deadline.check("preloading commands")
-            publisher.publish_batch([
-                Outgoing(COMMANDS_EXCHANGE, COMMAND_QUEUES["orders.place"],
-                         json.dumps(o["body"], separators=(",", ":")).encode(),
-                         {"message_id": o["message_id"], "type": "PlaceOrder",
-                          "content_type": "application/json", "delivery_mode": 2})
-                for o in orders[start:start + chunk]
-            ], timeout=60)
+            publisher.publish_batch(
+                [
+                    Outgoing(
+                        COMMANDS_EXCHANGE,
+                        COMMAND_QUEUES["orders.place"],
+                        json.dumps(o["body"], separators=(",", ":")).encode(),
+                        {
+                            "message_id": o["message_id"],
+                            "type": "PlaceOrder",
+                            "content_type": "application/json",
+                            "delivery_mode": 2,
+                        },
+                    )
+                    for o in orders[start : start + chunk]
+                ],
+                timeout=60,
+            )
     finally:
         publisher.close()
     return time.monotonic() - started
@@ -265,8 +285,9 @@ class Capture(threading.Thread):
 class Proc:
     def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
         self.name, self.log = name, log
-        self.popen = subprocess.Popen([ORDERS_CLI, *args], env=env, stdout=log.open("ab"),
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.popen = subprocess.Popen(
+            [ORDERS_CLI, *args], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     @property
     def pid(self) -> int:
@@ -407,8 +428,16 @@ class Window:
         return (self.t90[1] - self.t10[1]) / (self.t90[0] - self.t10[0])
 
 
-def drain(args: argparse.Namespace, env: dict[str, str], settings: Any, url: str, tmp: Path,
-          deadline: Deadline, procs: list[Proc], capture: Capture) -> dict[str, Any]:
+def drain(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    settings: Any,
+    url: str,
+    tmp: Path,
+    deadline: Deadline,
+    procs: list[Proc],
+    capture: Capture,
+) -> dict[str, Any]:
     n = args.orders
     poll = psycopg2.connect(settings.database.dsn, connect_timeout=5, application_name="bench-poll")
     poll.autocommit = True
@@ -420,8 +449,12 @@ def drain(args: argparse.Namespace, env: dict[str, str], settings: Any, url: str
     # only the command queues: the payment step (orders.payments) would call the payment
     # providers; StartPayment piles up in orders.payments and is purged afterwards
     queues = list(COMMAND_QUEUES)
-    pool = Proc("worker", ["worker", "--processes", str(args.processes), *(a for q in queues for a in ("-q", q))],
-                env, tmp / "worker.log")
+    pool = Proc(
+        "worker",
+        ["worker", "--processes", str(args.processes), *(a for q in queues for a in ("-q", q))],
+        env,
+        tmp / "worker.log",
+    )
     procs.append(pool)
 
     def groups() -> dict[str, list[int]]:
@@ -440,8 +473,10 @@ def drain(args: argparse.Namespace, env: dict[str, str], settings: Any, url: str
     t_all_orders = t_all_published = t_all_captured = None
     hwm: dict[int, int] = {}
     while True:
-        deadline.check(f"draining (orders {window.samples[-1][1] if window.samples else 0}/{n}, "
-                       f"captured {capture.count}/{CAPTURED_PER_ORDER * n})")
+        deadline.check(
+            f"draining (orders {window.samples[-1][1] if window.samples else 0}/{n}, "
+            f"captured {capture.count}/{CAPTURED_PER_ORDER * n})"
+        )
         for p in (relay, pool):
             if not p.alive():
                 raise BenchError(f"`orders {p.name}` exited with {p.popen.returncode}:\n{p.tail()}")
@@ -524,11 +559,29 @@ def baseline_rows(orders: list[dict[str, Any]], prices: dict[str, int]) -> list[
         now = "2024-01-01T00:00:00+00:00"
         items = [{"product_id": p, "quantity": q} for p, q, _ in lines]
         reserve = json.dumps({"event_id": ev[0], "order_id": oid, "occurred_at": now, "items": items})
-        placed = json.dumps({"event_id": ev[1], "order_id": oid, "occurred_at": now, "status": "pending",
-                             "user_id": body["user_id"], "total": total, "currency": "USD"})
+        placed = json.dumps(
+            {
+                "event_id": ev[1],
+                "order_id": oid,
+                "occurred_at": now,
+                "status": "pending",
+                "user_id": body["user_id"],
+                "total": total,
+                "currency": "USD",
+            }
+        )
         start = json.dumps({"order_id": oid})
-        rows.append((mid, oid, body["user_id"], total, json.dumps(body["payment"]), lines,
-                     (ev[0], oid, reserve, ev[1], oid, placed, ev[2], oid, start)))
+        rows.append(
+            (
+                mid,
+                oid,
+                body["user_id"],
+                total,
+                json.dumps(body["payment"]),
+                lines,
+                (ev[0], oid, reserve, ev[1], oid, placed, ev[2], oid, start),
+            )
+        )
     return rows
 
 
@@ -539,8 +592,9 @@ def _baseline_worker(dsn: str, rows: list[tuple], go: Any) -> None:
     for mid, oid, user, total, payment, lines, outbox in rows:
         cur.execute(INSERTS["inbox"], (mid,))
         cur.execute(INSERTS["orders"], (oid, user, total, payment, mid))
-        values = ",".join(cur.mogrify("(%s,%s,%s,%s,%s)", (oid, n, p, q, price)).decode()
-                          for n, (p, q, price) in enumerate(lines, 1))
+        values = ",".join(
+            cur.mogrify("(%s,%s,%s,%s,%s)", (oid, n, p, q, price)).decode() for n, (p, q, price) in enumerate(lines, 1)
+        )
         cur.execute(INSERTS["order_items"] + values)
         cur.execute(INSERTS["order_transitions"], (oid, mid))
         cur.execute(INSERTS["outbox"], outbox)
@@ -560,8 +614,10 @@ def baseline(settings: Any, orders: list[dict[str, Any]], prices: dict[str, int]
     rows = baseline_rows(orders, prices)
     ctx = mp.get_context("fork")
     go = ctx.Event()
-    workers = [ctx.Process(target=_baseline_worker, args=(dsn, rows[i::BASELINE_WORKERS], go), daemon=True)
-               for i in range(BASELINE_WORKERS)]
+    workers = [
+        ctx.Process(target=_baseline_worker, args=(dsn, rows[i::BASELINE_WORKERS], go), daemon=True)
+        for i in range(BASELINE_WORKERS)
+    ]
     for w in workers:
         w.start()
     try:
@@ -617,8 +673,25 @@ def pgbench(settings: Any, n: int, tmp: Path, deadline: Deadline) -> dict[str, A
     d = settings.database
     env = {**os.environ, "PGPASSWORD": d.password.get_secret_value()}
     per_client = max(1, n // BASELINE_WORKERS)
-    cmd = [exe, "-n", "-h", d.host, "-p", str(d.port), "-U", d.user, "-c", str(BASELINE_WORKERS),
-           "-j", str(min(BASELINE_WORKERS, os.cpu_count() or 1)), "-t", str(per_client), "-f", str(script), d.dbname]
+    cmd = [
+        exe,
+        "-n",
+        "-h",
+        d.host,
+        "-p",
+        str(d.port),
+        "-U",
+        d.user,
+        "-c",
+        str(BASELINE_WORKERS),
+        "-j",
+        str(min(BASELINE_WORKERS, os.cpu_count() or 1)),
+        "-t",
+        str(per_client),
+        "-f",
+        str(script),
+        d.dbname,
+    ]
     remaining = max(10.0, deadline.at - time.monotonic())
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=remaining)
@@ -672,10 +745,15 @@ def table(result: dict[str, Any]) -> str:
         ("ratio drained/baseline", fmt(ratio, ".2f")),
         ("pgbench tps (same inserts)", fmt(pgb.get("tps")) if pgb else "skipped / not installed"),
         ("all orders committed after", fmt(d["all_orders_s"], ".2f", " s")),
-        ("all events published after", fmt(d["all_events_published_s"], ".2f", " s")
-         + f"  ({d['outbox_published']}/{d['outbox_rows']} outbox rows)"),
-        ("all events captured after", fmt(d["all_events_captured_s"], ".2f", " s")
-         + f"  ({d['events_captured']} events)"),
+        (
+            "all events published after",
+            fmt(d["all_events_published_s"], ".2f", " s")
+            + f"  ({d['outbox_published']}/{d['outbox_rows']} outbox rows)",
+        ),
+        (
+            "all events captured after",
+            fmt(d["all_events_captured_s"], ".2f", " s") + f"  ({d['events_captured']} events)",
+        ),
         ("peak RSS per worker (VmHWM)", ", ".join(f"{v} MiB" for v in d["worker_peak_rss_mib"].values()) or "n/a"),
         ("peak RSS relay", f"{d['relay_peak_rss_mib']} MiB"),
         ("CPU % during 10-90% (100 = 1 core)", ", ".join(f"{k} {v}" for k, v in d["cpu_percent_10_90"].items())),
@@ -696,14 +774,19 @@ def _interrupt(*_: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--orders", type=int, default=20000, help="PlaceOrder commands to preload (default 20000)")
     ap.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--skip-baseline", action="store_true", help="skip the psycopg2 and pgbench baselines")
     ap.add_argument("--no-pgbench", action="store_true", help="skip only the pgbench baseline")
-    ap.add_argument("--capture-queue", choices=("quorum", "classic"), default="quorum",
-                    help="type of the event capture queue (default quorum, like the service's own queues)")
+    ap.add_argument(
+        "--capture-queue",
+        choices=("quorum", "classic"),
+        default="quorum",
+        help="type of the event capture queue (default quorum, like the service's own queues)",
+    )
     ap.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     ap.add_argument("--timeout", type=float, default=600, help="give up after this many seconds (default 600)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the worker/relay logs (path printed)")
@@ -723,14 +806,19 @@ def main(argv: list[str] | None = None) -> int:
         env = service_env(vhost, tmp)
         settings = load_settings(environ=env)
         url = settings.rabbitmq.url.get_secret_value()
-        overrides = {k: v for k, v in os.environ.items()
-                     if k.startswith(("ORDERS_WORKER__", "ORDERS_RELAY__", "ORDERS_DATABASE__POOL"))}
+        overrides = {
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith(("ORDERS_WORKER__", "ORDERS_RELAY__", "ORDERS_DATABASE__POOL"))
+        }
 
         say(f"database {DBNAME}, vhost {vhost}, logs in {tmp}")
         idle_busy = machine_busy()
         if idle_busy > 20:
-            say(f"warning: the machine is already {idle_busy:.0f}% busy (100 = one core) before the run; "
-                "figures will be low and noisy")
+            say(
+                f"warning: the machine is already {idle_busy:.0f}% busy (100 = one core) before the run; "
+                "figures will be low and noisy"
+            )
         db.drop_database(settings.database)
         run_cli(["migrate"], env)
         run_cli(["topology"], env)
@@ -759,9 +847,16 @@ def main(argv: list[str] | None = None) -> int:
         capture.stop()
         purge(url, [PAYMENTS_QUEUE, CAPTURE_QUEUE])
 
-        result: dict[str, Any] = {"drain": drained, "preload_s": preload_s, "machine": machine(),
-                                  "busy_before_run_percent": round(idle_busy, 1), "capture_queue": args.capture_queue,
-                                  "overrides": overrides, "vhost": vhost, "database": DBNAME}
+        result: dict[str, Any] = {
+            "drain": drained,
+            "preload_s": preload_s,
+            "machine": machine(),
+            "busy_before_run_percent": round(idle_busy, 1),
+            "capture_queue": args.capture_queue,
+            "overrides": overrides,
+            "vhost": vhost,
+            "database": DBNAME,
+        }
         if not args.skip_baseline:
             say(f"baseline: {args.orders} orders, one transaction each, {BASELINE_WORKERS} processes ...")
             result["baseline"] = baseline(settings, orders, prices, deadline)

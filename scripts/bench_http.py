@@ -41,14 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from worker.shim.models import PlaceOrderRequest
 
 ORDERS = str(Path(sys.executable).parent / "orders")
-BODY = {"items": [{"product_id": "sku-bench", "quantity": 1}],
-        "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}
+BODY = {
+    "items": [{"product_id": "sku-bench", "quantity": 1}],
+    "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+}
 
 
 def baseline_app() -> Any:
     """The baseline: parse the same body, answer 202, nothing else."""
     from fastapi import FastAPI
-
 
     app = FastAPI()
 
@@ -130,8 +131,13 @@ def _error_code(body: bytes) -> str | None:
 
 def _raw_post(url: str, headers: dict[str, str]) -> bytes:
     body = json.dumps(BODY).encode()
-    lines = ["POST /orders HTTP/1.1", f"Host: {url.split('//')[1]}", "Content-Type: application/json",
-             f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [
+        "POST /orders HTTP/1.1",
+        f"Host: {url.split('//')[1]}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -165,8 +171,10 @@ def _generator(url: str, headers: dict[str, str], rate: float, duration: float, 
 def offer_load(url: str, headers: dict[str, str], rate: float, duration: float, procs: int) -> dict[str, float]:
     """Open-loop load from ``procs`` generator processes; accepted/s and latency percentiles (ms)."""
     out: Any = multiprocessing.Queue()
-    workers = [multiprocessing.Process(target=_generator, args=(url, headers, rate / procs, duration, out))
-               for _ in range(procs)]
+    workers = [
+        multiprocessing.Process(target=_generator, args=(url, headers, rate / procs, duration, out))
+        for _ in range(procs)
+    ]
     for w in workers:
         w.start()
     results = [r for _ in workers for r in out.get()]
@@ -175,8 +183,14 @@ def offer_load(url: str, headers: dict[str, str], rate: float, duration: float, 
     ok = sorted(lat for status, lat in results if status in (201, 202))
     shed = sum(status == SHED for status, _ in results)
     q = statistics.quantiles(ok, n=100) if len(ok) > 1 else [0.0] * 99
-    return {"offered": rate, "accepted_per_s": len(ok) / duration, "p50_ms": q[49] * 1000,
-            "p99_ms": q[98] * 1000, "shed": shed, "errors": len(results) - len(ok) - shed}
+    return {
+        "offered": rate,
+        "accepted_per_s": len(ok) / duration,
+        "p50_ms": q[49] * 1000,
+        "p99_ms": q[98] * 1000,
+        "shed": shed,
+        "errors": len(results) - len(ok) - shed,
+    }
 
 
 def visible_latency(url: str, headers: dict[str, str], samples: int, rate: float) -> dict[str, float]:
@@ -213,17 +227,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (shim and baseline)")
     parser.add_argument("--generators", type=int, default=2, help="load generator processes")
     parser.add_argument("--samples", type=int, default=200, help="orders timed from POST to visible")
-    parser.add_argument("--sweep", default="", help="also offer the shim these rates (comma separated, "
-                        "10 s each) and report the highest one with p99 under --p99-ms")
+    parser.add_argument(
+        "--sweep",
+        default="",
+        help="also offer the shim these rates (comma separated, "
+        "10 s each) and report the highest one with p99 under --p99-ms",
+    )
     parser.add_argument("--p99-ms", type=float, default=25.0, help="the p99 the sweep looks for")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
+    from bench import isolated_env, prepare  # scripts/ is on sys.path
+
     from worker import catalogue, db
     from worker.settings import load_settings
     from worker.shim.auth import issue_token
-
-    from bench import isolated_env, prepare  # scripts/ is on sys.path
 
     os.environ.update(isolated_env(HTTP_DB, HTTP_VHOST))
     settings = load_settings()
@@ -231,22 +249,64 @@ def main() -> None:
     prepare(dict(os.environ))  # migrate, topology, the demo catalogue
 
     engine = db.make_engine(settings.database, pool_size=1)
-    catalogue.upsert(engine, [catalogue.ProductRow(product_id="sku-bench", name="Bench", price=100,
-                                                   currency="USD", active=True)])
+    catalogue.upsert(
+        engine, [catalogue.ProductRow(product_id="sku-bench", name="Bench", price=100, currency="USD", active=True)]
+    )
     headers = {"Authorization": "Bearer " + issue_token(settings.shim, "bench", "user", 3600)}
     big = "1000000000"
-    env = {**os.environ, **{f"ORDERS_SHIM__{k}": big for k in (
-        "PLACE_RATE_PER_MINUTE", "READ_RATE_PER_MINUTE", "PLACE_RATE_PER_MINUTE_PER_ADDRESS",
-        "READ_RATE_PER_MINUTE_PER_ADDRESS")}, "ORDERS_LOGGING__LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        **{
+            f"ORDERS_SHIM__{k}": big
+            for k in (
+                "PLACE_RATE_PER_MINUTE",
+                "READ_RATE_PER_MINUTE",
+                "PLACE_RATE_PER_MINUTE_PER_ADDRESS",
+                "READ_RATE_PER_MINUTE_PER_ADDRESS",
+            )
+        },
+        "ORDERS_LOGGING__LEVEL": "WARNING",
+    }
     shim_port, base_port = free_port(), free_port()
     procs = [
-        subprocess.Popen([ORDERS, "worker", "--queue", "orders.place", "--queue", "orders.cancel",
-                          "--queue", "orders.payment-confirmed"], env=env, stdout=subprocess.DEVNULL),
-        subprocess.Popen([ORDERS, "shim", "--port", str(shim_port), "--workers", str(args.workers)], env=env,
-                         stdout=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "bench_http:baseline_app",
-                          "--app-dir", str(Path(__file__).parent), "--port", str(base_port), "--workers",
-                          str(args.workers), "--no-access-log", "--log-level", "warning"], env=env),
+        subprocess.Popen(
+            [
+                ORDERS,
+                "worker",
+                "--queue",
+                "orders.place",
+                "--queue",
+                "orders.cancel",
+                "--queue",
+                "orders.payment-confirmed",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [ORDERS, "shim", "--port", str(shim_port), "--workers", str(args.workers)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "bench_http:baseline_app",
+                "--app-dir",
+                str(Path(__file__).parent),
+                "--port",
+                str(base_port),
+                "--workers",
+                str(args.workers),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+        ),
     ]
     try:
         shim_url, base_url = f"http://127.0.0.1:{shim_port}", f"http://127.0.0.1:{base_port}"
@@ -254,40 +314,68 @@ def main() -> None:
         wait_healthy(base_url)
         offer_load(shim_url, headers, min(args.rate, 200), 3, 1)  # warm the connections
         # the sweep first, lowest rate first: a saturating run leaves work behind that would slow the next
-        sweep = {rate: offer_load(shim_url, headers, rate, 10, args.generators)
-                 for rate in sorted(float(r) for r in args.sweep.split(",") if r.strip())}
-        rows = {"baseline (FastAPI, 202 only)": offer_load(base_url, headers, args.rate, args.duration, args.generators),
-                "shim POST /orders": offer_load(shim_url, headers, args.rate, args.duration, args.generators)}
+        sweep = {
+            rate: offer_load(shim_url, headers, rate, 10, args.generators)
+            for rate in sorted(float(r) for r in args.sweep.split(",") if r.strip())
+        }
+        rows = {
+            "baseline (FastAPI, 202 only)": offer_load(base_url, headers, args.rate, args.duration, args.generators),
+            "shim POST /orders": offer_load(shim_url, headers, args.rate, args.duration, args.generators),
+        }
         visible = visible_latency(shim_url, headers, args.samples, rate=50)
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(30)
-    within = [r for r, v in sweep.items() if v["errors"] == 0 and v["shed"] == 0 and v["accepted_per_s"] >= 0.98 * r
-              and v["p99_ms"] < args.p99_ms]
+    within = [
+        r
+        for r, v in sweep.items()
+        if v["errors"] == 0 and v["shed"] == 0 and v["accepted_per_s"] >= 0.98 * r and v["p99_ms"] < args.p99_ms
+    ]
     best = max(within, default=None)
     if args.json:
-        print(json.dumps({"offered_per_s": args.rate, "duration_s": args.duration, "workers": args.workers,
-                          "targets": rows, "visible": visible, "sweep": {str(k): v for k, v in sweep.items()},
-                          "best_rate_within_p99": best, "p99_ms_target": args.p99_ms}))
+        print(
+            json.dumps(
+                {
+                    "offered_per_s": args.rate,
+                    "duration_s": args.duration,
+                    "workers": args.workers,
+                    "targets": rows,
+                    "visible": visible,
+                    "sweep": {str(k): v for k, v in sweep.items()},
+                    "best_rate_within_p99": best,
+                    "p99_ms_target": args.p99_ms,
+                }
+            )
+        )
         return
-    print(f"\noffered {args.rate:.0f} req/s for {args.duration:.0f} s; uvicorn workers={args.workers}, "
-          f"{os.cpu_count()} CPUs, load generators on the same machine\n")
+    print(
+        f"\noffered {args.rate:.0f} req/s for {args.duration:.0f} s; uvicorn workers={args.workers}, "
+        f"{os.cpu_count()} CPUs, load generators on the same machine\n"
+    )
     print(f"| {'target':<30} | accepted/s | p50 ms | p99 ms |   shed | errors |")
     print(f"|{'-' * 32}|-----------:|-------:|-------:|-------:|-------:|")
     for name, r in rows.items():
-        print(f"| {name:<30} | {r['accepted_per_s']:10.0f} | {r['p50_ms']:6.1f} | {r['p99_ms']:6.1f} | "
-              f"{r['shed']:6.0f} | {r['errors']:6.0f} |")
+        print(
+            f"| {name:<30} | {r['accepted_per_s']:10.0f} | {r['p50_ms']:6.1f} | {r['p99_ms']:6.1f} | "
+            f"{r['shed']:6.0f} | {r['errors']:6.0f} |"
+        )
     for rate, r in sweep.items():
-        print(f"| {f'shim at {rate:.0f}/s (10 s)':<30} | {r['accepted_per_s']:10.0f} | {r['p50_ms']:6.1f} | "
-              f"{r['p99_ms']:6.1f} | {r['shed']:6.0f} | {r['errors']:6.0f} |")
-    print("\nshed: 503 `overloaded` with Retry-After (the shim's concurrency limit or Redis pool; "
-          "see orders_shim_shed_total); errors: any other failure or no answer")
+        print(
+            f"| {f'shim at {rate:.0f}/s (10 s)':<30} | {r['accepted_per_s']:10.0f} | {r['p50_ms']:6.1f} | "
+            f"{r['p99_ms']:6.1f} | {r['shed']:6.0f} | {r['errors']:6.0f} |"
+        )
+    print(
+        "\nshed: 503 `overloaded` with Retry-After (the shim's concurrency limit or Redis pool; "
+        "see orders_shim_shed_total); errors: any other failure or no answer"
+    )
     if sweep:
         print(f"\nhighest rate swept with p99 < {args.p99_ms:g} ms: " + (f"{best:.0f}/s" if best else "none"))
-    print(f"\nPOST → visible through GET ({args.samples} orders at 50/s): "
-          f"p50 {visible['p50_ms']:.1f} ms, p99 {visible['p99_ms']:.1f} ms")
+    print(
+        f"\nPOST → visible through GET ({args.samples} orders at 50/s): "
+        f"p50 {visible['p50_ms']:.1f} ms, p99 {visible['p99_ms']:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pika
 import pytest
@@ -137,17 +138,25 @@ class Bus:
         self.ch.queue_bind(self.CAPTURE, "orders.events", routing_key="#")
         self._events: list[dict[str, Any]] = []
 
-    def publish(self, message_type: str, body: Any, message_id: str | None = None, routing_key: str | None = None,
-                **props: Any) -> str:
+    def publish(
+        self, message_type: str, body: Any, message_id: str | None = None, routing_key: str | None = None, **props: Any
+    ) -> str:
         from worker.broker import COMMAND_QUEUES, COMMANDS_EXCHANGE
 
         keys = {"PlaceOrder": "order.place", "CancelOrder": "order.cancel", "PaymentConfirmed": "payment.confirmed"}
         message_id = str(uuid.uuid4()) if message_id is None else message_id  # "" sends none
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.ch.basic_publish(
-            COMMANDS_EXCHANGE, routing_key or keys.get(message_type, "order.place"), raw,
-            pika.BasicProperties(message_id=message_id or None, type=message_type, content_type="application/json",
-                                 delivery_mode=2, **props),
+            COMMANDS_EXCHANGE,
+            routing_key or keys.get(message_type, "order.place"),
+            raw,
+            pika.BasicProperties(
+                message_id=message_id or None,
+                type=message_type,
+                content_type="application/json",
+                delivery_mode=2,
+                **props,
+            ),
         )
         assert COMMAND_QUEUES
         return message_id
@@ -158,10 +167,14 @@ class Bus:
             method, props, body = self.ch.basic_get(self.CAPTURE, auto_ack=True)
             if method is None:
                 return self._events
-            self._events.append({
-                "routing_key": method.routing_key, "exchange": method.exchange,
-                "message_id": props.message_id, "body": json.loads(body),
-            })
+            self._events.append(
+                {
+                    "routing_key": method.routing_key,
+                    "exchange": method.exchange,
+                    "message_id": props.message_id,
+                    "body": json.loads(body),
+                }
+            )
 
     def dead_letters(self) -> list[dict[str, Any]]:
         """Read the dead-letter queue without consuming it (requeue after)."""
@@ -174,7 +187,9 @@ class Bus:
             if method is None:
                 break
             tags.append(method.delivery_tag)
-            found.append({"message_id": props.message_id, "type": props.type, "headers": props.headers or {}, "body": body})
+            found.append(
+                {"message_id": props.message_id, "type": props.type, "headers": props.headers or {}, "body": body}
+            )
         if tags:
             ch.basic_nack(tags[-1], multiple=True, requeue=True)
         ch.close()
@@ -203,15 +218,17 @@ def clean_db(engine: Any) -> Any:
     with engine.begin() as conn:
         # a process an earlier test killed may have left a session behind (e.g. behind a cut
         # proxy, where PostgreSQL cannot see its client go): it must not hold up this test
-        conn.execute(text(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ))
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
     engine.dispose()  # our own pooled connections may have been among them
     with engine.begin() as conn:
-        conn.execute(text(
-            "TRUNCATE orders, order_items, order_transitions, payments, inbox, outbox, products, dlq_audit"
-        ))
+        conn.execute(
+            text("TRUNCATE orders, order_items, order_transitions, payments, inbox, outbox, products, dlq_audit")
+        )
     catalogue.upsert(engine, [catalogue.ProductRow(**p) for p in PRODUCTS])
     return engine
 
@@ -226,7 +243,10 @@ class Proc:
 
     def start(self) -> None:
         self.popen = subprocess.Popen(
-            [ORDERS, *self.args], env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            [ORDERS, *self.args],
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -282,13 +302,16 @@ def service(test_env: dict[str, str], tmp_path: Path, settings: Any) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def module_service(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
-                   settings: Any) -> Iterator[Callable[..., Proc]]:
+def module_service(
+    test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, settings: Any
+) -> Iterator[Callable[..., Proc]]:
     """``service`` for processes that serve a whole module (stopped after its last test)."""
     yield from _services(test_env, tmp_path_factory.mktemp("services"))
 
 
-def place_body(user: str = "user-1", items: list[tuple[str, int]] | None = None, order_id: str | None = None) -> dict[str, Any]:
+def place_body(
+    user: str = "user-1", items: list[tuple[str, int]] | None = None, order_id: str | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "user_id": user,
         "items": [{"product_id": p, "quantity": q} for p, q in (items or [("sku-apple", 2)])],
@@ -336,8 +359,11 @@ def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
 def private_redis(wait: Any) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """A redis-server of the test's own (no other run shares its counters), killed at the end."""
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = redis.Redis(port=port)
     wait(lambda: _pings(client), timeout=10, what="private redis")
     yield port, proc

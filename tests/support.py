@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns something truthy, or fail at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -36,10 +38,14 @@ def private_vhost(settings: Any, name: str) -> str:
     url = settings.rabbitmq.url.get_secret_value()
     try:
         subprocess.run(["rabbitmqctl", "add_vhost", name], capture_output=True, timeout=60, check=False)
-        done = subprocess.run(["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-                              capture_output=True, timeout=60, check=False)
+        done = subprocess.run(
+            ["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         if done.returncode == 0:
-            url = url[:url.rindex("/") + 1] + name
+            url = url[: url.rindex("/") + 1] + name
     except (OSError, subprocess.TimeoutExpired):
         pass
     broker = BlockingBroker(url).connect()

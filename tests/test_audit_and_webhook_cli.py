@@ -57,7 +57,9 @@ def test_webhook_replay_verifies_a_saved_stripe_delivery_and_rejects_a_tampered_
     assert done.returncode == 0, done.stderr
     command = json.loads(done.stdout)["command"]
     assert command["message_type"] == "PaymentConfirmed" and command["message_id"] == "evt_replayed_1"
-    saved.write_text(json.dumps({"headers": {"Stripe-Signature": header}, "body": body.replace("succeeded", "failed", 1)}))
+    saved.write_text(
+        json.dumps({"headers": {"Stripe-Signature": header}, "body": body.replace("succeeded", "failed", 1)})
+    )
     done = orders_cli(["webhook", "replay", str(saved)], test_env)
     assert done.returncode == 1 and "WebhookVerificationError" in done.stderr
 
@@ -65,17 +67,28 @@ def test_webhook_replay_verifies_a_saved_stripe_delivery_and_rejects_a_tampered_
 def _order_with_payment(conn, status: str, history: list[str], payment_status: str) -> str:
     """An order written straight into the tables (a state no code path should leave), with its history."""
     order_id = str(uuid.uuid4())
-    conn.execute(text(
-        "INSERT INTO orders (order_id, user_id, status, currency, total, payment_provider, payment_request,"
-        " place_message_id) VALUES (CAST(:o AS uuid), 'u1', :s, 'USD', 1200, 'stripe', '{}', :o)"),
-        {"o": order_id, "s": status})
+    conn.execute(
+        text(
+            "INSERT INTO orders (order_id, user_id, status, currency, total, payment_provider, payment_request,"
+            " place_message_id) VALUES (CAST(:o AS uuid), 'u1', :s, 'USD', 1200, 'stripe', '{}', :o)"
+        ),
+        {"o": order_id, "s": status},
+    )
     for before, after in zip([None, *history], history):
-        conn.execute(text("INSERT INTO order_transitions (order_id, from_status, to_status, message_id)"
-                          " VALUES (CAST(:o AS uuid), :f, :t, :m)"), {"o": order_id, "f": before, "t": after, "m": f"m-{after}"})
-    conn.execute(text(
-        "INSERT INTO payments (order_id, provider, status, amount, currency, idempotency_key, provider_payment_id,"
-        " refund_id) VALUES (CAST(:o AS uuid), 'stripe', :s, 1200, 'USD', :o, 'pi_1', 're_1')"),
-        {"o": order_id, "s": payment_status})
+        conn.execute(
+            text(
+                "INSERT INTO order_transitions (order_id, from_status, to_status, message_id)"
+                " VALUES (CAST(:o AS uuid), :f, :t, :m)"
+            ),
+            {"o": order_id, "f": before, "t": after, "m": f"m-{after}"},
+        )
+    conn.execute(
+        text(
+            "INSERT INTO payments (order_id, provider, status, amount, currency, idempotency_key, provider_payment_id,"
+            " refund_id) VALUES (CAST(:o AS uuid), 'stripe', :s, 1200, 'USD', :o, 'pi_1', 're_1')"
+        ),
+        {"o": order_id, "s": payment_status},
+    )
     return order_id
 
 

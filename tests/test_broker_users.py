@@ -46,8 +46,12 @@ def users_env(test_env: dict[str, str]) -> Iterator[dict[str, str]]:
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is not at hand: users cannot be made")
     assert ctl("add_vhost", VHOST).returncode == 0
-    env = {**test_env, "ORDERS_RABBITMQ__URL": url("guest", "guest"),
-           "ORDERS_UPSTREAM_PASSWORD": secrets.token_urlsafe(18), "ORDERS_SERVICE_PASSWORD": secrets.token_urlsafe(18)}
+    env = {
+        **test_env,
+        "ORDERS_RABBITMQ__URL": url("guest", "guest"),
+        "ORDERS_UPSTREAM_PASSWORD": secrets.token_urlsafe(18),
+        "ORDERS_SERVICE_PASSWORD": secrets.token_urlsafe(18),
+    }
     try:
         yield env
     finally:
@@ -75,10 +79,15 @@ def refused(action: Any) -> int:
 
 
 def place_order() -> tuple[bytes, pika.BasicProperties]:
-    body = {"order_id": str(uuid.uuid4()), "user_id": "u1", "items": [{"product_id": "sku-apple", "quantity": 1}],
-            "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}
-    return json.dumps(body).encode(), pika.BasicProperties(message_id=str(uuid.uuid4()), type="PlaceOrder",
-                                                           content_type="application/json", delivery_mode=2)
+    body = {
+        "order_id": str(uuid.uuid4()),
+        "user_id": "u1",
+        "items": [{"product_id": "sku-apple", "quantity": 1}],
+        "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+    }
+    return json.dumps(body).encode(), pika.BasicProperties(
+        message_id=str(uuid.uuid4()), type="PlaceOrder", content_type="application/json", delivery_mode=2
+    )
 
 
 def test_the_upstream_user_may_only_publish_commands_and_the_service_user_only_its_own(users_env):
@@ -109,10 +118,18 @@ def test_the_upstream_user_may_only_publish_commands_and_the_service_user_only_i
     upstream = connect(UPSTREAM, up_pw)
     try:
         body, props = place_order()
-        confirming(upstream).basic_publish("orders.commands", "order.place", body, props, mandatory=True)  # raises unless confirmed
+        confirming(upstream).basic_publish(
+            "orders.commands", "order.place", body, props, mandatory=True
+        )  # raises unless confirmed
         refund = json.dumps({"order_id": str(uuid.uuid4())}).encode()
-        assert refused(lambda: confirming(upstream).basic_publish(
-            "orders.internal", "payment.refund", refund, pika.BasicProperties(type="RefundPayment"))) == 403
+        assert (
+            refused(
+                lambda: confirming(upstream).basic_publish(
+                    "orders.internal", "payment.refund", refund, pika.BasicProperties(type="RefundPayment")
+                )
+            )
+            == 403
+        )
         assert refused(lambda: upstream.channel().basic_consume("orders.place", lambda *a: None)) == 403
         assert refused(lambda: upstream.channel().queue_declare("upstream.own-queue")) == 403
     finally:
@@ -124,8 +141,12 @@ def test_the_upstream_user_may_only_publish_commands_and_the_service_user_only_i
         answers: list[bytes] = []
         shim_channel = shim.channel()
         shim_channel.basic_consume("amq.rabbitmq.reply-to", lambda _c, _m, _p, b: answers.append(b), auto_ack=True)
-        shim_channel.basic_publish("orders.commands", "order.place", body, pika.BasicProperties(
-            message_id="with-reply", type="PlaceOrder", reply_to="amq.rabbitmq.reply-to"))
+        shim_channel.basic_publish(
+            "orders.commands",
+            "order.place",
+            body,
+            pika.BasicProperties(message_id="with-reply", type="PlaceOrder", reply_to="amq.rabbitmq.reply-to"),
+        )
         worker.consume(["orders.place"], prefetch=10)
         got = []
         while len(got) < 2:

@@ -47,24 +47,35 @@ def test_the_migrated_database_takes_every_order_status_and_no_currency(settings
     from schema.tables import ORDER_STATUSES
 
     with clean_db.connect() as conn:
-        check = conn.execute(text("SELECT pg_get_constraintdef(oid) FROM pg_constraint"
-                                  " WHERE conname = 'ck_orders_status_known'")).scalar_one()
-        nullable = conn.execute(text("SELECT is_nullable FROM information_schema.columns"
-                                     " WHERE table_name = 'orders' AND column_name = 'currency'")).scalar_one()
+        check = conn.execute(
+            text("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'ck_orders_status_known'")
+        ).scalar_one()
+        nullable = conn.execute(
+            text(
+                "SELECT is_nullable FROM information_schema.columns"
+                " WHERE table_name = 'orders' AND column_name = 'currency'"
+            )
+        ).scalar_one()
     assert {s for s in ORDER_STATUSES if f"'{s}'" in check} == set(ORDER_STATUSES)
     assert "refunded" in ORDER_STATUSES and nullable == "YES"
 
 
 def test_housekeeping_deletes_only_rows_past_their_retention(settings, clean_db):
     with clean_db.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO inbox (consumer, message_id, processed_at) VALUES"
-            " ('orders', 'old', now() - interval '8 days'), ('orders', 'new', now())"))
-        conn.execute(text(
-            "INSERT INTO outbox (event_id, exchange, routing_key, message_type, body, published_at) VALUES"
-            " (gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}', now() - interval '2 days'),"
-            " (gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}', now()),"
-            " (gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}', NULL)"))
+        conn.execute(
+            text(
+                "INSERT INTO inbox (consumer, message_id, processed_at) VALUES"
+                " ('orders', 'old', now() - interval '8 days'), ('orders', 'new', now())"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO outbox (event_id, exchange, routing_key, message_type, body, published_at) VALUES"
+                " (gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}', now() - interval '2 days'),"
+                " (gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}', now()),"
+                " (gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}', NULL)"
+            )
+        )
     kept = settings.model_copy(update={"worker": settings.worker.model_copy(update={"outbox_retention_hours": 24})})
     deleted = Relay(kept, clean_db).housekeeping()
     assert deleted == {"outbox": 1, "inbox": 1}

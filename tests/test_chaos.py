@@ -20,17 +20,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the package lives in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
-from scripts import chaos
+from scripts import chaos  # noqa: E402 - after the path is set
 
-pytestmark = pytest.mark.skipif(shutil.which("rabbitmqctl") is None or shutil.which("redis-server") is None,
-                                reason="needs rabbitmqctl (own vhost) and redis-server (private Redis)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("rabbitmqctl") is None or shutil.which("redis-server") is None,
+    reason="needs rabbitmqctl (own vhost) and redis-server (private Redis)",
+)
 
 
 def test_short_chaos_run_loses_nothing_and_applies_everything_once() -> None:
     run_id = os.environ.get("ORDERS_TEST_RUN_ID", str(os.getpid()))
-    cfg = chaos.ChaosConfig.short(seed=int(os.environ.get("CHAOS_SEED", "5")),
-                                  database=f"orders_chaos_test_{run_id}", vhost=f"orders-chaos-test-{run_id}",
-                                  drop_after=True)
+    cfg = chaos.ChaosConfig.short(
+        seed=int(os.environ.get("CHAOS_SEED", "5")),
+        database=f"orders_chaos_test_{run_id}",
+        vhost=f"orders-chaos-test-{run_id}",
+        drop_after=True,
+    )
 
     result = chaos.run(cfg)
 

@@ -35,17 +35,26 @@ def running(service: Any, bus: Any, clean_db: Any, commands_only) -> Any:
 
 def test_place_order_is_priced_from_the_product_table_and_reserves_stock(running, bus, clean_db, wait, make_place):
     order_id = str(uuid.uuid4())
-    bus.publish("PlaceOrder", make_place(items=[("sku-apple", 2), ("sku-pear", 1)], order_id=order_id),
-                correlation_id="corr-1")
+    bus.publish(
+        "PlaceOrder", make_place(items=[("sku-apple", 2), ("sku-pear", 1)], order_id=order_id), correlation_id="corr-1"
+    )
     wait(lambda: len(event_keys(bus, order_id)) >= 2, what="stock.reserve and order.placed")
     order = rows(clean_db, "SELECT status, total, currency, correlation_id FROM orders")[0]
-    assert (order.status, order.total, order.currency, order.correlation_id) == ("pending", 2 * 150 + 275, "USD", "corr-1")
+    assert (order.status, order.total, order.currency, order.correlation_id) == (
+        "pending",
+        2 * 150 + 275,
+        "USD",
+        "corr-1",
+    )
     events = {e["routing_key"]: e for e in bus.events()}
     assert set(events) == {"stock.reserve", "order.placed"}
     reserve = events["stock.reserve"]
     assert reserve["exchange"] == "inventory"
     assert reserve["message_id"] == reserve["body"]["event_id"]
-    assert sorted((i["product_id"], i["quantity"]) for i in reserve["body"]["items"]) == [("sku-apple", 2), ("sku-pear", 1)]
+    assert sorted((i["product_id"], i["quantity"]) for i in reserve["body"]["items"]) == [
+        ("sku-apple", 2),
+        ("sku-pear", 1),
+    ]
     assert events["order.placed"]["exchange"] == "orders.events"
     assert events["order.placed"]["body"]["total"] == 575
 
@@ -76,10 +85,16 @@ def test_the_same_command_three_times_has_one_effect_and_one_event_per_id(runnin
     wait(lambda: len(bus.events()) >= 2, what="events")
     wait(lambda: bus.depth("orders.place") == 0, what="queue drained")
     order_id = rows(clean_db, "SELECT order_id::text FROM orders")[0].order_id
-    bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "user-1", "roles": ["user"]}},
-                message_id="dup-cancel-1")
-    bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "user-1", "roles": ["user"]}},
-                message_id="dup-cancel-1")
+    bus.publish(
+        "CancelOrder",
+        {"order_id": order_id, "requested_by": {"user_id": "user-1", "roles": ["user"]}},
+        message_id="dup-cancel-1",
+    )
+    bus.publish(
+        "CancelOrder",
+        {"order_id": order_id, "requested_by": {"user_id": "user-1", "roles": ["user"]}},
+        message_id="dup-cancel-1",
+    )
     wait(lambda: "order.cancelled" in event_keys(bus, order_id), what="cancel")
     wait(lambda: bus.depth("orders.cancel") == 0, what="cancel queue drained")
     assert rows(clean_db, "SELECT count(*) AS n FROM orders")[0].n == 1
@@ -92,8 +107,17 @@ def test_the_same_command_three_times_has_one_effect_and_one_event_per_id(runnin
 def test_cancel_and_confirmation_before_their_place_order_end_right(running, bus, clean_db, wait, make_place):
     cancelled, paid = str(uuid.uuid4()), str(uuid.uuid4())
     bus.publish("CancelOrder", {"order_id": cancelled, "requested_by": {"user_id": "user-1", "roles": ["user"]}})
-    bus.publish("PaymentConfirmed", {"order_id": paid, "provider": "stripe", "payment_id": "pi_early",
-                                     "amount": 300, "currency": "USD", "event_id": "evt_early"})
+    bus.publish(
+        "PaymentConfirmed",
+        {
+            "order_id": paid,
+            "provider": "stripe",
+            "payment_id": "pi_early",
+            "amount": 300,
+            "currency": "USD",
+            "event_id": "evt_early",
+        },
+    )
     wait(lambda: bus.depth("orders.delay.1s") + bus.depth("orders.cancel") + bus.depth("orders.payment-confirmed") >= 0)
     bus.publish("PlaceOrder", make_place(order_id=cancelled))
     bus.publish("PlaceOrder", make_place(order_id=paid))
@@ -101,17 +125,25 @@ def test_cancel_and_confirmation_before_their_place_order_end_right(running, bus
     wait(lambda: status_of(clean_db, paid) == "completed", what="late confirmation applied")
     wait(lambda: "stock.commit" in event_keys(bus, paid), what="stock.commit")
     assert Counter(event_keys(bus, cancelled)) == Counter(
-        {"stock.reserve": 1, "order.placed": 1, "stock.release": 1, "order.cancelled": 1})
+        {"stock.reserve": 1, "order.placed": 1, "stock.release": 1, "order.cancelled": 1}
+    )
     assert Counter(event_keys(bus, paid)) == Counter(
-        {"stock.reserve": 1, "order.placed": 1, "stock.commit": 1, "order.completed": 1})
+        {"stock.reserve": 1, "order.placed": 1, "stock.commit": 1, "order.completed": 1}
+    )
 
 
 def test_payment_confirmation_checks_amount_and_is_idempotent(running, bus, clean_db, wait, make_place):
     order_id = str(uuid.uuid4())
     bus.publish("PlaceOrder", make_place(order_id=order_id))
     wait(lambda: status_of(clean_db, order_id) == "pending")
-    wrong = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 299, "currency": "USD",
-             "event_id": "evt_wrong"}
+    wrong = {
+        "order_id": order_id,
+        "provider": "stripe",
+        "payment_id": "pi_1",
+        "amount": 299,
+        "currency": "USD",
+        "event_id": "evt_wrong",
+    }
     bus.publish("PaymentConfirmed", wrong)
     wait(lambda: bus.depth("orders.payment-confirmed") == 0)
     wait(lambda: rows(clean_db, "SELECT 1 FROM inbox WHERE message_id LIKE '%'") and True)
@@ -162,8 +194,11 @@ def test_malformed_unknown_type_and_missing_message_id_are_dead_lettered(running
 
 
 def test_a_cancel_for_an_order_never_placed_ends_in_the_dead_letter_queue(running, bus, clean_db, wait):
-    bus.publish("CancelOrder", {"order_id": str(uuid.uuid4()), "requested_by": {"user_id": "u", "roles": ["user"]}},
-                message_id="orphan-cancel")
+    bus.publish(
+        "CancelOrder",
+        {"order_id": str(uuid.uuid4()), "requested_by": {"user_id": "u", "roles": ["user"]}},
+        message_id="orphan-cancel",
+    )
     dead = wait(lambda: bus.dead_letters(), timeout=30, what="orphan dead-lettered after retry tiers")
     wait(lambda: bus.depth("orders.delay.1s") + bus.depth("orders.delay.2s") + bus.depth("orders.cancel") == 0)
     dead = bus.dead_letters()
@@ -175,8 +210,9 @@ def test_a_cancel_for_an_order_never_placed_ends_in_the_dead_letter_queue(runnin
     assert h["x-original-routing-key"] == "order.cancel"
 
 
-def test_a_place_order_routed_into_orders_cancel_is_dead_lettered_and_places_nothing(running, bus, clean_db, wait,
-                                                                                    make_place):
+def test_a_place_order_routed_into_orders_cancel_is_dead_lettered_and_places_nothing(
+    running, bus, clean_db, wait, make_place
+):
     """Hole: the worker dispatched on the ``type`` property, so a PlaceOrder that sat in orders.cancel was placed."""
     misrouted = str(uuid.uuid4())
     bus.publish("PlaceOrder", make_place(order_id=misrouted), message_id="misrouted", routing_key="order.cancel")
@@ -195,10 +231,20 @@ def test_a_place_order_routed_into_orders_cancel_is_dead_lettered_and_places_not
 def _payment_delivery(queue: str, message_type: str, body: dict[str, Any]) -> Any:
     from worker.broker import Delivery
 
-    return Delivery(delivery_tag=1, exchange="orders.internal", routing_key="payment.refund", queue=queue,
-                    body=json.dumps(body).encode(), message_id=str(uuid.uuid4()), message_type=message_type,
-                    correlation_id=None, reply_to=None, content_type="application/json", headers={},
-                    redelivered=False)
+    return Delivery(
+        delivery_tag=1,
+        exchange="orders.internal",
+        routing_key="payment.refund",
+        queue=queue,
+        body=json.dumps(body).encode(),
+        message_id=str(uuid.uuid4()),
+        message_type=message_type,
+        correlation_id=None,
+        reply_to=None,
+        content_type="application/json",
+        headers={},
+        redelivered=False,
+    )
 
 
 def test_orders_payments_takes_only_payment_steps_and_a_payment_step_only_from_there(clean_db, make_place):

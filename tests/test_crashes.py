@@ -30,8 +30,12 @@ def publish_stream(bus: Any, bodies: list[tuple[str, dict[str, Any], str]], paus
         ch.confirm_delivery()
         keys = {"PlaceOrder": "order.place", "CancelOrder": "order.cancel", "PaymentConfirmed": "payment.confirmed"}
         for n, (kind, body, mid) in enumerate(bodies):
-            ch.basic_publish("orders.commands", keys[kind], json.dumps(body).encode(), pika.BasicProperties(
-                message_id=mid, type=kind, content_type="application/json", delivery_mode=2))
+            ch.basic_publish(
+                "orders.commands",
+                keys[kind],
+                json.dumps(body).encode(),
+                pika.BasicProperties(message_id=mid, type=kind, content_type="application/json", delivery_mode=2),
+            )
             if pause_every and n % pause_every == 0:
                 time.sleep(0.01)
         conn.close()
@@ -56,10 +60,13 @@ def check_events(bus: Any, engine: Any) -> dict[str, Counter[str]]:
     return per_order
 
 
-def test_worker_killed_with_sigkill_during_a_stream_applies_every_command_once(service, bus, clean_db, wait, make_place, commands_only):
+def test_worker_killed_with_sigkill_during_a_stream_applies_every_command_once(
+    service, bus, clean_db, wait, make_place, commands_only
+):
     total = 2000
-    commands = [("PlaceOrder", make_place(user=f"u{n % 17}", order_id=str(uuid.uuid4())), f"place-{n}")
-                for n in range(total)]
+    commands = [
+        ("PlaceOrder", make_place(user=f"u{n % 17}", order_id=str(uuid.uuid4())), f"place-{n}") for n in range(total)
+    ]
     pool = service("worker", "--processes", "2", *commands_only)
     service("relay")
     wait(lambda: len(pool.children()) == 2, what="two worker processes")
@@ -86,7 +93,9 @@ def test_worker_killed_with_sigkill_during_a_stream_applies_every_command_once(s
     assert [(d["message_id"], d["headers"].get("x-error-message")) for d in bus.dead_letters()] == []
 
 
-def test_relay_killed_mid_batch_publishes_everything_under_stable_ids(service, bus, clean_db, wait, make_place, commands_only):
+def test_relay_killed_mid_batch_publishes_everything_under_stable_ids(
+    service, bus, clean_db, wait, make_place, commands_only
+):
     total = 3000
     service("worker", "--processes", "2", *commands_only)
     for n in range(total):

@@ -22,8 +22,12 @@ PAYPAL = {"provider": "paypal", "return_url": "https://shop.example/ok\u0000x", 
 
 
 def _post(s: Stack, body: dict[str, Any], user: str = "alice", **headers: str) -> httpx.Response:
-    return httpx.post(s.url + "/orders", content=json.dumps(body), timeout=40,
-                      headers={**s.auth(user), "Content-Type": "application/json", **headers})
+    return httpx.post(
+        s.url + "/orders",
+        content=json.dumps(body),
+        timeout=40,
+        headers={**s.auth(user), "Content-Type": "application/json", **headers},
+    )
 
 
 def test_a_nul_byte_in_any_string_answers_422_naming_the_field_and_places_nothing(stack):
@@ -32,8 +36,9 @@ def test_a_nul_byte_in_any_string_answers_422_naming_the_field_and_places_nothin
     assert r.status_code == 422, r.text
     assert "return_url" in r.json()["message"]
     order_id = stack.awaiting()
-    cancel = httpx.put(f"{stack.url}/orders/{order_id}/cancel", json={"reason": "bad\u0000reason"},
-                       headers=stack.auth(), timeout=10)
+    cancel = httpx.put(
+        f"{stack.url}/orders/{order_id}/cancel", json={"reason": "bad\u0000reason"}, headers=stack.auth(), timeout=10
+    )
     assert cancel.status_code == 422 and "reason" in cancel.json()["message"]
     assert "control characters" in cancel.json()["message"]
     assert stack.count_orders() == before + 1  # only the awaiting order
@@ -53,13 +58,14 @@ def test_a_taken_order_id_answers_the_same_generic_conflict_and_tells_nothing_of
 
 def test_the_worker_refuses_a_taken_order_id_without_echoing_the_placing_message(stack):
     """The race the shim's look-up cannot see: the worker's own answer is generic too."""
-    from schema.messages import PlaceOrder
     from handlers.errors import Taken
+    from schema.messages import PlaceOrder
 
     bobs = stack.place("bob", wait=15).json()["order_id"]
     with stack.engine.connect() as conn:
-        placed_by = conn.execute(text("SELECT place_message_id FROM orders WHERE order_id = CAST(:o AS uuid)"),
-                                 {"o": bobs}).scalar_one()
+        placed_by = conn.execute(
+            text("SELECT place_message_id FROM orders WHERE order_id = CAST(:o AS uuid)"), {"o": bobs}
+        ).scalar_one()
     import pika
 
     from worker.shim.orders import place_message_id
@@ -67,12 +73,26 @@ def test_the_worker_refuses_a_taken_order_id_without_echoing_the_placing_message
     conn = pika.BlockingConnection(pika.URLParameters(stack.env["ORDERS_RABBITMQ__URL"]))
     ch = conn.channel()
     reply_q = ch.queue_declare("", exclusive=True).method.queue
-    body = {"order_id": bobs, "user_id": "alice", "items": [{"product_id": "sku-apple", "quantity": 1}],
-            "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}
+    body = {
+        "order_id": bobs,
+        "user_id": "alice",
+        "items": [{"product_id": "sku-apple", "quantity": 1}],
+        "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+    }
     PlaceOrder.model_validate_json(json.dumps(body))
-    ch.basic_publish("orders.commands", "order.place", json.dumps(body).encode(), pika.BasicProperties(
-        message_id=place_message_id(bobs, "alice"), type="PlaceOrder", content_type="application/json",
-        reply_to=reply_q, correlation_id="squat-1", delivery_mode=2))
+    ch.basic_publish(
+        "orders.commands",
+        "order.place",
+        json.dumps(body).encode(),
+        pika.BasicProperties(
+            message_id=place_message_id(bobs, "alice"),
+            type="PlaceOrder",
+            content_type="application/json",
+            reply_to=reply_q,
+            correlation_id="squat-1",
+            delivery_mode=2,
+        ),
+    )
     reply = None
     for method, _props, raw in ch.consume(reply_q, auto_ack=True, inactivity_timeout=20):
         reply = json.loads(raw) if method else None
@@ -105,12 +125,16 @@ def pool(service: Any, bus: Any, clean_db: Any, commands_only: list[str]) -> Any
     return service("worker", "--processes", "1", *commands_only)
 
 
-def test_commands_with_control_characters_or_duplicate_keys_are_dead_lettered_at_once(pool, bus, clean_db, wait,
-                                                                                      make_place):
+def test_commands_with_control_characters_or_duplicate_keys_are_dead_lettered_at_once(
+    pool, bus, clean_db, wait, make_place
+):
     nul_order = str(uuid.uuid4())
     bus.publish("PlaceOrder", {**make_place(order_id=nul_order), "payment": PAYPAL}, message_id="nul-place")
-    bus.publish("CancelOrder", {"order_id": nul_order, "requested_by": {"user_id": "user-1", "roles": ["user"]},
-                                "reason": "bad\u0000reason"}, message_id="nul-cancel")
+    bus.publish(
+        "CancelOrder",
+        {"order_id": nul_order, "requested_by": {"user_id": "user-1", "roles": ["user"]}, "reason": "bad\u0000reason"},
+        message_id="nul-cancel",
+    )
     dup_order = str(uuid.uuid4())
     raw = json.dumps(make_place(order_id=dup_order)).replace('"quantity": 2', '"quantity": 1, "quantity": 9999')
     assert raw.count('"quantity"') == 2

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from scripts.tcp_proxy import free_port
 
 
@@ -31,12 +32,16 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize(("configured", "listening", "other"), [
-    (None, "127.0.0.1", "127.0.0.2"),  # the default
-    ("127.0.0.2", "127.0.0.2", "127.0.0.1"),
-])
-def test_pool_and_relay_metrics_listen_only_on_the_configured_host(service, commands_only, wait,
-                                                                  configured, listening, other):
+@pytest.mark.parametrize(
+    ("configured", "listening", "other"),
+    [
+        (None, "127.0.0.1", "127.0.0.2"),  # the default
+        ("127.0.0.2", "127.0.0.2", "127.0.0.1"),
+    ],
+)
+def test_pool_and_relay_metrics_listen_only_on_the_configured_host(
+    service, commands_only, wait, configured, listening, other
+):
     port = _two_free_ports()
     env: dict[str, Any] = {"ORDERS_METRICS__PORT": str(port)}
     if configured:
@@ -44,5 +49,5 @@ def test_pool_and_relay_metrics_listen_only_on_the_configured_host(service, comm
     service("worker", "--processes", "1", *commands_only, **env)
     service("relay", **env)
     for p in (port, port + 1):
-        wait(lambda: _answers(listening, p), timeout=60, what=f"metrics on {listening}:{p}")
+        wait(lambda p=p: _answers(listening, p), timeout=60, what=f"metrics on {listening}:{p}")
         assert not _answers(other, p)

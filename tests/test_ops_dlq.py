@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,13 @@ ORDERS = str(Path(sys.executable).parent / "orders")
 DLQ = "orders.dead-letter"
 
 
-def orders(env: dict[str, str], *args: str, stdin: str = "", timeout: float = 180, **extra: str) -> subprocess.CompletedProcess[str]:
+def orders(
+    env: dict[str, str], *args: str, stdin: str = "", timeout: float = 180, **extra: str
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``orders`` CLI."""
-    return subprocess.run([ORDERS, *args], env={**env, **extra}, input=stdin, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [ORDERS, *args], env={**env, **extra}, input=stdin, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def listed(env: dict[str, str], *filters: str) -> list[dict[str, Any]]:
@@ -45,22 +49,44 @@ def cancel_body(order_id: str, user: str = "user-1") -> dict[str, Any]:
     return {"order_id": order_id, "requested_by": {"user_id": user, "roles": ["user"]}, "reason": "changed my mind"}
 
 
-def seed_dead_letters(bus: Any, bodies: list[tuple[str, str, bytes]], error_class: str = "OperationalError",
-                      queue: str = "orders.place", key: str = "order.place") -> None:
+def seed_dead_letters(
+    bus: Any,
+    bodies: list[tuple[str, str, bytes]],
+    error_class: str = "OperationalError",
+    queue: str = "orders.place",
+    key: str = "order.place",
+) -> None:
     """Publish (message_id, type, body) straight to the dead-letter exchange, as a worker would."""
     headers = {
-        "x-original-exchange": "orders.commands", "x-original-routing-key": key, "x-original-queue": queue,
-        "x-first-failure-at": "2025-01-01T00:00:00+00:00", "x-last-failure-at": "2025-01-01T00:00:03+00:00",
-        "x-attempts": 3, "x-error-class": error_class, "x-error-message": "server closed the connection",
-        "x-error-digest": "0123456789abcdef", "x-error-traceback": "Traceback (most recent call last): ...",
+        "x-original-exchange": "orders.commands",
+        "x-original-routing-key": key,
+        "x-original-queue": queue,
+        "x-first-failure-at": "2025-01-01T00:00:00+00:00",
+        "x-last-failure-at": "2025-01-01T00:00:03+00:00",
+        "x-attempts": 3,
+        "x-error-class": error_class,
+        "x-error-message": "server closed the connection",
+        "x-error-digest": "0123456789abcdef",
+        "x-error-traceback": "Traceback (most recent call last): ...",
     }
     for message_id, message_type, body in bodies:
-        bus.ch.basic_publish("orders.dlx", queue, body, pika.BasicProperties(
-            message_id=message_id, type=message_type, content_type="application/json", delivery_mode=2,
-            headers=headers))
+        bus.ch.basic_publish(
+            "orders.dlx",
+            queue,
+            body,
+            pika.BasicProperties(
+                message_id=message_id,
+                type=message_type,
+                content_type="application/json",
+                delivery_mode=2,
+                headers=headers,
+            ),
+        )
 
 
-def settled(bus: Any, queues: tuple[str, ...] = ("orders.place", "orders.cancel", "orders.delay.1s", "orders.delay.2s")) -> bool:
+def settled(
+    bus: Any, queues: tuple[str, ...] = ("orders.place", "orders.cancel", "orders.delay.1s", "orders.delay.2s")
+) -> bool:
     """Nothing left in flight: work and delay queues empty, the dead-letter queue no longer growing."""
     before = bus.depth(DLQ)
     time.sleep(0.5)
@@ -72,14 +98,18 @@ def worker(service: Any, bus: Any, clean_db: Any, commands_only: list[str]) -> A
     return service("worker", "--processes", "1", *commands_only)
 
 
-def test_poison_and_permanently_failing_messages_are_listed_with_their_reasons(worker, bus, clean_db, wait, make_place, test_env):
+def test_poison_and_permanently_failing_messages_are_listed_with_their_reasons(
+    worker, bus, clean_db, wait, make_place, test_env
+):
     poison = bus.publish("PlaceOrder", b'{"user_id": "user-1", "items": "lots"}')
     never_placed = str(uuid.uuid4())
     failing = bus.publish("CancelOrder", cancel_body(never_placed))
     unknown = str(uuid.uuid4())
     bus.publish("PlaceOrder", make_place(items=[("sku-nope", 1)], order_id=unknown))
     # the cancel goes through the delay tiers [1, 2]s before it is dead-lettered
-    wait(lambda: {m["message_id"] for m in bus.dead_letters()} == {poison, failing}, timeout=30, what="two dead letters")
+    wait(
+        lambda: {m["message_id"] for m in bus.dead_letters()} == {poison, failing}, timeout=30, what="two dead letters"
+    )
     wait(lambda: settled(bus), what="no retries in flight")
 
     letters = {dl["id"]: dl for dl in listed(test_env)}
@@ -112,7 +142,9 @@ def test_a_permanently_failing_message_is_dead_lettered_once(worker, bus, clean_
     assert [dl["id"] for dl in listed(test_env)] == [failing]
 
 
-def test_replay_after_the_order_exists_applies_the_command_exactly_once(worker, bus, clean_db, wait, make_place, test_env):
+def test_replay_after_the_order_exists_applies_the_command_exactly_once(
+    worker, bus, clean_db, wait, make_place, test_env
+):
     order_id = str(uuid.uuid4())
     cancel = bus.publish("CancelOrder", cancel_body(order_id))  # its order is not placed yet
     wait(lambda: bus.depth(DLQ) >= 1, timeout=30, what="the cancel in the dead-letter queue")
@@ -144,10 +176,22 @@ def test_replay_after_the_order_exists_applies_the_command_exactly_once(worker, 
     wait(lambda: status_of(clean_db, marker) == "pending", what="a later command")
     other = bus.publish("CancelOrder", cancel_body(marker))
     wait(lambda: status_of(clean_db, marker) == "cancelled", what="the cancel queued after the duplicate")
-    assert scalar(clean_db, "SELECT count(*) FROM order_transitions WHERE order_id = CAST(:o AS uuid) "
-                            "AND to_status = 'cancelled'", o=order_id) == 1
-    assert scalar(clean_db, "SELECT count(*) FROM outbox WHERE order_id = CAST(:o AS uuid) "
-                            "AND routing_key = 'order.cancelled'", o=order_id) == 1
+    assert (
+        scalar(
+            clean_db,
+            "SELECT count(*) FROM order_transitions WHERE order_id = CAST(:o AS uuid) AND to_status = 'cancelled'",
+            o=order_id,
+        )
+        == 1
+    )
+    assert (
+        scalar(
+            clean_db,
+            "SELECT count(*) FROM outbox WHERE order_id = CAST(:o AS uuid) AND routing_key = 'order.cancelled'",
+            o=order_id,
+        )
+        == 1
+    )
     assert other and bus.depth(DLQ) == 0
 
     history = json.loads(orders(test_env, "dlq", "history", "--json").stdout)
@@ -156,8 +200,14 @@ def test_replay_after_the_order_exists_applies_the_command_exactly_once(worker, 
 
 
 def test_replay_to_a_queue_keeps_the_message_id_and_resets_the_failure_headers(bus, clean_db, test_env):
-    body = json.dumps({"user_id": "user-1", "product_id": "sku-apple", "quantity": 1,
-                       "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}).encode()
+    body = json.dumps(
+        {
+            "user_id": "user-1",
+            "product_id": "sku-apple",
+            "quantity": 1,
+            "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+        }
+    ).encode()
     seed_dead_letters(bus, [("keep-me", "PlaceOrder", body), ("stay", "PlaceOrder", body)])
     bus.ch.queue_declare("test.replayed", durable=True, arguments={"x-queue-type": "quorum"})
     bus.ch.queue_purge("test.replayed")
@@ -182,10 +232,21 @@ def test_replay_to_a_queue_keeps_the_message_id_and_resets_the_failure_headers(b
 def test_replay_never_sends_a_command_to_a_queue_that_does_not_take_it(bus, clean_db, test_env):
     """A queue accepts only its own command: replaying a misrouted PlaceOrder where it was would only
     dead-letter it again, so it stays until it is replayed to orders.place."""
-    body = json.dumps({"user_id": "user-1", "product_id": "sku-apple", "quantity": 1,
-                       "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}).encode()
-    seed_dead_letters(bus, [("misrouted", "PlaceOrder", body)], error_class="InvalidMessage",
-                      queue="orders.cancel", key="order.cancel")
+    body = json.dumps(
+        {
+            "user_id": "user-1",
+            "product_id": "sku-apple",
+            "quantity": 1,
+            "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+        }
+    ).encode()
+    seed_dead_letters(
+        bus,
+        [("misrouted", "PlaceOrder", body)],
+        error_class="InvalidMessage",
+        queue="orders.cancel",
+        key="order.cancel",
+    )
 
     for target in ([], ["--to", "orders.cancel"]):
         refused = orders(test_env, "dlq", "replay", "misrouted", *target)
@@ -202,8 +263,14 @@ def test_replay_never_sends_a_command_to_a_queue_that_does_not_take_it(bus, clea
 
 def test_replay_with_edit_validates_the_body_before_anything_moves(worker, bus, clean_db, wait, tmp_path, test_env):
     order_id = str(uuid.uuid4())
-    broken = json.dumps({"order_id": order_id, "user_id": "user-1", "items": [{"product_id": "sku-pear", "quantity": "two"}],
-                         "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}})
+    broken = json.dumps(
+        {
+            "order_id": order_id,
+            "user_id": "user-1",
+            "items": [{"product_id": "sku-pear", "quantity": "two"}],
+            "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+        }
+    )
     message_id = bus.publish("PlaceOrder", broken.encode())
     wait(lambda: bus.depth(DLQ) == 1, what="the poison message in the dead-letter queue")
 
@@ -242,7 +309,9 @@ def test_purge_asks_first_exports_and_is_audited(bus, clean_db, tmp_path, test_e
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in saved.read_text().splitlines()]
     assert [(d["id"], d["body"], d["error_class"]) for d in lines] == [
-        ("p-1", {"order_id": "not-a-uuid"}, "OperationalError"), ("p-2", {"order_id": "not-a-uuid"}, "OperationalError")]
+        ("p-1", {"order_id": "not-a-uuid"}, "OperationalError"),
+        ("p-2", {"order_id": "not-a-uuid"}, "OperationalError"),
+    ]
     assert [m["message_id"] for m in bus.dead_letters()] == ["c-1"]
     history = json.loads(orders(test_env, "dlq", "history", "--json").stdout)
     assert [(h["action"], h["actor"], h["message_ids"]) for h in history] == [("purge", "carol", ["p-1", "p-2"])]
@@ -251,41 +320,81 @@ def test_purge_asks_first_exports_and_is_audited(bus, clean_db, tmp_path, test_e
 
 
 def test_broker_dead_lettered_messages_are_explained_from_x_death() -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from worker.broker import Delivery
     from worker.dead_letters import DeadLetter, replay_headers
 
-    when = datetime(2025, 5, 1, 12, 0, tzinfo=timezone.utc)
-    d = Delivery(1, "orders.dlx", "order.place", DLQ, b"{}", "m-1", "PlaceOrder", None, None, "application/json", {
-        "x-death": [{"count": 1, "reason": "delivery_limit", "queue": "orders.place", "time": when,
-                     "exchange": "orders.commands", "routing-keys": ["order.place"]}],
-        "x-first-death-reason": "delivery_limit", "x-delivery-count": 21,
-    }, False)
+    when = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
+    d = Delivery(
+        1,
+        "orders.dlx",
+        "order.place",
+        DLQ,
+        b"{}",
+        "m-1",
+        "PlaceOrder",
+        None,
+        None,
+        "application/json",
+        {
+            "x-death": [
+                {
+                    "count": 1,
+                    "reason": "delivery_limit",
+                    "queue": "orders.place",
+                    "time": when,
+                    "exchange": "orders.commands",
+                    "routing-keys": ["order.place"],
+                }
+            ],
+            "x-first-death-reason": "delivery_limit",
+            "x-delivery-count": 21,
+        },
+        False,
+    )
     dl = DeadLetter.from_delivery(d)
-    assert (dl.error_class, dl.dead_lettered_by, dl.destination) == ("DeliveryLimitExceeded", "broker",
-                                                                     ("orders.commands", "order.place"))
+    assert (dl.error_class, dl.dead_lettered_by, dl.destination) == (
+        "DeliveryLimitExceeded",
+        "broker",
+        ("orders.commands", "order.place"),
+    )
     assert dl.original_queue == "orders.place" and dl.last_failure_at == when
     assert not {"x-death", "x-first-death-reason", "x-delivery-count"} & set(replay_headers(d, when, "me"))
     # delay-tier history ("expired") is not the cause: the worker's headers are
-    d.headers = {"x-death": [{"reason": "expired", "queue": "orders.delay.2s", "count": 1}],
-                 "x-error-class": "RetryLater", "x-attempts": 3, "x-original-queue": "orders.cancel"}
-    assert (DeadLetter.from_delivery(d).error_class, DeadLetter.from_delivery(d).dead_lettered_by) == ("RetryLater", "worker")
+    d.headers = {
+        "x-death": [{"reason": "expired", "queue": "orders.delay.2s", "count": 1}],
+        "x-error-class": "RetryLater",
+        "x-attempts": 3,
+        "x-original-queue": "orders.cancel",
+    }
+    assert (DeadLetter.from_delivery(d).error_class, DeadLetter.from_delivery(d).dead_lettered_by) == (
+        "RetryLater",
+        "worker",
+    )
 
 
 @pytest.mark.timeout(600)
-def test_replay_of_5000_killed_halfway_loses_nothing_and_applies_each_once(worker, bus, clean_db, wait, make_place, test_env):
+def test_replay_of_5000_killed_halfway_loses_nothing_and_applies_each_once(
+    worker, bus, clean_db, wait, make_place, test_env
+):
     total = 5000
     ids = [f"bulk-{i:05d}" for i in range(total)]
-    seed_dead_letters(bus, [(mid, "PlaceOrder", json.dumps(make_place(user=f"user-{i % 50}")).encode())
-                            for i, mid in enumerate(ids)])
+    seed_dead_letters(
+        bus, [(mid, "PlaceOrder", json.dumps(make_place(user=f"user-{i % 50}")).encode()) for i, mid in enumerate(ids)]
+    )
     wait(lambda: bus.depth(DLQ) == total, what="5,000 dead letters")
 
     def applied() -> int:
         return scalar(clean_db, "SELECT count(*) FROM orders")
 
-    run = subprocess.Popen([ORDERS, "dlq", "replay", "--all", "--rate", "1000"], env=test_env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = subprocess.Popen(
+        [ORDERS, "dlq", "replay", "--all", "--rate", "1000"],
+        env=test_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait(lambda: applied() >= total * 0.3, timeout=60, interval=0.02, what="a third replayed")
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()

@@ -15,6 +15,7 @@ from typing import Any
 import pika
 import pytest
 from sqlalchemy import text
+
 from scripts.tcp_proxy import free_port
 
 ORDERS = str(Path(sys.executable).parent / "orders")
@@ -36,8 +37,11 @@ def samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
         body = answer.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
 
 
 def counter(found: dict[Any, float], name: str, **labels: str) -> float:
@@ -73,8 +77,15 @@ def test_status_and_metrics_match_what_the_test_did(service, bus, clean_db, wait
     status = json.loads(done.stdout)
     assert status["errors"] == []
     assert status["dead_letters"] == dead
-    assert status["orders"] == {"pending": 3, "awaiting_payment": 0, "completed": 0, "shipped": 0,
-                                "cancelled": 0, "rejected": 1, "refunded": 0}
+    assert status["orders"] == {
+        "pending": 3,
+        "awaiting_payment": 0,
+        "completed": 0,
+        "shipped": 0,
+        "cancelled": 0,
+        "rejected": 1,
+        "refunded": 0,
+    }
     for queue in ("orders.place", "orders.cancel", "orders.payment-confirmed"):
         assert status["queues"][queue] == {"role": "commands", "messages": 0, "consumers": 1, "exists": True}
     assert status["queues"]["orders.payments"]["consumers"] == 0  # this pool runs without the payment step
@@ -87,15 +98,18 @@ def test_status_and_metrics_match_what_the_test_did(service, bus, clean_db, wait
         m = samples(port)
         name = "orders_commands_total"
         deferred = counter(m, name, type="CancelOrder", result="deferred")
-        return (counter(m, name, type="PlaceOrder", result="applied") == 4
-                and counter(m, name, type="PlaceOrder", result="duplicate") == 1
-                and counter(m, name, type="PlaceOrder", result="invalid") == 1
-                and counter(m, "orders_commands_dead_lettered_total", type="PlaceOrder", error_class="InvalidMessage") == 1
-                # every deferral was either retried through a delay queue or dead-lettered
-                and deferred == counter(m, "orders_commands_retried_total", type="CancelOrder")
-                + counter(m, "orders_commands_dead_lettered_total", type="CancelOrder", error_class="RetryLater")
-                and 1 + counter(m, "orders_commands_dead_lettered_total", type="CancelOrder",
-                                error_class="RetryLater") == dead)
+        return (
+            counter(m, name, type="PlaceOrder", result="applied") == 4
+            and counter(m, name, type="PlaceOrder", result="duplicate") == 1
+            and counter(m, name, type="PlaceOrder", result="invalid") == 1
+            and counter(m, "orders_commands_dead_lettered_total", type="PlaceOrder", error_class="InvalidMessage") == 1
+            # every deferral was either retried through a delay queue or dead-lettered
+            and deferred
+            == counter(m, "orders_commands_retried_total", type="CancelOrder")
+            + counter(m, "orders_commands_dead_lettered_total", type="CancelOrder", error_class="RetryLater")
+            and 1 + counter(m, "orders_commands_dead_lettered_total", type="CancelOrder", error_class="RetryLater")
+            == dead
+        )
 
     wait(metrics_match, timeout=15, what=f"/metrics to match: {samples(port)}")
     assert samples(port)[("orders_batch_size_count", ())] >= 1
@@ -105,12 +119,25 @@ def test_doctor_passes_here_and_explains_what_is_wrong(settings, test_env):
     healthy = orders(test_env, "doctor", "--json")
     found = json.loads(healthy.stdout)
     assert healthy.returncode == 0, found
-    assert {f["check"] for f in found["findings"]} >= {"configuration", "postgresql", "migrations", "rabbitmq",
-                                                       "topology", "redis"}
+    assert {f["check"] for f in found["findings"]} >= {
+        "configuration",
+        "postgresql",
+        "migrations",
+        "rabbitmq",
+        "topology",
+        "redis",
+    }
 
-    broken = orders(test_env, "doctor", "--json", ORDERS_DATABASE__PORT="1", ORDERS_REDIS__PORT="1",
-                    ORDERS_RABBITMQ__URL="amqp://guest:guest@127.0.0.1:1/",
-                    ORDERS_STRIPE__API_BASE="https://api.stripe.com", ORDERS_PAYPAL__CERT_HOST_ALLOWLIST="[]")
+    broken = orders(
+        test_env,
+        "doctor",
+        "--json",
+        ORDERS_DATABASE__PORT="1",
+        ORDERS_REDIS__PORT="1",
+        ORDERS_RABBITMQ__URL="amqp://guest:guest@127.0.0.1:1/",
+        ORDERS_STRIPE__API_BASE="https://api.stripe.com",
+        ORDERS_PAYPAL__CERT_HOST_ALLOWLIST="[]",
+    )
     assert broken.returncode == 1
     problems = {f["check"]: f for f in json.loads(broken.stdout)["findings"] if not f["ok"]}
     assert {"postgresql", "rabbitmq", "redis", "stripe.api_key", "paypal.cert_host_allowlist"} <= set(problems)
@@ -121,12 +148,15 @@ def test_doctor_passes_here_and_explains_what_is_wrong(settings, test_env):
     assert unreadable.returncode == 1 and "worker.prefetch" in unreadable.stdout
 
 
-@pytest.mark.skipif(os.environ.get("ORDERS_TEST_RESTART_BROKER") != "1",
-                    reason="restarts the machine's RabbitMQ (rabbitmqctl stop_app/start_app), which disturbs every "
-                           "other run on it; set ORDERS_TEST_RESTART_BROKER=1 to run it")
+@pytest.mark.skipif(
+    os.environ.get("ORDERS_TEST_RESTART_BROKER") != "1",
+    reason="restarts the machine's RabbitMQ (rabbitmqctl stop_app/start_app), which disturbs every "
+    "other run on it; set ORDERS_TEST_RESTART_BROKER=1 to run it",
+)
 @pytest.mark.timeout(300)
-def test_worker_reconnects_after_rabbitmq_restarts_and_loses_nothing(service, bus, clean_db, wait, make_place,
-                                                                      commands_only, test_env, settings):
+def test_worker_reconnects_after_rabbitmq_restarts_and_loses_nothing(
+    service, bus, clean_db, wait, make_place, commands_only, test_env, settings
+):
     worker = service("worker", "--processes", "2", *commands_only)
     first = [bus.publish("PlaceOrder", make_place(order_id=str(uuid.uuid4()))) for _ in range(300)]
 
@@ -149,9 +179,14 @@ def test_worker_reconnects_after_rabbitmq_restarts_and_loses_nothing(service, bu
         pass
     bus.conn, bus.ch = conn, channel
     for _ in range(200):
-        channel.basic_publish("orders.commands", "order.place", json.dumps(make_place(order_id=str(uuid.uuid4()))).encode(),
-                              pika.BasicProperties(message_id=str(uuid.uuid4()), type="PlaceOrder",
-                                                   content_type="application/json", delivery_mode=2))
+        channel.basic_publish(
+            "orders.commands",
+            "order.place",
+            json.dumps(make_place(order_id=str(uuid.uuid4()))).encode(),
+            pika.BasicProperties(
+                message_id=str(uuid.uuid4()), type="PlaceOrder", content_type="application/json", delivery_mode=2
+            ),
+        )
     wait(lambda: count() == 500, timeout=120, what="all 500 orders")
     assert scalar(clean_db, "SELECT count(*) FROM order_transitions WHERE to_status = 'pending'") == 500
     assert first and worker.popen.poll() is None

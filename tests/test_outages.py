@@ -33,15 +33,20 @@ def test_database_outage_holds_work_and_loses_nothing(service, bus, clean_db, se
     wait(lambda: count(clean_db, "SELECT count(*) FROM orders") == 250, timeout=60, what="work resumed")
     wait(lambda: bus.depth("orders.place") == 0)
     assert count(clean_db, "SELECT count(*) FROM inbox WHERE consumer = 'orders'") == 250
-    wait(lambda: count(clean_db, "SELECT count(*) FROM orders WHERE status = 'completed'") == 250, timeout=60,
-         what="every order paid once the database is back")
+    wait(
+        lambda: count(clean_db, "SELECT count(*) FROM orders WHERE status = 'completed'") == 250,
+        timeout=60,
+        what="every order paid once the database is back",
+    )
     assert bus.dead_letters() == []
     log = pool.log.read_text()
     # once per consumer (commands, payment step) and state change, not per attempt
     assert 1 <= log.count("database unavailable") <= 2 and "database available again" in log
 
 
-def test_broker_connection_cut_mid_stream_reconnects_and_loses_nothing(service, bus, clean_db, settings, wait, make_place, tcp_proxy, test_env, commands_only):
+def test_broker_connection_cut_mid_stream_reconnects_and_loses_nothing(
+    service, bus, clean_db, settings, wait, make_place, tcp_proxy, test_env, commands_only
+):
     mq = tcp_proxy(5672)
     url = test_env["ORDERS_RABBITMQ__URL"].replace(":5672/", f":{mq.port}/")
     pool = service("worker", "--processes", "2", *commands_only, ORDERS_RABBITMQ__URL=url)

@@ -33,8 +33,11 @@ COMMANDS_ONLY = ["--queue", "orders.place", "--queue", "orders.cancel", "--queue
 def pay(fakes, service, bus, clean_db, settings) -> Any:
     for f in fakes.values():
         httpx.post(f.url + "/_fake/reset").raise_for_status()
-    env = {"ORDERS_STRIPE__TIMEOUT_SECONDS": "2", "ORDERS_STRIPE__MAX_NETWORK_RETRIES": "0",
-           "ORDERS_PAYPAL__MAX_NETWORK_RETRIES": "0"}
+    env = {
+        "ORDERS_STRIPE__TIMEOUT_SECONDS": "2",
+        "ORDERS_STRIPE__MAX_NETWORK_RETRIES": "0",
+        "ORDERS_PAYPAL__MAX_NETWORK_RETRIES": "0",
+    }
     os.environ.update(env)
     service("relay")  # StartPayment and the other steps leave through the outbox
     return Payments(fakes, service, bus, clean_db, settings, env)
@@ -42,7 +45,14 @@ def pay(fakes, service, bus, clean_db, settings) -> Any:
 
 class Payments:
     def __init__(self, fakes, service, bus, engine, settings, env) -> None:
-        self.fakes, self.service, self.bus, self.engine, self.settings, self.env = fakes, service, bus, engine, settings, env
+        self.fakes, self.service, self.bus, self.engine, self.settings, self.env = (
+            fakes,
+            service,
+            bus,
+            engine,
+            settings,
+            env,
+        )
 
     def start(self, *args: str, **env: str) -> Any:
         return self.service("worker", "--processes", "1", *args, **{**self.env, **env})
@@ -55,20 +65,38 @@ class Payments:
 
     def order(self, order_id: str) -> Any:
         with self.engine.connect() as conn:
-            return conn.execute(text(
-                "SELECT o.status, o.reason, o.next_action, p.status AS payment_status, p.provider_payment_id,"
-                " p.refund_id FROM orders o LEFT JOIN payments p USING (order_id)"
-                " WHERE o.order_id = CAST(:o AS uuid)"), {"o": order_id}).first()
+            return conn.execute(
+                text(
+                    "SELECT o.status, o.reason, o.next_action, p.status AS payment_status, p.provider_payment_id,"
+                    " p.refund_id FROM orders o LEFT JOIN payments p USING (order_id)"
+                    " WHERE o.order_id = CAST(:o AS uuid)"
+                ),
+                {"o": order_id},
+            ).first()
 
     def events(self, order_id: str) -> list[str]:
         return [e["routing_key"] for e in self.bus.events() if e["body"]["order_id"] == order_id]
 
     def place(self, provider: str = "stripe", method: str = "pm_card_visa") -> str:
         order_id = str(uuid.uuid4())
-        payment = ({"provider": "stripe", "payment_method": method} if provider == "stripe" else
-                   {"provider": "paypal", "return_url": "https://shop.example/ok", "cancel_url": "https://shop.example/no"})
-        self.bus.publish("PlaceOrder", {"order_id": order_id, "user_id": "buyer", "items": [
-            {"product_id": "sku-apple", "quantity": 2}], "payment": payment})
+        payment = (
+            {"provider": "stripe", "payment_method": method}
+            if provider == "stripe"
+            else {
+                "provider": "paypal",
+                "return_url": "https://shop.example/ok",
+                "cancel_url": "https://shop.example/no",
+            }
+        )
+        self.bus.publish(
+            "PlaceOrder",
+            {
+                "order_id": order_id,
+                "user_id": "buyer",
+                "items": [{"product_id": "sku-apple", "quantity": 2}],
+                "payment": payment,
+            },
+        )
         return order_id
 
     def publish_webhook(self, body: bytes, headers: dict[str, str]) -> Any:
@@ -82,31 +110,56 @@ class Payments:
     def paypal_approved(self, order_id: str, paypal_order_id: str, webhook_id: str) -> Any:
         """The buyer approves at PayPal: the fake records it; the CapturePayment its webhook becomes."""
         httpx.post(f"{self.fakes['paypal'].url}/_fake/approve/{paypal_order_id}").raise_for_status()
-        approved = {"id": webhook_id, "event_type": "CHECKOUT.ORDER.APPROVED", "resource_type": "checkout-order",
-                    "resource": {"id": paypal_order_id, "status": "APPROVED", "intent": "CAPTURE",
-                                 "purchase_units": [{"custom_id": order_id, "reference_id": order_id,
-                                                     "amount": {"currency_code": "USD", "value": "3.00"}}]}}
+        approved = {
+            "id": webhook_id,
+            "event_type": "CHECKOUT.ORDER.APPROVED",
+            "resource_type": "checkout-order",
+            "resource": {
+                "id": paypal_order_id,
+                "status": "APPROVED",
+                "intent": "CAPTURE",
+                "purchase_units": [
+                    {
+                        "custom_id": order_id,
+                        "reference_id": order_id,
+                        "amount": {"currency_code": "USD", "value": "3.00"},
+                    }
+                ],
+            },
+        }
         return to_command(paypal_event(approved))
 
     def publish_command(self, command: Any) -> None:
-        self.bus.ch.basic_publish(command.exchange, command.routing_key, json.dumps(command.body).encode(),
-                                  pika.BasicProperties(message_id=command.message_id, type=command.message_type,
-                                                       content_type="application/json", delivery_mode=2))
+        self.bus.ch.basic_publish(
+            command.exchange,
+            command.routing_key,
+            json.dumps(command.body).encode(),
+            pika.BasicProperties(
+                message_id=command.message_id,
+                type=command.message_type,
+                content_type="application/json",
+                delivery_mode=2,
+            ),
+        )
 
     def settings_now(self) -> Any:
         from worker.settings import load_settings
 
         return load_settings()
 
-    def stripe_webhook(self, pi_id: str, event_type: str = "payment_intent.succeeded", event_id: str | None = None) -> Any:
-        intent = httpx.get(f"{self.fakes['stripe'].url}/v1/payment_intents/{pi_id}",
-                           auth=("sk_test_local_fake", "")).json()
+    def stripe_webhook(
+        self, pi_id: str, event_type: str = "payment_intent.succeeded", event_id: str | None = None
+    ) -> Any:
+        intent = httpx.get(
+            f"{self.fakes['stripe'].url}/v1/payment_intents/{pi_id}", auth=("sk_test_local_fake", "")
+        ).json()
         envelope = json.loads((FIXTURES / "stripe" / "event.json").read_text())
         envelope.update(id=event_id or f"evt_{uuid.uuid4().hex[:16]}", type=event_type, data={"object": intent})
         payload = json.dumps(envelope)
         secret = self.settings.stripe.webhook_secret.get_secret_value()
-        return self.publish_webhook(payload.encode(), {
-            "Stripe-Signature": stripe.WebhookSignature.generate_signature_header(payload, secret)})
+        return self.publish_webhook(
+            payload.encode(), {"Stripe-Signature": stripe.WebhookSignature.generate_signature_header(payload, secret)}
+        )
 
 
 def test_stripe_card_is_charged_once_and_the_webhook_changes_nothing_more(pay, wait):
@@ -119,8 +172,13 @@ def test_stripe_card_is_charged_once_and_the_webhook_changes_nothing_more(pay, w
     for _ in range(3):  # the same webhook delivered three times
         pay.stripe_webhook(o.provider_payment_id, event_id="evt_same_three_times")
     wait(lambda: pay.bus.depth("orders.payment-confirmed") == 0)
-    wait(lambda: Counter(pay.events(order_id)) == Counter(
-        {"stock.reserve": 1, "order.placed": 1, "stock.commit": 1, "order.completed": 1}), what="events")
+    wait(
+        lambda: (
+            Counter(pay.events(order_id))
+            == Counter({"stock.reserve": 1, "order.placed": 1, "stock.commit": 1, "order.completed": 1})
+        ),
+        what="events",
+    )
     with pay.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM inbox WHERE message_id = 'evt_same_three_times'")).scalar() == 1
 
@@ -132,9 +190,14 @@ def test_a_refund_of_a_completed_order_leaves_it_refunded_and_announced(pay, wai
     order_id = pay.place()
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "completed", what="completed")
     for _ in range(2):  # the same command twice: one refund
-        pay.bus.ch.basic_publish("orders.internal", "payment.refund", json.dumps({"order_id": order_id}).encode(),
-                                 pika.BasicProperties(message_id=f"refund-{order_id}", type="RefundPayment",
-                                                      content_type="application/json", delivery_mode=2))
+        pay.bus.ch.basic_publish(
+            "orders.internal",
+            "payment.refund",
+            json.dumps({"order_id": order_id}).encode(),
+            pika.BasicProperties(
+                message_id=f"refund-{order_id}", type="RefundPayment", content_type="application/json", delivery_mode=2
+            ),
+        )
     wait(lambda: pay.order(order_id).status == "refunded", what="order refunded")
     o = pay.order(order_id)
     assert o.payment_status == "refunded" and o.refund_id
@@ -142,7 +205,9 @@ def test_a_refund_of_a_completed_order_leaves_it_refunded_and_announced(pay, wai
     wait(lambda: pay.bus.depth("orders.payments") == 0)
     assert pay.charges("stripe", order_id)["refunds"] == 1
     assert pay.events(order_id).count("order.refunded") == 1
-    refunded = [e for e in pay.bus.events() if e["routing_key"] == "order.refunded" and e["body"]["order_id"] == order_id]
+    refunded = [
+        e for e in pay.bus.events() if e["routing_key"] == "order.refunded" and e["body"]["order_id"] == order_id
+    ]
     assert refunded[0]["body"]["status"] == "refunded"
 
 
@@ -164,8 +229,17 @@ def test_a_wrong_amount_in_a_confirmation_never_completes_the_order(pay, wait):
     order_id = pay.place(method="pm_card_threeDSecure2Required")
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "awaiting_payment")
     pid = pay.order(order_id).provider_payment_id
-    pay.bus.publish("PaymentConfirmed", {"order_id": order_id, "provider": "stripe", "payment_id": pid,
-                                         "amount": 1, "currency": "USD", "event_id": "evt_cheap"})
+    pay.bus.publish(
+        "PaymentConfirmed",
+        {
+            "order_id": order_id,
+            "provider": "stripe",
+            "payment_id": pid,
+            "amount": 1,
+            "currency": "USD",
+            "event_id": "evt_cheap",
+        },
+    )
     wait(lambda: pay.bus.depth("orders.payment-confirmed") == 0)
     time.sleep(0.5)
     assert pay.order(order_id).status == "awaiting_payment"
@@ -176,8 +250,12 @@ def test_a_declined_card_rejects_the_order_and_releases_stock(pay, wait):
     order_id = pay.place(method="pm_card_chargeDeclined")
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "rejected")
     assert "generic_decline" in pay.order(order_id).reason
-    wait(lambda: Counter(pay.events(order_id)) == Counter(
-        {"stock.reserve": 1, "order.placed": 1, "stock.release": 1, "order.rejected": 1}))
+    wait(
+        lambda: (
+            Counter(pay.events(order_id))
+            == Counter({"stock.reserve": 1, "order.placed": 1, "stock.release": 1, "order.rejected": 1})
+        )
+    )
     assert pay.charges("stripe", order_id).get("charges", 0) == 0
 
 
@@ -234,9 +312,15 @@ def test_payment_landing_after_a_cancel_is_refunded_once(pay, wait, make_place):
     from handlers.payments import build_gateways
     from handlers.payments.base import PaymentRequest
 
-    taken = build_gateways(pay.settings_now())["stripe"].start(PaymentRequest(
-        order_id=order_id, amount=300, currency="USD", idempotency_key=idempotency_key(order_id, "start"),
-        payment_method="pm_card_visa"))
+    taken = build_gateways(pay.settings_now())["stripe"].start(
+        PaymentRequest(
+            order_id=order_id,
+            amount=300,
+            currency="USD",
+            idempotency_key=idempotency_key(order_id, "start"),
+            payment_method="pm_card_visa",
+        )
+    )
     # ... while the buyer cancels
     pay.bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "buyer", "roles": ["user"]}})
     wait(lambda: pay.order(order_id).status == "cancelled")
@@ -260,10 +344,21 @@ def test_an_internal_payment_for_a_cancelled_order_is_handed_to_a_person_not_kep
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "pending")
     pay.bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "buyer", "roles": ["user"]}})
     wait(lambda: pay.order(order_id).status == "cancelled")
-    pay.bus.publish("PaymentConfirmed", {"order_id": order_id, "provider": "internal", "payment_id": "int-7",
-                                         "amount": 300, "currency": "USD", "event_id": "int-evt-7"})
+    pay.bus.publish(
+        "PaymentConfirmed",
+        {
+            "order_id": order_id,
+            "provider": "internal",
+            "payment_id": "int-7",
+            "amount": 300,
+            "currency": "USD",
+            "event_id": "int-evt-7",
+        },
+    )
     pay.start("--queue", "orders.payments")
-    dead = wait(lambda: [d for d in pay.bus.dead_letters() if d["type"] == "RefundPayment"], what="refund dead-lettered")
+    dead = wait(
+        lambda: [d for d in pay.bus.dead_letters() if d["type"] == "RefundPayment"], what="refund dead-lettered"
+    )
     assert dead[0]["headers"]["x-error-class"] == "ManualActionRequired"
     assert "int-7" in dead[0]["headers"]["x-error-message"]
     o = pay.order(order_id)
@@ -277,8 +372,17 @@ def test_a_charge_landing_after_the_order_was_paid_another_way_is_refunded(pay, 
     pay.start()
     order_id = pay.place()
     wait(lambda: pay.order(order_id) and pay.order(order_id).payment_status == "started", what="charge in flight")
-    pay.bus.publish("PaymentConfirmed", {"order_id": order_id, "provider": "internal", "payment_id": "int-8",
-                                         "amount": 300, "currency": "USD", "event_id": "int-evt-8"})
+    pay.bus.publish(
+        "PaymentConfirmed",
+        {
+            "order_id": order_id,
+            "provider": "internal",
+            "payment_id": "int-8",
+            "amount": 300,
+            "currency": "USD",
+            "event_id": "int-evt-8",
+        },
+    )
     wait(lambda: pay.charges("stripe", order_id).get("refunds") == 1, timeout=40, what="second charge refunded")
     o = pay.order(order_id)
     assert (o.status, o.payment_status, o.provider_payment_id) == ("completed", "succeeded", "int-8")

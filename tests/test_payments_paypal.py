@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -12,8 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
-
-from scripts.fakes import fake_paypal  # noqa: E402
 
 from handlers.payments import PaymentAlreadyCaptured  # noqa: E402
 from handlers.payments.base import (  # noqa: E402
@@ -27,6 +26,7 @@ from handlers.payments.base import (  # noqa: E402
 )
 from handlers.payments.money import MoneyError, from_decimal_string, to_paypal_value  # noqa: E402
 from handlers.payments.paypal_gateway import PayPalGateway  # noqa: E402
+from scripts.fakes import fake_paypal  # noqa: E402
 from worker.settings import PayPalSettings  # noqa: E402
 
 
@@ -47,8 +47,12 @@ def fake(server: Any) -> Iterator[Any]:
 def make_gateway(fake: Any) -> Callable[..., PayPalGateway]:
     def make(**overrides: Any) -> PayPalGateway:
         values: dict[str, Any] = {
-            "client_id": "cid", "client_secret": "csecret", "base_url": fake.url,
-            "webhook_id": "WH-ID", "timeout_seconds": 5, **overrides,
+            "client_id": "cid",
+            "client_secret": "csecret",
+            "base_url": fake.url,
+            "webhook_id": "WH-ID",
+            "timeout_seconds": 5,
+            **overrides,
         }
         return PayPalGateway(PayPalSettings(**values))
 
@@ -64,16 +68,28 @@ def approve(fake: Any, order_id: str, **body: Any) -> None:
 
 
 def charges(fake: Any, order_id: str) -> dict[str, Any]:
-    return httpx.get(fake.url + "/_fake/charges").json()["orders"].get(order_id, {"orders": 0, "captures": 0, "refunds": 0})
+    return (
+        httpx.get(fake.url + "/_fake/charges")
+        .json()["orders"]
+        .get(order_id, {"orders": 0, "captures": 0, "refunds": 0})
+    )
 
 
 def log(fake: Any) -> list[dict[str, Any]]:
     return httpx.get(fake.url + "/_fake/log").json()["requests"]
 
 
-def request(order_id: str = "order-1", amount: int = 1099, currency: str = "USD", key: str | None = None) -> PaymentRequest:
-    return PaymentRequest(order_id=order_id, amount=amount, currency=currency, idempotency_key=key or f"pay-{order_id}",
-                          return_url="https://shop.example/return", cancel_url="https://shop.example/cancel")
+def request(
+    order_id: str = "order-1", amount: int = 1099, currency: str = "USD", key: str | None = None
+) -> PaymentRequest:
+    return PaymentRequest(
+        order_id=order_id,
+        amount=amount,
+        currency=currency,
+        idempotency_key=key or f"pay-{order_id}",
+        return_url="https://shop.example/return",
+        cancel_url="https://shop.example/cancel",
+    )
 
 
 def sent_value(fake: Any, order_id: str) -> str:
@@ -101,7 +117,8 @@ def test_create_approve_capture_refund(fake: Any, make_gateway: Callable[..., Pa
 
 
 def test_a_capture_that_raced_a_cancel_is_refunded_without_a_recorded_capture_id(
-        fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+    fake: Any, make_gateway: Callable[..., PayPalGateway]
+) -> None:
     """Found by the chaos run: PayPal captured the order while our record still had no capture id (the
     cancel found it captured), and the refund went to an operator instead of giving the money back."""
     gateway = make_gateway()
@@ -139,9 +156,18 @@ def test_same_request_id_other_body_is_permanent(fake: Any, make_gateway: Callab
 
 @pytest.mark.parametrize(
     ("amount", "currency", "value"),
-    [(1099, "USD", "10.99"), (500, "JPY", "500"), (5000, "KRW", "5000"), (12300, "HUF", "123"), (10000, "TWD", "100"), (7, "EUR", "0.07")],
+    [
+        (1099, "USD", "10.99"),
+        (500, "JPY", "500"),
+        (5000, "KRW", "5000"),
+        (12300, "HUF", "123"),
+        (10000, "TWD", "100"),
+        (7, "EUR", "0.07"),
+    ],
 )
-def test_amount_is_sent_in_paypal_decimals(fake: Any, make_gateway: Callable[..., PayPalGateway], amount: int, currency: str, value: str) -> None:
+def test_amount_is_sent_in_paypal_decimals(
+    fake: Any, make_gateway: Callable[..., PayPalGateway], amount: int, currency: str, value: str
+) -> None:
     started = make_gateway().start(request(amount=amount, currency=currency))
     assert sent_value(fake, started.provider_payment_id) == value
 
@@ -173,7 +199,9 @@ def test_persistent_5xx_is_transient(fake: Any, make_gateway: Callable[..., PayP
     assert not isinstance(info.value, OutcomeUnknown)
 
 
-def test_timeout_is_outcome_unknown_and_same_key_settles_it(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+def test_timeout_is_outcome_unknown_and_same_key_settles_it(
+    fake: Any, make_gateway: Callable[..., PayPalGateway]
+) -> None:
     # Order created, every answer (first try and the SDK's 2 retries) too late.
     inject(fake, count=3, delay=1.5, after_work=True, path="/v2/checkout/orders")
     gateway = make_gateway(timeout_seconds=0.5)
@@ -186,7 +214,9 @@ def test_timeout_is_outcome_unknown_and_same_key_settles_it(fake: Any, make_gate
     assert list(fake.app.orders) == [again.provider_payment_id]
 
 
-def test_dropped_capture_answer_is_retried_with_same_request_id(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+def test_dropped_capture_answer_is_retried_with_same_request_id(
+    fake: Any, make_gateway: Callable[..., PayPalGateway]
+) -> None:
     gateway = make_gateway()
     started = gateway.start(request())
     approve(fake, started.provider_payment_id)
@@ -204,10 +234,15 @@ def test_bad_credentials_are_permanent_and_not_leaked(fake: Any, make_gateway: C
 
 @pytest.mark.parametrize(
     ("decline", "outcome", "reason"),
-    [("instrument", Outcome.DECLINED, "INSTRUMENT_DECLINED"), ("capture", Outcome.DECLINED, "DECLINED_BY_PROCESSOR"),
-     ("pending", Outcome.PROCESSING, None)],
+    [
+        ("instrument", Outcome.DECLINED, "INSTRUMENT_DECLINED"),
+        ("capture", Outcome.DECLINED, "DECLINED_BY_PROCESSOR"),
+        ("pending", Outcome.PROCESSING, None),
+    ],
 )
-def test_capture_declines(fake: Any, make_gateway: Callable[..., PayPalGateway], decline: str, outcome: Outcome, reason: str | None) -> None:
+def test_capture_declines(
+    fake: Any, make_gateway: Callable[..., PayPalGateway], decline: str, outcome: Outcome, reason: str | None
+) -> None:
     gateway = make_gateway()
     started = gateway.start(request())
     approve(fake, started.provider_payment_id, decline=decline)
@@ -245,9 +280,15 @@ def test_lookup_of_a_captured_order_reads_the_capture(fake: Any, make_gateway: C
     order_id = gateway.start(request(order_id="order-facts", amount=1500, currency="JPY")).provider_payment_id
     approve(fake, order_id)
     captured = gateway.capture(order_id, "capture-facts")
-    assert gateway.lookup(order_id) == PaymentFacts(provider_payment_id=order_id, taken=True, order_id="order-facts",
-                                                    amount=1500, currency="JPY", status="COMPLETED",
-                                                    capture_id=captured.capture_id)
+    assert gateway.lookup(order_id) == PaymentFacts(
+        provider_payment_id=order_id,
+        taken=True,
+        order_id="order-facts",
+        amount=1500,
+        currency="JPY",
+        status="COMPLETED",
+        capture_id=captured.capture_id,
+    )
     assert ("GET", f"/v2/payments/captures/{captured.capture_id}") in {(e["method"], e["path"]) for e in log(fake)}
 
 
@@ -260,19 +301,29 @@ def test_lookup_of_a_declined_capture_says_not_taken(fake: Any, make_gateway: Ca
     assert (facts.taken, facts.status, facts.order_id, facts.amount) == (False, "DECLINED", "order-facts", 1099)
 
 
-def test_lookup_of_an_approved_order_not_captured_says_not_taken(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+def test_lookup_of_an_approved_order_not_captured_says_not_taken(
+    fake: Any, make_gateway: Callable[..., PayPalGateway]
+) -> None:
     gateway = make_gateway()
     order_id = gateway.start(request(order_id="order-facts")).provider_payment_id
     approve(fake, order_id)
-    assert gateway.lookup(order_id) == PaymentFacts(provider_payment_id=order_id, taken=False, order_id="order-facts",
-                                                    amount=1099, currency="USD", status="APPROVED")
+    assert gateway.lookup(order_id) == PaymentFacts(
+        provider_payment_id=order_id,
+        taken=False,
+        order_id="order-facts",
+        amount=1099,
+        currency="USD",
+        status="APPROVED",
+    )
 
 
 def test_lookup_of_an_unknown_order_is_not_found(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
     assert make_gateway().lookup("5O190127TN364715T") == PaymentFacts.not_found("5O190127TN364715T")
 
 
-def test_lookup_refuses_a_capture_that_belongs_to_another_order(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
+def test_lookup_refuses_a_capture_that_belongs_to_another_order(
+    fake: Any, make_gateway: Callable[..., PayPalGateway]
+) -> None:
     gateway = make_gateway()
     order_id = gateway.start(request(order_id="order-facts")).provider_payment_id
     approve(fake, order_id)

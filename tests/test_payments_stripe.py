@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -12,8 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
-
-from scripts.fakes import fake_stripe  # noqa: E402
 
 from handlers.payments import PaymentAlreadyCaptured  # noqa: E402
 from handlers.payments.base import (  # noqa: E402
@@ -25,6 +24,7 @@ from handlers.payments.base import (  # noqa: E402
     TransientPaymentError,
 )
 from handlers.payments.stripe_gateway import StripeGateway  # noqa: E402
+from scripts.fakes import fake_stripe  # noqa: E402
 from worker.settings import StripeSettings  # noqa: E402
 
 API_KEY = "sk_test_local_fake"
@@ -47,8 +47,12 @@ def fake(server: Any) -> Iterator[Any]:
 def make_gateway(fake: Any) -> Callable[..., StripeGateway]:
     def make(**overrides: Any) -> StripeGateway:
         values: dict[str, Any] = {
-            "api_key": API_KEY, "webhook_secret": "whsec_test", "api_base": fake.url,
-            "timeout_seconds": 5, "max_network_retries": 2, **overrides,
+            "api_key": API_KEY,
+            "webhook_secret": "whsec_test",
+            "api_base": fake.url,
+            "timeout_seconds": 5,
+            "max_network_retries": 2,
+            **overrides,
         }
         return StripeGateway(StripeSettings(**values))
 
@@ -60,15 +64,23 @@ def inject(fake: Any, **fault: Any) -> None:
 
 
 def charges(fake: Any, order_id: str) -> dict[str, int]:
-    return httpx.get(fake.url + "/_fake/charges").json()["orders"].get(order_id, {"charges": 0, "refunds": 0, "payment_intents": 0})
+    return (
+        httpx.get(fake.url + "/_fake/charges")
+        .json()["orders"]
+        .get(order_id, {"charges": 0, "refunds": 0, "payment_intents": 0})
+    )
 
 
 def log(fake: Any) -> list[dict[str, Any]]:
     return httpx.get(fake.url + "/_fake/log").json()["requests"]
 
 
-def request(order_id: str = "order-1", pm: str = "pm_card_visa", key: str | None = None, amount: int = 1099) -> PaymentRequest:
-    return PaymentRequest(order_id=order_id, amount=amount, currency="EUR", idempotency_key=key or f"pay-{order_id}", payment_method=pm)
+def request(
+    order_id: str = "order-1", pm: str = "pm_card_visa", key: str | None = None, amount: int = 1099
+) -> PaymentRequest:
+    return PaymentRequest(
+        order_id=order_id, amount=amount, currency="EUR", idempotency_key=key or f"pay-{order_id}", payment_method=pm
+    )
 
 
 def test_success_charges_once_with_our_key(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
@@ -93,10 +105,15 @@ def test_requires_action_then_buyer_completes(fake: Any, make_gateway: Callable[
 
 @pytest.mark.parametrize(
     ("pm", "reason"),
-    [("pm_card_chargeDeclined", "generic_decline"), ("pm_card_visa_chargeDeclined", "generic_decline"),
-     ("pm_card_chargeDeclinedInsufficientFunds", "insufficient_funds")],
+    [
+        ("pm_card_chargeDeclined", "generic_decline"),
+        ("pm_card_visa_chargeDeclined", "generic_decline"),
+        ("pm_card_chargeDeclinedInsufficientFunds", "insufficient_funds"),
+    ],
 )
-def test_decline_is_a_result_not_an_error(fake: Any, make_gateway: Callable[..., StripeGateway], pm: str, reason: str) -> None:
+def test_decline_is_a_result_not_an_error(
+    fake: Any, make_gateway: Callable[..., StripeGateway], pm: str, reason: str
+) -> None:
     gateway = make_gateway()
     first = gateway.start(request(pm=pm))
     assert first.outcome is Outcome.DECLINED
@@ -136,7 +153,9 @@ def test_503_twice_then_success_through_sdk_retries(fake: Any, make_gateway: Cal
     assert httpx.get(fake.url + "/_fake/faults").json()["faults"] == []  # both faults were hit
 
 
-def test_5xx_without_retries_left_is_transient_not_unknown(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
+def test_5xx_without_retries_left_is_transient_not_unknown(
+    fake: Any, make_gateway: Callable[..., StripeGateway]
+) -> None:
     inject(fake, count=1, status=503)
     with pytest.raises(TransientPaymentError) as info:
         make_gateway(max_network_retries=0).start(request())
@@ -150,7 +169,9 @@ def test_429_is_transient(fake: Any, make_gateway: Callable[..., StripeGateway])
         make_gateway(max_network_retries=0).start(request())
 
 
-def test_timeout_is_outcome_unknown_and_same_key_settles_it(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
+def test_timeout_is_outcome_unknown_and_same_key_settles_it(
+    fake: Any, make_gateway: Callable[..., StripeGateway]
+) -> None:
     # The fake charges, then answers too late: the charge happened, the answer is lost.
     inject(fake, count=1, delay=1.5, after_work=True)
     gateway = make_gateway(max_network_retries=0, timeout_seconds=0.5)
@@ -224,23 +245,36 @@ def test_refund_is_idempotent(fake: Any, make_gateway: Callable[..., StripeGatew
 
 
 def test_lookup_of_a_succeeded_intent_says_taken_with_our_order_and_the_amount_received(
-        fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
+    fake: Any, make_gateway: Callable[..., StripeGateway]
+) -> None:
     gateway = make_gateway()
     pi_id = gateway.start(request(order_id="order-facts")).provider_payment_id
-    assert gateway.lookup(pi_id) == PaymentFacts(provider_payment_id=pi_id, taken=True, order_id="order-facts",
-                                                 amount=1099, currency="EUR", status="succeeded")
+    assert gateway.lookup(pi_id) == PaymentFacts(
+        provider_payment_id=pi_id, taken=True, order_id="order-facts", amount=1099, currency="EUR", status="succeeded"
+    )
 
 
-@pytest.mark.parametrize(("pm", "status"), [("pm_card_chargeDeclined", "requires_payment_method"),
-                                            ("pm_card_threeDSecure2Required", "requires_action"),
-                                            ("pm_fake_processing", "processing")])
+@pytest.mark.parametrize(
+    ("pm", "status"),
+    [
+        ("pm_card_chargeDeclined", "requires_payment_method"),
+        ("pm_card_threeDSecure2Required", "requires_action"),
+        ("pm_fake_processing", "processing"),
+    ],
+)
 def test_lookup_of_a_declined_or_unfinished_intent_says_not_taken(
-        fake: Any, make_gateway: Callable[..., StripeGateway], pm: str, status: str) -> None:
+    fake: Any, make_gateway: Callable[..., StripeGateway], pm: str, status: str
+) -> None:
     gateway = make_gateway()
     pi_id = gateway.start(request(order_id="order-facts", pm=pm)).provider_payment_id
     facts = gateway.lookup(pi_id)
     assert (facts.taken, facts.status, facts.order_id, facts.amount, facts.currency) == (
-        False, status, "order-facts", 1099, "EUR")
+        False,
+        status,
+        "order-facts",
+        1099,
+        "EUR",
+    )
 
 
 def test_lookup_of_an_unknown_intent_is_not_found(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:

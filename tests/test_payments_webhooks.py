@@ -7,9 +7,10 @@ import json
 import socket
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -19,13 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
-from scripts.fakes import fake_paypal, paypal_certs  # noqa: E402
-from scripts.fakes.common import tls_context  # noqa: E402
-
 from handlers.payments.base import MalformedWebhook, TransientPaymentError, WebhookKind, WebhookVerificationError  # noqa: E402
 from handlers.payments.paypal_gateway import PayPalGateway  # noqa: E402
 from handlers.payments.stripe_gateway import StripeGateway  # noqa: E402
 from handlers.payments.webhooks import confirmation_message_id, parse_webhook, to_payment_confirmed  # noqa: E402
+from scripts.fakes import fake_paypal, paypal_certs  # noqa: E402
+from scripts.fakes.common import tls_context  # noqa: E402
 from worker.settings import PayPalSettings, SettingsError, StripeSettings  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -37,8 +37,14 @@ CERT_NAME = VECTOR["cert_url"].rsplit("/", 1)[-1]
 # -- Stripe -------------------------------------------------------------------
 @pytest.fixture
 def stripe_gateway() -> StripeGateway:
-    return StripeGateway(StripeSettings(api_key="sk_test_x", webhook_secret=STRIPE_SECRET, api_base="http://127.0.0.1:9",
-                                        webhook_tolerance_seconds=300))
+    return StripeGateway(
+        StripeSettings(
+            api_key="sk_test_x",
+            webhook_secret=STRIPE_SECRET,
+            api_base="http://127.0.0.1:9",
+            webhook_tolerance_seconds=300,
+        )
+    )
 
 
 def stripe_event(event_type: str = "payment_intent.succeeded", **intent_changes: Any) -> str:
@@ -61,8 +67,11 @@ def test_stripe_succeeded_becomes_payment_confirmed(stripe_gateway: StripeGatewa
     assert event.kind is WebhookKind.CONFIRMED
     # amount_received is 0 in the sample, so the intent amount counts.
     assert to_payment_confirmed(event) == {
-        "order_id": "7d0c9a8e-0000-4000-8000-000000000001", "provider": "stripe",
-        "payment_id": "pi_1PgafyB7WZ01zgkWSjxsAJo3", "amount": 1099, "currency": "USD",
+        "order_id": "7d0c9a8e-0000-4000-8000-000000000001",
+        "provider": "stripe",
+        "payment_id": "pi_1PgafyB7WZ01zgkWSjxsAJo3",
+        "amount": 1099,
+        "currency": "USD",
         "event_id": "evt_1Pgc76B7WZ01zgkWwyRHS12y",
     }
     assert confirmation_message_id(event) == "evt_1Pgc76B7WZ01zgkWwyRHS12y"
@@ -74,10 +83,16 @@ def test_stripe_amount_received_wins(stripe_gateway: StripeGateway) -> None:
 
 
 def test_stripe_payment_failed(stripe_gateway: StripeGateway) -> None:
-    payload = stripe_event("payment_intent.payment_failed",
-                           last_payment_error={"type": "card_error", "code": "card_declined", "decline_code": "insufficient_funds"})
+    payload = stripe_event(
+        "payment_intent.payment_failed",
+        last_payment_error={"type": "card_error", "code": "card_declined", "decline_code": "insufficient_funds"},
+    )
     event = stripe_gateway.parse_webhook(payload.encode(), {"stripe-signature": signed(payload)["Stripe-Signature"]})
-    assert (event.kind, event.reason, event.order_id) == (WebhookKind.FAILED, "insufficient_funds", "7d0c9a8e-0000-4000-8000-000000000001")
+    assert (event.kind, event.reason, event.order_id) == (
+        WebhookKind.FAILED,
+        "insufficient_funds",
+        "7d0c9a8e-0000-4000-8000-000000000001",
+    )
     with pytest.raises(ValueError):
         to_payment_confirmed(event)
 
@@ -106,7 +121,10 @@ def test_stripe_timestamp_in_the_future_beyond_the_tolerance_rejected(stripe_gat
     with pytest.raises(WebhookVerificationError, match="future"):
         stripe_gateway.parse_webhook(payload.encode(), signed(payload, timestamp=int(time.time()) + 301))
     # inside the tolerance a clock a little ahead is fine
-    assert stripe_gateway.parse_webhook(payload.encode(), signed(payload, timestamp=int(time.time()) + 200)).kind is WebhookKind.CONFIRMED
+    assert (
+        stripe_gateway.parse_webhook(payload.encode(), signed(payload, timestamp=int(time.time()) + 200)).kind
+        is WebhookKind.CONFIRMED
+    )
 
 
 def _stripe_shaped(change: Callable[[dict[str, Any]], None]) -> str:
@@ -115,19 +133,33 @@ def _stripe_shaped(change: Callable[[dict[str, Any]], None]) -> str:
     return json.dumps(event)
 
 
-@pytest.mark.parametrize("change", [
-    lambda e: e["data"].update(object="pi_123"),
-    lambda e: e["data"]["object"].update(metadata=["order_id"]),
-    lambda e: e["data"]["object"].update(metadata={"order_id": 7}),
-    lambda e: e["data"]["object"].update(amount="1099"),
-    lambda e: e["data"]["object"].update(id={"id": "pi_1"}),
-    lambda e: e.update(type=["payment_intent.succeeded"]),
-    lambda e: e.update(data="x"),
-    lambda e: e.update(id="evt_" + "x" * 296),  # 300 characters: longer than an AMQP message id may be here
-    lambda e: e.update(id=12345),
-    lambda e: e.pop("id"),
-], ids=["object-string", "metadata-list", "order-id-number", "amount-string", "id-object", "type-list", "data-string",
-        "id-300-chars", "id-number", "no-id"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda e: e["data"].update(object="pi_123"),
+        lambda e: e["data"]["object"].update(metadata=["order_id"]),
+        lambda e: e["data"]["object"].update(metadata={"order_id": 7}),
+        lambda e: e["data"]["object"].update(amount="1099"),
+        lambda e: e["data"]["object"].update(id={"id": "pi_1"}),
+        lambda e: e.update(type=["payment_intent.succeeded"]),
+        lambda e: e.update(data="x"),
+        lambda e: e.update(id="evt_" + "x" * 296),  # 300 characters: longer than an AMQP message id may be here
+        lambda e: e.update(id=12345),
+        lambda e: e.pop("id"),
+    ],
+    ids=[
+        "object-string",
+        "metadata-list",
+        "order-id-number",
+        "amount-string",
+        "id-object",
+        "type-list",
+        "data-string",
+        "id-300-chars",
+        "id-number",
+        "no-id",
+    ],
+)
 def test_stripe_signed_but_oddly_shaped_events_are_malformed(stripe_gateway: StripeGateway, change: Any) -> None:
     payload = _stripe_shaped(change)
     with pytest.raises(MalformedWebhook):
@@ -152,7 +184,9 @@ def test_stripe_wrong_secret_rejected(stripe_gateway: StripeGateway) -> None:
 # certificates) and DigiCert's root (for the recorded vector's real PayPal certificate).
 VECTOR_TIME = datetime.fromisoformat(VECTOR["transmission_time"].replace("Z", "+00:00"))
 DIGICERT_CHAIN = (ROOT / "tests" / "fixtures" / "paypal-vector-digicert-chain.pem").read_text()
-DIGICERT_INTERMEDIATE = DIGICERT_CHAIN[DIGICERT_CHAIN.index("-----BEGIN"):DIGICERT_CHAIN.index("-----END CERTIFICATE-----") + 25]
+DIGICERT_INTERMEDIATE = DIGICERT_CHAIN[
+    DIGICERT_CHAIN.index("-----BEGIN") : DIGICERT_CHAIN.index("-----END CERTIFICATE-----") + 25
+]
 #: the vector's signing certificate as PayPal's URL serves it: with its issuer
 VECTOR_CHAIN = VECTOR["cert_pem"].strip() + "\n" + DIGICERT_INTERMEDIATE + "\n"
 
@@ -177,7 +211,9 @@ def server(authority: paypal_certs.TestAuthority, tmp_path_factory: pytest.TempP
 @pytest.fixture(scope="module")
 def ca_file(authority: paypal_certs.TestAuthority, tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("paypal-ca") / "roots.pem"
-    path.write_bytes(authority.ca_pem + DIGICERT_CHAIN[DIGICERT_CHAIN.index("-----END CERTIFICATE-----") + 25:].encode())
+    path.write_bytes(
+        authority.ca_pem + DIGICERT_CHAIN[DIGICERT_CHAIN.index("-----END CERTIFICATE-----") + 25 :].encode()
+    )
     return str(path)
 
 
@@ -185,9 +221,13 @@ def ca_file(authority: paypal_certs.TestAuthority, tmp_path_factory: pytest.Temp
 def make_paypal(server: Any, ca_file: str) -> Callable[..., PayPalGateway]:
     def make(at: datetime | None = None, **overrides: Any) -> PayPalGateway:
         values: dict[str, Any] = {
-            "client_id": fake_paypal.DEFAULT_CLIENT_ID, "client_secret": fake_paypal.DEFAULT_CLIENT_SECRET,
-            "base_url": server.url, "webhook_id": VECTOR["webhook_id"], "cert_host_allowlist": ("127.0.0.1",),
-            "cert_ca_file": ca_file, **overrides,
+            "client_id": fake_paypal.DEFAULT_CLIENT_ID,
+            "client_secret": fake_paypal.DEFAULT_CLIENT_SECRET,
+            "base_url": server.url,
+            "webhook_id": VECTOR["webhook_id"],
+            "cert_host_allowlist": ("127.0.0.1",),
+            "cert_ca_file": ca_file,
+            **overrides,
         }
         return PayPalGateway(PayPalSettings(**values), **({"clock": lambda: at} if at else {}))
 
@@ -196,28 +236,41 @@ def make_paypal(server: Any, ca_file: str) -> Callable[..., PayPalGateway]:
 
 def vector_headers(cert_url: str) -> dict[str, str]:
     return {
-        "PAYPAL-TRANSMISSION-ID": VECTOR["transmission_id"], "PAYPAL-TRANSMISSION-TIME": VECTOR["transmission_time"],
-        "PAYPAL-TRANSMISSION-SIG": VECTOR["transmission_sig"], "PAYPAL-AUTH-ALGO": VECTOR["auth_algo"],
+        "PAYPAL-TRANSMISSION-ID": VECTOR["transmission_id"],
+        "PAYPAL-TRANSMISSION-TIME": VECTOR["transmission_time"],
+        "PAYPAL-TRANSMISSION-SIG": VECTOR["transmission_sig"],
+        "PAYPAL-AUTH-ALGO": VECTOR["auth_algo"],
         "PAYPAL-CERT-URL": cert_url,
     }
 
 
-def test_paypal_real_vector_verifies_through_digicert_at_its_own_time(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
-    event = parse_webhook({"paypal": make_paypal(at=VECTOR_TIME)}, VECTOR["body"].encode(),
-                          vector_headers(f"{server.cert_base}/{CERT_NAME}"))
+def test_paypal_real_vector_verifies_through_digicert_at_its_own_time(
+    server: Any, make_paypal: Callable[..., PayPalGateway]
+) -> None:
+    event = parse_webhook(
+        {"paypal": make_paypal(at=VECTOR_TIME)},
+        VECTOR["body"].encode(),
+        vector_headers(f"{server.cert_base}/{CERT_NAME}"),
+    )
     assert (event.kind, event.provider) == (WebhookKind.IGNORED, "paypal")  # a v1 sale event: verified, not ours
     assert (event.event_id, event.event_type) == ("WH-0G2756385H040842W-5Y612302CV158622M", "PAYMENT.SALE.COMPLETED")
 
 
-def test_paypal_real_vector_is_refused_today_its_certificate_has_expired(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
+def test_paypal_real_vector_is_refused_today_its_certificate_has_expired(
+    server: Any, make_paypal: Callable[..., PayPalGateway]
+) -> None:
     with pytest.raises(WebhookVerificationError, match="not valid"):
         make_paypal().parse_webhook(VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/{CERT_NAME}"))
 
 
-def test_paypal_real_vector_without_its_intermediate_does_not_chain(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
+def test_paypal_real_vector_without_its_intermediate_does_not_chain(
+    server: Any, make_paypal: Callable[..., PayPalGateway]
+) -> None:
     server.app.certs["CERT-vector-alone"] = VECTOR["cert_pem"]
     with pytest.raises(WebhookVerificationError, match="does not verify"):
-        make_paypal(at=VECTOR_TIME).parse_webhook(VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/CERT-vector-alone"))
+        make_paypal(at=VECTOR_TIME).parse_webhook(
+            VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/CERT-vector-alone")
+        )
 
 
 def test_paypal_one_flipped_byte_fails(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
@@ -230,7 +283,8 @@ def test_paypal_one_flipped_byte_fails(server: Any, make_paypal: Callable[..., P
 def test_paypal_other_webhook_id_fails(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
     with pytest.raises(WebhookVerificationError, match="signature"):
         make_paypal(at=VECTOR_TIME, webhook_id="SOMEONE-ELSES").parse_webhook(
-            VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/{CERT_NAME}"))
+            VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/{CERT_NAME}")
+        )
 
 
 @pytest.mark.parametrize(
@@ -245,7 +299,9 @@ def test_paypal_other_webhook_id_fails(server: Any, make_paypal: Callable[..., P
         "http://api.sandbox.paypal.com/v1/notifications/certs/" + CERT_NAME,  # allowed host, plain http
     ],
 )
-def test_paypal_cert_url_not_allowed_is_refused_without_a_connection(make_paypal: Callable[..., PayPalGateway], url: str) -> None:
+def test_paypal_cert_url_not_allowed_is_refused_without_a_connection(
+    make_paypal: Callable[..., PayPalGateway], url: str
+) -> None:
     listener = socket.create_server(("127.0.0.1", 0))  # what a probed port would be
     listener.setblocking(False)
     try:
@@ -268,12 +324,14 @@ def test_paypal_unreachable_cert_host_is_transient(make_paypal: Callable[..., Pa
         make_paypal().parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:9/certs/{CERT_NAME}"))
 
 
-def test_a_cert_host_whose_tls_certificate_is_not_trusted_is_refused(server: Any, make_paypal: Callable[..., PayPalGateway],
-                                                                     tmp_path: Path) -> None:
+def test_a_cert_host_whose_tls_certificate_is_not_trusted_is_refused(
+    server: Any, make_paypal: Callable[..., PayPalGateway], tmp_path: Path
+) -> None:
     other = paypal_certs.TestAuthority("Someone Else's CA")
     with pytest.raises(WebhookVerificationError, match="TLS"):
         make_paypal(at=VECTOR_TIME, cert_ca_file=str(other.write_ca(tmp_path / "other.pem"))).parse_webhook(
-            VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/{CERT_NAME}"))
+            VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/{CERT_NAME}")
+        )
 
 
 def test_an_unreadable_cert_ca_file_stops_start_up(make_paypal: Callable[..., PayPalGateway], tmp_path: Path) -> None:
@@ -296,7 +354,7 @@ def test_paypal_postback_verification(server: Any, make_paypal: Callable[..., Pa
 # Our own signing certificates, to sign the events this service acts on.
 @pytest.fixture(scope="module")
 def signer(server: Any, authority: paypal_certs.TestAuthority) -> Callable[..., tuple[bytes, dict[str, str]]]:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     certs = {
         "CERT-good": authority.signing_cert(),
         "CERT-other": authority.signing_cert("shop.example.com"),
@@ -306,7 +364,9 @@ def signer(server: Any, authority: paypal_certs.TestAuthority) -> Callable[..., 
     for name, issued in certs.items():
         server.app.certs[name] = issued.cert_pem.decode()
 
-    def sign(event: dict[str, Any], cert_name: str = "CERT-good", webhook_id: str = "OUR-WEBHOOK") -> tuple[bytes, dict[str, str]]:
+    def sign(
+        event: dict[str, Any], cert_name: str = "CERT-good", webhook_id: str = "OUR-WEBHOOK"
+    ) -> tuple[bytes, dict[str, str]]:
         body = json.dumps(event).encode()
         return body, paypal_certs.paypal_headers(certs[cert_name], body, webhook_id, f"{server.cert_base}/{cert_name}")
 
@@ -314,31 +374,46 @@ def signer(server: Any, authority: paypal_certs.TestAuthority) -> Callable[..., 
 
 
 CAPTURE_COMPLETED = {
-    "id": "WH-58D329510W468432D-8HN650336L201105X", "event_type": "PAYMENT.CAPTURE.COMPLETED", "resource_type": "capture",
+    "id": "WH-58D329510W468432D-8HN650336L201105X",
+    "event_type": "PAYMENT.CAPTURE.COMPLETED",
+    "resource_type": "capture",
     "resource": {
-        "id": "42311647XV020574X", "status": "COMPLETED", "amount": {"currency_code": "JPY", "value": "1500"},
-        "custom_id": "7d0c9a8e-0000-4000-8000-000000000002", "final_capture": True,
+        "id": "42311647XV020574X",
+        "status": "COMPLETED",
+        "amount": {"currency_code": "JPY", "value": "1500"},
+        "custom_id": "7d0c9a8e-0000-4000-8000-000000000002",
+        "final_capture": True,
         "supplementary_data": {"related_ids": {"order_id": "5O190127TN364715T"}},
     },
 }
 
 
-def test_paypal_capture_completed_becomes_payment_confirmed(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:
+def test_paypal_capture_completed_becomes_payment_confirmed(
+    make_paypal: Callable[..., PayPalGateway], signer: Any
+) -> None:
     body, headers = signer(CAPTURE_COMPLETED)
     gateway = make_paypal(webhook_id="OUR-WEBHOOK")  # our cert chains to the configured CA and is valid now
     event = parse_webhook({"paypal": gateway}, body, headers)
     assert to_payment_confirmed(event) == {
-        "order_id": "7d0c9a8e-0000-4000-8000-000000000002", "provider": "paypal", "payment_id": "5O190127TN364715T",
-        "amount": 1500, "currency": "JPY", "event_id": "WH-58D329510W468432D-8HN650336L201105X",
+        "order_id": "7d0c9a8e-0000-4000-8000-000000000002",
+        "provider": "paypal",
+        "payment_id": "5O190127TN364715T",
+        "amount": 1500,
+        "currency": "JPY",
+        "event_id": "WH-58D329510W468432D-8HN650336L201105X",
     }
 
 
-def test_a_forged_self_signed_paypal_certificate_is_refused(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:
+def test_a_forged_self_signed_paypal_certificate_is_refused(
+    make_paypal: Callable[..., PayPalGateway], signer: Any
+) -> None:
     with pytest.raises(WebhookVerificationError, match="does not verify"):
         make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(CAPTURE_COMPLETED, cert_name="CERT-forged"))
 
 
-def test_an_expired_paypal_signing_certificate_is_refused(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:
+def test_an_expired_paypal_signing_certificate_is_refused(
+    make_paypal: Callable[..., PayPalGateway], signer: Any
+) -> None:
     with pytest.raises(WebhookVerificationError, match="not valid"):
         make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(CAPTURE_COMPLETED, cert_name="CERT-expired"))
 
@@ -350,30 +425,78 @@ def test_paypal_capture_denied_and_order_approved(make_paypal: Callable[..., Pay
     denied["resource"]["status"] = "DECLINED"
     event = gateway.parse_webhook(*signer(denied))
     assert (event.kind, event.reason) == (WebhookKind.FAILED, "DECLINED")
-    approved = {"id": "WH-APPROVED", "event_type": "CHECKOUT.ORDER.APPROVED", "resource": {
-        "id": "5O190127TN364715T", "status": "APPROVED",
-        "purchase_units": [{"custom_id": "7d0c9a8e-0000-4000-8000-000000000002", "amount": {"currency_code": "USD", "value": "10.99"}}]}}
+    approved = {
+        "id": "WH-APPROVED",
+        "event_type": "CHECKOUT.ORDER.APPROVED",
+        "resource": {
+            "id": "5O190127TN364715T",
+            "status": "APPROVED",
+            "purchase_units": [
+                {
+                    "custom_id": "7d0c9a8e-0000-4000-8000-000000000002",
+                    "amount": {"currency_code": "USD", "value": "10.99"},
+                }
+            ],
+        },
+    }
     event = gateway.parse_webhook(*signer(approved))
     assert (event.kind, event.provider_payment_id, event.order_id, event.amount) == (
-        WebhookKind.APPROVED, "5O190127TN364715T", "7d0c9a8e-0000-4000-8000-000000000002", 1099)
+        WebhookKind.APPROVED,
+        "5O190127TN364715T",
+        "7d0c9a8e-0000-4000-8000-000000000002",
+        1099,
+    )
 
 
-@pytest.mark.parametrize("event", [
-    {**CAPTURE_COMPLETED, "resource": "42311647XV020574X"},
-    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "amount": "1500 JPY"}},
-    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "amount": {"currency_code": "JPY", "value": 1500}}},
-    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "amount": {"currency_code": "JPY", "value": "15.5"}}},
-    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "supplementary_data": {"related_ids": ["x"]}}},
-    {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "custom_id": ["7d0c9a8e"]}},
-    {**CAPTURE_COMPLETED, "id": "WH-" + "X" * 297},
-    {**CAPTURE_COMPLETED, "event_type": None},
-    {"id": "WH-APPROVED", "event_type": "CHECKOUT.ORDER.APPROVED", "resource": {"id": "5O1", "purchase_units": "none"}},
-    {"id": "WH-APPROVED", "event_type": "CHECKOUT.ORDER.APPROVED", "resource": {"id": "5O1", "purchase_units": ["unit"]}},
-    ["not", "an", "event"],
-], ids=["resource-string", "amount-string", "value-number", "value-fraction-of-yen", "related-ids-list", "custom-id-list",
-        "id-300-chars", "event-type-null", "units-string", "unit-string", "list"])
-def test_paypal_signed_but_oddly_shaped_events_are_malformed(make_paypal: Callable[..., PayPalGateway], signer: Any,
-                                                             event: Any) -> None:
+@pytest.mark.parametrize(
+    "event",
+    [
+        {**CAPTURE_COMPLETED, "resource": "42311647XV020574X"},
+        {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "amount": "1500 JPY"}},
+        {
+            **CAPTURE_COMPLETED,
+            "resource": {**CAPTURE_COMPLETED["resource"], "amount": {"currency_code": "JPY", "value": 1500}},
+        },
+        {
+            **CAPTURE_COMPLETED,
+            "resource": {**CAPTURE_COMPLETED["resource"], "amount": {"currency_code": "JPY", "value": "15.5"}},
+        },
+        {
+            **CAPTURE_COMPLETED,
+            "resource": {**CAPTURE_COMPLETED["resource"], "supplementary_data": {"related_ids": ["x"]}},
+        },
+        {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "custom_id": ["7d0c9a8e"]}},
+        {**CAPTURE_COMPLETED, "id": "WH-" + "X" * 297},
+        {**CAPTURE_COMPLETED, "event_type": None},
+        {
+            "id": "WH-APPROVED",
+            "event_type": "CHECKOUT.ORDER.APPROVED",
+            "resource": {"id": "5O1", "purchase_units": "none"},
+        },
+        {
+            "id": "WH-APPROVED",
+            "event_type": "CHECKOUT.ORDER.APPROVED",
+            "resource": {"id": "5O1", "purchase_units": ["unit"]},
+        },
+        ["not", "an", "event"],
+    ],
+    ids=[
+        "resource-string",
+        "amount-string",
+        "value-number",
+        "value-fraction-of-yen",
+        "related-ids-list",
+        "custom-id-list",
+        "id-300-chars",
+        "event-type-null",
+        "units-string",
+        "unit-string",
+        "list",
+    ],
+)
+def test_paypal_signed_but_oddly_shaped_events_are_malformed(
+    make_paypal: Callable[..., PayPalGateway], signer: Any, event: Any
+) -> None:
     with pytest.raises(MalformedWebhook):
         make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(event))
 

@@ -15,9 +15,18 @@ from worker.processing import Applier, Result
 
 def delivery(kind: str, body: dict[str, Any], message_id: str | None = None) -> Delivery:
     return Delivery(
-        delivery_tag=1, exchange="orders.commands", routing_key="x", queue=queue_of(kind) or "", body=json.dumps(body).encode(),
-        message_id=message_id or str(uuid.uuid4()), message_type=kind, correlation_id=None, reply_to=None,
-        content_type="application/json", headers={}, redelivered=False,
+        delivery_tag=1,
+        exchange="orders.commands",
+        routing_key="x",
+        queue=queue_of(kind) or "",
+        body=json.dumps(body).encode(),
+        message_id=message_id or str(uuid.uuid4()),
+        message_type=kind,
+        correlation_id=None,
+        reply_to=None,
+        content_type="application/json",
+        headers={},
+        redelivered=False,
     )
 
 
@@ -41,8 +50,14 @@ def test_cancel_and_payment_confirmation_racing_one_order_have_one_winner(clean_
             body = (
                 {"order_id": order_id, "requested_by": {"user_id": "user-1", "roles": ["user"]}}
                 if kind == "CancelOrder"
-                else {"order_id": order_id, "provider": "stripe", "payment_id": f"pi_{order_id[:8]}",
-                      "amount": 300, "currency": "USD", "event_id": f"evt_{order_id}"}
+                else {
+                    "order_id": order_id,
+                    "provider": "stripe",
+                    "payment_id": f"pi_{order_id[:8]}",
+                    "amount": 300,
+                    "currency": "USD",
+                    "event_id": f"evt_{order_id}",
+                }
             )
             barrier.wait()
             results[order_id].append((kind, apply(applier, delivery(kind, body))))

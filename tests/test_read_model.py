@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import redis
 from sqlalchemy import text
@@ -17,7 +18,8 @@ from worker.unit_of_work import PostgresUnitOfWork
 
 
 def test_views_are_written_through_after_commit_and_an_older_one_never_wins(
-        service, bus, clean_db, settings, wait, make_place, commands_only):
+    service, bus, clean_db, settings, wait, make_place, commands_only
+):
     client = make_redis(settings.redis)
     cache = OrderCache(clean_db, client, 60)
     service("worker", "--processes", "1", *commands_only)
@@ -41,6 +43,7 @@ def test_reads_fall_back_to_postgresql_when_redis_is_unreachable(service, bus, c
     service("worker", "--processes", "1")
     order_id = str(uuid.uuid4())
     bus.publish("PlaceOrder", make_place(order_id=order_id))
+
     def placed() -> bool:
         with clean_db.connect() as conn:
             return conn.execute(text("SELECT 1 FROM orders")).first() is not None
@@ -53,7 +56,8 @@ def test_reads_fall_back_to_postgresql_when_redis_is_unreachable(service, bus, c
 
 
 def test_a_refresh_missed_while_redis_was_away_is_made_once_it_is_back(
-        service, bus, clean_db, settings, wait, make_place, commands_only):
+    service, bus, clean_db, settings, wait, make_place, commands_only
+):
     """Found by the chaos run: a view cached by the shim stayed behind the record after the worker's
     write-through was skipped during a Redis outage."""
     client = make_redis(settings.redis)
@@ -64,8 +68,13 @@ def test_a_refresh_missed_while_redis_was_away_is_made_once_it_is_back(
     reader = OrderCache(clean_db, client, 60)
     wait(lambda: reader.get(first) and reader.get(second), what="both placed and cached")
     with clean_db.begin() as conn:  # the order moves on while this process cannot reach Redis
-        conn.execute(text("UPDATE orders SET status = 'cancelled', updated_at = clock_timestamp()"
-                          " WHERE order_id = CAST(:o AS uuid)"), {"o": first})
+        conn.execute(
+            text(
+                "UPDATE orders SET status = 'cancelled', updated_at = clock_timestamp()"
+                " WHERE order_id = CAST(:o AS uuid)"
+            ),
+            {"o": first},
+        )
     writer = OrderCache(clean_db, client, 60)
     writer.gate.failed(redis.ConnectionError("away"))  # as after a failure: Redis is skipped for a while
     writer.refresh({first})
@@ -77,7 +86,8 @@ def test_a_refresh_missed_while_redis_was_away_is_made_once_it_is_back(
 
 
 def test_an_idle_worker_makes_the_refreshes_it_owes_once_redis_answers_again(
-        service, bus, clean_db, settings, wait, make_place, commands_only, tcp_proxy):
+    service, bus, clean_db, settings, wait, make_place, commands_only, tcp_proxy
+):
     """The owed refreshes used to wait for the worker's next commit: a worker that went quiet
     after a Redis outage left the views it could not write behind the record until they expired."""
     client = make_redis(settings.redis)
@@ -93,16 +103,22 @@ def test_an_idle_worker_makes_the_refreshes_it_owes_once_redis_answers_again(
 
     def status_in_postgresql() -> str:
         with clean_db.connect() as conn:
-            return str(conn.execute(text("SELECT status FROM orders WHERE order_id = CAST(:o AS uuid)"),
-                                    {"o": order_id}).scalar())
+            return str(
+                conn.execute(
+                    text("SELECT status FROM orders WHERE order_id = CAST(:o AS uuid)"), {"o": order_id}
+                ).scalar()
+            )
 
     wait(lambda: status_in_postgresql() == "cancelled", what="cancel committed")
     time.sleep(1)  # the worker's write-through has failed by now
     assert json.loads(client.hget(KEY_PREFIX + order_id, "view"))["status"] == "pending"  # behind, for now
 
     link.up()  # no command follows: only the idle worker can make the refresh it owes
-    wait(lambda: json.loads(client.hget(KEY_PREFIX + order_id, "view"))["status"] == "cancelled",
-         timeout=20, what="the owed refresh made without a new commit")
+    wait(
+        lambda: json.loads(client.hget(KEY_PREFIX + order_id, "view"))["status"] == "cancelled",
+        timeout=20,
+        what="the owed refresh made without a new commit",
+    )
 
 
 def test_a_refresh_never_raises_and_what_it_could_not_write_stays_owed(settings):
@@ -131,10 +147,24 @@ class _DiesAfterCommit(OrderCache):
 
 
 def _apply(applier: Applier, kind: str, body: dict[str, Any]) -> Any:
-    good, bad = applier.decode_all([Delivery(
-        delivery_tag=1, exchange="orders.commands", routing_key="x", queue=queue_of(kind) or "", body=json.dumps(body).encode(),
-        message_id=str(uuid.uuid4()), message_type=kind, correlation_id=None, reply_to=None,
-        content_type="application/json", headers={}, redelivered=False)])
+    good, bad = applier.decode_all(
+        [
+            Delivery(
+                delivery_tag=1,
+                exchange="orders.commands",
+                routing_key="x",
+                queue=queue_of(kind) or "",
+                body=json.dumps(body).encode(),
+                message_id=str(uuid.uuid4()),
+                message_type=kind,
+                correlation_id=None,
+                reply_to=None,
+                content_type="application/json",
+                headers={},
+                redelivered=False,
+            )
+        ]
+    )
     assert not bad
     return applier.apply_one(*good[0])
 
@@ -178,8 +208,14 @@ def test_a_payment_change_alone_is_a_new_version_of_the_view(clean_db, settings,
     order_id = str(uuid.uuid4())
     applier = Applier(clean_db, views=cache)
     assert _apply(applier, "PlaceOrder", make_place(order_id=order_id)).result is Result.APPLIED
-    confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 300, "currency": "USD",
-               "event_id": "evt_1"}
+    confirm = {
+        "order_id": order_id,
+        "provider": "stripe",
+        "payment_id": "pi_1",
+        "amount": 300,
+        "currency": "USD",
+        "event_id": "evt_1",
+    }
     assert _apply(applier, "PaymentConfirmed", confirm).result is Result.APPLIED
     before = cache.get(order_id)
     assert (before["status"], before["payment"]["status"]) == ("completed", "succeeded")

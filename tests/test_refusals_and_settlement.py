@@ -26,21 +26,32 @@ def test_refused_commands_are_announced_once_each_with_their_reason(pay, wait):
     pay.start(*COMMANDS_ONLY)
     order_id = pay.place()
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "pending")
-    stranger = pay.bus.publish("CancelOrder", {"order_id": order_id,
-                                               "requested_by": {"user_id": "mallory", "roles": ["user"]}},
-                               correlation_id="corr-stranger")
+    stranger = pay.bus.publish(
+        "CancelOrder",
+        {"order_id": order_id, "requested_by": {"user_id": "mallory", "roles": ["user"]}},
+        correlation_id="corr-stranger",
+    )
     for _ in range(2):  # a redelivery is not a second refusal
-        pay.bus.publish("PlaceOrder", {"order_id": order_id, "user_id": "mallory", "items": [
-            {"product_id": "sku-apple", "quantity": 1}], "payment": {"provider": "stripe",
-                                                                       "payment_method": "pm_card_visa"}},
-                        message_id="taken-id-1")
+        pay.bus.publish(
+            "PlaceOrder",
+            {
+                "order_id": order_id,
+                "user_id": "mallory",
+                "items": [{"product_id": "sku-apple", "quantity": 1}],
+                "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+            },
+            message_id="taken-id-1",
+        )
     found = wait(lambda: (lambda r: r if len(r) >= 2 else None)(refusals(pay)), what="two refusals")
     by_message = {e["body"]["message_id"]: e for e in found}
     assert set(by_message) == {stranger, "taken-id-1"}
     cancel = by_message[stranger]
     assert cancel["exchange"] == "orders.events" and cancel["message_id"] == cancel["body"]["event_id"]
     assert (cancel["body"]["command"], cancel["body"]["reason"], cancel["body"]["correlation_id"]) == (
-        "CancelOrder", "not_found", "corr-stranger")
+        "CancelOrder",
+        "not_found",
+        "corr-stranger",
+    )
     taken = by_message["taken-id-1"]["body"]
     assert (taken["command"], taken["reason"]) == ("PlaceOrder", "order_id_taken")
     assert "buyer" not in taken["message"]
@@ -79,20 +90,37 @@ def test_a_confirmation_of_another_intent_the_provider_vouches_for_completes_the
     order_id = pay.place(method="pm_card_threeDSecure2Required")
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "awaiting_payment")
     own = pay.order(order_id).provider_payment_id
-    client = stripe.StripeClient("sk_test_local_fake", base_addresses={"api": pay.fakes["stripe"].url},
-                                 max_network_retries=0)
-    paid = client.v1.payment_intents.create(params={
-        "amount": 300, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True,
-        "metadata": {"order_id": order_id}})
+    client = stripe.StripeClient(
+        "sk_test_local_fake", base_addresses={"api": pay.fakes["stripe"].url}, max_network_retries=0
+    )
+    paid = client.v1.payment_intents.create(
+        params={
+            "amount": 300,
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "confirm": True,
+            "metadata": {"order_id": order_id},
+        }
+    )
     assert paid.status == "succeeded" and paid.id != own
-    confirmation = pay.bus.publish("PaymentConfirmed", {"order_id": order_id, "provider": "stripe",
-                                                        "payment_id": paid.id, "amount": 300, "currency": "USD",
-                                                        "event_id": "evt_client_side"})
+    confirmation = pay.bus.publish(
+        "PaymentConfirmed",
+        {
+            "order_id": order_id,
+            "provider": "stripe",
+            "payment_id": paid.id,
+            "amount": 300,
+            "currency": "USD",
+            "event_id": "evt_client_side",
+        },
+    )
     wait(lambda: pay.order(order_id).status == "completed", timeout=30, what="completed on the paid intent")
     o = pay.order(order_id)
     assert (o.payment_status, o.provider_payment_id) == ("succeeded", paid.id)
-    wait(lambda: client.v1.payment_intents.retrieve(own).status == "canceled",
-         what="the payment step's unused intent cancelled")
+    wait(
+        lambda: client.v1.payment_intents.retrieve(own).status == "canceled",
+        what="the payment step's unused intent cancelled",
+    )
     assert pay.charges("stripe", order_id)["charges"] == 1
     assert [e for e in refusals(pay) if e["body"]["message_id"] == confirmation] == []
 
@@ -101,11 +129,23 @@ def test_a_confirmation_of_a_payment_the_provider_never_took_is_refused_and_anno
     pay.start()
     order_id = pay.place(method="pm_card_threeDSecure2Required")
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "awaiting_payment")
-    forged = pay.bus.publish("PaymentConfirmed", {"order_id": order_id, "provider": "stripe",
-                                                  "payment_id": "pi_never_existed", "amount": 300, "currency": "USD",
-                                                  "event_id": "evt_forged"}, correlation_id="corr-forged")
+    forged = pay.bus.publish(
+        "PaymentConfirmed",
+        {
+            "order_id": order_id,
+            "provider": "stripe",
+            "payment_id": "pi_never_existed",
+            "amount": 300,
+            "currency": "USD",
+            "event_id": "evt_forged",
+        },
+        correlation_id="corr-forged",
+    )
     found = wait(lambda: [e for e in refusals(pay) if e["body"]["message_id"] == forged], what="refusal announced")
     body = found[0]["body"]
     assert (body["command"], body["reason"], body["correlation_id"]) == (
-        "PaymentConfirmed", "payment_not_confirmed", "corr-forged")
+        "PaymentConfirmed",
+        "payment_not_confirmed",
+        "corr-forged",
+    )
     assert pay.order(order_id).status == "awaiting_payment"

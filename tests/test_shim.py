@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
-from scripts.fakes import fake_stripe
-from worker.shim.idempotency import KEY_PATTERN
-from tests.support import private_vhost, wait_until
-from scripts.tcp_proxy import free_port
+from scripts.fakes import fake_stripe  # noqa: E402 - after the path is set
+from scripts.tcp_proxy import free_port  # noqa: E402 - after the path is set
+from tests.support import private_vhost, wait_until  # noqa: E402 - after the path is set
+from worker.shim.idempotency import KEY_PATTERN  # noqa: E402 - after the path is set
 
 ORDERS = str(Path(sys.executable).parent / "orders")
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -56,8 +56,11 @@ class Stack:
 
     def start(self, *args: str) -> None:
         log = (self.logs / f"{args[0]}-{len(self.procs)}.log").open("ab")
-        self.procs.append(subprocess.Popen([ORDERS, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(
+                [ORDERS, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
 
     def stop(self) -> None:
         for p in self.procs:
@@ -68,19 +71,24 @@ class Stack:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
 
-    def token(self, user: str = "alice", roles: tuple[str, ...] = ("user",), ttl: int = 600,
-              secret: str | None = None) -> str:
+    def token(
+        self, user: str = "alice", roles: tuple[str, ...] = ("user",), ttl: int = 600, secret: str | None = None
+    ) -> str:
         now = int(time.time())
-        return jwt.encode({"sub": user, "roles": list(roles), "iat": now, "exp": now + ttl},
-                          secret or self.secret, algorithm="HS256")
+        return jwt.encode(
+            {"sub": user, "roles": list(roles), "iat": now, "exp": now + ttl}, secret or self.secret, algorithm="HS256"
+        )
 
     def auth(self, user: str = "alice", roles: tuple[str, ...] = ("user",)) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(user, roles)}"}
 
     def place(self, user: str = "alice", method: str = CARD, wait: int = 0, **extra: Any) -> httpx.Response:
         headers = {**self.auth(user), **({"Prefer": f"wait={wait}"} if wait else {}), **extra.pop("headers", {})}
-        body = {"items": [{"product_id": "sku-apple", "quantity": 2}],
-                "payment": {"provider": "stripe", "payment_method": method}, **extra}
+        body = {
+            "items": [{"product_id": "sku-apple", "quantity": 2}],
+            "payment": {"provider": "stripe", "payment_method": method},
+            **extra,
+        }
         return httpx.post(self.url + "/orders", json=body, headers=headers, timeout=40)
 
     def get(self, order_id: str, user: str = "alice", roles: tuple[str, ...] = ("user",)) -> httpx.Response:
@@ -92,8 +100,13 @@ class Stack:
 
     def db_order(self, order_id: str) -> Any:
         with self.engine.connect() as conn:
-            return conn.execute(text("SELECT o.status, p.provider_payment_id FROM orders o LEFT JOIN payments p"
-                                     " USING (order_id) WHERE o.order_id = CAST(:o AS uuid)"), {"o": order_id}).first()
+            return conn.execute(
+                text(
+                    "SELECT o.status, p.provider_payment_id FROM orders o LEFT JOIN payments p"
+                    " USING (order_id) WHERE o.order_id = CAST(:o AS uuid)"
+                ),
+                {"o": order_id},
+            ).first()
 
     def count_orders(self) -> int:
         with self.engine.connect() as conn:
@@ -106,29 +119,39 @@ class Stack:
         return str(r.json()["order_id"])
 
 
-
-
 def reset_world(engine: Any) -> None:
     from worker import catalogue
 
     with engine.begin() as conn:
         conn.execute(text("TRUNCATE orders, order_items, order_transitions, payments, inbox, outbox, products"))
-    catalogue.upsert(engine, [catalogue.ProductRow(product_id=p, name=p, price=price, currency=cur, active=True)
-                              for p, price, cur in PRODUCTS])
+    catalogue.upsert(
+        engine,
+        [
+            catalogue.ProductRow(product_id=p, name=p, price=price, currency=cur, active=True)
+            for p, price, cur in PRODUCTS
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
-def stack(test_env: dict[str, str], settings: Any, engine: Any,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    test_env: dict[str, str], settings: Any, engine: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     fake = fake_stripe.serve(0)
     reset_world(engine)
-    env = {**test_env, "ORDERS_RABBITMQ__URL": private_vhost(settings, "orders-shim-test"),
-           "ORDERS_STRIPE__API_BASE": fake.url, "ORDERS_STRIPE__MAX_NETWORK_RETRIES": "0",
-           "ORDERS_SHIM__WEBHOOK_HMAC_SECRET": HMAC_SECRET, "ORDERS_SHIM__JWT_SECRET": JWT_SECRET,
-           # the module's requests all come from 127.0.0.1: address limits would bind first
-           "ORDERS_SHIM__PLACE_RATE_PER_MINUTE": "100000", "ORDERS_SHIM__READ_RATE_PER_MINUTE": "100000",
-           "ORDERS_SHIM__PLACE_RATE_PER_MINUTE_PER_ADDRESS": "100000",
-           "ORDERS_SHIM__READ_RATE_PER_MINUTE_PER_ADDRESS": "100000"}
+    env = {
+        **test_env,
+        "ORDERS_RABBITMQ__URL": private_vhost(settings, "orders-shim-test"),
+        "ORDERS_STRIPE__API_BASE": fake.url,
+        "ORDERS_STRIPE__MAX_NETWORK_RETRIES": "0",
+        "ORDERS_SHIM__WEBHOOK_HMAC_SECRET": HMAC_SECRET,
+        "ORDERS_SHIM__JWT_SECRET": JWT_SECRET,
+        # the module's requests all come from 127.0.0.1: address limits would bind first
+        "ORDERS_SHIM__PLACE_RATE_PER_MINUTE": "100000",
+        "ORDERS_SHIM__READ_RATE_PER_MINUTE": "100000",
+        "ORDERS_SHIM__PLACE_RATE_PER_MINUTE_PER_ADDRESS": "100000",
+        "ORDERS_SHIM__READ_RATE_PER_MINUTE_PER_ADDRESS": "100000",
+    }
     s = Stack(env, tmp_path_factory.mktemp("shim"), settings, engine)
     s.fake_url = fake.url  # type: ignore[attr-defined]
     s.start("worker", "--processes", "1")
@@ -158,8 +181,12 @@ def test_post_answers_202_with_the_order_id_and_the_worker_places_and_charges_it
     body = r.json()
     assert body["status"] == "pending" and body["status_url"] == f"/orders/{body['order_id']}"
     assert r.headers["Location"] == body["status_url"] and r.headers["RateLimit-Limit"]
-    view = wait_until(lambda: (v := stack.get(body["order_id"])).status_code == 200
-                    and v.json()["status"] == "completed" and v.json(), what="completed")
+    view = wait_until(
+        lambda: (
+            (v := stack.get(body["order_id"])).status_code == 200 and v.json()["status"] == "completed" and v.json()
+        ),
+        what="completed",
+    )
     assert view["items"] == [{"product_id": "sku-apple", "quantity": 2, "unit_price": 150}]
     assert view["total"] == 300 and view["payment"] == {"provider": "stripe", "status": "succeeded"}
     assert "version" not in view and "pm_card_visa" not in json.dumps(view)
@@ -172,16 +199,27 @@ def test_prefer_wait_answers_201_with_what_the_buyer_needs_next(stack):
     assert r.json()["next_action"]["client_secret"].startswith("pi_")
     assert r.headers["Preference-Applied"] == "wait=15"
     paypal = {"provider": "paypal", "return_url": "https://shop.example/ok", "cancel_url": "https://shop.example/no"}
-    r = httpx.post(stack.url + "/orders", headers={**stack.auth(), "Prefer": "wait=10"}, timeout=30,
-                   json={"product_id": "sku-pear", "quantity": 1, "payment": paypal})
+    r = httpx.post(
+        stack.url + "/orders",
+        headers={**stack.auth(), "Prefer": "wait=10"},
+        timeout=30,
+        json={"product_id": "sku-pear", "quantity": 1, "payment": paypal},
+    )
     # the fake PayPal is not configured for this stack: the order still answers with its outcome
     assert r.status_code in (201, 202) and r.json()["order_id"]
 
 
 def test_an_unknown_product_with_wait_answers_the_rejection_and_no_made_up_currency(stack):
     """Hole: it answered 201 with status rejected, currency "XXX" and total 0, as if an order had been placed."""
-    r = httpx.post(stack.url + "/orders", headers={**stack.auth(), "Prefer": "wait=10"}, timeout=30, json={
-        "items": [{"product_id": "sku-nope", "quantity": 1}], "payment": {"provider": "stripe", "payment_method": CARD}})
+    r = httpx.post(
+        stack.url + "/orders",
+        headers={**stack.auth(), "Prefer": "wait=10"},
+        timeout=30,
+        json={
+            "items": [{"product_id": "sku-nope", "quantity": 1}],
+            "payment": {"provider": "stripe", "payment_method": CARD},
+        },
+    )
     assert r.status_code == 422, r.text
     body = r.json()
     assert body["error"] == "order_rejected" and "unknown product sku-nope" in body["message"]
@@ -190,14 +228,19 @@ def test_an_unknown_product_with_wait_answers_the_rejection_and_no_made_up_curre
     view = stack.get(order_id).json()
     assert (view["status"], view["currency"], view["total"]) == ("rejected", None, 0)
     with stack.engine.connect() as conn:
-        assert conn.execute(text("SELECT currency FROM orders WHERE order_id = CAST(:o AS uuid)"),
-                            {"o": order_id}).scalar_one() is None
+        assert (
+            conn.execute(
+                text("SELECT currency FROM orders WHERE order_id = CAST(:o AS uuid)"), {"o": order_id}
+            ).scalar_one()
+            is None
+        )
 
 
 def test_cancel_answers_202_and_the_order_becomes_cancelled(stack):
     order_id = stack.awaiting()
-    r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", json={"reason": "changed my mind"},
-                  headers=stack.auth(), timeout=10)
+    r = httpx.put(
+        f"{stack.url}/orders/{order_id}/cancel", json={"reason": "changed my mind"}, headers=stack.auth(), timeout=10
+    )
     assert r.status_code == 202 and r.json()["status"] == "cancel_requested", r.text
     wait_until(lambda: stack.status(order_id) == "cancelled", what="cancelled")
     r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", headers=stack.auth(), timeout=10)
@@ -215,7 +258,9 @@ def test_cancelling_a_completed_order_answers_409(stack):
     wait_until(lambda: stack.status(order_id) == "completed", what="completed")
     r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", headers=stack.auth(), timeout=10)
     assert r.status_code == 409 and r.json() == {
-        "error": "not_cancellable", "message": f"order {order_id} is completed and can no longer be cancelled"}
+        "error": "not_cancellable",
+        "message": f"order {order_id} is completed and can no longer be cancelled",
+    }
 
 
 def test_a_refunded_order_reads_refunded_and_cannot_be_cancelled(stack):
@@ -225,9 +270,14 @@ def test_a_refunded_order_reads_refunded_and_cannot_be_cancelled(stack):
     wait_until(lambda: stack.status(order_id) == "completed", what="completed")
     conn = pika.BlockingConnection(pika.URLParameters(stack.env["ORDERS_RABBITMQ__URL"]))
     try:
-        conn.channel().basic_publish("orders.internal", "payment.refund", json.dumps({"order_id": order_id}).encode(),
-                                     pika.BasicProperties(message_id=f"refund-{order_id}", type="RefundPayment",
-                                                          content_type="application/json", delivery_mode=2))
+        conn.channel().basic_publish(
+            "orders.internal",
+            "payment.refund",
+            json.dumps({"order_id": order_id}).encode(),
+            pika.BasicProperties(
+                message_id=f"refund-{order_id}", type="RefundPayment", content_type="application/json", delivery_mode=2
+            ),
+        )
     finally:
         conn.close()
     wait_until(lambda: stack.status(order_id) == "refunded", what="refunded, as the shim shows it")
@@ -242,13 +292,18 @@ def test_a_refunded_order_reads_refunded_and_cannot_be_cancelled(stack):
 def _stripe_webhook(stack: Stack, pi_id: str, secret: str | None = None, event_id: str | None = None) -> httpx.Response:
     intent = httpx.get(f"{stack.fake_url}/v1/payment_intents/{pi_id}", auth=("sk_test_local_fake", "")).json()
     envelope = json.loads((FIXTURES / "stripe" / "event.json").read_text())
-    envelope.update(id=event_id or f"evt_{uuid.uuid4().hex[:16]}", type="payment_intent.succeeded",
-                    data={"object": intent})
+    envelope.update(
+        id=event_id or f"evt_{uuid.uuid4().hex[:16]}", type="payment_intent.succeeded", data={"object": intent}
+    )
     payload = json.dumps(envelope)
     secret = secret or stack.settings.stripe.webhook_secret.get_secret_value()
     signature = stripe.WebhookSignature.generate_signature_header(payload, secret)
-    return httpx.post(stack.url + "/orders/payment-confirmation", content=payload, timeout=10,
-                      headers={"Stripe-Signature": signature, "Content-Type": "application/json"})
+    return httpx.post(
+        stack.url + "/orders/payment-confirmation",
+        content=payload,
+        timeout=10,
+        headers={"Stripe-Signature": signature, "Content-Type": "application/json"},
+    )
 
 
 def _inbox_has(stack: Stack, message_id: str) -> bool:
@@ -261,7 +316,11 @@ def test_a_signed_stripe_webhook_enqueues_payment_confirmed_and_completes_the_or
     pi_id = stack.db_order(order_id).provider_payment_id
     httpx.post(f"{stack.fake_url}/_fake/confirm/{pi_id}").raise_for_status()
     r = _stripe_webhook(stack, pi_id, event_id="evt_shim_ok_" + order_id[:8])
-    assert r.status_code == 200 and r.json() == {"received": True, "enqueued": True, "event_id": "evt_shim_ok_" + order_id[:8]}
+    assert r.status_code == 200 and r.json() == {
+        "received": True,
+        "enqueued": True,
+        "event_id": "evt_shim_ok_" + order_id[:8],
+    }
     wait_until(lambda: stack.status(order_id) == "completed", what="completed by the webhook")
 
 
@@ -282,9 +341,14 @@ def test_a_badly_signed_webhook_answers_400_and_enqueues_nothing(stack):
 def _signed_stripe(stack: Stack, envelope: dict[str, Any]) -> httpx.Response:
     payload = json.dumps(envelope)
     signature = stripe.WebhookSignature.generate_signature_header(
-        payload, stack.settings.stripe.webhook_secret.get_secret_value())
-    return httpx.post(stack.url + "/orders/payment-confirmation", content=payload, timeout=10,
-                      headers={"Stripe-Signature": signature, "Content-Type": "application/json"})
+        payload, stack.settings.stripe.webhook_secret.get_secret_value()
+    )
+    return httpx.post(
+        stack.url + "/orders/payment-confirmation",
+        content=payload,
+        timeout=10,
+        headers={"Stripe-Signature": signature, "Content-Type": "application/json"},
+    )
 
 
 def test_a_signed_webhook_with_a_300_character_event_id_answers_400_and_the_next_one_still_goes_through(stack):
@@ -311,12 +375,24 @@ def test_the_internal_payment_service_signs_with_the_shared_hmac_secret(stack):
 
     order_id = stack.awaiting()
     pi_id = stack.db_order(order_id).provider_payment_id
-    body = json.dumps({"order_id": order_id, "provider": "internal", "payment_id": pi_id, "amount": 300,
-                       "currency": "USD", "event_id": "int-" + order_id}).encode()
+    body = json.dumps(
+        {
+            "order_id": order_id,
+            "provider": "internal",
+            "payment_id": pi_id,
+            "amount": 300,
+            "currency": "USD",
+            "event_id": "int-" + order_id,
+        }
+    ).encode()
     url = stack.url + "/orders/payment-confirmation"
     bad = httpx.post(url, content=body, headers={"X-Orders-Signature": sign_internal("nope", body)}, timeout=10)
-    stale = httpx.post(url, content=body, timeout=10,
-                       headers={"X-Orders-Signature": sign_internal(HMAC_SECRET, body, int(time.time()) - 3600)})
+    stale = httpx.post(
+        url,
+        content=body,
+        timeout=10,
+        headers={"X-Orders-Signature": sign_internal(HMAC_SECRET, body, int(time.time()) - 3600)},
+    )
     assert bad.status_code == stale.status_code == 400
     r = httpx.post(url, content=body, headers={"X-Orders-Signature": sign_internal(HMAC_SECRET, body)}, timeout=10)
     assert r.status_code == 200 and r.json()["enqueued"] is True
@@ -340,10 +416,14 @@ EXPECTED = {
 
 
 def _headers(stack: Stack, caller: str) -> dict[str, str]:
-    token = {"owner": lambda: stack.token("alice"), "other": lambda: stack.token("mallory"),
-             "admin": lambda: stack.token("root", ("admin",)), "none": lambda: None,
-             "expired": lambda: stack.token("alice", ttl=-60),
-             "forged": lambda: stack.token("alice", secret="not-the-secret-" * 3)}[caller]()
+    token = {
+        "owner": lambda: stack.token("alice"),
+        "other": lambda: stack.token("mallory"),
+        "admin": lambda: stack.token("root", ("admin",)),
+        "none": lambda: None,
+        "expired": lambda: stack.token("alice", ttl=-60),
+        "forged": lambda: stack.token("alice", secret="not-the-secret-" * 3),
+    }[caller]()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -352,8 +432,12 @@ def _headers(stack: Stack, caller: str) -> dict[str, str]:
 def test_rbac_matrix(stack, endpoint, caller):
     headers = _headers(stack, caller)
     if endpoint == "place":  # the body names alice: only alice herself or an admin may
-        body = {"user_id": "alice", "product_id": "sku-apple", "quantity": 1,
-                "payment": {"provider": "stripe", "payment_method": CARD}}
+        body = {
+            "user_id": "alice",
+            "product_id": "sku-apple",
+            "quantity": 1,
+            "payment": {"provider": "stripe", "payment_method": CARD},
+        }
         r = httpx.post(stack.url + "/orders", json=body, headers=headers, timeout=10)
     else:
         order_id = stack.awaiting("alice") if endpoint == "cancel" else stack.place().json()["order_id"]
@@ -379,8 +463,9 @@ def test_the_same_idempotency_key_and_body_give_the_same_order_once(stack):
     assert first.status_code == second.status_code == 202 and waited.status_code == 201
     assert first.json()["order_id"] == second.json()["order_id"] == waited.json()["order_id"]
     with stack.engine.connect() as conn:
-        n = conn.execute(text("SELECT count(*) FROM orders WHERE order_id = CAST(:o AS uuid)"),
-                         {"o": first.json()["order_id"]}).scalar()
+        n = conn.execute(
+            text("SELECT count(*) FROM orders WHERE order_id = CAST(:o AS uuid)"), {"o": first.json()["order_id"]}
+        ).scalar()
     assert n == 1
     other_body = stack.place(headers=key, items=[{"product_id": "sku-pear", "quantity": 1}])
     assert other_body.status_code == 422 and other_body.json()["error"] == "idempotency_key_reused"
@@ -395,8 +480,12 @@ def test_validation_errors_name_the_field_and_leak_nothing(stack):
     r = stack.place(items=[{"product_id": "sku-apple", "quantity": 0}])
     assert r.status_code == 422 and r.json()["error"] == "validation_error"
     assert "items.0.quantity" in r.json()["message"] and "Traceback" not in r.text
-    r = httpx.post(stack.url + "/orders", content=b"{not json", headers={**stack.auth(),
-                   "Content-Type": "application/json"}, timeout=10)
+    r = httpx.post(
+        stack.url + "/orders",
+        content=b"{not json",
+        headers={**stack.auth(), "Content-Type": "application/json"},
+        timeout=10,
+    )
     assert r.status_code == 422 and r.json()["error"] == "validation_error"
     r = httpx.get(f"{stack.url}/orders/not-a-uuid", headers=stack.auth(), timeout=10)
     assert r.status_code == 422 and "order_id" in r.json()["message"]
@@ -410,8 +499,15 @@ def test_health_readiness_metrics_and_openapi(stack):
     assert ready.status_code == 200 and ready.json()["checks"] == {"postgresql": "ok", "rabbitmq": "ok", "redis": "ok"}
     assert "orders_shim_requests_total" in httpx.get(stack.url + "/metrics").text
     paths = httpx.get(stack.url + "/openapi.json").json()["paths"]
-    assert {"/orders", "/orders/{order_id}", "/orders/{order_id}/cancel", "/orders/payment-confirmation",
-            "/healthz", "/readyz", "/metrics"} <= set(paths)
+    assert {
+        "/orders",
+        "/orders/{order_id}",
+        "/orders/{order_id}/cancel",
+        "/orders/payment-confirmation",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(paths)
     assert set(paths["/orders"]["post"]["responses"]) >= {"201", "202", "401", "403", "422", "429", "503"}
 
 
@@ -428,14 +524,16 @@ def _hostile_bodies(value: Any) -> list[dict[str, Any]]:
     base = {"items": items, "payment": stripe_pay}
     url = "https://shop.example/" + value
     return [
-        {**base, "order_id": value}, {**base, "user_id": value},
+        {**base, "order_id": value},
+        {**base, "user_id": value},
         {**base, "items": [{"product_id": value, "quantity": 1}]},
         {**base, "items": [{"product_id": "sku-apple", "quantity": value}]},
         {"product_id": value, "quantity": 1, "payment": stripe_pay},
         {"product_id": "sku-apple", "quantity": value, "payment": stripe_pay},
         {**base, "payment": {"provider": value, "payment_method": CARD}},
         {**base, "payment": {**stripe_pay, "payment_method": value}},
-        {**base, "payment": {**paypal, "return_url": url}}, {**base, "payment": {**paypal, "cancel_url": url}},
+        {**base, "payment": {**paypal, "return_url": url}},
+        {**base, "payment": {**paypal, "cancel_url": url}},
         {**base, value[:60]: 1},
     ]
 
@@ -451,23 +549,41 @@ def test_sql_injection_and_oversized_values_in_every_field_answer_4xx_and_store_
             answers.append(stack.place(headers={"Prefer": value}))
         answers.append(httpx.get(f"{stack.url}/orders/{value}", headers=admin, timeout=10))
         answers.append(httpx.put(f"{stack.url}/orders/{value}/cancel", headers=admin, timeout=10))
-        answers.append(httpx.get(f"{stack.url}/orders/{uuid.uuid4()}", timeout=10,
-                                 headers={"Authorization": "Bearer " + value}))
-        answers.append(httpx.post(stack.url + "/orders/payment-confirmation", content=value, timeout=10,
-                                  headers={"Stripe-Signature": value}))
+        answers.append(
+            httpx.get(f"{stack.url}/orders/{uuid.uuid4()}", timeout=10, headers={"Authorization": "Bearer " + value})
+        )
+        answers.append(
+            httpx.post(
+                stack.url + "/orders/payment-confirmation",
+                content=value,
+                timeout=10,
+                headers={"Stripe-Signature": value},
+            )
+        )
     order_id = stack.awaiting()
     answers.append(httpx.put(f"{stack.url}/orders/{order_id}/cancel", json={"reason": HUGE}, headers=admin))
-    answers.append(httpx.post(stack.url + "/orders", content=b'{"x": "' + b"a" * 70_000 + b'"}', headers={
-        **admin, "Content-Type": "application/json"}))
-    bad = [(r.request.method, str(r.request.url)[:80], r.status_code) for r in answers if not 400 <= r.status_code < 500]
+    answers.append(
+        httpx.post(
+            stack.url + "/orders",
+            content=b'{"x": "' + b"a" * 70_000 + b'"}',
+            headers={**admin, "Content-Type": "application/json"},
+        )
+    )
+    bad = [
+        (r.request.method, str(r.request.url)[:80], r.status_code) for r in answers if not 400 <= r.status_code < 500
+    ]
     assert not bad
     assert all(set(r.json()) >= {"error", "message"} and "Traceback" not in r.text for r in answers)
     assert answers[-1].status_code == 413
     time.sleep(0.5)  # anything published by mistake would have been applied by now
     with stack.engine.connect() as conn:
-        stored = conn.execute(text(
-            "SELECT (SELECT count(*) FROM orders WHERE user_id = ANY(:v) OR reason LIKE '%DROP TABLE%')"
-            " + (SELECT count(*) FROM order_items WHERE product_id = ANY(:v))"), {"v": [*INJECTIONS, HUGE]}).scalar()
+        stored = conn.execute(
+            text(
+                "SELECT (SELECT count(*) FROM orders WHERE user_id = ANY(:v) OR reason LIKE '%DROP TABLE%')"
+                " + (SELECT count(*) FROM order_items WHERE product_id = ANY(:v))"
+            ),
+            {"v": [*INJECTIONS, HUGE]},
+        ).scalar()
         assert stored == 0
         assert conn.execute(text("SELECT count(*) FROM products")).scalar() == len(PRODUCTS)
     assert stack.status(order_id) == "awaiting_payment"
@@ -476,18 +592,21 @@ def test_sql_injection_and_oversized_values_in_every_field_answer_4xx_and_store_
 # -- schemathesis: the shim's own OpenAPI document ------------------------------------
 
 
-
 def test_every_response_matches_the_openapi_document_and_none_is_5xx(stack):
     # the schemathesis pytest plugin does not work with pytest 9 yet: drive hypothesis directly
     api = schemathesis.openapi.from_url(stack.url + "/openapi.json")
     headers = {"Authorization": f"Bearer {stack.token('fuzzer', ('admin',))}"}
-    operations = [(r.ok(), mode) for r in api.get_all_operations()
-                  for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)]
+    operations = [
+        (r.ok(), mode)
+        for r in api.get_all_operations()
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+    ]
     for operation, mode in operations:
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @hypothesis_settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                             suppress_health_check=list(HealthCheck))
+        @hypothesis_settings(
+            max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         def check(case: Any) -> None:
             key = (case.headers or {}).get("Idempotency-Key")
             if isinstance(key, str) and re.fullmatch(KEY_PATTERN, key):
@@ -501,8 +620,12 @@ def test_every_response_matches_the_openapi_document_and_none_is_5xx(stack):
                 # a well-formed order the worker rejected (with `Prefer: wait`: products that do not exist,
                 # which the schema cannot know) is answered as its rejection, by design
                 excluded = [positive_data_acceptance]
-            case.validate_response(response, headers=headers, excluded_checks=excluded,
-                                   transport_kwargs={"headers": headers, "timeout": 30})
+            case.validate_response(
+                response,
+                headers=headers,
+                excluded_checks=excluded,
+                transport_kwargs={"headers": headers, "timeout": 30},
+            )
 
         try:
             check()

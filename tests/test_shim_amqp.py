@@ -22,8 +22,9 @@ from worker.shim.publisher import Command, CommandPublisher
 
 
 def place(message_id: str, routing_key: str = "order.place") -> Outgoing:
-    return Outgoing(COMMANDS_EXCHANGE, routing_key, b'{"probe": true}',
-                    {"message_id": message_id, "type": "PlaceOrder"})
+    return Outgoing(
+        COMMANDS_EXCHANGE, routing_key, b'{"probe": true}', {"message_id": message_id, "type": "PlaceOrder"}
+    )
 
 
 def drain(bus: Any, queue: str) -> list[str]:
@@ -51,8 +52,11 @@ def test_an_unroutable_command_fails_alone_and_the_channel_stays_usable(settings
     channel = AsyncChannel(settings.rabbitmq.url.get_secret_value(), 30)
 
     async def run() -> list[Any]:
-        outcomes = await asyncio.gather(channel.publish(place("lost", routing_key="order.nowhere"), timeout=10),
-                                        channel.publish(place("kept-1"), timeout=10), return_exceptions=True)
+        outcomes = await asyncio.gather(
+            channel.publish(place("lost", routing_key="order.nowhere"), timeout=10),
+            channel.publish(place("kept-1"), timeout=10),
+            return_exceptions=True,
+        )
         await channel.publish(place("kept-2"), timeout=10)
         channel.close()
         return outcomes
@@ -75,8 +79,12 @@ def test_a_request_gets_its_own_reply_through_direct_reply_to(settings, bus):
                 conn.sleep(0.01)
                 continue
             if props.message_id != "unanswered":
-                ch.basic_publish("", props.reply_to, json.dumps({"for": props.message_id}).encode(),
-                                 pika.BasicProperties(correlation_id=props.correlation_id))
+                ch.basic_publish(
+                    "",
+                    props.reply_to,
+                    json.dumps({"for": props.message_id}).encode(),
+                    pika.BasicProperties(correlation_id=props.correlation_id),
+                )
         conn.close()
 
     thread = threading.Thread(target=responder, daemon=True)

@@ -15,13 +15,16 @@ import httpx
 import jwt
 import pytest
 import redis
+
 from scripts.tcp_proxy import free_port
 from tests.support import private_vhost, wait_until
 
 JWT_SECRET = "shim-edge-tests-jwt-secret-of-32-bytes+"
 VHOST = "orders-shim-edges"
-BODY = {"items": [{"product_id": "sku-apple", "quantity": 1}],
-        "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}
+BODY = {
+    "items": [{"product_id": "sku-apple", "quantity": 1}],
+    "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +37,22 @@ class Shim:
         self.port, self.url = port, f"http://127.0.0.1:{port}"
 
     def auth(self, user: str = "edge-user") -> dict[str, str]:
-        token = jwt.encode({"sub": user, "roles": ["user"], "exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS256")
+        token = jwt.encode(
+            {"sub": user, "roles": ["user"], "exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS256"
+        )
         return {"Authorization": f"Bearer {token}"}
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
 
     def post_raw(self, path: str, body: bytes, method: str = "POST") -> httpx.Response:
-        return httpx.request(method, self.url + path, content=body, timeout=10,
-                             headers={**self.auth(), "Content-Type": "application/json"})
+        return httpx.request(
+            method,
+            self.url + path,
+            content=body,
+            timeout=10,
+            headers={**self.auth(), "Content-Type": "application/json"},
+        )
 
 
 def _start(service: Any, amqp_url: str, wait: Any, **env: str) -> Shim:
@@ -61,8 +71,14 @@ def start_shim(service: Any, amqp_url: str, wait: Any) -> Any:
 @pytest.fixture(scope="module")
 def shim(module_service: Any, amqp_url: str) -> Shim:
     """The module's shim: 16 KiB heads, and 1 s for a head or a body to arrive."""
-    return _start(module_service, amqp_url, wait_until, ORDERS_SHIM__MAX_HEADER_BYTES="16384",
-                  ORDERS_SHIM__HEADER_TIMEOUT_SECONDS="1", ORDERS_SHIM__BODY_TIMEOUT_SECONDS="1")
+    return _start(
+        module_service,
+        amqp_url,
+        wait_until,
+        ORDERS_SHIM__MAX_HEADER_BYTES="16384",
+        ORDERS_SHIM__HEADER_TIMEOUT_SECONDS="1",
+        ORDERS_SHIM__BODY_TIMEOUT_SECONDS="1",
+    )
 
 
 def _healthy(url: str) -> bool:
@@ -89,8 +105,12 @@ def _status(raw: bytes) -> int:
 
 def _reads_from(shim: Shim, forwarded_for: list[str]) -> list[int]:
     """One GET per address, each claiming to come from it, all from 127.0.0.1."""
-    return [httpx.get(f"{shim.url}/orders/{uuid.uuid4()}", timeout=10,
-                      headers={**shim.auth(), "X-Forwarded-For": address}).status_code for address in forwarded_for]
+    return [
+        httpx.get(
+            f"{shim.url}/orders/{uuid.uuid4()}", timeout=10, headers={**shim.auth(), "X-Forwarded-For": address}
+        ).status_code
+        for address in forwarded_for
+    ]
 
 
 def _address_buckets(port: int) -> set[str]:
@@ -110,8 +130,11 @@ def test_without_trusted_proxies_x_forwarded_for_does_not_choose_the_address_buc
 
 def test_a_trusted_proxy_names_the_client_address_in_x_forwarded_for(start_shim, private_redis):
     port, _ = private_redis
-    shim = start_shim(ORDERS_REDIS__PORT=str(port), ORDERS_SHIM__READ_RATE_PER_MINUTE_PER_ADDRESS="2",
-                      ORDERS_SHIM__TRUSTED_PROXIES='["127.0.0.0/8"]')
+    shim = start_shim(
+        ORDERS_REDIS__PORT=str(port),
+        ORDERS_SHIM__READ_RATE_PER_MINUTE_PER_ADDRESS="2",
+        ORDERS_SHIM__TRUSTED_PROXIES='["127.0.0.0/8"]',
+    )
     assert _reads_from(shim, CLAIMED) == [404, 404, 404]  # a bucket each
     assert _address_buckets(port) == set(CLAIMED)
 
@@ -128,8 +151,9 @@ def test_a_request_head_over_the_limit_answers_431_without_waiting_for_its_end(s
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: shim\r\nX-Filler: " + b"a" * 16384 + b"\r\n\r\n")
         assert _status(_read_all(sock)) == 431
     with shim.connect() as sock:  # under the limit: served
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: shim\r\nConnection: close\r\nX-Filler: "
-                     + b"a" * 8192 + b"\r\n\r\n")
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: shim\r\nConnection: close\r\nX-Filler: " + b"a" * 8192 + b"\r\n\r\n"
+        )
         assert _status(_read_all(sock)) == 200
 
 
@@ -153,8 +177,10 @@ def test_a_body_that_stalls_answers_408_within_the_timeout_and_the_connection_cl
     body = json.dumps(BODY).encode()
     with shim.connect() as sock:
         started = time.monotonic()
-        sock.sendall(b"POST /orders HTTP/1.1\r\nHost: shim\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:20])  # the rest never comes
+        sock.sendall(
+            b"POST /orders HTTP/1.1\r\nHost: shim\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body[:20]
+        )  # the rest never comes
         answer = _read_all(sock)  # returns only once the server closed the connection
         elapsed = time.monotonic() - started
     assert _status(answer) == 408 and b'"error":"request_timeout"' in answer
@@ -166,8 +192,10 @@ def test_a_client_that_disconnects_mid_body_places_nothing_even_when_the_part_se
     body = json.dumps(BODY).encode()
     token = shim.auth()["Authorization"].encode()
     with shim.connect() as sock:  # announces more than it sends: what came is a whole JSON document
-        sock.sendall(b"POST /orders HTTP/1.1\r\nHost: shim\r\nContent-Type: application/json\r\n"
-                     b"Authorization: " + token + b"\r\nContent-Length: %d\r\n\r\n" % (len(body) + 50) + body)
+        sock.sendall(
+            b"POST /orders HTTP/1.1\r\nHost: shim\r\nContent-Type: application/json\r\n"
+            b"Authorization: " + token + b"\r\nContent-Length: %d\r\n\r\n" % (len(body) + 50) + body
+        )
         time.sleep(0.3)
     time.sleep(1.5)  # past the body timeout: a refusal or a placement would have happened by now
     assert _queued_orders(amqp_url) == queued
@@ -199,14 +227,18 @@ def _queued_orders(amqp_url: str) -> int:
 
 def test_a_json_body_naming_a_key_twice_answers_422_naming_the_key_and_where(shim, amqp_url):
     queued = _queued_orders(amqp_url)
-    top = b'{"product_id": "sku-apple", "quantity": 1, "quantity": 9999,' \
-          b' "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}'
+    top = (
+        b'{"product_id": "sku-apple", "quantity": 1, "quantity": 9999,'
+        b' "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}'
+    )
     r = shim.post_raw("/orders", top)
     assert r.status_code == 422 and r.json()["error"] == "validation_error"
     assert r.json()["fields"] == [{"field": "body", "message": "duplicate key 'quantity'"}]
 
-    nested = b'{"items": [{"product_id": "sku-apple", "quantity": 1, "quantity": 9999}],' \
-             b' "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}'
+    nested = (
+        b'{"items": [{"product_id": "sku-apple", "quantity": 1, "quantity": 9999}],'
+        b' "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}'
+    )
     r = shim.post_raw("/orders", nested)
     assert r.status_code == 422 and r.json()["message"] == "body.items.0: duplicate key 'quantity'"
 

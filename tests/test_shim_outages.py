@@ -14,8 +14,9 @@ import httpx
 import jwt
 import pytest
 from sqlalchemy import text
-from tests.support import private_vhost
+
 from scripts.tcp_proxy import free_port
+from tests.support import private_vhost
 
 HIGH = "100000"
 JWT_SECRET = "shim-tests-jwt-secret-of-at-least-32-bytes"
@@ -44,8 +45,16 @@ class Shim:
 
     def place(self, user: str, key: str | None = None) -> httpx.Response:
         headers = {**self.auth(user), **({"Idempotency-Key": key} if key else {})}
-        return httpx.post(self.url + "/orders", headers=headers, timeout=30, json={
-            "product_id": "sku-apple", "quantity": 1, "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}})
+        return httpx.post(
+            self.url + "/orders",
+            headers=headers,
+            timeout=30,
+            json={
+                "product_id": "sku-apple",
+                "quantity": 1,
+                "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+            },
+        )
 
     def get(self, order_id: str, user: str) -> httpx.Response:
         return httpx.get(f"{self.url}/orders/{order_id}", headers=self.auth(user), timeout=10)
@@ -55,11 +64,21 @@ class Shim:
 def start_shim(service: Any, amqp_url: str, wait: Any) -> Any:
     def start(**env: str) -> Shim:
         port = free_port()
-        limits = {f"ORDERS_SHIM__{k}": HIGH for k in ("PLACE_RATE_PER_MINUTE", "READ_RATE_PER_MINUTE",
-                                                       "PLACE_RATE_PER_MINUTE_PER_ADDRESS",
-                                                       "READ_RATE_PER_MINUTE_PER_ADDRESS")}
-        service("shim", "--port", str(port), **{**limits, "ORDERS_RABBITMQ__URL": amqp_url,
-                                                 "ORDERS_SHIM__JWT_SECRET": JWT_SECRET, **env})
+        limits = {
+            f"ORDERS_SHIM__{k}": HIGH
+            for k in (
+                "PLACE_RATE_PER_MINUTE",
+                "READ_RATE_PER_MINUTE",
+                "PLACE_RATE_PER_MINUTE_PER_ADDRESS",
+                "READ_RATE_PER_MINUTE_PER_ADDRESS",
+            )
+        }
+        service(
+            "shim",
+            "--port",
+            str(port),
+            **{**limits, "ORDERS_RABBITMQ__URL": amqp_url, "ORDERS_SHIM__JWT_SECRET": JWT_SECRET, **env},
+        )
         shim = Shim(f"http://127.0.0.1:{port}")
         wait(lambda: _healthy(shim.url), timeout=30, what="shim up")
         return shim
@@ -76,8 +95,11 @@ def _healthy(url: str) -> bool:
 
 def _orders(engine: Any, ids: list[str]) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(text("SELECT count(*) FROM orders WHERE order_id = ANY(CAST(:ids AS uuid[]))"),
-                                {"ids": ids}).scalar_one())
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM orders WHERE order_id = ANY(CAST(:ids AS uuid[]))"), {"ids": ids}
+            ).scalar_one()
+        )
 
 
 def test_reads_still_answer_when_redis_stops_mid_test(worker, start_shim, private_redis, clean_db, wait):
@@ -107,7 +129,8 @@ def test_reads_still_answer_when_redis_stops_mid_test(worker, start_shim, privat
 
 
 def test_rabbitmq_unreachable_answers_503_with_retry_after_and_loses_nothing(
-        worker, start_shim, amqp_url, clean_db, tcp_proxy, wait):
+    worker, start_shim, amqp_url, clean_db, tcp_proxy, wait
+):
     proxy = tcp_proxy(5672)
     url = amqp_url.replace(":5672/", f":{proxy.port}/")
     shim = start_shim(ORDERS_RABBITMQ__URL=url, ORDERS_SHIM__PUBLISH_TIMEOUT_SECONDS="1")
@@ -141,8 +164,12 @@ def test_rabbitmq_unreachable_answers_503_with_retry_after_and_loses_nothing(
 
 def test_rate_limits_hold_exactly_under_concurrent_requests(worker, start_shim, private_redis, clean_db, wait):
     port, _ = private_redis
-    shim = start_shim(ORDERS_REDIS__PORT=str(port), ORDERS_SHIM__PLACE_RATE_PER_MINUTE="7",
-                      ORDERS_SHIM__READ_RATE_PER_MINUTE="5", ORDERS_SHIM__PLACE_RATE_PER_MINUTE_PER_ADDRESS="12")
+    shim = start_shim(
+        ORDERS_REDIS__PORT=str(port),
+        ORDERS_SHIM__PLACE_RATE_PER_MINUTE="7",
+        ORDERS_SHIM__READ_RATE_PER_MINUTE="5",
+        ORDERS_SHIM__PLACE_RATE_PER_MINUTE_PER_ADDRESS="12",
+    )
     with ThreadPoolExecutor(30) as pool:
         placed = list(pool.map(lambda _: shim.place("carol"), range(30)))
     assert sorted(r.status_code for r in placed) == [202] * 7 + [429] * 23

@@ -60,11 +60,21 @@ def shim_app(settings: Any, amqp_url: str, redis_proxy: Any) -> Iterator[Callabl
     made: list[TestClient] = []
 
     def start(**shim: Any) -> TestClient:
-        env = {**os.environ, "ORDERS_RABBITMQ__URL": amqp_url, "ORDERS_REDIS__PORT": str(redis_proxy.port),
-               "ORDERS_SHIM__JWT_SECRET": JWT_SECRET,
-               **{f"ORDERS_SHIM__{k}": HIGH for k in ("READ_RATE_PER_MINUTE", "PLACE_RATE_PER_MINUTE_PER_ADDRESS",
-                                                     "READ_RATE_PER_MINUTE_PER_ADDRESS")},
-               **{f"ORDERS_SHIM__{k.upper()}": str(v) for k, v in shim.items()}}
+        env = {
+            **os.environ,
+            "ORDERS_RABBITMQ__URL": amqp_url,
+            "ORDERS_REDIS__PORT": str(redis_proxy.port),
+            "ORDERS_SHIM__JWT_SECRET": JWT_SECRET,
+            **{
+                f"ORDERS_SHIM__{k}": HIGH
+                for k in (
+                    "READ_RATE_PER_MINUTE",
+                    "PLACE_RATE_PER_MINUTE_PER_ADDRESS",
+                    "READ_RATE_PER_MINUTE_PER_ADDRESS",
+                )
+            },
+            **{f"ORDERS_SHIM__{k.upper()}": str(v) for k, v in shim.items()},
+        }
         client = TestClient(create_app(load_settings(environ=env)), raise_server_exceptions=False)
         client.__enter__()
         made.append(client)
@@ -101,8 +111,11 @@ def test_with_redis_unreachable_a_burst_beyond_the_process_share_is_refused(shim
         refused = answers[10]
         assert refused.json()["error"] == "rate_limited"
         assert refused.headers["Retry-After"] == "6"  # one token of 10 a minute
-        assert (refused.headers["RateLimit-Limit"], refused.headers["RateLimit-Remaining"],
-                refused.headers["RateLimit-Policy"]) == ("10", "0", "10;w=60")
+        assert (
+            refused.headers["RateLimit-Limit"],
+            refused.headers["RateLimit-Remaining"],
+            refused.headers["RateLimit-Policy"],
+        ) == ("10", "0", "10;w=60")
         assert answers[9].headers["RateLimit-Remaining"] == "0" and answers[0].headers["RateLimit-Remaining"] == "9"
 
         now[0] += 6  # one token back, no more
@@ -156,13 +169,23 @@ def test_an_exhausted_redis_pool_sheds_with_503_while_limits_stay_on_for_others(
 
 
 def test_each_shim_worker_process_enforces_its_share_while_redis_is_unreachable(
-        service, amqp_url, tcp_proxy, settings, wait):
+    service, amqp_url, tcp_proxy, settings, wait
+):
     proxy = tcp_proxy(settings.redis.port)
     proxy.down()  # Redis unreachable from the start
     port = free_port()
-    service("shim", "--port", str(port), "--workers", "2", ORDERS_RABBITMQ__URL=amqp_url,
-            ORDERS_REDIS__PORT=str(proxy.port), ORDERS_SHIM__JWT_SECRET=JWT_SECRET,
-            ORDERS_SHIM__PLACE_RATE_PER_MINUTE="8", ORDERS_SHIM__PLACE_RATE_PER_MINUTE_PER_ADDRESS=HIGH)
+    service(
+        "shim",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        ORDERS_RABBITMQ__URL=amqp_url,
+        ORDERS_REDIS__PORT=str(proxy.port),
+        ORDERS_SHIM__JWT_SECRET=JWT_SECRET,
+        ORDERS_SHIM__PLACE_RATE_PER_MINUTE="8",
+        ORDERS_SHIM__PLACE_RATE_PER_MINUTE_PER_ADDRESS=HIGH,
+    )
     url = f"http://127.0.0.1:{port}"
     wait(lambda: _ready(url), timeout=60, what="shim ready")
     ready = httpx.get(url + "/readyz", timeout=10).json()

@@ -36,45 +36,88 @@ def _allowed_pairs() -> str:
 def _checks(stuck_minutes: int) -> list[tuple[str, str, str, str]]:
     age = f"now() - interval '{int(stuck_minutes)} minutes'"
     return [
-        ("state-matches-history", "error", "order status differs from its last recorded transition",
-         "SELECT o.order_id::text, o.status, t.to_status AS last_transition FROM orders o"
-         " LEFT JOIN LATERAL (SELECT to_status FROM order_transitions WHERE order_id = o.order_id"
-         " ORDER BY id DESC LIMIT 1) t ON true WHERE t.to_status IS DISTINCT FROM o.status"),
-        ("transitions-allowed", "error", "a recorded transition the state machine does not allow",
-         "SELECT order_id::text, from_status, to_status, message_id FROM order_transitions"
-         f" WHERE (coalesce(from_status, ''), to_status) NOT IN ({_allowed_pairs()})"),
-        ("history-is-a-chain", "error", "a transition does not start where the previous one ended",
-         "SELECT order_id::text, from_status, previous FROM (SELECT order_id, from_status,"
-         " lag(to_status) OVER (PARTITION BY order_id ORDER BY id) AS previous, row_number()"
-         " OVER (PARTITION BY order_id ORDER BY id) AS n FROM order_transitions) h"
-         " WHERE n > 1 AND from_status IS DISTINCT FROM previous OR n = 1 AND from_status IS NOT NULL"),
-        ("payment-matches-order", "error", "a payment's amount or currency differs from its order",
-         "SELECT p.order_id::text, p.amount, p.currency, o.total, o.currency AS order_currency"
-         " FROM payments p JOIN orders o USING (order_id)"
-         " WHERE p.amount <> o.total OR p.currency IS DISTINCT FROM o.currency"),
-        ("completed-orders-are-paid", "error", "a completed or shipped order without a succeeded payment",
-         "SELECT o.order_id::text, o.status, p.status AS payment_status FROM orders o"
-         " LEFT JOIN payments p USING (order_id) WHERE o.status IN ('completed', 'shipped')"
-         " AND p.status IS DISTINCT FROM 'succeeded'"),
-        ("money-returned-shows", "error", "money returned, but the order does not show it (neither refunded,"
-         " cancelled nor rejected)",
-         "SELECT p.order_id::text, o.status, p.refund_id FROM payments p JOIN orders o USING (order_id)"
-         " WHERE p.status = 'refunded' AND o.status NOT IN ('refunded', 'cancelled', 'rejected')"),
-        ("refunded-orders-were-refunded", "error", "a refunded order whose payment was not refunded",
-         "SELECT o.order_id::text, p.status AS payment_status FROM orders o LEFT JOIN payments p USING (order_id)"
-         " WHERE o.status = 'refunded' AND p.status IS DISTINCT FROM 'refunded'"),
-        ("money-kept-for-ended-orders", "stuck", "money taken for a cancelled or rejected order, not yet refunded",
-         "SELECT p.order_id::text, o.status, p.provider, p.provider_payment_id, p.updated_at::text FROM payments p"
-         " JOIN orders o USING (order_id) WHERE p.status = 'succeeded' AND o.status IN ('cancelled', 'rejected')"
-         f" AND p.updated_at < {age}"),
-        ("outbox-published", "stuck", "events not yet published by the relay",
-         f"SELECT id, event_id::text, routing_key, created_at::text FROM outbox"
-         f" WHERE published_at IS NULL AND created_at < {age} ORDER BY id"),
-        ("orders-not-stuck", "stuck", "orders still pending (payment never settled)",
-         f"SELECT order_id::text, updated_at::text FROM orders WHERE status = 'pending' AND updated_at < {age}"),
-        ("payments-settled", "stuck", "payments whose outcome is still unknown",
-         "SELECT order_id::text, status, attempts, last_error FROM payments"
-         f" WHERE status IN ('started', 'unknown', 'capturing') AND updated_at < {age}"),
+        (
+            "state-matches-history",
+            "error",
+            "order status differs from its last recorded transition",
+            "SELECT o.order_id::text, o.status, t.to_status AS last_transition FROM orders o"
+            " LEFT JOIN LATERAL (SELECT to_status FROM order_transitions WHERE order_id = o.order_id"
+            " ORDER BY id DESC LIMIT 1) t ON true WHERE t.to_status IS DISTINCT FROM o.status",
+        ),
+        (
+            "transitions-allowed",
+            "error",
+            "a recorded transition the state machine does not allow",
+            "SELECT order_id::text, from_status, to_status, message_id FROM order_transitions"
+            f" WHERE (coalesce(from_status, ''), to_status) NOT IN ({_allowed_pairs()})",
+        ),
+        (
+            "history-is-a-chain",
+            "error",
+            "a transition does not start where the previous one ended",
+            "SELECT order_id::text, from_status, previous FROM (SELECT order_id, from_status,"
+            " lag(to_status) OVER (PARTITION BY order_id ORDER BY id) AS previous, row_number()"
+            " OVER (PARTITION BY order_id ORDER BY id) AS n FROM order_transitions) h"
+            " WHERE n > 1 AND from_status IS DISTINCT FROM previous OR n = 1 AND from_status IS NOT NULL",
+        ),
+        (
+            "payment-matches-order",
+            "error",
+            "a payment's amount or currency differs from its order",
+            "SELECT p.order_id::text, p.amount, p.currency, o.total, o.currency AS order_currency"
+            " FROM payments p JOIN orders o USING (order_id)"
+            " WHERE p.amount <> o.total OR p.currency IS DISTINCT FROM o.currency",
+        ),
+        (
+            "completed-orders-are-paid",
+            "error",
+            "a completed or shipped order without a succeeded payment",
+            "SELECT o.order_id::text, o.status, p.status AS payment_status FROM orders o"
+            " LEFT JOIN payments p USING (order_id) WHERE o.status IN ('completed', 'shipped')"
+            " AND p.status IS DISTINCT FROM 'succeeded'",
+        ),
+        (
+            "money-returned-shows",
+            "error",
+            "money returned, but the order does not show it (neither refunded, cancelled nor rejected)",
+            "SELECT p.order_id::text, o.status, p.refund_id FROM payments p JOIN orders o USING (order_id)"
+            " WHERE p.status = 'refunded' AND o.status NOT IN ('refunded', 'cancelled', 'rejected')",
+        ),
+        (
+            "refunded-orders-were-refunded",
+            "error",
+            "a refunded order whose payment was not refunded",
+            "SELECT o.order_id::text, p.status AS payment_status FROM orders o LEFT JOIN payments p USING (order_id)"
+            " WHERE o.status = 'refunded' AND p.status IS DISTINCT FROM 'refunded'",
+        ),
+        (
+            "money-kept-for-ended-orders",
+            "stuck",
+            "money taken for a cancelled or rejected order, not yet refunded",
+            "SELECT p.order_id::text, o.status, p.provider, p.provider_payment_id, p.updated_at::text FROM payments p"
+            " JOIN orders o USING (order_id) WHERE p.status = 'succeeded' AND o.status IN ('cancelled', 'rejected')"
+            f" AND p.updated_at < {age}",
+        ),
+        (
+            "outbox-published",
+            "stuck",
+            "events not yet published by the relay",
+            f"SELECT id, event_id::text, routing_key, created_at::text FROM outbox"
+            f" WHERE published_at IS NULL AND created_at < {age} ORDER BY id",
+        ),
+        (
+            "orders-not-stuck",
+            "stuck",
+            "orders still pending (payment never settled)",
+            f"SELECT order_id::text, updated_at::text FROM orders WHERE status = 'pending' AND updated_at < {age}",
+        ),
+        (
+            "payments-settled",
+            "stuck",
+            "payments whose outcome is still unknown",
+            "SELECT order_id::text, status, attempts, last_error FROM payments"
+            f" WHERE status IN ('started', 'unknown', 'capturing') AND updated_at < {age}",
+        ),
     ]
 
 

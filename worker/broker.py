@@ -16,8 +16,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -50,11 +51,18 @@ DEAD_LETTER_QUEUE = "orders.dead-letter"
 #: internal commands of the payment step, published by the relay
 INTERNAL_EXCHANGE = "orders.internal"
 PAYMENTS_QUEUE = "orders.payments"
-PAYMENT_ROUTING_KEYS = ("payment.start", "payment.capture", "payment.cancel", "payment.refund", "payment.failed",
-                        "payment.settle")
+PAYMENT_ROUTING_KEYS = (
+    "payment.start",
+    "payment.capture",
+    "payment.cancel",
+    "payment.refund",
+    "payment.failed",
+    "payment.settle",
+)
 #: the internal payment-step commands, the only types ``orders.payments`` accepts
-PAYMENT_STEP_TYPES = frozenset({"StartPayment", "CapturePayment", "CancelPayment", "RefundPayment", "PaymentFailed",
-                                "SettlePayment"})
+PAYMENT_STEP_TYPES = frozenset(
+    {"StartPayment", "CapturePayment", "CancelPayment", "RefundPayment", "PaymentFailed", "SettlePayment"}
+)
 DEAD_LETTER_EXCHANGE = "orders.dlx"
 #: headers exchange in front of the delay queues, routing on header DELAY_HEADER
 DELAY_EXCHANGE = "orders.delay"
@@ -103,8 +111,12 @@ def declare_topology(channel: BlockingChannel, delays: Iterable[int]) -> None:
     """Declare every exchange, queue and binding; safe to repeat."""
     try:
         for name, kind in (
-            (COMMANDS_EXCHANGE, "direct"), (INTERNAL_EXCHANGE, "direct"), (INVENTORY_EXCHANGE, "topic"),
-            (EVENTS_EXCHANGE, "topic"), (DEAD_LETTER_EXCHANGE, "fanout"), (DELAY_EXCHANGE, "headers"),
+            (COMMANDS_EXCHANGE, "direct"),
+            (INTERNAL_EXCHANGE, "direct"),
+            (INVENTORY_EXCHANGE, "topic"),
+            (EVENTS_EXCHANGE, "topic"),
+            (DEAD_LETTER_EXCHANGE, "fanout"),
+            (DELAY_EXCHANGE, "headers"),
         ):
             channel.exchange_declare(name, exchange_type=kind, durable=True)
         channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
@@ -120,9 +132,15 @@ def declare_topology(channel: BlockingChannel, delays: Iterable[int]) -> None:
             # expired messages go back through the default exchange to the queue
             # named by their routing key: the queue they failed on
             queue = delay_queue(seconds)
-            channel.queue_declare(queue, durable=True, arguments={
-                **_QUORUM, "x-message-ttl": seconds * 1000, "x-dead-letter-exchange": "",
-            })
+            channel.queue_declare(
+                queue,
+                durable=True,
+                arguments={
+                    **_QUORUM,
+                    "x-message-ttl": seconds * 1000,
+                    "x-dead-letter-exchange": "",
+                },
+            )
             channel.queue_bind(queue, DELAY_EXCHANGE, arguments={"x-match": "all", DELAY_HEADER: f"{seconds}s"})
             # the binding of versions before 0.1 matched every message (x- headers are ignored)
             channel.queue_unbind(queue, DELAY_EXCHANGE, arguments={"x-match": "all", "x-delay-tier": f"{seconds}s"})
@@ -156,10 +174,14 @@ class Delivery:
     def properties(self) -> dict[str, Any]:
         """The AMQP properties to republish this message with."""
         return {
-            "message_id": self.message_id, "type": self.message_type,
-            "correlation_id": self.correlation_id, "reply_to": self.reply_to,
-            "content_type": self.content_type, "headers": dict(self.headers),
-            "timestamp": self.timestamp, "app_id": self.app_id,
+            "message_id": self.message_id,
+            "type": self.message_type,
+            "correlation_id": self.correlation_id,
+            "reply_to": self.reply_to,
+            "content_type": self.content_type,
+            "headers": dict(self.headers),
+            "timestamp": self.timestamp,
+            "app_id": self.app_id,
         }
 
 
@@ -208,7 +230,7 @@ class BlockingBroker:
         self._buffer: list[Delivery] = []
         self._queues: dict[str, str] = {}  # consumer tag -> queue
 
-    def connect(self) -> "BlockingBroker":
+    def connect(self) -> BlockingBroker:
         try:
             self._conn = pika.BlockingConnection(self._params)
             self._publish = self._conn.channel()
@@ -306,7 +328,10 @@ class BlockingBroker:
         """Publish and wait for the broker's confirm."""
         try:
             self.channel().basic_publish(
-                message.exchange, message.routing_key, message.body, basic_properties(message.properties),
+                message.exchange,
+                message.routing_key,
+                message.body,
+                basic_properties(message.properties),
                 mandatory=mandatory,
             )
         except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
@@ -381,10 +406,12 @@ class PipelinedPublisher:
         self._unconfirmed: collections.deque[int] = collections.deque()
         self._nacked = 0
 
-    def connect(self, timeout: float = 10) -> "PipelinedPublisher":
+    def connect(self, timeout: float = 10) -> PipelinedPublisher:
         self._conn = _HeldWritesConnection(
-            self._params, on_open_callback=self._on_open,
-            on_open_error_callback=self._on_failed, on_close_callback=self._on_failed,
+            self._params,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_failed,
+            on_close_callback=self._on_failed,
         )
         # driven by poll() from this thread, as BlockingConnection drives it
         self._conn.ioloop.activate_poller()
@@ -495,11 +522,20 @@ class DeadLetterQueueBusy(BrokerError):
 
 def _delivery(method: Basic.Deliver, props: BasicProperties, body: bytes, queue: str) -> Delivery:
     return Delivery(
-        delivery_tag=method.delivery_tag, exchange=method.exchange, routing_key=method.routing_key,
-        queue=queue, body=body, message_id=props.message_id, message_type=props.type,
-        correlation_id=props.correlation_id, reply_to=props.reply_to, content_type=props.content_type,
-        headers=dict(props.headers or {}), redelivered=bool(method.redelivered),
-        timestamp=props.timestamp, app_id=props.app_id,
+        delivery_tag=method.delivery_tag,
+        exchange=method.exchange,
+        routing_key=method.routing_key,
+        queue=queue,
+        body=body,
+        message_id=props.message_id,
+        message_type=props.type,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        content_type=props.content_type,
+        headers=dict(props.headers or {}),
+        redelivered=bool(method.redelivered),
+        timestamp=props.timestamp,
+        app_id=props.app_id,
     )
 
 
@@ -546,8 +582,14 @@ def missing_topology(url: str, delays: Iterable[int]) -> list[str]:
 
     AMQP has no passive check for bindings; ``orders topology`` repairs those too.
     """
-    exchanges = [COMMANDS_EXCHANGE, INTERNAL_EXCHANGE, INVENTORY_EXCHANGE, EVENTS_EXCHANGE,
-                 DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE]
+    exchanges = [
+        COMMANDS_EXCHANGE,
+        INTERNAL_EXCHANGE,
+        INVENTORY_EXCHANGE,
+        EVENTS_EXCHANGE,
+        DEAD_LETTER_EXCHANGE,
+        DELAY_EXCHANGE,
+    ]
     queues = [DEAD_LETTER_QUEUE, *COMMAND_QUEUES, PAYMENTS_QUEUE, *(delay_queue(s) for s in delays)]
     found = _passive_check(url, [("exchange", e) for e in exchanges] + [("queue", q) for q in queues])
     return [f"exchange {e}" for e in exchanges if found[e] is None] + [f"queue {q}" for q in queues if found[q] is None]
@@ -583,7 +625,9 @@ class DeadLetterSession(BlockingBroker):
                 self._conn.channel().queue_declare(DLQ_LOCK_QUEUE, exclusive=True, auto_delete=True)
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code == 405:  # RESOURCE_LOCKED
-                    raise DeadLetterQueueBusy("another `orders dlq` command is working on the dead-letter queue") from None
+                    raise DeadLetterQueueBusy(
+                        "another `orders dlq` command is working on the dead-letter queue"
+                    ) from None
                 raise
             self._consume = self._conn.channel()
             depth = int(self._consume.queue_declare(self.queue, passive=True).method.message_count)

@@ -83,8 +83,14 @@ def upstream_permissions() -> Permissions:
 
 def service_permissions() -> Permissions:
     """Everything :func:`worker.broker.declare_topology` and the processes need, nothing more."""
-    exchanges = [COMMANDS_EXCHANGE, INTERNAL_EXCHANGE, INVENTORY_EXCHANGE, EVENTS_EXCHANGE,
-                 DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE]
+    exchanges = [
+        COMMANDS_EXCHANGE,
+        INTERNAL_EXCHANGE,
+        INVENTORY_EXCHANGE,
+        EVENTS_EXCHANGE,
+        DEAD_LETTER_EXCHANGE,
+        DELAY_EXCHANGE,
+    ]
     work = [*COMMAND_QUEUES, PAYMENTS_QUEUE, DEAD_LETTER_QUEUE]
     return Permissions(
         # declare every exchange and queue, and the `orders dlq` session lock (an exclusive queue)
@@ -96,8 +102,10 @@ def service_permissions() -> Permissions:
         # consume the work queues and the dead-letter queue, and the shim's direct reply-to (a pseudo-queue
         # RabbitMQ 3.x does not check; granted for a broker that does); bind from the exchanges the queues
         # hang off; declare a queue with a dead-letter exchange: that queue
-        read=_only([*work, REPLY_TO, COMMANDS_EXCHANGE, INTERNAL_EXCHANGE, DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE],
-                   [DELAY_QUEUES]),
+        read=_only(
+            [*work, REPLY_TO, COMMANDS_EXCHANGE, INTERNAL_EXCHANGE, DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE],
+            [DELAY_QUEUES],
+        ),
     )
 
 
@@ -119,8 +127,10 @@ class Step:
 def recipe(vhost: str, upstream: str, service: str) -> list[Step]:
     """The rabbitmqctl calls that create or update both users and set their permissions in ``vhost``."""
     steps: list[Step] = []
-    for role, user, perms in (("upstream", upstream, upstream_permissions()),
-                              ("service", service, service_permissions())):
+    for role, user, perms in (
+        ("upstream", upstream, upstream_permissions()),
+        ("service", service, service_permissions()),
+    ):
         steps += [
             Step(("user", user), PASSWORD_ENV[role]),
             Step(("set_user_tags", user)),  # no tags: no management UI or HTTP API
@@ -135,24 +145,31 @@ def _quote(arg: str) -> str:
 
 def render(steps: list[Step]) -> str:
     """The recipe as a POSIX shell script (``--print``), reading the passwords from the environment."""
-    lines = ["#!/bin/sh", "# orders topology --users: run where rabbitmqctl reaches the cluster, with",
-             f"# {' and '.join(sorted(PASSWORD_ENV.values()))} set in the environment.", "set -eu"]
+    lines = [
+        "#!/bin/sh",
+        "# orders topology --users: run where rabbitmqctl reaches the cluster, with",
+        f"# {' and '.join(sorted(PASSWORD_ENV.values()))} set in the environment.",
+        "set -eu",
+    ]
     lines += [f': "${{{env}:?set {env}}}"' for env in sorted({s.password_env for s in steps if s.password_env})]
     for step in steps:
         if step.password_env is None:
             lines.append("rabbitmqctl " + " ".join(_quote(a) for a in step.args))
             continue
-        user, password = _quote(step.args[-1]), f'printf \'%s\\n\' "${step.password_env}"'
-        lines += [f"if rabbitmqctl -q list_users | cut -f1 | grep -qxF {user}; then",
-                  f"  {password} | rabbitmqctl change_password {user}",
-                  f"else {password} | rabbitmqctl add_user {user}; fi"]
+        user, password = _quote(step.args[-1]), f"printf '%s\\n' \"${step.password_env}\""
+        lines += [
+            f"if rabbitmqctl -q list_users | cut -f1 | grep -qxF {user}; then",
+            f"  {password} | rabbitmqctl change_password {user}",
+            f"else {password} | rabbitmqctl add_user {user}; fi",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def _ctl(rabbitmqctl: str, args: tuple[str, ...], stdin: str | None = None) -> str:
     try:
-        done = subprocess.run([rabbitmqctl, *args], input=stdin, capture_output=True, text=True,
-                              timeout=RABBITMQCTL_TIMEOUT, check=False)
+        done = subprocess.run(
+            [rabbitmqctl, *args], input=stdin, capture_output=True, text=True, timeout=RABBITMQCTL_TIMEOUT, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise UserSetupError(f"rabbitmqctl {args[0]}: {exc}") from None
     if done.returncode != 0:

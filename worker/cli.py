@@ -25,7 +25,8 @@ app.add_typer(products_app, name="products")
 IDLE_SECONDS = 0.5
 
 ConfigOption = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="Configuration file (default: $ORDERS_CONFIG or config/config.yaml).")
+    Optional[Path],
+    typer.Option("--config", "-c", help="Configuration file (default: $ORDERS_CONFIG or config/config.yaml)."),
 ]
 
 
@@ -43,8 +44,11 @@ def _settings(config: Path | None, serving: bool = False) -> Settings:
         for problem in refused:
             typer.echo(f"error: production mode refuses {problem.line()}", err=True)
         if refused:
-            typer.echo("error: set these, or ORDERS_ENVIRONMENT=development for a local run "
-                       "(`orders doctor` lists every check)", err=True)
+            typer.echo(
+                "error: set these, or ORDERS_ENVIRONMENT=development for a local run "
+                "(`orders doctor` lists every check)",
+                err=True,
+            )
             raise typer.Exit(1)
     logs.configure(settings.logging.level, settings.logging.format)
     return settings
@@ -82,15 +86,30 @@ def migrate(
 @app.command()
 def topology(
     config: ConfigOption = None,
-    users: Annotated[bool, typer.Option("--users", help=(
-        "Instead: create or update the upstream and the service user in the configured vhost, with least "
-        "privilege (rabbitmqctl). Passwords from ORDERS_UPSTREAM_PASSWORD and ORDERS_SERVICE_PASSWORD."))] = False,
-    upstream_user: Annotated[Optional[str], typer.Option(
-        "--upstream-user", help="With --users: the user upstream services publish commands as.")] = None,
-    service_user: Annotated[Optional[str], typer.Option(
-        "--service-user", help="With --users: the user the service's own processes connect as.")] = None,
-    print_only: Annotated[bool, typer.Option(
-        "--print", help="With --users: print the rabbitmqctl recipe (for a remote cluster) instead of running it.")] = False,
+    users: Annotated[
+        bool,
+        typer.Option(
+            "--users",
+            help=(
+                "Instead: create or update the upstream and the service user in the configured vhost, with least "
+                "privilege (rabbitmqctl). Passwords from ORDERS_UPSTREAM_PASSWORD and ORDERS_SERVICE_PASSWORD."
+            ),
+        ),
+    ] = False,
+    upstream_user: Annotated[
+        Optional[str],
+        typer.Option("--upstream-user", help="With --users: the user upstream services publish commands as."),
+    ] = None,
+    service_user: Annotated[
+        Optional[str],
+        typer.Option("--service-user", help="With --users: the user the service's own processes connect as."),
+    ] = None,
+    print_only: Annotated[
+        bool,
+        typer.Option(
+            "--print", help="With --users: print the rabbitmqctl recipe (for a remote cluster) instead of running it."
+        ),
+    ] = False,
 ) -> None:
     """Declare the RabbitMQ exchanges, queues and bindings (safe to repeat); with --users, the broker users."""
     from worker.broker import BlockingBroker
@@ -163,8 +182,8 @@ def _worker_process(settings: Settings, index: int, stop: threading.Event, queue
     from worker import db, logs
     from worker.broker import COMMAND_QUEUES, PAYMENTS_QUEUE
     from worker.consumer import CommandConsumer
-    from worker.payments import PaymentConsumer, PaymentStep
     from worker.metrics import Metrics
+    from worker.payments import PaymentConsumer, PaymentStep
     from worker.read_model import OrderCache, make_redis
 
     logs.configure(settings.logging.level, settings.logging.format)
@@ -175,8 +194,14 @@ def _worker_process(settings: Settings, index: int, stop: threading.Event, queue
     queues = queues or [*COMMAND_QUEUES, PAYMENTS_QUEUE]
     payments = None
     if PAYMENTS_QUEUE in queues:
-        step = PaymentStep(engine, build_gateways(settings), settings.worker.inplace_retries,
-                           views=cache, metrics=metrics, capture_settle_seconds=settings.worker.capture_settle_seconds)
+        step = PaymentStep(
+            engine,
+            build_gateways(settings),
+            settings.worker.inplace_retries,
+            views=cache,
+            metrics=metrics,
+            capture_settle_seconds=settings.worker.capture_settle_seconds,
+        )
         payments = threading.Thread(target=PaymentConsumer(settings, step, metrics).run, args=(stop,), name="payments")
         payments.start()
     commands = [q for q in queues if q in COMMAND_QUEUES]
@@ -192,9 +217,20 @@ def _worker_process(settings: Settings, index: int, stop: threading.Event, queue
 @app.command()
 def worker(
     config: ConfigOption = None,
-    processes: Annotated[Optional[int], typer.Option("--processes", "-p", min=1, help="Consumer processes (default: worker.processes).")] = None,
-    prefetch: Annotated[Optional[int], typer.Option(min=1, help="Unacked messages per process (default: worker.prefetch).")] = None,
-    queues: Annotated[Optional[list[str]], typer.Option("--queue", "-q", help="Consume only these queues (repeatable): orders.place, orders.cancel, orders.payment-confirmed, orders.payments.")] = None,
+    processes: Annotated[
+        Optional[int], typer.Option("--processes", "-p", min=1, help="Consumer processes (default: worker.processes).")
+    ] = None,
+    prefetch: Annotated[
+        Optional[int], typer.Option(min=1, help="Unacked messages per process (default: worker.prefetch).")
+    ] = None,
+    queues: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--queue",
+            "-q",
+            help="Consume only these queues (repeatable): orders.place, orders.cancel, orders.payment-confirmed, orders.payments.",
+        ),
+    ] = None,
 ) -> None:
     """Run the worker pool: N processes consuming the command queues."""
     from worker.broker import COMMAND_QUEUES, PAYMENTS_QUEUE
@@ -240,14 +276,21 @@ def shim(
     config: ConfigOption = None,
     host: Annotated[Optional[str], typer.Option(help="Address to bind (default: shim.host).")] = None,
     port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Port (default: shim.port).")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="uvicorn worker processes (default: shim.workers).")] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(min=1, help="uvicorn worker processes (default: shim.workers).")
+    ] = None,
 ) -> None:
     """Run the HTTP shim (FastAPI on uvicorn)."""
     from worker.shim.server import serve
 
     settings = _settings(config, serving=True)
-    serve(settings, config, host or settings.shim.host, settings.shim.port if port is None else port,
-          settings.shim.workers if workers is None else workers)
+    serve(
+        settings,
+        config,
+        host or settings.shim.host,
+        settings.shim.port if port is None else port,
+        settings.shim.workers if workers is None else workers,
+    )
 
 
 @token_app.command("issue")

@@ -11,7 +11,8 @@ from sqlalchemy import Engine
 from worker.settings import Settings, SettingsError, load_settings
 
 ConfigOption = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="Configuration file (default: $ORDERS_CONFIG or config/config.yaml).")
+    Optional[Path],
+    typer.Option("--config", "-c", help="Configuration file (default: $ORDERS_CONFIG or config/config.yaml)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 

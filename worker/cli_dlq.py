@@ -22,21 +22,39 @@ out, err = Console(), Console(stderr=True)
 
 Ids = Annotated[Optional[list[str]], typer.Argument(help="Message ids (as `dlq list` shows them).", show_default=False)]
 Types = Annotated[Optional[list[str]], typer.Option("--type", "-t", help="Message type, e.g. PlaceOrder (repeatable).")]
-Errors = Annotated[Optional[list[str]], typer.Option("--error", "-e", help="Error class, e.g. InvalidMessage (repeatable).")]
-Queues = Annotated[Optional[list[str]], typer.Option("--queue", "-q", help="Original queue, e.g. orders.place (repeatable).")]
+Errors = Annotated[
+    Optional[list[str]], typer.Option("--error", "-e", help="Error class, e.g. InvalidMessage (repeatable).")
+]
+Queues = Annotated[
+    Optional[list[str]], typer.Option("--queue", "-q", help="Original queue, e.g. orders.place (repeatable).")
+]
 Older = Annotated[Optional[str], typer.Option(help="Dead-lettered longer ago than this (30s, 15m, 2h, 3d).")]
 Newer = Annotated[Optional[str], typer.Option(help="Dead-lettered more recently than this (30s, 15m, 2h, 3d).")]
 All = Annotated[bool, typer.Option("--all", help="Every message in the dead-letter queue.")]
 Actor = Annotated[Optional[str], typer.Option(help="Who acts, for the audit (default: $USER).")]
 
 
-def _selection(ids: list[str] | None, types: list[str] | None, errors: list[str] | None, queues: list[str] | None,
-               older: str | None, newer: str | None, everything: bool = False) -> Selection:
+def _selection(
+    ids: list[str] | None,
+    types: list[str] | None,
+    errors: list[str] | None,
+    queues: list[str] | None,
+    older: str | None,
+    newer: str | None,
+    everything: bool = False,
+) -> Selection:
     from worker.dead_letters import parse_age
 
     try:
-        return Selection(tuple(ids or ()), tuple(types or ()), tuple(errors or ()), tuple(queues or ()),
-                         parse_age(older) if older else None, parse_age(newer) if newer else None, everything)
+        return Selection(
+            tuple(ids or ()),
+            tuple(types or ()),
+            tuple(errors or ()),
+            tuple(queues or ()),
+            parse_age(older) if older else None,
+            parse_age(newer) if newer else None,
+            everything,
+        )
     except ValueError as exc:
         fail(str(exc), code=2)
         raise  # unreachable
@@ -44,8 +62,11 @@ def _selection(ids: list[str] | None, types: list[str] | None, errors: list[str]
 
 def _required(selection: Selection, verb: str) -> None:
     if selection.is_empty:
-        fail(f"say which messages to {verb}: ids, a filter (--type, --error, --queue, --older-than, "
-             "--newer-than) or --all", code=2)
+        fail(
+            f"say which messages to {verb}: ids, a filter (--type, --error, --queue, --older-than, "
+            "--newer-than) or --all",
+            code=2,
+        )
 
 
 def _browse(config: Path | None, selection: Selection) -> tuple[Any, list[Any]]:
@@ -61,10 +82,16 @@ def _browse(config: Path | None, selection: Selection) -> tuple[Any, list[Any]]:
 
 
 @app.command("list")
-def list_(types: Types = None, errors: Errors = None, queues: Queues = None, older_than: Older = None,
-          newer_than: Newer = None,
-          limit: Annotated[Optional[int], typer.Option(min=1, help="Show at most this many (table: 1000).")] = None,
-          as_json: JsonOption = False, config: ConfigOption = None) -> None:
+def list_(
+    types: Types = None,
+    errors: Errors = None,
+    queues: Queues = None,
+    older_than: Older = None,
+    newer_than: Newer = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Show at most this many (table: 1000).")] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
     """List dead letters (the queue is browsed, never consumed or reordered)."""
     from worker.dlq_view import letters_table
 
@@ -78,8 +105,11 @@ def list_(types: Types = None, errors: Errors = None, queues: Queues = None, old
 
 
 @app.command()
-def show(message_id: Annotated[str, typer.Argument(help="The message id.")], as_json: JsonOption = False,
-         config: ConfigOption = None) -> None:
+def show(
+    message_id: Annotated[str, typer.Argument(help="The message id.")],
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
     """One dead letter in full, and what already happened to its order."""
     from worker.dlq_view import show as render
     from worker.order_facts import advice, order_facts
@@ -95,8 +125,11 @@ def show(message_id: Annotated[str, typer.Argument(help="The message id.")], as_
         facts = None
     tip = advice(dl, facts) if facts is not None else "Check the order in PostgreSQL before replaying."
     if as_json:
-        typer.echo(json.dumps({**dl.full(), "copies": len(letters), "order_facts": facts, "advice": tip},
-                              indent=2, default=str))
+        typer.echo(
+            json.dumps(
+                {**dl.full(), "copies": len(letters), "order_facts": facts, "advice": tip}, indent=2, default=str
+            )
+        )
         return
     render(out, dl, facts, tip, len(letters))
 
@@ -124,13 +157,22 @@ def _edit(dl: Any) -> bytes:
 
 @app.command()
 def replay(
-    ids: Ids = None, types: Types = None, errors: Errors = None, queues: Queues = None,
-    older_than: Older = None, newer_than: Newer = None, everything: All = False,
+    ids: Ids = None,
+    types: Types = None,
+    errors: Errors = None,
+    queues: Queues = None,
+    older_than: Older = None,
+    newer_than: Newer = None,
+    everything: All = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would move.")] = False,
-    to: Annotated[Optional[str], typer.Option("--to", help="Publish to this queue instead of the original exchange.")] = None,
+    to: Annotated[
+        Optional[str], typer.Option("--to", help="Publish to this queue instead of the original exchange.")
+    ] = None,
     rate: Annotated[Optional[float], typer.Option(min=0.01, help="At most N messages a second.")] = None,
     edit: Annotated[bool, typer.Option("--edit", help="Edit the body in $EDITOR first (one message).")] = False,
-    actor: Actor = None, as_json: JsonOption = False, config: ConfigOption = None,
+    actor: Actor = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
 ) -> None:
     """Republish dead letters (confirmed) and remove them from the queue."""
     from rich.progress import Progress
@@ -151,9 +193,14 @@ def replay(
     with Progress(console=err, transient=True, disable=as_json) as progress:
         task = progress.add_task("replaying", total=None)
         try:
-            report = dlq.replay(settings, engine_for(settings), selection, opts,
-                                on_start=lambda n: progress.update(task, total=n),
-                                on_each=lambda _dl: progress.advance(task))
+            report = dlq.replay(
+                settings,
+                engine_for(settings),
+                selection,
+                opts,
+                on_start=lambda n: progress.update(task, total=n),
+                on_each=lambda _dl: progress.advance(task),
+            )
         except (BrokerError, ValueError) as exc:
             fail(str(exc))
     if as_json:
@@ -172,11 +219,18 @@ def replay(
 
 @app.command()
 def purge(
-    ids: Ids = None, types: Types = None, errors: Errors = None, queues: Queues = None,
-    older_than: Older = None, newer_than: Newer = None, everything: All = False,
+    ids: Ids = None,
+    types: Types = None,
+    errors: Errors = None,
+    queues: Queues = None,
+    older_than: Older = None,
+    newer_than: Newer = None,
+    everything: All = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     export: Annotated[Optional[Path], typer.Option(help="Write the messages to this JSON lines file first.")] = None,
-    actor: Actor = None, as_json: JsonOption = False, config: ConfigOption = None,
+    actor: Actor = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
 ) -> None:
     """Delete dead letters for good (after confirmation)."""
     from worker import dlq
@@ -211,8 +265,12 @@ def purge(
 def export(
     file: Annotated[Path, typer.Argument(dir_okay=False, help="JSON lines file to write.")],
     ids: Annotated[Optional[list[str]], typer.Option("--id", help="Only these ids (repeatable).")] = None,
-    types: Types = None, errors: Errors = None, queues: Queues = None,
-    older_than: Older = None, newer_than: Newer = None, config: ConfigOption = None,
+    types: Types = None,
+    errors: Errors = None,
+    queues: Queues = None,
+    older_than: Older = None,
+    newer_than: Newer = None,
+    config: ConfigOption = None,
 ) -> None:
     """Write dead letters (everything `show` prints) as JSON lines; the queue is unchanged."""
     from worker.dlq import write_jsonl
@@ -223,9 +281,12 @@ def export(
 
 
 @app.command()
-def history(limit: Annotated[int, typer.Option(min=1)] = 50,
-            action: Annotated[Optional[str], typer.Option(help="Only 'replay' or 'purge'.")] = None,
-            as_json: JsonOption = False, config: ConfigOption = None) -> None:
+def history(
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+    action: Annotated[Optional[str], typer.Option(help="Only 'replay' or 'purge'.")] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
     """Who replayed or purged which dead letters, and when."""
     from worker.dlq_audit import history as rows_of
     from worker.dlq_view import history_table

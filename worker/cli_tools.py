@@ -38,8 +38,13 @@ def audit(
     findings = run_audit(db.make_engine(settings.database, pool_size=1), stuck_minutes)
     violations = [f for f in findings if f.severity == "error"]
     if as_json:
-        typer.echo(json.dumps({"ok": not violations, "checks": check_names(),
-                               "findings": [asdict(f) for f in findings]}, default=str, indent=2))
+        typer.echo(
+            json.dumps(
+                {"ok": not violations, "checks": check_names(), "findings": [asdict(f) for f in findings]},
+                default=str,
+                indent=2,
+            )
+        )
     else:
         console = Console()
         table = Table("check", "severity", "count", "what")
@@ -57,8 +62,14 @@ def audit(
 
 @webhook_app.command("replay")
 def webhook_replay(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
-                                         help="JSON: {\"headers\": {...}, \"body\": \"<raw body>\"}, or a PayPal delivery with transmission_* fields.")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            dir_okay=False,
+            help='JSON: {"headers": {...}, "body": "<raw body>"}, or a PayPal delivery with transmission_* fields.',
+        ),
+    ],
     publish: Annotated[bool, typer.Option(help="Publish the resulting command (with a broker confirm).")] = False,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Configuration file.")] = None,
 ) -> None:
@@ -77,13 +88,24 @@ def webhook_replay(
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
     command = to_command(event)
-    typer.echo(json.dumps({"event": {**asdict(event), "kind": event.kind.value},
-                           "command": asdict(command) if command else None}, indent=2, default=str))
+    typer.echo(
+        json.dumps(
+            {"event": {**asdict(event), "kind": event.kind.value}, "command": asdict(command) if command else None},
+            indent=2,
+            default=str,
+        )
+    )
     if publish and command is not None:
         try:
             broker = BlockingBroker(settings.rabbitmq.url.get_secret_value()).connect()
-            broker.publish(Outgoing(command.exchange, command.routing_key, json.dumps(command.body).encode(),
-                                    {"message_id": command.message_id, "type": command.message_type}))
+            broker.publish(
+                Outgoing(
+                    command.exchange,
+                    command.routing_key,
+                    json.dumps(command.body).encode(),
+                    {"message_id": command.message_id, "type": command.message_type},
+                )
+            )
             broker.close()
         except BrokerError as exc:
             typer.echo(f"error: RabbitMQ: {exc}", err=True)
@@ -96,8 +118,10 @@ def read_delivery(file: Path) -> tuple[bytes, dict[str, str]]:
     data = json.loads(file.read_text(encoding="utf-8"))
     if "transmission_sig" in data:  # PayPal's own test-vector shape
         headers = {
-            "PAYPAL-TRANSMISSION-ID": data["transmission_id"], "PAYPAL-TRANSMISSION-TIME": data["transmission_time"],
-            "PAYPAL-TRANSMISSION-SIG": data["transmission_sig"], "PAYPAL-AUTH-ALGO": data.get("auth_algo", "SHA256withRSA"),
+            "PAYPAL-TRANSMISSION-ID": data["transmission_id"],
+            "PAYPAL-TRANSMISSION-TIME": data["transmission_time"],
+            "PAYPAL-TRANSMISSION-SIG": data["transmission_sig"],
+            "PAYPAL-AUTH-ALGO": data.get("auth_algo", "SHA256withRSA"),
             "PAYPAL-CERT-URL": data["cert_url"],
         }
         return data["body"].encode(), headers

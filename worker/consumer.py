@@ -19,9 +19,10 @@ import json
 import threading
 import time
 import traceback
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 from sqlalchemy import Engine, text
@@ -48,7 +49,7 @@ LIVENESS_INTERVAL = 1.0
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def failure_headers(d: Delivery, error_class: str, message: str, tb: str | None) -> dict[str, Any]:
@@ -82,8 +83,13 @@ class Backoff:
         self.current = self.first
 
 
-def wait_for_database(engine: Engine, broker: BlockingBroker, exc: BaseException, stop: threading.Event,
-                      tick: Callable[[], None] = lambda: None) -> None:
+def wait_for_database(
+    engine: Engine,
+    broker: BlockingBroker,
+    exc: BaseException,
+    stop: threading.Event,
+    tick: Callable[[], None] = lambda: None,
+) -> None:
     """Outage protection: hold the work, probe with a growing wait, keep heartbeats flowing.
 
     Raises :class:`StopRequested` when asked to stop meanwhile: the held
@@ -145,8 +151,13 @@ class Settlement:
             self._dead_letter(broker, d, error_class, h.reason or "failed", tb)
 
     def _dead_letter(self, broker: BlockingBroker, d: Delivery, error_class: str, message: str, tb: str | None) -> None:
-        log.warning("dead-lettering message", message_id=d.message_id, type=d.message_type,
-                    error_class=error_class, reason=message)
+        log.warning(
+            "dead-lettering message",
+            message_id=d.message_id,
+            type=d.message_type,
+            error_class=error_class,
+            reason=message,
+        )
         headers = failure_headers(d, error_class, message, tb)
         headers.pop(DELAY_HEADER, None)
         self._publish(broker, Outgoing(DEAD_LETTER_EXCHANGE, d.queue, d.body, {**d.properties(), "headers": headers}))
@@ -166,21 +177,28 @@ class Settlement:
         if h.result is Result.DUPLICATE:
             body = {"result": "duplicate", "order_id": h.order_id}
         try:
-            broker.publish(Outgoing("", d.reply_to or "", json.dumps(body).encode(), {
-                "correlation_id": d.correlation_id or d.message_id, "type": "CommandOutcome",
-                "delivery_mode": 1,
-            }))
+            broker.publish(
+                Outgoing(
+                    "",
+                    d.reply_to or "",
+                    json.dumps(body).encode(),
+                    {
+                        "correlation_id": d.correlation_id or d.message_id,
+                        "type": "CommandOutcome",
+                        "delivery_mode": 1,
+                    },
+                )
+            )
         except PublishNotConfirmed:
             pass  # the caller has gone; it can read the order instead
-
-
 
 
 class CommandConsumer:
     """Consumes the command queues of one worker process."""
 
-    def __init__(self, settings: Settings, engine: Engine, queues: list[str],
-                 views: Views | None = None, metrics: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, queues: list[str], views: Views | None = None, metrics: Any = None
+    ) -> None:
         self.settings = settings
         self.views = views
         self.cfg = settings.worker
@@ -243,7 +261,7 @@ class CommandConsumer:
         """On stop: cancel the consumers, finish what is held, ack it."""
         rest = broker.cancel()
         for start in range(0, len(rest), self.cfg.batch_size):
-            self.process(broker, rest[start:start + self.cfg.batch_size], None)
+            self.process(broker, rest[start : start + self.cfg.batch_size], None)
         log.info("stopped consuming", finished=len(rest))
 
     def _touch_liveness(self) -> None:
@@ -267,8 +285,9 @@ class CommandConsumer:
         if self.metrics is not None:
             self.metrics.observe_batch(handled, time.perf_counter() - started)
 
-    def _apply(self, broker: BlockingBroker, good: list[tuple[Delivery, Any]],
-               stop: threading.Event | None) -> list[Handled]:
+    def _apply(
+        self, broker: BlockingBroker, good: list[tuple[Delivery, Any]], stop: threading.Event | None
+    ) -> list[Handled]:
         while True:
             try:
                 return self.applier.apply_batch(good)
@@ -289,5 +308,6 @@ class CommandConsumer:
 
     def _wait_for_database(self, broker: BlockingBroker, exc: BaseException) -> None:
         wait_for_database(self.engine, broker, exc, self._stop, self._touch_liveness)
+
 
 __all__ = ["CommandConsumer", "Settlement", "delay_queue", "failure_headers"]

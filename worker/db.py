@@ -24,7 +24,8 @@ def make_engine(db: DatabaseSettings, pool_size: int | None = None) -> Engine:
         # UPDATE/DELETE executemany in pages instead of a round trip per row
         executemany_mode="values_plus_batch",
         connect_args={
-            "connect_timeout": 5, "application_name": "orders",
+            "connect_timeout": 5,
+            "application_name": "orders",
             # a client that vanished mid-transaction (killed behind a proxy or NAT that hides
             # it) must not hold row locks forever; our transactions last milliseconds
             "options": "-c idle_in_transaction_session_timeout=60000",

@@ -20,18 +20,32 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.broker import Delivery
 
 #: headers dropped on replay: the message gets a fresh round of retries
 FAILURE_HEADERS = (
-    "x-attempts", "orders-delay-tier", "x-first-failure-at", "x-last-failure-at", "x-error-class",
-    "x-error-message", "x-error-digest", "x-error-traceback", "x-original-exchange",
-    "x-original-routing-key", "x-original-queue", "x-death", "x-first-death-exchange",
-    "x-first-death-queue", "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
-    "x-last-death-reason", "x-delivery-count",
+    "x-attempts",
+    "orders-delay-tier",
+    "x-first-failure-at",
+    "x-last-failure-at",
+    "x-error-class",
+    "x-error-message",
+    "x-error-digest",
+    "x-error-traceback",
+    "x-original-exchange",
+    "x-original-routing-key",
+    "x-original-queue",
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-delivery-count",
 )
 #: RabbitMQ's dead-letter reasons that mean the broker, not a worker, dead-lettered it
 BROKER_REASONS = {"delivery_limit": "DeliveryLimitExceeded", "rejected": "Rejected", "maxlen": "QueueFull"}
@@ -43,13 +57,13 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).isoformat()
+        return value.astimezone(UTC).isoformat()
     return str(value)
 
 
 def _when(value: Any) -> datetime | None:
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     try:
         return datetime.fromisoformat(str(value)) if value else None
     except ValueError:
@@ -73,7 +87,7 @@ class DeadLetter:
     dead_lettered_by: str  # "worker" or "broker"
 
     @classmethod
-    def from_delivery(cls, d: Delivery) -> "DeadLetter":
+    def from_delivery(cls, d: Delivery) -> DeadLetter:
         h = d.headers
         deaths = [x for x in (h.get("x-death") or []) if isinstance(x, dict)]
         # x-death is most recent first; a broker reason there means the broker dead-lettered it
@@ -83,24 +97,34 @@ class DeadLetter:
             keys = cause.get("routing-keys") or []
             count = int(cause.get("count") or 1)
             return cls(
-                id=message_key(d), delivery=d, error_class=BROKER_REASONS[reason],
+                id=message_key(d),
+                delivery=d,
+                error_class=BROKER_REASONS[reason],
                 error_message=f"RabbitMQ dead-lettered it ({reason}) from {_text(cause.get('queue'))}"
-                + (" after too many redeliveries: a worker died or timed out while holding it"
-                   if reason == "delivery_limit" else ""),
+                + (
+                    " after too many redeliveries: a worker died or timed out while holding it"
+                    if reason == "delivery_limit"
+                    else ""
+                ),
                 attempts=int(h.get("x-attempts", 0)) + count,
                 original_exchange=_text(h.get("x-original-exchange", cause.get("exchange"))),
                 original_routing_key=_text(h.get("x-original-routing-key", keys[0] if keys else None)),
                 original_queue=_text(h.get("x-original-queue", cause.get("queue"))),
                 first_failure_at=_when(h.get("x-first-failure-at")) or _when(cause.get("time")),
-                last_failure_at=_when(cause.get("time")), dead_lettered_by="broker",
+                last_failure_at=_when(cause.get("time")),
+                dead_lettered_by="broker",
             )
         return cls(
-            id=message_key(d), delivery=d, error_class=_text(h.get("x-error-class")) or "Unknown",
-            error_message=_text(h.get("x-error-message")) or "", attempts=int(h.get("x-attempts", 0)),
+            id=message_key(d),
+            delivery=d,
+            error_class=_text(h.get("x-error-class")) or "Unknown",
+            error_message=_text(h.get("x-error-message")) or "",
+            attempts=int(h.get("x-attempts", 0)),
             original_exchange=_text(h.get("x-original-exchange")),
             original_routing_key=_text(h.get("x-original-routing-key")),
             original_queue=_text(h.get("x-original-queue")),
-            first_failure_at=_when(h.get("x-first-failure-at")), last_failure_at=_when(h.get("x-last-failure-at")),
+            first_failure_at=_when(h.get("x-first-failure-at")),
+            last_failure_at=_when(h.get("x-last-failure-at")),
             dead_lettered_by="worker",
         )
 
@@ -118,11 +142,17 @@ class DeadLetter:
     def summary(self) -> dict[str, Any]:
         """The fields of ``dlq list``."""
         return {
-            "id": self.id, "message_id": self.delivery.message_id, "type": self.delivery.message_type,
-            "original_queue": self.original_queue, "original_exchange": self.original_exchange,
-            "original_routing_key": self.original_routing_key, "error_class": self.error_class,
-            "error_message": self.error_message, "attempts": self.attempts,
-            "first_failure_at": _text(self.first_failure_at), "last_failure_at": _text(self.last_failure_at),
+            "id": self.id,
+            "message_id": self.delivery.message_id,
+            "type": self.delivery.message_type,
+            "original_queue": self.original_queue,
+            "original_exchange": self.original_exchange,
+            "original_routing_key": self.original_routing_key,
+            "error_class": self.error_class,
+            "error_message": self.error_message,
+            "attempts": self.attempts,
+            "first_failure_at": _text(self.first_failure_at),
+            "last_failure_at": _text(self.last_failure_at),
             "dead_lettered_by": self.dead_lettered_by,
         }
 
@@ -136,8 +166,11 @@ class DeadLetter:
         except ValueError:
             body = None
         return {
-            **self.summary(), "properties": props, "headers": jsonable(d.headers),
-            "body": body, "body_text": d.body.decode("utf-8", "replace") if body is None else None,
+            **self.summary(),
+            "properties": props,
+            "headers": jsonable(d.headers),
+            "body": body,
+            "body_text": d.body.decode("utf-8", "replace") if body is None else None,
             "body_base64": base64.b64encode(d.body).decode(),
             "error_digest": _text(d.headers.get("x-error-digest")),
             "traceback": _text(d.headers.get("x-error-traceback")),
@@ -148,8 +181,12 @@ def message_key(d: Delivery) -> str:
     """The id operators use: the message_id, or a digest for a message without one."""
     if d.message_id:
         return d.message_id
-    seed = d.body + repr(sorted((k, str(v)) for k, v in d.headers.items() if k.startswith("x-")
-                                and k != "x-delivery-count")).encode()
+    seed = (
+        d.body
+        + repr(
+            sorted((k, str(v)) for k, v in d.headers.items() if k.startswith("x-") and k != "x-delivery-count")
+        ).encode()
+    )
     return "nomid-" + hashlib.sha256(seed).hexdigest()[:16]
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Callable, Iterator
 
 from sqlalchemy import Engine
 
@@ -43,8 +43,15 @@ class Selection:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.ids or self.types or self.error_classes or self.queues
-                    or self.older_than or self.newer_than or self.everything)
+        return not (
+            self.ids
+            or self.types
+            or self.error_classes
+            or self.queues
+            or self.older_than
+            or self.newer_than
+            or self.everything
+        )
 
     def matches(self, dl: DeadLetter, now: datetime) -> bool:
         if self.ids and dl.id not in self.ids:
@@ -64,8 +71,11 @@ class Selection:
 
     def describe(self) -> str:
         parts = [f"id {', '.join(self.ids)}"] if self.ids else []
-        parts += [f"{name} {', '.join(vals)}" for name, vals in
-                  (("type", self.types), ("error", self.error_classes), ("queue", self.queues)) if vals]
+        parts += [
+            f"{name} {', '.join(vals)}"
+            for name, vals in (("type", self.types), ("error", self.error_classes), ("queue", self.queues))
+            if vals
+        ]
         parts += [f"older than {self.older_than}"] if self.older_than else []
         parts += [f"newer than {self.newer_than}"] if self.newer_than else []
         return "; ".join(parts) or "all"
@@ -84,7 +94,7 @@ def session(settings: Settings) -> Iterator[tuple[DeadLetterSession, list[DeadLe
 
 def browse(settings: Settings, selection: Selection) -> list[DeadLetter]:
     """The matching dead letters; the queue is left exactly as it was."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with session(settings) as (_, letters):
         return [dl for dl in letters if selection.matches(dl, now)]
 
@@ -99,8 +109,12 @@ class Report:
     interrupted: str | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return {"selected": len(self.selected), "moved": self.moved,
-                "failed": [{"id": i, "reason": r} for i, r in self.failed], "interrupted": self.interrupted}
+        return {
+            "selected": len(self.selected),
+            "moved": self.moved,
+            "failed": [{"id": i, "reason": r} for i, r in self.failed],
+            "interrupted": self.interrupted,
+        }
 
 
 @dataclass(frozen=True)
@@ -139,12 +153,17 @@ def _outgoing(dl: DeadLetter, opts: ReplayOptions, now: datetime) -> Outgoing:
     return Outgoing(exchange, key, body, {**dl.delivery.properties(), "headers": headers})
 
 
-def replay(settings: Settings, engine: Engine, selection: Selection, opts: ReplayOptions,
-           on_start: Callable[[int], None] = lambda n: None,
-           on_each: Callable[[DeadLetter], None] = lambda dl: None) -> Report:
+def replay(
+    settings: Settings,
+    engine: Engine,
+    selection: Selection,
+    opts: ReplayOptions,
+    on_start: Callable[[int], None] = lambda n: None,
+    on_each: Callable[[DeadLetter], None] = lambda dl: None,
+) -> Report:
     """Republish the selected dead letters with confirms; ack each only once confirmed."""
     report = Report()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with session(settings) as (s, letters):
         chosen = [dl for dl in letters if selection.matches(dl, now)]
         report.selected = [dl.id for dl in chosen]
@@ -153,9 +172,11 @@ def replay(settings: Settings, engine: Engine, selection: Selection, opts: Repla
         if opts.dry_run or not chosen:
             return report
         target = f"to queue {opts.to_queue}" if opts.to_queue else "to the original exchange"
-        detail = (f"{len(chosen)} message(s) ({selection.describe()}) {target}"
-                  + (", body edited" if opts.edited_body is not None else "")
-                  + (f", at most {opts.rate}/s" if opts.rate else ""))
+        detail = (
+            f"{len(chosen)} message(s) ({selection.describe()}) {target}"
+            + (", body edited" if opts.edited_body is not None else "")
+            + (f", at most {opts.rate}/s" if opts.rate else "")
+        )
         audit_id = dlq_audit.start(engine, "replay", opts.actor, report.selected, detail)
         on_start(len(chosen))
         started = time.monotonic()
@@ -171,7 +192,7 @@ def replay(settings: Settings, engine: Engine, selection: Selection, opts: Repla
                     on_each(dl)
                     continue
                 try:
-                    s.republish(_outgoing(dl, opts, datetime.now(timezone.utc)))
+                    s.republish(_outgoing(dl, opts, datetime.now(UTC)))
                 except PublishNotConfirmed as exc:
                     report.failed.append((dl.id, str(exc)))  # stays in the dead-letter queue
                 else:
@@ -203,11 +224,17 @@ def write_jsonl(letters: list[DeadLetter], path: Path) -> None:
         os.fsync(out.fileno())
 
 
-def purge(settings: Settings, engine: Engine, selection: Selection, actor: str,
-          export_to: Path | None = None, only_ids: set[str] | None = None) -> Report:
+def purge(
+    settings: Settings,
+    engine: Engine,
+    selection: Selection,
+    actor: str,
+    export_to: Path | None = None,
+    only_ids: set[str] | None = None,
+) -> Report:
     """Remove the selected dead letters (after exporting them, when asked)."""
     report = Report()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with session(settings) as (s, letters):
         chosen = [dl for dl in letters if selection.matches(dl, now) and (only_ids is None or dl.id in only_ids)]
         report.selected = [dl.id for dl in chosen]
@@ -215,7 +242,9 @@ def purge(settings: Settings, engine: Engine, selection: Selection, actor: str,
             return report
         if export_to is not None:
             write_jsonl(chosen, export_to)
-        detail = f"{len(chosen)} message(s) ({selection.describe()})" + (f", exported to {export_to}" if export_to else "")
+        detail = f"{len(chosen)} message(s) ({selection.describe()})" + (
+            f", exported to {export_to}" if export_to else ""
+        )
         audit_id = dlq_audit.start(engine, "purge", actor, report.selected, detail)
         try:
             for dl in chosen:

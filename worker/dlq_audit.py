@@ -32,8 +32,9 @@ def start(engine: Engine, action: str, actor: str, message_ids: list[str], detai
     """Record that ``actor`` starts ``action`` on ``message_ids``; returns the row id."""
     with engine.begin() as conn:
         row_id = conn.execute(
-            insert(dlq_audit).values(action=action, actor=actor, message_ids=message_ids,
-                                     detail=f"started: {detail}").returning(dlq_audit.c.id)
+            insert(dlq_audit)
+            .values(action=action, actor=actor, message_ids=message_ids, detail=f"started: {detail}")
+            .returning(dlq_audit.c.id)
         ).scalar_one()
     return int(row_id)
 
@@ -52,8 +53,13 @@ def history(engine: Engine, limit: int = 50, action: str | None = None) -> list[
     with engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
     return [
-        {"id": r["id"], "action": r["action"], "actor": r["actor"], "at": r["at"].isoformat(),
-         "message_ids": r["message_ids"] if isinstance(r["message_ids"], list) else json.loads(r["message_ids"]),
-         "detail": r["detail"]}
+        {
+            "id": r["id"],
+            "action": r["action"],
+            "actor": r["actor"],
+            "at": r["at"].isoformat(),
+            "message_ids": r["message_ids"] if isinstance(r["message_ids"], list) else json.loads(r["message_ids"]),
+            "detail": r["detail"],
+        }
         for r in rows
     ]

@@ -33,8 +33,14 @@ def letters_table(letters: list[DeadLetter], title: str) -> Table:
     table.add_column("error", overflow="fold", ratio=1)
     for dl in letters:
         error = f"[bold]{dl.error_class}[/]: {dl.error_message[:100]}"
-        table.add_row(dl.id, dl.message_type, dl.original_queue or "-", str(dl.attempts),
-                      f"{_short(dl.first_failure_at)}\n{_short(dl.last_failure_at)}", error)
+        table.add_row(
+            dl.id,
+            dl.message_type,
+            dl.original_queue or "-",
+            str(dl.attempts),
+            f"{_short(dl.first_failure_at)}\n{_short(dl.last_failure_at)}",
+            error,
+        )
     return table
 
 
@@ -50,16 +56,28 @@ def _kv(rows: dict[str, Any]) -> Table:
 def show(console: Console, dl: DeadLetter, facts: dict[str, Any] | None, advice: str, copies: int) -> None:
     """The whole message, its error and what already happened to its order."""
     full = dl.full()
-    console.print(Panel(_kv({**full["properties"], "dead-lettered by": dl.dead_lettered_by,
-                             "copies in queue": copies}), title=f"dead letter {dl.id}", title_align="left"))
-    body = (Syntax(json.dumps(full["body"], indent=2, ensure_ascii=False), "json")
-            if full["body"] is not None else full["body_text"])
+    console.print(
+        Panel(
+            _kv({**full["properties"], "dead-lettered by": dl.dead_lettered_by, "copies in queue": copies}),
+            title=f"dead letter {dl.id}",
+            title_align="left",
+        )
+    )
+    body = (
+        Syntax(json.dumps(full["body"], indent=2, ensure_ascii=False), "json")
+        if full["body"] is not None
+        else full["body_text"]
+    )
     console.print(Panel(body, title="body", title_align="left"))
     headers = {k: v for k, v in full["headers"].items() if k != "x-error-traceback"}
     console.print(Panel(_kv(headers), title="headers", title_align="left"))
-    error = [f"[bold red]{dl.error_class}[/]: {dl.error_message}",
-             (f"attempts {dl.attempts}; digest {full['error_digest'] or '-'}; "
-              f"first {_ago(dl.first_failure_at)}; last {_ago(dl.last_failure_at)}")]
+    error = [
+        f"[bold red]{dl.error_class}[/]: {dl.error_message}",
+        (
+            f"attempts {dl.attempts}; digest {full['error_digest'] or '-'}; "
+            f"first {_ago(dl.first_failure_at)}; last {_ago(dl.last_failure_at)}"
+        ),
+    ]
     parts: list[Any] = list(error)
     if full["traceback"]:
         parts.append(Syntax(full["traceback"], "pytb", word_wrap=True))
@@ -93,5 +111,12 @@ def history_table(rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         ids = r["message_ids"]
         shown = ", ".join(ids[:3]) + (f" … (+{len(ids) - 3})" if len(ids) > 3 else "")
-        table.add_row(str(r["id"]), r["at"][:19].replace("T", " "), r["action"], r["actor"], f"{len(ids)}: {shown}", r["detail"] or "")
+        table.add_row(
+            str(r["id"]),
+            r["at"][:19].replace("T", " "),
+            r["action"],
+            r["actor"],
+            f"{len(ids)}: {shown}",
+            r["detail"] or "",
+        )
     return table

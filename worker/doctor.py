@@ -31,9 +31,15 @@ def check_configuration(path: Path | None) -> tuple[Settings | None, list[Findin
     try:
         settings = load_settings(path)
     except SettingsError as exc:
-        return None, [Finding("configuration", False, str(exc),
-                              "Set the key named above in the configuration file or in the environment variable "
-                              "shown in brackets (ORDERS_<SECTION>__<KEY>); config/config.yaml lists every key.")]
+        return None, [
+            Finding(
+                "configuration",
+                False,
+                str(exc),
+                "Set the key named above in the configuration file or in the environment variable "
+                "shown in brackets (ORDERS_<SECTION>__<KEY>); config/config.yaml lists every key.",
+            )
+        ]
     return settings, [Finding("configuration", True, "loaded and valid")]
 
 
@@ -42,14 +48,29 @@ def check_production(settings: Settings) -> list[Finding]:
     from worker import production
 
     if settings.environment != "production":
-        return [Finding("environment", True, "development: production checks are off (development secrets and "
-                        "local payment fakes are accepted)", warning=True)]
+        return [
+            Finding(
+                "environment",
+                True,
+                "development: production checks are off (development secrets and local payment fakes are accepted)",
+                warning=True,
+            )
+        ]
     refused = production.problems(settings)
     if not refused:
-        return [Finding("production", True, "no development secret, provider URLs and certificate hosts are the providers'")]
-    return [Finding("production", False, p.line(),
-                    f"Set {p.variable} (or {p.key} in the configuration file); the worker, relay and shim refuse "
-                    "to start until it is fixed.") for p in refused]
+        return [
+            Finding("production", True, "no development secret, provider URLs and certificate hosts are the providers'")
+        ]
+    return [
+        Finding(
+            "production",
+            False,
+            p.line(),
+            f"Set {p.variable} (or {p.key} in the configuration file); the worker, relay and shim refuse "
+            "to start until it is fixed.",
+        )
+        for p in refused
+    ]
 
 
 def check_postgres(settings: Settings) -> list[Finding]:
@@ -77,8 +98,14 @@ def check_postgres(settings: Settings) -> list[Finding]:
     head = ScriptDirectory.from_config(db.alembic_config(engine)).get_current_head()
     found = [Finding("postgresql", True, f"reachable at {where}")]
     if current != head:
-        found.append(Finding("migrations", False, f"database is at revision {current or 'none'}, the code expects {head}",
-                             "Run `orders migrate` (the Procfile's release step does it on deploy)."))
+        found.append(
+            Finding(
+                "migrations",
+                False,
+                f"database is at revision {current or 'none'}, the code expects {head}",
+                "Run `orders migrate` (the Procfile's release step does it on deploy).",
+            )
+        )
     else:
         found.append(Finding("migrations", True, f"at head ({head})"))
     return found
@@ -106,8 +133,14 @@ def check_rabbitmq(settings: Settings) -> list[Finding]:
         return [Finding("rabbitmq", False, f"cannot connect to {where}: {text}", fix)]
     found = [Finding("rabbitmq", True, f"reachable at {where}")]
     if missing:
-        found.append(Finding("topology", False, "missing: " + ", ".join(missing),
-                             "Run `orders topology` (safe to repeat; the Procfile's release step runs it)."))
+        found.append(
+            Finding(
+                "topology",
+                False,
+                "missing: " + ", ".join(missing),
+                "Run `orders topology` (safe to repeat; the Procfile's release step runs it).",
+            )
+        )
     else:
         found.append(Finding("topology", True, "every exchange and queue is declared"))
     return found
@@ -120,9 +153,15 @@ def check_redis(settings: Settings) -> list[Finding]:
     try:
         make_redis(settings.redis).ping()
     except Exception as exc:  # noqa: BLE001 - any failure means unreachable
-        return [Finding("redis", False, f"cannot reach {where}: {type(exc).__name__}: {exc}",
-                        "Start Redis, or point redis.host/port (ORDERS_REDIS__HOST / __PORT) at it. Workers still "
-                        "run without it (reads fall back to PostgreSQL), but the shim's rate limits need it.")]
+        return [
+            Finding(
+                "redis",
+                False,
+                f"cannot reach {where}: {type(exc).__name__}: {exc}",
+                "Start Redis, or point redis.host/port (ORDERS_REDIS__HOST / __PORT) at it. Workers still "
+                "run without it (reads fall back to PostgreSQL), but the shim's rate limits need it.",
+            )
+        ]
     return [Finding("redis", True, f"reachable at {where}")]
 
 

@@ -63,8 +63,10 @@ def classify(exc: BaseException) -> Kind:
     if isinstance(exc, (ConcurrentUpdate, BrokerError)):
         return Kind.TRANSIENT
     if isinstance(exc, sa_exc.DBAPIError):
-        if exc.connection_invalidated or isinstance(exc.orig, psycopg2.OperationalError) and not isinstance(
-            exc.orig, _TRANSIENT_PG
+        if (
+            exc.connection_invalidated
+            or isinstance(exc.orig, psycopg2.OperationalError)
+            and not isinstance(exc.orig, _TRANSIENT_PG)
         ):
             return Kind.OUTAGE
         if isinstance(exc.orig, _TRANSIENT_PG):

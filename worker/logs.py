@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -16,7 +17,7 @@ import structlog
 _SECRET_WORDS = ("password", "secret", "api_key", "token", "authorization", "client_secret")
 
 
-def _mask_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _mask_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
         if any(word in key.lower() for word in _SECRET_WORDS):
             event[key] = "***"

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 #: seconds buckets of the batch and payment-call histograms
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -28,24 +29,46 @@ class Metrics:
         from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
         reg = registry or REGISTRY
-        self.commands = Counter("orders_commands", "Commands handled, by message type and result.",
-                                ["type", "result"], registry=reg)
-        self.refused = Counter("orders_commands_refused", "Commands refused for a business reason (each also "
-                               "announced as command.refused), by message type and reason code.",
-                               ["type", "reason"], registry=reg)
+        self.commands = Counter(
+            "orders_commands", "Commands handled, by message type and result.", ["type", "result"], registry=reg
+        )
+        self.refused = Counter(
+            "orders_commands_refused",
+            "Commands refused for a business reason (each also "
+            "announced as command.refused), by message type and reason code.",
+            ["type", "reason"],
+            registry=reg,
+        )
         self.retries = Counter("orders_commands_retried", "Commands sent to a delay queue.", ["type"], registry=reg)
-        self.dead_letters = Counter("orders_commands_dead_lettered", "Commands sent to the dead-letter queue.",
-                                    ["type", "error_class"], registry=reg)
-        self.batch_seconds = Histogram("orders_batch_duration_seconds", "Time to apply and settle one batch.",
-                                       buckets=LATENCY_BUCKETS, registry=reg)
+        self.dead_letters = Counter(
+            "orders_commands_dead_lettered",
+            "Commands sent to the dead-letter queue.",
+            ["type", "error_class"],
+            registry=reg,
+        )
+        self.batch_seconds = Histogram(
+            "orders_batch_duration_seconds",
+            "Time to apply and settle one batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
         self.batch_size = Histogram("orders_batch_size", "Commands per batch.", buckets=BATCH_BUCKETS, registry=reg)
-        self.payment_calls = Counter("orders_payment_calls", "Payment provider calls by provider, step and outcome.",
-                                     ["provider", "step", "outcome"], registry=reg)
+        self.payment_calls = Counter(
+            "orders_payment_calls",
+            "Payment provider calls by provider, step and outcome.",
+            ["provider", "step", "outcome"],
+            registry=reg,
+        )
         self.published = Counter("orders_outbox_published", "Outbox events published under confirms.", registry=reg)
-        self.outbox_lag = Gauge("orders_outbox_lag_seconds", "Age of the oldest event in the last relayed batch.",
-                                multiprocess_mode="max", registry=reg)
-        self.cache_requests = Counter("orders_cache_requests", "Order view reads by result (hit, miss, error).",
-                                      ["result"], registry=reg)
+        self.outbox_lag = Gauge(
+            "orders_outbox_lag_seconds",
+            "Age of the oldest event in the last relayed batch.",
+            multiprocess_mode="max",
+            registry=reg,
+        )
+        self.cache_requests = Counter(
+            "orders_cache_requests", "Order view reads by result (hit, miss, error).", ["result"], registry=reg
+        )
 
     def count(self, handled: Iterable[Any]) -> int:
         n = 0

@@ -29,8 +29,12 @@ def _url_problem(name: str, url: str) -> Finding | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return Finding(name, False, f"{url!r} is not an http(s) URL", f"Set {name} to e.g. https://api.example.com.")
     if parts.scheme == "http" and parts.hostname not in LOOPBACK:
-        return Finding(name, False, f"{url} is plain http to a remote host",
-                       f"Use https for {name}; plain http is only for the local fakes.")
+        return Finding(
+            name,
+            False,
+            f"{url} is plain http to a remote host",
+            f"Use https for {name}; plain http is only for the local fakes.",
+        )
     return None
 
 
@@ -55,24 +59,61 @@ def check_payments(settings: Settings) -> list[Finding]:
         for key, value in secrets.items():
             if _placeholder(value):
                 env = "ORDERS_" + key.replace(".", "__").upper()
-                found.append(Finding(key, False, "is a placeholder in a configuration that talks to a live provider",
-                                     f"Set the real value through {env} (from your secret store), not in the file."))
+                found.append(
+                    Finding(
+                        key,
+                        False,
+                        "is a placeholder in a configuration that talks to a live provider",
+                        f"Set the real value through {env} (from your secret store), not in the file.",
+                    )
+                )
         if LOOPBACK & set(paypal.cert_host_allowlist):
-            found.append(Finding("paypal.cert_host_allowlist", False, "allows loopback hosts in production",
-                                 "Keep only PayPal's hosts (api.paypal.com, api-m.paypal.com) in the allow-list."))
+            found.append(
+                Finding(
+                    "paypal.cert_host_allowlist",
+                    False,
+                    "allows loopback hosts in production",
+                    "Keep only PayPal's hosts (api.paypal.com, api-m.paypal.com) in the allow-list.",
+                )
+            )
     key = secrets["stripe.api_key"]
     if not key.startswith(("sk_", "rk_")):
-        found.append(Finding("stripe.api_key", False, "does not look like a Stripe secret key (sk_... or rk_...)",
-                             "Use the secret key from the Stripe dashboard, not the publishable pk_ key."))
+        found.append(
+            Finding(
+                "stripe.api_key",
+                False,
+                "does not look like a Stripe secret key (sk_... or rk_...)",
+                "Use the secret key from the Stripe dashboard, not the publishable pk_ key.",
+            )
+        )
     elif live and key.startswith(("sk_test_", "rk_test_")) and urlsplit(paypal.base_url).hostname in LIVE_HOSTS:
-        found.append(Finding("stripe.api_key", True, "is a test-mode key while PayPal is live",
-                             "Use a live key (sk_live_...) if this is production.", warning=True))
+        found.append(
+            Finding(
+                "stripe.api_key",
+                True,
+                "is a test-mode key while PayPal is live",
+                "Use a live key (sk_live_...) if this is production.",
+                warning=True,
+            )
+        )
     if not secrets["stripe.webhook_secret"].startswith("whsec_"):
-        found.append(Finding("stripe.webhook_secret", False, "does not look like a Stripe signing secret (whsec_...)",
-                             "Copy the endpoint's signing secret from the Stripe dashboard."))
+        found.append(
+            Finding(
+                "stripe.webhook_secret",
+                False,
+                "does not look like a Stripe signing secret (whsec_...)",
+                "Copy the endpoint's signing secret from the Stripe dashboard.",
+            )
+        )
     if not paypal.cert_host_allowlist:
-        found.append(Finding("paypal.cert_host_allowlist", False, "is empty: no PayPal webhook can be verified",
-                             "List PayPal's certificate hosts, e.g. [api.paypal.com, api-m.paypal.com]."))
+        found.append(
+            Finding(
+                "paypal.cert_host_allowlist",
+                False,
+                "is empty: no PayPal webhook can be verified",
+                "List PayPal's certificate hosts, e.g. [api.paypal.com, api-m.paypal.com].",
+            )
+        )
     if not [f for f in found if not f.ok or f.warning]:
         mode = "live providers" if live else "test/sandbox providers"
         found.append(Finding("payments", True, f"Stripe and PayPal settings look sane ({mode})"))

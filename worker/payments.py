@@ -12,8 +12,9 @@ confirmed.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 from sqlalchemy import Engine, text
@@ -40,9 +41,15 @@ CONSUMER = "payments"
 class PaymentStep:
     """Applies one internal payment command; never raises for the message's errors."""
 
-    def __init__(self, engine: Engine, gateways: dict[str, PaymentGateway], inplace_retries: int = 3,
-                 views: Views | None = None, metrics: Any = None,
-                 capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        gateways: dict[str, PaymentGateway],
+        inplace_retries: int = 3,
+        views: Views | None = None,
+        metrics: Any = None,
+        capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS,
+    ) -> None:
         self.steps = payment_steps(capture_settle_seconds)
         self.engine = engine
         self.gateways = gateways
@@ -65,8 +72,9 @@ class PaymentStep:
             return Handled(d, Result.INVALID, error=exc, reason=str(exc))
         ctx = MessageContext(d.message_id, d.message_type or "", d.correlation_id)
         order_id = str(command.order_id)
-        with structlog.contextvars.bound_contextvars(message_id=d.message_id, order_id=order_id,
-                                                     correlation_id=d.correlation_id, step=ctx.message_type):
+        with structlog.contextvars.bound_contextvars(
+            message_id=d.message_id, order_id=order_id, correlation_id=d.correlation_id, step=ctx.message_type
+        ):
             try:
                 outcome = self._run(step, command, ctx)
             except RetryLater as exc:
@@ -79,8 +87,13 @@ class PaymentStep:
                 try:
                     self._announce_refusal(ctx, order_id, exc)
                 except Exception as failure:  # noqa: BLE001 - unannounced: not acked, tried again
-                    return Handled(d, Result.FAILED, error=failure, reason=f"{type(failure).__name__}: {failure}",
-                                   order_id=order_id)
+                    return Handled(
+                        d,
+                        Result.FAILED,
+                        error=failure,
+                        reason=f"{type(failure).__name__}: {failure}",
+                        order_id=order_id,
+                    )
                 outcome = Outcome("refused", order_id, error=exc.code, message=str(exc))
                 return Handled(d, Result.REFUSED, outcome, error=exc, reason=str(exc), order_id=order_id)
             except Exception as exc:  # noqa: BLE001 - transient or a bug: retry tiers
@@ -92,8 +105,10 @@ class PaymentStep:
     def _run(self, step: Any, command: Any, ctx: MessageContext) -> Outcome | None:
         order_id = str(command.order_id)
         with order_transaction(self.engine, CONSUMER, self.views) as uow:  # transaction 1: record the attempt
-            if uow.conn.execute(text("SELECT 1 FROM inbox WHERE consumer = :c AND message_id = :m"),
-                                {"c": CONSUMER, "m": ctx.message_id}).first():
+            if uow.conn.execute(
+                text("SELECT 1 FROM inbox WHERE consumer = :c AND message_id = :m"),
+                {"c": CONSUMER, "m": ctx.message_id},
+            ).first():
                 return None
             call = step.prepare(command, uow)
         result: Any = None
@@ -141,7 +156,9 @@ class PaymentStep:
             self.metrics.payment_call(provider, step, outcome)
 
     def _record(self, ctx: MessageContext, order_id: str, apply: Callable[[Any], Outcome | None]) -> Outcome | None:
-        with order_transaction(self.engine, CONSUMER, self.views) as uow:  # transaction 2: the answer, with the inbox row
+        with order_transaction(
+            self.engine, CONSUMER, self.views
+        ) as uow:  # transaction 2: the answer, with the inbox row
             if not uow.claim([ctx.message_id]):
                 return None
             uow.preload([order_id], [])
@@ -173,8 +190,9 @@ class PaymentConsumer:
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="payment") as pool:
             while not stop.is_set():
                 try:
-                    broker = BlockingBroker(self.settings.rabbitmq.url.get_secret_value(),
-                                            self.settings.rabbitmq.heartbeat_seconds).connect()
+                    broker = BlockingBroker(
+                        self.settings.rabbitmq.url.get_secret_value(), self.settings.rabbitmq.heartbeat_seconds
+                    ).connect()
                     broker.consume([PAYMENTS_QUEUE], self.concurrency)
                 except ConnectionLost as exc:
                     if not down:
@@ -210,8 +228,9 @@ class PaymentConsumer:
                 finally:
                     broker.close()
 
-    def _settle_done(self, broker: BlockingBroker, pool: ThreadPoolExecutor,
-                     in_flight: dict[Future[Handled], Delivery]) -> None:
+    def _settle_done(
+        self, broker: BlockingBroker, pool: ThreadPoolExecutor, in_flight: dict[Future[Handled], Delivery]
+    ) -> None:
         done = [f for f in in_flight if f.done()]
         outage: list[Handled] = []
         for future in done:

@@ -149,14 +149,26 @@ class Applier:
                     handled.append(Handled(d, Result.DEFERRED, error=exc, reason=str(exc), order_id=order_id))
                     continue
                 except Refused as exc:
-                    log.info("command refused", reason=str(exc), type=ctx.message_type, message_id=mid,
-                             order_id=order_id, correlation_id=d.correlation_id)
+                    log.info(
+                        "command refused",
+                        reason=str(exc),
+                        type=ctx.message_type,
+                        message_id=mid,
+                        order_id=order_id,
+                        correlation_id=d.correlation_id,
+                    )
                     # never silent: announced in this transaction, with the inbox row that makes it once
                     events.refused(uow, order_id, mid, ctx.message_type, exc.code, str(exc), d.correlation_id)
-                    handled.append(Handled(
-                        d, Result.REFUSED, Outcome("refused", order_id, error=exc.code, message=str(exc)),
-                        error=exc, reason=str(exc), order_id=order_id,
-                    ))
+                    handled.append(
+                        Handled(
+                            d,
+                            Result.REFUSED,
+                            Outcome("refused", order_id, error=exc.code, message=str(exc)),
+                            error=exc,
+                            reason=str(exc),
+                            order_id=order_id,
+                        )
+                    )
                     continue
                 handled.append(Handled(d, Result.APPLIED, outcome, order_id=order_id))
             uow.release(deferred)

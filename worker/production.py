@@ -30,17 +30,26 @@ from worker.settings import ENV_PREFIX, PAYPAL_CERT_HOSTS, Settings
 MIN_HMAC_KEY_BYTES = 32
 
 #: secrets this repository ships for local use (config/config.yaml, compose.yml, earlier releases)
-DEVELOPMENT_SECRETS = frozenset({
-    "change-me-in-production",
-    "development-only-jwt-secret-do-not-use-in-production",
-    "development-only-id-secret-do-not-use-in-production",
-    "sk_test_local_fake", "whsec_local_fake", "local-fake-secret", "local-fake-client",
-    "sk_test_replace_me", "whsec_replace_me", "replace-me",
-})
+DEVELOPMENT_SECRETS = frozenset(
+    {
+        "change-me-in-production",
+        "development-only-jwt-secret-do-not-use-in-production",
+        "development-only-id-secret-do-not-use-in-production",
+        "sk_test_local_fake",
+        "whsec_local_fake",
+        "local-fake-secret",
+        "local-fake-client",
+        "sk_test_replace_me",
+        "whsec_replace_me",
+        "replace-me",
+    }
+)
 
 #: the providers' API hosts (https only)
 STRIPE_API_HOSTS = frozenset({"api.stripe.com"})
-PAYPAL_API_HOSTS = frozenset({"api-m.paypal.com", "api-m.sandbox.paypal.com", "api.paypal.com", "api.sandbox.paypal.com"})
+PAYPAL_API_HOSTS = frozenset(
+    {"api-m.paypal.com", "api-m.sandbox.paypal.com", "api.paypal.com", "api.sandbox.paypal.com"}
+)
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,9 @@ def problems(settings: Settings) -> list[Problem]:
     # with a public key configured only that family is accepted, so an HS256 key is not needed
     found += _secret("shim.jwt_secret", shim.jwt_secret.get_secret_value(), hmac_key=True, optional=public_key)
     found += _secret("shim.id_secret", shim.id_secret.get_secret_value(), hmac_key=True)
-    found += _secret("shim.webhook_hmac_secret", shim.webhook_hmac_secret.get_secret_value(), hmac_key=True,
-                     optional=True)
+    found += _secret(
+        "shim.webhook_hmac_secret", shim.webhook_hmac_secret.get_secret_value(), hmac_key=True, optional=True
+    )
     found += _secret("stripe.api_key", stripe.api_key.get_secret_value())
     found += _secret("stripe.webhook_secret", stripe.webhook_secret.get_secret_value())
     found += _secret("paypal.client_id", paypal.client_id)
@@ -104,6 +114,11 @@ def problems(settings: Settings) -> list[Problem]:
         found.append(Problem("paypal.cert_ca_file", "must be empty (the system's CAs) in production"))
     open_proxies = [str(n) for n in shim.trusted_proxies if n.prefixlen == 0]
     if open_proxies:
-        found.append(Problem("shim.trusted_proxies", f"trusts every address ({', '.join(open_proxies)}): anyone could "
-                             "name their own client address; list the proxies"))
+        found.append(
+            Problem(
+                "shim.trusted_proxies",
+                f"trusts every address ({', '.join(open_proxies)}): anyone could "
+                "name their own client address; list the proxies",
+            )
+        )
     return found

@@ -15,14 +15,15 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-import structlog
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -86,11 +87,17 @@ def load_views(engine: Engine, order_ids: Iterable[str]) -> dict[str, dict[str, 
     views = {}
     for r in rows:
         views[r["order_id"]] = {
-            "order_id": r["order_id"], "user_id": r["user_id"], "status": r["status"],
-            "total": r["total"], "currency": r["currency"], "items": r["items"],
+            "order_id": r["order_id"],
+            "user_id": r["user_id"],
+            "status": r["status"],
+            "total": r["total"],
+            "currency": r["currency"],
+            "items": r["items"],
             "payment": {"provider": r["payment_provider"], "status": r["payment_status"] or "not_started"},
-            "next_action": r["next_action"], "reason": r["reason"],
-            "created_at": r["created_at"].isoformat(), "updated_at": r["updated_at"].isoformat(),
+            "next_action": r["next_action"],
+            "reason": r["reason"],
+            "created_at": r["created_at"].isoformat(),
+            "updated_at": r["updated_at"].isoformat(),
             "version": r["version"],
         }
     return views
@@ -98,8 +105,15 @@ def load_views(engine: Engine, order_ids: Iterable[str]) -> dict[str, dict[str, 
 
 def make_redis(cfg: RedisSettings) -> redis.Redis:
     # one quick attempt: a cache that is down must cost a read milliseconds, not seconds
-    return redis.Redis(host=cfg.host, port=cfg.port, db=cfg.db, socket_timeout=0.5,
-                       socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0), health_check_interval=30)
+    return redis.Redis(
+        host=cfg.host,
+        port=cfg.port,
+        db=cfg.db,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=30,
+    )
 
 
 class _SheddingPool(aioredis.BlockingConnectionPool):
@@ -128,8 +142,16 @@ def make_async_redis(cfg: RedisSettings, pool_size: int, pool_timeout: float) ->
     then get :class:`~worker.redis_gate.RedisBusy`.
     """
     pool = _SheddingPool(  # type: ignore[call-overload]  # a float timeout works; the stub says int
-        max_connections=pool_size, timeout=pool_timeout, host=cfg.host, port=cfg.port, db=cfg.db,
-        socket_timeout=0.5, socket_connect_timeout=0.5, retry=AsyncRetry(NoBackoff(), 0), health_check_interval=30)
+        max_connections=pool_size,
+        timeout=pool_timeout,
+        host=cfg.host,
+        port=cfg.port,
+        db=cfg.db,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        retry=AsyncRetry(NoBackoff(), 0),
+        health_check_interval=30,
+    )
     return aioredis.Redis(connection_pool=pool)
 
 
@@ -140,8 +162,9 @@ def _store_args(view: dict[str, Any], ttl: int) -> list[Any]:
 class _CachedViews:
     """What the blocking and the asyncio caches share: settings, counting, decoding."""
 
-    def __init__(self, engine: Engine, client: Any, ttl_seconds: int, metrics: Any = None,
-                 gate: RedisGate | None = None) -> None:
+    def __init__(
+        self, engine: Engine, client: Any, ttl_seconds: int, metrics: Any = None, gate: RedisGate | None = None
+    ) -> None:
         self.engine = engine
         self.redis = client
         self.ttl = ttl_seconds
@@ -254,8 +277,11 @@ class OrderCache(_CachedViews):
         with self._lock:
             self._missed |= ids
             if len(self._missed) > self.MISSED_MAX:
-                log.warning("too many order views left to refresh; they expire on their own",
-                            dropped=len(self._missed), ttl_seconds=self.ttl)
+                log.warning(
+                    "too many order views left to refresh; they expire on their own",
+                    dropped=len(self._missed),
+                    ttl_seconds=self.ttl,
+                )
                 self._missed = set()
 
     def _store(self, views: dict[str, dict[str, Any]]) -> bool:

@@ -133,13 +133,23 @@ class Relay:
             ).all()  # unpacked below: looking columns up by name, and Decimal epochs, were a sixth of the relay CPU
             if not rows:
                 return 0
-            publisher.publish_batch([
-                Outgoing(exchange, routing_key, body.encode(), {
-                    "message_id": event_id, "type": message_type, "correlation_id": correlation_id,
-                    "timestamp": int(created), "app_id": "orders",
-                })
-                for _, event_id, exchange, routing_key, message_type, correlation_id, body, created in rows
-            ])
+            publisher.publish_batch(
+                [
+                    Outgoing(
+                        exchange,
+                        routing_key,
+                        body.encode(),
+                        {
+                            "message_id": event_id,
+                            "type": message_type,
+                            "correlation_id": correlation_id,
+                            "timestamp": int(created),
+                            "app_id": "orders",
+                        },
+                    )
+                    for _, event_id, exchange, routing_key, message_type, correlation_id, body, created in rows
+                ]
+            )
             # with no retention, delete: marking can never be a HOT update (the
             # column is in the partial index) and costs PostgreSQL 3x a delete
             done = _DELETE_PUBLISHED if self.settings.worker.outbox_retention_hours == 0 else _MARK_PUBLISHED
@@ -155,9 +165,9 @@ class Relay:
         deleted = {"outbox": 0, "inbox": 0}
         statements = {
             "outbox": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at"
-                      " < now() - make_interval(secs => :secs) LIMIT :chunk)",
+            " < now() - make_interval(secs => :secs) LIMIT :chunk)",
             "inbox": "DELETE FROM inbox WHERE ctid IN (SELECT ctid FROM inbox WHERE processed_at"
-                     " < now() - make_interval(secs => :secs) LIMIT :chunk)",
+            " < now() - make_interval(secs => :secs) LIMIT :chunk)",
         }
         retention = {"outbox": cfg.outbox_retention_hours * 3600, "inbox": cfg.inbox_retention_days * 86400}
         for table, stmt in statements.items():

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, get_origin
+from typing import Any, Literal, get_origin
 from urllib.parse import quote
 
 import yaml
@@ -225,7 +226,7 @@ def _overlay_environment(data: dict[str, Any], environ: Mapping[str, str]) -> No
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")
+        section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
         if section not in Settings.model_fields:
             continue
         value: Any = raw

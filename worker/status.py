@@ -32,9 +32,9 @@ def _queues(settings: Settings) -> dict[str, str]:
 
 def _database(engine: Engine) -> dict[str, Any]:
     with engine.connect() as conn:
-        backlog, age = conn.execute(text(
-            "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at)) FROM outbox WHERE published_at IS NULL"
-        )).one()
+        backlog, age = conn.execute(
+            text("SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at)) FROM outbox WHERE published_at IS NULL")
+        ).one()
         counts: dict[str, int] = dict(conn.execute(text("SELECT status, count(*) FROM orders GROUP BY status")).all())
     return {
         "outbox": {"backlog": int(backlog), "lag_seconds": round(float(age), 3) if age is not None else 0.0},
@@ -44,15 +44,25 @@ def _database(engine: Engine) -> dict[str, Any]:
 
 def gather(settings: Settings, engine: Engine) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (the ``--json`` output)."""
-    report: dict[str, Any] = {"queues": {}, "dead_letters": None, "outbox": None, "orders": None,
-                              "liveness_file_age_seconds": None, "errors": []}
+    report: dict[str, Any] = {
+        "queues": {},
+        "dead_letters": None,
+        "outbox": None,
+        "orders": None,
+        "liveness_file_age_seconds": None,
+        "errors": [],
+    }
     roles = _queues(settings)
     try:
         depths = queue_depths(settings.rabbitmq.url.get_secret_value(), roles)
         for queue, role in roles.items():
             found = depths[queue]
-            report["queues"][queue] = {"role": role, "messages": found[0] if found else None,
-                                       "consumers": found[1] if found else None, "exists": found is not None}
+            report["queues"][queue] = {
+                "role": role,
+                "messages": found[0] if found else None,
+                "consumers": found[1] if found else None,
+                "exists": found is not None,
+            }
         dlq = depths[DEAD_LETTER_QUEUE]
         report["dead_letters"] = dlq[0] if dlq else None
     except BrokerError as exc:
@@ -73,8 +83,12 @@ def render(report: dict[str, Any]) -> Group:
     queues = Table("queue", "role", "messages", "consumers", title="queues", title_justify="left")
     for name, q in report["queues"].items():
         missing = "[red]missing[/]"
-        queues.add_row(name, q["role"], str(q["messages"]) if q["exists"] else missing,
-                       str(q["consumers"]) if q["exists"] else missing)
+        queues.add_row(
+            name,
+            q["role"],
+            str(q["messages"]) if q["exists"] else missing,
+            str(q["consumers"]) if q["exists"] else missing,
+        )
     parts: list[Any] = [queues]
     if report["outbox"] is not None:
         box = report["outbox"]

@@ -17,7 +17,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -32,7 +33,9 @@ CRASH_LOOP_LIMIT = 10
 EXIT_CRASH_LOOP = 3
 
 
-def _child(target: Callable[[Settings, int, threading.Event], None], settings: Settings, index: int, title: str) -> None:
+def _child(
+    target: Callable[[Settings, int, threading.Event], None], settings: Settings, index: int, title: str
+) -> None:
     try:
         import setproctitle
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import io
 import json
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pydantic_core import to_json
 from sqlalchemy import Connection, text
@@ -32,8 +33,19 @@ _CLAIM = text(
     " ON CONFLICT DO NOTHING RETURNING message_id"
 )
 
-_ORDER_COLUMNS = ("order_id", "user_id", "status", "currency", "total", "payment_provider",
-                  "payment_request", "next_action", "reason", "correlation_id", "place_message_id")
+_ORDER_COLUMNS = (
+    "order_id",
+    "user_id",
+    "status",
+    "currency",
+    "total",
+    "payment_provider",
+    "payment_request",
+    "next_action",
+    "reason",
+    "correlation_id",
+    "place_message_id",
+)
 _ITEM_COLUMNS = ("order_id", "line_no", "product_id", "quantity", "unit_price")
 _TRANSITION_COLUMNS = ("order_id", "from_status", "to_status", "message_id", "reason")
 _OUTBOX_COLUMNS = ("event_id", "exchange", "routing_key", "message_type", "order_id", "correlation_id", "body")
@@ -64,9 +76,19 @@ def copy_rows(conn: Connection, table: str, columns: tuple[str, ...], rows: Iter
     finally:
         cursor.close()
 
+
 _PAYMENT_FIELDS = (
-    "provider", "status", "amount", "currency", "idempotency_key", "provider_payment_id",
-    "capture_id", "refund_id", "confirmed_event_id", "attempts", "last_error",
+    "provider",
+    "status",
+    "amount",
+    "currency",
+    "idempotency_key",
+    "provider_payment_id",
+    "capture_id",
+    "refund_id",
+    "confirmed_event_id",
+    "attempts",
+    "last_error",
 )
 
 
@@ -137,10 +159,18 @@ class PostgresUnitOfWork:
         for r in rows:
             status = Status(r.status)
             self._orders[r.order_id] = Order(
-                order_id=r.order_id, user_id=r.user_id, status=status, currency=r.currency,
-                total=r.total, payment_provider=r.payment_provider, payment_request=r.payment_request,
-                place_message_id=r.place_message_id, next_action=r.next_action, reason=r.reason,
-                correlation_id=r.correlation_id, loaded_status=status,
+                order_id=r.order_id,
+                user_id=r.user_id,
+                status=status,
+                currency=r.currency,
+                total=r.total,
+                payment_provider=r.payment_provider,
+                payment_request=r.payment_request,
+                place_message_id=r.place_message_id,
+                next_action=r.next_action,
+                reason=r.reason,
+                correlation_id=r.correlation_id,
+                loaded_status=status,
             )
         for r in self.conn.execute(
             text(
@@ -152,7 +182,8 @@ class PostgresUnitOfWork:
             self._orders[r.order_id].lines.append(Line(r.product_id, r.quantity, r.unit_price))  # type: ignore[union-attr]
         for r in self.conn.execute(
             text(
-                "SELECT order_id::text, " + ", ".join(_PAYMENT_FIELDS)
+                "SELECT order_id::text, "
+                + ", ".join(_PAYMENT_FIELDS)
                 + ", EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float AS unchanged_seconds"
                 + " FROM payments WHERE order_id = ANY(CAST(:ids AS uuid[]))"
             ),
@@ -185,12 +216,26 @@ class PostgresUnitOfWork:
         self._saved_payments[payment.order_id] = payment
 
     def emit(
-        self, exchange: str, routing_key: str, message_type: str, body: dict[str, Any],
-        order_id: str, correlation_id: str | None, event_id: str,
+        self,
+        exchange: str,
+        routing_key: str,
+        message_type: str,
+        body: dict[str, Any],
+        order_id: str,
+        correlation_id: str | None,
+        event_id: str,
     ) -> None:
-        self._outbox.append((
-            event_id, exchange, routing_key, message_type, order_id, correlation_id, to_json(body).decode(),
-        ))
+        self._outbox.append(
+            (
+                event_id,
+                exchange,
+                routing_key,
+                message_type,
+                order_id,
+                correlation_id,
+                to_json(body).decode(),
+            )
+        )
 
     @property
     def touched_versions(self) -> dict[str, int]:
@@ -208,23 +253,55 @@ class PostgresUnitOfWork:
         conn = self.conn
         new_ids = {o.order_id for o in self._new_orders}
         if self._new_orders:
-            copy_rows(conn, "orders", _ORDER_COLUMNS, (
-                (o.order_id, o.user_id, o.status.value, o.currency, o.total, o.payment_provider,
-                 o.payment_request, o.next_action, o.reason, o.correlation_id, o.place_message_id)
-                for o in self._new_orders))
-            copy_rows(conn, "order_items", _ITEM_COLUMNS, (
-                (o.order_id, n, line.product_id, line.quantity, line.unit_price)
-                for o in self._new_orders for n, line in enumerate(o.lines, 1)))
+            copy_rows(
+                conn,
+                "orders",
+                _ORDER_COLUMNS,
+                (
+                    (
+                        o.order_id,
+                        o.user_id,
+                        o.status.value,
+                        o.currency,
+                        o.total,
+                        o.payment_provider,
+                        o.payment_request,
+                        o.next_action,
+                        o.reason,
+                        o.correlation_id,
+                        o.place_message_id,
+                    )
+                    for o in self._new_orders
+                ),
+            )
+            copy_rows(
+                conn,
+                "order_items",
+                _ITEM_COLUMNS,
+                (
+                    (o.order_id, n, line.product_id, line.quantity, line.unit_price)
+                    for o in self._new_orders
+                    for n, line in enumerate(o.lines, 1)
+                ),
+            )
         changed = [  # moved on, or its payment did: either is a new version of the order's view
-            o for o in self._orders.values()
+            o
+            for o in self._orders.values()
             if o is not None and o.order_id not in new_ids and (o.transitions or o.order_id in self._saved_payments)
         ]
         if changed:
             self._update_orders(changed)
-        copy_rows(conn, "order_transitions", _TRANSITION_COLUMNS, (
-            (o.order_id, f.value if f else None, t.value, m, r)
-            for o in self._orders.values() if o is not None
-            for (f, t, m, r) in o.transitions))
+        copy_rows(
+            conn,
+            "order_transitions",
+            _TRANSITION_COLUMNS,
+            (
+                (o.order_id, f.value if f else None, t.value, m, r)
+                for o in self._orders.values()
+                if o is not None
+                for (f, t, m, r) in o.transitions
+            ),
+        )
         if self._saved_payments:
             self._upsert_payments(list(self._saved_payments.values()))
         if self._outbox:
@@ -233,8 +310,13 @@ class PostgresUnitOfWork:
 
     def _update_orders(self, changed: list[Order]) -> None:
         rows = [
-            {"order_id": o.order_id, "status": o.status.value, "guard": o.loaded_status.value,  # type: ignore[union-attr]
-             "reason": o.reason, "next_action": o.next_action}
+            {
+                "order_id": o.order_id,
+                "status": o.status.value,
+                "guard": o.loaded_status.value,  # type: ignore[union-attr]
+                "reason": o.reason,
+                "next_action": o.next_action,
+            }
             for o in changed
         ]
         result = self.conn.execute(

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 
-def build_gateways(settings: "Settings") -> dict[str, PaymentGateway]:
+def build_gateways(settings: Settings) -> dict[str, PaymentGateway]:
     """One gateway per provider, keyed ``"stripe"`` and ``"paypal"``."""
     from handlers.payments.paypal_gateway import PayPalGateway
     from handlers.payments.stripe_gateway import StripeGateway

@@ -21,8 +21,9 @@ A card decline is not an error: it is ``PaymentResult(outcome=DECLINED)``.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Protocol
 
 
 class PaymentError(Exception):
@@ -112,16 +113,24 @@ class PaymentFacts:
     provider_payment_id: str  # Stripe PaymentIntent id / PayPal order id
     taken: bool  # money taken and not failed (Stripe status succeeded; PayPal capture COMPLETED)
     order_id: str | None  # OUR order id the provider has on it (Stripe metadata order_id; PayPal custom_id)
-    amount: int | None  # minor units taken (Stripe amount_received, else amount; PayPal capture amount, else the order's)
+    amount: (
+        int | None
+    )  # minor units taken (Stripe amount_received, else amount; PayPal capture amount, else the order's)
     currency: str | None  # upper-case ISO code
     status: str  # the provider's status string ("not_found" for an unknown id)
     capture_id: str | None = None  # PayPal capture id
 
     @classmethod
-    def not_found(cls, provider_payment_id: str) -> "PaymentFacts":
+    def not_found(cls, provider_payment_id: str) -> PaymentFacts:
         """The provider knows no payment by this id."""
-        return cls(provider_payment_id=provider_payment_id, taken=False, order_id=None, amount=None, currency=None,
-                   status="not_found")
+        return cls(
+            provider_payment_id=provider_payment_id,
+            taken=False,
+            order_id=None,
+            amount=None,
+            currency=None,
+            status="not_found",
+        )
 
 
 class WebhookKind(str, enum.Enum):
@@ -158,9 +167,7 @@ class PaymentGateway(Protocol):
     def cancel(self, provider_payment_id: str, idempotency_key: str) -> None:
         """Cancel a PaymentIntent / void a PayPal order that was not captured."""
 
-    def refund(
-        self, result: PaymentResult, amount: int, currency: str, idempotency_key: str
-    ) -> RefundResult:
+    def refund(self, result: PaymentResult, amount: int, currency: str, idempotency_key: str) -> RefundResult:
         """Refund a captured payment in full; idempotent per key."""
 
     def lookup(self, provider_payment_id: str) -> PaymentFacts:

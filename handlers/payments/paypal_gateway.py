@@ -38,10 +38,11 @@ import threading
 import warnings
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -70,11 +71,11 @@ from paypalserversdk.models.purchase_unit_request import PurchaseUnitRequest
 from paypalserversdk.models.refund_request import RefundRequest
 from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
 
-from handlers.payments.base import PaymentAlreadyCaptured
 from handlers.payments.base import (
     MalformedWebhook,
     Outcome,
     OutcomeUnknown,
+    PaymentAlreadyCaptured,
     PaymentFacts,
     PaymentRequest,
     PaymentResult,
@@ -167,7 +168,7 @@ class CertificateTrust:
     source: str  # the bundle's path, for messages
 
     @classmethod
-    def load(cls, ca_file: str) -> "CertificateTrust":
+    def load(cls, ca_file: str) -> CertificateTrust:
         """From ``paypal.cert_ca_file``: a PEM bundle, or "" for the system's CAs."""
         path = ca_file or _system_bundle()
         try:
@@ -208,7 +209,7 @@ def _certificates(pem: bytes) -> list[x509.Certificate]:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class PayPalGateway:
@@ -291,9 +292,11 @@ class PayPalGateway:
                 )
             )
         body = OrderRequest(intent=CheckoutPaymentIntent.CAPTURE, purchase_units=[unit], **extra)
-        response = self._call(lambda: self._client.orders.create_order(
-            {"body": body, "paypal_request_id": request.idempotency_key, "prefer": "return=representation"}
-        ))
+        response = self._call(
+            lambda: self._client.orders.create_order(
+                {"body": body, "paypal_request_id": request.idempotency_key, "prefer": "return=representation"}
+            )
+        )
         return self._order_result(APIHelper.to_dictionary(response.body))
 
     def capture(self, provider_payment_id: str, idempotency_key: str) -> PaymentResult:
@@ -305,8 +308,12 @@ class PayPalGateway:
         except ApiException as exc:
             issue = _issue(exc)
             if issue == "INSTRUMENT_DECLINED":
-                return PaymentResult(outcome=Outcome.DECLINED, provider_payment_id=provider_payment_id,
-                                     decline_reason=issue, provider_status=issue)
+                return PaymentResult(
+                    outcome=Outcome.DECLINED,
+                    provider_payment_id=provider_payment_id,
+                    decline_reason=issue,
+                    provider_status=issue,
+                )
             if issue == "ORDER_ALREADY_CAPTURED":
                 # Captured by an earlier attempt whose answer was lost.
                 return self._order_result(self._get_order(provider_payment_id))
@@ -329,7 +336,9 @@ class PayPalGateway:
         result = self._order_result(order)
         if result.outcome in (Outcome.SUCCEEDED, Outcome.PROCESSING):
             raise PaymentAlreadyCaptured(f"paypal order {provider_payment_id} was captured: refund it")
-        log.info("paypal order abandoned", extra={"paypal_order_id": provider_payment_id, "status": result.provider_status})
+        log.info(
+            "paypal order abandoned", extra={"paypal_order_id": provider_payment_id, "status": result.provider_status}
+        )
 
     def refund(self, result: PaymentResult, amount: int, currency: str, idempotency_key: str) -> RefundResult:
         """Refund ``amount`` (minor units) of the capture ``result.capture_id``.
@@ -344,9 +353,16 @@ class PayPalGateway:
         except MoneyError as exc:
             raise PermanentPaymentError(str(exc)) from None
         body = RefundRequest(amount=Money(currency_code=currency.upper(), value=value))
-        response = self._call(lambda: self._client.payments.refund_captured_payment(
-            {"capture_id": capture_id, "body": body, "paypal_request_id": idempotency_key, "prefer": "return=representation"}
-        ))
+        response = self._call(
+            lambda: self._client.payments.refund_captured_payment(
+                {
+                    "capture_id": capture_id,
+                    "body": body,
+                    "paypal_request_id": idempotency_key,
+                    "prefer": "return=representation",
+                }
+            )
+        )
         refund = APIHelper.to_dictionary(response.body)
         return RefundResult(refund_id=refund["id"], status=str(refund.get("status")))
 
@@ -365,19 +381,34 @@ class PayPalGateway:
         capture_id = captures[0].id if captures else None
         if not capture_id:
             amount, currency = _api_minor(order.unit.amount)
-            return PaymentFacts(provider_payment_id=provider_payment_id, taken=False, order_id=order.unit.custom_id,
-                                amount=amount, currency=currency, status=str(order.status))
+            return PaymentFacts(
+                provider_payment_id=provider_payment_id,
+                taken=False,
+                order_id=order.unit.custom_id,
+                amount=amount,
+                currency=currency,
+                status=str(order.status),
+            )
         raw = self._get_or_none(lambda: self._client.payments.get_captured_payment({"capture_id": capture_id}))
         if raw is None:
-            raise TransientPaymentError(f"paypal capture {capture_id} of order {provider_payment_id} is not readable yet")
+            raise TransientPaymentError(
+                f"paypal capture {capture_id} of order {provider_payment_id} is not readable yet"
+            )
         capture = _api_shape(_Capture, raw, "capture")
         if capture.order_id != provider_payment_id:
-            raise PermanentPaymentError(f"paypal capture {capture_id} belongs to order {capture.order_id}, "
-                                        f"not {provider_payment_id}")
+            raise PermanentPaymentError(
+                f"paypal capture {capture_id} belongs to order {capture.order_id}, not {provider_payment_id}"
+            )
         amount, currency = _api_minor(capture.amount)
-        return PaymentFacts(provider_payment_id=provider_payment_id, taken=capture.status == "COMPLETED",
-                            order_id=capture.custom_id, amount=amount, currency=currency, status=str(capture.status),
-                            capture_id=capture.id or capture_id)
+        return PaymentFacts(
+            provider_payment_id=provider_payment_id,
+            taken=capture.status == "COMPLETED",
+            order_id=capture.custom_id,
+            amount=amount,
+            currency=currency,
+            status=str(capture.status),
+            capture_id=capture.id or capture_id,
+        )
 
     def _get_or_none(self, fn: Callable[[], Any]) -> dict[str, Any] | None:
         """A GET's body as plain data; None for 404."""
@@ -411,7 +442,11 @@ class PayPalGateway:
             if not captures:
                 raise PermanentPaymentError(f"paypal order {order_id} completed without a capture")
             capture = captures[0]
-            common = {"provider_payment_id": order_id, "capture_id": capture["id"], "provider_status": capture.get("status")}
+            common = {
+                "provider_payment_id": order_id,
+                "capture_id": capture["id"],
+                "provider_status": capture.get("status"),
+            }
             if capture.get("status") in ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED"):
                 return PaymentResult(outcome=Outcome.SUCCEEDED, **common)
             if capture.get("status") == "PENDING":
@@ -421,11 +456,16 @@ class PayPalGateway:
         if status in ("CREATED", "SAVED", "PAYER_ACTION_REQUIRED", "APPROVED"):
             links = {link.get("rel"): link.get("href") for link in order.get("links") or []}
             url = links.get("payer-action") or links.get("approve")
-            return PaymentResult(outcome=Outcome.REQUIRES_ACTION, provider_payment_id=order_id,
-                                 next_action={"approve_url": url} if url and status != "APPROVED" else {},
-                                 provider_status=status)
+            return PaymentResult(
+                outcome=Outcome.REQUIRES_ACTION,
+                provider_payment_id=order_id,
+                next_action={"approve_url": url} if url and status != "APPROVED" else {},
+                provider_status=status,
+            )
         if status == "VOIDED":
-            return PaymentResult(outcome=Outcome.DECLINED, provider_payment_id=order_id, decline_reason="VOIDED", provider_status=status)
+            return PaymentResult(
+                outcome=Outcome.DECLINED, provider_payment_id=order_id, decline_reason="VOIDED", provider_status=status
+            )
         raise PermanentPaymentError(f"paypal order {order_id} in unexpected status {status}")
 
     # -- webhooks -----------------------------------------------------------
@@ -437,7 +477,13 @@ class PayPalGateway:
         the postback) cannot be fetched now: answer 5xx so PayPal redelivers.
         """
         h = {k.lower(): v for k, v in headers.items()}
-        names = ("paypal-transmission-id", "paypal-transmission-time", "paypal-transmission-sig", "paypal-cert-url", "paypal-auth-algo")
+        names = (
+            "paypal-transmission-id",
+            "paypal-transmission-time",
+            "paypal-transmission-sig",
+            "paypal-cert-url",
+            "paypal-auth-algo",
+        )
         missing = [n for n in names if not h.get(n)]
         if missing:
             raise WebhookVerificationError(f"paypal webhook lacks {', '.join(missing)}")
@@ -458,10 +504,21 @@ class PayPalGateway:
         key = leaf.public_key()
         if not isinstance(key, rsa.RSAPublicKey):
             raise WebhookVerificationError("paypal certificate has no RSA key")
-        message = "|".join([h["paypal-transmission-id"], h["paypal-transmission-time"], self._settings.webhook_id,
-                            str(zlib.crc32(body) & 0xFFFFFFFF)])
+        message = "|".join(
+            [
+                h["paypal-transmission-id"],
+                h["paypal-transmission-time"],
+                self._settings.webhook_id,
+                str(zlib.crc32(body) & 0xFFFFFFFF),
+            ]
+        )
         try:
-            key.verify(base64.b64decode(h["paypal-transmission-sig"], validate=True), message.encode(), padding.PKCS1v15(), hashes.SHA256())
+            key.verify(
+                base64.b64decode(h["paypal-transmission-sig"], validate=True),
+                message.encode(),
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
         except (InvalidSignature, ValueError):
             raise WebhookVerificationError("paypal webhook signature does not verify") from None
 
@@ -498,8 +555,9 @@ class PayPalGateway:
     def _fetch_chain(self, url: str) -> list[x509.Certificate]:
         assert self._trust is not None
         try:
-            with httpx.stream("GET", url, verify=self._trust.tls, timeout=self._settings.timeout_seconds,
-                              follow_redirects=False) as response:
+            with httpx.stream(
+                "GET", url, verify=self._trust.tls, timeout=self._settings.timeout_seconds, follow_redirects=False
+            ) as response:
                 status = response.status_code
                 content = _read_bounded(response) if status == 200 else b""
         except httpx.HTTPError as exc:
@@ -520,15 +578,20 @@ class PayPalGateway:
         assert self._trust is not None
         leaf = chain[0]
         try:
-            names = {n.lower() for n in leaf.extensions.get_extension_for_class(
-                x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)}
+            names = {
+                n.lower()
+                for n in leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+                    x509.DNSName
+                )
+            }
         except x509.ExtensionNotFound:
             names = set()
         ours = sorted(names & self._cert_names)
         if not ours:
             raise WebhookVerificationError("paypal certificate is not PayPal's message verification certificate")
-        verifier = (PolicyBuilder().store(self._trust.store).time(self._clock())
-                    .build_server_verifier(x509.DNSName(ours[0])))
+        verifier = (
+            PolicyBuilder().store(self._trust.store).time(self._clock()).build_server_verifier(x509.DNSName(ours[0]))
+        )
         try:
             verifier.verify(leaf, chain[1:])
         except VerificationError as exc:
@@ -541,16 +604,20 @@ class PayPalGateway:
         if self._token is None:
             raise TransientPaymentError("paypal access token unavailable")
         fields = {
-            "auth_algo": h["paypal-auth-algo"], "cert_url": h["paypal-cert-url"],
-            "transmission_id": h["paypal-transmission-id"], "transmission_sig": h["paypal-transmission-sig"],
-            "transmission_time": h["paypal-transmission-time"], "webhook_id": self._settings.webhook_id,
+            "auth_algo": h["paypal-auth-algo"],
+            "cert_url": h["paypal-cert-url"],
+            "transmission_id": h["paypal-transmission-id"],
+            "transmission_sig": h["paypal-transmission-sig"],
+            "transmission_time": h["paypal-transmission-time"],
+            "webhook_id": self._settings.webhook_id,
         }
         # The event goes in byte for byte: PayPal checks the CRC of what it signed.
         payload = json.dumps(fields)[:-1].encode() + b', "webhook_event": ' + body + b"}"
         try:
             response = httpx.post(
                 self._settings.base_url.rstrip("/") + "/v1/notifications/verify-webhook-signature",
-                content=payload, timeout=self._settings.timeout_seconds,
+                content=payload,
+                timeout=self._settings.timeout_seconds,
                 headers={"Authorization": f"Bearer {self._token.access_token}", "Content-Type": "application/json"},
             )
         except httpx.HTTPError as exc:
@@ -674,7 +741,9 @@ def translate_event(event: Any) -> WebhookEvent:
     if event_type in ("PAYMENT.CAPTURE.COMPLETED", "PAYMENT.CAPTURE.DENIED", "PAYMENT.CAPTURE.DECLINED"):
         capture = read(_Capture, resource, "paypal capture")
         amount, currency = _minor(capture.amount)
-        common.update(order_id=capture.custom_id, provider_payment_id=capture.order_id, amount=amount, currency=currency)
+        common.update(
+            order_id=capture.custom_id, provider_payment_id=capture.order_id, amount=amount, currency=currency
+        )
         if event_type == "PAYMENT.CAPTURE.COMPLETED":
             return WebhookEvent(kind=WebhookKind.CONFIRMED, **common)
         reason = (capture.status_details.reason if capture.status_details else None) or capture.status or "DENIED"
@@ -682,8 +751,14 @@ def translate_event(event: Any) -> WebhookEvent:
     if event_type == "CHECKOUT.ORDER.APPROVED":
         order = read(_Order, resource, "paypal order")
         amount, currency = _minor(order.unit.amount)
-        return WebhookEvent(kind=WebhookKind.APPROVED, order_id=order.unit.custom_id, provider_payment_id=order.id,
-                            amount=amount, currency=currency, **common)
+        return WebhookEvent(
+            kind=WebhookKind.APPROVED,
+            order_id=order.unit.custom_id,
+            provider_payment_id=order.id,
+            amount=amount,
+            currency=currency,
+            **common,
+        )
     return WebhookEvent(kind=WebhookKind.IGNORED, **common)
 
 

@@ -16,14 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Mapping, NoReturn
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
 import stripe
+from stripe.params import PaymentIntentCreateParams, RefundCreateParams
 
-from handlers.payments.base import PaymentAlreadyCaptured
 from handlers.payments.base import (
     Outcome,
     OutcomeUnknown,
+    PaymentAlreadyCaptured,
     PaymentFacts,
     PaymentRequest,
     PaymentResult,
@@ -68,7 +70,11 @@ def _raise_mapped(exc: stripe.StripeError) -> NoReturn:
     if isinstance(exc, stripe.APIConnectionError):
         raise OutcomeUnknown(text) from exc
     # 409: another request with the same key is still running (SDK retries exhausted).
-    if isinstance(exc, (stripe.APIError, stripe.RateLimitError)) or (exc.http_status or 0) >= 500 or exc.http_status in (409, 429):
+    if (
+        isinstance(exc, (stripe.APIError, stripe.RateLimitError))
+        or (exc.http_status or 0) >= 500
+        or exc.http_status in (409, 429)
+    ):
         raise TransientPaymentError(text) from exc
     raise PermanentPaymentError(text) from exc
 
@@ -92,7 +98,8 @@ class StripeGateway:
         """Create and confirm a PaymentIntent for the order (idempotent per key)."""
         if not request.payment_method:
             raise PermanentPaymentError("stripe payment needs a payment_method")
-        params: dict[str, Any] = {
+        # payment_method_types is still taken by the API; the SDK's TypedDict no longer lists it
+        params: PaymentIntentCreateParams = {  # type: ignore[typeddict-unknown-key]
             "amount": request.amount,
             "currency": request.currency.lower(),
             "payment_method": request.payment_method,
@@ -149,7 +156,7 @@ class StripeGateway:
 
     def refund(self, result: PaymentResult, amount: int, currency: str, idempotency_key: str) -> RefundResult:
         """Refund ``amount`` (minor units) of the intent; idempotent per key."""
-        params: dict[str, Any] = {"payment_intent": result.provider_payment_id, "amount": amount}
+        params: RefundCreateParams = {"payment_intent": result.provider_payment_id, "amount": amount}
         try:
             refund = self._client.v1.refunds.create(params, {"idempotency_key": idempotency_key})
         except stripe.StripeError as exc:
@@ -182,7 +189,9 @@ class StripeGateway:
         signature = next((v for k, v in headers.items() if k.lower() == "stripe-signature"), None)
         tolerance = self._settings.webhook_tolerance_seconds
         try:
-            stripe.WebhookSignature.verify_header(body, signature, self._settings.webhook_secret.get_secret_value(), tolerance)
+            stripe.WebhookSignature.verify_header(
+                body, signature, self._settings.webhook_secret.get_secret_value(), tolerance
+            )
             event = json.loads(body)
         except stripe.SignatureVerificationError as exc:
             raise WebhookVerificationError(f"stripe signature rejected: {exc.user_message}") from None
@@ -202,7 +211,9 @@ class StripeGateway:
         if status == "succeeded":
             return PaymentResult(outcome=Outcome.SUCCEEDED, **common)
         if status == "requires_action":
-            return PaymentResult(outcome=Outcome.REQUIRES_ACTION, next_action={"client_secret": intent["client_secret"]}, **common)
+            return PaymentResult(
+                outcome=Outcome.REQUIRES_ACTION, next_action={"client_secret": intent["client_secret"]}, **common
+            )
         if status == "processing":
             return PaymentResult(outcome=Outcome.PROCESSING, **common)
         if status in ("requires_payment_method", "canceled"):
@@ -263,7 +274,10 @@ def translate_event(event: Any) -> WebhookEvent:
     """A verified Stripe event (parsed JSON) → :class:`WebhookEvent`; MalformedWebhook when it is not one."""
     envelope = read(_Envelope, event, "stripe event")
     event_id, event_type, obj = envelope.id, envelope.type, envelope.data.object
-    if event_type not in ("payment_intent.succeeded", "payment_intent.payment_failed") or obj.get("object") != "payment_intent":
+    if (
+        event_type not in ("payment_intent.succeeded", "payment_intent.payment_failed")
+        or obj.get("object") != "payment_intent"
+    ):
         return WebhookEvent(kind=WebhookKind.IGNORED, provider=PROVIDER, event_id=event_id, event_type=event_type)
     intent = read(_Intent, obj, "stripe payment_intent")
     common: dict[str, Any] = {

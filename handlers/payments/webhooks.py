@@ -11,8 +11,9 @@ so a redelivered webhook is deduplicated by the worker's inbox.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from handlers.payments.base import PaymentGateway, WebhookEvent, WebhookKind, WebhookVerificationError
 
@@ -95,12 +96,26 @@ def to_command(event: WebhookEvent) -> WebhookCommand | None:
     if event.kind is WebhookKind.IGNORED or event.order_id is None:
         return None
     if event.kind is WebhookKind.CONFIRMED:
-        return WebhookCommand("orders.commands", "payment.confirmed", "PaymentConfirmed",
-                              confirmation_message_id(event), to_payment_confirmed(event))
-    common = {"order_id": event.order_id, "provider": event.provider,
-              "payment_id": event.provider_payment_id or "", "event_id": event.event_id}
+        return WebhookCommand(
+            "orders.commands",
+            "payment.confirmed",
+            "PaymentConfirmed",
+            confirmation_message_id(event),
+            to_payment_confirmed(event),
+        )
+    common = {
+        "order_id": event.order_id,
+        "provider": event.provider,
+        "payment_id": event.provider_payment_id or "",
+        "event_id": event.event_id,
+    }
     if event.kind is WebhookKind.APPROVED:
         return WebhookCommand("orders.internal", "payment.capture", "CapturePayment", event.event_id, common)
     reason = (event.reason or "")[:1000] or None
-    return WebhookCommand("orders.internal", "payment.failed", "PaymentFailed", event.event_id,
-                          {**common, "reason": reason} if reason else common)
+    return WebhookCommand(
+        "orders.internal",
+        "payment.failed",
+        "PaymentFailed",
+        event.event_id,
+        {**common, "reason": reason} if reason else common,
+    )

@@ -27,9 +27,15 @@ class Check:
     problems: list[str] = field(default_factory=list)
 
 
-STATUS_EVENT = {"pending": "order.placed", "awaiting_payment": "order.awaiting_payment", "completed": "order.completed",
-                "cancelled": "order.cancelled", "rejected": "order.rejected", "shipped": "order.shipped",
-                "refunded": "order.refunded"}
+STATUS_EVENT = {
+    "pending": "order.placed",
+    "awaiting_payment": "order.awaiting_payment",
+    "completed": "order.completed",
+    "cancelled": "order.cancelled",
+    "rejected": "order.rejected",
+    "shipped": "order.shipped",
+    "refunded": "order.refunded",
+}
 HOLDING = ("pending", "awaiting_payment")
 
 
@@ -51,16 +57,30 @@ def handed_to_an_operator(snap: Snapshot) -> set[str]:
 
 def expected_final(plan: PlannedOrder) -> set[str]:
     """The end states an order of this plan may reach."""
-    base = {"visa": {"completed"}, "declined": {"rejected"}, "3ds": {"completed"}, "3ds_fail": {"rejected"},
-            "paypal": {"completed"}, "paypal_decline": {"rejected"}, "unknown_product": {"rejected"},
-            "internal_early": {"completed"}}[plan.kind]
+    base = {
+        "visa": {"completed"},
+        "declined": {"rejected"},
+        "3ds": {"completed"},
+        "3ds_fail": {"rejected"},
+        "paypal": {"completed"},
+        "paypal_decline": {"rejected"},
+        "unknown_product": {"rejected"},
+        "internal_early": {"completed"},
+    }[plan.kind]
     if plan.cancel and plan.kind != "unknown_product":
         return base | {"cancelled"}
     return base
 
 
-def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malformed], ledger: Ledger,
-               stack: Stack, injector: Injector, outcomes: dict[str, Any]) -> list[Check]:
+def run_checks(
+    snap: Snapshot,
+    plan: list[PlannedOrder],
+    malformed: list[Malformed],
+    ledger: Ledger,
+    stack: Stack,
+    injector: Injector,
+    outcomes: dict[str, Any],
+) -> list[Check]:
     checks: list[Check] = []
     by_id = {o.order_id: o for o in plan}
 
@@ -75,8 +95,13 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
             problems.append(f"order {oid} has user {row['user_id']!r}, sent {o.user!r}")
         if o is not None and row["total"] != o.total and o.kind != "unknown_product":
             problems.append(f"order {oid} total {row['total']}, catalogue says {o.total}")
-    checks.append(_check("each accepted order exists once, as sent", problems,
-                         f"{len(snap.orders)} orders = {len(ledger.placed)} accepted PlaceOrders (each sent twice)"))
+    checks.append(
+        _check(
+            "each accepted order exists once, as sent",
+            problems,
+            f"{len(snap.orders)} orders = {len(ledger.placed)} accepted PlaceOrders (each sent twice)",
+        )
+    )
 
     # 2. every accepted command is recorded once in the inbox (its effect committed once)
     problems = []
@@ -85,8 +110,13 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
         total += len(mids)
         missing = sorted(mids - snap.inbox.get(consumer, set()))
         problems += [f"{consumer}: {m} accepted but never applied" for m in missing]
-    checks.append(_check("every accepted command applied (inbox)", problems,
-                         f"{total} distinct commands accepted (each sent 2-3 times), all in the inbox once"))
+    checks.append(
+        _check(
+            "every accepted command applied (inbox)",
+            problems,
+            f"{total} distinct commands accepted (each sent 2-3 times), all in the inbox once",
+        )
+    )
 
     # 3. transitions: each message moves an order at most once; history starts with the PlaceOrder
     problems = []
@@ -98,23 +128,39 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
         if sum(1 for t in hist if t["from"] is None) != 1:
             problems.append(f"order {oid}: created more than once")
     problems += [f"order {oid} has no history" for oid in snap.orders if oid not in snap.transitions]
-    checks.append(_check("each command moved its order once", problems,
-                         f"{sum(len(h) for h in snap.transitions.values())} transitions, no message applied twice"))
+    checks.append(
+        _check(
+            "each command moved its order once",
+            problems,
+            f"{sum(len(h) for h in snap.transitions.values())} transitions, no message applied twice",
+        )
+    )
 
     # 4. orders audit (database side: states vs history, payments vs orders, outbox, nothing stuck)
     # internal payments of ended orders are the audit's to report: they wait for an operator
     # (their RefundPayment is dead-lettered with ManualActionRequired, checked with the money below)
     handed = handed_to_an_operator(snap)
-    kept = {oid for oid, p in snap.payments.items() if p["status"] == "succeeded"
-            and snap.orders.get(oid, {}).get("status") in ("cancelled", "rejected")}
+    kept = {
+        oid
+        for oid, p in snap.payments.items()
+        if p["status"] == "succeeded" and snap.orders.get(oid, {}).get("status") in ("cancelled", "rejected")
+    }
     all_handed = all(snap.payments[oid]["provider"] == "internal" and oid in handed for oid in kept)
-    findings = [f for f in snap.audit.get("findings", [])
-                if not (f["check"] == "money-kept-for-ended-orders" and f["count"] == len(kept) and all_handed)]
+    findings = [
+        f
+        for f in snap.audit.get("findings", [])
+        if not (f["check"] == "money-kept-for-ended-orders" and f["count"] == len(kept) and all_handed)
+    ]
     problems = [f"{f['check']} ({f['severity']}): {f['count']} e.g. {f['sample'][:1]}" for f in findings]
     if not snap.audit.get("ok") and not problems:
         problems.append(f"orders audit failed: {snap.audit.get('error', '?')}")
-    checks.append(_check("orders audit --json (stuck after 0 min)", problems,
-                         f"ok; {len(snap.audit.get('checks', []))} checks, no finding"))
+    checks.append(
+        _check(
+            "orders audit --json (stuck after 0 min)",
+            problems,
+            f"ok; {len(snap.audit.get('checks', []))} checks, no finding",
+        )
+    )
 
     # 5. each order ended where its plan and its commands allow
     problems = []
@@ -124,10 +170,17 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
             continue
         allowed = expected_final(o)
         if row["status"] not in allowed:
-            problems.append(f"order {oid} ({o.kind}{', cancel ' + o.cancel if o.cancel else ''}) is {row['status']}, "
-                            f"expected {' or '.join(sorted(allowed))} ({row['reason'] or 'no reason'})")
-    checks.append(_check("every order in a state its commands allow", problems,
-                         ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))))
+            problems.append(
+                f"order {oid} ({o.kind}{', cancel ' + o.cancel if o.cancel else ''}) is {row['status']}, "
+                f"expected {' or '.join(sorted(allowed))} ({row['reason'] or 'no reason'})"
+            )
+    checks.append(
+        _check(
+            "every order in a state its commands allow",
+            problems,
+            ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())),
+        )
+    )
 
     # 6. events: one body per id; each event id names an order of the run
     bodies: dict[str, bytes] = {}
@@ -146,9 +199,13 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
             bodies[mid] = e["raw"]
         if e["body"].get("order_id") not in snap.orders:
             problems.append(f"event {mid} names unknown order {e['body'].get('order_id')}")
-    checks.append(_check("no event id with two different bodies", problems,
-                         f"{len(snap.events)} events captured, {len(bodies)} distinct ids, "
-                         f"{dupes} redelivered copies identical"))
+    checks.append(
+        _check(
+            "no event id with two different bodies",
+            problems,
+            f"{len(snap.events)} events captured, {len(bodies)} distinct ids, {dupes} redelivered copies identical",
+        )
+    )
 
     # 7/8. per order: inventory and order events match the history, in commit order
     distinct: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
@@ -174,7 +231,9 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
         commit = sum(1 for t in hist if t["to"] == "completed")
         for key, want in (("stock.reserve", reserve), ("stock.release", release), ("stock.commit", commit)):
             if len(got.get(key, ())) != want:
-                inv_problems.append(f"order {oid}: {len(got.get(key, ()))} {key}, history says {want} ({'→'.join(tos)})")
+                inv_problems.append(
+                    f"order {oid}: {len(got.get(key, ()))} {key}, history says {want} ({'→'.join(tos)})"
+                )
         for key in ("stock.reserve", "stock.release", "stock.commit"):
             for mid in got.get(key, ()):
                 if stock_items.get(mid) != sorted(snap.items.get(oid, [])):
@@ -183,17 +242,34 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
         want_events["order.refunded"] = 1 if snap.payments.get(oid, {}).get("status") == "refunded" else 0
         for key in set(want_events) | {k for k in got if k.startswith("order.")}:
             if len(got.get(key, ())) != want_events.get(key, 0):
-                ev_problems.append(f"order {oid}: {len(got.get(key, ()))} {key}, history says "
-                                   f"{want_events.get(key, 0)} ({'→'.join(tos)})")
+                ev_problems.append(
+                    f"order {oid}: {len(got.get(key, ()))} {key}, history says "
+                    f"{want_events.get(key, 0)} ({'→'.join(tos)})"
+                )
         firsts = [k for k in first_order.get(oid, []) if k.startswith("order.") and k != "order.refunded"]
         if firsts != [STATUS_EVENT[t] for t in tos] and not any(p.startswith(f"order {oid}:") for p in ev_problems):
             order_problems.append(f"order {oid}: events left as {firsts}, history is {'→'.join(tos)}")
-    checks.append(_check("inventory events match each order's history", inv_problems,
-                         "reserve once, release once if cancelled/rejected after reserve, commit once if paid"))
-    checks.append(_check("order events match each order's history", ev_problems,
-                         "one order.<status> per transition, order.refunded once per refund"))
-    checks.append(_check("events of an order leave in commit order", order_problems,
-                         "first deliveries follow each order's transitions"))
+    checks.append(
+        _check(
+            "inventory events match each order's history",
+            inv_problems,
+            "reserve once, release once if cancelled/rejected after reserve, commit once if paid",
+        )
+    )
+    checks.append(
+        _check(
+            "order events match each order's history",
+            ev_problems,
+            "one order.<status> per transition, order.refunded once per refund",
+        )
+    )
+    checks.append(
+        _check(
+            "events of an order leave in commit order",
+            order_problems,
+            "first deliveries follow each order's transitions",
+        )
+    )
 
     # 9. money: nobody charged twice, charges match orders, refunds match cancelled/rejected orders
     checks += money_checks(snap, plan, stack.cfg.seed)
@@ -215,15 +291,25 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
         if not found:
             problems.append(f"malformed #{m.index} ({m.category}) not in the dead-letter queue")
         elif not all(d["headers"].get("x-error-class") and d["headers"].get("x-error-message") for d in found):
-            problems.append(f"malformed #{m.index} ({m.category}) dead-lettered without a reason: {found[0]['headers']}")
+            problems.append(
+                f"malformed #{m.index} ({m.category}) dead-lettered without a reason: {found[0]['headers']}"
+            )
     applied = [m for m in malformed if m.message_id and m.message_id in snap.inbox.get("orders", set())]
     problems += [f"malformed #{m.index} ({m.category}) was applied (inbox)" for m in applied]
     extra = sum(len(v) - 1 for v in by_index.values())
-    checks.append(_check("every malformed message dead-lettered with a reason", problems,
-                         f"{len(malformed)} of {len(malformed)} in {DEAD_LETTER_QUEUE} with x-error-class and "
-                         f"x-error-message" + (f" ({extra} twice: at-least-once after a kill)" if extra else "")))
-    problems = [f"{d['type']} {str(d['message_id'])[:60]}: {d['headers'].get('x-error-class')}: "
-                f"{str(d['headers'].get('x-error-message'))[:200]}" for d in unexpected]
+    checks.append(
+        _check(
+            "every malformed message dead-lettered with a reason",
+            problems,
+            f"{len(malformed)} of {len(malformed)} in {DEAD_LETTER_QUEUE} with x-error-class and "
+            f"x-error-message" + (f" ({extra} twice: at-least-once after a kill)" if extra else ""),
+        )
+    )
+    problems = [
+        f"{d['type']} {str(d['message_id'])[:60]}: {d['headers'].get('x-error-class')}: "
+        f"{str(d['headers'].get('x-error-message'))[:200]}"
+        for d in unexpected
+    ]
     checks.append(_check("no valid command dead-lettered", problems, "only the malformed messages are there"))
 
     # 11. hostile but valid user ids stored verbatim; tables intact
@@ -236,16 +322,25 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
     for table in ("orders", "order_items", "order_transitions", "payments", "inbox", "outbox"):
         if table not in snap.tables:
             problems.append(f"table {table} is gone")
-    checks.append(_check("hostile strings stored verbatim, tables intact", problems,
-                         f"{len(hostile)} orders with SQL/script-like user ids kept them as data"))
+    checks.append(
+        _check(
+            "hostile strings stored verbatim, tables intact",
+            problems,
+            f"{len(hostile)} orders with SQL/script-like user ids kept them as data",
+        )
+    )
 
     # 12. read model agrees with PostgreSQL
-    problems = [f"order {oid}: cached {status}, PostgreSQL {snap.orders[oid]['status']}"
-                for oid, status in snap.read_model.items() if oid in snap.orders and snap.orders[oid]["status"] != status]
+    problems = [
+        f"order {oid}: cached {status}, PostgreSQL {snap.orders[oid]['status']}"
+        for oid, status in snap.read_model.items()
+        if oid in snap.orders and snap.orders[oid]["status"] != status
+    ]
     if not snap.read_model:  # Redis came back empty and load followed: changed orders must have views again
         problems.append("no order views cached at the end: nothing was written through after Redis came back")
-    checks.append(_check("Redis read model agrees with PostgreSQL", problems,
-                         f"{len(snap.read_model)} cached views, all current"))
+    checks.append(
+        _check("Redis read model agrees with PostgreSQL", problems, f"{len(snap.read_model)} cached views, all current")
+    )
 
     # 13. processes: alive, restarted by the supervisor / the script only
     problems = []
@@ -269,13 +364,23 @@ def run_checks(snap: Snapshot, plan: list[PlannedOrder], malformed: list[Malform
             problems.append(f"{relay.name} was started {relay.starts} times")
     if stack.shim is None or not stack.shim.alive():
         problems.append("the shim died")
-    checks.append(_check("no process restarted by hand", problems,
-                         f"pool and {len(stack.relays)} relays alive; {len(restarts)} worker restarts by the "
-                         f"supervisor = {len(killed)} kills; relays restarted only after the script's kills"))
+    checks.append(
+        _check(
+            "no process restarted by hand",
+            problems,
+            f"pool and {len(stack.relays)} relays alive; {len(restarts)} worker restarts by the "
+            f"supervisor = {len(killed)} kills; relays restarted only after the script's kills",
+        )
+    )
 
     # 14. the driver: every command eventually accepted
-    checks.append(_check("every command eventually accepted by the service", list(ledger.gave_up),
-                         f"{sum(ledger.sent.values())} sends, none given up"))
+    checks.append(
+        _check(
+            "every command eventually accepted by the service",
+            list(ledger.gave_up),
+            f"{sum(ledger.sent.values())} sends, none given up",
+        )
+    )
     return checks
 
 
@@ -331,12 +436,28 @@ class MoneyTerms:
 #: Stripe counts cents; PayPal writes decimal strings ("12.34"), compared as numbers, and its refunds are
 #: not compared with the capture
 MONEY_TERMS = (
-    MoneyTerms("stripe", ("payment_intents", "charges", "amount_charged", "refunds", "amount_refunded"),
-               "PaymentIntents", "charged", "charge", total=int, same_amount=operator.eq,
-               second_payments=True, full_refunds=True),
-    MoneyTerms("paypal", ("orders", "captures", "amount_captured", "refunds", "amount_refunded"),
-               "PayPal orders", "captured", "capture", total=_paypal_value, same_amount=_same_value,
-               second_payments=False, full_refunds=False),
+    MoneyTerms(
+        "stripe",
+        ("payment_intents", "charges", "amount_charged", "refunds", "amount_refunded"),
+        "PaymentIntents",
+        "charged",
+        "charge",
+        total=int,
+        same_amount=operator.eq,
+        second_payments=True,
+        full_refunds=True,
+    ),
+    MoneyTerms(
+        "paypal",
+        ("orders", "captures", "amount_captured", "refunds", "amount_refunded"),
+        "PayPal orders",
+        "captured",
+        "capture",
+        total=_paypal_value,
+        same_amount=_same_value,
+        second_payments=False,
+        full_refunds=False,
+    ),
 )
 
 
@@ -344,8 +465,9 @@ def money_checks(snap: Snapshot, plan: list[PlannedOrder], seed: int) -> list[Ch
     """Nobody charged twice, charges match orders, refunds match cancelled/rejected orders, no money kept."""
     charge_problems, refund_problems, paid_problems = [], [], []
     fakes = {"stripe": snap.stripe, "paypal": snap.paypal}
-    money = {t.provider: {oid: t.read(c) for oid, c in fakes[t.provider].get("orders", {}).items()}
-             for t in MONEY_TERMS}
+    money = {
+        t.provider: {oid: t.read(c) for oid, c in fakes[t.provider].get("orders", {}).items()} for t in MONEY_TERMS
+    }
     charged = refunded = 0
     for terms in MONEY_TERMS:
         name = terms.provider
@@ -372,9 +494,15 @@ def money_checks(snap: Snapshot, plan: list[PlannedOrder], seed: int) -> list[Ch
             elif m.refunds:
                 refunded += 1
                 partial = terms.full_refunds and m.amount_refunded != m.amount
-                if order["status"] not in ("cancelled", "rejected", "refunded") or pay.get("status") != "refunded" or partial:
-                    refund_problems.append(f"{name}: order {oid} ({order['status']}, payment {pay.get('status')}) refunded"
-                                           + (f" {m.amount_refunded} of {m.amount}" if terms.full_refunds else ""))
+                if (
+                    order["status"] not in ("cancelled", "rejected", "refunded")
+                    or pay.get("status") != "refunded"
+                    or partial
+                ):
+                    refund_problems.append(
+                        f"{name}: order {oid} ({order['status']}, payment {pay.get('status')}) refunded"
+                        + (f" {m.amount_refunded} of {m.amount}" if terms.full_refunds else "")
+                    )
     # money held per order: net charges at the fakes plus a confirmation from the internal payment service
     internal_events = {f"chaos-{seed}-intpay-{o.index}" for o in plan if o.kind == "internal_early"}
     # money the internal payment service took for an order that ended: the service cannot refund it
@@ -382,29 +510,43 @@ def money_checks(snap: Snapshot, plan: list[PlannedOrder], seed: int) -> list[Ch
     manual = handed_to_an_operator(snap)
     for oid, row in snap.orders.items():
         pay = snap.payments.get(oid, {})
-        internal = (pay.get("confirmed_event_id") in internal_events
-                    or any(t["message_id"] in internal_events for t in snap.transitions.get(oid, [])))
+        internal = pay.get("confirmed_event_id") in internal_events or any(
+            t["message_id"] in internal_events for t in snap.transitions.get(oid, [])
+        )
         held = {t.provider: money[t.provider].get(oid, NO_MONEY).held for t in MONEY_TERMS}
         held["internal"] = 1 if internal and pay.get("status") != "refunded" else 0
         where = ", ".join(f"{k} {v}" for k, v in held.items() if v)
         if row["status"] == "completed" and sum(held.values()) != 1:
-            paid_problems.append(f"order {oid} completed holding {sum(held.values())} payments ({where or 'none'}; "
-                                 f"payment row {pay.get('status')} {pay.get('pid')})")
+            paid_problems.append(
+                f"order {oid} completed holding {sum(held.values())} payments ({where or 'none'}; "
+                f"payment row {pay.get('status')} {pay.get('pid')})"
+            )
         if row["status"] in ("cancelled", "rejected") and held["internal"] and oid in manual:
             held["internal"] = 0  # handed to an operator, with the reason
         if row["status"] in ("cancelled", "rejected") and sum(held.values()) != 0:
-            paid_problems.append(f"order {oid} {row['status']} but money kept ({where}; payment row "
-                                 f"{pay.get('status')} {pay.get('pid')}: {str(pay.get('last_error') or '')[:120]})")
+            paid_problems.append(
+                f"order {oid} {row['status']} but money kept ({where}; payment row "
+                f"{pay.get('status')} {pay.get('pid')}: {str(pay.get('last_error') or '')[:120]})"
+            )
     db_refunds = sum(1 for p in snap.payments.values() if p["status"] == "refunded")
     if db_refunds != refunded:
         refund_problems.append(f"{db_refunds} payments refunded in PostgreSQL, {refunded} refunds at the fakes")
     return [
-        _check("no order charged twice (fakes' records)", charge_problems,
-               f"{charged} orders charged once each; one PaymentIntent / PayPal order per order"),
-        _check("every refund matches a payment on a cancelled/rejected order", refund_problems,
-               f"{refunded} refunds, each the full payment of a cancelled or rejected order"),
-        _check("completed orders paid once; ended orders keep no money", paid_problems,
-               "each completed order holds exactly one payment (Stripe, PayPal or internal); "
-               "cancelled/rejected orders hold none"
-               + (f" ({len(manual)} internal refunds handed to an operator)" if manual else "")),
+        _check(
+            "no order charged twice (fakes' records)",
+            charge_problems,
+            f"{charged} orders charged once each; one PaymentIntent / PayPal order per order",
+        ),
+        _check(
+            "every refund matches a payment on a cancelled/rejected order",
+            refund_problems,
+            f"{refunded} refunds, each the full payment of a cancelled or rejected order",
+        ),
+        _check(
+            "completed orders paid once; ended orders keep no money",
+            paid_problems,
+            "each completed order holds exactly one payment (Stripe, PayPal or internal); "
+            "cancelled/rejected orders hold none"
+            + (f" ({len(manual)} internal refunds handed to an operator)" if manual else ""),
+        ),
     ]

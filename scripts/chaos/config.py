@@ -60,9 +60,18 @@ class ChaosConfig:
     @classmethod
     def short(cls, **overrides: Any) -> ChaosConfig:
         """The test suite's variant: about 1,000 orders and a few kills."""
-        values: dict[str, Any] = {"orders": 1000, "rate": 30.0, "malformed": 100, "worker_kills": 4,
-                                  "relay_kills": 2, "rabbit_outage_s": 5.0, "postgres_outage_s": 5.0,
-                                  "redis_outage_s": 8.0, "quiesce_timeout": 240.0, "timeout": 600.0}
+        values: dict[str, Any] = {
+            "orders": 1000,
+            "rate": 30.0,
+            "malformed": 100,
+            "worker_kills": 4,
+            "relay_kills": 2,
+            "rabbit_outage_s": 5.0,
+            "postgres_outage_s": 5.0,
+            "redis_outage_s": 8.0,
+            "quiesce_timeout": 240.0,
+            "timeout": 600.0,
+        }
         values.update(overrides)
         return cls(**values)
 

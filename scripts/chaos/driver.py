@@ -13,7 +13,6 @@ import json
 import random
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -130,8 +129,11 @@ class Http:
             tries += 1
             try:
                 r = self.client().request(method, path, **kwargs)
-                if r.status_code < 500 and r.status_code != 429 and not (retry_404 and r.status_code == 404
-                                                                           and tries < 20):
+                if (
+                    r.status_code < 500
+                    and r.status_code != 429
+                    and not (retry_404 and r.status_code == 404 and tries < 20)
+                ):
                     return r
             except httpx.HTTPError:
                 pass
@@ -144,8 +146,15 @@ class Http:
 class Driver:
     """Publishes the planned commands on their schedule: the bus inline, the shim from a thread pool."""
 
-    def __init__(self, cfg: ChaosConfig, stack: Stack, orders: list[PlannedOrder], malformed: list[Malformed],
-                 ledger: Ledger, deadline: float) -> None:
+    def __init__(
+        self,
+        cfg: ChaosConfig,
+        stack: Stack,
+        orders: list[PlannedOrder],
+        malformed: list[Malformed],
+        ledger: Ledger,
+        deadline: float,
+    ) -> None:
         self.cfg, self.stack, self.orders, self.malformed = cfg, stack, orders, malformed
         self.ledger, self.deadline = ledger, deadline
         self.bus = Bus(stack.amqp_url())
@@ -243,8 +252,9 @@ class Driver:
 
     def place_bus(self, o: PlannedOrder, copy: int) -> None:
         body = json.dumps(o.place_body()).encode()
-        if self._publish("order.place", body, message_id=o.place_mid, type="PlaceOrder",
-                         correlation_id=f"chaos-{o.index}"):
+        if self._publish(
+            "order.place", body, message_id=o.place_mid, type="PlaceOrder", correlation_id=f"chaos-{o.index}"
+        ):
             self.ledger.accept("orders", o.place_mid)
             with self.ledger.lock:
                 self.ledger.placed.add(o.order_id)
@@ -260,9 +270,16 @@ class Driver:
             self.ledger.count(f"CancelOrder on the bus (copy {copy})")
 
     def publish_malformed(self, m: Malformed) -> None:
-        ok = self.bus.publish(COMMANDS_EXCHANGE, m.routing_key, m.body, self.deadline, message_id=m.message_id,
-                              type=m.message_type, content_type=m.content_type,
-                              headers={"chaos-malformed": m.index})
+        ok = self.bus.publish(
+            COMMANDS_EXCHANGE,
+            m.routing_key,
+            m.body,
+            self.deadline,
+            message_id=m.message_id,
+            type=m.message_type,
+            content_type=m.content_type,
+            headers={"chaos-malformed": m.index},
+        )
         if ok:
             self.ledger.count(f"malformed: {m.category}")
         else:
@@ -272,8 +289,15 @@ class Driver:
 
     def place_shim(self, o: PlannedOrder, copy: int) -> None:
         body = {"order_id": o.order_id, "items": o.items, "payment": o.payment()}
-        r = self.http.call("POST", "/orders", json=body, headers={
-            "Authorization": f"Bearer {self.token(o.user)}", "Idempotency-Key": f"chaos-{self.cfg.seed}-{o.index}"})
+        r = self.http.call(
+            "POST",
+            "/orders",
+            json=body,
+            headers={
+                "Authorization": f"Bearer {self.token(o.user)}",
+                "Idempotency-Key": f"chaos-{self.cfg.seed}-{o.index}",
+            },
+        )
         if r is None:
             self.ledger.gave_up.append(f"POST /orders {o.order_id}")
             return
@@ -286,8 +310,13 @@ class Driver:
             self.ledger.gave_up.append(f"POST /orders {o.order_id}: {r.status_code} {r.text[:200]}")
 
     def cancel_shim(self, o: PlannedOrder, key: str) -> None:
-        r = self.http.call("PUT", f"/orders/{o.order_id}/cancel", retry_404=True, json={"reason": "chaos"}, headers={
-            "Authorization": f"Bearer {self.token(o.user)}", "Idempotency-Key": key})
+        r = self.http.call(
+            "PUT",
+            f"/orders/{o.order_id}/cancel",
+            retry_404=True,
+            json={"reason": "chaos"},
+            headers={"Authorization": f"Bearer {self.token(o.user)}", "Idempotency-Key": key},
+        )
         if r is None:
             self.ledger.gave_up.append(f"PUT /orders/{o.order_id}/cancel")
         elif r.status_code == 202:
@@ -302,10 +331,22 @@ class Driver:
     def confirm_internal(self, o: PlannedOrder, copy: int) -> None:
         """PaymentConfirmed from the internal payment service (HMAC-signed), before the PlaceOrder."""
         event_id = f"chaos-{self.cfg.seed}-intpay-{o.index}"
-        body = json.dumps({"order_id": o.order_id, "provider": "internal", "payment_id": f"int-{o.index}",
-                           "amount": o.total, "currency": "USD", "event_id": event_id}).encode()
-        r = self.http.call("POST", "/orders/payment-confirmation", content=body, headers={
-            "X-Orders-Signature": sign_internal(HMAC_SECRET, body), "Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "order_id": o.order_id,
+                "provider": "internal",
+                "payment_id": f"int-{o.index}",
+                "amount": o.total,
+                "currency": "USD",
+                "event_id": event_id,
+            }
+        ).encode()
+        r = self.http.call(
+            "POST",
+            "/orders/payment-confirmation",
+            content=body,
+            headers={"X-Orders-Signature": sign_internal(HMAC_SECRET, body), "Content-Type": "application/json"},
+        )
         if r is not None and r.status_code == 200 and r.json().get("enqueued"):
             self.ledger.accept("orders", event_id)
             self.ledger.count(f"internal PaymentConfirmed before PlaceOrder (copy {copy})")
@@ -318,8 +359,9 @@ class PayPalSigner:
 
     def __init__(self, stack: Stack, webhook_id: str) -> None:
         self.issued = stack.paypal_pki.signing_cert()
-        httpx.put(f"{stack.fake_urls['paypal']}/_fake/certs/{PAYPAL_CERT_NAME}", content=self.issued.cert_pem,
-                  timeout=5).raise_for_status()
+        httpx.put(
+            f"{stack.fake_urls['paypal']}/_fake/certs/{PAYPAL_CERT_NAME}", content=self.issued.cert_pem, timeout=5
+        ).raise_for_status()
         self.cert_url = f"{stack.paypal_cert_base}/{PAYPAL_CERT_NAME}"
         self.webhook_id = webhook_id
 
@@ -341,8 +383,9 @@ class Buyer:
     to the shim three times.
     """
 
-    def __init__(self, cfg: ChaosConfig, stack: Stack, orders: dict[str, PlannedOrder], ledger: Ledger,
-                 deadline: float) -> None:
+    def __init__(
+        self, cfg: ChaosConfig, stack: Stack, orders: dict[str, PlannedOrder], ledger: Ledger, deadline: float
+    ) -> None:
         self.cfg, self.stack, self.orders, self.ledger = cfg, stack, orders, ledger
         self.http = Http(stack.shim_url, deadline)
         self.settings = stack.settings()
@@ -379,8 +422,15 @@ class Buyer:
             with self.lock:
                 self._buses.append(bus)
         mid = f"chaos-{self.cfg.seed}-cancel-{plan.index}"
-        if bus.publish(COMMANDS_EXCHANGE, "order.cancel", json.dumps(plan.cancel_body()).encode(), self.deadline,
-                       message_id=mid, type="CancelOrder", content_type="application/json"):
+        if bus.publish(
+            COMMANDS_EXCHANGE,
+            "order.cancel",
+            json.dumps(plan.cancel_body()).encode(),
+            self.deadline,
+            message_id=mid,
+            type="CancelOrder",
+            content_type="application/json",
+        ):
             self.ledger.accept("orders", mid)
             self.ledger.count(f"CancelOrder racing the payment (copy {copy})")
         else:
@@ -399,9 +449,11 @@ class Buyer:
                     conn = psycopg2.connect(self.stack.direct_dsn(), connect_timeout=3, application_name="chaos-buyer")
                     conn.autocommit = True
                 with conn.cursor() as cur:
-                    cur.execute("SELECT o.order_id::text, o.payment_provider, p.provider_payment_id FROM orders o"
-                                " JOIN payments p USING (order_id) WHERE o.status = 'awaiting_payment'"
-                                " AND p.status = 'requires_action' AND p.provider_payment_id IS NOT NULL")
+                    cur.execute(
+                        "SELECT o.order_id::text, o.payment_provider, p.provider_payment_id FROM orders o"
+                        " JOIN payments p USING (order_id) WHERE o.status = 'awaiting_payment'"
+                        " AND p.status = 'requires_action' AND p.provider_payment_id IS NOT NULL"
+                    )
                     rows = cur.fetchall()
             except psycopg2.Error:
                 if conn is not None:
@@ -430,16 +482,18 @@ class Buyer:
             self.handled[order_id] = what
             self.pending.discard(order_id)
 
-    def _deliver(self, body: bytes, headers: Callable[[], dict[str, str]], kind: str,
-                 plan: PlannedOrder | None = None) -> bool:
+    def _deliver(
+        self, body: bytes, headers: Callable[[], dict[str, str]], kind: str, plan: PlannedOrder | None = None
+    ) -> bool:
         ok = True
         for copy in (1, 2, 3):  # the provider delivers the same event three times
             if copy < 3:
                 self._cancel_now(plan, copy)
             r = self.http.call("POST", "/orders/payment-confirmation", content=body, headers=headers())
             if r is None or r.status_code != 200:
-                self.ledger.gave_up.append(f"{kind} webhook: {r.status_code if r else 'no answer'} "
-                                           f"{r.text[:200] if r else ''}")
+                self.ledger.gave_up.append(
+                    f"{kind} webhook: {r.status_code if r else 'no answer'} {r.text[:200] if r else ''}"
+                )
                 ok = False
                 continue
             self.deliveries[kind] += 1
@@ -448,41 +502,74 @@ class Buyer:
     def _pay_stripe(self, order_id: str, pi: str) -> str:
         plan = self.orders.get(order_id)
         fail = plan is not None and plan.kind == "3ds_fail"
-        r = httpx.post(f"{self.stack.fake_urls['stripe']}/_fake/confirm/{pi}",
-                       json={"outcome": "failed" if fail else "succeeded"}, timeout=10)
+        r = httpx.post(
+            f"{self.stack.fake_urls['stripe']}/_fake/confirm/{pi}",
+            json={"outcome": "failed" if fail else "succeeded"},
+            timeout=10,
+        )
         if r.status_code != 200:
             return f"confirm at the fake answered {r.status_code}"
         intent = r.json()
         index = plan.index if plan else abs(hash(order_id))
         event_type = "payment_intent.payment_failed" if fail else "payment_intent.succeeded"
         event_id = f"evt_chaos{self.cfg.seed}_{index}"
-        payload = json.dumps({"id": event_id, "object": "event", "api_version": "2024-06-20",
-                              "created": int(time.time()), "livemode": False, "type": event_type,
-                              "data": {"object": intent}}).encode()
+        payload = json.dumps(
+            {
+                "id": event_id,
+                "object": "event",
+                "api_version": "2024-06-20",
+                "created": int(time.time()),
+                "livemode": False,
+                "type": event_type,
+                "data": {"object": intent},
+            }
+        ).encode()
         secret = self.settings.stripe.webhook_secret.get_secret_value()
-        if self._deliver(payload, lambda: {"Stripe-Signature": stripe_signature(payload, secret),
-                                           "Content-Type": "application/json"}, "stripe", plan):
+        if self._deliver(
+            payload,
+            lambda: {"Stripe-Signature": stripe_signature(payload, secret), "Content-Type": "application/json"},
+            "stripe",
+            plan,
+        ):
             self.ledger.accept("payments" if fail else "orders", event_id)
         return f"3-D Secure {'failed' if fail else 'passed'}, webhook ×3"
 
     def _pay_paypal(self, order_id: str, paypal_order: str) -> str:
         plan = self.orders.get(order_id)
         decline = plan is not None and plan.kind == "paypal_decline"
-        r = httpx.post(f"{self.stack.fake_urls['paypal']}/_fake/approve/{paypal_order}",
-                       json={"decline": "capture"} if decline else {}, timeout=10)
+        r = httpx.post(
+            f"{self.stack.fake_urls['paypal']}/_fake/approve/{paypal_order}",
+            json={"decline": "capture"} if decline else {},
+            timeout=10,
+        )
         if r.status_code != 200:
             return f"approve at the fake answered {r.status_code}"
         order = r.json()
         unit = order["purchase_units"][0]
         index = plan.index if plan else abs(hash(order_id))
         event_id = f"WH-CHAOS{self.cfg.seed}-{index}"
-        payload = json.dumps({"id": event_id, "event_version": "1.0", "create_time": datetime.now(UTC)
-                              .strftime("%Y-%m-%dT%H:%M:%SZ"), "resource_type": "checkout-order",
-                              "event_type": "CHECKOUT.ORDER.APPROVED", "summary": "An order has been approved by buyer",
-                              "resource": {"id": paypal_order, "status": "APPROVED", "intent": "CAPTURE",
-                                           "purchase_units": [{"reference_id": unit.get("reference_id", "default"),
-                                                               "custom_id": unit.get("custom_id"),
-                                                               "amount": unit["amount"]}]}}).encode()
+        payload = json.dumps(
+            {
+                "id": event_id,
+                "event_version": "1.0",
+                "create_time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "resource_type": "checkout-order",
+                "event_type": "CHECKOUT.ORDER.APPROVED",
+                "summary": "An order has been approved by buyer",
+                "resource": {
+                    "id": paypal_order,
+                    "status": "APPROVED",
+                    "intent": "CAPTURE",
+                    "purchase_units": [
+                        {
+                            "reference_id": unit.get("reference_id", "default"),
+                            "custom_id": unit.get("custom_id"),
+                            "amount": unit["amount"],
+                        }
+                    ],
+                },
+            }
+        ).encode()
         if self._deliver(payload, lambda: self.signer.headers(payload), "paypal", plan):
             self.ledger.accept("payments", event_id)
         return f"approved{' (capture to be declined)' if decline else ''}, webhook ×3"

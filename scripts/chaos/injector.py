@@ -38,8 +38,7 @@ class Injector:
     def __init__(self, cfg: ChaosConfig, stack: Stack) -> None:
         self.cfg, self.stack = cfg, stack
         rnd = random.Random(f"injections-{cfg.seed}")
-        kinds = (["worker kill"] * cfg.worker_kills + ["relay kill"] * cfg.relay_kills
-                 + list(OUTAGES))
+        kinds = ["worker kill"] * cfg.worker_kills + ["relay kill"] * cfg.relay_kills + list(OUTAGES)
         rnd.shuffle(kinds)
         # outages only in the first 70 % of the schedule: load still follows each of them, so the run sees
         # the recovery under load, and views are written to the Redis that came back empty (check 12)
@@ -51,8 +50,9 @@ class Injector:
                     kinds[i], kinds[j] = kinds[j], kinds[i]
         span = cfg.window * 0.9
         slot = span / max(1, len(kinds))
-        self.schedule = [Injection(kind, cfg.window * 0.05 + i * slot + rnd.uniform(0, slot * 0.5))
-                         for i, kind in enumerate(kinds)]
+        self.schedule = [
+            Injection(kind, cfg.window * 0.05 + i * slot + rnd.uniform(0, slot * 0.5)) for i, kind in enumerate(kinds)
+        ]
         self.rnd = rnd
         self.done = threading.Event()
         self.stop_event = threading.Event()
@@ -140,8 +140,12 @@ class Injector:
             time.sleep(seconds)
         self.stack.up(dependency)
         inj.detail = f"{what} away for {time.monotonic() - started:.1f}s" + (
-            " (machine's server restarted)" if self.cfg.real_restarts else
-            " (proxy cut)" if what != "redis" else " (private redis-server killed, started again empty)")
+            " (machine's server restarted)"
+            if self.cfg.real_restarts
+            else " (proxy cut)"
+            if what != "redis"
+            else " (private redis-server killed, started again empty)"
+        )
 
     def _rabbitmq_restart(self, inj: Injection) -> None:
         self._outage(inj, "rabbitmq", self.cfg.rabbit_outage_s, "rabbitmq")

@@ -26,8 +26,11 @@ from .stack import Stack
 
 def queue_depths(stack: Stack) -> dict[str, int]:
     """Messages per queue of the run's vhost, ready and unacknowledged (rabbitmqctl)."""
-    done = run_command(["rabbitmqctl", "list_queues", "-p", stack.cfg.vhost, "name", "messages", "--quiet",
-                        "--no-table-headers"], timeout=60, check=False)
+    done = run_command(
+        ["rabbitmqctl", "list_queues", "-p", stack.cfg.vhost, "name", "messages", "--quiet", "--no-table-headers"],
+        timeout=60,
+        check=False,
+    )
     if done.returncode != 0:
         raise ChaosError(f"rabbitmqctl list_queues failed: {done.stderr.strip()[-300:]}")
     out = {}
@@ -53,12 +56,21 @@ def db_counts(dsn: str) -> dict[str, Any]:
                 # money the service can give back itself; an internal payment goes to an operator
                 " (SELECT count(*) FROM payments WHERE status = 'succeeded' AND provider IN ('stripe', 'paypal')"
                 "   AND order_id IN"
-                "   (SELECT order_id FROM orders WHERE status IN ('cancelled', 'rejected')))")
+                "   (SELECT order_id FROM orders WHERE status IN ('cancelled', 'rejected')))"
+            )
             row = cur.fetchone()
     finally:
         conn.close()
-    keys = ("orders", "pending", "awaiting_payment", "payments_unsettled", "outbox", "last_transition", "inbox",
-            "refund_due")
+    keys = (
+        "orders",
+        "pending",
+        "awaiting_payment",
+        "payments_unsettled",
+        "outbox",
+        "last_transition",
+        "inbox",
+        "refund_due",
+    )
     return dict(zip(keys, row))
 
 
@@ -78,9 +90,11 @@ def unsettled_sample(dsn: str) -> str:
         conn = psycopg2.connect(dsn, connect_timeout=5, application_name="chaos-check")
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT p.order_id::text, p.provider, p.status, o.status, p.updated_at::text"
-                            " FROM payments p JOIN orders o USING (order_id)"
-                            " WHERE p.status IN ('started', 'unknown', 'capturing') LIMIT 5")
+                cur.execute(
+                    "SELECT p.order_id::text, p.provider, p.status, o.status, p.updated_at::text"
+                    " FROM payments p JOIN orders o USING (order_id)"
+                    " WHERE p.status IN ('started', 'unknown', 'capturing') LIMIT 5"
+                )
                 rows = cur.fetchall()
         finally:
             conn.close()
@@ -126,8 +140,11 @@ def wait_for_quiescence(stack: Stack, ledger: Ledger, buyer: Buyer, timeout: flo
         else:
             stable, last = 0, None
         if time.monotonic() > deadline:
-            raise ChaosError(f"no quiescence within {timeout:.0f}s: " + "; ".join(reasons or ["still changing"])
-                             + unsettled_sample(stack.direct_dsn()))
+            raise ChaosError(
+                f"no quiescence within {timeout:.0f}s: "
+                + "; ".join(reasons or ["still changing"])
+                + unsettled_sample(stack.direct_dsn())
+            )
         time.sleep(1.5)
 
 
@@ -157,8 +174,14 @@ def capture_events(url: str) -> list[dict[str, Any]]:
     last = [0]
 
     def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
-        events.append({"routing_key": method.routing_key, "exchange": method.exchange,
-                       "message_id": props.message_id, "raw": body})
+        events.append(
+            {
+                "routing_key": method.routing_key,
+                "exchange": method.exchange,
+                "message_id": props.message_id,
+                "raw": body,
+            }
+        )
         last[0] = method.delivery_tag
         if len(events) % 1000 == 0:
             ch.basic_ack(last[0], multiple=True)
@@ -196,8 +219,15 @@ def read_dead_letters(url: str) -> list[dict[str, Any]]:
             order_id = json.loads(body).get("order_id")
         except (ValueError, AttributeError):
             order_id = None
-        found.append({"message_id": props.message_id, "type": props.type, "headers": dict(props.headers or {}),
-                      "size": len(body), "order_id": order_id})
+        found.append(
+            {
+                "message_id": props.message_id,
+                "type": props.type,
+                "headers": dict(props.headers or {}),
+                "size": len(body),
+                "order_id": order_id,
+            }
+        )
 
     ch.basic_consume(DEAD_LETTER_QUEUE, on_message)
     started = time.monotonic()
@@ -212,18 +242,44 @@ def snapshot(stack: Stack) -> Snapshot:
     conn = psycopg2.connect(dsn, connect_timeout=5, application_name="chaos-check")
     try:
         cur = conn.cursor()
-        cur.execute("SELECT order_id::text, status, user_id, total, currency, payment_provider, place_message_id,"
-                    " reason FROM orders")
-        orders = {r[0]: dict(zip(("order_id", "status", "user_id", "total", "currency", "provider", "place_mid",
-                                  "reason"), r)) for r in cur.fetchall()}
+        cur.execute(
+            "SELECT order_id::text, status, user_id, total, currency, payment_provider, place_message_id,"
+            " reason FROM orders"
+        )
+        orders = {
+            r[0]: dict(
+                zip(("order_id", "status", "user_id", "total", "currency", "provider", "place_mid", "reason"), r)
+            )
+            for r in cur.fetchall()
+        }
         cur.execute("SELECT order_id::text, from_status, to_status, message_id, id FROM order_transitions ORDER BY id")
         transitions: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in cur.fetchall():
             transitions[r[0]].append({"from": r[1], "to": r[2], "message_id": r[3], "id": r[4]})
-        cur.execute("SELECT order_id::text, provider, status, amount, currency, provider_payment_id, capture_id,"
-                    " refund_id, confirmed_event_id, last_error FROM payments")
-        payments = {r[0]: dict(zip(("order_id", "provider", "status", "amount", "currency", "pid", "capture_id",
-                                    "refund_id", "confirmed_event_id", "last_error"), r)) for r in cur.fetchall()}
+        cur.execute(
+            "SELECT order_id::text, provider, status, amount, currency, provider_payment_id, capture_id,"
+            " refund_id, confirmed_event_id, last_error FROM payments"
+        )
+        payments = {
+            r[0]: dict(
+                zip(
+                    (
+                        "order_id",
+                        "provider",
+                        "status",
+                        "amount",
+                        "currency",
+                        "pid",
+                        "capture_id",
+                        "refund_id",
+                        "confirmed_event_id",
+                        "last_error",
+                    ),
+                    r,
+                )
+            )
+            for r in cur.fetchall()
+        }
         cur.execute("SELECT consumer, message_id FROM inbox")
         inbox: dict[str, set[str]] = defaultdict(set)
         for consumer, mid in cur.fetchall():
@@ -250,5 +306,17 @@ def snapshot(stack: Stack) -> Snapshot:
         view = client.hget(key, "view")
         if view is not None:
             read_model[key.decode().rsplit(":", 1)[-1]] = json.loads(view).get("status")
-    return Snapshot(orders, transitions, payments, inbox, items, capture_events(url), read_dead_letters(url),
-                    stripe, paypal, audit, read_model, tables)
+    return Snapshot(
+        orders,
+        transitions,
+        payments,
+        inbox,
+        items,
+        capture_events(url),
+        read_dead_letters(url),
+        stripe,
+        paypal,
+        audit,
+        read_model,
+        tables,
+    )

@@ -19,15 +19,36 @@ from worker.shim.orders import place_message_id
 from .config import CATALOGUE, ChaosConfig, ChaosError
 
 #: Stripe test card per kind of order
-CARDS = {"visa": "pm_card_visa", "declined": "pm_card_chargeDeclined", "3ds": "pm_card_threeDSecure2Required",
-         "3ds_fail": "pm_card_threeDSecure2Required", "internal_early": "pm_card_threeDSecure2Required"}
+CARDS = {
+    "visa": "pm_card_visa",
+    "declined": "pm_card_chargeDeclined",
+    "3ds": "pm_card_threeDSecure2Required",
+    "3ds_fail": "pm_card_threeDSecure2Required",
+    "internal_early": "pm_card_threeDSecure2Required",
+}
 #: share of each kind of order (the rest: visa)
-KINDS = {"declined": 0.07, "3ds": 0.10, "3ds_fail": 0.02, "paypal": 0.12, "paypal_decline": 0.02,
-         "unknown_product": 0.02, "internal_early": 0.03}
+KINDS = {
+    "declined": 0.07,
+    "3ds": 0.10,
+    "3ds_fail": 0.02,
+    "paypal": 0.12,
+    "paypal_decline": 0.02,
+    "unknown_product": 0.02,
+    "internal_early": 0.03,
+}
 #: user ids a shop may really send: stored verbatim, never interpreted
-HOSTILE_USERS = ["x'; DROP TABLE orders; --", "Robert'); DELETE FROM inbox; --", "1 OR 1=1",
-                 "${jndi:ldap://evil.example/a}", "<script>alert(1)</script>", "用户-🙂-ünïcødé",
-                 "$(rm -rf /)", "%s%s%s%n", "../../etc/passwd", "' UNION SELECT * FROM payments --"]
+HOSTILE_USERS = [
+    "x'; DROP TABLE orders; --",
+    "Robert'); DELETE FROM inbox; --",
+    "1 OR 1=1",
+    "${jndi:ldap://evil.example/a}",
+    "<script>alert(1)</script>",
+    "用户-🙂-ünïcødé",
+    "$(rm -rf /)",
+    "%s%s%s%n",
+    "../../etc/passwd",
+    "' UNION SELECT * FROM payments --",
+]
 
 
 @dataclass
@@ -50,8 +71,11 @@ class PlannedOrder:
 
     def payment(self) -> dict[str, Any]:
         if self.provider == "paypal":
-            return {"provider": "paypal", "return_url": "https://shop.example/paid",
-                    "cancel_url": "https://shop.example/cancelled"}
+            return {
+                "provider": "paypal",
+                "return_url": "https://shop.example/paid",
+                "cancel_url": "https://shop.example/cancelled",
+            }
         return {"provider": "stripe", "payment_method": CARDS.get(self.kind, "pm_card_visa")}
 
     def place_body(self) -> dict[str, Any]:
@@ -61,8 +85,11 @@ class PlannedOrder:
         return body
 
     def cancel_body(self) -> dict[str, Any]:
-        return {"order_id": self.order_id, "requested_by": {"user_id": self.user, "roles": ["user"]},
-                "reason": "changed my mind (chaos run)"}
+        return {
+            "order_id": self.order_id,
+            "requested_by": {"user_id": self.user, "roles": ["user"]},
+            "reason": "changed my mind (chaos run)",
+        }
 
 
 @dataclass
@@ -126,9 +153,12 @@ def plan_orders(cfg: ChaosConfig, products: list[dict[str, Any]]) -> list[Planne
 
 
 def _valid_place(rnd: random.Random) -> dict[str, Any]:
-    return {"order_id": str(uuid.UUID(int=rnd.getrandbits(128), version=4)), "user_id": "mallory",
-            "items": [{"product_id": "sku-mug-001", "quantity": 1}],
-            "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}
+    return {
+        "order_id": str(uuid.UUID(int=rnd.getrandbits(128), version=4)),
+        "user_id": "mallory",
+        "items": [{"product_id": "sku-mug-001", "quantity": 1}],
+        "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+    }
 
 
 def plan_malformed(cfg: ChaosConfig, orders: list[PlannedOrder]) -> list[Malformed]:
@@ -144,84 +174,157 @@ def plan_malformed(cfg: ChaosConfig, orders: list[PlannedOrder]) -> list[Malform
         return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
 
     def cancel(**changes: Any) -> bytes:
-        body: dict[str, Any] = {"order_id": rnd.choice(real_ids), "requested_by": {"user_id": "mallory", "roles": ["user"]}}
+        body: dict[str, Any] = {
+            "order_id": rnd.choice(real_ids),
+            "requested_by": {"user_id": "mallory", "roles": ["user"]},
+        }
         body.update(changes)
         return json.dumps(body).encode()
 
     def confirmed(**changes: Any) -> bytes:
-        body: dict[str, Any] = {"order_id": rnd.choice(real_ids), "provider": "stripe", "payment_id": "pi_forged",
-                                "amount": 100, "currency": "USD", "event_id": f"evt_forged_{rnd.getrandbits(32)}"}
+        body: dict[str, Any] = {
+            "order_id": rnd.choice(real_ids),
+            "provider": "stripe",
+            "payment_id": "pi_forged",
+            "amount": 100,
+            "currency": "USD",
+            "event_id": f"evt_forged_{rnd.getrandbits(32)}",
+        }
         body.update(changes)
         return json.dumps(body).encode()
 
     makers: list[tuple[str, Callable[[], tuple[str | None, bytes, dict[str, Any]]]]] = [
-        ("bad JSON", lambda: (rnd.choice(list(keys)), rnd.choice([
-            b'{"user_id": "u1", "items": [', b"\xff\xfe\x00garbage\x00", b"", b'{"a": 1}{"b": 2}',
-            b"{'single': 'quotes'}", b"NaN", b'{"order_id": "' + b"\\" * 3 + b'"}']), {})),
-        ("not an object", lambda: (rnd.choice(list(keys)), rnd.choice([b"null", b"[]", b'"text"', b"42", b"true"]), {})),
-        ("unknown type", lambda: (rnd.choice(["DropTables", "placeorder", "", "StartPayment", "RefundPayment",
-                                              "CapturePayment", "CancelPayment"]),
-                                  json.dumps({"order_id": rnd.choice(real_ids)}).encode(), {})),
+        (
+            "bad JSON",
+            lambda: (
+                rnd.choice(list(keys)),
+                rnd.choice(
+                    [
+                        b'{"user_id": "u1", "items": [',
+                        b"\xff\xfe\x00garbage\x00",
+                        b"",
+                        b'{"a": 1}{"b": 2}',
+                        b"{'single': 'quotes'}",
+                        b"NaN",
+                        b'{"order_id": "' + b"\\" * 3 + b'"}',
+                    ]
+                ),
+                {},
+            ),
+        ),
+        (
+            "not an object",
+            lambda: (rnd.choice(list(keys)), rnd.choice([b"null", b"[]", b'"text"', b"42", b"true"]), {}),
+        ),
+        (
+            "unknown type",
+            lambda: (
+                rnd.choice(
+                    ["DropTables", "placeorder", "", "StartPayment", "RefundPayment", "CapturePayment", "CancelPayment"]
+                ),
+                json.dumps({"order_id": rnd.choice(real_ids)}).encode(),
+                {},
+            ),
+        ),
         ("missing type", lambda: (None, place(), {})),
         ("missing message_id", lambda: ("PlaceOrder", place(), {"message_id": None})),
         # (AMQP caps the property at 255 bytes; the contract at 200)
         ("message_id too long", lambda: ("PlaceOrder", place(), {"message_id": "m" * rnd.randint(201, 255)})),
-        ("wrong types", lambda: rnd.choice([
-            ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": "2"}]), {}),
-            ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": 2.5}]), {}),
-            ("PlaceOrder", place(items={"product_id": "sku-mug-001", "quantity": 1}), {}),
-            ("PlaceOrder", place(user_id=12345), {}),
-            ("PlaceOrder", place(order_id=12345), {}),
-            ("PlaceOrder", place(payment="stripe"), {}),
-            ("PlaceOrder", place(user_id=None), {}),
-            ("CancelOrder", cancel(requested_by="admin"), {}),
-            ("CancelOrder", cancel(requested_by={"user_id": "mallory", "roles": "admin"}), {}),
-            ("PaymentConfirmed", confirmed(amount="100"), {}),
-            ("PaymentConfirmed", confirmed(amount=1.5), {}),
-        ])),
-        ("SQL injection", lambda: rnd.choice([
-            ("PlaceOrder", place(items=[{"product_id": "sku'; DROP TABLE orders;--", "quantity": 1}]), {}),
-            ("PlaceOrder", place(order_id="1' OR '1'='1"), {}),
-            ("CancelOrder", cancel(order_id="'; DELETE FROM orders WHERE '1'='1"), {}),
-            ("CancelOrder", cancel(requested_by={"user_id": "x", "roles": ["admin' OR 1=1 --"]}), {}),
-            ("PaymentConfirmed", confirmed(currency="USD'; UPDATE payments SET status='refunded'; --"), {}),
-            ("PaymentConfirmed", confirmed(provider="stripe' OR 'x'='x"), {}),
-        ])),
-        ("huge strings", lambda: rnd.choice([
-            ("PlaceOrder", place(user_id="A" * 100_000), {}),
-            ("PlaceOrder", place(items=[{"product_id": "p" * 70_000, "quantity": 1}]), {}),
-            ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": 1}] * 5000), {}),
-            ("CancelOrder", cancel(reason="r" * 100_000), {}),
-            ("PaymentConfirmed", confirmed(event_id="e" * 50_000), {}),
-        ])),
-        ("unknown fields", lambda: rnd.choice([
-            ("PlaceOrder", place(discount=100), {}),
-            ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": 1, "price": 1}]), {}),
-            ("PlaceOrder", place(__proto__={"admin": True}), {}),
-            ("CancelOrder", cancel(requested_by={"user_id": "mallory", "roles": ["user"], "admin": True}), {}),
-            ("PaymentConfirmed", confirmed(refund=True), {}),
-        ])),
-        ("bad values", lambda: rnd.choice([
-            ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": 0}]), {}),
-            ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": -3}]), {}),
-            ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": 10_001}]), {}),
-            ("PlaceOrder", place(items=[]), {}),
-            ("PlaceOrder", place(product_id="sku-mug-001", quantity=1), {}),
-            ("PlaceOrder", place(payment={"provider": "bitcoin"}), {}),
-            ("PlaceOrder", place(payment={"provider": "paypal", "return_url": "javascript:alert(1)",
-                                          "cancel_url": "x"}), {}),
-            ("CancelOrder", cancel(order_id="not-a-uuid"), {}),
-            ("PaymentConfirmed", confirmed(amount=-5), {}),
-            ("PaymentConfirmed", confirmed(currency="usd"), {}),
-        ])),
-        ("wrong content type", lambda: ("PlaceOrder", place(), {"content_type": rnd.choice(
-            ["text/plain", "application/xml", "application/x-java-serialized-object"])})),
+        (
+            "wrong types",
+            lambda: rnd.choice(
+                [
+                    ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": "2"}]), {}),
+                    ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": 2.5}]), {}),
+                    ("PlaceOrder", place(items={"product_id": "sku-mug-001", "quantity": 1}), {}),
+                    ("PlaceOrder", place(user_id=12345), {}),
+                    ("PlaceOrder", place(order_id=12345), {}),
+                    ("PlaceOrder", place(payment="stripe"), {}),
+                    ("PlaceOrder", place(user_id=None), {}),
+                    ("CancelOrder", cancel(requested_by="admin"), {}),
+                    ("CancelOrder", cancel(requested_by={"user_id": "mallory", "roles": "admin"}), {}),
+                    ("PaymentConfirmed", confirmed(amount="100"), {}),
+                    ("PaymentConfirmed", confirmed(amount=1.5), {}),
+                ]
+            ),
+        ),
+        (
+            "SQL injection",
+            lambda: rnd.choice(
+                [
+                    ("PlaceOrder", place(items=[{"product_id": "sku'; DROP TABLE orders;--", "quantity": 1}]), {}),
+                    ("PlaceOrder", place(order_id="1' OR '1'='1"), {}),
+                    ("CancelOrder", cancel(order_id="'; DELETE FROM orders WHERE '1'='1"), {}),
+                    ("CancelOrder", cancel(requested_by={"user_id": "x", "roles": ["admin' OR 1=1 --"]}), {}),
+                    ("PaymentConfirmed", confirmed(currency="USD'; UPDATE payments SET status='refunded'; --"), {}),
+                    ("PaymentConfirmed", confirmed(provider="stripe' OR 'x'='x"), {}),
+                ]
+            ),
+        ),
+        (
+            "huge strings",
+            lambda: rnd.choice(
+                [
+                    ("PlaceOrder", place(user_id="A" * 100_000), {}),
+                    ("PlaceOrder", place(items=[{"product_id": "p" * 70_000, "quantity": 1}]), {}),
+                    ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": 1}] * 5000), {}),
+                    ("CancelOrder", cancel(reason="r" * 100_000), {}),
+                    ("PaymentConfirmed", confirmed(event_id="e" * 50_000), {}),
+                ]
+            ),
+        ),
+        (
+            "unknown fields",
+            lambda: rnd.choice(
+                [
+                    ("PlaceOrder", place(discount=100), {}),
+                    ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": 1, "price": 1}]), {}),
+                    ("PlaceOrder", place(__proto__={"admin": True}), {}),
+                    ("CancelOrder", cancel(requested_by={"user_id": "mallory", "roles": ["user"], "admin": True}), {}),
+                    ("PaymentConfirmed", confirmed(refund=True), {}),
+                ]
+            ),
+        ),
+        (
+            "bad values",
+            lambda: rnd.choice(
+                [
+                    ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": 0}]), {}),
+                    ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": -3}]), {}),
+                    ("PlaceOrder", place(items=[{"product_id": "sku-mug-001", "quantity": 10_001}]), {}),
+                    ("PlaceOrder", place(items=[]), {}),
+                    ("PlaceOrder", place(product_id="sku-mug-001", quantity=1), {}),
+                    ("PlaceOrder", place(payment={"provider": "bitcoin"}), {}),
+                    (
+                        "PlaceOrder",
+                        place(payment={"provider": "paypal", "return_url": "javascript:alert(1)", "cancel_url": "x"}),
+                        {},
+                    ),
+                    ("CancelOrder", cancel(order_id="not-a-uuid"), {}),
+                    ("PaymentConfirmed", confirmed(amount=-5), {}),
+                    ("PaymentConfirmed", confirmed(currency="usd"), {}),
+                ]
+            ),
+        ),
+        (
+            "wrong content type",
+            lambda: (
+                "PlaceOrder",
+                place(),
+                {"content_type": rnd.choice(["text/plain", "application/xml", "application/x-java-serialized-object"])},
+            ),
+        ),
         # a well-formed command routed into another command's queue
-        ("wrong queue", lambda: rnd.choice([
-            ("PlaceOrder", place(), {"routing_key": "order.cancel"}),
-            ("CancelOrder", cancel(), {"routing_key": "payment.confirmed"}),
-            ("PaymentConfirmed", confirmed(), {"routing_key": "order.place"}),
-        ])),
+        (
+            "wrong queue",
+            lambda: rnd.choice(
+                [
+                    ("PlaceOrder", place(), {"routing_key": "order.cancel"}),
+                    ("CancelOrder", cancel(), {"routing_key": "payment.confirmed"}),
+                    ("PaymentConfirmed", confirmed(), {"routing_key": "order.place"}),
+                ]
+            ),
+        ),
     ]
     out = []
     for i in range(cfg.malformed):
@@ -229,12 +332,34 @@ def plan_malformed(cfg: ChaosConfig, orders: list[PlannedOrder]) -> list[Malform
         mtype, body, props = make()
         message_id = props.get("message_id", f"chaos-{cfg.seed}-bad-{i}")
         key = props.get("routing_key") or keys.get(mtype or "", rnd.choice(list(keys.values())))
-        m = Malformed(i, category, key, mtype, message_id, body, props.get("content_type", "application/json"),
-                      at=rnd.uniform(0, cfg.window))
+        m = Malformed(
+            i,
+            category,
+            key,
+            mtype,
+            message_id,
+            body,
+            props.get("content_type", "application/json"),
+            at=rnd.uniform(0, cfg.window),
+        )
         # the script's own check: the worker's decoder must refuse every one of them
         try:
-            decode(Delivery(0, COMMANDS_EXCHANGE, key, queues[key], body, m.message_id, mtype, None, None,
-                            m.content_type, {}, False))
+            decode(
+                Delivery(
+                    0,
+                    COMMANDS_EXCHANGE,
+                    key,
+                    queues[key],
+                    body,
+                    m.message_id,
+                    mtype,
+                    None,
+                    None,
+                    m.content_type,
+                    {},
+                    False,
+                )
+            )
         except InvalidMessage:
             pass
         else:

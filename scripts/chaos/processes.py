@@ -53,8 +53,14 @@ class Proc:
 
     def start(self) -> None:
         self.offset = self.log.stat().st_size if self.log.exists() else 0
-        self.popen = subprocess.Popen(self.argv, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        self.popen = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.starts += 1
 
     @property
@@ -125,8 +131,15 @@ class ProxyProcess:
 
     def __init__(self, targets: dict[str, int], log: Path) -> None:
         argv = [sys.executable, "-m", "scripts.chaos", "_proxy", *(f"{k}={v}" for k, v in targets.items())]
-        self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("ab"),
-                                      text=True, start_new_session=True, cwd=ROOT)
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log.open("ab"),
+            text=True,
+            start_new_session=True,
+            cwd=ROOT,
+        )
         assert self.popen.stdout is not None
         line = self.popen.stdout.readline()
         if not line:
@@ -188,9 +201,12 @@ class PrivateRedis:
         self.start()
 
     def start(self) -> None:
-        self.popen = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no"], stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self.popen = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         client = redis.Redis(port=self.port, socket_timeout=1)
         deadline = time.monotonic() + 10
         while True:
@@ -233,5 +249,18 @@ class RealServices:
         run_command(["redis-cli", "shutdown", "nosave"], check=False)
 
     def redis_start(self) -> None:
-        run_command(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "",
-                     "--appendonly", "no"])
+        run_command(
+            [
+                "redis-server",
+                "--daemonize",
+                "yes",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+        )

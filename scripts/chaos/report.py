@@ -12,8 +12,16 @@ from .observe import Snapshot
 from .plan import Malformed, PlannedOrder
 
 
-def injected_rows(cfg: ChaosConfig, injector: Injector, ledger: Ledger, buyer: Buyer, faults: dict[str, Any],
-                  snap: Snapshot | None, plan: list[PlannedOrder], malformed: list[Malformed]) -> list[tuple[str, str, str, str]]:
+def injected_rows(
+    cfg: ChaosConfig,
+    injector: Injector,
+    ledger: Ledger,
+    buyer: Buyer,
+    faults: dict[str, Any],
+    snap: Snapshot | None,
+    plan: list[PlannedOrder],
+    malformed: list[Malformed],
+) -> list[tuple[str, str, str, str]]:
     by = defaultdict(list)
     for inj in injector.schedule:
         by[inj.kind].append(inj)
@@ -27,47 +35,113 @@ def injected_rows(cfg: ChaosConfig, injector: Injector, ledger: Ledger, buyer: B
     mode = "the machine's server" if cfg.real_restarts else "proxy cut"
     takeovers = injector.takeovers
     rows = [
-        ("SIGKILL worker process", str(cfg.worker_kills), str(done("worker kill")),
-         (f"pids {', '.join(map(str, injector.killed_workers[:8]))}"
-          f"{' …' if len(injector.killed_workers) > 8 else ''}; the supervisor restarts them")),
-        ("SIGKILL active relay", str(cfg.relay_kills), str(done("relay kill")),
-         (f"standby active after {min(takeovers):.1f}-{max(takeovers):.1f}s; killed relay restarted by the script"
-          if takeovers else detail("relay kill"))),
+        (
+            "SIGKILL worker process",
+            str(cfg.worker_kills),
+            str(done("worker kill")),
+            (
+                f"pids {', '.join(map(str, injector.killed_workers[:8]))}"
+                f"{' …' if len(injector.killed_workers) > 8 else ''}; the supervisor restarts them"
+            ),
+        ),
+        (
+            "SIGKILL active relay",
+            str(cfg.relay_kills),
+            str(done("relay kill")),
+            (
+                f"standby active after {min(takeovers):.1f}-{max(takeovers):.1f}s; killed relay restarted by the script"
+                if takeovers
+                else detail("relay kill")
+            ),
+        ),
         ("RabbitMQ restart", "1", str(done("rabbitmq restart")), f"{mode}: {detail('rabbitmq restart')}"),
         ("PostgreSQL restart", "1", str(done("postgresql restart")), f"{mode}: {detail('postgresql restart')}"),
         ("Redis stopped", "1", str(done("redis stop")), detail("redis stop")),
-        ("payment fakes failing", f"{cfg.fault_rate:.0%} of calls", "on",
-         ", ".join(f"{k} {v:.0%}" for k, v in faults.items())
-         + (f"; API calls: stripe {snap.stripe.get('api_requests')}, paypal {snap.paypal.get('api_requests')}"
-            if snap else "")),
+        (
+            "payment fakes failing",
+            f"{cfg.fault_rate:.0%} of calls",
+            "on",
+            ", ".join(f"{k} {v:.0%}" for k, v in faults.items())
+            + (
+                f"; API calls: stripe {snap.stripe.get('api_requests')}, paypal {snap.paypal.get('api_requests')}"
+                if snap
+                else ""
+            ),
+        ),
     ]
     s = ledger.sent
     n_place = s["PlaceOrder on the bus (copy 1)"] + s["POST /orders (copy 1)"]
-    rows.append(("orders placed", str(cfg.orders), str(n_place),
-                 f"bus {s['PlaceOrder on the bus (copy 1)']}, shim POST /orders with JWT {s['POST /orders (copy 1)']}; "
-                 + ", ".join(f"{k} {v}" for k, v in sorted(Counter(o.kind for o in plan).items()))))
-    dup = (s["PlaceOrder on the bus (copy 2)"] + s["POST /orders (copy 2)"] + s["CancelOrder on the bus (copy 2)"]
-           + s["internal PaymentConfirmed before PlaceOrder (copy 2)"] + s["CancelOrder racing the payment (copy 2)"])
-    rows.append(("commands published twice", "all", str(dup),
-                 "PlaceOrder, CancelOrder, PaymentConfirmed: same message_id (shim: same Idempotency-Key)"))
-    rows.append(("out of order (before PlaceOrder)", "", str(sum(1 for o in plan if o.cancel == "before")
-                                                          + sum(1 for o in plan if o.kind == "internal_early")),
-                 (f"CancelOrder {sum(1 for o in plan if o.cancel == 'before')}, PaymentConfirmed (internal, HMAC "
-                  f"via shim) {sum(1 for o in plan if o.kind == 'internal_early')}")))
-    rows.append(("cancels by the owner", "", str(s["CancelOrder on the bus (copy 1)"]
-                                                 + s["PUT /orders/{id}/cancel accepted"]
-                                                 + s["CancelOrder racing the payment (copy 1)"]),
-                 (f"bus {s['CancelOrder on the bus (copy 1)']} (some before their PlaceOrder), racing the buyer's "
-                  f"payment {s['CancelOrder racing the payment (copy 1)']}, shim PUT accepted "
-                  f"{s['PUT /orders/{id}/cancel accepted']} / answered 409-404 {sum(ledger.refused.values())}")))
-    rows.append(("webhooks delivered three times", "",
-                 str(buyer.deliveries["stripe"] // 3 + buyer.deliveries["paypal"] // 3),
-                 (f"Stripe (3-D Secure) {buyer.deliveries['stripe']} deliveries, PayPal (approved) "
-                  f"{buyer.deliveries['paypal']} deliveries, signed, through the shim")))
+    rows.append(
+        (
+            "orders placed",
+            str(cfg.orders),
+            str(n_place),
+            f"bus {s['PlaceOrder on the bus (copy 1)']}, shim POST /orders with JWT {s['POST /orders (copy 1)']}; "
+            + ", ".join(f"{k} {v}" for k, v in sorted(Counter(o.kind for o in plan).items())),
+        )
+    )
+    dup = (
+        s["PlaceOrder on the bus (copy 2)"]
+        + s["POST /orders (copy 2)"]
+        + s["CancelOrder on the bus (copy 2)"]
+        + s["internal PaymentConfirmed before PlaceOrder (copy 2)"]
+        + s["CancelOrder racing the payment (copy 2)"]
+    )
+    rows.append(
+        (
+            "commands published twice",
+            "all",
+            str(dup),
+            "PlaceOrder, CancelOrder, PaymentConfirmed: same message_id (shim: same Idempotency-Key)",
+        )
+    )
+    rows.append(
+        (
+            "out of order (before PlaceOrder)",
+            "",
+            str(sum(1 for o in plan if o.cancel == "before") + sum(1 for o in plan if o.kind == "internal_early")),
+            (
+                f"CancelOrder {sum(1 for o in plan if o.cancel == 'before')}, PaymentConfirmed (internal, HMAC "
+                f"via shim) {sum(1 for o in plan if o.kind == 'internal_early')}"
+            ),
+        )
+    )
+    rows.append(
+        (
+            "cancels by the owner",
+            "",
+            str(
+                s["CancelOrder on the bus (copy 1)"]
+                + s["PUT /orders/{id}/cancel accepted"]
+                + s["CancelOrder racing the payment (copy 1)"]
+            ),
+            (
+                f"bus {s['CancelOrder on the bus (copy 1)']} (some before their PlaceOrder), racing the buyer's "
+                f"payment {s['CancelOrder racing the payment (copy 1)']}, shim PUT accepted "
+                f"{s['PUT /orders/{id}/cancel accepted']} / answered 409-404 {sum(ledger.refused.values())}"
+            ),
+        )
+    )
+    rows.append(
+        (
+            "webhooks delivered three times",
+            "",
+            str(buyer.deliveries["stripe"] // 3 + buyer.deliveries["paypal"] // 3),
+            (
+                f"Stripe (3-D Secure) {buyer.deliveries['stripe']} deliveries, PayPal (approved) "
+                f"{buyer.deliveries['paypal']} deliveries, signed, through the shim"
+            ),
+        )
+    )
     cats = Counter(m.category for m in malformed)
-    rows.append(("malformed / hostile messages", str(cfg.malformed), str(sum(v for k, v in s.items()
-                                                                            if k.startswith("malformed"))),
-                 ", ".join(f"{k} {v}" for k, v in cats.most_common())))
+    rows.append(
+        (
+            "malformed / hostile messages",
+            str(cfg.malformed),
+            str(sum(v for k, v in s.items() if k.startswith("malformed"))),
+            ", ".join(f"{k} {v}" for k, v in cats.most_common()),
+        )
+    )
     return rows
 
 
@@ -76,9 +150,11 @@ def render(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(width=200)
-    t = Table(title=f"Chaos run — seed {result['seed']}, {result['orders']} orders, "
-                    f"{'real restarts' if result['real_restarts'] else 'proxies + private Redis'}",
-              show_lines=False)
+    t = Table(
+        title=f"Chaos run — seed {result['seed']}, {result['orders']} orders, "
+        f"{'real restarts' if result['real_restarts'] else 'proxies + private Redis'}",
+        show_lines=False,
+    )
     for col in ("injected", "planned", "done", "detail"):
         t.add_column(col, overflow="fold")
     for row in result["injected"]:
@@ -92,9 +168,13 @@ def render(result: dict[str, Any]) -> None:
     console.print(c)
     for chk in result["checks"]:
         if not chk["ok"]:
-            console.print(f"[red]{chk['name']}[/red] — first {min(10, len(chk['problems']))} of {len(chk['problems'])}:")
+            console.print(
+                f"[red]{chk['name']}[/red] — first {min(10, len(chk['problems']))} of {len(chk['problems'])}:"
+            )
             for p in chk["problems"][:10]:
                 console.print("   ", p)
     verdict = "[green]PASSED[/green]" if result["ok"] else "[red]FAILED[/red]"
-    console.print(f"{verdict} in {result['runtime_s']:.0f}s (load {result['load_s']:.0f}s, quiescence after "
-                  f"{result['quiescence_s']:.0f}s more); logs: {result['logs']}")
+    console.print(
+        f"{verdict} in {result['runtime_s']:.0f}s (load {result['load_s']:.0f}s, quiescence after "
+        f"{result['quiescence_s']:.0f}s more); logs: {result['logs']}"
+    )

@@ -82,8 +82,10 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
     driver = buyer = injector = None
     keep = cfg.keep_logs
     try:
-        say(f"seed {cfg.seed}: {cfg.orders} orders over {cfg.window:.0f}s, database {cfg.database}, "
-            f"vhost {cfg.vhost}, logs in {tmp}")
+        say(
+            f"seed {cfg.seed}: {cfg.orders} orders over {cfg.window:.0f}s, database {cfg.database}, "
+            f"vhost {cfg.vhost}, logs in {tmp}"
+        )
         plan = plan_orders(cfg, load_products())
         malformed = plan_malformed(cfg, plan)
         stack.prepare()
@@ -110,7 +112,9 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
             raise ChaosError(f"an injection failed: {injector.error!r}")
         load_s = time.monotonic() - started
         say(f"load sent in {time.monotonic() - injector.t0:.0f}s; waiting for quiescence")
-        quiet = wait_for_quiescence(stack, ledger, buyer, min(cfg.quiesce_timeout, max(10, deadline - time.monotonic())))
+        quiet = wait_for_quiescence(
+            stack, ledger, buyer, min(cfg.quiesce_timeout, max(10, deadline - time.monotonic()))
+        )
         buyer.stop()
         if buyer.error is not None:
             raise ChaosError(f"the buyer simulation failed: {buyer.error!r}")
@@ -121,12 +125,19 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
         ok = all(c.ok for c in checks)
         keep = keep or not ok
         return {
-            "ok": ok, "seed": cfg.seed, "orders": cfg.orders, "real_restarts": cfg.real_restarts,
-            "runtime_s": time.monotonic() - started, "load_s": load_s, "quiescence_s": quiet["seconds"],
+            "ok": ok,
+            "seed": cfg.seed,
+            "orders": cfg.orders,
+            "real_restarts": cfg.real_restarts,
+            "runtime_s": time.monotonic() - started,
+            "load_s": load_s,
+            "quiescence_s": quiet["seconds"],
             "logs": str(tmp) if keep else "(removed)",
             "injected": injected_rows(cfg, injector, ledger, buyer, faults, snap, plan, malformed),
-            "checks": [asdict(c) for c in checks], "statuses": dict(outcomes),
-            "events_captured": len(snap.events), "dead_letters": len(snap.dead_letters),
+            "checks": [asdict(c) for c in checks],
+            "statuses": dict(outcomes),
+            "events_captured": len(snap.events),
+            "dead_letters": len(snap.dead_letters),
         }
     except BaseException:
         keep = True
@@ -144,8 +155,10 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            say(f"logs kept in {tmp}" + (f"; database {cfg.database} and vhost {cfg.vhost} kept too"
-                                         if failed and cfg.drop_after else ""))
+            say(
+                f"logs kept in {tmp}"
+                + (f"; database {cfg.database} and vhost {cfg.vhost} kept too" if failed and cfg.drop_after else "")
+            )
         lock_file.close()
 
 
@@ -155,16 +168,27 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_proxy"]:
         return proxy_main(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m scripts.chaos", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Usage::")[1])
+    ap = argparse.ArgumentParser(
+        prog="python -m scripts.chaos",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Usage::")[1],
+    )
     ap.add_argument("--seed", type=int, default=1, help="seed of the load mix and the injection schedule (default 1)")
     ap.add_argument("--orders", type=int, default=10_000, help="orders to place (default 10000)")
-    ap.add_argument("--real-restarts", action="store_true",
-                    help="restart the machine's RabbitMQ, PostgreSQL and Redis (default: cut proxies, private Redis)")
+    ap.add_argument(
+        "--real-restarts",
+        action="store_true",
+        help="restart the machine's RabbitMQ, PostgreSQL and Redis (default: cut proxies, private Redis)",
+    )
     ap.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     ap.add_argument("--rate", type=float, default=60.0, help="orders offered per second (default 60)")
-    ap.add_argument("--malformed", type=int, default=None, help="malformed messages (default 1000, fewer below "
-                                                                "10000 orders: orders/10)")
+    ap.add_argument(
+        "--malformed",
+        type=int,
+        default=None,
+        help="malformed messages (default 1000, fewer below 10000 orders: orders/10)",
+    )
     ap.add_argument("--worker-kills", type=int, default=20)
     ap.add_argument("--relay-kills", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds (default 3600)")
@@ -172,10 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.orders < 50:
         ap.error("--orders must be at least 50")
-    cfg = ChaosConfig(seed=args.seed, orders=args.orders, real_restarts=args.real_restarts, rate=args.rate,
-                      malformed=args.malformed if args.malformed is not None else min(1000, max(50, args.orders // 10)),
-                      worker_kills=args.worker_kills, relay_kills=args.relay_kills, timeout=args.timeout,
-                      keep_logs=args.keep_logs)
+    cfg = ChaosConfig(
+        seed=args.seed,
+        orders=args.orders,
+        real_restarts=args.real_restarts,
+        rate=args.rate,
+        malformed=args.malformed if args.malformed is not None else min(1000, max(50, args.orders // 10)),
+        worker_kills=args.worker_kills,
+        relay_kills=args.relay_kills,
+        timeout=args.timeout,
+        keep_logs=args.keep_logs,
+    )
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run(cfg)

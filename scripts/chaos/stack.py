@@ -56,8 +56,13 @@ class Stack:
         self.redis: PrivateRedis | None = None
         self.real = RealServices() if cfg.real_restarts else None
         self.outage: str | None = None  # the dependency currently away (restored on exit)
-        base = load_settings(environ={k: v for k, v in os.environ.items()
-                                      if not k.startswith(("ORDERS_DATABASE__DBNAME", "ORDERS_RABBITMQ__URL"))})
+        base = load_settings(
+            environ={
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith(("ORDERS_DATABASE__DBNAME", "ORDERS_RABBITMQ__URL"))
+            }
+        )
         self.base = base
         url = urlsplit(base.rabbitmq.url.get_secret_value())
         self.amqp_host, self.amqp_port = url.hostname or "127.0.0.1", url.port or 5672
@@ -88,38 +93,40 @@ class Stack:
         for key in ("ORDERS_DATABASE__HOST", "ORDERS_DATABASE__USER", "ORDERS_DATABASE__PASSWORD"):
             if key in os.environ:
                 env[key] = os.environ[key]
-        env.update({
-            "ORDERS_ENVIRONMENT": "development",  # the fakes and the shipped development secrets
-            "ORDERS_DATABASE__DBNAME": self.cfg.database,
-            "ORDERS_DATABASE__PORT": str(self.proxy.ports["postgres"] if proxied and self.proxy else self.pg_port),
-            "ORDERS_RABBITMQ__URL": self.amqp_url(self.proxy.ports["rabbitmq"] if proxied and self.proxy else None),
-            "ORDERS_REDIS__HOST": "127.0.0.1",
-            "ORDERS_REDIS__PORT": str(self.redis_port),
-            "ORDERS_STRIPE__API_BASE": self.fake_urls.get("stripe", ""),
-            "ORDERS_STRIPE__TIMEOUT_SECONDS": str(CLIENT_TIMEOUT),
-            "ORDERS_STRIPE__MAX_NETWORK_RETRIES": "2",
-            "ORDERS_PAYPAL__BASE_URL": self.fake_urls.get("paypal", ""),
-            "ORDERS_PAYPAL__TIMEOUT_SECONDS": str(CLIENT_TIMEOUT),
-            "ORDERS_PAYPAL__MAX_NETWORK_RETRIES": "2",
-            "ORDERS_PAYPAL__VERIFICATION": "offline",
-            "ORDERS_PAYPAL__CERT_HOST_ALLOWLIST": '["127.0.0.1"]',
-            "ORDERS_PAYPAL__CERT_CA_FILE": str(self.paypal_ca_file),
-            "ORDERS_WORKER__RETRY_DELAYS_SECONDS": json.dumps(list(self.cfg.retry_delays)),
-            "ORDERS_WORKER__PAYMENT_CONCURRENCY": str(self.cfg.payment_concurrency),
-            # below the sum of the delay tiers, so a capture that never went out settles before they run out
-            "ORDERS_WORKER__CAPTURE_SETTLE_SECONDS": str(max(1, sum(self.cfg.retry_delays) // 2)),
-            "ORDERS_WORKER__LIVENESS_FILE": str(self.tmp / "alive"),
-            "ORDERS_WORKER__SHUTDOWN_TIMEOUT_SECONDS": "10",
-            "ORDERS_SHIM__JWT_SECRET": JWT_SECRET,
-            "ORDERS_SHIM__WEBHOOK_HMAC_SECRET": HMAC_SECRET,
-            "ORDERS_SHIM__PLACE_RATE_PER_MINUTE": "1000000",
-            "ORDERS_SHIM__READ_RATE_PER_MINUTE": "1000000",
-            "ORDERS_SHIM__PLACE_RATE_PER_MINUTE_PER_ADDRESS": "1000000",
-            "ORDERS_SHIM__READ_RATE_PER_MINUTE_PER_ADDRESS": "1000000",
-            "ORDERS_METRICS__PORT": "0",
-            "ORDERS_LOGGING__FORMAT": "json",
-            "ORDERS_LOGGING__LEVEL": "INFO",
-        })
+        env.update(
+            {
+                "ORDERS_ENVIRONMENT": "development",  # the fakes and the shipped development secrets
+                "ORDERS_DATABASE__DBNAME": self.cfg.database,
+                "ORDERS_DATABASE__PORT": str(self.proxy.ports["postgres"] if proxied and self.proxy else self.pg_port),
+                "ORDERS_RABBITMQ__URL": self.amqp_url(self.proxy.ports["rabbitmq"] if proxied and self.proxy else None),
+                "ORDERS_REDIS__HOST": "127.0.0.1",
+                "ORDERS_REDIS__PORT": str(self.redis_port),
+                "ORDERS_STRIPE__API_BASE": self.fake_urls.get("stripe", ""),
+                "ORDERS_STRIPE__TIMEOUT_SECONDS": str(CLIENT_TIMEOUT),
+                "ORDERS_STRIPE__MAX_NETWORK_RETRIES": "2",
+                "ORDERS_PAYPAL__BASE_URL": self.fake_urls.get("paypal", ""),
+                "ORDERS_PAYPAL__TIMEOUT_SECONDS": str(CLIENT_TIMEOUT),
+                "ORDERS_PAYPAL__MAX_NETWORK_RETRIES": "2",
+                "ORDERS_PAYPAL__VERIFICATION": "offline",
+                "ORDERS_PAYPAL__CERT_HOST_ALLOWLIST": '["127.0.0.1"]',
+                "ORDERS_PAYPAL__CERT_CA_FILE": str(self.paypal_ca_file),
+                "ORDERS_WORKER__RETRY_DELAYS_SECONDS": json.dumps(list(self.cfg.retry_delays)),
+                "ORDERS_WORKER__PAYMENT_CONCURRENCY": str(self.cfg.payment_concurrency),
+                # below the sum of the delay tiers, so a capture that never went out settles before they run out
+                "ORDERS_WORKER__CAPTURE_SETTLE_SECONDS": str(max(1, sum(self.cfg.retry_delays) // 2)),
+                "ORDERS_WORKER__LIVENESS_FILE": str(self.tmp / "alive"),
+                "ORDERS_WORKER__SHUTDOWN_TIMEOUT_SECONDS": "10",
+                "ORDERS_SHIM__JWT_SECRET": JWT_SECRET,
+                "ORDERS_SHIM__WEBHOOK_HMAC_SECRET": HMAC_SECRET,
+                "ORDERS_SHIM__PLACE_RATE_PER_MINUTE": "1000000",
+                "ORDERS_SHIM__READ_RATE_PER_MINUTE": "1000000",
+                "ORDERS_SHIM__PLACE_RATE_PER_MINUTE_PER_ADDRESS": "1000000",
+                "ORDERS_SHIM__READ_RATE_PER_MINUTE_PER_ADDRESS": "1000000",
+                "ORDERS_METRICS__PORT": "0",
+                "ORDERS_LOGGING__FORMAT": "json",
+                "ORDERS_LOGGING__LEVEL": "INFO",
+            }
+        )
         return env
 
     def settings(self, direct: bool = True) -> Any:
@@ -129,8 +136,9 @@ class Stack:
         return self.settings(direct=True).database.dsn
 
     def cli(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([ORDERS_CLI, *args], env=self.env(direct=True), capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        done = subprocess.run(
+            [ORDERS_CLI, *args], env=self.env(direct=True), capture_output=True, text=True, timeout=timeout, check=False
+        )
         if check and done.returncode != 0:
             raise ChaosError(f"orders {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-1500:]}")
         return done
@@ -156,8 +164,9 @@ class Stack:
             raise ChaosError("rabbitmqctl is needed to create the run's own vhost")
         run_command(["rabbitmqctl", "delete_vhost", self.cfg.vhost], check=False)  # a clean slate
         run_command(["rabbitmqctl", "add_vhost", self.cfg.vhost])
-        run_command(["rabbitmqctl", "set_permissions", "-p", self.cfg.vhost, self.amqp_auth.split(":")[0],
-                     ".*", ".*", ".*"])
+        run_command(
+            ["rabbitmqctl", "set_permissions", "-p", self.cfg.vhost, self.amqp_auth.split(":")[0], ".*", ".*", ".*"]
+        )
 
     def _database(self) -> None:
         self._drop_database()
@@ -171,11 +180,18 @@ class Stack:
         tls_cert, tls_key = paypal_certs.write_tls(self.paypal_pki.tls_cert(), self.tmp)
         tls_port = free_port()
         self.paypal_cert_base = f"https://127.0.0.1:{tls_port}/_fake/certs"
-        https = {"stripe": [], "paypal": ["--tls-port", str(tls_port), "--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]}
+        https = {
+            "stripe": [],
+            "paypal": ["--tls-port", str(tls_port), "--tls-cert", str(tls_cert), "--tls-key", str(tls_key)],
+        }
         for name, module in (("stripe", "fake_stripe.py"), ("paypal", "fake_paypal.py")):
             port = free_port()
-            proc = Proc(f"fake-{name}", [sys.executable, str(FAKES / module), "--port", str(port), *https[name]],
-                        dict(os.environ), self.tmp / f"fake-{name}.log")
+            proc = Proc(
+                f"fake-{name}",
+                [sys.executable, str(FAKES / module), "--port", str(port), *https[name]],
+                dict(os.environ),
+                self.tmp / f"fake-{name}.log",
+            )
             self.fakes[name] = proc
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 15
@@ -196,14 +212,19 @@ class Stack:
         status, drop, delay = r * 0.5, r * 0.3, r * 0.2
         drop_rate = drop / (1 - status)
         delay_rate = delay / ((1 - status) * (1 - drop_rate))
-        specs = [{"rate": status, "seed": seed, "status": 503},
-                 {"rate": drop_rate, "seed": seed + 1, "drop": True},
-                 {"rate": delay_rate, "seed": seed + 2, "delay": INJECTED_DELAY}]
+        specs = [
+            {"rate": status, "seed": seed, "status": 503},
+            {"rate": drop_rate, "seed": seed + 1, "drop": True},
+            {"rate": delay_rate, "seed": seed + 2, "delay": INJECTED_DELAY},
+        ]
         for url in self.fake_urls.values():
             for spec in specs:
                 httpx.post(url + "/_fake/faults", json=spec, timeout=5).raise_for_status()
-        return {"5xx": status, "dropped connection": drop, f"{INJECTED_DELAY:.0f}s delay (client timeout "
-                f"{CLIENT_TIMEOUT:.0f}s)": delay}
+        return {
+            "5xx": status,
+            "dropped connection": drop,
+            f"{INJECTED_DELAY:.0f}s delay (client timeout {CLIENT_TIMEOUT:.0f}s)": delay,
+        }
 
     def faults_off(self) -> None:
         for url in self.fake_urls.values():
@@ -220,8 +241,9 @@ class Stack:
 
     def start_service(self) -> None:
         env = self.env()
-        self.pool = Proc("worker pool", [ORDERS_CLI, "worker", "--processes", str(self.cfg.processes)], env,
-                         self.tmp / "worker.log")
+        self.pool = Proc(
+            "worker pool", [ORDERS_CLI, "worker", "--processes", str(self.cfg.processes)], env, self.tmp / "worker.log"
+        )
         self.procs.append(self.pool)
         for name in ("relay-a", "relay-b"):
             relay = Proc(name, [ORDERS_CLI, "relay"], env, self.tmp / f"{name}.log")
@@ -234,8 +256,10 @@ class Stack:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(self.shim_url + "/readyz", timeout=2).status_code == 200 \
-                        and len(self.pool.children()) == self.cfg.processes:
+                if (
+                    httpx.get(self.shim_url + "/readyz", timeout=2).status_code == 200
+                    and len(self.pool.children()) == self.cfg.processes
+                ):
                     break
             except httpx.HTTPError:
                 pass
@@ -282,9 +306,11 @@ class Stack:
     def _switches(self, name: str) -> tuple[Callable[[], None], Callable[[], None]]:
         """How ``name`` is taken away and brought back: the machine's server, or the run's proxy or Redis."""
         if self.real:
-            return {"rabbitmq": (self.real.rabbit_stop, self.real.rabbit_start),
-                    "postgres": (self.real.postgres_restart, lambda: None),  # a restart: down and up in one
-                    "redis": (self.real.redis_stop, self.real.redis_start)}[name]
+            return {
+                "rabbitmq": (self.real.rabbit_stop, self.real.rabbit_start),
+                "postgres": (self.real.postgres_restart, lambda: None),  # a restart: down and up in one
+                "redis": (self.real.redis_stop, self.real.redis_start),
+            }[name]
         if name == "redis":
             assert self.redis is not None
             return self.redis.stop, self.redis.start

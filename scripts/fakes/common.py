@@ -38,9 +38,10 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 CONTROL_PREFIX = "/_fake/"
@@ -87,7 +88,7 @@ class Fault:
     rng: random.Random | None = None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Fault":
+    def from_json(cls, data: dict[str, Any]) -> Fault:
         known = {"count", "rate", "seed", "status", "delay", "drop", "after_work", "path", "retry_after"}
         unknown = set(data) - known
         if unknown:
@@ -215,7 +216,7 @@ class FakeApp:
         return resp
 
     def control(self, req: Request) -> Response:
-        path = req.path[len(CONTROL_PREFIX):]
+        path = req.path[len(CONTROL_PREFIX) :]
         if path == "reset" and req.method == "POST":
             self.reset()
             return Response(200, {"reset": True})
@@ -244,7 +245,7 @@ class FakeHandler(BaseHTTPRequestHandler):
     """HTTP adapter: parses the request, applies faults, writes the answer."""
 
     protocol_version = "HTTP/1.1"
-    server: "FakeServer"
+    server: FakeServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
         if self.server.verbose:
@@ -350,8 +351,9 @@ class FakeServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: FakeApp, verbose: bool = False,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, address: tuple[str, int], app: FakeApp, verbose: bool = False, tls: ssl.SSLContext | None = None
+    ) -> None:
         super().__init__(address, FakeHandler)
         self.app = app
         self.verbose = verbose
@@ -381,8 +383,9 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
-def start(app: FakeApp, port: int, host: str = "127.0.0.1", verbose: bool = False,
-          tls: ssl.SSLContext | None = None) -> FakeServer:
+def start(
+    app: FakeApp, port: int, host: str = "127.0.0.1", verbose: bool = False, tls: ssl.SSLContext | None = None
+) -> FakeServer:
     """Serve ``app`` in a daemon thread; ``port=0`` picks a free port; ``tls`` makes it https.
 
     One app may be served by several servers (e.g. http for the API and https
@@ -393,7 +396,9 @@ def start(app: FakeApp, port: int, host: str = "127.0.0.1", verbose: bool = Fals
     return server
 
 
-def run_cli(make_app: Callable[..., FakeApp], default_port: int, description: str, extra: Callable[[Any], None] | None = None) -> None:
+def run_cli(
+    make_app: Callable[..., FakeApp], default_port: int, description: str, extra: Callable[[Any], None] | None = None
+) -> None:
     """Parse ``--host/--port`` (and ``extra`` options) and serve in the foreground."""
     import argparse
 
@@ -407,7 +412,9 @@ def run_cli(make_app: Callable[..., FakeApp], default_port: int, description: st
     if extra is not None:
         extra(parser)
     args = parser.parse_args()
-    options = {k: v for k, v in vars(args).items() if k not in ("host", "port", "verbose", "tls_port", "tls_cert", "tls_key")}
+    options = {
+        k: v for k, v in vars(args).items() if k not in ("host", "port", "verbose", "tls_port", "tls_cert", "tls_key")
+    }
     app = make_app(**options)
     server = FakeServer((args.host, args.port), app, verbose=args.verbose)
     print(f"{description} listening on {server.url}", flush=True)
@@ -422,4 +429,3 @@ def run_cli(make_app: Callable[..., FakeApp], default_port: int, description: st
         pass
     finally:
         server.server_close()
-

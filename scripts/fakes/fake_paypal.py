@@ -44,7 +44,7 @@ import json
 import re
 import secrets
 import zlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +66,7 @@ _UNPROCESSABLE = "The requested action could not be performed, semantically inco
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _pid(n: int = 17) -> str:
@@ -75,7 +75,9 @@ def _pid(n: int = 17) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(n))
 
 
-def _error(status: int, name: str, message: str, issue: str | None = None, description: str = "", **detail: Any) -> Response:
+def _error(
+    status: int, name: str, message: str, issue: str | None = None, description: str = "", **detail: Any
+) -> Response:
     body: dict[str, Any] = {"name": name, "message": message, "debug_id": _pid(13).lower()}
     if issue:
         body["details"] = [{"issue": issue, "description": description, **detail}]
@@ -87,8 +89,13 @@ def _unprocessable(issue: str, description: str, **detail: Any) -> Response:
 
 
 def _not_found() -> Response:
-    return _error(404, "RESOURCE_NOT_FOUND", "The specified resource does not exist.", "INVALID_RESOURCE_ID",
-                  "Specified resource ID does not exist. Please check the resource ID and try again.")
+    return _error(
+        404,
+        "RESOURCE_NOT_FOUND",
+        "The specified resource does not exist.",
+        "INVALID_RESOURCE_ID",
+        "Specified resource ID does not exist. Please check the resource ID and try again.",
+    )
 
 
 class FakePayPal(FakeApp):
@@ -136,7 +143,9 @@ class FakePayPal(FakeApp):
         return (req.method, req.path, body)
 
     def idempotency_conflict(self, req: Request) -> Response:
-        resp = _unprocessable("PAYPAL_REQUEST_ID_PREVIOUSLY_USED", "The PayPal-Request-Id has already been used for another request.")
+        resp = _unprocessable(
+            "PAYPAL_REQUEST_ID_PREVIOUSLY_USED", "The PayPal-Request-Id has already been used for another request."
+        )
         resp.store = False
         return resp
 
@@ -153,14 +162,28 @@ class FakePayPal(FakeApp):
         try:
             body = req.json() if req.body and req.path != "/v1/oauth2/token" else {}
         except ValueError:
-            return _error(400, "INVALID_REQUEST", "Request is not well-formed, syntactically incorrect, or violates schema.",
-                          "MALFORMED_REQUEST_JSON", "The request JSON is not well formed.")
+            return _error(
+                400,
+                "INVALID_REQUEST",
+                "Request is not well-formed, syntactically incorrect, or violates schema.",
+                "MALFORMED_REQUEST_JSON",
+                "The request JSON is not well formed.",
+            )
         base = f"http://{req.host}"
         if req.path == "/v1/oauth2/token" and req.method == "POST":
             token = "A21AA" + secrets.token_urlsafe(24)
             self.tokens.add(token)
-            return Response(200, {"scope": "https://uri.paypal.com/services/payments/payment", "access_token": token,
-                                  "token_type": "Bearer", "app_id": "APP-FAKE", "expires_in": 32400, "nonce": _now()})
+            return Response(
+                200,
+                {
+                    "scope": "https://uri.paypal.com/services/payments/payment",
+                    "access_token": token,
+                    "token_type": "Bearer",
+                    "app_id": "APP-FAKE",
+                    "expires_in": 32400,
+                    "nonce": _now(),
+                },
+            )
         if parts[:3] == ["v2", "checkout", "orders"]:
             if len(parts) == 3 and req.method == "POST":
                 return self._create_order(body, base)
@@ -186,37 +209,61 @@ class FakePayPal(FakeApp):
     def _create_order(self, body: dict[str, Any], base: str) -> Response:
         units = body.get("purchase_units") or []
         if body.get("intent") != "CAPTURE" or not units:
-            return _error(400, "INVALID_REQUEST", "Request is not well-formed, syntactically incorrect, or violates schema.",
-                          "MISSING_REQUIRED_PARAMETER", "intent CAPTURE and purchase_units are required (fake supports CAPTURE only).")
+            return _error(
+                400,
+                "INVALID_REQUEST",
+                "Request is not well-formed, syntactically incorrect, or violates schema.",
+                "MISSING_REQUIRED_PARAMETER",
+                "intent CAPTURE and purchase_units are required (fake supports CAPTURE only).",
+            )
         amount = units[0].get("amount") or {}
         currency, value = str(amount.get("currency_code", "")), str(amount.get("value", ""))
         field = "/purchase_units/@reference_id=='default'/amount/value"
         if not _VALUE.match(value):
-            return _error(400, "INVALID_REQUEST", "Request is not well-formed, syntactically incorrect, or violates schema.",
-                          "INVALID_PARAMETER_SYNTAX", "The value of a field does not conform to the expected format.", field=field, value=value)
+            return _error(
+                400,
+                "INVALID_REQUEST",
+                "Request is not well-formed, syntactically incorrect, or violates schema.",
+                "INVALID_PARAMETER_SYNTAX",
+                "The value of a field does not conform to the expected format.",
+                field=field,
+                value=value,
+            )
         decimals = -Decimal(value).as_tuple().exponent  # type: ignore[operator]
         if currency in _NO_DECIMALS and decimals > 0:
-            return _unprocessable("DECIMALS_NOT_SUPPORTED", "Currency code does not support decimals.", field=field, value=value)
+            return _unprocessable(
+                "DECIMALS_NOT_SUPPORTED", "Currency code does not support decimals.", field=field, value=value
+            )
         if decimals > 2:
-            return _unprocessable("DECIMAL_PRECISION", "If the currency supports decimals, only two decimal place precision is supported.",
-                                  field=field, value=value)
+            return _unprocessable(
+                "DECIMAL_PRECISION",
+                "If the currency supports decimals, only two decimal place precision is supported.",
+                field=field,
+                value=value,
+            )
         order_id = _pid()
         experience = ((body.get("payment_source") or {}).get("paypal") or {}).get("experience_context") or {}
         experience = experience or body.get("application_context") or {}
         with_source = "paypal" in (body.get("payment_source") or {})
-        approve = {"href": f"{base}/_fake/checkoutnow?token={order_id}", "rel": "payer-action" if with_source else "approve", "method": "GET"}
+        approve = {
+            "href": f"{base}/_fake/checkoutnow?token={order_id}",
+            "rel": "payer-action" if with_source else "approve",
+            "method": "GET",
+        }
         order = {
             "id": order_id,
             "intent": "CAPTURE",
             "status": "PAYER_ACTION_REQUIRED" if with_source else "CREATED",
             "create_time": _now(),
-            "purchase_units": [{
-                "reference_id": units[0].get("reference_id", "default"),
-                "custom_id": units[0].get("custom_id"),
-                "description": units[0].get("description"),
-                "amount": {"currency_code": currency, "value": value},
-                "payee": {"merchant_id": "FAKEMERCHANT01"},
-            }],
+            "purchase_units": [
+                {
+                    "reference_id": units[0].get("reference_id", "default"),
+                    "custom_id": units[0].get("custom_id"),
+                    "description": units[0].get("description"),
+                    "amount": {"currency_code": currency, "value": value},
+                    "payee": {"merchant_id": "FAKEMERCHANT01"},
+                }
+            ],
             "links": [
                 {"href": f"{base}/v2/checkout/orders/{order_id}", "rel": "self", "method": "GET"},
                 approve,
@@ -241,19 +288,28 @@ class FakePayPal(FakeApp):
             return Response(409, {"error": f"order is {order['status']}"})
         order["status"] = "APPROVED"
         order["_decline"] = decline
-        order["payer"] = {"payer_id": "FAKEPAYER0001", "email_address": "buyer@example.com",
-                          "name": {"given_name": "Fake", "surname": "Buyer"}}
+        order["payer"] = {
+            "payer_id": "FAKEPAYER0001",
+            "email_address": "buyer@example.com",
+            "name": {"given_name": "Fake", "surname": "Buyer"},
+        }
         return Response(200, self._public(order))
 
     def _capture(self, order: dict[str, Any], base: str) -> Response:
         if order["status"] == "COMPLETED":
-            return _unprocessable("ORDER_ALREADY_CAPTURED", "Order already captured. If 'intent=CAPTURE' only one capture per order is allowed.")
+            return _unprocessable(
+                "ORDER_ALREADY_CAPTURED",
+                "Order already captured. If 'intent=CAPTURE' only one capture per order is allowed.",
+            )
         if order["status"] != "APPROVED":
             return _unprocessable("ORDER_NOT_APPROVED", "Payer has not yet approved the Order for payment.")
         if order["_decline"] == "instrument":
             # The buyer has to pick another funding source: back to approval.
             order.update(status="PAYER_ACTION_REQUIRED" if "payment_source" in order else "CREATED", _decline=None)
-            return _unprocessable("INSTRUMENT_DECLINED", "The instrument presented was either declined by the processor or bank, or it can't be used for this payment.")
+            return _unprocessable(
+                "INSTRUMENT_DECLINED",
+                "The instrument presented was either declined by the processor or bank, or it can't be used for this payment.",
+            )
         unit = order["purchase_units"][0]
         capture_id = _pid()
         status = {"capture": "DECLINED", "pending": "PENDING"}.get(order["_decline"] or "", "COMPLETED")
@@ -263,7 +319,10 @@ class FakePayPal(FakeApp):
             "amount": dict(unit["amount"]),
             "final_capture": True,
             "custom_id": unit.get("custom_id"),
-            "seller_protection": {"status": "ELIGIBLE", "dispute_categories": ["ITEM_NOT_RECEIVED", "UNAUTHORIZED_TRANSACTION"]},
+            "seller_protection": {
+                "status": "ELIGIBLE",
+                "dispute_categories": ["ITEM_NOT_RECEIVED", "UNAUTHORIZED_TRANSACTION"],
+            },
             "create_time": _now(),
             "update_time": _now(),
             "supplementary_data": {"related_ids": {"order_id": order["id"]}},
@@ -283,23 +342,37 @@ class FakePayPal(FakeApp):
         return Response(201, self._public(order))
 
     def _refunded(self, capture_id: str) -> Decimal:
-        return sum((Decimal(r["amount"]["value"]) for r in self.refunds.values() if r["_capture"] == capture_id), Decimal(0))
+        return sum(
+            (Decimal(r["amount"]["value"]) for r in self.refunds.values() if r["_capture"] == capture_id), Decimal(0)
+        )
 
     def _refund(self, capture: dict[str, Any], body: dict[str, Any], base: str) -> Response:
         if capture["status"] not in ("COMPLETED", "PARTIALLY_REFUNDED"):
-            return _unprocessable("CAPTURE_FULLY_REFUNDED" if capture["status"] == "REFUNDED" else "REFUND_NOT_ALLOWED",
-                                  "The capture cannot be refunded in its state.")
+            return _unprocessable(
+                "CAPTURE_FULLY_REFUNDED" if capture["status"] == "REFUNDED" else "REFUND_NOT_ALLOWED",
+                "The capture cannot be refunded in its state.",
+            )
         remaining = Decimal(capture["amount"]["value"]) - self._refunded(capture["id"])
         amount = (body.get("amount") or {}).get("value")
         value = Decimal(amount) if amount else remaining
         if value > remaining or value <= 0:
-            return _unprocessable("REFUND_AMOUNT_EXCEEDED", "The refund amount must be less than or equal to the capture amount that has not yet been refunded.")
+            return _unprocessable(
+                "REFUND_AMOUNT_EXCEEDED",
+                "The refund amount must be less than or equal to the capture amount that has not yet been refunded.",
+            )
         refund_id = _pid()
-        refund = {"id": refund_id, "status": "COMPLETED", "_capture": capture["id"],
-                  "amount": {"currency_code": capture["amount"]["currency_code"], "value": str(value)},
-                  "custom_id": body.get("custom_id"), "create_time": _now(),
-                  "links": [{"href": f"{base}/v2/payments/refunds/{refund_id}", "rel": "self", "method": "GET"},
-                            {"href": f"{base}/v2/payments/captures/{capture['id']}", "rel": "up", "method": "GET"}]}
+        refund = {
+            "id": refund_id,
+            "status": "COMPLETED",
+            "_capture": capture["id"],
+            "amount": {"currency_code": capture["amount"]["currency_code"], "value": str(value)},
+            "custom_id": body.get("custom_id"),
+            "create_time": _now(),
+            "links": [
+                {"href": f"{base}/v2/payments/refunds/{refund_id}", "rel": "self", "method": "GET"},
+                {"href": f"{base}/v2/payments/captures/{capture['id']}", "rel": "up", "method": "GET"},
+            ],
+        }
         self.refunds[refund_id] = refund
         capture["status"] = "REFUNDED" if value == remaining else "PARTIALLY_REFUNDED"
         return Response(201, {k: v for k, v in refund.items() if not k.startswith("_") and v is not None})
@@ -319,7 +392,12 @@ class FakePayPal(FakeApp):
             message = f"{body.get('transmission_id')}|{body.get('transmission_time')}|{body.get('webhook_id')}|{zlib.crc32(raw_event)}"
             try:
                 key = x509.load_pem_x509_certificate(pem.encode()).public_key()
-                key.verify(base64.b64decode(str(body.get("transmission_sig"))), message.encode(), padding.PKCS1v15(), hashes.SHA256())  # type: ignore[union-attr, call-arg]
+                key.verify(
+                    base64.b64decode(str(body.get("transmission_sig"))),
+                    message.encode(),
+                    padding.PKCS1v15(),
+                    hashes.SHA256(),
+                )  # type: ignore[union-attr, call-arg]
                 ok = True
             except (InvalidSignature, ValueError):
                 ok = False
@@ -328,7 +406,7 @@ class FakePayPal(FakeApp):
     # -- control ------------------------------------------------------------
     def handle_control(self, req: Request, path: str) -> Response | None:
         if path.startswith("approve/") and req.method == "POST":
-            order = self.orders.get(path[len("approve/"):])
+            order = self.orders.get(path[len("approve/") :])
             if order is None:
                 return _not_found()
             return self._approve(order, (req.json() or {}).get("decline") if req.body else None)
@@ -339,33 +417,46 @@ class FakePayPal(FakeApp):
             resp = self._approve(order, None)
             if resp.status == 200 and order["_return_url"]:
                 sep = "&" if "?" in order["_return_url"] else "?"
-                return Response(302, "", {"Location": f"{order['_return_url']}{sep}token={order['id']}&PayerID=FAKEPAYER0001"})
+                return Response(
+                    302, "", {"Location": f"{order['_return_url']}{sep}token={order['id']}&PayerID=FAKEPAYER0001"}
+                )
             return resp
         if path.startswith("certs/"):
-            name = path[len("certs/"):]
+            name = path[len("certs/") :]
             if req.method in ("PUT", "POST"):
                 self.certs[name] = req.body.decode()
                 return Response(200, {"stored": name})
             if req.method == "GET":
                 self.cert_fetches[name] = self.cert_fetches.get(name, 0) + 1
                 pem = self.certs.get(name)
-                return Response(200, pem, {"Content-Type": "application/x-pem-file"}) if pem else Response(404, "no such certificate")
+                return (
+                    Response(200, pem, {"Content-Type": "application/x-pem-file"})
+                    if pem
+                    else Response(404, "no such certificate")
+                )
         return None
 
     def charges(self) -> dict[str, Any]:
         orders: dict[str, dict[str, Any]] = {}
         for order in self.orders.values():
             unit = order["purchase_units"][0]
-            entry = orders.setdefault(unit.get("custom_id") or "", {"orders": 0, "captures": 0, "amount_captured": "0", "refunds": 0, "amount_refunded": "0"})
+            entry = orders.setdefault(
+                unit.get("custom_id") or "",
+                {"orders": 0, "captures": 0, "amount_captured": "0", "refunds": 0, "amount_refunded": "0"},
+            )
             entry["orders"] += 1
             for capture in (unit.get("payments") or {}).get("captures", []):
                 if capture["status"] in ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED"):
                     entry["captures"] += 1
-                    entry["amount_captured"] = str(Decimal(entry["amount_captured"]) + Decimal(capture["amount"]["value"]))
+                    entry["amount_captured"] = str(
+                        Decimal(entry["amount_captured"]) + Decimal(capture["amount"]["value"])
+                    )
                 for refund in self.refunds.values():
                     if refund["_capture"] == capture["id"]:
                         entry["refunds"] += 1
-                        entry["amount_refunded"] = str(Decimal(entry["amount_refunded"]) + Decimal(refund["amount"]["value"]))
+                        entry["amount_refunded"] = str(
+                            Decimal(entry["amount_refunded"]) + Decimal(refund["amount"]["value"])
+                        )
         return {"orders": orders, "cert_fetches": dict(self.cert_fetches)}
 
 
@@ -383,12 +474,18 @@ def _raw_member(document: bytes, member: str) -> bytes | None:
         _, end = json.JSONDecoder().raw_decode(text, match.end())
     except ValueError:
         return None
-    return text[match.end():end].encode()
+    return text[match.end() : end].encode()
 
 
-def serve(port: int = 0, host: str = "127.0.0.1", client_id: str = DEFAULT_CLIENT_ID,
-          client_secret: str = DEFAULT_CLIENT_SECRET, verbose: bool = False,
-          tls: "ssl.SSLContext | None" = None, app: FakePayPal | None = None) -> FakeServer:
+def serve(
+    port: int = 0,
+    host: str = "127.0.0.1",
+    client_id: str = DEFAULT_CLIENT_ID,
+    client_secret: str = DEFAULT_CLIENT_SECRET,
+    verbose: bool = False,
+    tls: ssl.SSLContext | None = None,
+    app: FakePayPal | None = None,
+) -> FakeServer:
     """Start the fake in a daemon thread and return the running server.
 
     ``port=0`` picks a free port (read ``server.url``); ``server.app`` is the

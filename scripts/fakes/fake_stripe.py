@@ -43,8 +43,16 @@ _ACTION_METHODS = {"pm_card_threeDSecure2Required", "pm_card_authenticationRequi
 _DECLINES = {  # payment method → (code, decline_code, message)
     "pm_card_chargeDeclined": ("card_declined", "generic_decline", "Your card was declined."),
     "pm_card_visa_chargeDeclined": ("card_declined", "generic_decline", "Your card was declined."),
-    "pm_card_chargeDeclinedInsufficientFunds": ("card_declined", "insufficient_funds", "Your card has insufficient funds."),
-    "pm_card_visa_chargeDeclinedInsufficientFunds": ("card_declined", "insufficient_funds", "Your card has insufficient funds."),
+    "pm_card_chargeDeclinedInsufficientFunds": (
+        "card_declined",
+        "insufficient_funds",
+        "Your card has insufficient funds.",
+    ),
+    "pm_card_visa_chargeDeclinedInsufficientFunds": (
+        "card_declined",
+        "insufficient_funds",
+        "Your card has insufficient funds.",
+    ),
     "pm_card_chargeDeclinedExpiredCard": ("expired_card", "expired_card", "Your card has expired."),
     "pm_card_chargeDeclinedFraudulent": ("card_declined", "fraudulent", "Your card was declined."),
     "pm_card_chargeDeclinedLostCard": ("card_declined", "lost_card", "Your card was declined."),
@@ -134,7 +142,9 @@ class FakeStripe(FakeApp):
             if len(parts) == 3 and req.method == "GET":
                 refund = self.refunds.get(parts[2])
                 return self._finish(Response(200, refund) if refund else self._missing("refund", parts[2]))
-        return self._finish(_error(404, "invalid_request_error", f"Unrecognized request URL ({req.method}: {req.path})."))
+        return self._finish(
+            _error(404, "invalid_request_error", f"Unrecognized request URL ({req.method}: {req.path}).")
+        )
 
     @staticmethod
     def _missing(kind: str, ident: str) -> Response:
@@ -144,19 +154,40 @@ class FakeStripe(FakeApp):
         try:
             amount = int(params.get("amount", ""))
         except ValueError:
-            return _error(400, "invalid_request_error", "Invalid integer: amount", code="parameter_invalid_integer", param="amount")
+            return _error(
+                400,
+                "invalid_request_error",
+                "Invalid integer: amount",
+                code="parameter_invalid_integer",
+                param="amount",
+            )
         currency = params.get("currency", "").lower()
         if amount < 1 or len(currency) != 3:
-            return _error(400, "invalid_request_error", "Invalid amount or currency.", code="parameter_invalid", param="amount")
+            return _error(
+                400, "invalid_request_error", "Invalid amount or currency.", code="parameter_invalid", param="amount"
+            )
         method = params.get("payment_method")
-        known = method is None or method in _ACTION_METHODS | _DECLINES.keys() | _PROCESSING_METHODS or (
-            method.startswith("pm_card_") and "Declined" not in method
+        known = (
+            method is None
+            or method in _ACTION_METHODS | _DECLINES.keys() | _PROCESSING_METHODS
+            or (method.startswith("pm_card_") and "Declined" not in method)
         )
         if not known:
-            return _error(400, "invalid_request_error", f"No such PaymentMethod: '{method}'", code="resource_missing", param="payment_method")
+            return _error(
+                400,
+                "invalid_request_error",
+                f"No such PaymentMethod: '{method}'",
+                code="resource_missing",
+                param="payment_method",
+            )
         confirm = params.get("confirm") == "true"
         if confirm and not method:
-            return _error(400, "invalid_request_error", "You cannot confirm this PaymentIntent because it's missing a payment method.", code="payment_intent_unexpected_state")
+            return _error(
+                400,
+                "invalid_request_error",
+                "You cannot confirm this PaymentIntent because it's missing a payment method.",
+                code="payment_intent_unexpected_state",
+            )
         pi_id = _new_id("pi_")
         intent: dict[str, Any] = {
             "id": pi_id,
@@ -187,13 +218,24 @@ class FakeStripe(FakeApp):
             code, decline_code, message = _DECLINES[method]
             intent["status"] = "requires_payment_method"
             intent["last_payment_error"] = {
-                "type": "card_error", "code": code, "decline_code": decline_code, "message": message,
+                "type": "card_error",
+                "code": code,
+                "decline_code": decline_code,
+                "message": message,
                 "payment_method": {"id": method, "object": "payment_method", "type": "card"},
             }
             intent["latest_charge"] = _new_id("ch_")
             # A decline is an executed request: Stripe stores and replays it.
-            return _error(402, "card_error", message, store=True, code=code, decline_code=decline_code,
-                          charge=intent["latest_charge"], payment_intent=intent)
+            return _error(
+                402,
+                "card_error",
+                message,
+                store=True,
+                code=code,
+                decline_code=decline_code,
+                charge=intent["latest_charge"],
+                payment_intent=intent,
+            )
         if method in _ACTION_METHODS:
             intent["status"] = "requires_action"
             intent["next_action"] = {"type": "use_stripe_sdk", "use_stripe_sdk": {"type": "three_d_secure_redirect"}}
@@ -205,19 +247,33 @@ class FakeStripe(FakeApp):
 
     @staticmethod
     def _succeed(intent: dict[str, Any]) -> None:
-        intent.update(status="succeeded", amount_received=intent["amount"], next_action=None,
-                      latest_charge=_new_id("ch_"), last_payment_error=None)
+        intent.update(
+            status="succeeded",
+            amount_received=intent["amount"],
+            next_action=None,
+            latest_charge=_new_id("ch_"),
+            last_payment_error=None,
+        )
 
     def _cancel(self, intent: dict[str, Any], params: dict[str, str]) -> Response:
         if intent["status"] == "canceled" or intent["status"] not in _CANCELABLE:
             return _error(
-                400, "invalid_request_error",
+                400,
+                "invalid_request_error",
                 f"You cannot cancel this PaymentIntent because it has a status of {intent['status']}. Only a "
-                "PaymentIntent with one of the following statuses may be canceled: " + ", ".join(sorted(_CANCELABLE)) + ".",
-                store=True, code="payment_intent_unexpected_state", payment_intent=intent,
+                "PaymentIntent with one of the following statuses may be canceled: "
+                + ", ".join(sorted(_CANCELABLE))
+                + ".",
+                store=True,
+                code="payment_intent_unexpected_state",
+                payment_intent=intent,
             )
-        intent.update(status="canceled", canceled_at=int(time.time()), next_action=None,
-                      cancellation_reason=params.get("cancellation_reason"))
+        intent.update(
+            status="canceled",
+            canceled_at=int(time.time()),
+            next_action=None,
+            cancellation_reason=params.get("cancellation_reason"),
+        )
         return Response(200, intent)
 
     def _refunded(self, pi_id: str) -> int:
@@ -227,22 +283,50 @@ class FakeStripe(FakeApp):
         pi_id = params.get("payment_intent", "")
         intent = self.intents.get(pi_id)
         if intent is None:
-            return _error(400, "invalid_request_error", f"No such payment_intent: '{pi_id}'", code="resource_missing", param="payment_intent")
+            return _error(
+                400,
+                "invalid_request_error",
+                f"No such payment_intent: '{pi_id}'",
+                code="resource_missing",
+                param="payment_intent",
+            )
         if intent["status"] != "succeeded":
-            return _error(400, "invalid_request_error", f"This PaymentIntent ({pi_id}) does not have a successful charge to refund.",
-                          store=True, code="charge_not_refundable")
+            return _error(
+                400,
+                "invalid_request_error",
+                f"This PaymentIntent ({pi_id}) does not have a successful charge to refund.",
+                store=True,
+                code="charge_not_refundable",
+            )
         remaining = intent["amount_received"] - self._refunded(pi_id)
         amount = int(params.get("amount", remaining))
         if remaining <= 0:
-            return _error(400, "invalid_request_error", f"Charge {intent['latest_charge']} has already been refunded.",
-                          store=True, code="charge_already_refunded")
+            return _error(
+                400,
+                "invalid_request_error",
+                f"Charge {intent['latest_charge']} has already been refunded.",
+                store=True,
+                code="charge_already_refunded",
+            )
         if amount > remaining or amount < 1:
-            return _error(400, "invalid_request_error", "Refund amount is greater than the unrefunded amount on the charge.",
-                          store=True, code="amount_too_large", param="amount")
+            return _error(
+                400,
+                "invalid_request_error",
+                "Refund amount is greater than the unrefunded amount on the charge.",
+                store=True,
+                code="amount_too_large",
+                param="amount",
+            )
         refund = {
-            "id": _new_id("re_"), "object": "refund", "amount": amount, "currency": intent["currency"],
-            "charge": intent["latest_charge"], "payment_intent": pi_id, "status": "succeeded",
-            "reason": params.get("reason"), "created": int(time.time()),
+            "id": _new_id("re_"),
+            "object": "refund",
+            "amount": amount,
+            "currency": intent["currency"],
+            "charge": intent["latest_charge"],
+            "payment_intent": pi_id,
+            "status": "succeeded",
+            "reason": params.get("reason"),
+            "created": int(time.time()),
             "metadata": {k[9:-1]: v for k, v in params.items() if k.startswith("metadata[")},
         }
         self.refunds[refund["id"]] = refund
@@ -251,16 +335,22 @@ class FakeStripe(FakeApp):
     # -- control ------------------------------------------------------------
     def handle_control(self, req: Request, path: str) -> Response | None:
         if path.startswith("confirm/") and req.method == "POST":
-            intent = self.intents.get(path[len("confirm/"):])
+            intent = self.intents.get(path[len("confirm/") :])
             if intent is None:
                 return Response(404, {"error": "no such payment intent"})
             if intent["status"] not in ("requires_action", "processing"):
                 return Response(409, {"error": f"intent is {intent['status']}"})
             outcome = (req.json() or {}).get("outcome", "succeeded")
             if outcome == "failed":
-                intent.update(status="requires_payment_method", next_action=None, last_payment_error={
-                    "type": "card_error", "code": "payment_intent_authentication_failure",
-                    "message": "The provided PaymentMethod has failed authentication."})
+                intent.update(
+                    status="requires_payment_method",
+                    next_action=None,
+                    last_payment_error={
+                        "type": "card_error",
+                        "code": "payment_intent_authentication_failure",
+                        "message": "The provided PaymentMethod has failed authentication.",
+                    },
+                )
             else:
                 self._succeed(intent)
             return Response(200, intent)
@@ -270,7 +360,9 @@ class FakeStripe(FakeApp):
         orders: dict[str, dict[str, int]] = {}
         for intent in self.intents.values():
             order_id = intent["metadata"].get("order_id", "")
-            entry = orders.setdefault(order_id, {"payment_intents": 0, "charges": 0, "amount_charged": 0, "refunds": 0, "amount_refunded": 0})
+            entry = orders.setdefault(
+                order_id, {"payment_intents": 0, "charges": 0, "amount_charged": 0, "refunds": 0, "amount_refunded": 0}
+            )
             entry["payment_intents"] += 1
             if intent["status"] == "succeeded":
                 entry["charges"] += 1
@@ -294,7 +386,9 @@ def serve(port: int = 0, host: str = "127.0.0.1", api_key: str = DEFAULT_API_KEY
 def main() -> None:
     """Command line: serve in the foreground."""
     run_cli(
-        FakeStripe, 12111, "fake Stripe API",
+        FakeStripe,
+        12111,
+        "fake Stripe API",
         lambda p: p.add_argument("--api-key", dest="api_key", default=DEFAULT_API_KEY),
     )
 

@@ -26,7 +26,7 @@ import ipaddress
 import uuid
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -53,8 +53,9 @@ class Issued:
 
     @property
     def key_pem(self) -> bytes:
-        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption())
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
 
 def _key() -> rsa.RSAPrivateKey:
@@ -75,23 +76,44 @@ def _san(hosts: tuple[str, ...]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
-def _leaf(subject: str, hosts: tuple[str, ...], key: rsa.RSAPrivateKey, issuer: Issued | None,
-          not_before: datetime, not_after: datetime) -> x509.Certificate:
+def _leaf(
+    subject: str,
+    hosts: tuple[str, ...],
+    key: rsa.RSAPrivateKey,
+    issuer: Issued | None,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.Certificate:
     """An end-entity server certificate; self-signed when ``issuer`` is None."""
     signer_key = issuer.key if issuer else key
-    builder = (x509.CertificateBuilder().subject_name(_name(subject))
-               .issuer_name(issuer.cert.subject if issuer else _name(subject))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(not_before).not_valid_after(not_after)
-               .add_extension(_san(hosts), critical=False)
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, content_commitment=False,
-                                            data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()),
-                              critical=False))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer.cert.subject if issuer else _name(subject))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=True,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()), critical=False)
+    )
     return builder.sign(signer_key, hashes.SHA256())
 
 
@@ -102,35 +124,53 @@ class TestAuthority:
 
     def __init__(self, name: str = "Orders Test PayPal Root CA") -> None:
         key = _key()
-        now = datetime.now(timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=30))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=False, key_encipherment=False,
-                                             content_commitment=False, data_encipherment=False, key_agreement=False,
-                                             key_cert_sign=True, crl_sign=True, encipher_only=False,
-                                             decipher_only=False), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                .sign(key, hashes.SHA256()))
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(_name(name))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    key_encipherment=False,
+                    content_commitment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
         self.root = Issued(key, cert)
 
     @property
     def ca_pem(self) -> bytes:
         return self.root.cert_pem
 
-    def signing_cert(self, name: str = SANDBOX_SIGNING_NAME, *, not_before: datetime | None = None,
-                     not_after: datetime | None = None) -> Issued:
+    def signing_cert(
+        self, name: str = SANDBOX_SIGNING_NAME, *, not_before: datetime | None = None, not_after: datetime | None = None
+    ) -> Issued:
         """A webhook signing certificate for ``name`` (valid from yesterday to tomorrow unless told)."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         key = _key()
-        cert = _leaf(name, (name,), key, self.root, not_before or now - timedelta(days=1),
-                     not_after or now + timedelta(days=1))
+        cert = _leaf(
+            name, (name,), key, self.root, not_before or now - timedelta(days=1), not_after or now + timedelta(days=1)
+        )
         return Issued(key, cert)
 
     def tls_cert(self, hosts: tuple[str, ...] = LOCAL_HOSTS) -> Issued:
         """The https certificate of the local certificate host."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         key = _key()
         return Issued(key, _leaf(hosts[0], hosts, key, self.root, now - timedelta(days=1), now + timedelta(days=30)))
 
@@ -142,7 +182,7 @@ class TestAuthority:
 
 def self_signed(name: str = SANDBOX_SIGNING_NAME) -> Issued:
     """A forger's certificate: PayPal's name, PayPal's profile, nobody's signature but its own."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     key = _key()
     return Issued(key, _leaf(name, (name,), key, None, now - timedelta(days=1), now + timedelta(days=1)))
 
@@ -156,15 +196,27 @@ def write_tls(tls: Issued, directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def paypal_headers(signer: Issued, body: bytes, webhook_id: str, cert_url: str, *,
-                   transmission_id: str | None = None, transmission_time: str | None = None) -> dict[str, str]:
+def paypal_headers(
+    signer: Issued,
+    body: bytes,
+    webhook_id: str,
+    cert_url: str,
+    *,
+    transmission_id: str | None = None,
+    transmission_time: str | None = None,
+) -> dict[str, str]:
     """The headers PayPal sends with ``body``: SHA256withRSA over id|time|webhook id|crc32(body)."""
     tid = transmission_id or str(uuid.uuid4())
-    ttime = transmission_time or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ttime = transmission_time or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     message = f"{tid}|{ttime}|{webhook_id}|{zlib.crc32(body) & 0xFFFFFFFF}".encode()
     signature = base64.b64encode(signer.key.sign(message, padding.PKCS1v15(), hashes.SHA256())).decode()
-    return {"PAYPAL-TRANSMISSION-ID": tid, "PAYPAL-TRANSMISSION-TIME": ttime, "PAYPAL-TRANSMISSION-SIG": signature,
-            "PAYPAL-CERT-URL": cert_url, "PAYPAL-AUTH-ALGO": "SHA256withRSA"}
+    return {
+        "PAYPAL-TRANSMISSION-ID": tid,
+        "PAYPAL-TRANSMISSION-TIME": ttime,
+        "PAYPAL-TRANSMISSION-SIG": signature,
+        "PAYPAL-CERT-URL": cert_url,
+        "PAYPAL-AUTH-ALGO": "SHA256withRSA",
+    }
 
 
 def main() -> None:
@@ -178,19 +230,28 @@ def main() -> None:
     authority = TestAuthority()
     ca = authority.write_ca(directory / "paypal-ca.pem")
     cert, key = write_tls(authority.tls_cert(), directory)
-    signing = authority.signing_cert(not_after=datetime.now(timezone.utc) + timedelta(days=29))
+    signing = authority.signing_cert(not_after=datetime.now(UTC) + timedelta(days=29))
     (directory / "paypal-signing.pem").write_bytes(signing.cert_pem)
     (directory / "paypal-signing.key").write_bytes(signing.key_pem)
     (directory / "paypal-signing.key").chmod(0o600)
-    print(f"ORDERS_PAYPAL__CERT_CA_FILE={ca}\nORDERS_PAYPAL__CERT_HOST_ALLOWLIST='[\"127.0.0.1\"]'\n"
-          f"fake: python scripts/fakes/fake_paypal.py --port 12112 --tls-port 12113 --tls-cert {cert} --tls-key {key}\n"
-          f"then PUT {directory / 'paypal-signing.pem'} to http://127.0.0.1:12112/_fake/certs/<name>; the cert URL is "
-          "https://127.0.0.1:12113/_fake/certs/<name>")
+    print(
+        f"ORDERS_PAYPAL__CERT_CA_FILE={ca}\nORDERS_PAYPAL__CERT_HOST_ALLOWLIST='[\"127.0.0.1\"]'\n"
+        f"fake: python scripts/fakes/fake_paypal.py --port 12112 --tls-port 12113 --tls-cert {cert} --tls-key {key}\n"
+        f"then PUT {directory / 'paypal-signing.pem'} to http://127.0.0.1:12112/_fake/certs/<name>; the cert URL is "
+        "https://127.0.0.1:12113/_fake/certs/<name>"
+    )
 
 
 if __name__ == "__main__":
     main()
 
 
-__all__ = ["Issued", "LOCAL_HOSTS", "SANDBOX_SIGNING_NAME", "TestAuthority", "paypal_headers", "self_signed",
-           "write_tls"]
+__all__ = [
+    "Issued",
+    "LOCAL_HOSTS",
+    "SANDBOX_SIGNING_NAME",
+    "TestAuthority",
+    "paypal_headers",
+    "self_signed",
+    "write_tls",
+]

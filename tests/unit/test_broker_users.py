@@ -29,8 +29,16 @@ def test_the_service_user_is_granted_its_own_names_only():
         assert re.match(perms.write, name), name
     for name in [*own_queues, "amq.rabbitmq.reply-to"]:
         assert re.match(perms.read, name), name
-    foreign = ["amq.gen-JzTY20BRgKO", "amq.topic", "orders.commands.extra", "xorders.place", "inventory.audit",
-               "orders.delay.1m", "orders.dead-letter.session2", "shop.orders"]
+    foreign = [
+        "amq.gen-JzTY20BRgKO",
+        "amq.topic",
+        "orders.commands.extra",
+        "xorders.place",
+        "inventory.audit",
+        "orders.delay.1m",
+        "orders.dead-letter.session2",
+        "shop.orders",
+    ]
     for name in foreign:
         assert not any(re.match(p, name) for p in (perms.configure, perms.write, perms.read)), name
     assert not re.match(perms.read, "inventory") and not re.match(perms.read, "orders.events")
@@ -40,7 +48,7 @@ def test_the_printed_recipe_reads_passwords_from_the_environment_and_is_valid_sh
     monkeypatch.setenv("ORDERS_UPSTREAM_PASSWORD", "never-printed-1")
     script = broker_users.render(broker_users.recipe("shop/orders", "shop-upstream", "orders-service"))
     assert "never-printed-1" not in script
-    assert '"$ORDERS_UPSTREAM_PASSWORD" | rabbitmqctl add_user \'shop-upstream\'' in script
+    assert "\"$ORDERS_UPSTREAM_PASSWORD\" | rabbitmqctl add_user 'shop-upstream'" in script
     assert "rabbitmqctl 'set_permissions' '-p' 'shop/orders' 'shop-upstream' '^$' '^orders\\.commands$' '^$'" in script
     assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
 

@@ -43,16 +43,28 @@ class FakeUnitOfWork:
     def save_payment(self, payment: PaymentRecord) -> None:
         self.payments[payment.order_id] = payment
 
-    def emit(self, exchange: str, routing_key: str, message_type: str, body: dict[str, Any], order_id: str,
-             correlation_id: str | None, event_id: str) -> None:
+    def emit(
+        self,
+        exchange: str,
+        routing_key: str,
+        message_type: str,
+        body: dict[str, Any],
+        order_id: str,
+        correlation_id: str | None,
+        event_id: str,
+    ) -> None:
         self.events.append((exchange, routing_key, body))
 
     def keys(self) -> list[str]:
         return [rk for _, rk, _ in self.events]
 
 
-PRODUCTS = [Product("a", 100, "USD", True), Product("b", 250, "USD", True), Product("e", 100, "EUR", True),
-            Product("off", 100, "USD", False)]
+PRODUCTS = [
+    Product("a", 100, "USD", True),
+    Product("b", 250, "USD", True),
+    Product("e", 100, "EUR", True),
+    Product("off", 100, "USD", False),
+]
 
 
 def ctx(kind: str = "PlaceOrder") -> MessageContext:
@@ -60,8 +72,10 @@ def ctx(kind: str = "PlaceOrder") -> MessageContext:
 
 
 def place(uow: FakeUnitOfWork, items: list[dict[str, Any]], user: str = "u1") -> Any:
-    cmd = v(PlaceOrder, {"user_id": user, "items": items,
-                                     "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}})
+    cmd = v(
+        PlaceOrder,
+        {"user_id": user, "items": items, "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}},
+    )
     return place_order(cmd, ctx(), uow)
 
 
@@ -79,19 +93,24 @@ def test_state_machine_allows_only_the_lifecycle_of_the_design():
 
 def test_place_order_totals_from_the_catalogue_and_merges_repeated_products():
     uow = FakeUnitOfWork(PRODUCTS)
-    outcome = place(uow, [{"product_id": "a", "quantity": 2}, {"product_id": "b", "quantity": 1},
-                          {"product_id": "a", "quantity": 1}])
+    outcome = place(
+        uow,
+        [{"product_id": "a", "quantity": 2}, {"product_id": "b", "quantity": 1}, {"product_id": "a", "quantity": 1}],
+    )
     order = uow.orders[outcome.order_id]
     assert (order.status, order.total, order.currency) == (Status.PENDING, 3 * 100 + 250, "USD")
-    assert [(l.product_id, l.quantity) for l in order.lines] == [("a", 3), ("b", 1)]
+    assert [(line.product_id, line.quantity) for line in order.lines] == [("a", 3), ("b", 1)]
     assert uow.keys() == ["stock.reserve", "order.placed", "payment.start"]
 
 
-@pytest.mark.parametrize("items, reason", [
-    ([{"product_id": "zzz", "quantity": 1}], "unknown product zzz"),
-    ([{"product_id": "off", "quantity": 1}], "product off is not available"),
-    ([{"product_id": "a", "quantity": 1}, {"product_id": "e", "quantity": 1}], "more than one currency"),
-])
+@pytest.mark.parametrize(
+    "items, reason",
+    [
+        ([{"product_id": "zzz", "quantity": 1}], "unknown product zzz"),
+        ([{"product_id": "off", "quantity": 1}], "product off is not available"),
+        ([{"product_id": "a", "quantity": 1}, {"product_id": "e", "quantity": 1}], "more than one currency"),
+    ],
+)
 def test_place_order_rejects_bad_items_without_reserving(items, reason):
     uow = FakeUnitOfWork(PRODUCTS)
     outcome = place(uow, items)
@@ -102,38 +121,57 @@ def test_place_order_rejects_bad_items_without_reserving(items, reason):
 def test_cancel_checks_owner_state_and_existence():
     uow = FakeUnitOfWork(PRODUCTS)
     order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
+
     def cancel(user: str, roles: list[str]) -> Any:
         cmd = v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": user, "roles": roles}})
         return cancel_order(cmd, ctx("CancelOrder"), uow)
+
     with pytest.raises(NotFound):
         cancel("someone-else", ["user"])
     assert cancel("admin-1", ["admin"]).status == "cancelled"
     assert uow.keys()[-2:] == ["stock.release", "order.cancelled"]
     assert cancel("u1", ["user"]).result == "unchanged"
     with pytest.raises(RetryLater):
-        cancel_order(v(CancelOrder, {"order_id": str(uuid.uuid4()),
-                                                 "requested_by": {"user_id": "u1", "roles": ["user"]}}),
-                     ctx("CancelOrder"), uow)
+        cancel_order(
+            v(CancelOrder, {"order_id": str(uuid.uuid4()), "requested_by": {"user_id": "u1", "roles": ["user"]}}),
+            ctx("CancelOrder"),
+            uow,
+        )
 
 
 def test_cancel_is_refused_once_completed():
     uow = FakeUnitOfWork(PRODUCTS)
     order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
-    confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 100,
-               "currency": "USD", "event_id": "evt_1"}
+    confirm = {
+        "order_id": order_id,
+        "provider": "stripe",
+        "payment_id": "pi_1",
+        "amount": 100,
+        "currency": "USD",
+        "event_id": "evt_1",
+    }
     assert payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow).status == "completed"
     with pytest.raises(IllegalTransition):
-        cancel_order(v(CancelOrder, {"order_id": order_id,
-                                                 "requested_by": {"user_id": "u1", "roles": ["user"]}}),
-                     ctx("CancelOrder"), uow)
+        cancel_order(
+            v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": "u1", "roles": ["user"]}}),
+            ctx("CancelOrder"),
+            uow,
+        )
 
 
 @pytest.mark.parametrize("change", [{"amount": 99}, {"currency": "EUR"}, {"provider": "paypal"}])
 def test_a_confirmation_that_does_not_match_the_order_never_completes_it_but_asks_the_provider(change):
     uow = FakeUnitOfWork(PRODUCTS)
     order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
-    confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 100,
-               "currency": "USD", "event_id": "evt_1", **change}
+    confirm = {
+        "order_id": order_id,
+        "provider": "stripe",
+        "payment_id": "pi_1",
+        "amount": 100,
+        "currency": "USD",
+        "event_id": "evt_1",
+        **change,
+    }
     outcome = payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow)
     assert outcome.result == "settling"
     assert uow.orders[order_id].status is Status.PENDING
@@ -144,8 +182,14 @@ def test_a_confirmation_that_does_not_match_the_order_never_completes_it_but_ask
 def test_a_mismatched_internal_confirmation_cannot_be_asked_about_and_is_refused():
     uow = FakeUnitOfWork(PRODUCTS)
     order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
-    confirm = {"order_id": order_id, "provider": "internal", "payment_id": "pay_1", "amount": 99,
-               "currency": "USD", "event_id": "evt_1"}
+    confirm = {
+        "order_id": order_id,
+        "provider": "internal",
+        "payment_id": "pay_1",
+        "amount": 99,
+        "currency": "USD",
+        "event_id": "evt_1",
+    }
     with pytest.raises(Mismatch):
         payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow)
     assert uow.orders[order_id].status is Status.PENDING
@@ -154,10 +198,19 @@ def test_a_mismatched_internal_confirmation_cannot_be_asked_about_and_is_refused
 def test_a_confirmation_for_a_cancelled_order_requests_one_refund():
     uow = FakeUnitOfWork(PRODUCTS)
     order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
-    cancel_order(v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": "u1", "roles": ["user"]}}),
-                 ctx("CancelOrder"), uow)
-    confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 100,
-               "currency": "USD", "event_id": "evt_1"}
+    cancel_order(
+        v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": "u1", "roles": ["user"]}}),
+        ctx("CancelOrder"),
+        uow,
+    )
+    confirm = {
+        "order_id": order_id,
+        "provider": "stripe",
+        "payment_id": "pi_1",
+        "amount": 100,
+        "currency": "USD",
+        "event_id": "evt_1",
+    }
     payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow)
     again = payment_confirmed(v(PaymentConfirmed, {**confirm, "event_id": "evt_2"}), ctx("PaymentConfirmed"), uow)
     assert again.result == "unchanged"
@@ -175,15 +228,45 @@ def test_late_answers_about_a_refunded_payment_change_nothing():
 
     uow = FakeUnitOfWork(PRODUCTS)
     order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
-    cancel_order(v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": "u1", "roles": ["user"]}}),
-                 ctx("CancelOrder"), uow)
-    uow.save_payment(PaymentRecord(order_id=order_id, provider="stripe", status="refunded", amount=100, currency="USD",
-                                   idempotency_key="k", provider_payment_id="pi_1", refund_id="re_1"))
-    late = payment_confirmed(v(PaymentConfirmed, {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1",
-                                                  "amount": 100, "currency": "USD", "event_id": "evt_late"}),
-                             ctx("PaymentConfirmed"), uow)
-    answer = apply_result(uow.orders[order_id], uow.payments[order_id], PaymentResult(PayOutcome.SUCCEEDED, "pi_1"),
-                          ctx("CapturePayment"), uow)
+    cancel_order(
+        v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": "u1", "roles": ["user"]}}),
+        ctx("CancelOrder"),
+        uow,
+    )
+    uow.save_payment(
+        PaymentRecord(
+            order_id=order_id,
+            provider="stripe",
+            status="refunded",
+            amount=100,
+            currency="USD",
+            idempotency_key="k",
+            provider_payment_id="pi_1",
+            refund_id="re_1",
+        )
+    )
+    late = payment_confirmed(
+        v(
+            PaymentConfirmed,
+            {
+                "order_id": order_id,
+                "provider": "stripe",
+                "payment_id": "pi_1",
+                "amount": 100,
+                "currency": "USD",
+                "event_id": "evt_late",
+            },
+        ),
+        ctx("PaymentConfirmed"),
+        uow,
+    )
+    answer = apply_result(
+        uow.orders[order_id],
+        uow.payments[order_id],
+        PaymentResult(PayOutcome.SUCCEEDED, "pi_1"),
+        ctx("CapturePayment"),
+        uow,
+    )
     assert (late.result, answer.result) == ("unchanged", "unchanged")
     assert uow.payments[order_id].status == "refunded"
     assert "payment.refund" not in uow.keys()
@@ -202,16 +285,28 @@ def test_an_order_that_leaves_awaiting_payment_drops_the_buyers_next_step(end):
         cmd = v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": "u1", "roles": ["user"]}})
         assert cancel_order(cmd, ctx(end), uow).status == "cancelled"
     else:
-        confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 100,
-                   "currency": "USD", "event_id": "evt_1"}
+        confirm = {
+            "order_id": order_id,
+            "provider": "stripe",
+            "payment_id": "pi_1",
+            "amount": 100,
+            "currency": "USD",
+            "event_id": "evt_1",
+        }
         assert payment_confirmed(v(PaymentConfirmed, confirm), ctx(end), uow).status == "completed"
     assert order.next_action is None
 
 
 def _paid(uow: FakeUnitOfWork) -> str:
     order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
-    confirm = {"order_id": order_id, "provider": "stripe", "payment_id": "pi_1", "amount": 100,
-               "currency": "USD", "event_id": "evt_1"}
+    confirm = {
+        "order_id": order_id,
+        "provider": "stripe",
+        "payment_id": "pi_1",
+        "amount": 100,
+        "currency": "USD",
+        "event_id": "evt_1",
+    }
     assert payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow).status == "completed"
     return order_id
 
@@ -263,6 +358,9 @@ def test_a_failed_payment_reported_for_an_order_with_no_currency_records_no_paym
 
     uow = FakeUnitOfWork(PRODUCTS)
     order_id = place(uow, [{"product_id": "zzz", "quantity": 1}]).order_id
-    cmd = v(PaymentFailed, {"order_id": order_id, "provider": "stripe", "payment_id": "pi_x", "event_id": "evt_x", "reason": "declined"})
+    cmd = v(
+        PaymentFailed,
+        {"order_id": order_id, "provider": "stripe", "payment_id": "pi_x", "event_id": "evt_x", "reason": "declined"},
+    )
     assert record_failed(cmd, ctx("PaymentFailed"), uow, None).result == "unchanged"
     assert order_id not in uow.payments

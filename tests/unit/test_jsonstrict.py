@@ -9,12 +9,19 @@ import pytest
 from schema.jsonstrict import DuplicateKeyError, loads_no_duplicates
 
 
-@pytest.mark.parametrize(("body", "key", "path"), [
-    (b'{"quantity": 1, "quantity": 9999}', "quantity", ()),
-    (b'{"items": [{"product_id": "a", "quantity": 1}, {"quantity": 1, "quantity": 9999}]}', "quantity", ("items", 1)),
-    (b'{"payment": {"provider": "stripe", "provider": "paypal"}}', "provider", ("payment",)),
-    (b'[{"a": {"b": 1, "b": 1}}]', "b", (0, "a")),  # the same value twice is still two keys
-])
+@pytest.mark.parametrize(
+    ("body", "key", "path"),
+    [
+        (b'{"quantity": 1, "quantity": 9999}', "quantity", ()),
+        (
+            b'{"items": [{"product_id": "a", "quantity": 1}, {"quantity": 1, "quantity": 9999}]}',
+            "quantity",
+            ("items", 1),
+        ),
+        (b'{"payment": {"provider": "stripe", "provider": "paypal"}}', "provider", ("payment",)),
+        (b'[{"a": {"b": 1, "b": 1}}]', "b", (0, "a")),  # the same value twice is still two keys
+    ],
+)
 def test_a_repeated_key_is_refused_naming_the_key_and_the_path_to_its_object(body, key, path):
     with pytest.raises(DuplicateKeyError) as refused:
         loads_no_duplicates(body)

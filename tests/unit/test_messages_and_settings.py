@@ -27,27 +27,56 @@ def test_place_order_accepts_both_item_forms_and_derives_a_stable_order_id():
     uuid.UUID(single.resolved_order_id("m-1"))
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"user_id": "u", "items": [], "payment": STRIPE}, "items"),
-    ({"user_id": "u", "items": [{"product_id": "a", "quantity": 0}], "payment": STRIPE}, "items.0.quantity"),
-    ({"user_id": "u", "items": [{"product_id": "a", "quantity": -3}], "payment": STRIPE}, "items.0.quantity"),
-    ({"user_id": "u", "items": [{"product_id": "a", "quantity": "2"}], "payment": STRIPE}, "items.0.quantity"),
-    ({"user_id": "u", "items": [{"product_id": "a", "quantity": 1}], "payment": STRIPE, "price": 1}, "price"),
-    ({"user_id": "x" * 201, "items": [{"product_id": "a", "quantity": 1}], "payment": STRIPE}, "user_id"),
-    ({"user_id": "u", "items": [{"product_id": "a'; DROP TABLE orders;--", "quantity": 1}], "payment": STRIPE}, "product_id"),
-    ({"user_id": "u", "items": [{"product_id": "a", "quantity": 1}], "payment": {"provider": "bitcoin"}}, "payment"),
-    ({"user_id": "u", "items": [{"product_id": "a", "quantity": 1}],
-      "payment": {"provider": "paypal", "return_url": "javascript:alert(1)", "cancel_url": "https://x/c"}}, "return_url"),
-    ({"order_id": "not-a-uuid", "user_id": "u", "items": [{"product_id": "a", "quantity": 1}], "payment": STRIPE}, "order_id"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"user_id": "u", "items": [], "payment": STRIPE}, "items"),
+        ({"user_id": "u", "items": [{"product_id": "a", "quantity": 0}], "payment": STRIPE}, "items.0.quantity"),
+        ({"user_id": "u", "items": [{"product_id": "a", "quantity": -3}], "payment": STRIPE}, "items.0.quantity"),
+        ({"user_id": "u", "items": [{"product_id": "a", "quantity": "2"}], "payment": STRIPE}, "items.0.quantity"),
+        ({"user_id": "u", "items": [{"product_id": "a", "quantity": 1}], "payment": STRIPE, "price": 1}, "price"),
+        ({"user_id": "x" * 201, "items": [{"product_id": "a", "quantity": 1}], "payment": STRIPE}, "user_id"),
+        (
+            {"user_id": "u", "items": [{"product_id": "a'; DROP TABLE orders;--", "quantity": 1}], "payment": STRIPE},
+            "product_id",
+        ),
+        (
+            {"user_id": "u", "items": [{"product_id": "a", "quantity": 1}], "payment": {"provider": "bitcoin"}},
+            "payment",
+        ),
+        (
+            {
+                "user_id": "u",
+                "items": [{"product_id": "a", "quantity": 1}],
+                "payment": {"provider": "paypal", "return_url": "javascript:alert(1)", "cancel_url": "https://x/c"},
+            },
+            "return_url",
+        ),
+        (
+            {
+                "order_id": "not-a-uuid",
+                "user_id": "u",
+                "items": [{"product_id": "a", "quantity": 1}],
+                "payment": STRIPE,
+            },
+            "order_id",
+        ),
+    ],
+)
 def test_bad_place_orders_are_rejected_naming_the_field(body, field):
     with pytest.raises(InvalidMessage, match=field.replace(".", r"\.")):
         parse("PlaceOrder", body)
 
 
 def test_payment_confirmed_wants_integer_minor_units():
-    body = {"order_id": str(uuid.uuid4()), "provider": "stripe", "payment_id": "pi", "amount": 10.5,
-            "currency": "USD", "event_id": "evt"}
+    body = {
+        "order_id": str(uuid.uuid4()),
+        "provider": "stripe",
+        "payment_id": "pi",
+        "amount": 10.5,
+        "currency": "USD",
+        "event_id": "evt",
+    }
     with pytest.raises(InvalidMessage, match="amount"):
         parse("PaymentConfirmed", body)
     with pytest.raises(InvalidMessage, match="currency"):
@@ -98,12 +127,30 @@ def test_a_command_on_another_commands_queue_is_an_invalid_message():
     from worker.broker import Delivery
     from worker.processing import decode
 
-    body = json.dumps({"order_id": str(uuid.uuid4()), "user_id": "u1", "items": [{"product_id": "p", "quantity": 1}],
-                       "payment": {"provider": "stripe", "payment_method": "pm_card_visa"}}).encode()
+    body = json.dumps(
+        {
+            "order_id": str(uuid.uuid4()),
+            "user_id": "u1",
+            "items": [{"product_id": "p", "quantity": 1}],
+            "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+        }
+    ).encode()
 
     def on(queue: str) -> Delivery:
-        return Delivery(1, "orders.commands", "order.cancel", queue, body, "m-1", "PlaceOrder", None, None,
-                        "application/json", {}, False)
+        return Delivery(
+            1,
+            "orders.commands",
+            "order.cancel",
+            queue,
+            body,
+            "m-1",
+            "PlaceOrder",
+            None,
+            None,
+            "application/json",
+            {},
+            False,
+        )
 
     assert decode(on("orders.place")).user_id == "u1"
     for queue in ("orders.cancel", "orders.payment-confirmed", "orders.payments", ""):

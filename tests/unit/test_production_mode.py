@@ -52,8 +52,16 @@ def test_the_shipped_configuration_is_refused_in_production_and_production_is_th
     settings = load_settings(CONFIG, environ={})
     assert settings.environment == "production"
     keys = {p.key for p in production.problems(settings)}
-    assert {"shim.jwt_secret", "shim.id_secret", "stripe.api_key", "stripe.webhook_secret", "paypal.client_secret",
-            "stripe.api_base", "paypal.base_url", "rabbitmq.url"} <= keys
+    assert {
+        "shim.jwt_secret",
+        "shim.id_secret",
+        "stripe.api_key",
+        "stripe.webhook_secret",
+        "paypal.client_secret",
+        "stripe.api_base",
+        "paypal.base_url",
+        "rabbitmq.url",
+    } <= keys
 
 
 def test_development_mode_checks_nothing():
@@ -64,21 +72,24 @@ def test_a_configuration_of_real_secrets_and_provider_urls_passes():
     assert refused_keys(PRODUCTION_ENV) == set()
 
 
-@pytest.mark.parametrize("override, key", [
-    ({"ORDERS_SHIM__JWT_SECRET": "short-but-not-empty"}, "shim.jwt_secret"),
-    ({"ORDERS_SHIM__JWT_SECRET": ""}, "shim.jwt_secret"),
-    ({"ORDERS_SHIM__JWT_SECRET": "change-me-in-production"}, "shim.jwt_secret"),
-    ({"ORDERS_SHIM__ID_SECRET": ""}, "shim.id_secret"),
-    ({"ORDERS_SHIM__WEBHOOK_HMAC_SECRET": "too-short"}, "shim.webhook_hmac_secret"),
-    ({"ORDERS_STRIPE__API_KEY": "sk_test_local_fake"}, "stripe.api_key"),
-    ({"ORDERS_STRIPE__API_BASE": "http://api.stripe.com"}, "stripe.api_base"),
-    ({"ORDERS_STRIPE__API_BASE": "https://stripe.attacker.example"}, "stripe.api_base"),
-    ({"ORDERS_PAYPAL__BASE_URL": "http://127.0.0.1:12112"}, "paypal.base_url"),
-    ({"ORDERS_PAYPAL__CERT_HOST_ALLOWLIST": '["api.paypal.com", "127.0.0.1"]'}, "paypal.cert_host_allowlist"),
-    ({"ORDERS_RABBITMQ__URL": "amqp://guest:guest@rabbit.internal:5672/"}, "rabbitmq.url"),
-    ({"ORDERS_PAYPAL__CERT_CA_FILE": "/etc/ssl/certs/my-own-ca.pem"}, "paypal.cert_ca_file"),
-    ({"ORDERS_SHIM__TRUSTED_PROXIES": '["10.0.0.0/8", "0.0.0.0/0"]'}, "shim.trusted_proxies"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"ORDERS_SHIM__JWT_SECRET": "short-but-not-empty"}, "shim.jwt_secret"),
+        ({"ORDERS_SHIM__JWT_SECRET": ""}, "shim.jwt_secret"),
+        ({"ORDERS_SHIM__JWT_SECRET": "change-me-in-production"}, "shim.jwt_secret"),
+        ({"ORDERS_SHIM__ID_SECRET": ""}, "shim.id_secret"),
+        ({"ORDERS_SHIM__WEBHOOK_HMAC_SECRET": "too-short"}, "shim.webhook_hmac_secret"),
+        ({"ORDERS_STRIPE__API_KEY": "sk_test_local_fake"}, "stripe.api_key"),
+        ({"ORDERS_STRIPE__API_BASE": "http://api.stripe.com"}, "stripe.api_base"),
+        ({"ORDERS_STRIPE__API_BASE": "https://stripe.attacker.example"}, "stripe.api_base"),
+        ({"ORDERS_PAYPAL__BASE_URL": "http://127.0.0.1:12112"}, "paypal.base_url"),
+        ({"ORDERS_PAYPAL__CERT_HOST_ALLOWLIST": '["api.paypal.com", "127.0.0.1"]'}, "paypal.cert_host_allowlist"),
+        ({"ORDERS_RABBITMQ__URL": "amqp://guest:guest@rabbit.internal:5672/"}, "rabbitmq.url"),
+        ({"ORDERS_PAYPAL__CERT_CA_FILE": "/etc/ssl/certs/my-own-ca.pem"}, "paypal.cert_ca_file"),
+        ({"ORDERS_SHIM__TRUSTED_PROXIES": '["10.0.0.0/8", "0.0.0.0/0"]'}, "shim.trusted_proxies"),
+    ],
+)
 def test_each_unsafe_setting_is_refused_by_name(override, key):
     assert refused_keys({**PRODUCTION_ENV, **override}) == {key}
 
@@ -117,8 +128,9 @@ def test_with_a_public_key_configured_a_token_signed_with_the_shipped_hmac_secre
 def test_a_subject_with_a_trailing_newline_is_refused():
     cfg = load_settings(CONFIG, environ={"ORDERS_ENVIRONMENT": "development"}).shim
     auth = Authenticator(cfg)
-    token = jwt.encode({"sub": "bob\n", "exp": int(time.time()) + 60}, cfg.jwt_secret.get_secret_value(),
-                       algorithm="HS256")
+    token = jwt.encode(
+        {"sub": "bob\n", "exp": int(time.time()) + 60}, cfg.jwt_secret.get_secret_value(), algorithm="HS256"
+    )
     with pytest.raises(ApiError) as refused:
         auth.principal("Bearer " + token)
     assert refused.value.status == 401
@@ -139,8 +151,12 @@ def test_the_long_running_commands_refuse_to_start_in_production_naming_key_and_
 
 
 def test_doctor_reports_each_production_problem():
-    env = {**_clean_environ(), "ORDERS_DATABASE__PORT": "1", "ORDERS_REDIS__PORT": "1",
-           "ORDERS_RABBITMQ__URL": "amqp://guest:guest@127.0.0.1:1/"}
+    env = {
+        **_clean_environ(),
+        "ORDERS_DATABASE__PORT": "1",
+        "ORDERS_REDIS__PORT": "1",
+        "ORDERS_RABBITMQ__URL": "amqp://guest:guest@127.0.0.1:1/",
+    }
     done = subprocess.run([ORDERS, "doctor", "--json"], env=env, capture_output=True, text=True, timeout=120)
     import json
 

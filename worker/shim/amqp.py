@@ -31,6 +31,7 @@ from worker.errors import ConnectionLost, PublishNotConfirmed
 
 log = structlog.get_logger("worker.shim.amqp")
 
+
 class _TurnWritesConnection(AsyncioConnection):
     """An ``AsyncioConnection`` that writes once per turn of the event loop.
 
@@ -123,8 +124,13 @@ class AsyncChannel:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         message_id = str(message.properties.get("message_id") or "")
         try:
-            channel.basic_publish(message.exchange, message.routing_key, message.body,
-                                  basic_properties(message.properties), mandatory=True)
+            channel.basic_publish(
+                message.exchange,
+                message.routing_key,
+                message.body,
+                basic_properties(message.properties),
+                mandatory=True,
+            )
         except (pika.exceptions.AMQPError, OSError) as exc:
             self._on_lost(exc)
             raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
@@ -211,7 +217,9 @@ class AsyncChannel:
                 self._on_lost(exc)
 
         try:
-            conn = self._conn = _TurnWritesConnection(self._params, on_open, on_open_error, on_close, custom_ioloop=loop)
+            conn = self._conn = _TurnWritesConnection(
+                self._params, on_open, on_open_error, on_close, custom_ioloop=loop
+            )
         except (pika.exceptions.AMQPError, OSError) as exc:
             self._on_lost(exc)
 

@@ -53,8 +53,12 @@ UNSHED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 def shed(metrics: ShimMetrics, reason: str) -> JSONResponse:
     """503 ``overloaded`` with Retry-After, counted by reason (``concurrency``, ``redis_pool``)."""
     metrics.shed.labels(reason).inc()
-    return errors.error_response(503, "overloaded", f"the service is overloaded; retry after {SHED_RETRY_AFTER} s",
-                                 {"Retry-After": str(SHED_RETRY_AFTER)})
+    return errors.error_response(
+        503,
+        "overloaded",
+        f"the service is overloaded; retry after {SHED_RETRY_AFTER} s",
+        {"Retry-After": str(SHED_RETRY_AFTER)},
+    )
 
 
 class ClientGone(Exception):
@@ -67,8 +71,7 @@ class EdgeMiddleware:
     connection and a buffer for ever); sheds requests beyond the concurrency limit (503);
     times every request."""
 
-    def __init__(self, app: Any, max_body: int, body_timeout: float, metrics: ShimMetrics,
-                 max_concurrent: int) -> None:
+    def __init__(self, app: Any, max_body: int, body_timeout: float, metrics: ShimMetrics, max_concurrent: int) -> None:
         self.app, self.max_body, self.body_timeout, self.metrics = app, max_body, body_timeout, metrics
         self.max_concurrent, self.in_flight = max_concurrent, 0
 
@@ -88,14 +91,16 @@ class EdgeMiddleware:
                 async with asyncio.timeout(self.body_timeout):
                     body = await self._read_body(scope, receive)
             except TimeoutError:
-                return await _refuse(send_status, 408, "request_timeout",
-                                     f"request body not received within {self.body_timeout:g} s")
+                return await _refuse(
+                    send_status, 408, "request_timeout", f"request body not received within {self.body_timeout:g} s"
+                )
             except ClientGone:
                 status = 499  # nobody to answer; the part of a body that came must never be acted on
                 return
             if body is None:
-                return await _refuse(send_status, 413, "payload_too_large",
-                                     f"request body larger than {self.max_body} bytes")
+                return await _refuse(
+                    send_status, 413, "payload_too_large", f"request body larger than {self.max_body} bytes"
+                )
             if self.in_flight >= self.max_concurrent and scope["path"] not in UNSHED_PATHS:
                 return await shed(self.metrics, "concurrency")(scope, receive, send_status)
             replayed = False
@@ -140,9 +145,17 @@ class EdgeMiddleware:
 async def _refuse(send: Any, status: int, code: str, message: str) -> None:
     """Answer before the app saw the request, and close the connection (its body is left unread)."""
     body = errors.error_json(code, message)
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -154,15 +167,22 @@ def build_shim(settings: Settings) -> Shim:
     client = make_async_redis(settings.redis, cfg.redis_pool_size, cfg.redis_pool_timeout_seconds)
     gate = RedisGate("the shim")  # one Redis: a failure seen by any user of it spares the others
     channel = AsyncChannel(settings.rabbitmq.url.get_secret_value(), settings.rabbitmq.heartbeat_seconds)
-    limits = {"place": (cfg.place_rate_per_minute, cfg.place_rate_per_minute_per_address),
-              "read": (cfg.read_rate_per_minute, cfg.read_rate_per_minute_per_address)}
+    limits = {
+        "place": (cfg.place_rate_per_minute, cfg.place_rate_per_minute_per_address),
+        "read": (cfg.read_rate_per_minute, cfg.read_rate_per_minute_per_address),
+    }
     return Shim(
-        settings=settings, engine=engine, redis=client, gate=gate,
+        settings=settings,
+        engine=engine,
+        redis=client,
+        gate=gate,
         cache=AsyncOrderCache(engine, client, settings.redis.cache_ttl_seconds, metrics=metrics, gate=gate),
-        publisher=CommandPublisher(channel, cfg.publish_timeout_seconds, metrics), gateways=build_gateways(settings),
-        auth=Authenticator(cfg), limiter=RateLimiter(client, limits, metrics, gate, cfg.rate_limit_share_of),
-        idempotency=IdempotencyStore(client, cfg.idempotency_ttl_seconds, gate,
-                                     cfg.id_secret.get_secret_value()), metrics=metrics,
+        publisher=CommandPublisher(channel, cfg.publish_timeout_seconds, metrics),
+        gateways=build_gateways(settings),
+        auth=Authenticator(cfg),
+        limiter=RateLimiter(client, limits, metrics, gate, cfg.rate_limit_share_of),
+        idempotency=IdempotencyStore(client, cfg.idempotency_ttl_seconds, gate, cfg.id_secret.get_secret_value()),
+        metrics=metrics,
     )
 
 
@@ -177,8 +197,12 @@ def create_app(settings: Settings) -> FastAPI:
         await shim.redis.aclose()
         shim.engine.dispose()
 
-    app = FastAPI(title="Order service HTTP API", version="1.0.0", lifespan=lifespan,
-                  description="Places, reads and cancels orders by enqueueing commands; takes payment webhooks.")
+    app = FastAPI(
+        title="Order service HTTP API",
+        version="1.0.0",
+        lifespan=lifespan,
+        description="Places, reads and cancels orders by enqueueing commands; takes payment webhooks.",
+    )
     app.state.shim = shim
     errors.install(app)
 
@@ -188,9 +212,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(orders_router)
     app.include_router(ops_router)
-    app.add_middleware(EdgeMiddleware, max_body=settings.shim.max_body_bytes,
-                       body_timeout=settings.shim.body_timeout_seconds, metrics=shim.metrics,
-                       max_concurrent=settings.shim.max_concurrent_requests)
+    app.add_middleware(
+        EdgeMiddleware,
+        max_body=settings.shim.max_body_bytes,
+        body_timeout=settings.shim.body_timeout_seconds,
+        metrics=shim.metrics,
+        max_concurrent=settings.shim.max_concurrent_requests,
+    )
     return app
 
 

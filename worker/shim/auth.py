@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-
 from typing import Any
 
 import jwt
@@ -115,7 +114,12 @@ class Authenticator:
             if key is None:
                 raise jwt.InvalidAlgorithmError(f"algorithm {alg!r} not accepted")
             claims = jwt.decode(
-                token, key, algorithms=[str(alg)], issuer=self._issuer, audience=self._audience, leeway=LEEWAY_SECONDS,
+                token,
+                key,
+                algorithms=[str(alg)],
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=LEEWAY_SECONDS,
                 options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
             )
         except jwt.ExpiredSignatureError:

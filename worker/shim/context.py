@@ -55,22 +55,28 @@ ShimDep = Annotated[Shim, Depends(shim)]
 _bearer = HTTPBearer(auto_error=False, description="JWT with `sub` and `roles` (`user`, `admin`).")
 
 
-async def authenticated(request: Request, s: ShimDep,
-                        _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+async def authenticated(
+    request: Request, s: ShimDep, _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
     # async: verifying a JWT is CPU only; no thread pool hop
     return s.auth.principal(request.headers.get("authorization"))
 
 
 def _limited(kind: str) -> Any:
-    async def dependency(request: Request, response: Response, s: ShimDep,
-                         principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    async def dependency(
+        request: Request, response: Response, s: ShimDep, principal: Annotated[Principal, Depends(authenticated)]
+    ) -> Principal:
         address = request.client.host if request.client else "unknown"
         # in Redis, or this process's share while Redis is unreachable; RedisBusy sheds (see app)
         decision = await s.limiter.check(kind, principal.user_id, address)
         if not decision.allowed:
             s.metrics.rate_limited.labels(kind).inc()
-            raise ApiError(429, "rate_limited", f"too many {kind} requests; retry after "
-                           f"{decision.headers()['Retry-After']} s", decision.headers())
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many {kind} requests; retry after {decision.headers()['Retry-After']} s",
+                decision.headers(),
+            )
         response.headers.update(decision.headers())
         return principal
 

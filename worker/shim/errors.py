@@ -38,8 +38,15 @@ class ErrorBody(BaseModel):
 class ApiError(Exception):
     """Raised by handlers and dependencies; becomes an :class:`ErrorBody` response."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                 fields: list[FieldError] | None = None, order_id: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        fields: list[FieldError] | None = None,
+        order_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers = headers or {}
@@ -52,8 +59,14 @@ def error_json(code: str, message: str) -> bytes:
     return ErrorBody(error=code, message=message).model_dump_json(exclude_none=True).encode()
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                   fields: list[FieldError] | None = None, order_id: str | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    fields: list[FieldError] | None = None,
+    order_id: str | None = None,
+) -> JSONResponse:
     body = ErrorBody(error=code, message=message, fields=fields, order_id=order_id).model_dump(exclude_none=True)
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -71,7 +84,13 @@ def field_errors(errors: Any) -> list[FieldError]:
 
 
 #: one short code per HTTP status that Starlette raises on its own (404 route, 405 method)
-_STATUS_CODES = {400: "malformed_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+_STATUS_CODES = {
+    400: "malformed_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
 
 
 def install(app: FastAPI) -> None:

@@ -41,8 +41,9 @@ def validate_key(key: str | None) -> str | None:
     if key is None:
         return None
     if not _VALID_KEY.fullmatch(key):
-        raise ApiError(422, "validation_error", "header.Idempotency-Key: 1 to 128 visible ASCII characters",
-                       fields=None)
+        raise ApiError(
+            422, "validation_error", "header.Idempotency-Key: 1 to 128 visible ASCII characters", fields=None
+        )
     return key
 
 
@@ -66,8 +67,9 @@ def fingerprint(body: dict[str, Any]) -> str:
 class IdempotencyStore:
     """Remembers the body fingerprint each key was first used with."""
 
-    def __init__(self, client: aioredis.Redis, ttl_seconds: int, gate: RedisGate | None = None,
-                 secret: str = "") -> None:
+    def __init__(
+        self, client: aioredis.Redis, ttl_seconds: int, gate: RedisGate | None = None, secret: str = ""
+    ) -> None:
         self._secret = secret.encode()
         self._redis = client
         self._ttl = ttl_seconds
@@ -93,5 +95,6 @@ class IdempotencyStore:
             return
         self._gate.succeeded()
         if isinstance(previous, bytes) and previous.decode() != body_hash:
-            raise ApiError(422, "idempotency_key_reused",
-                           "this Idempotency-Key was already used with a different request body")
+            raise ApiError(
+                422, "idempotency_key_reused", "this Idempotency-Key was already used with a different request body"
+            )

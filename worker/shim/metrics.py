@@ -18,25 +18,48 @@ class ShimMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
-        self.requests = Counter("orders_shim_requests", "HTTP requests by route, method and status.",
-                                ["route", "method", "status"], registry=reg)
-        self.latency = Histogram("orders_shim_request_duration_seconds", "HTTP request latency by route.",
-                                 ["route"], buckets=BUCKETS, registry=reg)
-        self.published = Counter("orders_shim_commands_published", "Commands published, by type and outcome.",
-                                 ["type", "outcome"], registry=reg)
-        self.rate_limited = Counter("orders_shim_rate_limited", "Requests refused with 429, by kind.",
-                                    ["kind"], registry=reg)
+        self.requests = Counter(
+            "orders_shim_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=reg,
+        )
+        self.latency = Histogram(
+            "orders_shim_request_duration_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=BUCKETS,
+            registry=reg,
+        )
+        self.published = Counter(
+            "orders_shim_commands_published",
+            "Commands published, by type and outcome.",
+            ["type", "outcome"],
+            registry=reg,
+        )
+        self.rate_limited = Counter(
+            "orders_shim_rate_limited", "Requests refused with 429, by kind.", ["kind"], registry=reg
+        )
         self.ratelimit_unavailable = Counter(
             "orders_shim_ratelimit_unavailable",
             "Rate-limit checks decided in-process (this process's share) because Redis was unreachable.",
-            registry=reg)
-        self.ratelimit_mode = Gauge("orders_shim_ratelimit_mode",
-                                    "1 for where rate limits are enforced now: redis, or local while it is unreachable.",
-                                    ["mode"], registry=reg)
-        self.shed = Counter("orders_shim_shed", "Requests shed with 503 overloaded, by reason (concurrency, redis_pool).",
-                            ["reason"], registry=reg)
-        self.cache_requests = Counter("orders_shim_cache_requests", "Order view reads by result (hit, miss, error).",
-                                      ["result"], registry=reg)
+            registry=reg,
+        )
+        self.ratelimit_mode = Gauge(
+            "orders_shim_ratelimit_mode",
+            "1 for where rate limits are enforced now: redis, or local while it is unreachable.",
+            ["mode"],
+            registry=reg,
+        )
+        self.shed = Counter(
+            "orders_shim_shed",
+            "Requests shed with 503 overloaded, by reason (concurrency, redis_pool).",
+            ["reason"],
+            registry=reg,
+        )
+        self.cache_requests = Counter(
+            "orders_shim_cache_requests", "Order view reads by result (hit, miss, error).", ["result"], registry=reg
+        )
 
     def cache(self, result: str) -> None:
         """Called by :class:`worker.read_model.OrderCache`."""

@@ -24,7 +24,6 @@ UserId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=
 PaymentMethod = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_]+$")]
 
 
-
 def _whole_number(value: Any) -> Any:
     # JSON Schema's "integer" includes 2.0; strict pydantic does not: take the integral floats
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -135,7 +134,8 @@ class OrderView(BaseModel):
     items: list[OrderLine]
     payment: PaymentView
     next_action: dict[str, str] | None = Field(
-        default=None, description="What the buyer does next: `client_secret` (Stripe) or `approve_url` (PayPal).")
+        default=None, description="What the buyer does next: `client_secret` (Stripe) or `approve_url` (PayPal)."
+    )
     reason: str | None = None
     created_at: str
     updated_at: str
@@ -159,7 +159,8 @@ class Check(BaseModel):
 
 class RateLimitState(BaseModel):
     mode: Literal["redis", "local"] = Field(
-        description="Where limits are enforced: `redis` (shared), or `local` (this process's share) while Redis is unreachable.")
+        description="Where limits are enforced: `redis` (shared), or `local` (this process's share) while Redis is unreachable."
+    )
     share_of: int = Field(description="The configured limits are divided by this many processes in `local` mode.")
 
 

@@ -35,11 +35,17 @@ async def _check(probe: Any) -> str:
         return f"unavailable: {type(exc).__name__}"
 
 
-@router.get("/readyz", response_model=Readiness, tags=["operations"], summary="Dependencies reachable",
-            responses={503: {"model": Readiness, "description": "PostgreSQL or RabbitMQ is unreachable."}})
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    tags=["operations"],
+    summary="Dependencies reachable",
+    responses={503: {"model": Readiness, "description": "PostgreSQL or RabbitMQ is unreachable."}},
+)
 async def readyz(s: ShimDep) -> Any:
     """Ready when PostgreSQL and RabbitMQ answer.  Redis is reported, never required: without it
     reads come from PostgreSQL and rate limits are enforced in-process (``rate_limits``)."""
+
     def select_one() -> None:
         with s.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -47,11 +53,17 @@ async def readyz(s: ShimDep) -> Any:
     async def postgres() -> None:
         await run_in_threadpool(select_one)
 
-    checks = {"postgresql": await _check(postgres), "rabbitmq": await _check(s.publisher.ping),
-              "redis": await _redis(s)}
+    checks = {
+        "postgresql": await _check(postgres),
+        "rabbitmq": await _check(s.publisher.ping),
+        "redis": await _redis(s),
+    }
     ready = checks["postgresql"] == "ok" and checks["rabbitmq"] == "ok"
-    body = Readiness(status="ready" if ready else "not_ready", checks=checks,  # type: ignore[arg-type]
-                     rate_limits=RateLimitState(mode=s.limiter.mode, share_of=s.limiter.local.processes))
+    body = Readiness(
+        status="ready" if ready else "not_ready",
+        checks=checks,  # type: ignore[arg-type]
+        rate_limits=RateLimitState(mode=s.limiter.mode, share_of=s.limiter.local.processes),
+    )
     if ready:
         return body
     failing = ", ".join(k for k in ("postgresql", "rabbitmq") if checks[k] != "ok")
@@ -72,18 +84,29 @@ async def _redis(s: Any) -> str:
     return "ok"
 
 
-@router.get("/metrics", tags=["operations"], summary="Prometheus metrics",
-            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+@router.get(
+    "/metrics",
+    tags=["operations"],
+    summary="Prometheus metrics",
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 def metrics(s: ShimDep) -> Response:
     return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/orders/payment-confirmation", response_model=WebhookAccepted, tags=["payments"],
-             summary="Payment provider webhook (Stripe, PayPal, internal HMAC)",
-             responses={400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody},
-                        503: {"model": ErrorBody}},
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": {"type": "object"}}}}})
+@router.post(
+    "/orders/payment-confirmation",
+    response_model=WebhookAccepted,
+    tags=["payments"],
+    summary="Payment provider webhook (Stripe, PayPal, internal HMAC)",
+    responses={
+        400: {"model": ErrorBody},
+        413: {"model": ErrorBody},
+        422: {"model": ErrorBody},
+        503: {"model": ErrorBody},
+    },
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}},
+)
 async def payment_confirmation(request: Request, s: ShimDep) -> WebhookAccepted:
     # the raw bytes are what the provider signed: never re-serialise before verifying
     body = await request.body()

@@ -38,8 +38,12 @@ POLL_SECONDS = 0.02
 _PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d{1,6})(?:$|[;,\s])")
 
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
-_RATE_HEADERS = {**_RETRY_AFTER, "RateLimit-Limit": {"schema": {"type": "string"}},
-                 "RateLimit-Remaining": {"schema": {"type": "string"}}, "RateLimit-Reset": {"schema": {"type": "string"}}}
+_RATE_HEADERS = {
+    **_RETRY_AFTER,
+    "RateLimit-Limit": {"schema": {"type": "string"}},
+    "RateLimit-Remaining": {"schema": {"type": "string"}},
+    "RateLimit-Reset": {"schema": {"type": "string"}},
+}
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -51,8 +55,9 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", pattern=KEY_PATTERN,
-                                              description="Same key and body → the same order.")]
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", pattern=KEY_PATTERN, description="Same key and body → the same order.")
+]
 Prefer = Annotated[str | None, Header(max_length=200, description="`wait=N` (N ≤ 30): wait for the outcome.")]
 
 
@@ -80,8 +85,9 @@ async def _view(s: Shim, order_id: str) -> dict[str, Any] | None:
     try:
         return await s.cache.get(order_id)
     except sa_exc.SQLAlchemyError:
-        raise ApiError(503, "database_unavailable", "orders cannot be read now; retry later",
-                       {"Retry-After": "5"}) from None
+        raise ApiError(
+            503, "database_unavailable", "orders cannot be read now; retry later", {"Retry-After": "5"}
+        ) from None
 
 
 async def _owned_view(s: Shim, principal: Principal, order_id: uuid.UUID) -> dict[str, Any]:
@@ -126,12 +132,18 @@ def _refusal(reply: dict[str, Any]) -> ApiError:
 def _rejection(order_id: str, view: dict[str, Any], headers: dict[str, str]) -> ApiError:
     """A placed order the worker rejected (unknown product, declined card, ...): the rejection, not a 201."""
     reason = view.get("reason") or "no reason given"
-    return ApiError(422, "order_rejected", f"order {order_id} was rejected: {reason}",
-                    {**headers, "Location": f"/orders/{order_id}"}, order_id=order_id)
+    return ApiError(
+        422,
+        "order_rejected",
+        f"order {order_id} was rejected: {reason}",
+        {**headers, "Location": f"/orders/{order_id}"},
+        order_id=order_id,
+    )
 
 
-async def _enqueue(s: Shim, cmd: Command, prefer: str | None,
-             response: Response) -> tuple[dict[str, str], float | None, dict[str, Any] | None]:
+async def _enqueue(
+    s: Shim, cmd: Command, prefer: str | None, response: Response
+) -> tuple[dict[str, str], float | None, dict[str, Any] | None]:
     """Publish ``cmd``; with ``Prefer: wait`` also wait for the worker's reply.
 
     Returns the response headers, the wait's deadline (None when the caller
@@ -151,13 +163,29 @@ async def _enqueue(s: Shim, cmd: Command, prefer: str | None,
     return headers, deadline, reply
 
 
-@router.post("/orders", status_code=202, response_model=Accepted, summary="Place an order",
-             responses={201: {"model": OrderView, "description": "Placed (with `Prefer: wait`)."},
-                        422: {"model": ErrorBody, "description": "Invalid request (`validation_error`), or, with "
-                              "`Prefer: wait`, the order was rejected (`order_rejected`: the reason and `order_id`)."},
-                        **_errors(400, 401, 403, 409, 413, 429, 503)})
-async def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, principal: PlaceCaller,
-                idempotency_key: IdempotencyKey = None, prefer: Prefer = None) -> Any:
+@router.post(
+    "/orders",
+    status_code=202,
+    response_model=Accepted,
+    summary="Place an order",
+    responses={
+        201: {"model": OrderView, "description": "Placed (with `Prefer: wait`)."},
+        422: {
+            "model": ErrorBody,
+            "description": "Invalid request (`validation_error`), or, with "
+            "`Prefer: wait`, the order was rejected (`order_rejected`: the reason and `order_id`).",
+        },
+        **_errors(400, 401, 403, 409, 413, 429, 503),
+    },
+)
+async def place_order(
+    body: PlaceOrderRequest,
+    response: Response,
+    s: ShimDep,
+    principal: PlaceCaller,
+    idempotency_key: IdempotencyKey = None,
+    prefer: Prefer = None,
+) -> Any:
     if body.user_id is not None and body.user_id != principal.user_id and not principal.is_admin:
         raise ApiError(403, "forbidden", "a user may place orders only for itself")
     user = body.user_id or principal.user_id
@@ -175,37 +203,57 @@ async def place_order(body: PlaceOrderRequest, response: Response, s: ShimDep, p
     headers, deadline, reply = await _enqueue(s, cmd, prefer, response)
     if deadline is None:
         return _accepted(str(order_id), "pending", headers)
-    view = None if reply is None else await _settled_view(s, str(order_id), deadline, lambda v: v["status"] != "pending")
+    view = (
+        None if reply is None else await _settled_view(s, str(order_id), deadline, lambda v: v["status"] != "pending")
+    )
     if view is not None and view["user_id"] != user:
         raise _taken()
     if view is None:
         return _accepted(str(order_id), "pending", headers)
     if view["status"] == "rejected":
         raise _rejection(str(order_id), view, headers)
-    return JSONResponse(OrderView.of(view).model_dump(mode="json"), 201,
-                        {**headers, "Location": f"/orders/{order_id}"})
+    return JSONResponse(OrderView.of(view).model_dump(mode="json"), 201, {**headers, "Location": f"/orders/{order_id}"})
 
 
-@router.get("/orders/{order_id}", response_model=OrderView, summary="Read an order",
-            responses=_errors(401, 404, 422, 429, 503))
+@router.get(
+    "/orders/{order_id}", response_model=OrderView, summary="Read an order", responses=_errors(401, 404, 422, 429, 503)
+)
 async def get_order(order_id: uuid.UUID, s: ShimDep, principal: ReadCaller) -> Any:
     return OrderView.of(await _owned_view(s, principal, order_id))
 
 
-@router.put("/orders/{order_id}/cancel", status_code=202, response_model=Accepted, summary="Cancel an order",
-            responses={200: {"model": OrderView, "description": "Cancelled (with `Prefer: wait`)."},
-                       **_errors(400, 401, 404, 409, 413, 422, 429, 503)})
-async def cancel_order(order_id: uuid.UUID, response: Response, s: ShimDep, principal: PlaceCaller,
-                 body: Annotated[CancelRequest | None, Body()] = None,
-                 idempotency_key: IdempotencyKey = None, prefer: Prefer = None) -> Any:
+@router.put(
+    "/orders/{order_id}/cancel",
+    status_code=202,
+    response_model=Accepted,
+    summary="Cancel an order",
+    responses={
+        200: {"model": OrderView, "description": "Cancelled (with `Prefer: wait`)."},
+        **_errors(400, 401, 404, 409, 413, 422, 429, 503),
+    },
+)
+async def cancel_order(
+    order_id: uuid.UUID,
+    response: Response,
+    s: ShimDep,
+    principal: PlaceCaller,
+    body: Annotated[CancelRequest | None, Body()] = None,
+    idempotency_key: IdempotencyKey = None,
+    prefer: Prefer = None,
+) -> Any:
     view = await _owned_view(s, principal, order_id)
     if view["status"] == "cancelled":
         raise ApiError(409, "already_cancelled", f"order {order_id} is already cancelled")
     if view["status"] not in ("pending", "awaiting_payment"):
         raise ApiError(409, "not_cancellable", f"order {order_id} is {view['status']} and can no longer be cancelled")
     key = validate_key(idempotency_key)
-    message_id = f"http-cancel-{s.idempotency.derive('cancel', principal.user_id, f'{order_id}:{key}') if key else uuid.uuid4()}"
-    command: dict[str, Any] = {"order_id": str(order_id), "requested_by": {"user_id": principal.user_id, "roles": list(principal.roles)}}
+    message_id = (
+        f"http-cancel-{s.idempotency.derive('cancel', principal.user_id, f'{order_id}:{key}') if key else uuid.uuid4()}"
+    )
+    command: dict[str, Any] = {
+        "order_id": str(order_id),
+        "requested_by": {"user_id": principal.user_id, "roles": list(principal.roles)},
+    }
     if body is not None and body.reason:
         command["reason"] = body.reason
     cmd = Command(COMMANDS_EXCHANGE, "order.cancel", "CancelOrder", message_id, command)

@@ -132,7 +132,17 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             return
         body = error_json(code, message)
-        self.transport.write(b"".join([
-            STATUS_LINE[status], b"content-type: application/json\r\n",
-            b"content-length: ", str(len(body)).encode(), b"\r\n", b"connection: close\r\n\r\n", body]))
+        self.transport.write(
+            b"".join(
+                [
+                    STATUS_LINE[status],
+                    b"content-type: application/json\r\n",
+                    b"content-length: ",
+                    str(len(body)).encode(),
+                    b"\r\n",
+                    b"connection: close\r\n\r\n",
+                    body,
+                ]
+            )
+        )
         self.transport.close()

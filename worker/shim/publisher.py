@@ -38,11 +38,18 @@ class Command:
     headers: dict[str, Any] = field(default_factory=dict)
 
     def outgoing(self) -> Outgoing:
-        return Outgoing(self.exchange, self.routing_key, json.dumps(self.body, separators=(",", ":")).encode(), {
-            "message_id": self.message_id, "type": self.message_type,
-            "correlation_id": self.correlation_id or self.message_id, "app_id": "orders-shim",
-            "headers": self.headers or None,
-        })
+        return Outgoing(
+            self.exchange,
+            self.routing_key,
+            json.dumps(self.body, separators=(",", ":")).encode(),
+            {
+                "message_id": self.message_id,
+                "type": self.message_type,
+                "correlation_id": self.correlation_id or self.message_id,
+                "app_id": "orders-shim",
+                "headers": self.headers or None,
+            },
+        )
 
 
 def unavailable(message: str = "the message broker is unavailable; retry later") -> ApiError:
@@ -94,8 +101,12 @@ class CommandPublisher:
 
     def _fail(self, command: Command, exc: BaseException) -> Any:
         self._count(command, "failed")
-        log.warning("command not confirmed", type=command.message_type, message_id=command.message_id,
-                    error=str(exc) or type(exc).__name__)
+        log.warning(
+            "command not confirmed",
+            type=command.message_type,
+            message_id=command.message_id,
+            error=str(exc) or type(exc).__name__,
+        )
         raise unavailable() from None
 
     def _count(self, command: Command, outcome: str) -> None:

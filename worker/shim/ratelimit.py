@@ -68,8 +68,12 @@ class Decision:
 
     def headers(self) -> dict[str, str]:
         """IETF draft RateLimit headers (and Retry-After when refused)."""
-        h = {"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": str(self.remaining),
-             "RateLimit-Reset": str(self.reset_seconds), "RateLimit-Policy": f"{self.limit};w={WINDOW_SECONDS}"}
+        h = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_seconds),
+            "RateLimit-Policy": f"{self.limit};w={WINDOW_SECONDS}",
+        }
         if not self.allowed:
             h["Retry-After"] = str(max(1, self.reset_seconds))
         return h
@@ -98,8 +102,9 @@ class LocalLimiter:
     the event loop.
     """
 
-    def __init__(self, limits: dict[str, tuple[int, int]], processes: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, limits: dict[str, tuple[int, int]], processes: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.processes = processes
         self.clock = clock
         self._caps = {kind: (share(u, processes), share(a, processes)) for kind, (u, a) in limits.items()}
@@ -133,8 +138,14 @@ def _seconds(s: float) -> int:
 class RateLimiter:
     """Counts requests per (kind, user) and (kind, address): in Redis, or in-process while it is down."""
 
-    def __init__(self, client: aioredis.Redis, limits: dict[str, tuple[int, int]], metrics: object = None,
-                 gate: RedisGate | None = None, processes: int = 1) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        limits: dict[str, tuple[int, int]],
+        metrics: object = None,
+        gate: RedisGate | None = None,
+        processes: int = 1,
+    ) -> None:
         """``limits``: kind (``place``/``read``) → (per user, per address) per minute;
         ``processes``: how many shim processes share them when Redis is unreachable."""
         self._script = client.register_script(_CHECK_AND_COUNT)
@@ -169,14 +180,14 @@ class RateLimiter:
         per_user, per_address = self._limits[kind]
         keys = [f"{KEY_PREFIX}{kind}:u:{user}", f"{KEY_PREFIX}{kind}:a:{address}"]
         allowed, remaining, reset_ms, limit = await self._script(
-            keys=keys, args=[per_user, per_address, WINDOW_SECONDS * 1000])
+            keys=keys, args=[per_user, per_address, WINDOW_SECONDS * 1000]
+        )
         self._gate.succeeded()
         return Decision(bool(allowed), int(limit), max(0, int(remaining)), -(-int(reset_ms) // 1000))
 
     def _switched(self, down: bool) -> None:
         if down:
-            log.warning("rate limits enforced in-process while redis is unreachable",
-                        share_of=self.local.processes)
+            log.warning("rate limits enforced in-process while redis is unreachable", share_of=self.local.processes)
         else:
             log.info("rate limits enforced in redis again")
         self._show_mode()

@@ -55,9 +55,16 @@ class StrictJsonRoute(APIRoute):
                 try:
                     await request.json()
                 except DuplicateKeyError as exc:
-                    raise RequestValidationError([{
-                        "type": "duplicate_key", "loc": ("body", *exc.path),
-                        "msg": f"duplicate key {exc.key!r}", "input": exc.key}]) from None
+                    raise RequestValidationError(
+                        [
+                            {
+                                "type": "duplicate_key",
+                                "loc": ("body", *exc.path),
+                                "msg": f"duplicate key {exc.key!r}",
+                                "input": exc.key,
+                            }
+                        ]
+                    ) from None
                 except ValueError:
                     pass  # malformed JSON: FastAPI parses again and answers as it always does
             return await handler(request)

@@ -25,12 +25,16 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     proxies = [str(network) for network in cfg.trusted_proxies]
     return {
         # access logs cost ~10% of throughput; /metrics counts every request instead
-        "access_log": False, "log_config": None, "timeout_graceful_shutdown": 10,
-        "http": functools.partial(EdgeHttpToolsProtocol, max_head_bytes=cfg.max_header_bytes,
-                                  head_timeout=cfg.header_timeout_seconds),
+        "access_log": False,
+        "log_config": None,
+        "timeout_graceful_shutdown": 10,
+        "http": functools.partial(
+            EdgeHttpToolsProtocol, max_head_bytes=cfg.max_header_bytes, head_timeout=cfg.header_timeout_seconds
+        ),
         "timeout_keep_alive": cfg.keep_alive_seconds,
         # without trusted proxies the middleware is left out: the peer's address is the client's
-        "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies,
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies,
     }
 
 

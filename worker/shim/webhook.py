@@ -65,12 +65,14 @@ def _internal_command(cfg: ShimSettings, body: bytes, header: str) -> Command:
         cmd = PaymentConfirmed.model_validate_json(body)
     except ValidationError as exc:
         raise ApiError(422, "validation_error", describe_validation_error(exc)) from None
-    return Command(COMMANDS_EXCHANGE, "payment.confirmed", "PaymentConfirmed", cmd.event_id,
-                   cmd.model_dump(mode="json"))
+    return Command(
+        COMMANDS_EXCHANGE, "payment.confirmed", "PaymentConfirmed", cmd.event_id, cmd.model_dump(mode="json")
+    )
 
 
-def to_publish(cfg: ShimSettings, gateways: Mapping[str, PaymentGateway], body: bytes,
-               headers: Mapping[str, str]) -> tuple[str | None, Command | None]:
+def to_publish(
+    cfg: ShimSettings, gateways: Mapping[str, PaymentGateway], body: bytes, headers: Mapping[str, str]
+) -> tuple[str | None, Command | None]:
     """(event id, command to publish or None) for a webhook; 400/503 ApiError when it cannot be trusted."""
     lowered = {k.lower(): v for k, v in headers.items()}
     if INTERNAL_HEADER in lowered:
@@ -81,13 +83,16 @@ def to_publish(cfg: ShimSettings, gateways: Mapping[str, PaymentGateway], body: 
     except MalformedWebhook as exc:
         # signed, so the provider's (or its key's holder's): worth a look, but redelivery will not help
         log.warning("signed webhook is not a readable event", reason=str(exc))
-        raise ApiError(400, "invalid_webhook", "the webhook is signed but is not an event this service can read") from None
+        raise ApiError(
+            400, "invalid_webhook", "the webhook is signed but is not an event this service can read"
+        ) from None
     except WebhookVerificationError as exc:
         log.info("webhook rejected", reason=str(exc))
         raise _invalid("the webhook signature did not verify") from None
     except TransientPaymentError:
-        raise ApiError(503, "provider_unavailable", "could not verify the webhook now; redeliver later",
-                       {"Retry-After": "30"}) from None
+        raise ApiError(
+            503, "provider_unavailable", "could not verify the webhook now; redeliver later", {"Retry-After": "30"}
+        ) from None
     try:
         webhook = to_command(event)
     except ValueError as exc:
@@ -96,6 +101,6 @@ def to_publish(cfg: ShimSettings, gateways: Mapping[str, PaymentGateway], body: 
         return event.event_id, None
     if webhook is None:
         return event.event_id, None
-    return event.event_id, Command(webhook.exchange, webhook.routing_key, webhook.message_type,
-                                   webhook.message_id, webhook.body)
-
+    return event.event_id, Command(
+        webhook.exchange, webhook.routing_key, webhook.message_type, webhook.message_id, webhook.body
+    )

@@ -13,32 +13,33 @@ Revises: 0001
 Create Date: 2026-12-01 23:30:00
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
-revision = '0002'
-down_revision = '0001'
+revision = "0002"
+down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-_BEFORE = ('pending', 'awaiting_payment', 'completed', 'shipped', 'cancelled', 'rejected')
-_AFTER = (*_BEFORE, 'refunded')
+_BEFORE = ("pending", "awaiting_payment", "completed", "shipped", "cancelled", "rejected")
+_AFTER = (*_BEFORE, "refunded")
 
 
 def _status_check(statuses: tuple[str, ...]) -> None:
-    op.drop_constraint(op.f('ck_orders_status_known'), 'orders', type_='check')
-    op.create_check_constraint(op.f('ck_orders_status_known'), 'orders',
-                               "status IN (" + ", ".join(f"'{s}'" for s in statuses) + ")")
+    op.drop_constraint(op.f("ck_orders_status_known"), "orders", type_="check")
+    op.create_check_constraint(
+        op.f("ck_orders_status_known"), "orders", "status IN (" + ", ".join(f"'{s}'" for s in statuses) + ")"
+    )
 
 
 def upgrade() -> None:
     _status_check(_AFTER)
-    op.alter_column('orders', 'currency', existing_type=sa.String(length=3), nullable=True)
+    op.alter_column("orders", "currency", existing_type=sa.String(length=3), nullable=True)
     # only rejected orders ever carried the placeholder, and no payment was made for them
     op.execute("UPDATE orders SET currency = NULL WHERE currency = 'XXX' AND status = 'rejected' AND total = 0")
 
 
 def downgrade() -> None:
     op.execute("UPDATE orders SET currency = 'XXX' WHERE currency IS NULL")
-    op.alter_column('orders', 'currency', existing_type=sa.String(length=3), nullable=False)
+    op.alter_column("orders", "currency", existing_type=sa.String(length=3), nullable=False)
     _status_check(_BEFORE)
