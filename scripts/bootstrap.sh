@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared first steps of scripts/up.sh and scripts/test.sh:
 #   1. create .venv if missing (python3 -m venv; $PYTHON picks another interpreter),
-#   2. pip install -e '.[test]', skipped while setup.cfg/setup.py are unchanged
+#   2. pip install -e '.[test,dev]', skipped while setup.cfg/setup.py are unchanged
 #      since the last successful install (a hash stamp inside .venv),
 #   3. scripts/ensure_services.sh (PostgreSQL, Redis, RabbitMQ).
 set -euo pipefail
@@ -36,8 +36,8 @@ want=$(cat setup.cfg setup.py | sha256sum | cut -d' ' -f1)
 if [ -x "$VENV/bin/orders" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ]; then
   say "dependencies up to date"
 else
-  say "pip install -e '.[test]' ..."
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+  say "pip install -e '.[test,dev]' ..."
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,dev]'
   echo "$want" >"$STAMP"
 fi
 
