@@ -66,6 +66,15 @@ PAYMENT_STEP_TYPES = frozenset(
 DEAD_LETTER_EXCHANGE = "orders.dlx"
 #: headers exchange in front of the delay queues, routing on header DELAY_HEADER
 DELAY_EXCHANGE = "orders.delay"
+#: every exchange :func:`declare_topology` declares
+EXCHANGES = (
+    COMMANDS_EXCHANGE,
+    INTERNAL_EXCHANGE,
+    INVENTORY_EXCHANGE,
+    EVENTS_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+    DELAY_EXCHANGE,
+)
 #: the tier header; not ``x-…``: a headers exchange ignores x- headers when matching
 DELAY_HEADER = "orders-delay-tier"
 #: redeliveries (e.g. a message that crashes its worker) before the broker dead-letters it
@@ -582,14 +591,7 @@ def missing_topology(url: str, delays: Iterable[int]) -> list[str]:
 
     AMQP has no passive check for bindings; ``orders topology`` repairs those too.
     """
-    exchanges = [
-        COMMANDS_EXCHANGE,
-        INTERNAL_EXCHANGE,
-        INVENTORY_EXCHANGE,
-        EVENTS_EXCHANGE,
-        DEAD_LETTER_EXCHANGE,
-        DELAY_EXCHANGE,
-    ]
+    exchanges = EXCHANGES
     queues = [DEAD_LETTER_QUEUE, *COMMAND_QUEUES, PAYMENTS_QUEUE, *(delay_queue(s) for s in delays)]
     found = _passive_check(url, [("exchange", e) for e in exchanges] + [("queue", q) for q in queues])
     return [f"exchange {e}" for e in exchanges if found[e] is None] + [f"queue {q}" for q in queues if found[q] is None]

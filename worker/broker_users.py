@@ -38,9 +38,8 @@ from worker.broker import (
     DEAD_LETTER_QUEUE,
     DELAY_EXCHANGE,
     DLQ_LOCK_QUEUE,
-    EVENTS_EXCHANGE,
+    EXCHANGES,
     INTERNAL_EXCHANGE,
-    INVENTORY_EXCHANGE,
     PAYMENTS_QUEUE,
     REPLY_TO,
 )
@@ -83,14 +82,7 @@ def upstream_permissions() -> Permissions:
 
 def service_permissions() -> Permissions:
     """Everything :func:`worker.broker.declare_topology` and the processes need, nothing more."""
-    exchanges = [
-        COMMANDS_EXCHANGE,
-        INTERNAL_EXCHANGE,
-        INVENTORY_EXCHANGE,
-        EVENTS_EXCHANGE,
-        DEAD_LETTER_EXCHANGE,
-        DELAY_EXCHANGE,
-    ]
+    exchanges = EXCHANGES
     work = [*COMMAND_QUEUES, PAYMENTS_QUEUE, DEAD_LETTER_QUEUE]
     return Permissions(
         # declare every exchange and queue, and the `orders dlq` session lock (an exclusive queue)
