@@ -1,34 +1,44 @@
 """Command handlers: one module per command, plain functions over a unit of work.
 
-``COMMAND_HANDLERS`` routes a message type to its model and handler; the
-worker knows nothing else about the commands.
+``COMMAND_HANDLERS`` maps a command class to its handler; which queue and
+routing key a command travels on is :mod:`schema.topology`'s business, and
+the worker knows nothing else about the commands.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from handlers.cancel_order import cancel_order
 from handlers.outcome import MessageContext, Outcome
 from handlers.payment_confirmed import payment_confirmed
 from handlers.place_order import place_order
+from handlers.unit_of_work import UnitOfWork
 from schema import messages
 
-Handler = Callable[[Any, MessageContext, Any], Outcome]
 
-COMMAND_HANDLERS: dict[str, Handler] = {
-    "PlaceOrder": place_order,
-    "CancelOrder": cancel_order,
-    "PaymentConfirmed": payment_confirmed,
+class Handler(Protocol):
+    """A command handler: the command, its message's context, the unit of work of the batch."""
+
+    def __call__(self, command: Any, msg: MessageContext, uow: UnitOfWork, /) -> Outcome: ...
+
+
+COMMAND_HANDLERS: dict[type[messages.Command], Handler] = {
+    messages.PlaceOrder: place_order,
+    messages.CancelOrder: cancel_order,
+    messages.PaymentConfirmed: payment_confirmed,
 }
 
 #: order in which a batch applies its commands: placing first, so a cancel or
 #: confirmation that raced its PlaceOrder into the same batch finds the order
-APPLY_ORDER = {"PlaceOrder": 0, "CancelOrder": 1, "PaymentConfirmed": 1}
+APPLY_ORDER: dict[type[messages.Command], int] = {messages.PlaceOrder: 0}
 
 
-def order_id_of(command: Any, message_id: str) -> str:
+def apply_rank(command: messages.Command) -> int:
+    return APPLY_ORDER.get(type(command), 1)
+
+
+def order_id_of(command: messages.Command, message_id: str) -> str:
     if isinstance(command, messages.PlaceOrder):
         return command.resolved_order_id(message_id)
-    return str(command.order_id)
+    return str(command.order_id)  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ from handlers.errors import NotFound, RetryLater
 from handlers.orders import HOLDS_STOCK, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.unit_of_work import UnitOfWork
-from schema.messages import CancelOrder
+from schema.messages import CancelOrder, CancelPayment
 
 
 def cancel_order(cmd: CancelOrder, msg: MessageContext, uow: UnitOfWork) -> Outcome:
@@ -33,5 +33,5 @@ def cancel_order(cmd: CancelOrder, msg: MessageContext, uow: UnitOfWork) -> Outc
     events.order_event(uow, order, "order.cancelled", msg.message_id)
     payment = uow.payment(order_id)
     if payment is not None and payment.status not in ("declined", "cancelled"):
-        events.internal(uow, order, "CancelPayment", "payment.cancel", msg.message_id)
+        events.internal(uow, order, CancelPayment, msg.message_id)
     return Outcome.of("applied", order)

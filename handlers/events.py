@@ -12,11 +12,8 @@ from typing import Any
 
 from handlers.orders import Order
 from handlers.unit_of_work import UnitOfWork
-from schema.messages import uuid5
-
-INVENTORY = "inventory"
-ORDER_EVENTS = "orders.events"
-INTERNAL = "orders.internal"
+from schema.messages import Command, uuid5
+from schema.topology import EVENTS_EXCHANGE, INVENTORY_EXCHANGE, REFUSED, route
 
 EVENT_NAMESPACE = uuid.UUID("0d8f3a52-5a7e-4b7b-8f0c-5e1b1f0a9c11")
 
@@ -37,7 +34,7 @@ def stock(uow: UnitOfWork, order: Order, routing_key: str, message_id: str) -> N
     """``stock.reserve`` / ``stock.release`` / ``stock.commit`` with the items."""
     body = _envelope(order, routing_key, message_id)
     body["items"] = order.stock_lines()
-    uow.emit(INVENTORY, routing_key, routing_key, body, order.order_id, order.correlation_id, body["event_id"])
+    uow.emit(INVENTORY_EXCHANGE, routing_key, routing_key, body, order.order_id, order.correlation_id, body["event_id"])
 
 
 def order_event(uow: UnitOfWork, order: Order, routing_key: str, message_id: str, **extra: Any) -> None:
@@ -54,24 +51,22 @@ def order_event(uow: UnitOfWork, order: Order, routing_key: str, message_id: str
     if order.next_action and routing_key == "order.awaiting_payment":
         body["next_action"] = order.next_action
     body.update({k: v for k, v in extra.items() if v is not None})
-    uow.emit(ORDER_EVENTS, routing_key, routing_key, body, order.order_id, order.correlation_id, body["event_id"])
+    uow.emit(EVENTS_EXCHANGE, routing_key, routing_key, body, order.order_id, order.correlation_id, body["event_id"])
 
 
-def internal(uow: UnitOfWork, order: Order, command: str, routing_key: str, message_id: str, **data: Any) -> None:
-    """An internal command for the payment step, published by the relay."""
+def internal(uow: UnitOfWork, order: Order, command: type[Command], message_id: str, **data: Any) -> None:
+    """An internal command for the payment step, published by the relay on its route."""
+    r = route(command)
     body = {"order_id": order.order_id, **data}
     uow.emit(
-        INTERNAL,
-        routing_key,
-        command,
+        r.exchange,
+        r.routing_key,
+        r.message_type,
         body,
         order.order_id,
         order.correlation_id,
-        event_id(order.order_id, routing_key, message_id),
+        event_id(order.order_id, r.routing_key, message_id),
     )
-
-
-REFUSED = "command.refused"
 
 
 def refused(
@@ -94,4 +89,4 @@ def refused(
         "message": message[:1000],
         "correlation_id": correlation_id,
     }
-    uow.emit(ORDER_EVENTS, REFUSED, "CommandRefused", body, order_id, correlation_id, eid)
+    uow.emit(EVENTS_EXCHANGE, REFUSED, "CommandRefused", body, order_id, correlation_id, eid)

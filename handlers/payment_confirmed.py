@@ -21,8 +21,8 @@ from handlers import events
 from handlers.errors import Mismatch, RetryLater
 from handlers.orders import CANCELLABLE, Order, Status
 from handlers.outcome import MessageContext, Outcome
-from handlers.unit_of_work import PaymentRecord, UnitOfWork
-from schema.messages import PaymentConfirmed
+from handlers.unit_of_work import PaymentRecord, PaymentStatus, UnitOfWork
+from schema.messages import PaymentConfirmed, RefundPayment, SettlePayment
 
 #: providers whose payments the payment step can look up
 ASKABLE = frozenset({"stripe", "paypal"})
@@ -51,15 +51,14 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
     if payment is not None and payment.provider_payment_id == cmd.payment_id:
         if payment.confirmed_event_id is not None:
             return Outcome.of("unchanged", order, "payment was already confirmed")
-        if payment.status == "refunded":  # a late confirmation of money already given back
+        if payment.status == PaymentStatus.REFUNDED:  # a late confirmation of money already given back
             return Outcome.of("unchanged", order, "payment was refunded already")
     problem = _mismatch(cmd, order, payment)
     if cmd.provider in ASKABLE and (problem is not None or cmd.provider == "paypal"):
         events.internal(
             uow,
             order,
-            "SettlePayment",
-            "payment.settle",
+            SettlePayment,
             msg.message_id,
             provider=cmd.provider,
             payment_id=cmd.payment_id,
@@ -80,7 +79,7 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
     payment = payment or PaymentRecord(  # confirmed before the payment step recorded anything
         order_id=order_id,
         provider=order.payment_provider,
-        status="started",
+        status=PaymentStatus.STARTED,
         amount=cmd.amount,
         currency=cmd.currency,
         idempotency_key=f"order-{order_id}",  # equal to the order's: checked above
@@ -101,7 +100,7 @@ def confirm(
     payment.provider_payment_id = payment_id
     payment.provider = provider  # who took the money, and so who can give it back
     payment.confirmed_event_id = event_id
-    payment.status = "succeeded"
+    payment.status = PaymentStatus.SUCCEEDED
     uow.save_payment(payment)
     if order.status in CANCELLABLE:
         order.transition(Status.COMPLETED, message_id)
@@ -109,6 +108,6 @@ def confirm(
         events.order_event(uow, order, "order.completed", message_id)
         return Outcome.of("applied", order)
     if order.status in (Status.CANCELLED, Status.REJECTED):
-        events.internal(uow, order, "RefundPayment", "payment.refund", message_id)
+        events.internal(uow, order, RefundPayment, message_id)
         return Outcome.of("applied", order, "payment arrived after the order ended: refund requested")
     return Outcome.of("unchanged", order, f"order is already {order.status.value}")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from handlers import events
 from handlers.errors import IllegalTransition, ManualActionRequired, Mismatch, RetryLater
@@ -49,14 +49,36 @@ from handlers.payments.base import (
     PaymentResult,
     RefundResult,
 )
-from handlers.unit_of_work import PaymentRecord, UnitOfWork
+from handlers.unit_of_work import PaymentRecord, PaymentStatus, UnitOfWork
+from schema.messages import (
+    CancelPayment,
+    CapturePayment,
+    Command,
+    PaymentFailed,
+    RefundPayment,
+    SettlePayment,
+    StartPayment,
+)
 
 #: payment states after which StartPayment has nothing left to do
 STARTED_AND_ANSWERED = frozenset(
-    {"succeeded", "requires_action", "capturing", "processing", "declined", "failed", "cancelled", "refunded"}
+    {
+        PaymentStatus.SUCCEEDED,
+        PaymentStatus.REQUIRES_ACTION,
+        PaymentStatus.CAPTURING,
+        PaymentStatus.PROCESSING,
+        PaymentStatus.DECLINED,
+        PaymentStatus.FAILED,
+        PaymentStatus.CANCELLED,
+        PaymentStatus.REFUNDED,
+    }
 )
 #: payment states in which a payment is open at the provider and can still be cancelled
-OPEN = frozenset({"started", "requires_action", "processing", "capturing"})
+OPEN = frozenset(
+    {PaymentStatus.STARTED, PaymentStatus.REQUIRES_ACTION, PaymentStatus.PROCESSING, PaymentStatus.CAPTURING}
+)
+C = TypeVar("C", bound=Command)
+
 #: how long a capture of ours may stay unseen at the provider before it counts as never sent (seconds)
 CAPTURE_SETTLE_SECONDS = 60.0
 
@@ -87,7 +109,7 @@ def _new_payment(order: Order) -> PaymentRecord:
     return PaymentRecord(
         order_id=order.order_id,
         provider=order.payment_provider,
-        status="started",
+        status=PaymentStatus.STARTED,
         amount=order.total,
         currency=order.currency,
         idempotency_key=idempotency_key(order.order_id, "start"),
@@ -97,7 +119,7 @@ def _new_payment(order: Order) -> PaymentRecord:
 # -- StartPayment ---------------------------------------------------------------
 
 
-def prepare_start(cmd: Any, uow: UnitOfWork) -> Call | None:
+def prepare_start(cmd: StartPayment, uow: UnitOfWork) -> Call | None:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     if payment is not None and payment.status in STARTED_AND_ANSWERED:
         return None  # answered before: a duplicate
@@ -127,7 +149,7 @@ def apply_result(
     """Move the order by the provider's answer (start or capture)."""
     mid = msg.message_id
     other = payment.provider_payment_id
-    if payment.status == "refunded" and result.provider_payment_id in (None, "", other):
+    if payment.status == PaymentStatus.REFUNDED and result.provider_payment_id in (None, "", other):
         # a late answer about money already given back: recording it would refund (and announce) it again
         return Outcome.of("unchanged", order, "this payment was refunded already")
     if payment.confirmed_event_id is not None and result.provider_payment_id not in (None, "", other):
@@ -135,7 +157,7 @@ def apply_result(
     payment.provider_payment_id = result.provider_payment_id or payment.provider_payment_id
     payment.capture_id = result.capture_id or payment.capture_id
     if result.outcome is PayOutcome.SUCCEEDED:
-        payment.status = "succeeded"
+        payment.status = PaymentStatus.SUCCEEDED
         payment.confirmed_event_id = payment.confirmed_event_id or f"{msg.message_type}:{mid}"
         uow.save_payment(payment)
         if order.status in CANCELLABLE:
@@ -143,7 +165,7 @@ def apply_result(
             events.stock(uow, order, "stock.commit", mid)
             events.order_event(uow, order, "order.completed", mid)
         elif order.status in (Status.CANCELLED, Status.REJECTED):
-            events.internal(uow, order, "RefundPayment", "payment.refund", mid)
+            events.internal(uow, order, RefundPayment, mid)
         return Outcome.of("applied", order)
     if result.outcome in (PayOutcome.REQUIRES_ACTION, PayOutcome.PROCESSING):
         payment.status = result.outcome.value
@@ -153,9 +175,9 @@ def apply_result(
             order.transition(Status.AWAITING_PAYMENT, mid)
             events.order_event(uow, order, "order.awaiting_payment", mid)
         elif order.status is Status.CANCELLED:
-            events.internal(uow, order, "CancelPayment", "payment.cancel", mid)
+            events.internal(uow, order, CancelPayment, mid)
         return Outcome.of("applied", order)
-    payment.status = "declined"
+    payment.status = PaymentStatus.DECLINED
     payment.last_error = result.decline_reason
     uow.save_payment(payment)
     return _reject(order, f"payment declined: {result.decline_reason or 'no reason given'}", mid, uow)
@@ -165,9 +187,9 @@ def _second_payment(order: Order, result: PaymentResult, mid: str, uow: UnitOfWo
     """The order was paid another way while this call was in flight: undo this one."""
     pid = result.provider_payment_id
     if result.outcome is PayOutcome.SUCCEEDED:
-        events.internal(uow, order, "RefundPayment", "payment.refund", f"{mid}:{pid}", payment_id=pid)
+        events.internal(uow, order, RefundPayment, f"{mid}:{pid}", payment_id=pid)
     elif result.outcome in (PayOutcome.REQUIRES_ACTION, PayOutcome.PROCESSING):
-        events.internal(uow, order, "CancelPayment", "payment.cancel", f"{mid}:{pid}", payment_id=pid)
+        events.internal(uow, order, CancelPayment, f"{mid}:{pid}", payment_id=pid)
     return Outcome.of("unchanged", order, f"order was already paid; second payment {pid} is given back")
 
 
@@ -179,7 +201,9 @@ def _reject(order: Order, reason: str, mid: str, uow: UnitOfWork) -> Outcome:
     return Outcome.of("applied", order, reason)
 
 
-def record_start(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: PaymentResult) -> Outcome:
+def record_start(
+    cmd: StartPayment | CapturePayment, msg: MessageContext, uow: UnitOfWork, result: PaymentResult
+) -> Outcome:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     return apply_result(order, payment or _new_payment(order), result, msg, uow)
 
@@ -193,21 +217,19 @@ def record_failure(cmd: Any, msg: MessageContext, uow: UnitOfWork, error: Paymen
     if msg.message_type == "RefundPayment":
         raise ManualActionRequired(f"refund of order {order.order_id} failed: {error}; refund it by hand, then purge")
     if isinstance(error, PaymentAlreadyCaptured):
-        if second is None and payment is not None and payment.status == "refunded":
+        if second is None and payment is not None and payment.status == PaymentStatus.REFUNDED:
             # a second cancel finding the capture that a refund already gave back: done (found by the chaos run,
             # which saw the payment set back to succeeded and refunded, and announced, twice)
             return Outcome.of("unchanged", order, "captured, and refunded already")
         if payment is not None and second is None:
-            payment.status = "succeeded"
+            payment.status = PaymentStatus.SUCCEEDED
             uow.save_payment(payment)
-        events.internal(
-            uow, order, "RefundPayment", "payment.refund", msg.message_id, **({"payment_id": second} if second else {})
-        )
+        events.internal(uow, order, RefundPayment, msg.message_id, **({"payment_id": second} if second else {}))
         return Outcome.of("applied", order, str(error))
     if msg.message_type == "CancelPayment":
         return Outcome.of("unchanged", order, f"payment could not be cancelled: {error}")
     if payment is not None:
-        payment.status = "failed"
+        payment.status = PaymentStatus.FAILED
         payment.last_error = str(error)[:1000]
         uow.save_payment(payment)
     return _reject(order, f"payment failed: {error}", msg.message_id, uow)
@@ -216,7 +238,7 @@ def record_failure(cmd: Any, msg: MessageContext, uow: UnitOfWork, error: Paymen
 # -- CapturePayment (PayPal buyer approved) ----------------------------------------
 
 
-def prepare_capture(cmd: Any, uow: UnitOfWork) -> Call | None:
+def prepare_capture(cmd: CapturePayment, uow: UnitOfWork) -> Call | None:
     """Capture an approved PayPal order, marking the payment ``capturing`` first (transaction 1).
 
     The mark is what lets a cancel know that a capture of ours may still
@@ -230,11 +252,14 @@ def prepare_capture(cmd: Any, uow: UnitOfWork) -> Call | None:
         raise RetryLater(f"payment of order {order.order_id} is not recorded yet")
     if payment.provider_payment_id != cmd.payment_id:
         raise Mismatch(f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
-    if payment.status == "capturing" and order.status is Status.CANCELLED:
+    if payment.status == PaymentStatus.CAPTURING and order.status is Status.CANCELLED:
         return _cancel_call(order, payment.provider_payment_id)  # cancelled while our capture was out: look
-    if payment.status not in ("requires_action", "capturing") or order.status is not Status.AWAITING_PAYMENT:
+    if (
+        payment.status not in (PaymentStatus.REQUIRES_ACTION, PaymentStatus.CAPTURING)
+        or order.status is not Status.AWAITING_PAYMENT
+    ):
         return None  # captured already, or the order ended: never capture then
-    payment.status = "capturing"
+    payment.status = PaymentStatus.CAPTURING
     uow.save_payment(payment)
     key = idempotency_key(order.order_id, "capture")
     return Call(order.payment_provider, lambda gateway: gateway.capture(cmd.payment_id, key))
@@ -248,7 +273,7 @@ def _cancel_call(order: Order, payment_id: str) -> Call:
 
 
 def record_capture(
-    cmd: Any,
+    cmd: CapturePayment,
     msg: MessageContext,
     uow: UnitOfWork,
     result: PaymentResult | None,
@@ -261,7 +286,7 @@ def record_capture(
 
 
 def _not_captured_yet(order: Order, payment: PaymentRecord | None, uow: UnitOfWork, settle_after: float) -> Outcome:
-    if payment is None or payment.status != "capturing":
+    if payment is None or payment.status != PaymentStatus.CAPTURING:
         return Outcome.of("unchanged", order, "nothing was captured")
     if payment.unchanged_seconds < settle_after:
         # our capture may still be carried out: look again later (the delay tiers), refund if it was
@@ -271,7 +296,7 @@ def _not_captured_yet(order: Order, payment: PaymentRecord | None, uow: UnitOfWo
         )
     # far past any client timeout: the capture never went out (a kill or an outage between marking and
     # sending it). Recorded as not captured; one that lands after all is refunded through its confirmation.
-    payment.status = "cancelled"
+    payment.status = PaymentStatus.CANCELLED
     payment.last_error = (
         f"capture not seen at {payment.provider} {int(payment.unchanged_seconds)} s after it was "
         "marked; recorded as not captured"
@@ -283,7 +308,7 @@ def _not_captured_yet(order: Order, payment: PaymentRecord | None, uow: UnitOfWo
 # -- CancelPayment -----------------------------------------------------------------
 
 
-def prepare_cancel(cmd: Any, uow: UnitOfWork) -> Call | None:
+def prepare_cancel(cmd: CancelPayment, uow: UnitOfWork) -> Call | None:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     if cmd.payment_id is not None:  # a second payment, never recorded as the order's
         key, second = idempotency_key(order.order_id, f"cancel-{cmd.payment_id}"), cmd.payment_id
@@ -291,20 +316,28 @@ def prepare_cancel(cmd: Any, uow: UnitOfWork) -> Call | None:
     if (
         payment is None
         or payment.provider_payment_id is None
-        or payment.status not in ("requires_action", "capturing", "processing")
+        or payment.status not in (PaymentStatus.REQUIRES_ACTION, PaymentStatus.CAPTURING, PaymentStatus.PROCESSING)
     ):
         return None  # nothing open at the provider (a start in flight settles itself)
     return _cancel_call(order, payment.provider_payment_id)
 
 
 def record_cancel(
-    cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None, settle_after: float = CAPTURE_SETTLE_SECONDS
+    cmd: CancelPayment,
+    msg: MessageContext,
+    uow: UnitOfWork,
+    _result: None,
+    settle_after: float = CAPTURE_SETTLE_SECONDS,
 ) -> Outcome:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
-    if cmd.payment_id is None and payment is not None and payment.status == "capturing":
+    if cmd.payment_id is None and payment is not None and payment.status == PaymentStatus.CAPTURING:
         return _not_captured_yet(order, payment, uow, settle_after)
-    if cmd.payment_id is None and payment is not None and payment.status in ("requires_action", "processing"):
-        payment.status = "cancelled"
+    if (
+        cmd.payment_id is None
+        and payment is not None
+        and payment.status in (PaymentStatus.REQUIRES_ACTION, PaymentStatus.PROCESSING)
+    ):
+        payment.status = PaymentStatus.CANCELLED
         uow.save_payment(payment)
     return Outcome.of("applied", order)
 
@@ -312,7 +345,7 @@ def record_cancel(
 # -- RefundPayment -----------------------------------------------------------------
 
 
-def prepare_refund(cmd: Any, uow: UnitOfWork) -> Call | None:
+def prepare_refund(cmd: RefundPayment, uow: UnitOfWork) -> Call | None:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     if cmd.payment_id is not None:  # a second payment, never recorded as the order's
         key = idempotency_key(order.order_id, f"refund-{cmd.payment_id}")
@@ -325,7 +358,7 @@ def prepare_refund(cmd: Any, uow: UnitOfWork) -> Call | None:
                 "refund it by hand, then purge this message"
             )
         return Call(order.payment_provider, lambda gateway: gateway.refund(second, total, cur, key))
-    if payment is None or payment.status == "refunded":
+    if payment is None or payment.status == PaymentStatus.REFUNDED:
         return None
     if order.status not in REFUNDABLE:
         raise IllegalTransition(
@@ -345,13 +378,13 @@ def prepare_refund(cmd: Any, uow: UnitOfWork) -> Call | None:
     return Call(payment.provider, lambda gateway: gateway.refund(taken, amount, currency, key))
 
 
-def record_refund(cmd: Any, msg: MessageContext, uow: UnitOfWork, result: RefundResult | None) -> Outcome:
+def record_refund(cmd: RefundPayment, msg: MessageContext, uow: UnitOfWork, result: RefundResult | None) -> Outcome:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     if cmd.payment_id is not None:
         return Outcome.of("applied", order, f"second payment {cmd.payment_id} refunded")
-    if payment is None or payment.status == "refunded" or result is None:
+    if payment is None or payment.status == PaymentStatus.REFUNDED or result is None:
         return Outcome.of("unchanged", order)
-    payment.status = "refunded"
+    payment.status = PaymentStatus.REFUNDED
     payment.refund_id = result.refund_id
     uow.save_payment(payment)
     if order.status is Status.COMPLETED:
@@ -369,16 +402,16 @@ def prepare_none(cmd: Any, uow: UnitOfWork) -> None:
     return None
 
 
-def record_failed(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None) -> Outcome:
+def record_failed(cmd: PaymentFailed, msg: MessageContext, uow: UnitOfWork, _result: None) -> Outcome:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     if payment is not None and payment.provider_payment_id not in (None, cmd.payment_id):
         raise Mismatch(f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
-    if payment is not None and payment.status == "succeeded":
+    if payment is not None and payment.status == PaymentStatus.SUCCEEDED:
         return Outcome.of("unchanged", order, "payment already succeeded")
     if payment is None and order.currency is None:
         return Outcome.of("unchanged", order, "no product of this order is known: no payment was ever asked for")
     payment = payment or _new_payment(order)
-    payment.status = "declined"
+    payment.status = PaymentStatus.DECLINED
     payment.provider_payment_id = cmd.payment_id
     payment.last_error = cmd.reason
     uow.save_payment(payment)
@@ -388,13 +421,13 @@ def record_failed(cmd: Any, msg: MessageContext, uow: UnitOfWork, _result: None)
 # -- SettlePayment (a confirmation that is asked about) --------------------------------
 
 
-def prepare_settle(cmd: Any, uow: UnitOfWork) -> Call | None:
+def prepare_settle(cmd: SettlePayment, uow: UnitOfWork) -> Call | None:
     _order_and_payment(uow, str(cmd.order_id))  # the order must exist (a retry waits for it)
     payment_id = cmd.payment_id
     return Call(cmd.provider, lambda gateway: gateway.lookup(payment_id))
 
 
-def record_settle(cmd: Any, msg: MessageContext, uow: UnitOfWork, facts: PaymentFacts) -> Outcome:
+def record_settle(cmd: SettlePayment, msg: MessageContext, uow: UnitOfWork, facts: PaymentFacts) -> Outcome:
     """The provider's word on the payment a confirmation named: complete the order on it, or refuse."""
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     if not facts.taken or facts.order_id != order.order_id:
@@ -423,7 +456,7 @@ def record_settle(cmd: Any, msg: MessageContext, uow: UnitOfWork, facts: Payment
     unused = payment.provider_payment_id
     if unused not in (None, facts.provider_payment_id) and payment.status in OPEN:
         # the payment step's own intent was never paid: the order keeps the one the buyer paid
-        events.internal(uow, order, "CancelPayment", "payment.cancel", f"{msg.message_id}:{unused}", payment_id=unused)
+        events.internal(uow, order, CancelPayment, f"{msg.message_id}:{unused}", payment_id=unused)
     payment.capture_id = facts.capture_id or (payment.capture_id if unused == facts.provider_payment_id else None)
     return confirm(order, payment, cmd.provider, facts.provider_payment_id, cmd.event_id, msg.message_id, uow)
 
@@ -434,8 +467,7 @@ def _give_back(order: Order, facts: PaymentFacts, mid: str, uow: UnitOfWork) -> 
     events.internal(
         uow,
         order,
-        "RefundPayment",
-        "payment.refund",
+        RefundPayment,
         f"{mid}:{pid}",
         payment_id=pid,
         amount=facts.amount,
@@ -449,22 +481,24 @@ def _refuse_confirmation(cmd: Any, order: Order, reason: str, message: str, uow:
 
 
 @dataclass(frozen=True)
-class Step:
-    prepare: Callable[[Any, UnitOfWork], Call | None]
-    record: Callable[[Any, MessageContext, UnitOfWork, Any], Outcome]
+class Step(Generic[C]):
+    """One payment step: ``prepare`` (transaction 1), the provider call, ``record`` (transaction 2)."""
+
+    prepare: Callable[[C, UnitOfWork], Call | None]
+    record: Callable[[C, MessageContext, UnitOfWork, Any], Outcome]
     #: False for steps that only change the order (record runs without a call)
     calls_provider: bool = True
 
 
-def payment_steps(capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS) -> dict[str, Step]:
-    """The steps by command type, with the worker's settings."""
+def payment_steps(capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS) -> dict[type[Command], Step[Any]]:
+    """The steps by command class, with the worker's settings."""
     return {
-        "StartPayment": Step(prepare_start, record_start),
-        "CapturePayment": Step(prepare_capture, functools.partial(record_capture, settle_after=capture_settle_seconds)),
-        "CancelPayment": Step(prepare_cancel, functools.partial(record_cancel, settle_after=capture_settle_seconds)),
-        "RefundPayment": Step(prepare_refund, record_refund),
-        "PaymentFailed": Step(prepare_none, record_failed, calls_provider=False),
-        "SettlePayment": Step(prepare_settle, record_settle),
+        StartPayment: Step(prepare_start, record_start),
+        CapturePayment: Step(prepare_capture, functools.partial(record_capture, settle_after=capture_settle_seconds)),
+        CancelPayment: Step(prepare_cancel, functools.partial(record_cancel, settle_after=capture_settle_seconds)),
+        RefundPayment: Step(prepare_refund, record_refund),
+        PaymentFailed: Step(prepare_none, record_failed, calls_provider=False),
+        SettlePayment: Step(prepare_settle, record_settle),
     }
 
 

@@ -15,7 +15,7 @@ from handlers.errors import Taken
 from handlers.orders import Line, Order, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.unit_of_work import UnitOfWork
-from schema.messages import PlaceOrder
+from schema.messages import PlaceOrder, StartPayment
 
 
 def place_order(cmd: PlaceOrder, msg: MessageContext, uow: UnitOfWork) -> Outcome:
@@ -65,5 +65,5 @@ def place_order(cmd: PlaceOrder, msg: MessageContext, uow: UnitOfWork) -> Outcom
         return Outcome.of("rejected", order)
     events.stock(uow, order, "stock.reserve", msg.message_id)
     events.order_event(uow, order, "order.placed", msg.message_id)
-    events.internal(uow, order, "StartPayment", "payment.start", msg.message_id)
+    events.internal(uow, order, StartPayment, msg.message_id)
     return Outcome.of("applied", order)

@@ -8,6 +8,7 @@ inbox row and the outbox events.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,11 +23,25 @@ class Product:
     active: bool
 
 
+class PaymentStatus(enum.StrEnum):
+    """Where an order's payment stands, as the payment step last recorded it (column ``payments.status``)."""
+
+    STARTED = "started"  # asked for; the provider's answer is not recorded yet
+    REQUIRES_ACTION = "requires_action"  # the buyer must act (3-D Secure, PayPal approval)
+    PROCESSING = "processing"  # the provider is still deciding
+    CAPTURING = "capturing"  # our capture of an approved PayPal order is under way
+    SUCCEEDED = "succeeded"  # money taken
+    DECLINED = "declined"  # the provider refused
+    FAILED = "failed"  # the provider reported a failure after accepting the attempt
+    CANCELLED = "cancelled"  # cancelled at the provider, or never captured
+    REFUNDED = "refunded"  # money given back
+
+
 @dataclass
 class PaymentRecord:
     order_id: str
     provider: str
-    status: str
+    status: PaymentStatus
     amount: int
     currency: str
     idempotency_key: str

@@ -51,18 +51,18 @@ import psycopg2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker import db  # noqa: E402
-from worker.broker import (  # noqa: E402
+from schema.topology import (  # noqa: E402
     COMMAND_QUEUES,
     COMMANDS_EXCHANGE,
     DEAD_LETTER_QUEUE,
     EVENTS_EXCHANGE,
     INVENTORY_EXCHANGE,
     PAYMENTS_QUEUE,
-    Outgoing,
-    PipelinedPublisher,
     delay_queue,
 )
+from worker import db  # noqa: E402
+from worker.rabbit.connection import Outgoing  # noqa: E402
+from worker.rabbit.publisher import PipelinedPublisher  # noqa: E402
 from worker.settings import load_settings  # noqa: E402
 
 ORDERS_CLI = str(Path(sys.executable).parent / "orders")

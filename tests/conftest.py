@@ -127,7 +127,8 @@ class Bus:
         self.ch.confirm_delivery()
 
     def reset(self) -> None:
-        from worker.broker import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, declare_topology, delay_queue
+        from schema.topology import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
+        from worker.rabbit.topology import declare_topology
 
         declare_topology(self.ch, self.delays)
         for q in [*COMMAND_QUEUES, PAYMENTS_QUEUE, DEAD_LETTER_QUEUE, *(delay_queue(s) for s in self.delays)]:
@@ -141,7 +142,7 @@ class Bus:
     def publish(
         self, message_type: str, body: Any, message_id: str | None = None, routing_key: str | None = None, **props: Any
     ) -> str:
-        from worker.broker import COMMAND_QUEUES, COMMANDS_EXCHANGE
+        from schema.topology import COMMAND_QUEUES, COMMANDS_EXCHANGE
 
         keys = {"PlaceOrder": "order.place", "CancelOrder": "order.cancel", "PaymentConfirmed": "payment.confirmed"}
         message_id = str(uuid.uuid4()) if message_id is None else message_id  # "" sends none
@@ -178,7 +179,7 @@ class Bus:
 
     def dead_letters(self) -> list[dict[str, Any]]:
         """Read the dead-letter queue without consuming it (requeue after)."""
-        from worker.broker import DEAD_LETTER_QUEUE
+        from schema.topology import DEAD_LETTER_QUEUE
 
         ch = self.conn.channel()
         found, tags = [], []

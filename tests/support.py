@@ -33,7 +33,8 @@ def private_vhost(settings: Any, name: str) -> str:
     Other test runs on this machine share the test vhost; a worker of theirs
     must never consume this module's commands.
     """
-    from worker.broker import BlockingBroker
+    from worker.rabbit.connection import BlockingBroker
+    from worker.rabbit.topology import declare_topology
 
     url = settings.rabbitmq.url.get_secret_value()
     try:
@@ -49,6 +50,6 @@ def private_vhost(settings: Any, name: str) -> str:
     except (OSError, subprocess.TimeoutExpired):
         pass
     broker = BlockingBroker(url).connect()
-    broker.declare_topology(settings.worker.retry_delays_seconds)
+    declare_topology(broker.channel(), settings.worker.retry_delays_seconds)
     broker.close()
     return url

@@ -21,7 +21,8 @@ import pika
 import pika.exceptions
 import pytest
 
-from worker.broker import BlockingBroker, DeadLetterSession, Outgoing
+from worker.rabbit.connection import BlockingBroker, Outgoing
+from worker.rabbit.dead_letters import DeadLetterSession
 
 ORDERS = str(Path(sys.executable).parent / "orders")
 RUN = os.getpid()

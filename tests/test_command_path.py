@@ -229,7 +229,7 @@ def test_a_place_order_routed_into_orders_cancel_is_dead_lettered_and_places_not
 
 
 def _payment_delivery(queue: str, message_type: str, body: dict[str, Any]) -> Any:
-    from worker.broker import Delivery
+    from worker.rabbit.connection import Delivery
 
     return Delivery(
         delivery_tag=1,
@@ -248,8 +248,8 @@ def _payment_delivery(queue: str, message_type: str, body: dict[str, Any]) -> An
 
 
 def test_orders_payments_takes_only_payment_steps_and_a_payment_step_only_from_there(clean_db, make_place):
-    from worker.payments import PaymentStep
-    from worker.processing import Result
+    from worker.outcomes import Result
+    from worker.steps import PaymentStep
 
     step = PaymentStep(clean_db, gateways={})
     refund = {"order_id": str(uuid.uuid4())}

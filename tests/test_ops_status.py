@@ -193,7 +193,7 @@ def test_worker_reconnects_after_rabbitmq_restarts_and_loses_nothing(
     liveness = Path(test_env["ORDERS_WORKER__LIVENESS_FILE"])
     wait(lambda: time.time() - liveness.stat().st_mtime < 3, what="the liveness file touched after the restart")
     log = worker.log.read_text()
-    lost = log.count('"broker connection lost"') + log.count('"broker unavailable, retrying"')
+    lost = log.count('"dependency lost"') + log.count('"dependency unavailable, retrying"')
     assert 2 <= lost <= 4, "one line per state change and process, not one per attempt"
 
 

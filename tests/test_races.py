@@ -9,8 +9,10 @@ from typing import Any
 
 from sqlalchemy import text
 
-from worker.broker import Delivery, queue_of
-from worker.processing import Applier, Result
+from schema.topology import queue_of
+from worker.commands import Applier
+from worker.outcomes import Result
+from worker.rabbit.connection import Delivery
 
 
 def delivery(kind: str, body: dict[str, Any], message_id: str | None = None) -> Delivery:

@@ -11,8 +11,10 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
-from worker.broker import Delivery, queue_of
-from worker.processing import Applier, Result
+from schema.topology import queue_of
+from worker.commands import Applier
+from worker.outcomes import Result
+from worker.rabbit.connection import Delivery
 from worker.read_model import KEY_PREFIX, OrderCache, load_views, make_redis
 from worker.unit_of_work import PostgresUnitOfWork
 

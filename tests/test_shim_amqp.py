@@ -14,8 +14,9 @@ from typing import Any
 import pika
 import pytest
 
-from worker.broker import COMMANDS_EXCHANGE, Outgoing
+from schema.topology import COMMANDS_EXCHANGE
 from worker.errors import ConnectionLost, PublishNotConfirmed
+from worker.rabbit.connection import Outgoing
 from worker.shim.amqp import AsyncChannel
 from worker.shim.errors import ApiError
 from worker.shim.publisher import Command, CommandPublisher

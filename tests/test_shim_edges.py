@@ -216,7 +216,7 @@ def test_a_normal_request_is_still_served_and_the_connection_kept_alive(shim):
 
 
 def _queued_orders(amqp_url: str) -> int:
-    from worker.broker import BlockingBroker
+    from worker.rabbit.connection import BlockingBroker
 
     broker = BlockingBroker(amqp_url).connect()
     try:

@@ -21,9 +21,6 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Order servic
 products_app = typer.Typer(no_args_is_help=True, help="The product catalogue.")
 app.add_typer(products_app, name="products")
 
-#: how often a pool process without command queues makes the cache refreshes it owes (seconds)
-IDLE_SECONDS = 0.5
-
 ConfigOption = Annotated[
     Optional[Path],
     typer.Option("--config", "-c", help="Configuration file (default: $ORDERS_CONFIG or config/config.yaml)."),
@@ -112,8 +109,9 @@ def topology(
     ] = False,
 ) -> None:
     """Declare the RabbitMQ exchanges, queues and bindings (safe to repeat); with --users, the broker users."""
-    from worker.broker import BlockingBroker
     from worker.errors import BrokerError
+    from worker.rabbit.connection import BlockingBroker
+    from worker.rabbit.topology import declare_topology
 
     settings = _settings(config)
     if users:
@@ -124,7 +122,7 @@ def topology(
         raise typer.Exit(2)
     try:
         broker = BlockingBroker(settings.rabbitmq.url.get_secret_value()).connect()
-        broker.declare_topology(settings.worker.retry_delays_seconds)
+        declare_topology(broker.channel(), settings.worker.retry_delays_seconds)
         broker.close()
     except BrokerError as exc:
         typer.echo(f"error: RabbitMQ: {exc}", err=True)
@@ -135,7 +133,7 @@ def topology(
 def _topology_users(settings: Settings, upstream: str | None, service: str | None, print_only: bool) -> None:
     import os
 
-    from worker import broker_users
+    from worker.rabbit import users as broker_users
 
     if not upstream or not service:
         typer.echo("error: --users needs --upstream-user NAME and --service-user NAME", err=True)
@@ -174,46 +172,6 @@ def products_import(
     typer.echo(f"imported {count} products")
 
 
-def _worker_process(settings: Settings, index: int, stop: threading.Event, queues: list[str]) -> None:
-    """One pool process: the command consumer, and the payment step in a thread."""
-    import structlog
-
-    from handlers.payments import build_gateways
-    from worker import db, logs
-    from worker.broker import COMMAND_QUEUES, PAYMENTS_QUEUE
-    from worker.consumer import CommandConsumer
-    from worker.metrics import Metrics
-    from worker.payments import PaymentConsumer, PaymentStep
-    from worker.read_model import OrderCache, make_redis
-
-    logs.configure(settings.logging.level, settings.logging.format)
-    structlog.contextvars.bind_contextvars(worker=index)
-    engine = db.make_engine(settings.database)
-    metrics = Metrics()
-    cache = OrderCache(engine, make_redis(settings.redis), settings.redis.cache_ttl_seconds)
-    queues = queues or [*COMMAND_QUEUES, PAYMENTS_QUEUE]
-    payments = None
-    if PAYMENTS_QUEUE in queues:
-        step = PaymentStep(
-            engine,
-            build_gateways(settings),
-            settings.worker.inplace_retries,
-            views=cache,
-            metrics=metrics,
-            capture_settle_seconds=settings.worker.capture_settle_seconds,
-        )
-        payments = threading.Thread(target=PaymentConsumer(settings, step, metrics).run, args=(stop,), name="payments")
-        payments.start()
-    commands = [q for q in queues if q in COMMAND_QUEUES]
-    if commands:
-        CommandConsumer(settings, engine, commands, views=cache, metrics=metrics).run(stop)
-    else:
-        while not stop.wait(IDLE_SECONDS):
-            cache.settle_owed()
-    if payments is not None:
-        payments.join()
-
-
 @app.command()
 def worker(
     config: ConfigOption = None,
@@ -233,7 +191,8 @@ def worker(
     ] = None,
 ) -> None:
     """Run the worker pool: N processes consuming the command queues."""
-    from worker.broker import COMMAND_QUEUES, PAYMENTS_QUEUE
+    from schema.topology import COMMAND_QUEUES, PAYMENTS_QUEUE
+    from worker.bootstrap import worker_process
     from worker.supervisor import run_pool
 
     settings = _settings(config, serving=True)
@@ -247,15 +206,14 @@ def worker(
         if q not in known:
             typer.echo(f"error: unknown queue {q!r}; choose from {', '.join(known)}", err=True)
             raise typer.Exit(2)
-    target = functools.partial(_worker_process, queues=list(queues or []))
+    target = functools.partial(worker_process, queues=list(queues or []))
     raise typer.Exit(run_pool(target, settings, processes or settings.worker.processes))
 
 
 @app.command()
 def relay(config: ConfigOption = None) -> None:
     """Run the outbox relay (one is active; more wait as standbys)."""
-    from worker import db, metrics
-    from worker.relay import Relay
+    from worker import bootstrap, metrics
 
     settings = _settings(config, serving=True)
     stop = _stop_on_signals()
@@ -264,7 +222,7 @@ def relay(config: ConfigOption = None) -> None:
         metrics.serve(settings.metrics.host, relay_port)
     except OSError as exc:
         typer.echo(f"warning: metrics port {relay_port} unavailable: {exc}", err=True)
-    Relay(settings, db.make_engine(settings.database, pool_size=2), metrics.Metrics()).run(stop)
+    bootstrap.relay(settings, metrics.Metrics()).run(stop)
 
 
 token_app = typer.Typer(no_args_is_help=True, help="Development JWTs for the HTTP shim.")

@@ -138,7 +138,8 @@ def _edit(dl: Any) -> bytes:
     """Open $EDITOR on the body; the result must pass the message model."""
     import click
 
-    from schema.messages import InvalidMessage, parse_command
+    from schema.messages import InvalidMessage
+    from schema.topology import parse_command
 
     try:
         start = json.dumps(json.loads(dl.delivery.body), indent=2, ensure_ascii=False)

@@ -77,8 +77,8 @@ def webhook_replay(
     from handlers.payments import build_gateways
     from handlers.payments.base import PaymentError, WebhookVerificationError
     from handlers.payments.webhooks import parse_webhook, to_command
-    from worker.broker import BlockingBroker, Outgoing
     from worker.errors import BrokerError
+    from worker.rabbit.connection import BlockingBroker, Outgoing
 
     settings = _load(config)
     body, headers = read_delivery(file)

@@ -2,7 +2,7 @@
 
 Two kinds reach ``orders.dead-letter``:
 
-- dead-lettered by a worker (``worker.consumer.failure_headers``): headers
+- dead-lettered by a worker (``worker.settlement.failure_headers``): headers
   ``x-original-*``, ``x-error-*``, ``x-attempts`` and the failure times;
 - dead-lettered by RabbitMQ itself when a message exceeded the work queue's
   ``x-delivery-limit`` (a worker kept dying while holding it): RabbitMQ's
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from worker.broker import Delivery
+from worker.rabbit.connection import Delivery
 
 #: headers dropped on replay: the message gets a fresh round of retries
 FAILURE_HEADERS = (

@@ -1,6 +1,6 @@
 """Dead-letter operations: browse, replay, purge, export.
 
-Every operation opens one :class:`worker.broker.DeadLetterSession`, which
+Every operation opens one :class:`worker.rabbit.dead_letters.DeadLetterSession`, which
 takes the *whole* queue into hand (unacked), acks only what was moved
 (replay: after the broker confirmed the republish; purge: after the export
 was written) and gives the rest back in queue order.  A run killed at any
@@ -22,10 +22,12 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from schema.topology import QUEUE_ACCEPTS, queue_of, wrong_queue
 from worker import dlq_audit
-from worker.broker import QUEUE_ACCEPTS, DeadLetterSession, Outgoing, queue_of, wrong_queue
 from worker.dead_letters import DeadLetter, replay_headers
 from worker.errors import BrokerError, PublishNotConfirmed
+from worker.rabbit.connection import Outgoing
+from worker.rabbit.dead_letters import DeadLetterSession
 from worker.settings import Settings
 
 

@@ -114,8 +114,8 @@ def check_postgres(settings: Settings) -> list[Finding]:
 def check_rabbitmq(settings: Settings) -> list[Finding]:
     from urllib.parse import urlsplit
 
-    from worker.broker import missing_topology
     from worker.errors import BrokerError
+    from worker.rabbit.topology import missing_topology
 
     url = settings.rabbitmq.url.get_secret_value()
     parts = urlsplit(url)

@@ -1,7 +1,7 @@
 """The worker's errors, and how an exception is sorted.
 
     WorkerError
-     ├── BrokerError           RabbitMQ (raised by worker.broker only)
+     ├── BrokerError           RabbitMQ (raised by worker.rabbit only)
      │    └── ConnectionLost   the connection or channel is gone: reconnect
      ├── PublishNotConfirmed   the broker nacked or did not confirm in time
      ├── ConcurrentUpdate      a guarded UPDATE lost its race: retry

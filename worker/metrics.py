@@ -15,15 +15,55 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 #: seconds buckets of the batch and payment-call histograms
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
 
 
+class MetricsSink(Protocol):
+    """What the consumers, the payment step, the relay and the cache report."""
+
+    def count(self, handled: Iterable[Any]) -> int: ...
+    def observe_batch(self, handled: Iterable[Any], seconds: float) -> None: ...
+    def retried(self, message_type: str | None) -> None: ...
+    def dead_lettered(self, message_type: str | None, error_class: str) -> None: ...
+    def payment_call(self, provider: str, step: str, outcome: str) -> None: ...
+    def relayed(self, count: int, lag_seconds: float) -> None: ...
+    def cache(self, result: str) -> None: ...
+
+
+class NullMetrics:
+    """Reports nowhere: for tools and tests that run a part without a metrics endpoint."""
+
+    def count(self, handled: Iterable[Any]) -> int:
+        return sum(1 for _ in handled)
+
+    def observe_batch(self, handled: Iterable[Any], seconds: float) -> None:
+        pass
+
+    def retried(self, message_type: str | None) -> None:
+        pass
+
+    def dead_lettered(self, message_type: str | None, error_class: str) -> None:
+        pass
+
+    def payment_call(self, provider: str, step: str, outcome: str) -> None:
+        pass
+
+    def relayed(self, count: int, lag_seconds: float) -> None:
+        pass
+
+    def cache(self, result: str) -> None:
+        pass
+
+
+NO_METRICS: MetricsSink = NullMetrics()
+
+
 class Metrics:
-    """The service's metrics; create one per process, after ``prepare_multiprocess``."""
+    """The service's metrics (a :class:`MetricsSink`); create one per process, after ``prepare_multiprocess``."""
 
     def __init__(self, registry: Any = None) -> None:
         from prometheus_client import REGISTRY, Counter, Gauge, Histogram

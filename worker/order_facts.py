@@ -13,9 +13,9 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from schema.messages import ORDER_ID_NAMESPACE
+from worker.commands import CONSUMER
 from worker.dead_letters import DeadLetter
 from worker.dlq import misplaced
-from worker.processing import CONSUMER
 
 
 def order_id_of(dl: DeadLetter) -> str | None:

@@ -25,9 +25,10 @@ import psycopg2.extensions
 import structlog
 from sqlalchemy import Engine, text
 
-from worker.broker import Outgoing, PipelinedPublisher
-from worker.consumer import Backoff
-from worker.errors import BrokerError
+from worker.metrics import NO_METRICS, MetricsSink
+from worker.rabbit.connection import Outgoing
+from worker.rabbit.publisher import PipelinedPublisher
+from worker.reconnect import Standby, keep_running
 from worker.settings import Settings
 from worker.unit_of_work import OUTBOX_CHANNEL
 
@@ -46,48 +47,30 @@ _DELETE_PUBLISHED = text("DELETE FROM outbox WHERE id = ANY(:ids)")
 
 
 class Relay:
-    def __init__(self, settings: Settings, engine: Engine, metrics: Any = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, metrics: MetricsSink = NO_METRICS) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
         self._last_housekeeping = 0.0
 
     def run(self, stop: threading.Event) -> None:
-        backoff = Backoff()
-        state = "starting"
-        while not stop.is_set():
-            listener = publisher = None
-            try:
-                listener = self._listen()
-                if not self._try_lock(listener):
-                    if state != "standby":
-                        log.info("another relay is active; standing by")
-                        state = "standby"
-                    listener.close()
-                    stop.wait(self.settings.relay.poll_interval_seconds)
-                    continue
-                publisher = PipelinedPublisher(
-                    self.settings.rabbitmq.url.get_secret_value(), self.settings.rabbitmq.heartbeat_seconds
-                ).connect()
-                log.info("relay active")
-                state = "active"
-                backoff.reset()
-                self._loop(listener, publisher, stop)
-            except (BrokerError, psycopg2.Error, OSError) as exc:
-                if state != "down":
-                    log.warning("relay lost a dependency, retrying", error=f"{type(exc).__name__}: {exc}")
-                    state = "down"
-                stop.wait(backoff.next())
-            except Exception as exc:  # noqa: BLE001 - sqlalchemy errors and the like
-                if state != "down":
-                    log.warning("relay failed, retrying", error=f"{type(exc).__name__}: {exc}")
-                    state = "down"
-                stop.wait(backoff.next())
-            finally:
-                if publisher is not None:
-                    publisher.close()
-                if listener is not None and not listener.closed:
-                    listener.close()
+        """Relay until ``stop`` is set: active while it holds the lock, a standby otherwise."""
+        # any failure (PostgreSQL, RabbitMQ, the lock's connection) ends the session; the next one starts afresh
+        keep_running("relay", self._open, stop, lost=(Exception,))
+
+    def _open(self) -> _RelaySession:
+        listener = self._listen()
+        try:
+            if not self._try_lock(listener):
+                raise Standby("another relay is active", self.settings.relay.poll_interval_seconds)
+            publisher = PipelinedPublisher(
+                self.settings.rabbitmq.url.get_secret_value(), self.settings.rabbitmq.heartbeat_seconds
+            ).connect()
+        except BaseException:
+            listener.close()
+            raise
+        log.info("relay active")
+        return _RelaySession(self, listener, publisher)
 
     def _listen(self) -> Any:
         conn = psycopg2.connect(self.settings.database.dsn, connect_timeout=5, application_name="orders-relay")
@@ -154,8 +137,7 @@ class Relay:
             # column is in the partial index) and costs PostgreSQL 3x a delete
             done = _DELETE_PUBLISHED if self.settings.worker.outbox_retention_hours == 0 else _MARK_PUBLISHED
             conn.execute(done, {"ids": [r[0] for r in rows]})
-        if self.metrics is not None:
-            self.metrics.relayed(len(rows), time.time() - rows[0][7])
+        self.metrics.relayed(len(rows), time.time() - rows[0][7])
         return len(rows)
 
     def housekeeping(self) -> dict[str, int]:
@@ -180,3 +162,18 @@ class Relay:
         if any(deleted.values()):
             log.info("housekeeping", **{f"deleted_{k}": v for k, v in deleted.items()})
         return deleted
+
+
+class _RelaySession:
+    """The active relay's connections: the lock's LISTEN connection and the pipelined publisher."""
+
+    def __init__(self, relay: Relay, listener: Any, publisher: PipelinedPublisher) -> None:
+        self.relay, self.listener, self.publisher = relay, listener, publisher
+
+    def run(self, stop: threading.Event) -> None:
+        self.relay._loop(self.listener, self.publisher, stop)
+
+    def close(self) -> None:
+        self.publisher.close()
+        if not self.listener.closed:
+            self.listener.close()

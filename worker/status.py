@@ -16,8 +16,9 @@ from rich.table import Table
 from sqlalchemy import Engine, text
 
 from schema.tables import ORDER_STATUSES
-from worker.broker import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue, queue_depths
+from schema.topology import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
 from worker.errors import BrokerError
+from worker.rabbit.topology import queue_depths
 from worker.settings import Settings
 
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
 
 from pydantic_core import to_json
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from handlers.orders import Line, Order, Status
-from handlers.unit_of_work import PaymentRecord, Product
+from handlers.unit_of_work import PaymentRecord, PaymentStatus, Product
 from schema import tables
 from worker.errors import ConcurrentUpdate
 
@@ -189,7 +190,8 @@ class PostgresUnitOfWork:
             ),
             {"ids": found},
         ):
-            self._payments[r.order_id] = PaymentRecord(**r._asdict())
+            fields = r._asdict()
+            self._payments[r.order_id] = PaymentRecord(**{**fields, "status": PaymentStatus(fields["status"])})
 
     def products(self, product_ids: list[str]) -> dict[str, Product]:
         self.preload((), product_ids)
@@ -346,4 +348,35 @@ class PostgresUnitOfWork:
         )
 
 
-__all__ = ["PostgresUnitOfWork", "OUTBOX_CHANNEL"]
+class Views(Protocol):
+    """The read model as the transactions that change orders keep it (:class:`worker.read_model.OrderCache`)."""
+
+    def outdate(self, versions: dict[str, int]) -> None:
+        """Before the commit: the cached views of these orders are outdated."""
+
+    def refresh(self, order_ids: Iterable[str]) -> None:
+        """After the commit: write the new views through."""
+
+    def settle_owed(self) -> None:
+        """When idle: the refreshes that could not be made before."""
+
+
+@contextmanager
+def order_transaction(engine: Engine, consumer: str, views: Views | None) -> Iterator[PostgresUnitOfWork]:
+    """One transaction that changes orders, as a unit of work that the body fills.
+
+    On a normal exit: flush, mark the changed orders' views outdated, commit,
+    then refresh those views.  On an exception: roll back, and nothing else.
+    """
+    with engine.begin() as conn:
+        uow = PostgresUnitOfWork(conn, consumer)
+        yield uow
+        uow.flush()
+        touched = uow.touched_versions
+        if views is not None and touched:
+            views.outdate(touched)  # before the commit: a process killed after it leaves no stale view
+    if views is not None and touched:
+        views.refresh(touched)
+
+
+__all__ = ["OUTBOX_CHANNEL", "PostgresUnitOfWork", "Views", "order_transaction"]

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from handlers.payments.base import PaymentGateway, WebhookEvent, WebhookKind, WebhookVerificationError
+from schema.messages import CapturePayment, Command, PaymentConfirmed, PaymentFailed
+from schema.topology import route
 
 _SIGNATURE_HEADERS = {"stripe-signature": "stripe", "paypal-transmission-sig": "paypal"}
 
@@ -76,13 +78,23 @@ __all__ = ["confirmation_message_id", "detect_provider", "parse_webhook", "to_pa
 
 @dataclass(frozen=True)
 class WebhookCommand:
-    """What a verified webhook asks the service to do: one command to publish."""
+    """What a verified webhook asks the service to do: one command to publish on its route."""
 
-    exchange: str
-    routing_key: str
-    message_type: str
+    command: type[Command]
     message_id: str
     body: dict[str, Any]
+
+    @property
+    def exchange(self) -> str:
+        return route(self.command).exchange
+
+    @property
+    def routing_key(self) -> str:
+        return route(self.command).routing_key
+
+    @property
+    def message_type(self) -> str:
+        return route(self.command).message_type
 
 
 def to_command(event: WebhookEvent) -> WebhookCommand | None:
@@ -96,13 +108,7 @@ def to_command(event: WebhookEvent) -> WebhookCommand | None:
     if event.kind is WebhookKind.IGNORED or event.order_id is None:
         return None
     if event.kind is WebhookKind.CONFIRMED:
-        return WebhookCommand(
-            "orders.commands",
-            "payment.confirmed",
-            "PaymentConfirmed",
-            confirmation_message_id(event),
-            to_payment_confirmed(event),
-        )
+        return WebhookCommand(PaymentConfirmed, confirmation_message_id(event), to_payment_confirmed(event))
     common = {
         "order_id": event.order_id,
         "provider": event.provider,
@@ -110,12 +116,6 @@ def to_command(event: WebhookEvent) -> WebhookCommand | None:
         "event_id": event.event_id,
     }
     if event.kind is WebhookKind.APPROVED:
-        return WebhookCommand("orders.internal", "payment.capture", "CapturePayment", event.event_id, common)
+        return WebhookCommand(CapturePayment, event.event_id, common)
     reason = (event.reason or "")[:1000] or None
-    return WebhookCommand(
-        "orders.internal",
-        "payment.failed",
-        "PaymentFailed",
-        event.event_id,
-        {**common, "reason": reason} if reason else common,
-    )
+    return WebhookCommand(PaymentFailed, event.event_id, {**common, "reason": reason} if reason else common)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.broker import DEAD_LETTER_QUEUE, INVENTORY_EXCHANGE
+from schema.topology import DEAD_LETTER_QUEUE, INVENTORY_EXCHANGE
 
 from .driver import Ledger
 from .injector import Injector

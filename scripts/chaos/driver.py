@@ -25,8 +25,8 @@ import pika
 import pika.exceptions
 import psycopg2
 
+from schema.topology import COMMANDS_EXCHANGE
 from scripts.fakes.paypal_certs import paypal_headers
-from worker.broker import COMMANDS_EXCHANGE
 from worker.shim.auth import issue_token
 from worker.shim.idempotency import derived_id
 from worker.shim.webhook import sign_internal

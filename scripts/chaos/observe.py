@@ -16,7 +16,7 @@ import pika
 import psycopg2
 import redis
 
-from worker.broker import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
+from schema.topology import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
 
 from .config import CAPTURE_QUEUE, ChaosError
 from .driver import Buyer, Ledger

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from schema.messages import ORDER_ID_NAMESPACE, InvalidMessage, uuid5
-from worker.broker import COMMAND_QUEUES, COMMANDS_EXCHANGE, Delivery
-from worker.processing import decode
+from schema.topology import COMMAND_QUEUES, COMMANDS_EXCHANGE
+from worker.commands import decode
+from worker.rabbit.connection import Delivery
 from worker.shim.orders import place_message_id
 
 from .config import CATALOGUE, ChaosConfig, ChaosError

@@ -20,10 +20,10 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pika
 
+from schema.topology import EVENTS_EXCHANGE, INVENTORY_EXCHANGE
 from scripts.fakes import paypal_certs
 from scripts.tcp_proxy import free_port
 from worker import db
-from worker.broker import EVENTS_EXCHANGE, INVENTORY_EXCHANGE
 from worker.settings import load_settings
 
 from .config import (
@@ -284,7 +284,7 @@ class Stack:
                 ev = e.get("event", "")
                 if ev == "relay active":
                     state = "active"
-                elif ev.startswith(("another relay is active", "relay lost", "relay failed")):
+                elif ev in ("standing by", "dependency lost", "dependency unavailable, retrying"):
                     state = "other"
             if state == "active":
                 return relay

@@ -5,14 +5,9 @@ from __future__ import annotations
 import re
 import subprocess
 
-from worker import broker_users
-from worker.broker import (
-    COMMAND_QUEUES,
-    DEAD_LETTER_QUEUE,
-    DLQ_LOCK_QUEUE,
-    PAYMENTS_QUEUE,
-    delay_queue,
-)
+from schema.topology import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
+from worker.rabbit import users as broker_users
+from worker.rabbit.dead_letters import DLQ_LOCK_QUEUE
 
 
 def test_the_upstream_user_may_write_orders_commands_and_nothing_else():

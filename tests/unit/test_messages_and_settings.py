@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from schema.messages import InvalidMessage, parse_command
+from schema.messages import InvalidMessage
+from schema.topology import parse_command
 from worker.settings import SettingsError, load_settings
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
@@ -113,19 +114,19 @@ def test_the_fast_uuid5_is_the_standard_one():
 
 
 def test_each_queue_takes_exactly_the_commands_its_consumer_applies():
-    """The queue → command map in worker.broker is the one the consumers and the routing agree with."""
+    """The queue → command map in schema.topology is the one the consumers and the routing agree with."""
     from handlers import COMMAND_HANDLERS
     from handlers.payment_step import PAYMENT_STEPS
-    from worker.broker import COMMAND_QUEUES, PAYMENTS_QUEUE, QUEUE_ACCEPTS
+    from schema.topology import COMMAND_QUEUES, PAYMENTS_QUEUE, QUEUE_ACCEPTS
 
     assert set(QUEUE_ACCEPTS) == {*COMMAND_QUEUES, PAYMENTS_QUEUE}
-    assert {t for q in COMMAND_QUEUES for t in QUEUE_ACCEPTS[q]} == set(COMMAND_HANDLERS)
-    assert QUEUE_ACCEPTS[PAYMENTS_QUEUE] == set(PAYMENT_STEPS)
+    assert {t for q in COMMAND_QUEUES for t in QUEUE_ACCEPTS[q]} == {c.__name__ for c in COMMAND_HANDLERS}
+    assert QUEUE_ACCEPTS[PAYMENTS_QUEUE] == {c.__name__ for c in PAYMENT_STEPS}
 
 
 def test_a_command_on_another_commands_queue_is_an_invalid_message():
-    from worker.broker import Delivery
-    from worker.processing import decode
+    from worker.commands import decode
+    from worker.rabbit.connection import Delivery
 
     body = json.dumps(
         {

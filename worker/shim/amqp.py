@@ -26,8 +26,8 @@ import structlog
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.spec import Basic
 
-from worker.broker import REPLY_TO, Outgoing, basic_properties, connection_parameters
 from worker.errors import ConnectionLost, PublishNotConfirmed
+from worker.rabbit.connection import REPLY_TO, Outgoing, basic_properties, connection_parameters
 
 log = structlog.get_logger("worker.shim.amqp")
 

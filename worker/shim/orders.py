@@ -20,8 +20,7 @@ from fastapi import APIRouter, Body, Header, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 
-from schema.messages import PlaceOrder
-from worker.broker import COMMANDS_EXCHANGE
+from schema.messages import CancelOrder, PlaceOrder
 from worker.redis_gate import RedisBusy
 from worker.shim.auth import Principal
 from worker.shim.context import PlaceCaller, ReadCaller, Shim, ShimDep
@@ -199,7 +198,7 @@ async def place_order(
             raise _taken()
     if key:
         await s.idempotency.claim("place", user, key, fingerprint(command))
-    cmd = Command(COMMANDS_EXCHANGE, "order.place", "PlaceOrder", place_message_id(str(order_id), user), command)
+    cmd = Command.on_route(PlaceOrder, place_message_id(str(order_id), user), command)
     headers, deadline, reply = await _enqueue(s, cmd, prefer, response)
     if deadline is None:
         return _accepted(str(order_id), "pending", headers)
@@ -256,7 +255,7 @@ async def cancel_order(
     }
     if body is not None and body.reason:
         command["reason"] = body.reason
-    cmd = Command(COMMANDS_EXCHANGE, "order.cancel", "CancelOrder", message_id, command)
+    cmd = Command.on_route(CancelOrder, message_id, command)
     headers, deadline, reply = await _enqueue(s, cmd, prefer, response)
     if deadline is None or reply is None:
         return _accepted(str(order_id), "cancel_requested", headers)

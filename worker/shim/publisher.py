@@ -16,8 +16,10 @@ from typing import Any
 
 import structlog
 
-from worker.broker import Outgoing
+from schema import messages
+from schema.topology import route
 from worker.errors import BrokerError, ConnectionLost
+from worker.rabbit.connection import Outgoing
 from worker.shim.amqp import AsyncChannel
 from worker.shim.errors import ApiError
 
@@ -29,6 +31,8 @@ RETRY_AFTER_SECONDS = 5
 
 @dataclass(frozen=True)
 class Command:
+    """A command to publish; :meth:`on_route` fills exchange, routing key and type from the contract."""
+
     exchange: str
     routing_key: str
     message_type: str
@@ -36,6 +40,13 @@ class Command:
     body: dict[str, Any]
     correlation_id: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def on_route(
+        cls, command: type[messages.Command], message_id: str, body: dict[str, Any], correlation_id: str | None = None
+    ) -> Command:
+        r = route(command)
+        return cls(r.exchange, r.routing_key, r.message_type, message_id, body, correlation_id)
 
     def outgoing(self) -> Outgoing:
         return Outgoing(

@@ -27,7 +27,6 @@ from pydantic import ValidationError
 from handlers.payments.base import MalformedWebhook, PaymentGateway, TransientPaymentError, WebhookVerificationError
 from handlers.payments.webhooks import parse_webhook, to_command
 from schema.messages import PaymentConfirmed, describe_validation_error
-from worker.broker import COMMANDS_EXCHANGE
 from worker.settings import ShimSettings
 from worker.shim.errors import ApiError
 from worker.shim.publisher import Command
@@ -65,9 +64,7 @@ def _internal_command(cfg: ShimSettings, body: bytes, header: str) -> Command:
         cmd = PaymentConfirmed.model_validate_json(body)
     except ValidationError as exc:
         raise ApiError(422, "validation_error", describe_validation_error(exc)) from None
-    return Command(
-        COMMANDS_EXCHANGE, "payment.confirmed", "PaymentConfirmed", cmd.event_id, cmd.model_dump(mode="json")
-    )
+    return Command.on_route(PaymentConfirmed, cmd.event_id, cmd.model_dump(mode="json"))
 
 
 def to_publish(
@@ -101,6 +98,4 @@ def to_publish(
         return event.event_id, None
     if webhook is None:
         return event.event_id, None
-    return event.event_id, Command(
-        webhook.exchange, webhook.routing_key, webhook.message_type, webhook.message_id, webhook.body
-    )
+    return event.event_id, Command.on_route(webhook.command, webhook.message_id, webhook.body)

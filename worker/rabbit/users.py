@@ -8,7 +8,7 @@ the service's vhost:
   no declaring, no consuming, no publishing to ``orders.internal`` (where a
   forged ``RefundPayment`` would give money back) or to any other exchange;
 - the *service* user (workers, relay, shim, CLI) may touch exactly the
-  exchanges and queues of :mod:`worker.broker`, and no other.
+  exchanges and queues of :mod:`schema.topology`, and no other.
 
 RabbitMQ checks three regular expressions per user and vhost, over the names
 of exchanges and queues: *configure* (declare, delete), *write* (publish to an
@@ -31,23 +31,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from worker.broker import (
+from schema.topology import (
     COMMAND_QUEUES,
     COMMANDS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DELAY_EXCHANGE,
-    DLQ_LOCK_QUEUE,
     EXCHANGES,
     INTERNAL_EXCHANGE,
     PAYMENTS_QUEUE,
-    REPLY_TO,
 )
 from worker.errors import BrokerError
+from worker.rabbit.connection import REPLY_TO
+from worker.rabbit.dead_letters import DLQ_LOCK_QUEUE
 
 #: environment variable holding each user's password
 PASSWORD_ENV = {"upstream": "ORDERS_UPSTREAM_PASSWORD", "service": "ORDERS_SERVICE_PASSWORD"}
-#: the delay tiers (``orders.delay.<N>s``, see :func:`worker.broker.delay_queue`): every N, so that
+#: the delay tiers (``orders.delay.<N>s``, see :func:`schema.topology.delay_queue`): every N, so that
 #: changing ``worker.retry_delays_seconds`` needs no new grant
 DELAY_QUEUES = r"orders\.delay\.[0-9]+s"
 #: what RabbitMQ calls the default exchange in permission checks
@@ -81,7 +81,7 @@ def upstream_permissions() -> Permissions:
 
 
 def service_permissions() -> Permissions:
-    """Everything :func:`worker.broker.declare_topology` and the processes need, nothing more."""
+    """Everything :func:`worker.rabbit.topology.declare_topology` and the processes need, nothing more."""
     exchanges = EXCHANGES
     work = [*COMMAND_QUEUES, PAYMENTS_QUEUE, DEAD_LETTER_QUEUE]
     return Permissions(

@@ -1,0 +1,143 @@
+"""The contract's names, once: exchanges, queues, routing keys, and which command goes where.
+
+Every other module (the broker adapter, the handlers' events, the shim, the
+CLI, the tests) takes these names from here; ``docs/contract.md`` restates
+them for people.  Routing is keyed by the command's class: a :class:`Route`
+says on which exchange a command is published, with which routing key, and
+from which queue it is consumed, so the handlers, the topology and the
+queue check cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schema import messages
+
+# -- exchanges -------------------------------------------------------------------
+
+#: commands upstream services publish (direct)
+COMMANDS_EXCHANGE = "orders.commands"
+#: internal commands of the payment step, published by the relay (direct)
+INTERNAL_EXCHANGE = "orders.internal"
+#: stock events for the Inventory Service (topic)
+INVENTORY_EXCHANGE = "inventory"
+#: order events, ``command.refused`` included (topic)
+EVENTS_EXCHANGE = "orders.events"
+#: where a message goes when it failed for good (fanout)
+DEAD_LETTER_EXCHANGE = "orders.dlx"
+#: headers exchange in front of the delay queues, routing on header DELAY_HEADER
+DELAY_EXCHANGE = "orders.delay"
+
+#: every exchange the topology declares, with its type
+EXCHANGE_TYPES: dict[str, str] = {
+    COMMANDS_EXCHANGE: "direct",
+    INTERNAL_EXCHANGE: "direct",
+    INVENTORY_EXCHANGE: "topic",
+    EVENTS_EXCHANGE: "topic",
+    DEAD_LETTER_EXCHANGE: "fanout",
+    DELAY_EXCHANGE: "headers",
+}
+EXCHANGES = tuple(EXCHANGE_TYPES)
+
+# -- queues ------------------------------------------------------------------------
+
+DEAD_LETTER_QUEUE = "orders.dead-letter"
+PAYMENTS_QUEUE = "orders.payments"
+#: the tier header; not ``x-…``: a headers exchange ignores x- headers when matching
+DELAY_HEADER = "orders-delay-tier"
+#: redeliveries (e.g. a message that crashes its worker) before the broker dead-letters it
+DELIVERY_LIMIT = 20
+
+
+def delay_queue(seconds: int) -> str:
+    return f"orders.delay.{seconds}s"
+
+
+# -- routes --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a command travels: published on ``exchange`` with ``routing_key``, consumed from ``queue``."""
+
+    command: type[messages.Command]
+    exchange: str
+    routing_key: str
+    queue: str
+
+    @property
+    def message_type(self) -> str:
+        """The AMQP ``type`` property: the command's class name."""
+        return self.command.__name__
+
+
+#: the commands upstream services send (DESIGN.md)
+COMMAND_ROUTES: tuple[Route, ...] = (
+    Route(messages.PlaceOrder, COMMANDS_EXCHANGE, "order.place", "orders.place"),
+    Route(messages.CancelOrder, COMMANDS_EXCHANGE, "order.cancel", "orders.cancel"),
+    Route(messages.PaymentConfirmed, COMMANDS_EXCHANGE, "payment.confirmed", "orders.payment-confirmed"),
+)
+#: the payment step's internal commands, all on one queue
+PAYMENT_ROUTES: tuple[Route, ...] = (
+    Route(messages.StartPayment, INTERNAL_EXCHANGE, "payment.start", PAYMENTS_QUEUE),
+    Route(messages.CapturePayment, INTERNAL_EXCHANGE, "payment.capture", PAYMENTS_QUEUE),
+    Route(messages.CancelPayment, INTERNAL_EXCHANGE, "payment.cancel", PAYMENTS_QUEUE),
+    Route(messages.RefundPayment, INTERNAL_EXCHANGE, "payment.refund", PAYMENTS_QUEUE),
+    Route(messages.PaymentFailed, INTERNAL_EXCHANGE, "payment.failed", PAYMENTS_QUEUE),
+    Route(messages.SettlePayment, INTERNAL_EXCHANGE, "payment.settle", PAYMENTS_QUEUE),
+)
+ROUTES: dict[type[messages.Command], Route] = {r.command: r for r in COMMAND_ROUTES + PAYMENT_ROUTES}
+#: message type name -> route (what a delivery's ``type`` property is looked up by)
+ROUTES_BY_TYPE: dict[str, Route] = {r.message_type: r for r in ROUTES.values()}
+
+
+def route(command: type[messages.Command] | messages.Command) -> Route:
+    """The route of a command class (or of a command)."""
+    return ROUTES[command if isinstance(command, type) else type(command)]
+
+
+#: queue -> routing key of the commands upstream services publish
+COMMAND_QUEUES: dict[str, str] = {r.queue: r.routing_key for r in COMMAND_ROUTES}
+#: the routing keys bound to ``orders.payments``
+PAYMENT_ROUTING_KEYS = tuple(r.routing_key for r in PAYMENT_ROUTES)
+#: the internal payment-step commands, the only types ``orders.payments`` accepts
+PAYMENT_STEP_TYPES = frozenset(r.message_type for r in PAYMENT_ROUTES)
+#: every queue a worker consumes
+WORK_QUEUES: tuple[str, ...] = (*COMMAND_QUEUES, PAYMENTS_QUEUE)
+#: queue -> the message types a delivery on it may carry; anything else is an invalid message.
+#: A retry comes back to the queue it failed on (delay tiers), so it is held to the same rule.
+QUEUE_ACCEPTS: dict[str, frozenset[str]] = {
+    queue: frozenset(r.message_type for r in ROUTES.values() if r.queue == queue) for queue in WORK_QUEUES
+}
+#: queue -> the exchange its commands arrive on
+QUEUE_EXCHANGES: dict[str, str] = {r.queue: r.exchange for r in ROUTES.values()}
+
+
+def wrong_queue(queue: str, message_type: str | None) -> str | None:
+    """Why a message of this type may not be taken from ``queue``; None when it may."""
+    accepted = QUEUE_ACCEPTS.get(queue, frozenset())
+    if message_type in accepted:
+        return None
+    takes = ", ".join(sorted(accepted)) or "no commands"
+    return f"message type {message_type!r} does not belong on queue {queue!r} (it takes {takes})"
+
+
+def queue_of(message_type: str | None) -> str | None:
+    """The queue a command or payment step of this type is consumed from; None for an unknown type."""
+    r = ROUTES_BY_TYPE.get(message_type or "")
+    return r.queue if r else None
+
+
+# -- events ----------------------------------------------------------------------------
+
+#: ``command.refused``: a well-formed command refused for a business reason
+REFUSED = "command.refused"
+
+
+def parse_command(message_type: str | None, body: bytes) -> messages.Command:
+    """Decode a command by its message type; raises :class:`schema.messages.InvalidMessage`."""
+    r = ROUTES_BY_TYPE.get(message_type or "")
+    if r is None:
+        raise messages.InvalidMessage(f"unknown message type {message_type!r}")
+    return messages.parse_body(r.command, body)

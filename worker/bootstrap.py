@@ -1,0 +1,125 @@
+"""All the wiring in one place: which parts a process runs and what each is given.
+
+The CLI's long-running verbs (``orders worker``, ``orders relay``) and the
+tests call these; nothing else constructs consumers, so a change of how the
+parts fit together is made here, once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+from sqlalchemy import Engine
+
+from handlers.payments.base import PaymentGateway
+from schema.topology import COMMAND_QUEUES, PAYMENTS_QUEUE, WORK_QUEUES
+from worker import db, logs
+from worker.commands import Applier, BatchRule
+from worker.consume import Batches, Consumer, Window
+from worker.metrics import NO_METRICS, Metrics, MetricsSink
+from worker.rabbit.connection import BlockingBroker
+from worker.reconnect import DatabaseHold
+from worker.relay import Relay
+from worker.settings import Settings
+from worker.settlement import Settlement
+from worker.steps import PaymentStep
+from worker.unit_of_work import Views
+
+#: how often a pool process without command queues makes the cache refreshes it owes (seconds)
+IDLE_SECONDS = 0.5
+
+
+def command_consumer(
+    settings: Settings,
+    engine: Engine,
+    queues: list[str],
+    views: Views | None = None,
+    metrics: MetricsSink = NO_METRICS,
+) -> Consumer:
+    """The command queues, in batches: one transaction a batch, one by one when that fails."""
+    cfg = settings.worker
+    applier = Applier(engine, cfg.inplace_retries, views=views)
+    settlement = Settlement(cfg.retry_delays_seconds, metrics)
+
+    def batches(broker: BlockingBroker, stop: threading.Event, tick: Callable[[], None]) -> Batches:
+        rule = BatchRule(applier, DatabaseHold(engine, stop, broker.sleep, tick))
+        return Batches(broker, rule, settlement, cfg.batch_size, cfg.batch_wait_ms / 1000, metrics)
+
+    return Consumer(
+        "commands",
+        settings,
+        queues,
+        cfg.prefetch,
+        batches,
+        declare=True,
+        liveness_file=cfg.liveness_file or None,
+        idle=views.settle_owed if views is not None else None,
+    )
+
+
+def payment_step(
+    settings: Settings,
+    engine: Engine,
+    gateways: Mapping[str, PaymentGateway],
+    views: Views | None = None,
+    metrics: MetricsSink = NO_METRICS,
+) -> PaymentStep:
+    return PaymentStep(
+        engine,
+        gateways,
+        settings.worker.inplace_retries,
+        views=views,
+        metrics=metrics,
+        capture_settle_seconds=settings.worker.capture_settle_seconds,
+    )
+
+
+def payment_consumer(
+    settings: Settings, step: PaymentStep, pool: ThreadPoolExecutor, metrics: MetricsSink = NO_METRICS
+) -> Consumer:
+    """``orders.payments`` in a sliding window of ``worker.payment_concurrency`` provider calls."""
+    size = settings.worker.payment_concurrency
+    settlement = Settlement(settings.worker.retry_delays_seconds, metrics)
+
+    def window(broker: BlockingBroker, stop: threading.Event, tick: Callable[[], None]) -> Window:
+        return Window(pool, step, DatabaseHold(step.engine, stop, broker.sleep), settlement, size, metrics)
+
+    return Consumer("payments", settings, [PAYMENTS_QUEUE], size, window)
+
+
+def run_payments(settings: Settings, step: PaymentStep, stop: threading.Event, metrics: MetricsSink) -> None:
+    with ThreadPoolExecutor(settings.worker.payment_concurrency, thread_name_prefix="payment") as pool:
+        payment_consumer(settings, step, pool, metrics).run(stop)
+
+
+def worker_process(settings: Settings, index: int, stop: threading.Event, queues: list[str]) -> None:
+    """One pool process: the command consumer, and the payment step in a thread of its own."""
+    from handlers.payments import build_gateways
+    from worker.read_model import OrderCache, make_redis
+
+    logs.configure(settings.logging.level, settings.logging.format)
+    structlog.contextvars.bind_contextvars(worker=index)
+    engine = db.make_engine(settings.database)
+    metrics = Metrics()
+    cache = OrderCache(engine, make_redis(settings.redis), settings.redis.cache_ttl_seconds)
+    queues = queues or list(WORK_QUEUES)
+    payments = None
+    if PAYMENTS_QUEUE in queues:
+        step = payment_step(settings, engine, build_gateways(settings), views=cache, metrics=metrics)
+        payments = threading.Thread(target=run_payments, args=(settings, step, stop, metrics), name="payments")
+        payments.start()
+    commands = [q for q in queues if q in COMMAND_QUEUES]
+    if commands:
+        command_consumer(settings, engine, commands, views=cache, metrics=metrics).run(stop)
+    else:
+        while not stop.wait(IDLE_SECONDS):
+            cache.settle_owed()
+    if payments is not None:
+        payments.join()
+
+
+def relay(settings: Settings, metrics: MetricsSink = NO_METRICS) -> Relay:
+    return Relay(settings, db.make_engine(settings.database, pool_size=2), metrics)

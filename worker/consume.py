@@ -1,0 +1,269 @@
+"""The one consume loop, and the two ways of working through what it takes.
+
+:class:`Consumer` connects (through :func:`worker.reconnect.keep_running`),
+takes deliveries from its queues as fast as its :class:`Strategy` has room,
+touches the liveness file, and on stop cancels its consumers, hands the
+strategy what was delivered meanwhile and lets it finish (``join``) before
+the connection closes.  The strategies, after arroyo's
+``submit``/``poll``/``join`` ones:
+
+- :class:`Batches` (commands): a batch applied in one transaction by
+  :class:`worker.commands.BatchRule`, settled, then acked with one
+  ``multiple`` ack;
+- :class:`Window` (payment steps): up to N provider calls in flight in a
+  thread pool, each settled and acked on its own as soon as it finishes, so
+  one slow provider call holds up only its own slot.
+
+Nothing is acked before its effects are committed or its retry / dead
+letter is confirmed by the broker, so a kill at any instruction loses
+nothing; the inbox makes the redelivery harmless.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from worker.commands import BatchRule
+from worker.errors import ConnectionLost
+from worker.metrics import NO_METRICS, MetricsSink
+from worker.outcomes import Handled
+from worker.rabbit.connection import BlockingBroker, Delivery
+from worker.rabbit.topology import declare_topology
+from worker.reconnect import DatabaseHold, keep_running
+from worker.settings import Settings
+from worker.settlement import Settlement
+from worker.steps import PaymentStep
+
+log = structlog.get_logger("worker.consume")
+
+#: how often the liveness file is touched at most (seconds)
+LIVENESS_INTERVAL = 1.0
+
+
+class Strategy(Protocol):
+    """How a consumer works through its deliveries."""
+
+    @property
+    def first_wait(self) -> float:
+        """Seconds a poll waits for the first delivery."""
+
+    @property
+    def fill_wait(self) -> float:
+        """Seconds a poll waits for each further delivery of a batch."""
+
+    def room(self) -> int:
+        """How many deliveries it can take now (0: none, keep the I/O loop turning)."""
+
+    def submit(self, broker: BlockingBroker, deliveries: list[Delivery]) -> None:
+        """Take these deliveries (at most ``room()``)."""
+
+    def poll(self, broker: BlockingBroker) -> None:
+        """Settle and ack what has finished."""
+
+    def join(self, broker: BlockingBroker) -> None:
+        """Finish, settle and ack everything taken (on stop)."""
+
+    def abandon(self) -> None:
+        """The connection is gone: let work under way end, settle nothing (it comes back unacked)."""
+
+
+class Consumer:
+    """Consumes ``queues`` with a :class:`Strategy`, reconnecting for as long as it runs."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        queues: list[str],
+        prefetch: int,
+        strategy: Callable[[BlockingBroker, threading.Event, Callable[[], None]], Strategy],
+        declare: bool = False,
+        liveness_file: str | None = None,
+        idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.queues = queues
+        self.prefetch = prefetch
+        self.make_strategy = strategy
+        self.declare = declare
+        self.idle = idle
+        self._liveness = Path(liveness_file) if liveness_file else None
+        self._last_touch = 0.0
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set."""
+        keep_running(self.name, lambda: self._open(stop), stop)
+
+    def _open(self, stop: threading.Event) -> _Session:
+        rabbitmq = self.settings.rabbitmq
+        broker = BlockingBroker(rabbitmq.url.get_secret_value(), rabbitmq.heartbeat_seconds).connect()
+        try:
+            if self.declare:
+                declare_topology(broker.channel(), self.settings.worker.retry_delays_seconds)
+            broker.consume(self.queues, self.prefetch)
+        except ConnectionLost:
+            broker.close()
+            raise
+        log.info("consuming", queues=self.queues)
+        return _Session(self, broker, self.make_strategy(broker, stop, self.touch_liveness))
+
+    def touch_liveness(self) -> None:
+        now = time.monotonic()
+        if self._liveness is not None and now - self._last_touch >= LIVENESS_INTERVAL:
+            self._last_touch = now
+            try:
+                self._liveness.touch()
+            except OSError:
+                pass
+
+
+class _Session:
+    def __init__(self, consumer: Consumer, broker: BlockingBroker, strategy: Strategy) -> None:
+        self.consumer, self.broker, self.strategy = consumer, broker, strategy
+
+    def run(self, stop: threading.Event) -> None:
+        broker, strategy, consumer = self.broker, self.strategy, self.consumer
+        try:
+            while not stop.is_set():
+                room = strategy.room()
+                if room:
+                    batch = broker.poll(room, strategy.first_wait, strategy.fill_wait)
+                else:
+                    batch = []
+                    broker.sleep(0.02)  # heartbeats keep flowing while the work runs
+                consumer.touch_liveness()
+                if batch:
+                    strategy.submit(broker, batch)
+                elif room and consumer.idle is not None:
+                    consumer.idle()
+                strategy.poll(broker)
+            rest = broker.cancel()  # delivered before the cancel: finish them too
+            while rest:
+                take = strategy.room()
+                if take:
+                    strategy.submit(broker, rest[:take])
+                    rest = rest[take:]
+                else:
+                    broker.sleep(0.02)
+                strategy.poll(broker)
+            strategy.join(broker)
+            log.info("stopped consuming", queues=consumer.queues)
+        except BaseException:
+            strategy.abandon()
+            raise
+
+    def close(self) -> None:
+        self.broker.close()
+
+
+class Batches:
+    """Commands: decode, apply with :class:`BatchRule`, settle, one ``multiple`` ack per batch."""
+
+    def __init__(
+        self,
+        broker: BlockingBroker,
+        rule: BatchRule,
+        settlement: Settlement,
+        batch_size: int,
+        batch_wait: float,
+        metrics: MetricsSink = NO_METRICS,
+    ) -> None:
+        self.rule = rule
+        self.settlement = settlement
+        self.batch_size = batch_size
+        self.first_wait, self.fill_wait = 0.5, batch_wait
+        self.metrics = metrics
+
+    def room(self) -> int:
+        return self.batch_size
+
+    def submit(self, broker: BlockingBroker, deliveries: list[Delivery]) -> None:
+        started = time.perf_counter()
+        good, handled = self.rule.applier.decode_all(deliveries)
+        handled += self.rule.apply(good)
+        for h in handled:
+            self.settlement.settle(broker, h)
+        broker.ack_through(max(d.delivery_tag for d in deliveries))
+        self.metrics.observe_batch(handled, time.perf_counter() - started)
+
+    def poll(self, broker: BlockingBroker) -> None:
+        pass  # every batch is settled when submitted
+
+    def join(self, broker: BlockingBroker) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
+
+class Window:
+    """Payment steps: up to ``size`` in flight in ``pool``; each settled and acked when done."""
+
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor,
+        step: PaymentStep,
+        hold: DatabaseHold,
+        settlement: Settlement,
+        size: int,
+        metrics: MetricsSink = NO_METRICS,
+    ) -> None:
+        self.pool, self.step, self.hold, self.settlement = pool, step, hold, settlement
+        self.size = size
+        self.metrics = metrics
+        self.in_flight: dict[Future[Handled], Delivery] = {}
+        self.fill_wait = 0.002
+
+    @property
+    def first_wait(self) -> float:
+        return 0.02 if self.in_flight else 0.5
+
+    def room(self) -> int:
+        return self.size - len(self.in_flight)
+
+    def submit(self, broker: BlockingBroker, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            self.in_flight[self.pool.submit(self.step.handle, d)] = d
+
+    def poll(self, broker: BlockingBroker) -> None:
+        outage: list[Handled] = []
+        for future in [f for f in self.in_flight if f.done()]:
+            del self.in_flight[future]
+            h = future.result()
+            if h.outage:
+                outage.append(h)
+            else:
+                self._settle(broker, h)
+        if not outage:
+            return
+        if self.hold.answers():
+            # a call that started before an outage that is over now: an ordinary failure (delay tiers)
+            for h in outage:
+                self._settle(broker, h)
+            return
+        # hold the work until the database is back (logged once, not once per call), then run it again
+        self.hold.wait(outage[0].error)  # type: ignore[arg-type]
+        self.submit(broker, [h.delivery for h in outage])
+
+    def join(self, broker: BlockingBroker) -> None:
+        while self.in_flight:
+            broker.sleep(0.02)
+            self.poll(broker)
+
+    def abandon(self) -> None:
+        for future in self.in_flight:
+            future.exception()
+        self.in_flight.clear()
+
+    def _settle(self, broker: BlockingBroker, h: Handled) -> None:
+        self.settlement.settle(broker, h)
+        broker.ack(h.delivery.delivery_tag)
+        self.metrics.count([h])

@@ -1,0 +1,156 @@
+"""The pipelined confirmed publisher of the relay: many messages in flight, one wait for all confirms."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.spec import Basic
+
+from worker.errors import ConnectionLost, PublishNotConfirmed
+from worker.rabbit.connection import PIKA_ERRORS, Outgoing, basic_properties, connection_parameters, lost
+
+
+class _HeldWritesConnection(pika.SelectConnection):
+    """A ``SelectConnection`` that can hold its outgoing bytes and write them at once.
+
+    pika writes every frame as a buffer of its own and sends each with a
+    system call of its own: three per message (method, header, body).
+    Inside :meth:`held_writes` the frames of a whole batch are joined and
+    handed to the transport as one buffer, so a batch of 500 messages costs a
+    few ``send`` calls instead of 1,500, on both ends of the socket.
+    """
+
+    _held: list[bytes] | None = None
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            super()._adapter_emit_data(data)
+
+    @contextlib.contextmanager
+    def held_writes(self) -> Iterator[None]:
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            if held and self._transport is not None:
+                super()._adapter_emit_data(b"".join(held))
+
+
+class PipelinedPublisher:
+    """Publishes a batch without waiting per message, then waits for all confirms.
+
+    Built on ``SelectConnection`` and its I/O loop, driven from the caller's
+    thread; the confirms of one batch usually arrive as a few ``multiple``
+    acks.
+    """
+
+    def __init__(self, url: str, heartbeat: int = 30) -> None:
+        self._params = connection_parameters(url, heartbeat)
+        self._conn: _HeldWritesConnection | None = None
+        self._channel: Any = None
+        self._ready = False
+        self._error: str | None = None
+        self._next_tag = 0
+        self._unconfirmed: collections.deque[int] = collections.deque()
+        self._nacked = 0
+
+    def connect(self, timeout: float = 10) -> PipelinedPublisher:
+        self._conn = _HeldWritesConnection(
+            self._params,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_failed,
+            on_close_callback=self._on_failed,
+        )
+        # driven by poll() from this thread, as BlockingConnection drives it
+        self._conn.ioloop.activate_poller()
+        self._run_until(lambda: self._ready, timeout, "connecting")
+        return self
+
+    def _on_open(self, conn: Any) -> None:
+        conn.channel(on_open_callback=self._on_channel)
+
+    def _on_channel(self, channel: Any) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_failed)
+        channel.confirm_delivery(self._on_confirm, callback=lambda _f: setattr(self, "_ready", True))
+
+    def _on_failed(self, *args: Any) -> None:
+        self._error = repr(args[-1]) if args else "closed"
+        self._ready = False
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        if method.multiple:  # tags are sequential: drop everything up to this one
+            before = len(self._unconfirmed)
+            while self._unconfirmed and self._unconfirmed[0] <= method.delivery_tag:
+                self._unconfirmed.popleft()
+            count = before - len(self._unconfirmed)
+        else:
+            count = 1
+            try:
+                self._unconfirmed.remove(method.delivery_tag)
+            except ValueError:
+                count = 0
+        if isinstance(method, Basic.Nack):
+            self._nacked += count
+
+    def _run_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        assert self._conn is not None
+        deadline = time.monotonic() + timeout
+        ioloop = self._conn.ioloop
+        while not done():
+            if self._error is not None:
+                raise ConnectionLost(f"{what}: {self._error}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublishNotConfirmed(f"{what}: no answer within {timeout}s")
+            timer = ioloop.call_later(min(remaining, 0.5), lambda: None)  # bounds the poll
+            try:
+                ioloop.poll()
+                ioloop.process_timeouts()
+            except PIKA_ERRORS as exc:
+                raise lost(exc) from exc
+            finally:
+                ioloop.remove_timeout(timer)
+
+    def publish_batch(self, messages: list[Outgoing], timeout: float = 30) -> None:
+        """Publish all, then block until every one is confirmed; raise otherwise."""
+        if not self._ready or self._channel is None:
+            raise ConnectionLost(self._error or "publisher not connected")
+        self._nacked = 0
+        assert self._conn is not None
+        try:
+            with self._conn.held_writes():
+                for m in messages:
+                    self._channel.basic_publish(m.exchange, m.routing_key, m.body, basic_properties(m.properties))
+                    self._next_tag += 1
+                    self._unconfirmed.append(self._next_tag)
+        except PIKA_ERRORS as exc:
+            raise lost(exc) from exc
+        self._run_until(lambda: not self._unconfirmed, timeout, "waiting for confirms")
+        if self._nacked:
+            raise PublishNotConfirmed(f"broker nacked {self._nacked} message(s)")
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+                deadline = time.monotonic() + 2
+                while not conn.is_closed and time.monotonic() < deadline:
+                    conn.ioloop.poll()
+                    conn.ioloop.process_timeouts()
+            except PIKA_ERRORS:
+                pass
+        if conn is not None:
+            conn.ioloop.deactivate_poller()
+            conn.ioloop.close()
