@@ -38,9 +38,6 @@ from handlers.orders import CANCELLABLE, REFUNDABLE, Order, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.payment_confirmed import confirm
 from handlers.payments.base import (
-    Outcome as PayOutcome,
-)
-from handlers.payments.base import (
     PaymentAlreadyCaptured,
     PaymentError,
     PaymentFacts,
@@ -48,6 +45,9 @@ from handlers.payments.base import (
     PaymentRequest,
     PaymentResult,
     RefundResult,
+)
+from handlers.payments.base import (
+    PaymentOutcome as PayOutcome,
 )
 from handlers.unit_of_work import PaymentRecord, PaymentStatus, UnitOfWork
 from schema.messages import (

@@ -322,7 +322,7 @@ def test_purge_asks_first_exports_and_is_audited(bus, clean_db, tmp_path, test_e
 def test_broker_dead_lettered_messages_are_explained_from_x_death() -> None:
     from datetime import datetime
 
-    from worker.dead_letters import DeadLetter, replay_headers
+    from worker.dlq.letters import DeadLetter, replay_headers
     from worker.rabbit.connection import Delivery
 
     when = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)

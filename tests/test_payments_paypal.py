@@ -16,9 +16,9 @@ if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the install
 
 from handlers.payments import PaymentAlreadyCaptured  # noqa: E402
 from handlers.payments.base import (  # noqa: E402
-    Outcome,
     OutcomeUnknown,
     PaymentFacts,
+    PaymentOutcome,
     PaymentRequest,
     PaymentResult,
     PermanentPaymentError,
@@ -26,8 +26,8 @@ from handlers.payments.base import (  # noqa: E402
 )
 from handlers.payments.money import MoneyError, from_decimal_string, to_paypal_value  # noqa: E402
 from handlers.payments.paypal_gateway import PayPalGateway  # noqa: E402
+from handlers.payments.settings import PayPalSettings  # noqa: E402
 from scripts.fakes import fake_paypal  # noqa: E402
-from worker.settings import PayPalSettings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def sent_value(fake: Any, order_id: str) -> str:
 def test_create_approve_capture_refund(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
     gateway = make_gateway()
     started = gateway.start(request())
-    assert started.outcome is Outcome.REQUIRES_ACTION
+    assert started.outcome is PaymentOutcome.REQUIRES_ACTION
     assert started.next_action["approve_url"].endswith(f"token={started.provider_payment_id}")
     assert fake.app.orders[started.provider_payment_id]["purchase_units"][0]["custom_id"] == "order-1"
     with pytest.raises(PermanentPaymentError, match="ORDER_NOT_APPROVED"):
@@ -108,7 +108,7 @@ def test_create_approve_capture_refund(fake: Any, make_gateway: Callable[..., Pa
     back = httpx.get(started.next_action["approve_url"], follow_redirects=False)
     assert back.status_code == 302 and back.headers["location"].startswith("https://shop.example/return?token=")
     captured = gateway.capture(started.provider_payment_id, "capture-order-1")
-    assert captured.outcome is Outcome.SUCCEEDED and captured.capture_id
+    assert captured.outcome is PaymentOutcome.SUCCEEDED and captured.capture_id
     assert charges(fake, "order-1")["captures"] == 1
     refund = gateway.refund(captured, 1099, "USD", "refund-order-1")
     assert refund.status == "COMPLETED"
@@ -125,9 +125,11 @@ def test_a_capture_that_raced_a_cancel_is_refunded_without_a_recorded_capture_id
     started = gateway.start(request())
     httpx.get(started.next_action["approve_url"], follow_redirects=False)
     with pytest.raises(TransientPaymentError, match="no capture to refund yet"):  # approved, capture in flight
-        gateway.refund(PaymentResult(Outcome.SUCCEEDED, started.provider_payment_id), 1099, "USD", "refund-order-1")
+        gateway.refund(
+            PaymentResult(PaymentOutcome.SUCCEEDED, started.provider_payment_id), 1099, "USD", "refund-order-1"
+        )
     captured = gateway.capture(started.provider_payment_id, "capture-order-1")
-    as_recorded = PaymentResult(Outcome.SUCCEEDED, started.provider_payment_id)  # no capture_id
+    as_recorded = PaymentResult(PaymentOutcome.SUCCEEDED, started.provider_payment_id)  # no capture_id
     refund = gateway.refund(as_recorded, 1099, "USD", "refund-order-1")
     assert refund.status == "COMPLETED"
     assert fake.app.refunds[refund.refund_id]["_capture"] == captured.capture_id
@@ -187,7 +189,7 @@ def test_money_round_trip() -> None:
 
 def test_503_twice_then_success_through_sdk_retries(fake: Any, make_gateway: Callable[..., PayPalGateway]) -> None:
     inject(fake, count=2, status=503, path="/v2/checkout/orders")
-    assert make_gateway().start(request()).outcome is Outcome.REQUIRES_ACTION
+    assert make_gateway().start(request()).outcome is PaymentOutcome.REQUIRES_ACTION
     assert charges(fake, "order-1")["orders"] == 1
     assert httpx.get(fake.url + "/_fake/faults").json()["faults"] == []
 
@@ -209,7 +211,7 @@ def test_timeout_is_outcome_unknown_and_same_key_settles_it(
         gateway.start(request())
     assert charges(fake, "order-1")["orders"] == 1
     again = gateway.start(request())
-    assert again.outcome is Outcome.REQUIRES_ACTION
+    assert again.outcome is PaymentOutcome.REQUIRES_ACTION
     assert charges(fake, "order-1")["orders"] == 1
     assert list(fake.app.orders) == [again.provider_payment_id]
 
@@ -221,7 +223,7 @@ def test_dropped_capture_answer_is_retried_with_same_request_id(
     started = gateway.start(request())
     approve(fake, started.provider_payment_id)
     inject(fake, count=1, drop=True, after_work=True, path="/v2/checkout/orders")
-    assert gateway.capture(started.provider_payment_id, "cap").outcome is Outcome.SUCCEEDED
+    assert gateway.capture(started.provider_payment_id, "cap").outcome is PaymentOutcome.SUCCEEDED
     assert charges(fake, "order-1")["captures"] == 1
     assert httpx.get(fake.url + "/_fake/log").json()["requests"][-1]["replayed"] is True
 
@@ -235,13 +237,13 @@ def test_bad_credentials_are_permanent_and_not_leaked(fake: Any, make_gateway: C
 @pytest.mark.parametrize(
     ("decline", "outcome", "reason"),
     [
-        ("instrument", Outcome.DECLINED, "INSTRUMENT_DECLINED"),
-        ("capture", Outcome.DECLINED, "DECLINED_BY_PROCESSOR"),
-        ("pending", Outcome.PROCESSING, None),
+        ("instrument", PaymentOutcome.DECLINED, "INSTRUMENT_DECLINED"),
+        ("capture", PaymentOutcome.DECLINED, "DECLINED_BY_PROCESSOR"),
+        ("pending", PaymentOutcome.PROCESSING, None),
     ],
 )
 def test_capture_declines(
-    fake: Any, make_gateway: Callable[..., PayPalGateway], decline: str, outcome: Outcome, reason: str | None
+    fake: Any, make_gateway: Callable[..., PayPalGateway], decline: str, outcome: PaymentOutcome, reason: str | None
 ) -> None:
     gateway = make_gateway()
     started = gateway.start(request())

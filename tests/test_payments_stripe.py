@@ -16,16 +16,16 @@ if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the install
 
 from handlers.payments import PaymentAlreadyCaptured  # noqa: E402
 from handlers.payments.base import (  # noqa: E402
-    Outcome,
     OutcomeUnknown,
     PaymentFacts,
+    PaymentOutcome,
     PaymentRequest,
     PermanentPaymentError,
     TransientPaymentError,
 )
+from handlers.payments.settings import StripeSettings  # noqa: E402
 from handlers.payments.stripe_gateway import StripeGateway  # noqa: E402
 from scripts.fakes import fake_stripe  # noqa: E402
-from worker.settings import StripeSettings  # noqa: E402
 
 API_KEY = "sk_test_local_fake"
 
@@ -85,7 +85,7 @@ def request(
 
 def test_success_charges_once_with_our_key(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
     result = make_gateway().start(request())
-    assert result.outcome is Outcome.SUCCEEDED
+    assert result.outcome is PaymentOutcome.SUCCEEDED
     assert result.provider_payment_id.startswith("pi_")
     assert charges(fake, "order-1")["charges"] == 1
     intent = fake.app.intents[result.provider_payment_id]
@@ -96,11 +96,11 @@ def test_success_charges_once_with_our_key(fake: Any, make_gateway: Callable[...
 def test_requires_action_then_buyer_completes(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
     gateway = make_gateway()
     result = gateway.start(request(pm="pm_card_threeDSecure2Required"))
-    assert result.outcome is Outcome.REQUIRES_ACTION
+    assert result.outcome is PaymentOutcome.REQUIRES_ACTION
     assert result.next_action["client_secret"].startswith(result.provider_payment_id + "_secret_")
     assert charges(fake, "order-1")["charges"] == 0
     httpx.post(f"{fake.url}/_fake/confirm/{result.provider_payment_id}").raise_for_status()
-    assert gateway.capture(result.provider_payment_id, "unused").outcome is Outcome.SUCCEEDED
+    assert gateway.capture(result.provider_payment_id, "unused").outcome is PaymentOutcome.SUCCEEDED
 
 
 @pytest.mark.parametrize(
@@ -116,7 +116,7 @@ def test_decline_is_a_result_not_an_error(
 ) -> None:
     gateway = make_gateway()
     first = gateway.start(request(pm=pm))
-    assert first.outcome is Outcome.DECLINED
+    assert first.outcome is PaymentOutcome.DECLINED
     assert first.decline_reason == reason
     assert first.provider_payment_id.startswith("pi_")
     # The decline is stored under the key: asking again replays it.
@@ -125,7 +125,7 @@ def test_decline_is_a_result_not_an_error(
 
 
 def test_processing(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
-    assert make_gateway().start(request(pm="pm_fake_processing")).outcome is Outcome.PROCESSING
+    assert make_gateway().start(request(pm="pm_fake_processing")).outcome is PaymentOutcome.PROCESSING
 
 
 def test_same_key_twice_is_one_charge(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
@@ -148,7 +148,7 @@ def test_same_key_other_amount_is_permanent(fake: Any, make_gateway: Callable[..
 def test_503_twice_then_success_through_sdk_retries(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
     inject(fake, count=2, status=503)
     result = make_gateway(max_network_retries=2).start(request())
-    assert result.outcome is Outcome.SUCCEEDED
+    assert result.outcome is PaymentOutcome.SUCCEEDED
     assert charges(fake, "order-1")["charges"] == 1
     assert httpx.get(fake.url + "/_fake/faults").json()["faults"] == []  # both faults were hit
 
@@ -179,14 +179,14 @@ def test_timeout_is_outcome_unknown_and_same_key_settles_it(
         gateway.start(request())
     assert charges(fake, "order-1")["charges"] == 1
     again = gateway.start(request())
-    assert again.outcome is Outcome.SUCCEEDED
+    assert again.outcome is PaymentOutcome.SUCCEEDED
     assert charges(fake, "order-1")["charges"] == 1
     assert log(fake)[-1]["replayed"] is True
 
 
 def test_dropped_answer_is_retried_by_sdk_with_same_key(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
     inject(fake, count=1, drop=True, after_work=True)
-    assert make_gateway(max_network_retries=2).start(request()).outcome is Outcome.SUCCEEDED
+    assert make_gateway(max_network_retries=2).start(request()).outcome is PaymentOutcome.SUCCEEDED
     assert charges(fake, "order-1") == {**charges(fake, "order-1"), "charges": 1, "payment_intents": 1}
 
 
@@ -202,7 +202,7 @@ def test_random_failures_never_charge_twice(fake: Any, make_gateway: Callable[..
                 break
             except TransientPaymentError:
                 continue
-    assert outcomes == [Outcome.SUCCEEDED] * 12
+    assert outcomes == [PaymentOutcome.SUCCEEDED] * 12
     orders = httpx.get(fake.url + "/_fake/charges").json()["orders"]
     assert {o: c["charges"] for o, c in orders.items()} == {f"o{n}": 1 for n in range(12)}
     assert any(e["replayed"] for e in log(fake))  # some answers really were lost

@@ -22,11 +22,11 @@ if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the install
 
 from handlers.payments.base import MalformedWebhook, TransientPaymentError, WebhookKind, WebhookVerificationError  # noqa: E402
 from handlers.payments.paypal_gateway import PayPalGateway  # noqa: E402
+from handlers.payments.settings import GatewayConfigError, PayPalSettings, StripeSettings  # noqa: E402
 from handlers.payments.stripe_gateway import StripeGateway  # noqa: E402
 from handlers.payments.webhooks import confirmation_message_id, parse_webhook, to_payment_confirmed  # noqa: E402
 from scripts.fakes import fake_paypal, paypal_certs  # noqa: E402
 from scripts.fakes.common import tls_context  # noqa: E402
-from worker.settings import PayPalSettings, SettingsError, StripeSettings  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 STRIPE_SECRET = "whsec_test_secret"
@@ -335,10 +335,10 @@ def test_a_cert_host_whose_tls_certificate_is_not_trusted_is_refused(
 
 
 def test_an_unreadable_cert_ca_file_stops_start_up(make_paypal: Callable[..., PayPalGateway], tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="paypal.cert_ca_file"):
+    with pytest.raises(GatewayConfigError, match="paypal.cert_ca_file"):
         make_paypal(cert_ca_file=str(tmp_path / "missing.pem"))
     (tmp_path / "empty.pem").write_text("no certificate here\n")
-    with pytest.raises(SettingsError, match="paypal.cert_ca_file"):
+    with pytest.raises(GatewayConfigError, match="paypal.cert_ca_file"):
         make_paypal(cert_ca_file=str(tmp_path / "empty.pem"))
 
 

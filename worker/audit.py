@@ -20,7 +20,7 @@ SAMPLE = 20
 
 
 @dataclass
-class Finding:
+class AuditFinding:
     check: str
     severity: str  # error | stuck
     description: str
@@ -121,7 +121,7 @@ def _checks(stuck_minutes: int) -> list[tuple[str, str, str, str]]:
     ]
 
 
-def run_audit(engine: Engine, stuck_minutes: int = 10) -> list[Finding]:
+def run_audit(engine: Engine, stuck_minutes: int = 10) -> list[AuditFinding]:
     """Run every check; return the ones that found something."""
     findings = []
     with engine.connect() as conn:
@@ -129,7 +129,7 @@ def run_audit(engine: Engine, stuck_minutes: int = 10) -> list[Finding]:
             count = conn.execute(text(f"SELECT count(*) FROM ({sql}) AS found")).scalar_one()
             if count:
                 rows = conn.execute(text(f"{sql} LIMIT {SAMPLE}")).mappings().all()
-                findings.append(Finding(check, severity, description, count, [dict(r) for r in rows]))
+                findings.append(AuditFinding(check, severity, description, count, [dict(r) for r in rows]))
     return findings
 
 

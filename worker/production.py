@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from worker.settings import ENV_PREFIX, PAYPAL_CERT_HOSTS, Settings
+from handlers.payments.settings import PAYPAL_CERT_HOSTS
+from worker.settings import ENV_PREFIX, Settings
 
 #: shortest HMAC key accepted in production (RFC 7518 §3.2: at least the hash's size)
 MIN_HMAC_KEY_BYTES = 32

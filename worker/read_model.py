@@ -16,7 +16,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 import redis.asyncio as aioredis
@@ -28,6 +28,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from schema import tables
+from worker.metrics import NO_METRICS
 from worker.redis_gate import RedisBusy, RedisGate
 from worker.settings import RedisSettings
 
@@ -159,11 +160,22 @@ def _store_args(view: dict[str, Any], ttl: int) -> list[Any]:
     return [view["version"], json.dumps(view, separators=(",", ":")), ttl]
 
 
+class CacheMetrics(Protocol):
+    """What the cache reports (the workers' and the shim's metrics both do)."""
+
+    def cache(self, result: str) -> None: ...
+
+
 class _CachedViews:
     """What the blocking and the asyncio caches share: settings, counting, decoding."""
 
     def __init__(
-        self, engine: Engine, client: Any, ttl_seconds: int, metrics: Any = None, gate: RedisGate | None = None
+        self,
+        engine: Engine,
+        client: Any,
+        ttl_seconds: int,
+        metrics: CacheMetrics = NO_METRICS,
+        gate: RedisGate | None = None,
     ) -> None:
         self.engine = engine
         self.redis = client
@@ -173,8 +185,7 @@ class _CachedViews:
         self._store_script = client.register_script(_STORE_IF_NEWER)
 
     def _count(self, result: str) -> None:
-        if self.metrics is not None:
-            self.metrics.cache(result)
+        self.metrics.cache(result)
 
     def _cached(self, raw: bytes | None) -> dict[str, Any] | None:
         """The view Redis gave (counted as a hit), or None: a miss, or an error while Redis is down."""

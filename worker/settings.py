@@ -18,14 +18,12 @@ from urllib.parse import quote
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, SecretStr, ValidationError
 
+from handlers.payments.settings import PayPalSettings, StripeSettings
+
 #: Prefix of the environment variables that override the file.
 ENV_PREFIX = "ORDERS_"
 #: Default file, relative to the project root.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
-
-
-#: PayPal's webhook certificate hosts (the default ``paypal.cert_host_allowlist``).
-PAYPAL_CERT_HOSTS = ("api.paypal.com", "api.sandbox.paypal.com", "api-m.paypal.com", "api-m.sandbox.paypal.com")
 
 
 class SettingsError(Exception):
@@ -70,29 +68,6 @@ class RedisSettings(_Section):
 class RabbitSettings(_Section):
     url: SecretStr
     heartbeat_seconds: int = Field(default=30, gt=0)
-
-
-class StripeSettings(_Section):
-    api_key: SecretStr
-    webhook_secret: SecretStr
-    api_base: str = "https://api.stripe.com"
-    timeout_seconds: float = Field(default=10, gt=0)
-    max_network_retries: int = Field(default=2, ge=0)
-    webhook_tolerance_seconds: int = Field(default=300, gt=0)
-
-
-class PayPalSettings(_Section):
-    client_id: str
-    client_secret: SecretStr
-    base_url: str = "https://api-m.sandbox.paypal.com"
-    webhook_id: str
-    #: hosts a webhook's PAYPAL-CERT-URL may name (fetched over https only): PayPal's certificate hosts
-    cert_host_allowlist: tuple[str, ...] = PAYPAL_CERT_HOSTS
-    #: PEM bundle of the roots PayPal's signing certificate (and its https host) must chain to; "" = the system's CAs
-    cert_ca_file: str = ""
-    verification: Literal["offline", "postback"] = "offline"
-    timeout_seconds: float = Field(default=10, gt=0)
-    max_network_retries: int = Field(default=2, ge=0)
 
 
 class WorkerSettings(_Section):

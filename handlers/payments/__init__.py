@@ -7,15 +7,23 @@ types (``base``) stay light.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from handlers.payments.base import PaymentAlreadyCaptured, PaymentGateway
-
-if TYPE_CHECKING:
-    from worker.settings import Settings
+from handlers.payments.settings import PayPalSettings, StripeSettings
 
 
-def build_gateways(settings: Settings) -> dict[str, PaymentGateway]:
+class HasGatewaySettings(Protocol):
+    """Anything with the two gateway sections (the service's settings)."""
+
+    @property
+    def stripe(self) -> StripeSettings: ...
+
+    @property
+    def paypal(self) -> PayPalSettings: ...
+
+
+def build_gateways(settings: HasGatewaySettings) -> dict[str, PaymentGateway]:
     """One gateway per provider, keyed ``"stripe"`` and ``"paypal"``."""
     from handlers.payments.paypal_gateway import PayPalGateway
     from handlers.payments.stripe_gateway import StripeGateway

@@ -64,7 +64,7 @@ class MalformedWebhook(WebhookVerificationError):
     """
 
 
-class Outcome(str, enum.Enum):
+class PaymentOutcome(str, enum.Enum):
     SUCCEEDED = "succeeded"  # money taken (Stripe succeeded, PayPal capture COMPLETED)
     REQUIRES_ACTION = "requires_action"  # the buyer must act (3DS, PayPal approval)
     PROCESSING = "processing"  # accepted, result comes by webhook
@@ -85,7 +85,7 @@ class PaymentRequest:
 
 @dataclass(frozen=True)
 class PaymentResult:
-    outcome: Outcome
+    outcome: PaymentOutcome
     provider_payment_id: str
     #: what the buyer needs next, for the read model:
     #: ``{"client_secret": ...}`` (Stripe) or ``{"approve_url": ...}`` (PayPal)

@@ -73,10 +73,10 @@ from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
 
 from handlers.payments.base import (
     MalformedWebhook,
-    Outcome,
     OutcomeUnknown,
     PaymentAlreadyCaptured,
     PaymentFacts,
+    PaymentOutcome,
     PaymentRequest,
     PaymentResult,
     PermanentPaymentError,
@@ -87,8 +87,8 @@ from handlers.payments.base import (
     WebhookVerificationError,
 )
 from handlers.payments.money import MoneyError, from_decimal_string, to_paypal_value
+from handlers.payments.settings import GatewayConfigError, PayPalSettings
 from handlers.payments.shapes import EventId, Ref, Shape, read
-from worker.settings import PayPalSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +175,9 @@ class CertificateTrust:
             roots = _certificates(Path(path).read_bytes())
             tls = ssl.create_default_context(cafile=path)
         except (OSError, ssl.SSLError) as exc:
-            raise SettingsError(f"paypal.cert_ca_file: cannot load {path}: {exc}") from None
+            raise GatewayConfigError(f"paypal.cert_ca_file: cannot load {path}: {exc}") from None
         if not roots:
-            raise SettingsError(f"paypal.cert_ca_file: {path} holds no certificate")
+            raise GatewayConfigError(f"paypal.cert_ca_file: {path} holds no certificate")
         return cls(Store(roots), tls, path)
 
 
@@ -309,7 +309,7 @@ class PayPalGateway:
             issue = _issue(exc)
             if issue == "INSTRUMENT_DECLINED":
                 return PaymentResult(
-                    outcome=Outcome.DECLINED,
+                    outcome=PaymentOutcome.DECLINED,
                     provider_payment_id=provider_payment_id,
                     decline_reason=issue,
                     provider_status=issue,
@@ -334,7 +334,7 @@ class PayPalGateway:
                 return  # unknown or purged at PayPal: nothing was taken
             raise
         result = self._order_result(order)
-        if result.outcome in (Outcome.SUCCEEDED, Outcome.PROCESSING):
+        if result.outcome in (PaymentOutcome.SUCCEEDED, PaymentOutcome.PROCESSING):
             raise PaymentAlreadyCaptured(f"paypal order {provider_payment_id} was captured: refund it")
         log.info(
             "paypal order abandoned", extra={"paypal_order_id": provider_payment_id, "status": result.provider_status}
@@ -425,7 +425,7 @@ class PayPalGateway:
         found = self._order_result(self._get_order(order_id))
         if found.capture_id:
             return found.capture_id
-        if found.outcome is Outcome.DECLINED:
+        if found.outcome is PaymentOutcome.DECLINED:
             raise PermanentPaymentError(f"paypal order {order_id} has no capture to refund ({found.provider_status})")
         raise TransientPaymentError(f"paypal order {order_id} is {found.provider_status}: no capture to refund yet")
 
@@ -448,23 +448,26 @@ class PayPalGateway:
                 "provider_status": capture.get("status"),
             }
             if capture.get("status") in ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED"):
-                return PaymentResult(outcome=Outcome.SUCCEEDED, **common)
+                return PaymentResult(outcome=PaymentOutcome.SUCCEEDED, **common)
             if capture.get("status") == "PENDING":
-                return PaymentResult(outcome=Outcome.PROCESSING, **common)
+                return PaymentResult(outcome=PaymentOutcome.PROCESSING, **common)
             reason = (capture.get("status_details") or {}).get("reason") or capture.get("status")
-            return PaymentResult(outcome=Outcome.DECLINED, decline_reason=reason, **common)
+            return PaymentResult(outcome=PaymentOutcome.DECLINED, decline_reason=reason, **common)
         if status in ("CREATED", "SAVED", "PAYER_ACTION_REQUIRED", "APPROVED"):
             links = {link.get("rel"): link.get("href") for link in order.get("links") or []}
             url = links.get("payer-action") or links.get("approve")
             return PaymentResult(
-                outcome=Outcome.REQUIRES_ACTION,
+                outcome=PaymentOutcome.REQUIRES_ACTION,
                 provider_payment_id=order_id,
                 next_action={"approve_url": url} if url and status != "APPROVED" else {},
                 provider_status=status,
             )
         if status == "VOIDED":
             return PaymentResult(
-                outcome=Outcome.DECLINED, provider_payment_id=order_id, decline_reason="VOIDED", provider_status=status
+                outcome=PaymentOutcome.DECLINED,
+                provider_payment_id=order_id,
+                decline_reason="VOIDED",
+                provider_status=status,
             )
         raise PermanentPaymentError(f"paypal order {order_id} in unexpected status {status}")
 

@@ -23,10 +23,10 @@ import stripe
 from stripe.params import PaymentIntentCreateParams, RefundCreateParams
 
 from handlers.payments.base import (
-    Outcome,
     OutcomeUnknown,
     PaymentAlreadyCaptured,
     PaymentFacts,
+    PaymentOutcome,
     PaymentRequest,
     PaymentResult,
     PermanentPaymentError,
@@ -36,8 +36,8 @@ from handlers.payments.base import (
     WebhookKind,
     WebhookVerificationError,
 )
+from handlers.payments.settings import StripeSettings
 from handlers.payments.shapes import EventId, Ref, Shape, read
-from worker.settings import StripeSettings
 
 log = logging.getLogger(__name__)
 
@@ -209,17 +209,17 @@ class StripeGateway:
         status = intent.get("status")
         common = {"provider_payment_id": intent["id"], "provider_status": status}
         if status == "succeeded":
-            return PaymentResult(outcome=Outcome.SUCCEEDED, **common)
+            return PaymentResult(outcome=PaymentOutcome.SUCCEEDED, **common)
         if status == "requires_action":
             return PaymentResult(
-                outcome=Outcome.REQUIRES_ACTION, next_action={"client_secret": intent["client_secret"]}, **common
+                outcome=PaymentOutcome.REQUIRES_ACTION, next_action={"client_secret": intent["client_secret"]}, **common
             )
         if status == "processing":
-            return PaymentResult(outcome=Outcome.PROCESSING, **common)
+            return PaymentResult(outcome=PaymentOutcome.PROCESSING, **common)
         if status in ("requires_payment_method", "canceled"):
             error = intent.get("last_payment_error") or {}
             reason = error.get("decline_code") or error.get("code") or status
-            return PaymentResult(outcome=Outcome.DECLINED, decline_reason=reason, **common)
+            return PaymentResult(outcome=PaymentOutcome.DECLINED, decline_reason=reason, **common)
         raise PermanentPaymentError(f"stripe payment {intent['id']} in unexpected status {status}")
 
     @staticmethod
@@ -229,7 +229,7 @@ class StripeGateway:
         reason = error.get("decline_code") or exc.code or "card_declined"
         log.info("stripe card declined", extra={"decline_reason": reason, "request_id": exc.request_id})
         return PaymentResult(
-            outcome=Outcome.DECLINED,
+            outcome=PaymentOutcome.DECLINED,
             provider_payment_id=intent["id"] if intent else "",
             decline_reason=reason,
             provider_status=intent.get("status") if intent else None,

@@ -96,6 +96,15 @@ class WebhookCommand:
     def message_type(self) -> str:
         return route(self.command).message_type
 
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "exchange": self.exchange,
+            "routing_key": self.routing_key,
+            "message_type": self.message_type,
+            "message_id": self.message_id,
+            "body": self.body,
+        }
+
 
 def to_command(event: WebhookEvent) -> WebhookCommand | None:
     """The command a verified webhook becomes, or None for events not acted on.

@@ -223,7 +223,7 @@ def test_late_answers_about_a_refunded_payment_change_nothing():
     """Found by the chaos run: a late confirmation or capture answer set a refunded payment back to
     succeeded, and the money was refunded, and announced as refunded, a second time."""
     from handlers.payment_step import apply_result
-    from handlers.payments.base import Outcome as PayOutcome
+    from handlers.payments.base import PaymentOutcome as PayOutcome
     from handlers.payments.base import PaymentResult
 
     uow = FakeUnitOfWork(PRODUCTS)

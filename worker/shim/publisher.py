@@ -22,6 +22,7 @@ from worker.errors import BrokerError, ConnectionLost
 from worker.rabbit.connection import Outgoing
 from worker.shim.amqp import AsyncChannel
 from worker.shim.errors import ApiError
+from worker.shim.metrics import ShimMetrics
 
 log = structlog.get_logger("worker.shim.publisher")
 
@@ -70,7 +71,7 @@ def unavailable(message: str = "the message broker is unavailable; retry later")
 class CommandPublisher:
     """Confirmed publishes (and direct reply-to requests) on the process's :class:`AsyncChannel`."""
 
-    def __init__(self, channel: AsyncChannel, timeout: float, metrics: Any = None) -> None:
+    def __init__(self, channel: AsyncChannel, timeout: float, metrics: ShimMetrics | None = None) -> None:
         self._channel = channel
         self._timeout = timeout
         self._metrics = metrics

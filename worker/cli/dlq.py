@@ -14,8 +14,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from worker.cli_common import ConfigOption, JsonOption, engine_for, fail, load
-from worker.dlq import Selection
+from worker.cli.common import ConfigOption, JsonOption, engine_for, fail, load
+from worker.dlq.operations import Selection
 
 app = typer.Typer(no_args_is_help=True, help="The dead-letter queue (orders.dead-letter): inspect, replay, purge.")
 out, err = Console(), Console(stderr=True)
@@ -43,7 +43,7 @@ def _selection(
     newer: str | None,
     everything: bool = False,
 ) -> Selection:
-    from worker.dead_letters import parse_age
+    from worker.dlq.letters import parse_age
 
     try:
         return Selection(
@@ -70,7 +70,7 @@ def _required(selection: Selection, verb: str) -> None:
 
 
 def _browse(config: Path | None, selection: Selection) -> tuple[Any, list[Any]]:
-    from worker import dlq
+    from worker.dlq import operations as dlq
     from worker.errors import BrokerError
 
     settings = load(config)
@@ -93,7 +93,7 @@ def list_(
     config: ConfigOption = None,
 ) -> None:
     """List dead letters (the queue is browsed, never consumed or reordered)."""
-    from worker.dlq_view import letters_table
+    from worker.dlq.view import letters_table
 
     _, letters = _browse(config, _selection(None, types, errors, queues, older_than, newer_than))
     if as_json:  # scripts get everything unless they ask for less
@@ -111,8 +111,8 @@ def show(
     config: ConfigOption = None,
 ) -> None:
     """One dead letter in full, and what already happened to its order."""
-    from worker.dlq_view import show as render
-    from worker.order_facts import advice, order_facts
+    from worker.dlq.order_facts import advice, order_facts
+    from worker.dlq.view import show as render
 
     settings, letters = _browse(config, Selection(ids=(message_id,)))
     if not letters:
@@ -178,8 +178,8 @@ def replay(
     """Republish dead letters (confirmed) and remove them from the queue."""
     from rich.progress import Progress
 
-    from worker import dlq
-    from worker.dlq_audit import default_actor
+    from worker.dlq import operations as dlq
+    from worker.dlq.audit import default_actor
     from worker.errors import BrokerError
 
     selection = _selection(ids, types, errors, queues, older_than, newer_than, everything)
@@ -234,8 +234,8 @@ def purge(
     config: ConfigOption = None,
 ) -> None:
     """Delete dead letters for good (after confirmation)."""
-    from worker import dlq
-    from worker.dlq_audit import default_actor
+    from worker.dlq import operations as dlq
+    from worker.dlq.audit import default_actor
     from worker.errors import BrokerError
 
     selection = _selection(ids, types, errors, queues, older_than, newer_than, everything)
@@ -274,7 +274,7 @@ def export(
     config: ConfigOption = None,
 ) -> None:
     """Write dead letters (everything `show` prints) as JSON lines; the queue is unchanged."""
-    from worker.dlq import write_jsonl
+    from worker.dlq.operations import write_jsonl
 
     _, letters = _browse(config, _selection(ids, types, errors, queues, older_than, newer_than))
     write_jsonl(letters, file)
@@ -289,8 +289,8 @@ def history(
     config: ConfigOption = None,
 ) -> None:
     """Who replayed or purged which dead letters, and when."""
-    from worker.dlq_audit import history as rows_of
-    from worker.dlq_view import history_table
+    from worker.dlq.audit import history as rows_of
+    from worker.dlq.view import history_table
 
     settings = load(config)
     try:

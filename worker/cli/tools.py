@@ -13,9 +13,9 @@ webhook_app = typer.Typer(no_args_is_help=True, help="Payment provider webhooks.
 
 
 def _load(config: Optional[Path]) -> Any:
-    from worker.cli import _settings
+    from worker.cli.common import settings_or_exit
 
-    return _settings(config)
+    return settings_or_exit(config)
 
 
 def audit(
@@ -90,7 +90,7 @@ def webhook_replay(
     command = to_command(event)
     typer.echo(
         json.dumps(
-            {"event": {**asdict(event), "kind": event.kind.value}, "command": asdict(command) if command else None},
+            {"event": {**asdict(event), "kind": event.kind.value}, "command": command.as_dict() if command else None},
             indent=2,
             default=str,
         )

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from worker.cli_common import ConfigOption, JsonOption, engine_for, load
+from worker.cli.common import ConfigOption, JsonOption, engine_for, load
 
 
 def status(as_json: JsonOption = False, config: ConfigOption = None) -> None:
@@ -51,7 +51,7 @@ def doctor(as_json: JsonOption = False, config: ConfigOption = None) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the operator verbs to the main app."""
-    from worker.cli_dlq import app as dlq_app
+    from worker.cli.dlq import app as dlq_app
 
     app.add_typer(dlq_app, name="dlq")
     app.command()(status)

@@ -7,55 +7,18 @@ Exit codes: 0 success, 1 bad configuration or a failed check, 2 usage error
 from __future__ import annotations
 
 import functools
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from worker.settings import Settings, SettingsError, load_settings
+from worker.cli.common import ConfigOption, settings_or_exit, stop_on_signals
+from worker.settings import Settings, SettingsError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Order service: workers, relay, shim and tools.")
 products_app = typer.Typer(no_args_is_help=True, help="The product catalogue.")
 app.add_typer(products_app, name="products")
-
-ConfigOption = Annotated[
-    Optional[Path],
-    typer.Option("--config", "-c", help="Configuration file (default: $ORDERS_CONFIG or config/config.yaml)."),
-]
-
-
-def _settings(config: Path | None, serving: bool = False) -> Settings:
-    """The settings, or exit 1 with the reason; ``serving``: also refuse what production mode refuses."""
-    from worker import logs, production
-
-    try:
-        settings = load_settings(config)
-    except SettingsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if serving:
-        refused = production.problems(settings)
-        for problem in refused:
-            typer.echo(f"error: production mode refuses {problem.line()}", err=True)
-        if refused:
-            typer.echo(
-                "error: set these, or ORDERS_ENVIRONMENT=development for a local run "
-                "(`orders doctor` lists every check)",
-                err=True,
-            )
-            raise typer.Exit(1)
-    logs.configure(settings.logging.level, settings.logging.format)
-    return settings
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    return stop
 
 
 @app.command()
@@ -66,7 +29,7 @@ def migrate(
     """Create the database if needed and apply the migrations (alembic upgrade head)."""
     from worker import db
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         if db.ensure_database(settings.database):
             typer.echo(f"created database {settings.database.dbname}")
@@ -113,7 +76,7 @@ def topology(
     from worker.rabbit.connection import BlockingBroker
     from worker.rabbit.topology import declare_topology
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     if users:
         _topology_users(settings, upstream_user, service_user, print_only)
         return
@@ -162,7 +125,7 @@ def products_import(
     """Load a catalogue; products already there are updated (idempotent)."""
     from worker import catalogue, db
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         products = catalogue.read(file)
     except catalogue.CatalogueError as exc:
@@ -195,7 +158,7 @@ def worker(
     from worker.bootstrap import worker_process
     from worker.supervisor import run_pool
 
-    settings = _settings(config, serving=True)
+    settings = settings_or_exit(config, serving=True)
     overrides = {}
     if prefetch:
         overrides["prefetch"] = prefetch
@@ -215,8 +178,8 @@ def relay(config: ConfigOption = None) -> None:
     """Run the outbox relay (one is active; more wait as standbys)."""
     from worker import bootstrap, metrics
 
-    settings = _settings(config, serving=True)
-    stop = _stop_on_signals()
+    settings = settings_or_exit(config, serving=True)
+    stop = stop_on_signals()
     relay_port = settings.metrics.port + 1 if settings.metrics.port else 0
     try:
         metrics.serve(settings.metrics.host, relay_port)
@@ -241,7 +204,7 @@ def shim(
     """Run the HTTP shim (FastAPI on uvicorn)."""
     from worker.shim.server import serve
 
-    settings = _settings(config, serving=True)
+    settings = settings_or_exit(config, serving=True)
     serve(
         settings,
         config,
@@ -262,14 +225,14 @@ def token_issue(
     from worker.shim.auth import issue_token
 
     try:
-        typer.echo(issue_token(_settings(config).shim, user, role, ttl))
+        typer.echo(issue_token(settings_or_exit(config).shim, user, role, ttl))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
 
-from worker.cli_ops import register as _register_ops  # noqa: E402 - after the app exists
-from worker.cli_tools import register as _register_tools  # noqa: E402
+from worker.cli.ops import register as _register_ops  # noqa: E402 - after the app exists
+from worker.cli.tools import register as _register_tools  # noqa: E402
 
 _register_ops(app)
 _register_tools(app)

@@ -14,8 +14,8 @@ from sqlalchemy import Engine, text
 
 from schema.messages import ORDER_ID_NAMESPACE
 from worker.commands import CONSUMER
-from worker.dead_letters import DeadLetter
-from worker.dlq import misplaced
+from worker.dlq.letters import DeadLetter
+from worker.dlq.operations import misplaced
 
 
 def order_id_of(dl: DeadLetter) -> str | None:

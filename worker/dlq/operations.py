@@ -23,8 +23,8 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from schema.topology import QUEUE_ACCEPTS, queue_of, wrong_queue
-from worker import dlq_audit
-from worker.dead_letters import DeadLetter, replay_headers
+from worker.dlq import audit as dlq_audit
+from worker.dlq.letters import DeadLetter, replay_headers
 from worker.errors import BrokerError, PublishNotConfirmed
 from worker.rabbit.connection import Outgoing
 from worker.rabbit.dead_letters import DeadLetterSession

@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.table import Table
 
-from worker.dead_letters import DeadLetter
+from worker.dlq.letters import DeadLetter
 
 
 def _ago(when: datetime | None) -> str:
