@@ -1,5 +1,7 @@
 """The deployment files: compose.yml is valid Compose and lets workers scale,
-and every command that the Procfiles, compose.yml and scripts/up.sh run exists.
+its `cluster` profile stays out of the default one and its RabbitMQ nodes find
+each other, and every command that the Procfiles, compose.yml and
+scripts/up.sh run exists.  (Offline checks: no Docker daemon runs here.)
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ PROCFILES = ("Procfile", "Procfile.local")
 VENV_BIN = Path(sys.executable).parent
 #: Seconds `orders <verb> --help` may take (it imports the whole CLI).
 HELP_TIMEOUT = 60
+#: The services of the `cluster` profile: three RabbitMQ nodes (and their cookie), a PostgreSQL primary and standby.
+CLUSTER_SERVICES = {"rabbit-cookie", "rabbit1", "rabbit2", "rabbit3", "pg-primary", "pg-standby"}
+RABBIT_NODES = ("rabbit1", "rabbit2", "rabbit3")
+RABBIT_CLUSTER_CONF = "deploy/compose/rabbitmq-cluster.conf"
 
 
 def load_compose() -> dict:
@@ -107,10 +113,61 @@ def test_compose_worker_scales_and_starts_only_after_migrate_succeeded():
     assert all(dep["condition"] == "service_healthy" for dep in migrate["depends_on"].values())
 
 
-@pytest.mark.parametrize("service", ["postgres", "rabbitmq", "redis", "worker", "shim"])
+@pytest.mark.parametrize(
+    "service", ["postgres", "rabbitmq", "redis", "worker", "shim", *RABBIT_NODES, "pg-primary", "pg-standby"]
+)
 def test_compose_service_has_a_healthcheck(service):
     healthcheck = load_compose()["services"][service].get("healthcheck")
     assert healthcheck and healthcheck.get("test"), f"{service} has no healthcheck"
+
+
+def test_cluster_profile_services_start_only_with_the_cluster_profile():
+    services = load_compose()["services"]
+    assert CLUSTER_SERVICES <= set(services)
+    for name, service in services.items():
+        if name in CLUSTER_SERVICES:
+            assert service.get("profiles") == ["cluster"], f"{name} must start only with --profile cluster"
+        else:
+            assert "profiles" not in service, f"{name} belongs to the default profile"
+            depends = set(service.get("depends_on", ()))
+            assert not depends & CLUSTER_SERVICES, f"{name} (default profile) depends on {depends & CLUSTER_SERVICES}"
+
+
+def test_cluster_rabbit_nodes_list_each_other_for_classic_config_peer_discovery():
+    settings = {}
+    for line in (REPO / RABBIT_CLUSTER_CONF).read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    assert settings["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = {value for key, value in settings.items() if key.startswith("cluster_formation.classic_config.nodes.")}
+
+    services = load_compose()["services"]
+    nodes = {f"rabbit@{services[name]['hostname']}" for name in RABBIT_NODES}
+    assert listed == nodes, f"{RABBIT_CLUSTER_CONF} lists {sorted(listed)}, the nodes are {sorted(nodes)}"
+    for name in RABBIT_NODES:
+        volumes = services[name]["volumes"]
+        assert f"./{RABBIT_CLUSTER_CONF}:/etc/rabbitmq/conf.d/20-cluster.conf:ro" in volumes, name
+        assert "rabbit-cookie:/run/rabbit-cookie:ro" in volumes, f"{name} must share the Erlang cookie"
+        assert services[name]["depends_on"]["rabbit-cookie"]["condition"] == "service_completed_successfully"
+
+
+def test_cluster_standby_starts_after_the_primary_is_healthy():
+    services = load_compose()["services"]
+    assert services["pg-standby"]["depends_on"]["pg-primary"]["condition"] == "service_healthy"
+    assert services["pg-standby"]["environment"]["PRIMARY_HOST"] == "pg-primary"
+    assert services["pg-primary"]["environment"]["POSTGRES_HOST_AUTH_METHOD"] == "scram-sha-256"
+
+
+def test_compose_bind_mounts_exist():
+    for name, service in load_compose()["services"].items():
+        for volume in service.get("volumes", ()):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), f"{name} mounts {source}, which does not exist"
+        for word in service.get("entrypoint", ()):
+            if word.startswith("/deploy/"):
+                assert (REPO / "deploy" / "compose" / word.removeprefix("/deploy/")).is_file(), f"{name}: {word}"
 
 
 def test_production_procfile_runs_no_payment_fakes_and_local_one_runs_all_processes():
