@@ -36,8 +36,8 @@ import pytest
 import typer
 import yaml
 
+from schema.topology import COMMAND_QUEUES
 from worker import production
-from worker.broker import COMMAND_QUEUES
 from worker.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
