@@ -13,6 +13,7 @@ from handlers.cancel_order import cancel_order
 from handlers.outcome import MessageContext, Outcome
 from handlers.payment_confirmed import payment_confirmed
 from handlers.place_order import place_order
+from handlers.ship_order import ship_order
 from handlers.unit_of_work import UnitOfWork
 from schema import messages
 
@@ -27,6 +28,7 @@ COMMAND_HANDLERS: dict[type[messages.Command], Handler] = {
     messages.PlaceOrder: place_order,
     messages.CancelOrder: cancel_order,
     messages.PaymentConfirmed: payment_confirmed,
+    messages.ShipOrder: ship_order,
 }
 
 #: order in which a batch applies its commands: placing first, so a cancel or

@@ -12,7 +12,7 @@ from handlers import events
 from handlers.errors import NotFound, RetryLater
 from handlers.orders import HOLDS_STOCK, Status
 from handlers.outcome import MessageContext, Outcome
-from handlers.unit_of_work import UnitOfWork
+from handlers.unit_of_work import PaymentStatus, UnitOfWork
 from schema.messages import CancelOrder, CancelPayment
 
 
@@ -32,6 +32,6 @@ def cancel_order(cmd: CancelOrder, msg: MessageContext, uow: UnitOfWork) -> Outc
         events.stock(uow, order, "stock.release", msg.message_id)
     events.order_event(uow, order, "order.cancelled", msg.message_id)
     payment = uow.payment(order_id)
-    if payment is not None and payment.status not in ("declined", "cancelled"):
+    if payment is not None and payment.status not in (PaymentStatus.DECLINED, PaymentStatus.CANCELLED):
         events.internal(uow, order, CancelPayment, msg.message_id)
     return Outcome.of("applied", order)

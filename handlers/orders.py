@@ -74,6 +74,8 @@ class Order:
     place_message_id: str
     lines: list[Line] = field(default_factory=list)
     next_action: dict[str, str] | None = None
+    #: what the fulfilment service said when it shipped the order
+    shipment: dict[str, str] | None = None
     reason: str | None = None
     correlation_id: str | None = None
     #: status as loaded from the database (None for a new order): the guard

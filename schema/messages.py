@@ -167,6 +167,17 @@ class CancelOrder(_OrderCommand):
     reason: Annotated[str, StringConstraints(max_length=500)] | None = None
 
 
+class Shipment(_Strict):
+    carrier: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    tracking_number: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class ShipOrder(_OrderCommand):
+    """From the fulfilment service: a ``completed`` order has left the warehouse."""
+
+    shipment: Shipment
+
+
 class PaymentConfirmed(_OrderCommand):
     provider: Literal["stripe", "paypal", "internal"]
     payment_id: Id
@@ -290,6 +301,8 @@ class OrderEvent(Event):
     reason: str | None = None
     next_action: dict[str, str] | None = None
     refund_id: str | None = None
+    #: ``order.shipped``: carrier and tracking number
+    shipment: Shipment | None = None
 
 
 class CommandRefused(Event):
@@ -307,6 +320,7 @@ ORDER_EVENT_ROUTING_KEYS = (
     "order.placed",
     "order.awaiting_payment",
     "order.completed",
+    "order.shipped",
     "order.cancelled",
     "order.rejected",
     "order.refunded",

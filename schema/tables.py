@@ -65,6 +65,8 @@ orders = Table(
     Column("payment_request", JSONB, nullable=False),
     #: what the buyer needs next (Stripe client_secret, PayPal approve_url)
     Column("next_action", JSONB),
+    #: the fulfilment service's ShipOrder: {carrier, tracking_number}
+    Column("shipment", JSONB),
     Column("reason", Text),
     Column("correlation_id", String(200)),
     Column("place_message_id", String(200), nullable=False),
@@ -105,7 +107,34 @@ order_transitions = Table(
     Column("message_id", String(200), nullable=False),
     Column("reason", Text),
     Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    #: the command that caused it (NULL on rows written before migration 0003)
+    Column("message_type", String(50)),
+    Column("correlation_id", String(200)),
     Index("ix_order_transitions_order_id", "order_id"),
+)
+
+#: What else happened to an order, append-only, in the transaction that did it:
+#: each event it published (``kind`` ``event``: ``ref`` the event id, ``data``
+#: exchange and routing key) and each change of its payment (``kind``
+#: ``payment``: ``data`` the payment record as saved).  ``orders show`` and
+#: ``GET /orders/{id}/history`` read it with ``order_transitions``; the relay's
+#: housekeeping deletes rows past ``worker.inbox_retention_days``, as the inbox.
+order_history = Table(
+    "order_history",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("order_id", UUID(as_uuid=False), ForeignKey("orders.order_id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(10), nullable=False),
+    Column("ref", String(200)),
+    #: the message whose handling wrote this row
+    Column("message_id", String(200)),
+    Column("message_type", String(50)),
+    Column("correlation_id", String(200)),
+    Column("data", JSONB, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("kind IN ('event', 'payment')", name="kind_known"),
+    Index("ix_order_history_order_id", "order_id", "id"),
+    Index("ix_order_history_at", "at"),
 )
 
 payments = Table(

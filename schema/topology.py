@@ -77,6 +77,7 @@ COMMAND_ROUTES: tuple[Route, ...] = (
     Route(messages.PlaceOrder, COMMANDS_EXCHANGE, "order.place", "orders.place"),
     Route(messages.CancelOrder, COMMANDS_EXCHANGE, "order.cancel", "orders.cancel"),
     Route(messages.PaymentConfirmed, COMMANDS_EXCHANGE, "payment.confirmed", "orders.payment-confirmed"),
+    Route(messages.ShipOrder, COMMANDS_EXCHANGE, "order.ship", "orders.ship"),
 )
 #: the payment step's internal commands, all on one queue
 PAYMENT_ROUTES: tuple[Route, ...] = (

@@ -602,7 +602,7 @@ def _baseline_worker(dsn: str, rows: list[tuple], go: Any) -> None:
     conn.close()
 
 
-TRUNCATE = "TRUNCATE orders, order_items, order_transitions, payments, inbox, outbox"
+TRUNCATE = "TRUNCATE orders, order_items, order_transitions, order_history, payments, inbox, outbox"
 
 
 def baseline(settings: Any, orders: list[dict[str, Any]], prices: dict[str, int], deadline: Deadline) -> dict[str, Any]:

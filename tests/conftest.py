@@ -142,9 +142,9 @@ class Bus:
     def publish(
         self, message_type: str, body: Any, message_id: str | None = None, routing_key: str | None = None, **props: Any
     ) -> str:
-        from schema.topology import COMMAND_QUEUES, COMMANDS_EXCHANGE
+        from schema.topology import COMMAND_QUEUES, COMMAND_ROUTES, COMMANDS_EXCHANGE
 
-        keys = {"PlaceOrder": "order.place", "CancelOrder": "order.cancel", "PaymentConfirmed": "payment.confirmed"}
+        keys = {r.message_type: r.routing_key for r in COMMAND_ROUTES}
         message_id = str(uuid.uuid4()) if message_id is None else message_id  # "" sends none
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.ch.basic_publish(
@@ -228,7 +228,9 @@ def clean_db(engine: Any) -> Any:
     engine.dispose()  # our own pooled connections may have been among them
     with engine.begin() as conn:
         conn.execute(
-            text("TRUNCATE orders, order_items, order_transitions, payments, inbox, outbox, products, dlq_audit")
+            text(
+                "TRUNCATE orders, order_items, order_transitions, order_history, payments, inbox, outbox, products, dlq_audit"
+            )
         )
     catalogue.upsert(engine, [catalogue.ProductRow(**p) for p in PRODUCTS])
     return engine
@@ -326,7 +328,16 @@ def place_body(
 @pytest.fixture
 def commands_only() -> list[str]:
     """``orders worker`` flags for a pool without the payment step."""
-    return ["--queue", "orders.place", "--queue", "orders.cancel", "--queue", "orders.payment-confirmed"]
+    return [
+        "--queue",
+        "orders.place",
+        "--queue",
+        "orders.cancel",
+        "--queue",
+        "orders.payment-confirmed",
+        "--queue",
+        "orders.ship",
+    ]
 
 
 @pytest.fixture

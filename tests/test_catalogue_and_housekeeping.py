@@ -78,7 +78,7 @@ def test_housekeeping_deletes_only_rows_past_their_retention(settings, clean_db)
         )
     kept = settings.model_copy(update={"worker": settings.worker.model_copy(update={"outbox_retention_hours": 24})})
     deleted = Relay(kept, clean_db).housekeeping()
-    assert deleted == {"outbox": 1, "inbox": 1}
+    assert deleted == {"outbox": 1, "inbox": 1, "order_history": 0}
     with clean_db.connect() as conn:
         assert conn.execute(text("SELECT message_id FROM inbox")).scalars().all() == ["new"]
         assert conn.execute(text("SELECT count(*) FROM outbox WHERE published_at IS NULL")).scalar_one() == 1

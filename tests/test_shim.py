@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import jwt
+import pika
 import pytest
 import schemathesis
 import stripe
@@ -123,7 +124,9 @@ def reset_world(engine: Any) -> None:
     from worker import catalogue
 
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE orders, order_items, order_transitions, payments, inbox, outbox, products"))
+        conn.execute(
+            text("TRUNCATE orders, order_items, order_transitions, order_history, payments, inbox, outbox, products")
+        )
     catalogue.upsert(
         engine,
         [
@@ -261,6 +264,40 @@ def test_cancelling_a_completed_order_answers_409(stack):
         "error": "not_cancellable",
         "message": f"order {order_id} is completed and can no longer be cancelled",
     }
+
+
+def test_a_shipped_order_reads_its_shipment_cannot_be_cancelled_and_its_history_tells_all(stack):
+    order_id = stack.place().json()["order_id"]
+    wait_until(lambda: stack.status(order_id) == "completed", what="completed")
+    shipment = {"carrier": "DHL", "tracking_number": "JD014600000001"}
+    conn = pika.BlockingConnection(pika.URLParameters(stack.env["ORDERS_RABBITMQ__URL"]))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.basic_publish(
+            "orders.commands",
+            "order.ship",
+            json.dumps({"order_id": order_id, "shipment": shipment}).encode(),
+            pika.BasicProperties(message_id=f"ship-{order_id}", type="ShipOrder", content_type="application/json"),
+        )
+    finally:
+        conn.close()
+    wait_until(lambda: stack.status(order_id) == "shipped", what="shipped")
+    assert stack.get(order_id).json()["shipment"] == shipment
+    r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", headers=stack.auth(), timeout=10)
+    assert r.status_code == 409 and r.json()["error"] == "not_cancellable"
+    story = httpx.get(f"{stack.url}/orders/{order_id}/history", headers=stack.auth("root", ("admin",)), timeout=10)
+    assert story.status_code == 200, story.text
+    body = story.json()
+    assert [t["to_status"] for t in body["transitions"]] == ["pending", "completed", "shipped"]
+    assert body["transitions"][-1]["command"] == {
+        "message_id": f"ship-{order_id}",
+        "type": "ShipOrder",
+        "correlation_id": None,
+    }
+    assert "order.shipped" in [e["routing_key"] for e in body["events"]]
+    assert [p["status"] for p in body["payments"]][-1] == "succeeded"
+    assert body["payments"][-1]["idempotency_key"] == f"order-{order_id}-start"
 
 
 def test_a_refunded_order_reads_refunded_and_cannot_be_cancelled(stack):
@@ -412,6 +449,8 @@ EXPECTED = {
     "place": {"owner": 202, "other": 403, "admin": 202, "none": 401, "expired": 401, "forged": 401},
     "read": {"owner": 200, "other": 404, "admin": 200, "none": 401, "expired": 401, "forged": 401},
     "cancel": {"owner": 202, "other": 404, "admin": 202, "none": 401, "expired": 401, "forged": 401},
+    # an order's whole story is for admins: its owner gets the same 404 as anyone else
+    "history": {"owner": 404, "other": 404, "admin": 200, "none": 401, "expired": 401, "forged": 401},
 }
 
 
@@ -428,7 +467,7 @@ def _headers(stack: Stack, caller: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("caller", CALLERS)
-@pytest.mark.parametrize("endpoint", ["place", "read", "cancel"])
+@pytest.mark.parametrize("endpoint", ["place", "read", "cancel", "history"])
 def test_rbac_matrix(stack, endpoint, caller):
     headers = _headers(stack, caller)
     if endpoint == "place":  # the body names alice: only alice herself or an admin may
@@ -441,9 +480,10 @@ def test_rbac_matrix(stack, endpoint, caller):
         r = httpx.post(stack.url + "/orders", json=body, headers=headers, timeout=10)
     else:
         order_id = stack.awaiting("alice") if endpoint == "cancel" else stack.place().json()["order_id"]
-        if endpoint == "read":
+        if endpoint in ("read", "history"):
             wait_until(lambda: stack.status(order_id), what="visible")
-            r = httpx.get(f"{stack.url}/orders/{order_id}", headers=headers, timeout=10)
+            path = "" if endpoint == "read" else "/history"
+            r = httpx.get(f"{stack.url}/orders/{order_id}{path}", headers=headers, timeout=10)
         else:
             r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", headers=headers, timeout=10)
     assert r.status_code == EXPECTED[endpoint][caller], r.text

@@ -99,6 +99,7 @@ class Applier:
                     continue
                 fresh.discard(mid)  # a second copy in this batch is a duplicate
                 ctx = MessageContext(mid, d.message_type or "", d.correlation_id, order_id)
+                uow.handling(mid, ctx.message_type, d.correlation_id)
                 try:
                     outcome = COMMAND_HANDLERS[type(command)](command, ctx, uow)
                 except RetryLater as exc:

@@ -107,7 +107,11 @@ class Consumer:
         broker = BlockingBroker(rabbitmq.url.get_secret_value(), rabbitmq.heartbeat_seconds).connect()
         try:
             if self.declare:
-                declare_topology(broker.channel(), self.settings.worker.retry_delays_seconds)
+                declare_topology(
+                    broker.channel(),
+                    self.settings.worker.retry_delays_seconds,
+                    self.settings.rabbitmq.quorum_group_size,
+                )
             broker.consume(self.queues, self.prefetch)
         except ConnectionLost:
             broker.close()

@@ -119,8 +119,8 @@ def check_rabbitmq(settings: Settings) -> list[Finding]:
     from worker.rabbit.topology import missing_topology
 
     url = settings.rabbitmq.url.get_secret_value()
-    parts = urlsplit(url)
-    where = f"{parts.hostname}:{parts.port or 5672} vhost {parts.path[1:] or '/'}"
+    nodes = [urlsplit(node) for node in settings.rabbitmq.urls]
+    where = ", ".join(f"{p.hostname}:{p.port or 5672}" for p in nodes) + f" vhost {nodes[0].path[1:] or '/'}"
     try:
         missing = missing_topology(url, settings.worker.retry_delays_seconds)
     except BrokerError as exc:

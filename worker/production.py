@@ -103,9 +103,13 @@ def problems(settings: Settings) -> list[Problem]:
     found += _secret("paypal.client_id", paypal.client_id)
     found += _secret("paypal.client_secret", paypal.client_secret.get_secret_value())
     found += _secret("paypal.webhook_id", paypal.webhook_id)
-    rabbit = urlsplit(settings.rabbitmq.url.get_secret_value())
-    if rabbit.username in (None, "", "guest") or rabbit.password in (None, "", "guest"):
-        found.append(Problem("rabbitmq.url", "uses RabbitMQ's guest user or no password; use the service's own user"))
+    for node in settings.rabbitmq.urls:
+        rabbit = urlsplit(node)
+        if rabbit.username in (None, "", "guest") or rabbit.password in (None, "", "guest"):
+            found.append(
+                Problem("rabbitmq.url", "uses RabbitMQ's guest user or no password; use the service's own user")
+            )
+            break
     found += _provider_url("stripe.api_base", stripe.api_base, STRIPE_API_HOSTS, "Stripe")
     found += _provider_url("paypal.base_url", paypal.base_url, PAYPAL_API_HOSTS, "PayPal")
     foreign = sorted({h.lower() for h in paypal.cert_host_allowlist} - set(PAYPAL_CERT_HOSTS))

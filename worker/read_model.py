@@ -69,7 +69,7 @@ return 1
 OUTDATED_TTL = 60
 
 _VIEW_SQL = text(
-    "SELECT o.order_id::text, o.user_id, o.status, o.currency, o.total, o.payment_provider, o.next_action,"
+    "SELECT o.order_id::text, o.user_id, o.status, o.currency, o.total, o.payment_provider, o.next_action, o.shipment,"
     " o.reason, o.created_at, o.updated_at, p.status AS payment_status, " + tables.ORDER_VERSION_SQL + " AS version,"
     " COALESCE(json_agg(json_build_object('product_id', i.product_id, 'quantity', i.quantity,"
     " 'unit_price', i.unit_price) ORDER BY i.line_no) FILTER (WHERE i.order_id IS NOT NULL), '[]') AS items"
@@ -96,6 +96,7 @@ def load_views(engine: Engine, order_ids: Iterable[str]) -> dict[str, dict[str, 
             "items": r["items"],
             "payment": {"provider": r["payment_provider"], "status": r["payment_status"] or "not_started"},
             "next_action": r["next_action"],
+            "shipment": r["shipment"],
             "reason": r["reason"],
             "created_at": r["created_at"].isoformat(),
             "updated_at": r["updated_at"].isoformat(),

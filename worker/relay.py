@@ -144,14 +144,21 @@ class Relay:
         """Delete published outbox rows and inbox rows past their retention."""
         self._last_housekeeping = time.monotonic()
         cfg = self.settings.worker
-        deleted = {"outbox": 0, "inbox": 0}
+        deleted = {"outbox": 0, "inbox": 0, "order_history": 0}
         statements = {
             "outbox": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at"
             " < now() - make_interval(secs => :secs) LIMIT :chunk)",
             "inbox": "DELETE FROM inbox WHERE ctid IN (SELECT ctid FROM inbox WHERE processed_at"
             " < now() - make_interval(secs => :secs) LIMIT :chunk)",
+            # an order's story is kept as long as the inbox remembers its commands
+            "order_history": "DELETE FROM order_history WHERE id IN (SELECT id FROM order_history WHERE at"
+            " < now() - make_interval(secs => :secs) LIMIT :chunk)",
         }
-        retention = {"outbox": cfg.outbox_retention_hours * 3600, "inbox": cfg.inbox_retention_days * 86400}
+        retention = {
+            "outbox": cfg.outbox_retention_hours * 3600,
+            "inbox": cfg.inbox_retention_days * 86400,
+            "order_history": cfg.inbox_retention_days * 86400,
+        }
         for table, stmt in statements.items():
             while True:
                 with self.engine.begin() as conn:

@@ -12,11 +12,20 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_origin
+from typing import Annotated, Any, Literal, get_origin
 from urllib.parse import quote
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from handlers.payments.settings import PayPalSettings, StripeSettings
 
@@ -34,13 +43,55 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _comma_list(value: Any) -> Any:
+    """``"a,b"`` (as the environment gives it) → ``("a", "b")``; a YAML list → a tuple; anything else as is."""
+    if isinstance(value, str) and "," in value:
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+Port = Annotated[int, Field(gt=0, lt=65536)]
+
+
 class DatabaseSettings(_Section):
-    host: str
-    port: int = Field(gt=0, lt=65536)
+    """One PostgreSQL server, or a primary and its standbys.
+
+    With several hosts (``host: "a,b"`` and ``port: "5432,5433"``, or one port
+    for all), libpq tries them in order and, with ``target_session_attrs``
+    ``read-write`` (the default then), keeps only the one that takes writes:
+    after a failover every new connection finds the promoted standby.
+    """
+
+    host: Annotated[str | tuple[str, ...], BeforeValidator(_comma_list)]
+    port: Annotated[Port | tuple[Port, ...], BeforeValidator(_comma_list)]
     user: str
     password: SecretStr
     dbname: str
     pool_size: int = Field(default=5, ge=1)
+    #: libpq's target_session_attrs; "" = ``read-write`` with several hosts, libpq's default with one
+    target_session_attrs: Literal["", "any", "read-write", "read-only", "primary", "standby", "prefer-standby"] = ""
+
+    @model_validator(mode="after")
+    def _ports_match_hosts(self) -> DatabaseSettings:
+        if isinstance(self.port, tuple) and len(self.port) != len(self.hosts):
+            raise ValueError(f"database.port names {len(self.port)} ports for {len(self.hosts)} hosts")
+        return self
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return self.host if isinstance(self.host, tuple) else (self.host,)
+
+    @property
+    def nodes(self) -> list[tuple[str, int]]:
+        """(host, port) of every server, in the order libpq tries them."""
+        ports = self.port if isinstance(self.port, tuple) else (self.port,) * len(self.hosts)
+        return list(zip(self.hosts, ports))
+
+    @property
+    def session_attrs(self) -> str:
+        return self.target_session_attrs or ("read-write" if len(self.hosts) > 1 else "")
 
     @property
     def url(self) -> str:
@@ -48,12 +99,25 @@ class DatabaseSettings(_Section):
         auth = quote(self.user, safe="")
         if password:
             auth += ":" + quote(password, safe="")
-        return f"postgresql+psycopg2://{auth}@{self.host}:{self.port}/{self.dbname}"
+        nodes = self.nodes
+        if len(nodes) == 1 and not self.session_attrs:
+            host, port = nodes[0]
+            return f"postgresql+psycopg2://{auth}@{host}:{port}/{self.dbname}"
+        # SQLAlchemy's form for several hosts: libpq gets them all and picks
+        query = "&".join(f"host={quote(h, safe='')}:{p}" for h, p in nodes)
+        if self.session_attrs:
+            query += f"&target_session_attrs={self.session_attrs}"
+        return f"postgresql+psycopg2://{auth}@/{self.dbname}?{query}"
 
     @property
     def dsn(self) -> str:
         """libpq connection string (for psycopg2 and pgbench)."""
-        parts = f"host={self.host} port={self.port} user={self.user} dbname={self.dbname}"
+        nodes = self.nodes
+        hosts = ",".join(h for h, _ in nodes)
+        ports = ",".join(str(p) for _, p in nodes)
+        parts = f"host={hosts} port={ports} user={self.user} dbname={self.dbname}"
+        if self.session_attrs:
+            parts += f" target_session_attrs={self.session_attrs}"
         password = self.password.get_secret_value()
         return parts + (f" password={password}" if password else "")
 
@@ -65,9 +129,25 @@ class RedisSettings(_Section):
     cache_ttl_seconds: int = Field(default=300, gt=0)
 
 
+def _join_urls(value: Any) -> Any:
+    """A YAML list of node URLs → one comma-separated secret (the form the environment gives)."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return value
+
+
 class RabbitSettings(_Section):
-    url: SecretStr
+    """One RabbitMQ node or a cluster: ``url`` is one AMQP URL, or several (a YAML list, or comma-separated)."""
+
+    url: Annotated[SecretStr, BeforeValidator(_join_urls)]
     heartbeat_seconds: int = Field(default=30, gt=0)
+    #: replicas of each quorum queue (``x-quorum-initial-group-size``); RabbitMQ uses every node when it has fewer
+    quorum_group_size: int = Field(default=3, ge=1)
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node's URL, in the configured order."""
+        return [u.strip() for u in self.url.get_secret_value().split(",") if u.strip()]
 
 
 class WorkerSettings(_Section):

@@ -86,6 +86,7 @@ class PaymentStep:
         with order_transaction(self.engine, CONSUMER, self.views) as uow:  # transaction 1: record the attempt
             if _seen(uow, ctx.message_id):
                 return None
+            uow.handling(ctx.message_id, ctx.message_type, ctx.correlation_id)
             call = step.prepare(command, uow)
         result: Any = None
         failure: PermanentPaymentError | None = None
@@ -104,6 +105,7 @@ class PaymentStep:
         """``command.refused`` with the inbox row, in a transaction of its own (the step's rolled back)."""
         with order_transaction(self.engine, CONSUMER, self.views) as uow:
             if uow.claim([ctx.message_id]):
+                uow.handling(ctx.message_id, ctx.message_type, ctx.correlation_id)
                 events.refused(uow, order_id, ctx.message_id, ctx.message_type, exc.code, str(exc), ctx.correlation_id)
 
     def _call(self, call: Call, ctx: MessageContext) -> Any:
@@ -137,6 +139,7 @@ class PaymentStep:
         ) as uow:  # transaction 2: the answer, with the inbox row
             if not uow.claim([ctx.message_id]):
                 return None
+            uow.handling(ctx.message_id, ctx.message_type, ctx.correlation_id)
             uow.preload([order_id], [])
             outcome = apply(uow)
         return outcome or Outcome("unchanged", order_id)

@@ -48,7 +48,8 @@ _ORDER_COLUMNS = (
     "place_message_id",
 )
 _ITEM_COLUMNS = ("order_id", "line_no", "product_id", "quantity", "unit_price")
-_TRANSITION_COLUMNS = ("order_id", "from_status", "to_status", "message_id", "reason")
+_TRANSITION_COLUMNS = ("order_id", "from_status", "to_status", "message_id", "reason", "message_type", "correlation_id")
+_HISTORY_COLUMNS = ("order_id", "kind", "ref", "message_id", "message_type", "correlation_id", "data")
 _OUTBOX_COLUMNS = ("event_id", "exchange", "routing_key", "message_type", "order_id", "correlation_id", "body")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 #: what COPY's text format escapes; most values (ids, statuses) have none, and a search is cheaper than a copy
@@ -106,6 +107,17 @@ class PostgresUnitOfWork:
         self._saved_payments: dict[str, PaymentRecord] = {}
         self._outbox: list[tuple[Any, ...]] = []
         self._versions: dict[str, int] = {}
+        #: message id -> (type, correlation id) of the messages handled here, and the one being handled now
+        self._messages: dict[str, tuple[str, str | None]] = {}
+        self._current: tuple[str | None, str | None, str | None] = (None, None, None)
+        #: order_history rows: (order_id, kind, ref, message_id, message_type, correlation_id, data)
+        self._history: list[tuple[Any, ...]] = []
+        self._payment_causes: dict[str, tuple[str | None, str | None, str | None]] = {}
+
+    def handling(self, message_id: str, message_type: str, correlation_id: str | None) -> None:
+        """The message the handler about to run handles: its transitions, events and payments name it."""
+        self._messages[message_id] = (message_type, correlation_id)
+        self._current = (message_id, message_type, correlation_id)
 
     # -- inbox -------------------------------------------------------------
 
@@ -146,7 +158,7 @@ class PostgresUnitOfWork:
         rows = self.conn.execute(
             text(
                 "SELECT order_id::text, user_id, status, currency, total, payment_provider,"
-                " payment_request, next_action, reason, correlation_id, place_message_id"
+                " payment_request, next_action, shipment, reason, correlation_id, place_message_id"
                 " FROM orders WHERE order_id = ANY(CAST(:ids AS uuid[])) ORDER BY order_id FOR UPDATE"
             ),
             {"ids": ids},
@@ -169,6 +181,7 @@ class PostgresUnitOfWork:
                 payment_request=r.payment_request,
                 place_message_id=r.place_message_id,
                 next_action=r.next_action,
+                shipment=r.shipment,
                 reason=r.reason,
                 correlation_id=r.correlation_id,
                 loaded_status=status,
@@ -216,6 +229,7 @@ class PostgresUnitOfWork:
     def save_payment(self, payment: PaymentRecord) -> None:
         self._payments[payment.order_id] = payment
         self._saved_payments[payment.order_id] = payment
+        self._payment_causes[payment.order_id] = self._current
 
     def emit(
         self,
@@ -238,6 +252,12 @@ class PostgresUnitOfWork:
                 to_json(body).decode(),
             )
         )
+        mid, mtype, mcorr = self._current
+        facts: dict[str, Any] = {"exchange": exchange, "routing_key": routing_key, "type": message_type}
+        if "reason" in body and "command" in body:  # command.refused: what was refused and why
+            facts.update(command=body["command"], reason=body["reason"], message=body.get("message"))
+        data = to_json(facts).decode()
+        self._history.append((order_id, "event", event_id, mid, mtype, mcorr, data))
 
     @property
     def touched_versions(self) -> dict[str, int]:
@@ -298,7 +318,7 @@ class PostgresUnitOfWork:
             "order_transitions",
             _TRANSITION_COLUMNS,
             (
-                (o.order_id, f.value if f else None, t.value, m, r)
+                (o.order_id, f.value if f else None, t.value, m, r, *self._messages.get(m, (None, None)))
                 for o in self._orders.values()
                 if o is not None
                 for (f, t, m, r) in o.transitions
@@ -306,6 +326,12 @@ class PostgresUnitOfWork:
         )
         if self._saved_payments:
             self._upsert_payments(list(self._saved_payments.values()))
+            for order_id, p in self._saved_payments.items():
+                mid, mtype, mcorr = self._payment_causes.get(order_id, (None, None, None))
+                record = {f: getattr(p, f) for f in _PAYMENT_FIELDS}
+                self._history.append((order_id, "payment", p.status, mid, mtype, mcorr, to_json(record).decode()))
+        if self._history:
+            copy_rows(conn, "order_history", _HISTORY_COLUMNS, self._history)
         if self._outbox:
             copy_rows(conn, "outbox", _OUTBOX_COLUMNS, self._outbox)
             conn.execute(text("SELECT pg_notify(:ch, '')"), {"ch": OUTBOX_CHANNEL})
@@ -318,6 +344,7 @@ class PostgresUnitOfWork:
                 "guard": o.loaded_status.value,  # type: ignore[union-attr]
                 "reason": o.reason,
                 "next_action": o.next_action,
+                "shipment": o.shipment,
             }
             for o in changed
         ]
@@ -326,9 +353,9 @@ class PostgresUnitOfWork:
                 "UPDATE orders AS o SET status = v.status, reason = v.reason,"
                 # clock_timestamp(): taken after the row lock, so it grows in
                 # commit order per order (the read model's version)
-                " next_action = v.next_action, updated_at = clock_timestamp()"
+                " next_action = v.next_action, shipment = v.shipment, updated_at = clock_timestamp()"
                 " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS"
-                " v(order_id uuid, status text, guard text, reason text, next_action jsonb)"
+                " v(order_id uuid, status text, guard text, reason text, next_action jsonb, shipment jsonb)"
                 f" WHERE o.order_id = v.order_id AND o.status = v.guard RETURNING o.order_id::text, {tables.ORDER_VERSION_SQL}"
             ),
             {"rows": json.dumps(rows)},

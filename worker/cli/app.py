@@ -85,7 +85,7 @@ def topology(
         raise typer.Exit(2)
     try:
         broker = BlockingBroker(settings.rabbitmq.url.get_secret_value()).connect()
-        declare_topology(broker.channel(), settings.worker.retry_delays_seconds)
+        declare_topology(broker.channel(), settings.worker.retry_delays_seconds, settings.rabbitmq.quorum_group_size)
         broker.close()
     except BrokerError as exc:
         typer.echo(f"error: RabbitMQ: {exc}", err=True)
@@ -232,10 +232,12 @@ def token_issue(
 
 
 from worker.cli.ops import register as _register_ops  # noqa: E402 - after the app exists
+from worker.cli.show import register as _register_show  # noqa: E402
 from worker.cli.tools import register as _register_tools  # noqa: E402
 
 _register_ops(app)
 _register_tools(app)
+_register_show(app)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ work between two ``poll`` calls short.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -71,13 +72,44 @@ def basic_properties(properties: dict[str, Any]) -> BasicProperties:
     return BasicProperties(**values)
 
 
-def connection_parameters(url: str, heartbeat: int) -> pika.URLParameters:
-    params = pika.URLParameters(url)
-    params.heartbeat = heartbeat
-    params.blocked_connection_timeout = max(heartbeat * 2, 30)
-    params.connection_attempts = 1
-    params.socket_timeout = 5
-    return params
+def node_urls(url: str) -> list[str]:
+    """The node URLs of ``url`` (one, or several comma-separated), in a shuffled order.
+
+    Each process takes the nodes in an order of its own, so the connections
+    of a pool spread over the cluster and a dead node costs each process one
+    failed attempt at most, not every process the same one.
+    """
+    urls = [u.strip() for u in url.split(",") if u.strip()]
+    random.shuffle(urls)
+    return urls
+
+
+def connection_parameters(url: str, heartbeat: int) -> list[pika.URLParameters]:
+    """One parameter set per node of ``url``, shuffled: pika tries them in turn."""
+    found = []
+    for node in node_urls(url):
+        params = pika.URLParameters(node)
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = max(heartbeat * 2, 30)
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        found.append(params)
+    if not found:
+        raise ConnectionLost("rabbitmq.url names no node")
+    return found
+
+
+class NodeRotation:
+    """For connections that take one parameter set (select and asyncio adapters): the next node each time."""
+
+    def __init__(self, url: str, heartbeat: int) -> None:
+        self._params = connection_parameters(url, heartbeat)
+        self._next = 0
+
+    def next(self) -> pika.URLParameters:
+        params = self._params[self._next % len(self._params)]
+        self._next += 1
+        return params
 
 
 PIKA_ERRORS = (pika.exceptions.AMQPError, OSError)

@@ -13,7 +13,7 @@ import pika.exceptions
 from pika.spec import Basic
 
 from worker.errors import ConnectionLost, PublishNotConfirmed
-from worker.rabbit.connection import PIKA_ERRORS, Outgoing, basic_properties, connection_parameters, lost
+from worker.rabbit.connection import PIKA_ERRORS, NodeRotation, Outgoing, basic_properties, lost
 
 
 class _HeldWritesConnection(pika.SelectConnection):
@@ -54,7 +54,7 @@ class PipelinedPublisher:
     """
 
     def __init__(self, url: str, heartbeat: int = 30) -> None:
-        self._params = connection_parameters(url, heartbeat)
+        self._nodes = NodeRotation(url, heartbeat)
         self._conn: _HeldWritesConnection | None = None
         self._channel: Any = None
         self._ready = False
@@ -65,7 +65,7 @@ class PipelinedPublisher:
 
     def connect(self, timeout: float = 10) -> PipelinedPublisher:
         self._conn = _HeldWritesConnection(
-            self._params,
+            self._nodes.next(),  # after a failed or lost connection, the next attempt goes to another node
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_failed,
             on_close_callback=self._on_failed,

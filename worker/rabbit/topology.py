@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -34,38 +35,57 @@ _QUORUM = {
 }
 
 
-def declare_topology(channel: BlockingChannel, delays: Iterable[int]) -> None:
-    """Declare every exchange, queue and binding; safe to repeat."""
+def declare_topology(channel: BlockingChannel, delays: Iterable[int], group_size: int | None = None) -> None:
+    """Declare every exchange, queue and binding; safe to repeat.
+
+    ``group_size``: replicas of each new quorum queue (``x-quorum-initial-group-size``;
+    RabbitMQ uses every node when the cluster has fewer).  A queue that exists
+    already is left as it is: RabbitMQ refuses a declaration whose group size
+    differs from the queue's, and the replicas of a running queue are changed
+    with ``rabbitmq-queues grow`` / ``shrink``, not by declaring it.
+    """
+    replicas = {"x-quorum-initial-group-size": group_size} if group_size else {}
     try:
         for name, kind in EXCHANGE_TYPES.items():
             channel.exchange_declare(name, exchange_type=kind, durable=True)
-        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        _declare_queue(channel, DEAD_LETTER_QUEUE, {"x-queue-type": "quorum", **replicas})
         channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
-        work_args = {**_QUORUM, "x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+        work_args = {
+            **_QUORUM,
+            **replicas,
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        }
         for queue, key in COMMAND_QUEUES.items():
-            channel.queue_declare(queue, durable=True, arguments=work_args)
+            _declare_queue(channel, queue, work_args)
             channel.queue_bind(queue, COMMANDS_EXCHANGE, routing_key=key)
-        channel.queue_declare(PAYMENTS_QUEUE, durable=True, arguments=work_args)
+        _declare_queue(channel, PAYMENTS_QUEUE, work_args)
         for key in PAYMENT_ROUTING_KEYS:
             channel.queue_bind(PAYMENTS_QUEUE, INTERNAL_EXCHANGE, routing_key=key)
         for seconds in delays:
             # expired messages go back through the default exchange to the queue
             # named by their routing key: the queue they failed on
             queue = delay_queue(seconds)
-            channel.queue_declare(
-                queue,
-                durable=True,
-                arguments={
-                    **_QUORUM,
-                    "x-message-ttl": seconds * 1000,
-                    "x-dead-letter-exchange": "",
-                },
-            )
+            delay_args = {**_QUORUM, **replicas, "x-message-ttl": seconds * 1000, "x-dead-letter-exchange": ""}
+            _declare_queue(channel, queue, delay_args)
             channel.queue_bind(queue, DELAY_EXCHANGE, arguments={"x-match": "all", DELAY_HEADER: f"{seconds}s"})
             # the binding of versions before 0.1 matched every message (x- headers are ignored)
             channel.queue_unbind(queue, DELAY_EXCHANGE, arguments={"x-match": "all", "x-delay-tier": f"{seconds}s"})
     except pika.exceptions.AMQPError as exc:
         raise ConnectionLost(f"declaring topology failed: {exc!r}") from exc
+
+
+def _declare_queue(channel: BlockingChannel, name: str, arguments: dict[str, Any]) -> None:
+    """Declare ``name`` unless it exists (looked at passively, on a channel of its own: a miss closes it)."""
+    probe = channel.connection.channel()
+    try:
+        probe.queue_declare(name, passive=True)
+        probe.close()
+        return
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 404:
+            raise
+    channel.queue_declare(name, durable=True, arguments=arguments)
 
 
 def _passive_check(url: str, names: list[tuple[str, str]]) -> dict[str, tuple[int, int] | None]:

@@ -102,8 +102,8 @@ def service_permissions() -> Permissions:
 
 
 def vhost_of(url: str) -> str:
-    """The vhost an AMQP URL names ("/" when it names none)."""
-    path = urlsplit(url).path
+    """The vhost an AMQP URL names ("/" when it names none); of the first node when it names several."""
+    path = urlsplit(url.split(",")[0].strip()).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 

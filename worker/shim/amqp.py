@@ -27,7 +27,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.spec import Basic
 
 from worker.errors import ConnectionLost, PublishNotConfirmed
-from worker.rabbit.connection import REPLY_TO, Outgoing, basic_properties, connection_parameters
+from worker.rabbit.connection import REPLY_TO, NodeRotation, Outgoing, basic_properties
 
 log = structlog.get_logger("worker.shim.amqp")
 
@@ -62,7 +62,7 @@ class AsyncChannel:
     """A confirmed channel with direct reply-to, opened on first use on the running loop."""
 
     def __init__(self, url: str, heartbeat: int) -> None:
-        self._params = connection_parameters(url, heartbeat)
+        self._nodes = NodeRotation(url, heartbeat)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: AsyncioConnection | None = None
         self._channel: Any = None
@@ -218,7 +218,7 @@ class AsyncChannel:
 
         try:
             conn = self._conn = _TurnWritesConnection(
-                self._params, on_open, on_open_error, on_close, custom_ioloop=loop
+                self._nodes.next(), on_open, on_open_error, on_close, custom_ioloop=loop
             )
         except (pika.exceptions.AMQPError, OSError) as exc:
             self._on_lost(exc)

@@ -123,6 +123,11 @@ class PaymentView(BaseModel):
     status: str
 
 
+class ShipmentView(BaseModel):
+    carrier: str
+    tracking_number: str
+
+
 class OrderView(BaseModel):
     """An order as its owner (or an admin) sees it: no card data, no provider secrets."""
 
@@ -136,6 +141,7 @@ class OrderView(BaseModel):
     next_action: dict[str, str] | None = Field(
         default=None, description="What the buyer does next: `client_secret` (Stripe) or `approve_url` (PayPal)."
     )
+    shipment: ShipmentView | None = Field(default=None, description="Set once the order has shipped.")
     reason: str | None = None
     created_at: str
     updated_at: str
@@ -143,6 +149,62 @@ class OrderView(BaseModel):
     @classmethod
     def of(cls, view: dict[str, Any]) -> OrderView:
         return cls.model_validate({k: v for k, v in view.items() if k in cls.model_fields})
+
+
+class CommandRef(BaseModel):
+    message_id: str | None
+    type: str | None
+    correlation_id: str | None
+
+
+class TransitionEntry(BaseModel):
+    at: str
+    from_status: str | None
+    to_status: str
+    reason: str | None
+    command: CommandRef
+
+
+class EventEntry(BaseModel):
+    at: str
+    event_id: str
+    exchange: str
+    routing_key: str
+    relayed: bool = Field(description="False while the event waits in the outbox for the broker's confirm.")
+    caused_by: CommandRef
+
+
+class PaymentEntry(BaseModel):
+    at: str
+    status: str
+    provider: str
+    amount: int
+    currency: str
+    idempotency_key: str
+    provider_payment_id: str | None = None
+    capture_id: str | None = None
+    refund_id: str | None = None
+    attempts: int
+    last_error: str | None = None
+    caused_by: CommandRef
+
+
+class RefusalEntry(BaseModel):
+    at: str
+    command: str | None
+    reason: str
+    message: str | None
+    caused_by: CommandRef
+
+
+class OrderHistory(BaseModel):
+    """Everything the service recorded about an order, oldest first."""
+
+    order: OrderView
+    transitions: list[TransitionEntry]
+    events: list[EventEntry]
+    payments: list[PaymentEntry]
+    refusals: list[RefusalEntry]
 
 
 class WebhookAccepted(BaseModel):

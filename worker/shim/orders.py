@@ -26,7 +26,7 @@ from worker.shim.auth import Principal
 from worker.shim.context import PlaceCaller, ReadCaller, Shim, ShimDep
 from worker.shim.errors import ApiError, ErrorBody
 from worker.shim.idempotency import KEY_PATTERN, fingerprint, validate_key
-from worker.shim.models import Accepted, CancelRequest, OrderView, PlaceOrderRequest
+from worker.shim.models import Accepted, CancelRequest, OrderHistory, OrderView, PlaceOrderRequest
 from worker.shim.publisher import Command
 from worker.shim.routing import StrictJsonRoute
 
@@ -219,6 +219,33 @@ async def place_order(
 )
 async def get_order(order_id: uuid.UUID, s: ShimDep, principal: ReadCaller) -> Any:
     return OrderView.of(await _owned_view(s, principal, order_id))
+
+
+@router.get(
+    "/orders/{order_id}/history",
+    response_model=OrderHistory,
+    summary="An order's whole story (admins)",
+    responses=_errors(401, 404, 429, 503),
+)
+async def get_order_history(order_id: uuid.UUID, s: ShimDep, principal: ReadCaller) -> Any:
+    """Transitions with the commands behind them, events and whether they were relayed, payment attempts,
+    refusals: what ``orders show`` prints (without the dead-letter queue, which lives in RabbitMQ).
+    For anyone but an admin the answer is 404, as for an order that does not exist."""
+    from starlette.concurrency import run_in_threadpool
+
+    from worker.history import order_story
+
+    if not principal.is_admin:
+        raise ApiError(404, "order_not_found", f"order {order_id} not found")
+    try:
+        story = await run_in_threadpool(order_story, s.engine, str(order_id))
+    except sa_exc.SQLAlchemyError:
+        raise ApiError(
+            503, "database_unavailable", "orders cannot be read now; retry later", {"Retry-After": "5"}
+        ) from None
+    if story is None:
+        raise ApiError(404, "order_not_found", f"order {order_id} not found")
+    return story
 
 
 @router.put(
