@@ -55,6 +55,16 @@ def _comma_list(value: Any) -> Any:
 Port = Annotated[int, Field(gt=0, lt=65536)]
 
 
+def _ports(value: Any) -> Any:
+    """A port, or several ("5442,5443" or a YAML list), each a number; anything else named plainly."""
+    value = _comma_list(value)
+    parts = value if isinstance(value, tuple) else (value,)
+    for part in parts:
+        if isinstance(part, bool) or not (isinstance(part, int) or (isinstance(part, str) and part.isdigit())):
+            raise ValueError(f"{part!r} is not a port number (one, or several separated by commas)")
+    return tuple(int(p) for p in parts) if isinstance(value, tuple) else int(value)
+
+
 class DatabaseSettings(_Section):
     """One PostgreSQL server, or a primary and its standbys.
 
@@ -65,7 +75,7 @@ class DatabaseSettings(_Section):
     """
 
     host: Annotated[str | tuple[str, ...], BeforeValidator(_comma_list)]
-    port: Annotated[Port | tuple[Port, ...], BeforeValidator(_comma_list)]
+    port: Annotated[Port | tuple[Port, ...], BeforeValidator(_ports)]
     user: str
     password: SecretStr
     dbname: str
