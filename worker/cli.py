@@ -311,10 +311,12 @@ def token_issue(
 
 
 from worker.cli_ops import register as _register_ops  # noqa: E402 - after the app exists
+from worker.cli_reconcile import register as _register_reconcile  # noqa: E402
 from worker.cli_tools import register as _register_tools  # noqa: E402
 
 _register_ops(app)
 _register_tools(app)
+_register_reconcile(app)
 
 
 def main() -> None:
