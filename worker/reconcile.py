@@ -232,8 +232,8 @@ def _unrecorded(p: ProviderPayment, s: ServicePayment | None, provider: str) -> 
         return []  # never taken, or given back in full (a second payment the payment step refunded)
     kept = f"{provider} keeps {p.kept} {p.currency}" + (f" ({p.refunded} refunded)" if p.refunded else "")
     if s is None:
-        said = f"for order {p.order_id}, which the service does not have" if p.order_id else "with no order id on it"
-        return [_found("no_order", p.order_id, p.payment_id, f"{kept} {said}", p)]
+        said = "; the service has no such order" if p.order_id else " with no order id on it"
+        return [_found("no_order", p.order_id, p.payment_id, f"{kept}{said}", p)]
     shows = f"payment {s.payment_id or '(no id)'} as {s.payment_status}" if s.payment_status else "no payment"
     return [_found("not_shown", s.order_id, p.payment_id, f"{kept}; the order ({s.order_status}) shows {shows}", p, s)]
 
