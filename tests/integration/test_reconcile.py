@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +351,7 @@ def test_a_refund_in_the_window_of_a_payment_made_before_it_is_found():
         order_provider="stripe",
         total=300,
         order_currency="USD",
-        at=rec.datetime(2020, 1, 1, tzinfo=rec.UTC),
+        at=datetime(2020, 1, 1, tzinfo=UTC),
         payment_provider="stripe",
         payment_status="succeeded",
         amount=300,
@@ -363,5 +364,5 @@ def test_a_refund_in_the_window_of_a_payment_made_before_it_is_found():
     refunded = rec.ServicePayment(**{**service.__dict__, "payment_status": "refunded", "refund_id": "re_1"})
     assert rec.compare("stripe", [payment], [refunded]).ok
     # changed within the grace: left for the next run, on both sides
-    later = rec.compare("stripe", [payment], [service], settled_before=rec.datetime(2019, 1, 1, tzinfo=rec.UTC))
+    later = rec.compare("stripe", [payment], [service], settled_before=datetime(2019, 1, 1, tzinfo=UTC))
     assert later.ok and later.skipped_recent == 2
