@@ -171,7 +171,9 @@ def compare(
     by_payment = {s.payment_id: s for s in orders if s.payment_id and s.payment_provider == provider}
     matched: set[str] = set()
     for p in payments:
-        s = by_payment.get(p.payment_id) or _recorded_without_id(by_order.get(p.order_id or ""), provider)
+        s = by_payment.get(p.payment_id)
+        if s is None and p.order_id not in matched:  # a row without the provider's id stands for one payment
+            s = _recorded_without_id(by_order.get(p.order_id or ""), provider)
         if recent(p.at) or p.order_id in skip_orders or (s is not None and s.order_id in skip_orders):
             report.skipped_recent += 1
             continue
