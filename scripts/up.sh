@@ -19,4 +19,14 @@ orders migrate
 orders topology
 orders products import config/products.demo.json
 
+# the fakes complete payments as the providers do: PayPal's approval and Stripe's 3-D Secure outcome
+# arrive as signed webhooks at the shim (see Procfile.local). PayPal's are signed with a certificate
+# from a local CA made here, whose https host is the PayPal fake's second listener (:12113); the
+# service is told to trust that CA and host for this run only (never in production).
+PKI=.local/paypal-pki
+python scripts/fakes/paypal_certs.py "$PKI" >/dev/null
+export ORDERS_PAYPAL__CERT_CA_FILE="$PWD/$PKI/paypal-ca.pem"
+export ORDERS_PAYPAL__CERT_HOST_ALLOWLIST='["127.0.0.1"]'
+export FAKE_WEBHOOK_URL="http://127.0.0.1:${ORDERS_SHIM__PORT:-8000}/orders/payment-confirmation"
+
 exec honcho start -f Procfile.local "$@"

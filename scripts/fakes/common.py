@@ -23,6 +23,11 @@ Fault spec (JSON body of ``POST /_fake/faults``)::
     optional "path": "/v1/payment_intents"       only calls whose path starts so
     optional "retry_after": 1                    Retry-After header on a status fault
 
+A fake can deliver the provider's webhooks (:class:`WebhookSender`): in a
+background thread, retried a few times while the receiver answers 5xx or 429
+or cannot be reached, each attempt logged on stderr and kept for
+``GET /_fake/webhooks``.
+
 A fake can also listen over https (``start(..., tls=tls_context(cert, key))``
 or ``--tls-port/--tls-cert/--tls-key``), sharing one app with its http
 listener: PayPal's certificate URL must be https (see ``paypal_certs``).
@@ -36,8 +41,11 @@ import json
 import random
 import socket
 import ssl
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -105,6 +113,87 @@ class Fault:
         return {k: v for k, v in self.__dict__.items() if k != "rng" and v not in (None, "", False, 0.0)}
 
 
+class WebhookSender:
+    """Delivers webhooks to one URL, each in a background thread, as the providers do.
+
+    ``headers`` is called before every attempt (a Stripe signature carries
+    the time it was made).  An attempt that gets 5xx, 429 or no answer is
+    retried after ``backoff`` seconds, doubling, ``attempts`` times in all;
+    any other status ends the delivery.  Every attempt is logged on stderr
+    and kept in :attr:`deliveries` (``GET /_fake/webhooks``).
+    """
+
+    def __init__(self, url: str, attempts: int = 5, backoff: float = 0.5, timeout: float = 10.0) -> None:
+        self.url = url
+        self.attempts = attempts
+        self.backoff = backoff
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.deliveries: list[dict[str, Any]] = []
+        self.threads: list[threading.Thread] = []
+
+    def send(self, event_id: str, event_type: str, body: bytes, headers: Callable[[], dict[str, str]]) -> None:
+        """Deliver ``body`` in a background thread (returns at once)."""
+        record: dict[str, Any] = {"event_id": event_id, "event_type": event_type, "url": self.url, "attempts": []}
+        with self.lock:
+            self.deliveries.append(record)
+            del self.deliveries[:-1000]
+            self.threads = [t for t in self.threads if t.is_alive()]
+            thread = threading.Thread(
+                target=self._deliver, args=(record, body, headers), name=f"webhook-{event_id}", daemon=True
+            )
+            self.threads.append(thread)
+        thread.start()
+
+    def _deliver(self, record: dict[str, Any], body: bytes, headers: Callable[[], dict[str, str]]) -> None:
+        wait = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            status, outcome = self._post(body, headers())
+            with self.lock:
+                record["attempts"].append({"status": status, "outcome": outcome})
+                record["status"] = status
+            final = status is not None and status < 500 and status != 429
+            _log(f"webhook {record['event_type']} {record['event_id']} -> {self.url}: {outcome} (attempt {attempt})")
+            if final:
+                with self.lock:
+                    record["delivered"] = 200 <= (status or 0) < 300
+                return
+            if attempt < self.attempts:
+                time.sleep(wait)
+                wait *= 2
+        with self.lock:
+            record["delivered"] = False
+        _log(f"webhook {record['event_type']} {record['event_id']}: gave up after {self.attempts} attempts")
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
+        request = urllib.request.Request(
+            self.url, data=body, method="POST", headers={"Content-Type": "application/json", **headers}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.status, f"http {response.status}"
+        except urllib.error.HTTPError as exc:
+            return exc.code, f"http {exc.code}"
+        except (OSError, ValueError) as exc:  # refused, reset, timeout, bad URL
+            return None, f"{type(exc).__name__}: {exc}"
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Wait for the deliveries in flight (tests)."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            threads = list(self.threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return json.loads(json.dumps(self.deliveries))
+
+
+def _log(message: str) -> None:
+    print(f"[fake] {message}", file=sys.stderr, flush=True)
+
+
 class FakeApp:
     """Provider behaviour.  Subclasses implement :meth:`handle_api`."""
 
@@ -119,6 +208,10 @@ class FakeApp:
         self.idempotent: dict[tuple[str, str], tuple[Any, Response]] = {}
         self.log: list[dict[str, Any]] = []
         self.api_requests = 0
+        #: where webhooks go (None: nowhere), set by the provider's configuration
+        self.webhooks: WebhookSender | None = None
+        #: base URL of the https listener serving this app, when there is one
+        self.tls_url: str | None = None
 
     # -- to implement -------------------------------------------------------
     def handle_api(self, req: Request) -> Response:  # pragma: no cover - abstract
@@ -236,6 +329,11 @@ class FakeApp:
         if path == "log" and req.method == "GET":
             with self.lock:
                 return Response(200, {"requests": list(self.log)})
+        if path == "webhooks" and req.method == "GET":
+            sender = self.webhooks
+            return Response(
+                200, {"url": sender.url if sender else None, "deliveries": sender.snapshot() if sender else []}
+            )
         with self.lock:
             resp = self.handle_control(req, path)
         return resp if resp is not None else Response(404, {"error": f"no control endpoint {req.path}"})
@@ -422,7 +520,10 @@ def run_cli(
         if not (args.tls_cert and args.tls_key):
             parser.error("--tls-port needs --tls-cert and --tls-key")
         secure = start(app, args.tls_port, args.host, args.verbose, tls_context(args.tls_cert, args.tls_key))
+        app.tls_url = secure.url
         print(f"{description} listening on {secure.url}", flush=True)
+    if app.webhooks is not None:
+        print(f"{description} delivers webhooks to {app.webhooks.url}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -13,6 +13,12 @@ Speaks enough of ``api-m.paypal.com`` for ``paypal-server-sdk``:
 * ``GET /v2/payments/captures/{id}``, ``POST /v2/payments/captures/{id}/refund``;
 * ``POST /v1/notifications/verify-webhook-signature`` (checks the signature
   against a certificate loaded into the fake; needs ``cryptography``);
+* ``GET /v1/reporting/transactions`` (Transaction Search: ``start_date`` and
+  ``end_date`` required, at most 31 days apart; ``page_size`` 1-500, default
+  100; ``page`` from 1; ``transaction_id``): captures as ``T0006`` and refunds
+  as ``T1107`` (negative amount, ``paypal_reference_id`` the capture), each a
+  ``transaction_info`` with ``custom_field`` the capture's ``custom_id``;
+  ``page``, ``total_items``, ``total_pages``;
 * ``PayPal-Request-Id`` replay: same id and request → the stored answer; same
   id, other request → 422 ``PAYPAL_REQUEST_ID_PREVIOUSLY_USED``.
 
@@ -23,7 +29,8 @@ Control endpoints, besides those of :mod:`common` (reset, faults, charges, log):
   ``{"decline": "capture"}`` (capture status ``DECLINED``) or
   ``{"decline": "pending"}`` (capture status ``PENDING``);
 * ``GET /_fake/checkoutnow?token={order_id}`` — the approve link: approves and
-  redirects to the order's ``return_url``;
+  redirects to the order's ``return_url`` (with ``token`` and ``PayerID``, as
+  PayPal does);
 * ``PUT|POST /_fake/certs/{name}`` (body: PEM) and ``GET /_fake/certs/{name}``
   — the webhook signing certificates (kept across ``/_fake/reset``, as are
   access tokens); ``/_fake/charges`` also counts ``cert_fetches`` per name.
@@ -31,6 +38,16 @@ Control endpoints, besides those of :mod:`common` (reset, faults, charges, log):
 The service fetches certificates only over https from its allow-listed hosts:
 serve the same fake over https too (``serve(0, tls=...)`` sharing ``app``, or
 ``--tls-port``), with a certificate made by :mod:`paypal_certs`.
+
+Webhooks: when configured (``--webhook-url`` or ``FAKE_PAYPAL_WEBHOOK_URL``,
+with a signing certificate and key from :mod:`paypal_certs`:
+``--signing-cert/--signing-key`` or ``FAKE_PAYPAL_SIGNING_CERT/_KEY``), the
+buyer's approval (either control endpoint above) sends PayPal's
+``CHECKOUT.ORDER.APPROVED`` event, signed as PayPal signs
+(``PAYPAL-TRANSMISSION-SIG`` over ``id|time|webhook_id|crc32(body)``, for
+``--webhook-id``, default ``local-fake-webhook`` as in config/config.yaml), its
+``PAYPAL-CERT-URL`` on the fake's https listener (or ``--cert-url``), from a
+background thread with retries (see :class:`common.WebhookSender`).
 
 Run: ``python scripts/fakes/fake_paypal.py --port 12112 [--tls-port 12113
 --tls-cert host.pem --tls-key host.key]``; in-process: ``server = serve(0)``
@@ -40,24 +57,40 @@ then ``server.url`` and ``server.stop()``.
 from __future__ import annotations
 
 import base64
+import copy
 import json
+import math
+import os
 import re
 import secrets
+import sys
 import zlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 try:  # run as a script or imported as scripts.fakes.fake_paypal
-    from .common import FakeApp, FakeServer, Request, Response, run_cli, start
+    from .common import FakeApp, FakeServer, Request, Response, WebhookSender, run_cli, start
 except ImportError:  # pragma: no cover - script mode
-    from common import FakeApp, FakeServer, Request, Response, run_cli, start  # type: ignore[no-redef]
+    from common import FakeApp, FakeServer, Request, Response, WebhookSender, run_cli, start  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
     import ssl
 
+    from .paypal_certs import Issued
+
 DEFAULT_CLIENT_ID = "local-fake-client"
 DEFAULT_CLIENT_SECRET = "local-fake-secret"
+#: config/config.yaml's paypal.webhook_id, so a local run verifies the fake's webhooks
+DEFAULT_WEBHOOK_ID = "local-fake-webhook"
+#: the name the webhook signing certificate is served under (``/_fake/certs/{name}``)
+SIGNING_CERT_NAME = "fake-webhook-signing.pem"
+#: Transaction Search: longest date range, largest page
+MAX_SEARCH_DAYS = 31
+MAX_PAGE_SIZE = 500
+#: capture status → transaction status (S success, P pending, D denied)
+_TRANSACTION_STATUS = {"COMPLETED": "S", "PARTIALLY_REFUNDED": "S", "REFUNDED": "S", "PENDING": "P", "DECLINED": "D"}
 
 #: Currencies PayPal takes without decimals (PayPal's list plus ISO zero-decimal ones).
 _NO_DECIMALS = {"HUF", "JPY", "TWD", "KRW", "CLP", "ISK", "VND", "XAF", "XOF"}
@@ -67,6 +100,18 @@ _UNPROCESSABLE = "The requested action could not be performed, semantically inco
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _search_time(stamp: str) -> str:
+    """A ``create_time`` as Transaction Search writes dates (``2024-05-14T09:11:50+0000``)."""
+    return _parse_time(stamp).strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _parse_time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value.strip().replace(" ", "+"))  # a "+" unescaped in a query is a space
+    if parsed.tzinfo is None:
+        raise ValueError("no time zone")
+    return parsed
 
 
 def _pid(n: int = 17) -> str:
@@ -103,7 +148,16 @@ class FakePayPal(FakeApp):
 
     idempotency_header = "paypal-request-id"
 
-    def __init__(self, client_id: str = DEFAULT_CLIENT_ID, client_secret: str = DEFAULT_CLIENT_SECRET) -> None:
+    def __init__(
+        self,
+        client_id: str = DEFAULT_CLIENT_ID,
+        client_secret: str = DEFAULT_CLIENT_SECRET,
+        webhook_url: str | None = None,
+        webhook_id: str = DEFAULT_WEBHOOK_ID,
+        signing_cert: str | None = None,
+        signing_key: str | None = None,
+        cert_url: str | None = None,
+    ) -> None:
         super().__init__()
         self.client_id = client_id
         self.client_secret = client_secret
@@ -113,6 +167,39 @@ class FakePayPal(FakeApp):
         self.refunds: dict[str, dict[str, Any]] = {}
         self.certs: dict[str, str] = {}
         self.cert_fetches: dict[str, int] = {}  # name → GETs, to see caching work
+        self.webhook_id = webhook_id
+        self.signer: Issued | None = None
+        self.cert_url: str | None = None
+        if webhook_url:
+            if not (signing_cert and signing_key):
+                raise ValueError(
+                    "webhooks need a signing certificate and key (--signing-cert/--signing-key or "
+                    "FAKE_PAYPAL_SIGNING_CERT/FAKE_PAYPAL_SIGNING_KEY; `python scripts/fakes/paypal_certs.py DIR` makes them)"
+                )
+            try:
+                from .paypal_certs import Issued as _Issued
+            except ImportError:  # pragma: no cover - script mode
+                from paypal_certs import Issued as _Issued  # type: ignore[no-redef]
+            self.configure_webhooks(webhook_url, _Issued.load(signing_cert, signing_key), webhook_id, cert_url)
+
+    def configure_webhooks(
+        self,
+        url: str | None,
+        signer: Issued | None = None,
+        webhook_id: str = DEFAULT_WEBHOOK_ID,
+        cert_url: str | None = None,
+    ) -> None:
+        """Deliver events to ``url``, signed by ``signer`` for ``webhook_id`` (``url`` None: deliver none).
+
+        The signing certificate is served at ``/_fake/certs/{SIGNING_CERT_NAME}``; ``cert_url`` is the
+        ``PAYPAL-CERT-URL`` sent (default: that path on the fake's https listener, ``tls_url``).
+        """
+        if url and signer is None:
+            raise ValueError("PayPal webhooks need a signer")
+        self.webhooks = WebhookSender(url) if url else None
+        self.signer, self.webhook_id, self.cert_url = signer, webhook_id, cert_url
+        if signer is not None:
+            self.certs[SIGNING_CERT_NAME] = signer.cert_pem.decode()
 
     def reset_provider(self) -> None:
         # Tokens and certificates survive: running clients keep working.
@@ -204,6 +291,8 @@ class FakePayPal(FakeApp):
                 return self._refund(capture, body, base)
         if req.path == "/v1/notifications/verify-webhook-signature" and req.method == "POST":
             return self._verify_webhook(req, body)
+        if req.path == "/v1/reporting/transactions" and req.method == "GET":
+            return self._search(req, base)
         return _error(404, "NOT_FOUND", f"No route for {req.method} {req.path}")
 
     def _create_order(self, body: dict[str, Any], base: str) -> Response:
@@ -259,6 +348,7 @@ class FakePayPal(FakeApp):
                 {
                     "reference_id": units[0].get("reference_id", "default"),
                     "custom_id": units[0].get("custom_id"),
+                    "invoice_id": units[0].get("invoice_id"),
                     "description": units[0].get("description"),
                     "amount": {"currency_code": currency, "value": value},
                     "payee": {"merchant_id": "FAKEMERCHANT01"},
@@ -283,9 +373,10 @@ class FakePayPal(FakeApp):
         unit = {k: v for k, v in order["purchase_units"][0].items() if v is not None}
         return {**{k: v for k, v in order.items() if not k.startswith("_")}, "purchase_units": [unit]}
 
-    def _approve(self, order: dict[str, Any], decline: str | None) -> Response:
+    def _approve(self, order: dict[str, Any], decline: str | None, base: str) -> Response:
         if order["status"] not in ("CREATED", "PAYER_ACTION_REQUIRED", "APPROVED"):
             return Response(409, {"error": f"order is {order['status']}"})
+        newly = order["status"] != "APPROVED"
         order["status"] = "APPROVED"
         order["_decline"] = decline
         order["payer"] = {
@@ -293,7 +384,58 @@ class FakePayPal(FakeApp):
             "email_address": "buyer@example.com",
             "name": {"given_name": "Fake", "surname": "Buyer"},
         }
+        order["update_time"] = _now()
+        if newly:
+            self._send_approved(order, base)
         return Response(200, self._public(order))
+
+    def _send_approved(self, order: dict[str, Any], base: str) -> None:
+        """PayPal's ``CHECKOUT.ORDER.APPROVED`` event, signed, to the configured endpoint."""
+        if self.webhooks is None or self.signer is None:
+            return
+        cert_url = self.cert_url or (f"{self.tls_url}/_fake/certs/{SIGNING_CERT_NAME}" if self.tls_url else None)
+        if cert_url is None:
+            print(
+                "[fake] PayPal webhook not sent: no certificate URL (serve the fake over https too, or give cert_url)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        resource = copy.deepcopy(self._public(order))
+        # an approved order's links: itself, update and capture (the approval link is used up)
+        resource["links"] = [
+            {"href": f"{base}/v2/checkout/orders/{order['id']}", "rel": "self", "method": "GET"},
+            {"href": f"{base}/v2/checkout/orders/{order['id']}", "rel": "update", "method": "PATCH"},
+            {"href": f"{base}/v2/checkout/orders/{order['id']}/capture", "rel": "capture", "method": "POST"},
+        ]
+        event_id = f"WH-{_pid()}-{_pid()}"
+        event = {
+            "id": event_id,
+            "event_version": "1.0",
+            "create_time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+            "resource_type": "checkout-order",
+            "resource_version": "2.0",
+            "event_type": "CHECKOUT.ORDER.APPROVED",
+            "summary": "An order has been approved by buyer",
+            "resource": resource,
+            "links": [
+                {"href": f"{base}/v1/notifications/webhooks-events/{event_id}", "rel": "self", "method": "GET"},
+                {
+                    "href": f"{base}/v1/notifications/webhooks-events/{event_id}/resend",
+                    "rel": "resend",
+                    "method": "POST",
+                },
+            ],
+        }
+        try:
+            from .paypal_certs import paypal_headers
+        except ImportError:  # pragma: no cover - script mode
+            from paypal_certs import paypal_headers  # type: ignore[no-redef]
+        body = json.dumps(event).encode()
+        signer, webhook_id = self.signer, self.webhook_id
+        self.webhooks.send(
+            event_id, event["event_type"], body, lambda: paypal_headers(signer, body, webhook_id, cert_url)
+        )
 
     def _capture(self, order: dict[str, Any], base: str) -> Response:
         if order["status"] == "COMPLETED":
@@ -377,6 +519,103 @@ class FakePayPal(FakeApp):
         capture["status"] = "REFUNDED" if value == remaining else "PARTIALLY_REFUNDED"
         return Response(201, {k: v for k, v in refund.items() if not k.startswith("_") and v is not None})
 
+    def _search(self, req: Request, base: str) -> Response:
+        """Transaction Search: the account's captures and refunds between two dates, a page at a time."""
+        query = {k: v[-1] for k, v in req.query.items()}
+
+        def invalid(field: str, issue: str) -> Response:
+            return _error(
+                400,
+                "INVALID_REQUEST",
+                "Request is not well-formed, syntactically incorrect, or violates schema.",
+                issue,
+                issue,
+                field=field,
+                value=query.get(field, ""),
+                location="query",
+            )
+
+        try:
+            start_date, end_date = _parse_time(query["start_date"]), _parse_time(query["end_date"])
+        except KeyError as exc:
+            return invalid(str(exc.args[0]), "MISSING_REQUIRED_PARAMETER")
+        except ValueError:
+            return invalid("start_date" if "start_date" in query else "end_date", "INVALID_PARAMETER_SYNTAX")
+        if end_date < start_date:
+            return invalid("end_date", "End date should be greater than start date.")
+        if end_date - start_date > timedelta(days=MAX_SEARCH_DAYS):
+            return invalid("start_date", "Date range is greater than 31 days")
+        try:
+            page_size, page = int(query.get("page_size", "100")), int(query.get("page", "1"))
+        except ValueError:
+            return invalid("page_size", "INVALID_PARAMETER_SYNTAX")
+        if not 1 <= page_size <= MAX_PAGE_SIZE or page < 1:
+            return invalid("page_size" if not 1 <= page_size <= MAX_PAGE_SIZE else "page", "INVALID_PARAMETER_VALUE")
+        wanted = query.get("transaction_id")
+        found = [
+            t
+            for t in self._transactions()
+            if start_date <= _parse_time(t["transaction_info"]["transaction_initiation_date"]) <= end_date
+            and wanted in (None, t["transaction_info"]["transaction_id"])
+        ]
+        total_pages = math.ceil(len(found) / page_size)
+        links = [{"href": f"{base}/v1/reporting/transactions?{urlencode(query)}", "rel": "self", "method": "GET"}]
+        if page < total_pages:
+            following = urlencode({**query, "page": page + 1})
+            links.append({"href": f"{base}/v1/reporting/transactions?{following}", "rel": "next", "method": "GET"})
+        return Response(
+            200,
+            {
+                "transaction_details": found[(page - 1) * page_size : page * page_size],
+                "account_number": "FAKEMERCHANT01",
+                "start_date": _search_time(query["start_date"]),
+                "end_date": _search_time(query["end_date"]),
+                "last_refreshed_datetime": _search_time(_now()),
+                "page": page,
+                "total_items": len(found),
+                "total_pages": total_pages,
+                "links": links,
+            },
+        )
+
+    def _transactions(self) -> list[dict[str, Any]]:
+        """Captures (``T0006``) and refunds (``T1107``, negative) as Transaction Search lists them, oldest first."""
+        found: list[tuple[str, int, dict[str, Any]]] = []
+        for n, capture in enumerate(self.captures.values()):
+            unit = self.orders[capture["supplementary_data"]["related_ids"]["order_id"]]["purchase_units"][0]
+            info = {
+                "paypal_account_id": "FAKEPAYER0001",
+                "transaction_id": capture["id"],
+                "transaction_event_code": "T0006",
+                "transaction_initiation_date": _search_time(capture["create_time"]),
+                "transaction_updated_date": _search_time(capture["update_time"]),
+                "transaction_amount": dict(capture["amount"]),
+                "transaction_status": _TRANSACTION_STATUS.get(capture["status"], "S"),
+                "invoice_id": unit.get("invoice_id"),
+                "custom_field": capture.get("custom_id"),
+                "protection_eligibility": "01",
+            }
+            found.append((capture["create_time"], n, {"transaction_info": _present(info)}))
+        for n, refund in enumerate(self.refunds.values(), start=len(found)):
+            capture = self.captures[refund["_capture"]]
+            info = {
+                "paypal_account_id": "FAKEPAYER0001",
+                "transaction_id": refund["id"],
+                "paypal_reference_id": capture["id"],
+                "paypal_reference_id_type": "TXN",
+                "transaction_event_code": "T1107",
+                "transaction_initiation_date": _search_time(refund["create_time"]),
+                "transaction_updated_date": _search_time(refund["create_time"]),
+                "transaction_amount": {
+                    "currency_code": refund["amount"]["currency_code"],
+                    "value": "-" + refund["amount"]["value"],
+                },
+                "transaction_status": "S",
+                "custom_field": refund.get("custom_id"),
+            }
+            found.append((refund["create_time"], n, {"transaction_info": _present(info)}))
+        return [detail for _, _, detail in sorted(found, key=lambda f: (_parse_time(f[0]), f[1]))]
+
     def _verify_webhook(self, req: Request, body: dict[str, Any]) -> Response:
         """Postback verification: the same check PayPal does, with the fake's certs."""
         raw_event = _raw_member(req.body, "webhook_event")
@@ -405,21 +644,21 @@ class FakePayPal(FakeApp):
 
     # -- control ------------------------------------------------------------
     def handle_control(self, req: Request, path: str) -> Response | None:
+        base = f"http://{req.host}"
         if path.startswith("approve/") and req.method == "POST":
             order = self.orders.get(path[len("approve/") :])
             if order is None:
                 return _not_found()
-            return self._approve(order, (req.json() or {}).get("decline") if req.body else None)
+            return self._approve(order, (req.json() or {}).get("decline") if req.body else None, base)
         if path == "checkoutnow" and req.method == "GET":
             order = self.orders.get((req.query.get("token") or [""])[0])
             if order is None:
                 return _not_found()
-            resp = self._approve(order, None)
+            resp = self._approve(order, None, base)
             if resp.status == 200 and order["_return_url"]:
                 sep = "&" if "?" in order["_return_url"] else "?"
-                return Response(
-                    302, "", {"Location": f"{order['_return_url']}{sep}token={order['id']}&PayerID=FAKEPAYER0001"}
-                )
+                query = urlencode({"token": order["id"], "PayerID": order["payer"]["payer_id"]})
+                return Response(302, "", {"Location": f"{order['_return_url']}{sep}{query}"})
             return resp
         if path.startswith("certs/"):
             name = path[len("certs/") :]
@@ -458,6 +697,10 @@ class FakePayPal(FakeApp):
                             Decimal(entry["amount_refunded"]) + Decimal(refund["amount"]["value"])
                         )
         return {"orders": orders, "cert_fetches": dict(self.cert_fetches)}
+
+
+def _present(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _raw_member(document: bytes, member: str) -> bytes | None:
@@ -501,8 +744,33 @@ def main() -> None:
     """Command line: serve in the foreground."""
 
     def options(parser: Any) -> None:
+        env = os.environ.get
         parser.add_argument("--client-id", dest="client_id", default=DEFAULT_CLIENT_ID)
         parser.add_argument("--client-secret", dest="client_secret", default=DEFAULT_CLIENT_SECRET)
+        parser.add_argument(
+            "--webhook-url",
+            dest="webhook_url",
+            default=env("FAKE_PAYPAL_WEBHOOK_URL") or None,
+            help="deliver events here (default: $FAKE_PAYPAL_WEBHOOK_URL; none: no webhooks)",
+        )
+        parser.add_argument(
+            "--webhook-id",
+            dest="webhook_id",
+            default=env("FAKE_PAYPAL_WEBHOOK_ID") or DEFAULT_WEBHOOK_ID,
+            help="the webhook id the events are signed for (the service's paypal.webhook_id)",
+        )
+        parser.add_argument(
+            "--signing-cert", dest="signing_cert", default=env("FAKE_PAYPAL_SIGNING_CERT") or None, help="PEM"
+        )
+        parser.add_argument(
+            "--signing-key", dest="signing_key", default=env("FAKE_PAYPAL_SIGNING_KEY") or None, help="PEM"
+        )
+        parser.add_argument(
+            "--cert-url",
+            dest="cert_url",
+            default=env("FAKE_PAYPAL_CERT_URL") or None,
+            help="PAYPAL-CERT-URL of the events (default: the signing certificate on the --tls-port listener)",
+        )
 
     run_cli(FakePayPal, 12112, "fake PayPal API", options)
 

@@ -3,7 +3,12 @@
 Speaks enough of ``api.stripe.com`` for the ``stripe`` SDK:
 ``POST /v1/payment_intents`` (form-encoded, ``confirm=true``),
 ``GET /v1/payment_intents/{id}``, ``POST /v1/payment_intents/{id}/cancel``,
-``POST /v1/refunds``, ``GET /v1/refunds/{id}``; Bearer or Basic auth with the
+``POST /v1/refunds``, ``GET /v1/refunds/{id}``; the list endpoints
+``GET /v1/payment_intents`` and ``GET /v1/refunds`` (newest first; ``limit``
+1-100, default 10; ``starting_after``/``ending_before`` cursors;
+``created[gt|gte|lt|lte]``; refunds also by ``payment_intent``), answering
+Stripe's list object (``object: list``, ``url``, ``has_more``, ``data``), so
+the SDK's ``auto_paging_iter`` pages through them; Bearer or Basic auth with the
 API key; ``Idempotency-Key`` replay like Stripe (same key and parameters: the
 stored answer with ``Idempotent-Replayed: true``; other parameters: 400
 ``idempotency_error``).
@@ -14,30 +19,57 @@ end in ``requires_action``; ``pm_card_chargeDeclined`` /
 ``pm_card_visa_chargeDeclined`` (and the ``…InsufficientFunds``,
 ``…ExpiredCard``, ``…Fraudulent``, ``…LostCard``, ``…StolenCard`` variants)
 answer 402 ``card_error``; ``pm_fake_processing`` (fake only) ends in
-``processing``.
+``processing``.  A ``requires_action`` intent's ``next_action`` is Stripe's
+``use_stripe_sdk`` (whose ``stripe_js`` URL is what Stripe.js opens), or
+``redirect_to_url`` when the intent was confirmed with a ``return_url``; both
+point at the fake's 3-D Secure page below.
 
-Control endpoints, besides those of :mod:`common` (reset, faults, charges, log):
-``POST /_fake/confirm/{pi_id}`` with optional ``{"outcome": "failed"}``
-finishes a ``requires_action``/``processing`` intent as the buyer or bank would.
+Control endpoints, besides those of :mod:`common` (reset, faults, charges, log,
+webhooks):
 
-Run: ``python scripts/fakes/fake_stripe.py --port 12111 [--api-key sk_test_…]``;
-in-process: ``server = serve(0)`` then ``server.url`` and ``server.stop()``.
+* ``POST /_fake/confirm/{pi_id}`` with optional ``{"outcome": "failed"}``
+  finishes a ``requires_action``/``processing`` intent as the buyer or bank would;
+* ``GET /_fake/3ds/{pi_id}[?client_secret=…&outcome=failed]`` — the 3-D Secure
+  page a browser follows (``next_action``): the same, then a redirect to the
+  ``return_url`` with ``payment_intent``, ``payment_intent_client_secret`` and
+  ``redirect_status`` as Stripe does (no ``return_url``: a short text page).
+
+Both deliver the event Stripe sends (``payment_intent.succeeded`` or
+``payment_intent.payment_failed``) when webhooks are configured: signed
+``Stripe-Signature: t=…,v1=…`` with the endpoint secret, from a background
+thread with retries (see :class:`common.WebhookSender`).
+
+Run: ``python scripts/fakes/fake_stripe.py --port 12111 [--api-key sk_test_…]
+[--webhook-url URL --webhook-secret whsec_…]`` (defaults from
+``FAKE_STRIPE_WEBHOOK_URL`` and ``FAKE_STRIPE_WEBHOOK_SECRET``; no URL, no
+webhooks); in-process: ``server = serve(0)`` then ``server.url`` and
+``server.stop()``; ``server.app.configure_webhooks(url, secret)``.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
+import hashlib
+import hmac
+import json
+import os
 import time
 import uuid
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 try:  # run as a script or imported as scripts.fakes.fake_stripe
-    from .common import FakeApp, FakeServer, Request, Response, run_cli, start
+    from .common import FakeApp, FakeServer, Request, Response, WebhookSender, run_cli, start
 except ImportError:  # pragma: no cover - script mode
-    from common import FakeApp, FakeServer, Request, Response, run_cli, start  # type: ignore[no-redef]
+    from common import FakeApp, FakeServer, Request, Response, WebhookSender, run_cli, start  # type: ignore[no-redef]
 
 DEFAULT_API_KEY = "sk_test_local_fake"
+#: the endpoint secret of config/config.yaml, so a local run verifies the fake's webhooks
+DEFAULT_WEBHOOK_SECRET = "whsec_local_fake"
+API_VERSION = "2024-06-20"
+#: statuses of a refund that gives (or is giving) the money back
+_REFUNDING = {"succeeded", "pending"}
 
 _ACTION_METHODS = {"pm_card_threeDSecure2Required", "pm_card_authenticationRequired", "pm_card_threeDSecureRequired"}
 _DECLINES = {  # payment method → (code, decline_code, message)
@@ -70,21 +102,43 @@ def _error(status: int, type_: str, message: str, store: bool = False, **extra: 
     return Response(status, {"error": {"type": type_, "message": message, **extra}}, store=store)
 
 
+def stripe_signature(payload: bytes, secret: str, timestamp: int | None = None) -> str:
+    """``Stripe-Signature`` of ``payload``: ``t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<payload>">``."""
+    t = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
 class FakeStripe(FakeApp):
     """The state and endpoints of the fake Stripe account."""
 
     idempotency_header = "idempotency-key"
     replay_header = "Idempotent-Replayed"
 
-    def __init__(self, api_key: str = DEFAULT_API_KEY) -> None:
+    def __init__(
+        self,
+        api_key: str = DEFAULT_API_KEY,
+        webhook_url: str | None = None,
+        webhook_secret: str = DEFAULT_WEBHOOK_SECRET,
+    ) -> None:
         super().__init__()
         self.api_key = api_key
-        self.intents: dict[str, dict[str, Any]] = {}
+        self.intents: dict[str, dict[str, Any]] = {}  # in creation order
         self.refunds: dict[str, dict[str, Any]] = {}
+        self.return_urls: dict[str, str] = {}  # intent id → return_url it was confirmed with
+        self.webhook_secret = webhook_secret
+        if webhook_url:
+            self.configure_webhooks(webhook_url, webhook_secret)
+
+    def configure_webhooks(self, url: str | None, secret: str = DEFAULT_WEBHOOK_SECRET) -> None:
+        """Deliver events to ``url``, signed with the endpoint ``secret`` (None: deliver none)."""
+        self.webhooks = WebhookSender(url) if url else None
+        self.webhook_secret = secret
 
     def reset_provider(self) -> None:
         self.intents.clear()
         self.refunds.clear()
+        self.return_urls.clear()
 
     # -- plumbing -----------------------------------------------------------
     def authenticate(self, req: Request) -> Response | None:
@@ -125,10 +179,14 @@ class FakeStripe(FakeApp):
     # -- endpoints ----------------------------------------------------------
     def handle_api(self, req: Request) -> Response:
         params = dict(parse_qsl(req.body.decode(), keep_blank_values=True))
+        query = {k: v[-1] for k, v in req.query.items()}
         parts = req.path.strip("/").split("/")
         if parts[:2] == ["v1", "payment_intents"]:
             if len(parts) == 2 and req.method == "POST":
-                return self._finish(self._create_intent(params))
+                return self._finish(self._create_intent(params, f"http://{req.host}"))
+            if len(parts) == 2 and req.method == "GET":
+                intents = list(reversed(self.intents.values()))
+                return self._finish(self._list(intents, "/v1/payment_intents", query, "payment_intent"))
             intent = self.intents.get(parts[2]) if len(parts) > 2 else None
             if intent is None:
                 return self._finish(self._missing("payment_intent", parts[2] if len(parts) > 2 else ""))
@@ -139,6 +197,14 @@ class FakeStripe(FakeApp):
         if parts[:2] == ["v1", "refunds"]:
             if len(parts) == 2 and req.method == "POST":
                 return self._finish(self._refund(params))
+            if len(parts) == 2 and req.method == "GET":
+                refunds = [
+                    r
+                    for r in reversed(self.refunds.values())
+                    if query.get("payment_intent") in (None, r["payment_intent"])
+                    and query.get("charge") in (None, r["charge"])
+                ]
+                return self._finish(self._list(refunds, "/v1/refunds", query, "refund"))
             if len(parts) == 3 and req.method == "GET":
                 refund = self.refunds.get(parts[2])
                 return self._finish(Response(200, refund) if refund else self._missing("refund", parts[2]))
@@ -150,7 +216,56 @@ class FakeStripe(FakeApp):
     def _missing(kind: str, ident: str) -> Response:
         return _error(404, "invalid_request_error", f"No such {kind}: '{ident}'", code="resource_missing", param="id")
 
-    def _create_intent(self, params: dict[str, str]) -> Response:
+    @staticmethod
+    def _list(items: list[dict[str, Any]], url: str, query: dict[str, str], kind: str) -> Response:
+        """Stripe's list object over ``items`` (newest first), with its filters and cursors."""
+        try:
+            limit = int(query.get("limit", "10"))
+            bounds = {
+                op: int(query[f"created[{op}]"]) for op in ("gt", "gte", "lt", "lte") if f"created[{op}]" in query
+            }
+            exact = int(query["created"]) if "created" in query else None
+        except ValueError:
+            return _error(
+                400, "invalid_request_error", "Invalid integer in limit or created.", code="parameter_invalid_integer"
+            )
+        if not 1 <= limit <= 100:
+            return _error(
+                400,
+                "invalid_request_error",
+                "This value must be greater than or equal to 1 and less than or equal to 100.",
+                param="limit",
+            )
+        tests = {
+            "gt": lambda c, v: c > v,
+            "gte": lambda c, v: c >= v,
+            "lt": lambda c, v: c < v,
+            "lte": lambda c, v: c <= v,
+        }
+
+        def wanted(item: dict[str, Any]) -> bool:
+            created = item["created"]
+            return (exact is None or created == exact) and all(tests[op](created, v) for op, v in bounds.items())
+
+        ids = [item["id"] for item in items]
+        after, before = query.get("starting_after"), query.get("ending_before")
+        for param, cursor in (("starting_after", after), ("ending_before", before)):
+            if cursor is not None and cursor not in ids:
+                return _error(
+                    400, "invalid_request_error", f"No such {kind}: '{cursor}'", code="resource_missing", param=param
+                )
+        if after is not None:
+            remaining = [i for i in items[ids.index(after) + 1 :] if wanted(i)]
+            page, has_more = remaining[:limit], len(remaining) > limit
+        elif before is not None:
+            remaining = [i for i in items[: ids.index(before)] if wanted(i)]
+            page, has_more = remaining[-limit:], len(remaining) > limit
+        else:
+            remaining = [i for i in items if wanted(i)]
+            page, has_more = remaining[:limit], len(remaining) > limit
+        return Response(200, {"object": "list", "url": url, "has_more": has_more, "data": page})
+
+    def _create_intent(self, params: dict[str, str], base: str = "") -> Response:
         try:
             amount = int(params.get("amount", ""))
         except ValueError:
@@ -238,7 +353,19 @@ class FakeStripe(FakeApp):
             )
         if method in _ACTION_METHODS:
             intent["status"] = "requires_action"
-            intent["next_action"] = {"type": "use_stripe_sdk", "use_stripe_sdk": {"type": "three_d_secure_redirect"}}
+            page = f"{base}/_fake/3ds/{pi_id}?" + urlencode({"client_secret": intent["client_secret"]})
+            return_url = params.get("return_url")
+            if return_url:
+                self.return_urls[pi_id] = return_url
+                intent["next_action"] = {
+                    "type": "redirect_to_url",
+                    "redirect_to_url": {"url": page, "return_url": return_url},
+                }
+            else:
+                intent["next_action"] = {
+                    "type": "use_stripe_sdk",
+                    "use_stripe_sdk": {"type": "three_d_secure_redirect", "stripe_js": page, "source": _new_id("src_")},
+                }
         elif method in _PROCESSING_METHODS:
             intent["status"] = "processing"
         else:
@@ -277,7 +404,9 @@ class FakeStripe(FakeApp):
         return Response(200, intent)
 
     def _refunded(self, pi_id: str) -> int:
-        return sum(r["amount"] for r in self.refunds.values() if r["payment_intent"] == pi_id)
+        return sum(
+            r["amount"] for r in self.refunds.values() if r["payment_intent"] == pi_id and r["status"] in _REFUNDING
+        )
 
     def _refund(self, params: dict[str, str]) -> Response:
         pi_id = params.get("payment_intent", "")
@@ -340,21 +469,70 @@ class FakeStripe(FakeApp):
                 return Response(404, {"error": "no such payment intent"})
             if intent["status"] not in ("requires_action", "processing"):
                 return Response(409, {"error": f"intent is {intent['status']}"})
-            outcome = (req.json() or {}).get("outcome", "succeeded")
-            if outcome == "failed":
-                intent.update(
-                    status="requires_payment_method",
-                    next_action=None,
-                    last_payment_error={
-                        "type": "card_error",
-                        "code": "payment_intent_authentication_failure",
-                        "message": "The provided PaymentMethod has failed authentication.",
-                    },
-                )
-            else:
-                self._succeed(intent)
+            self._authenticate(intent, (req.json() or {}).get("outcome", "succeeded") != "failed")
             return Response(200, intent)
+        if path.startswith("3ds/") and req.method == "GET":
+            return self._three_d_secure_page(req, path[len("3ds/") :])
         return None
+
+    def _authenticate(self, intent: dict[str, Any], passed: bool) -> None:
+        """The buyer finishes (or fails) 3-D Secure; Stripe then sends its event."""
+        if passed:
+            self._succeed(intent)
+        else:
+            intent.update(
+                status="requires_payment_method",
+                next_action=None,
+                last_payment_error={
+                    "type": "card_error",
+                    "code": "payment_intent_authentication_failure",
+                    "message": "The provided PaymentMethod has failed authentication.",
+                },
+            )
+        self.send_event("payment_intent.succeeded" if passed else "payment_intent.payment_failed", intent)
+
+    def _three_d_secure_page(self, req: Request, pi_id: str) -> Response:
+        """What the browser opens from ``next_action``: authenticates, then goes back to the shop."""
+        intent = self.intents.get(pi_id)
+        secret = (req.query.get("client_secret") or [None])[0]
+        if intent is None or secret not in (None, intent["client_secret"]):
+            return Response(404, "No such payment intent.\n")
+        if intent["status"] not in ("requires_action", "processing"):
+            return Response(409, f"This PaymentIntent is {intent['status']}: nothing to authenticate.\n")
+        passed = (req.query.get("outcome") or ["succeeded"])[0] != "failed"
+        self._authenticate(intent, passed)
+        return_url = self.return_urls.get(pi_id)
+        if return_url:
+            query = urlencode(
+                {
+                    "payment_intent": pi_id,
+                    "payment_intent_client_secret": intent["client_secret"],
+                    "redirect_status": "succeeded" if passed else "failed",
+                }
+            )
+            return Response(302, "", {"Location": f"{return_url}{'&' if '?' in return_url else '?'}{query}"})
+        outcome = "succeeded" if passed else "failed"
+        return Response(200, f"3-D Secure authentication {outcome} for {pi_id}. You can close this window.\n")
+
+    def send_event(self, event_type: str, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Deliver a signed event about ``obj`` to the configured endpoint; the event, or None when none is configured."""
+        if self.webhooks is None:
+            return None
+        event = {
+            "id": _new_id("evt_"),
+            "object": "event",
+            "api_version": API_VERSION,
+            "created": int(time.time()),
+            "data": {"object": copy.deepcopy(obj)},
+            "livemode": False,
+            "pending_webhooks": 1,
+            "request": {"id": None, "idempotency_key": None},
+            "type": event_type,
+        }
+        body = json.dumps(event).encode()
+        secret = self.webhook_secret
+        self.webhooks.send(event["id"], event_type, body, lambda: {"Stripe-Signature": stripe_signature(body, secret)})
+        return event
 
     def charges(self) -> dict[str, Any]:
         orders: dict[str, dict[str, int]] = {}
@@ -385,12 +563,23 @@ def serve(port: int = 0, host: str = "127.0.0.1", api_key: str = DEFAULT_API_KEY
 
 def main() -> None:
     """Command line: serve in the foreground."""
-    run_cli(
-        FakeStripe,
-        12111,
-        "fake Stripe API",
-        lambda p: p.add_argument("--api-key", dest="api_key", default=DEFAULT_API_KEY),
-    )
+
+    def options(parser: Any) -> None:
+        parser.add_argument("--api-key", dest="api_key", default=DEFAULT_API_KEY)
+        parser.add_argument(
+            "--webhook-url",
+            dest="webhook_url",
+            default=os.environ.get("FAKE_STRIPE_WEBHOOK_URL") or None,
+            help="deliver events here (default: $FAKE_STRIPE_WEBHOOK_URL; none: no webhooks)",
+        )
+        parser.add_argument(
+            "--webhook-secret",
+            dest="webhook_secret",
+            default=os.environ.get("FAKE_STRIPE_WEBHOOK_SECRET") or DEFAULT_WEBHOOK_SECRET,
+            help="endpoint secret the events are signed with (default: $FAKE_STRIPE_WEBHOOK_SECRET or whsec_local_fake)",
+        )
+
+    run_cli(FakeStripe, 12111, "fake Stripe API", options)
 
 
 if __name__ == "__main__":

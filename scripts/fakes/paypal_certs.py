@@ -57,6 +57,14 @@ class Issued:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
 
+    @classmethod
+    def load(cls, cert_file: Path | str, key_file: Path | str) -> Issued:
+        """A certificate and its key from PEM files (e.g. the ``paypal-signing.*`` that :func:`main` writes)."""
+        key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"{key_file} does not hold an RSA private key")
+        return cls(key, x509.load_pem_x509_certificate(Path(cert_file).read_bytes()))
+
 
 def _key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)

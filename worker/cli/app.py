@@ -232,12 +232,14 @@ def token_issue(
 
 
 from worker.cli.ops import register as _register_ops  # noqa: E402 - after the app exists
+from worker.cli.reconcile import register as _register_reconcile  # noqa: E402
 from worker.cli.show import register as _register_show  # noqa: E402
 from worker.cli.tools import register as _register_tools  # noqa: E402
 
 _register_ops(app)
 _register_tools(app)
 _register_show(app)
+_register_reconcile(app)
 
 
 def main() -> None:
