@@ -3,15 +3,14 @@
 Each run uses its own database (``orders_test_<pid>``) and RabbitMQ vhost
 (``orders-test-<pid>``, created with rabbitmqctl when it is at hand; else ``/``),
 so a service running on the same machine is not disturbed.  Processes
-(worker pool, relay) are started as subprocesses through the real CLI.
+(worker pool, relay) are started as subprocesses through the real CLI, by
+the harness (``scripts/harness.py``), which kills them when the run ends.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,17 +19,17 @@ from typing import Any
 
 import pika
 import pytest
-import redis
 from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the fakes and the TCP proxy live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
-from scripts.tcp_proxy import TcpProxy, free_port  # noqa: E402
+from scripts import harness  # noqa: E402
+from scripts.harness import Proc, RedisServer  # noqa: E402
+from scripts.tcp_proxy import TcpProxy  # noqa: E402
 from tests.support import private_vhost, wait_until  # noqa: E402,F401 - fixtures and tests use them
 
-ORDERS = str(Path(sys.executable).parent / "orders")
 #: each test run gets its own database and vhost, so runs side by side (and a
 #: service running on the same machine) never see each other's messages
 RUN_ID = os.environ.get("ORDERS_TEST_RUN_ID", str(os.getpid()))
@@ -43,19 +42,6 @@ PRODUCTS = [
     {"product_id": "sku-euro", "name": "Croissant", "price": 190, "currency": "EUR", "active": True},
     {"product_id": "sku-gone", "name": "Discontinued", "price": 999, "currency": "USD", "active": False},
 ]
-
-
-def _rabbitmqctl(*args: str) -> bool:
-    try:
-        return subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _vhost() -> str:
-    """This run's vhost; "" (the default vhost) where rabbitmqctl is not at hand."""
-    _rabbitmqctl("add_vhost", VHOST)
-    return VHOST if _rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*") else ""
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +58,7 @@ def fakes() -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="session")
 def test_env(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Any]) -> Iterator[dict[str, str]]:
     """Environment for the service under test (CLI subprocesses and in-process)."""
-    vhost = _vhost()
+    vhost = harness.private_vhost_or_default(VHOST)
     tmp = tmp_path_factory.mktemp("orders")
     env = {
         "ORDERS_ENVIRONMENT": "development",
@@ -91,20 +77,17 @@ def test_env(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Any]) ->
     os.environ.update(env)
     yield {**os.environ, **env}
     if vhost:
-        _rabbitmqctl("delete_vhost", vhost)
+        harness.delete_vhost(vhost)
 
 
 @pytest.fixture(scope="session")
 def settings(test_env: dict[str, str]) -> Iterator[Any]:
-    from worker import db
     from worker.settings import load_settings
 
     s = load_settings()
-    db.drop_database(s.database)
-    db.ensure_database(s.database)
-    db.migrate(db.make_engine(s.database, pool_size=1))
+    harness.fresh_database(s.database)
     yield s
-    db.drop_database(s.database)
+    harness.drop_database(s.database)
 
 
 @pytest.fixture(scope="session")
@@ -196,7 +179,7 @@ class Bus:
         return found
 
     def depth(self, queue: str) -> int:
-        return self.ch.queue_declare(queue, passive=True).method.message_count
+        return harness.queue_depth(self.ch, queue)
 
     def close(self) -> None:
         if self.conn.is_open:
@@ -233,60 +216,11 @@ def clean_db(engine: Any) -> Any:
     return engine
 
 
-class Proc:
-    """A CLI process of the service (worker pool or relay) under test."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args, self.env, self.log = args, env, log
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.popen = subprocess.Popen(
-            [ORDERS, *self.args],
-            env=self.env,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def children(self) -> list[int]:
-        assert self.popen is not None
-        out = subprocess.run(["pgrep", "-P", str(self.popen.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-
-    def signal(self, sig: int) -> None:
-        assert self.popen is not None
-        self.popen.send_signal(sig)
-
-    def kill_group(self) -> None:
-        assert self.popen is not None
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait()
-
-    def stop(self, timeout: float = 30) -> int:
-        assert self.popen is not None
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill_group()
-        try:  # no orphans
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return self.popen.returncode
-
-
 def _services(test_env: dict[str, str], logs: Path) -> Iterator[Callable[..., Proc]]:
     started: list[Proc] = []
 
     def start(*args: str, **env: str) -> Proc:
-        p = Proc(list(args), {**test_env, **env}, logs / f"{args[0]}-{len(started)}.log")
+        p = Proc.orders(args, {**test_env, **env}, logs / f"{args[0]}-{len(started)}.log")
         started.append(p)
         return p
 
@@ -356,23 +290,8 @@ def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
 
 
 @pytest.fixture
-def private_redis(wait: Any) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of the test's own (no other run shares its counters), killed at the end."""
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    wait(lambda: _pings(client), timeout=10, what="private redis")
-    yield port, proc
-    proc.kill()
-    proc.wait()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
+    server = RedisServer(tmp_path / "redis.log")
+    yield server
+    server.stop()

@@ -21,6 +21,7 @@ import pika
 import pika.exceptions
 import pytest
 
+from scripts import harness
 from worker.broker import BlockingBroker, DeadLetterSession, Outgoing
 
 ORDERS = str(Path(sys.executable).parent / "orders")
@@ -30,7 +31,7 @@ UPSTREAM, SERVICE = f"orders-upstream-{RUN}", f"orders-service-{RUN}"
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False)
+    return harness.rabbitmqctl(*args)
 
 
 def url(user: str, password: str) -> str:
@@ -45,7 +46,7 @@ def orders(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def users_env(test_env: dict[str, str]) -> Iterator[dict[str, str]]:
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is not at hand: users cannot be made")
-    assert ctl("add_vhost", VHOST).returncode == 0
+    harness.rabbitmqctl("add_vhost", VHOST, check=True)
     env = {
         **test_env,
         "ORDERS_RABBITMQ__URL": url("guest", "guest"),

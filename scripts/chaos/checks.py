@@ -16,6 +16,7 @@ from .driver import Ledger
 from .injector import Injector
 from .observe import Snapshot
 from .plan import HOSTILE_USERS, Malformed, PlannedOrder
+from .processes import POOL_CHILDREN
 from .stack import Stack
 
 
@@ -348,7 +349,7 @@ def run_checks(
     assert pool is not None
     if not pool.alive() or pool.starts != 1:
         problems.append("the worker pool supervisor died (it is never restarted by the script)")
-    kids = pool.children() if pool.alive() else []
+    kids = pool.children(POOL_CHILDREN) if pool.alive() else []
     if len(kids) != stack.cfg.processes:
         problems.append(f"{len(kids)} worker processes alive, expected {stack.cfg.processes}")
     restarts = [e for e in pool.log_events() if e.get("event") == "worker process died; restarting"]
