@@ -12,7 +12,21 @@ from typing import Any
 from scripts import harness
 from scripts.harness import wait_until
 
-__all__ = ["private_vhost", "wait_until"]
+__all__ = ["place_body", "private_vhost", "wait_until"]
+
+
+def place_body(
+    user: str = "user-1", items: list[tuple[str, int]] | None = None, order_id: str | None = None
+) -> dict[str, Any]:
+    """A PlaceOrder body (a Stripe card payment)."""
+    body: dict[str, Any] = {
+        "user_id": user,
+        "items": [{"product_id": p, "quantity": q} for p, q in (items or [("sku-apple", 2)])],
+        "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+    }
+    if order_id:
+        body["order_id"] = order_id
+    return body
 
 
 def private_vhost(settings: Any, name: str) -> str:
