@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pika
 import pytest
 from sqlalchemy import text
@@ -50,6 +51,132 @@ def fakes() -> Iterator[dict[str, Any]]:
     yield servers
     for server in servers.values():
         server.stop()
+
+
+class Provider:
+    """One payment fake as the tests use it: the ``provider`` fixture gives Stripe's, then PayPal's.
+
+    What differs between the two is said here once: how a gateway is made
+    against the fake, what a payment request and a PlaceOrder's payment look
+    like, what a start answers when it goes well, where a fault is injected,
+    how the fake counts attempts and money taken, and what the buyer does.
+    """
+
+    #: per provider: the fake's counters of attempts and of money taken, what a good start answers,
+    #: the error a reused idempotency key gets, settings with a wrong secret, the API path of a start
+    TERMS: dict[str, dict[str, Any]] = {
+        "stripe": {
+            "attempts": "payment_intents",
+            "taken": "charges",
+            "started": "SUCCEEDED",
+            "reused_key": "IdempotencyError",
+            "bad_credentials": {"api_key": "sk_test_wrong_secret_value"},
+            "start_path": "/v1/payment_intents",
+            "unknown_id": "pi_unknown",
+        },
+        "paypal": {
+            "attempts": "orders",
+            "taken": "captures",
+            "started": "REQUIRES_ACTION",
+            "reused_key": "PAYPAL_REQUEST_ID_PREVIOUSLY_USED",
+            "bad_credentials": {"client_secret": "wrong_secret_value"},
+            "start_path": "/v2/checkout/orders",
+            "unknown_id": "5O190127TN364715T",
+        },
+    }
+
+    def __init__(self, name: str, server: Any) -> None:
+        from handlers.payments.base import Outcome
+
+        self.name, self.server = name, server
+        terms = self.TERMS[name]
+        self.started: Outcome = Outcome[terms["started"]]
+        self.reused_key_error: str = terms["reused_key"]
+        self.bad_credentials: dict[str, str] = terms["bad_credentials"]
+        self.unknown_id: str = terms["unknown_id"]
+
+    def __repr__(self) -> str:
+        return f"Provider({self.name})"
+
+    @property
+    def url(self) -> str:
+        return str(self.server.url)
+
+    def reset(self) -> None:
+        httpx.post(self.url + "/_fake/reset").raise_for_status()
+
+    def fail_next(self, count: int = 1, path: str | None = None, **fault: Any) -> None:
+        """The next ``count`` calls to ``path`` (default: the start's) fail as ``fault`` says
+        (``status=503``, ``delay=1.5``, ``drop=True``, ``after_work=True``: see scripts/fakes/common.py)."""
+        spec = {"count": count, "path": path or self.TERMS[self.name]["start_path"], **fault}
+        httpx.post(self.url + "/_fake/faults", json=spec).raise_for_status()
+
+    def faults_left(self) -> list[Any]:
+        return list(httpx.get(self.url + "/_fake/faults").json()["faults"])
+
+    def record(self, order_id: str) -> dict[str, Any]:
+        """The fake's counters for one of our orders (``{}`` when it never heard of it)."""
+        return dict(httpx.get(self.url + "/_fake/charges").json().get("orders", {}).get(order_id, {}))
+
+    def attempts(self, order_id: str) -> int:
+        """PaymentIntents / PayPal orders made for the order."""
+        return int(self.record(order_id).get(self.TERMS[self.name]["attempts"], 0))
+
+    def taken(self, order_id: str) -> int:
+        """Charges / captures: how often the buyer's money was taken for the order."""
+        return int(self.record(order_id).get(self.TERMS[self.name]["taken"], 0))
+
+    def log(self) -> list[dict[str, Any]]:
+        return list(httpx.get(self.url + "/_fake/log").json()["requests"])
+
+    def gateway(self, **overrides: Any) -> Any:
+        """The real gateway (the provider's SDK) against the fake; settings overridden by keyword."""
+        from handlers.payments.paypal_gateway import PayPalGateway
+        from handlers.payments.stripe_gateway import StripeGateway
+        from scripts.fakes import fake_paypal, fake_stripe
+        from worker.settings import PayPalSettings, StripeSettings
+
+        common = {"timeout_seconds": 5, "max_network_retries": 2}
+        if self.name == "stripe":
+            values = {"api_key": fake_stripe.DEFAULT_API_KEY, "webhook_secret": "whsec_test", "api_base": self.url}
+            return StripeGateway(StripeSettings(**{**common, **values, **overrides}))
+        values = {
+            "client_id": fake_paypal.DEFAULT_CLIENT_ID,
+            "client_secret": fake_paypal.DEFAULT_CLIENT_SECRET,
+            "base_url": self.url,
+            "webhook_id": "WH-ID",
+        }
+        return PayPalGateway(PayPalSettings(**{**common, **values, **overrides}))
+
+    def request(self, order_id: str = "order-1", amount: int = 1099, key: str | None = None) -> Any:
+        """A payment request of ``amount`` cents (a Stripe card in EUR; a PayPal order in USD)."""
+        from handlers.payments.base import PaymentRequest
+
+        extra: dict[str, Any] = (
+            {"currency": "EUR", "payment_method": "pm_card_visa"}
+            if self.name == "stripe"
+            else {"currency": "USD", "return_url": "https://shop.example/ok", "cancel_url": "https://shop.example/no"}
+        )
+        return PaymentRequest(order_id=order_id, amount=amount, idempotency_key=key or f"pay-{order_id}", **extra)
+
+    def payment(self, method: str = "pm_card_visa") -> dict[str, Any]:
+        """The ``payment`` of a PlaceOrder (``method``: the Stripe card)."""
+        if self.name == "stripe":
+            return {"provider": "stripe", "payment_method": method}
+        return {"provider": "paypal", "return_url": "https://shop.example/ok", "cancel_url": "https://shop.example/no"}
+
+    def buyer_pays(self, provider_payment_id: str) -> None:
+        """What the buyer does at the provider: passes 3-D Secure (Stripe), approves the order (PayPal)."""
+        action = "confirm" if self.name == "stripe" else "approve"
+        httpx.post(f"{self.url}/_fake/{action}/{provider_payment_id}").raise_for_status()
+
+
+@pytest.fixture(params=["stripe", "paypal"])
+def provider(request: pytest.FixtureRequest, fakes: dict[str, Any]) -> Provider:
+    """Each payment fake in turn (reset), with what a test needs of it: see :class:`Provider`."""
+    p = Provider(request.param, fakes[request.param])
+    p.reset()
+    return p
 
 
 @pytest.fixture(scope="session")
