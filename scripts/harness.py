@@ -16,6 +16,9 @@ What each of them needs around the service, in one place:
   ``docker exec <container> rabbitmqctl`` for a broker in a container).
 * :func:`queue_depth` / :func:`queue_depths`: messages ready in a queue (passive declare).
 * :func:`wait_until`: poll a condition until it holds or a deadline passes.
+* :func:`choose_servers` / :class:`Containers`: a test run's servers, the configured
+  ones that answer, else PostgreSQL, RabbitMQ and Redis in Docker (testcontainers);
+  ``ORDERS_TEST_SERVERS=local|containers`` forces one.
 
 Nothing here imports the service at module level, so the unit tests can import it
 without a server in sight.
@@ -34,7 +37,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
@@ -436,3 +440,195 @@ def queue_depths(url: str, queues: Iterable[str]) -> dict[str, int]:
         return {q: queue_depth(ch, q) for q in queues}
     finally:
         conn.close()
+
+
+# -- the servers of a test run: local ones, or containers ----------------------------------
+
+#: the servers the tests need, by the name ORDERS_TEST_SERVERS and the messages use
+SERVERS = ("postgres", "rabbitmq", "redis")
+SERVER_TITLES = {"postgres": "PostgreSQL", "rabbitmq": "RabbitMQ", "redis": "Redis"}
+#: the images a run starts where a server does not answer (RabbitMQ: no management plugin)
+IMAGES = {"postgres": "postgres:15", "rabbitmq": "rabbitmq:3.13", "redis": "redis:7"}
+#: ORDERS_TEST_SERVERS: unset (or "auto") = the configured servers that answer, containers for the others
+SERVER_MODES = ("local", "containers")
+HOW_TO_RUN_SERVERS = (
+    "start them (bash scripts/ensure_services.sh, or point ORDERS_DATABASE__HOST/PORT, ORDERS_RABBITMQ__URL, "
+    "ORDERS_REDIS__HOST/PORT at servers that run)"
+)
+HOW_TO_RUN_DOCKER = "start a Docker daemon, and the tests run them in containers (testcontainers)"
+
+
+@dataclass(frozen=True)
+class ServerChoice:
+    """Which servers a run uses as configured, which it starts in containers; or why it cannot run."""
+
+    local: tuple[str, ...] = ()
+    containers: tuple[str, ...] = ()
+    #: one line, set when the run cannot go on (it stops with it)
+    error: str = ""
+
+
+def _titles(names: Iterable[str], where: Mapping[str, str]) -> str:
+    return ", ".join(f"{SERVER_TITLES[n]} ({where[n]})" if n in where else SERVER_TITLES[n] for n in names)
+
+
+def choose_servers(
+    mode: str | None,
+    answers: Mapping[str, bool],
+    docker_answers: Callable[[], bool],
+    where: Mapping[str, str] | None = None,
+) -> ServerChoice:
+    """Where the run's servers come from.
+
+    ``mode`` is ORDERS_TEST_SERVERS; ``answers`` says, per server, whether the configured one
+    answers (``where``: its address, for the message); ``docker_answers`` is asked only when a
+    container is wanted.  Local servers first: unset, each configured server that answers is
+    used and the others are started in containers; ``local`` uses only configured servers,
+    ``containers`` only containers.
+    """
+    where = where or {}
+    mode = (mode or "").strip().lower() or "auto"
+    if mode not in (*SERVER_MODES, "auto"):
+        return ServerChoice(error=f"ORDERS_TEST_SERVERS={mode!r}: use local, containers, or leave it unset (auto)")
+    missing = tuple(n for n in SERVERS if not answers.get(n, False))
+    if mode == "local":
+        if missing:
+            return ServerChoice(
+                error=f"ORDERS_TEST_SERVERS=local but {_titles(missing, where)} do not answer: "
+                f"{HOW_TO_RUN_SERVERS}, or set ORDERS_TEST_SERVERS=containers where Docker runs"
+            )
+        return ServerChoice(local=SERVERS)
+    if mode == "auto" and not missing:
+        return ServerChoice(local=SERVERS)
+    wanted = SERVERS if mode == "containers" else missing
+    if not docker_answers():
+        if mode == "containers":
+            return ServerChoice(
+                error="ORDERS_TEST_SERVERS=containers but no Docker daemon answers: start Docker, "
+                f"or leave ORDERS_TEST_SERVERS unset and {HOW_TO_RUN_SERVERS}"
+            )
+        return ServerChoice(
+            error=f"the tests need {_titles(missing, where)}, which do not answer, and no Docker daemon answers: "
+            f"{HOW_TO_RUN_SERVERS}; or {HOW_TO_RUN_DOCKER}"
+        )
+    return ServerChoice(local=tuple(n for n in SERVERS if n not in wanted), containers=wanted)
+
+
+def tcp_answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether something accepts a TCP connection at ``host:port``."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def configured_servers(settings: Any) -> dict[str, tuple[str, int]]:
+    """The address of each server the settings name."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(settings.rabbitmq.url.get_secret_value())
+    return {
+        "postgres": (settings.database.host, int(settings.database.port)),
+        "rabbitmq": (url.hostname or "127.0.0.1", url.port or (5671 if url.scheme == "amqps" else 5672)),
+        "redis": (settings.redis.host, int(settings.redis.port)),
+    }
+
+
+def docker_answers(timeout: float = 3.0) -> bool:
+    """Whether a Docker daemon answers (DOCKER_HOST or the default socket), through the Docker SDK."""
+    try:
+        import docker  # testcontainers' dependency
+
+        client = docker.from_env(timeout=int(timeout))
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - no SDK, no socket, no daemon, refused: all say "no Docker"
+        return False
+
+
+class Containers:
+    """Servers started in Docker for one test run (testcontainers), and the settings that point at them.
+
+    Testcontainers' reaper (Ryuk) removes them when this process goes away
+    without :meth:`stop` (a killed pytest).
+    """
+
+    def __init__(self) -> None:
+        self.started: dict[str, Any] = {}
+        self.env: dict[str, str] = {}
+
+    def start(self, names: Iterable[str]) -> Containers:
+        for name in names:
+            getattr(self, f"_start_{name}")()
+        return self
+
+    def _start_postgres(self) -> None:
+        try:
+            from testcontainers.community.postgres import PostgresContainer
+        except ImportError:  # testcontainers before 4.10
+            from testcontainers.postgres import PostgresContainer
+
+        c = PostgresContainer(IMAGES["postgres"], username="postgres", password="postgres", dbname="postgres")
+        self.started["postgres"] = c.start()
+        self.env.update(
+            {
+                "ORDERS_DATABASE__HOST": c.get_container_host_ip(),
+                "ORDERS_DATABASE__PORT": str(c.get_exposed_port(5432)),
+                "ORDERS_DATABASE__USER": "postgres",
+                "ORDERS_DATABASE__PASSWORD": "postgres",
+            }
+        )
+
+    def _start_rabbitmq(self) -> None:
+        try:
+            from testcontainers.community.rabbitmq import RabbitMqContainer
+        except ImportError:
+            from testcontainers.rabbitmq import RabbitMqContainer
+
+        c = RabbitMqContainer(IMAGES["rabbitmq"], username="guest", password="guest")
+        self.started["rabbitmq"] = c.start()
+        host, port = c.get_container_host_ip(), c.get_exposed_port(5672)
+        self.env["ORDERS_RABBITMQ__URL"] = f"amqp://guest:guest@{host}:{port}/"
+        # vhosts are made inside the container (where docker's CLI is missing, runs fall back to "/",
+        # which is the run's own here anyway)
+        self.env["ORDERS_TEST_RABBITMQCTL"] = f"docker exec {c.get_wrapped_container().id} rabbitmqctl"
+
+    def _start_redis(self) -> None:
+        try:
+            from testcontainers.community.redis import RedisContainer
+        except ImportError:
+            from testcontainers.redis import RedisContainer
+
+        c = RedisContainer(IMAGES["redis"])
+        self.started["redis"] = c.start()
+        self.env.update(
+            {"ORDERS_REDIS__HOST": c.get_container_host_ip(), "ORDERS_REDIS__PORT": str(c.get_exposed_port(6379))}
+        )
+
+    def stop(self) -> None:
+        for c in self.started.values():
+            with contextlib.suppress(Exception):
+                c.stop()
+        self.started.clear()
+
+
+def amqp_port(url: str) -> int:
+    """The port of an ``amqp[s]://`` URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.port or (5671 if parts.scheme == "amqps" else 5672)
+
+
+def with_amqp_port(url: str, port: int) -> str:
+    """``url`` with its host and port set to 127.0.0.1:``port`` (a loopback proxy in front of the broker)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    auth = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{port}"))

@@ -180,8 +180,42 @@ def provider(request: pytest.FixtureRequest, fakes: dict[str, Any]) -> Provider:
 
 
 @pytest.fixture(scope="session")
-def test_env(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Any]) -> Iterator[dict[str, str]]:
+def servers() -> Iterator[harness.ServerChoice]:
+    """PostgreSQL, RabbitMQ and Redis for the whole run: the configured ones that answer, the others
+    started in Docker (testcontainers), and the ``ORDERS_*`` settings pointed at them.
+    ``ORDERS_TEST_SERVERS=local|containers`` forces one; with neither, the run stops at once, saying
+    what is missing and how to provide it (docs/testing.md)."""
+    from worker.settings import load_settings
+
+    addresses = harness.configured_servers(load_settings())
+    choice = harness.choose_servers(
+        os.environ.get("ORDERS_TEST_SERVERS"),
+        {name: harness.tcp_answers(host, port) for name, (host, port) in addresses.items()},
+        harness.docker_answers,
+        {name: f"{host}:{port}" for name, (host, port) in addresses.items()},
+    )
+    if choice.error:
+        pytest.exit(choice.error, returncode=pytest.ExitCode.USAGE_ERROR)
+    containers = harness.Containers()
+    try:
+        containers.start(choice.containers)
+    except Exception as exc:  # noqa: BLE001 - whatever Docker said, the run cannot go on: say it in one line
+        containers.stop()
+        said = " ".join(str(exc).split())[:300]
+        pytest.exit(f"starting {', '.join(choice.containers)} in Docker failed: {said}", returncode=3)
+    os.environ.update(containers.env)
+    yield choice
+    containers.stop()
+
+
+@pytest.fixture(scope="session")
+def test_env(
+    tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Any], servers: harness.ServerChoice
+) -> Iterator[dict[str, str]]:
     """Environment for the service under test (CLI subprocesses and in-process)."""
+    from worker.settings import load_settings
+
+    broker = load_settings().rabbitmq.url.get_secret_value()
     vhost = harness.private_vhost_or_default(VHOST)
     tmp = tmp_path_factory.mktemp("orders")
     env = {
@@ -189,7 +223,7 @@ def test_env(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Any]) ->
         "ORDERS_STRIPE__API_BASE": fakes["stripe"].url,
         "ORDERS_PAYPAL__BASE_URL": fakes["paypal"].url,
         "ORDERS_DATABASE__DBNAME": TEST_DB,
-        "ORDERS_RABBITMQ__URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost.replace('/', '%2F')}",
+        "ORDERS_RABBITMQ__URL": harness.vhost_url(broker, vhost),
         "ORDERS_WORKER__RETRY_DELAYS_SECONDS": "[1, 2]",
         "ORDERS_WORKER__BATCH_WAIT_MS": "10",
         "ORDERS_WORKER__LIVENESS_FILE": str(tmp / "alive"),

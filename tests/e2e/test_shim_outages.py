@@ -15,6 +15,7 @@ import jwt
 import pytest
 from sqlalchemy import text
 
+from scripts import harness
 from scripts.tcp_proxy import free_port
 from tests.support import private_vhost
 
@@ -130,8 +131,8 @@ def test_reads_still_answer_when_redis_stops_mid_test(worker, start_shim, privat
 def test_rabbitmq_unreachable_answers_503_with_retry_after_and_loses_nothing(
     worker, start_shim, amqp_url, clean_db, tcp_proxy, wait
 ):
-    proxy = tcp_proxy(5672)
-    url = amqp_url.replace(":5672/", f":{proxy.port}/")
+    proxy = tcp_proxy(harness.amqp_port(amqp_url))
+    url = harness.with_amqp_port(amqp_url, proxy.port)
     shim = start_shim(ORDERS_RABBITMQ__URL=url, ORDERS_SHIM__PUBLISH_TIMEOUT_SECONDS="1")
     assert shim.place("frank").status_code == 202
 

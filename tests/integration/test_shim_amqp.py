@@ -14,6 +14,7 @@ from typing import Any
 import pika
 import pytest
 
+from scripts import harness
 from worker.broker import COMMANDS_EXCHANGE, Outgoing
 from worker.errors import ConnectionLost, PublishNotConfirmed
 from worker.shim.amqp import AsyncChannel
@@ -108,8 +109,9 @@ def test_a_request_gets_its_own_reply_through_direct_reply_to(settings, bus):
 
 
 def test_a_cut_connection_fails_at_once_and_the_next_publish_reconnects(settings, bus, tcp_proxy):
-    proxy = tcp_proxy(5672)
-    url = settings.rabbitmq.url.get_secret_value().replace(":5672/", f":{proxy.port}/")
+    broker = settings.rabbitmq.url.get_secret_value()
+    proxy = tcp_proxy(harness.amqp_port(broker))
+    url = harness.with_amqp_port(broker, proxy.port)
     channel = AsyncChannel(url, 30)
 
     async def run() -> tuple[BaseException | None, float]:
