@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_drain  # noqa: E402
+
+from scripts import harness  # noqa: E402
+from scripts.harness import Proc  # noqa: E402
 
 PY = sys.executable
 ORDERS = str(Path(PY).parent / "orders")
@@ -56,8 +60,8 @@ def run_json(args: list[str], env: dict[str, str], timeout: float) -> dict[str, 
 def isolated_env(dbname: str, vhost: str) -> dict[str, str]:
     from worker.settings import load_settings
 
-    made = vhost if _vhost(vhost) else ""
-    url = load_settings().rabbitmq.url.get_secret_value().rstrip("/") + "/" + made.replace("/", "%2F")
+    made = harness.private_vhost_or_default(vhost)
+    url = harness.vhost_url(load_settings().rabbitmq.url.get_secret_value(), made)
     return {
         "ORDERS_ENVIRONMENT": "development",
         **os.environ,
@@ -66,21 +70,6 @@ def isolated_env(dbname: str, vhost: str) -> dict[str, str]:
         "ORDERS_LOGGING__LEVEL": "WARNING",
         "ORDERS_METRICS__PORT": "0",
     }
-
-
-def _vhost(name: str) -> bool:
-    try:
-        subprocess.run(["rabbitmqctl", "add_vhost", name], capture_output=True, timeout=60)
-        return (
-            subprocess.run(
-                ["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-                capture_output=True,
-                timeout=60,
-            ).returncode
-            == 0
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 def prepare(env: dict[str, str]) -> None:
@@ -105,9 +94,8 @@ def soak(minutes: float, rate: float) -> dict[str, Any]:
     env = isolated_env(SOAK_DB, SOAK_VHOST)
     prepare(env)
     logs = Path(tempfile.mkdtemp(prefix="orders-soak-"))
-    pool = subprocess.Popen(
+    pool = Proc.orders(
         [
-            ORDERS,
             "worker",
             "--processes",
             "2",
@@ -118,13 +106,10 @@ def soak(minutes: float, rate: float) -> dict[str, Any]:
             "--queue",
             "orders.payment-confirmed",
         ],
-        env=env,
-        stdout=(logs / "worker.log").open("w"),
-        stderr=subprocess.STDOUT,
+        env,
+        logs / "worker.log",
     )
-    relay = subprocess.Popen(
-        [ORDERS, "relay"], env=env, stdout=(logs / "relay.log").open("w"), stderr=subprocess.STDOUT
-    )
+    relay = Proc.orders(["relay"], env, logs / "relay.log")
     stop = threading.Event()
     sent = [0]
 
@@ -163,15 +148,15 @@ def soak(minutes: float, rate: float) -> dict[str, Any]:
         began = time.monotonic()
         while time.monotonic() - began < minutes * 60:
             time.sleep(10)
-            for pid in _children(pool.pid):
+            for pid in pool.children():
                 samples.setdefault(pid, []).append((time.monotonic() - began, rss_kib(pid)))
     finally:
         stop.set()
         feeder.join(10)
         for p in (pool, relay):
-            p.terminate()
+            p.signal(signal.SIGTERM)
         for p in (pool, relay):
-            p.wait(60)
+            p.stop(60)
     judged = {}
     for pid, points in samples.items():
         after = [kib for t, kib in points if t >= min(WARMUP_SECONDS, minutes * 30)]
@@ -190,11 +175,6 @@ def soak(minutes: float, rate: float) -> dict[str, Any]:
         "workers": judged,
         "flat": bool(judged) and all(w["drift_pct"] <= 10 for w in judged.values()),
     }
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 def main() -> int:

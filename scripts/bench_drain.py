@@ -51,7 +51,7 @@ import psycopg2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from schema.topology import (  # noqa: E402
+from schema.topology import (
     COMMAND_QUEUES,
     COMMANDS_EXCHANGE,
     DEAD_LETTER_QUEUE,
@@ -60,12 +60,12 @@ from schema.topology import (  # noqa: E402
     PAYMENTS_QUEUE,
     delay_queue,
 )
-from worker import db  # noqa: E402
+from scripts import harness  # noqa: E402
+from scripts.harness import ORDERS_CLI, Proc  # noqa: E402
 from worker.rabbit.connection import Outgoing  # noqa: E402
 from worker.rabbit.publisher import PipelinedPublisher  # noqa: E402
 from worker.settings import load_settings  # noqa: E402
 
-ORDERS_CLI = str(Path(sys.executable).parent / "orders")
 DBNAME = "orders_bench"
 VHOST = "orders-bench"
 CAPTURE_QUEUE = "bench.capture"
@@ -99,19 +99,14 @@ def say(*args: Any) -> None:
 
 
 def make_vhost() -> str:
-    if shutil.which("rabbitmqctl") is None:
+    if not harness.have_rabbitmqctl():
         say("rabbitmqctl not found: using vhost '/'")
         return "/"
     try:
-        subprocess.run(["rabbitmqctl", "add_vhost", VHOST], capture_output=True, timeout=60)
-        done = subprocess.run(
-            ["rabbitmqctl", "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"], capture_output=True, timeout=60
-        )
-        if done.returncode == 0:
-            return VHOST
-        say("rabbitmqctl set_permissions failed, using vhost '/':", done.stderr.decode(errors="replace").strip())
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        say(f"rabbitmqctl failed ({exc}); using vhost '/'")
+        harness.create_vhost(VHOST)
+        return VHOST
+    except harness.HarnessError as exc:
+        say(f"{exc}; using vhost '/'")
     return "/"
 
 
@@ -169,12 +164,7 @@ def prepare_queues(url: str, settings: Any, capture_type: str) -> None:
 
 
 def queue_depths(url: str, queues: list[str]) -> dict[str, int]:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        ch = conn.channel()
-        return {q: ch.queue_declare(q, passive=True).method.message_count for q in queues}
-    finally:
-        conn.close()
+    return harness.queue_depths(url, queues)
 
 
 def purge(url: str, queues: list[str]) -> None:
@@ -282,45 +272,9 @@ class Capture(threading.Thread):
 # -- processes -------------------------------------------------------------------------
 
 
-class Proc:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.log = name, log
-        self.popen = subprocess.Popen(
-            [ORDERS_CLI, *args], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-
-    def tail(self, n: int = 1500) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30) -> None:
-        if self.popen.poll() is None:
-            try:
-                self.popen.send_signal(signal.SIGTERM)
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                say(f"{self.name} did not stop within {timeout}s: killing it")
-        try:  # no orphans: the whole session (pool children included)
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+def start(name: str, args: list[str], env: dict[str, str], log: Path) -> Proc:
+    """``orders ARGS…`` in a session of its own (the harness stops it with its children)."""
+    return Proc(name, [ORDERS_CLI, *args], env, log, say=say)
 
 
 def proc_ticks(pid: int) -> int:
@@ -444,12 +398,12 @@ def drain(
     cur = poll.cursor()
 
     t0 = time.monotonic()
-    relay = Proc("relay", ["relay"], env, tmp / "relay.log")
+    relay = start("relay", ["relay"], env, tmp / "relay.log")
     procs.append(relay)
     # only the command queues: the payment step (orders.payments) would call the payment
     # providers; StartPayment piles up in orders.payments and is purged afterwards
     queues = list(COMMAND_QUEUES)
-    pool = Proc(
+    pool = start(
         "worker",
         ["worker", "--processes", str(args.processes), *(a for q in queues for a in ("-q", q))],
         env,
@@ -479,7 +433,7 @@ def drain(
         )
         for p in (relay, pool):
             if not p.alive():
-                raise BenchError(f"`orders {p.name}` exited with {p.popen.returncode}:\n{p.tail()}")
+                raise BenchError(f"`orders {p.name}` exited with {p.returncode}:\n{p.tail()}")
         if capture.error is not None:
             raise BenchError(f"capture consumer failed: {capture.error!r}")
         orders, unpublished = count_orders(cur)
@@ -819,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"warning: the machine is already {idle_busy:.0f}% busy (100 = one core) before the run; "
                 "figures will be low and noisy"
             )
-        db.drop_database(settings.database)
+        harness.drop_database(settings.database)
         run_cli(["migrate"], env)
         run_cli(["topology"], env)
         run_cli(["products", "import", str(CATALOGUE)], env)

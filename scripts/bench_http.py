@@ -26,6 +26,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -38,9 +39,9 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from worker.shim.models import PlaceOrderRequest
+from scripts.harness import Proc  # noqa: E402
+from worker.shim.models import PlaceOrderRequest  # noqa: E402
 
-ORDERS = str(Path(sys.executable).parent / "orders")
 BODY = {
     "items": [{"product_id": "sku-bench", "quantity": 1}],
     "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
@@ -269,9 +270,8 @@ def main() -> None:
     }
     shim_port, base_port = free_port(), free_port()
     procs = [
-        subprocess.Popen(
+        Proc.orders(
             [
-                ORDERS,
                 "worker",
                 "--queue",
                 "orders.place",
@@ -280,15 +280,12 @@ def main() -> None:
                 "--queue",
                 "orders.payment-confirmed",
             ],
-            env=env,
-            stdout=subprocess.DEVNULL,
+            env,
+            subprocess.DEVNULL,
         ),
-        subprocess.Popen(
-            [ORDERS, "shim", "--port", str(shim_port), "--workers", str(args.workers)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
+        Proc.orders(["shim", "--port", str(shim_port), "--workers", str(args.workers)], env, subprocess.DEVNULL),
+        Proc(
+            "baseline",
             [
                 sys.executable,
                 "-m",
@@ -305,7 +302,8 @@ def main() -> None:
                 "--log-level",
                 "warning",
             ],
-            env=env,
+            env,
+            None,
         ),
     ]
     try:
@@ -325,9 +323,9 @@ def main() -> None:
         visible = visible_latency(shim_url, headers, args.samples, rate=50)
     finally:
         for p in procs:
-            p.terminate()
+            p.signal(signal.SIGTERM)
         for p in procs:
-            p.wait(30)
+            p.stop(30)
     within = [
         r
         for r, v in sweep.items()

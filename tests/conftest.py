@@ -1,328 +1,79 @@
-"""Fixtures: real PostgreSQL, RabbitMQ and Redis, never mocked.
+"""Fixtures every layer may use (no server behind any of them), and the layers themselves.
 
-Each run uses its own database (``orders_test_<pid>``) and RabbitMQ vhost
-(``orders-test-<pid>``, created with rabbitmqctl when it is at hand; else ``/``),
-so a service running on the same machine is not disturbed.  Processes
-(worker pool, relay) are started as subprocesses through the real CLI.
+The tests are in three layers (docs/testing.md):
+
+* ``tests/unit``: no server at all, no service process;
+* ``tests/integration``: real PostgreSQL, RabbitMQ and Redis used in-process, and the HTTP fakes;
+* ``tests/e2e``: the service's processes started through the real CLI, killed, cut off.
+
+The server fixtures live in the plugin ``tests/servers.py``; a unit test that
+asks for one of them fails at once, so ``pytest tests/unit`` never needs a
+server.  Each test is marked with its layer (``-m "not e2e"`` and so on).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pika
 import pytest
-import redis
-from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the fakes and the TCP proxy live in scripts/, outside the installed packages
+if str(ROOT) not in sys.path:  # the fakes, the harness and the TCP proxy live in scripts/, outside the packages
     sys.path.insert(0, str(ROOT))
 
-from scripts.tcp_proxy import TcpProxy, free_port  # noqa: E402
-from tests.support import private_vhost, wait_until  # noqa: E402,F401 - fixtures and tests use them
+from tests.support import place_body, wait_until  # noqa: E402
 
-ORDERS = str(Path(sys.executable).parent / "orders")
-#: each test run gets its own database and vhost, so runs side by side (and a
-#: service running on the same machine) never see each other's messages
-RUN_ID = os.environ.get("ORDERS_TEST_RUN_ID", str(os.getpid()))
-VHOST = f"orders-test-{RUN_ID}"
-TEST_DB = f"orders_test_{RUN_ID}"
+pytest_plugins = ["tests.servers"]
 
-PRODUCTS = [
-    {"product_id": "sku-apple", "name": "Apple", "price": 150, "currency": "USD", "active": True},
-    {"product_id": "sku-pear", "name": "Pear", "price": 275, "currency": "USD", "active": True},
-    {"product_id": "sku-euro", "name": "Croissant", "price": 190, "currency": "EUR", "active": True},
-    {"product_id": "sku-gone", "name": "Discontinued", "price": 999, "currency": "USD", "active": False},
-]
+TESTS = Path(__file__).resolve().parent
+LAYERS = {
+    "unit": "no server and no service process",
+    "integration": "real PostgreSQL, RabbitMQ and Redis in-process, and the HTTP fakes",
+    "e2e": "the service's processes as subprocesses: kills, outages, chaos",
+}
+#: the plugin whose fixtures need servers
+SERVER_PLUGIN = "tests.servers"
 
 
-def _rabbitmqctl(*args: str) -> bool:
+def pytest_configure(config: pytest.Config) -> None:
+    for name, what in LAYERS.items():
+        config.addinivalue_line("markers", f"{name}: {what} (tests/{name})")
+
+
+def layer_of(path: Path) -> str | None:
     try:
-        return subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+        top = Path(path).resolve().relative_to(TESTS).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return top if top in LAYERS else None
 
 
-def _vhost() -> str:
-    """This run's vhost; "" (the default vhost) where rabbitmqctl is not at hand."""
-    _rabbitmqctl("add_vhost", VHOST)
-    return VHOST if _rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*") else ""
+def server_fixtures_of(item: pytest.Item) -> list[str]:
+    """The fixtures of the server plugin that ``item`` uses, directly or through other fixtures."""
+    info = getattr(item, "_fixtureinfo", None)
+    used = []
+    for name, defs in (getattr(info, "name2fixturedefs", None) or {}).items():
+        if any(getattr(d.func, "__module__", "") == SERVER_PLUGIN for d in defs):
+            used.append(name)
+    return sorted(used)
 
 
-@pytest.fixture(scope="session")
-def fakes() -> Iterator[dict[str, Any]]:
-    """The Stripe and PayPal fakes, serving real HTTP on loopback for the whole run."""
-    from scripts.fakes import fake_paypal, fake_stripe
-
-    servers = {"stripe": fake_stripe.serve(0), "paypal": fake_paypal.serve(0)}
-    yield servers
-    for server in servers.values():
-        server.stop()
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        layer = layer_of(item.path)
+        if layer is not None:
+            item.add_marker(getattr(pytest.mark, layer))
 
 
-@pytest.fixture(scope="session")
-def test_env(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Any]) -> Iterator[dict[str, str]]:
-    """Environment for the service under test (CLI subprocesses and in-process)."""
-    vhost = _vhost()
-    tmp = tmp_path_factory.mktemp("orders")
-    env = {
-        "ORDERS_ENVIRONMENT": "development",
-        "ORDERS_STRIPE__API_BASE": fakes["stripe"].url,
-        "ORDERS_PAYPAL__BASE_URL": fakes["paypal"].url,
-        "ORDERS_DATABASE__DBNAME": TEST_DB,
-        "ORDERS_RABBITMQ__URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost.replace('/', '%2F')}",
-        "ORDERS_WORKER__RETRY_DELAYS_SECONDS": "[1, 2]",
-        "ORDERS_WORKER__BATCH_WAIT_MS": "10",
-        "ORDERS_WORKER__LIVENESS_FILE": str(tmp / "alive"),
-        "ORDERS_WORKER__SHUTDOWN_TIMEOUT_SECONDS": "15",
-        "ORDERS_RELAY__POLL_INTERVAL_SECONDS": "0.2",
-        "ORDERS_LOGGING__FORMAT": "json",
-        "ORDERS_METRICS__PORT": "0",
-    }
-    os.environ.update(env)
-    yield {**os.environ, **env}
-    if vhost:
-        _rabbitmqctl("delete_vhost", vhost)
-
-
-@pytest.fixture(scope="session")
-def settings(test_env: dict[str, str]) -> Iterator[Any]:
-    from worker import db
-    from worker.settings import load_settings
-
-    s = load_settings()
-    db.drop_database(s.database)
-    db.ensure_database(s.database)
-    db.migrate(db.make_engine(s.database, pool_size=1))
-    yield s
-    db.drop_database(s.database)
-
-
-@pytest.fixture(scope="session")
-def engine(settings: Any) -> Any:
-    from worker import db
-
-    return db.make_engine(settings.database, pool_size=4)
-
-
-class Bus:
-    """Test-side RabbitMQ: publish commands, capture events, read dead letters."""
-
-    CAPTURE = "test.capture"
-
-    def __init__(self, settings: Any) -> None:
-        self.url = settings.rabbitmq.url.get_secret_value()
-        self.delays = settings.worker.retry_delays_seconds
-        self.conn = pika.BlockingConnection(pika.URLParameters(self.url))
-        self.ch = self.conn.channel()
-        self.ch.confirm_delivery()
-
-    def reset(self) -> None:
-        from schema.topology import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
-        from worker.rabbit.topology import declare_topology
-
-        declare_topology(self.ch, self.delays)
-        for q in [*COMMAND_QUEUES, PAYMENTS_QUEUE, DEAD_LETTER_QUEUE, *(delay_queue(s) for s in self.delays)]:
-            self.ch.queue_purge(q)
-        self.ch.queue_delete(self.CAPTURE)
-        self.ch.queue_declare(self.CAPTURE, durable=True, arguments={"x-queue-type": "quorum"})
-        self.ch.queue_bind(self.CAPTURE, "inventory", routing_key="#")
-        self.ch.queue_bind(self.CAPTURE, "orders.events", routing_key="#")
-        self._events: list[dict[str, Any]] = []
-
-    def publish(
-        self, message_type: str, body: Any, message_id: str | None = None, routing_key: str | None = None, **props: Any
-    ) -> str:
-        from schema.topology import COMMAND_QUEUES, COMMAND_ROUTES, COMMANDS_EXCHANGE
-
-        keys = {r.message_type: r.routing_key for r in COMMAND_ROUTES}
-        message_id = str(uuid.uuid4()) if message_id is None else message_id  # "" sends none
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.ch.basic_publish(
-            COMMANDS_EXCHANGE,
-            routing_key or keys.get(message_type, "order.place"),
-            raw,
-            pika.BasicProperties(
-                message_id=message_id or None,
-                type=message_type,
-                content_type="application/json",
-                delivery_mode=2,
-                **props,
-            ),
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if layer_of(item.path) == "unit" and (used := server_fixtures_of(item)):
+        pytest.fail(
+            f"a unit test uses server fixtures ({', '.join(used)}): move it to tests/integration or tests/e2e",
+            pytrace=False,
         )
-        assert COMMAND_QUEUES
-        return message_id
-
-    def events(self) -> list[dict[str, Any]]:
-        """All events captured so far: routing key, message id, body."""
-        while True:
-            method, props, body = self.ch.basic_get(self.CAPTURE, auto_ack=True)
-            if method is None:
-                return self._events
-            self._events.append(
-                {
-                    "routing_key": method.routing_key,
-                    "exchange": method.exchange,
-                    "message_id": props.message_id,
-                    "body": json.loads(body),
-                }
-            )
-
-    def dead_letters(self) -> list[dict[str, Any]]:
-        """Read the dead-letter queue without consuming it (requeue after)."""
-        from schema.topology import DEAD_LETTER_QUEUE
-
-        ch = self.conn.channel()
-        found, tags = [], []
-        while True:
-            method, props, body = ch.basic_get(DEAD_LETTER_QUEUE, auto_ack=False)
-            if method is None:
-                break
-            tags.append(method.delivery_tag)
-            found.append(
-                {"message_id": props.message_id, "type": props.type, "headers": props.headers or {}, "body": body}
-            )
-        if tags:
-            ch.basic_nack(tags[-1], multiple=True, requeue=True)
-        ch.close()
-        return found
-
-    def depth(self, queue: str) -> int:
-        return self.ch.queue_declare(queue, passive=True).method.message_count
-
-    def close(self) -> None:
-        if self.conn.is_open:
-            self.conn.close()
-
-
-@pytest.fixture
-def bus(settings: Any) -> Iterator[Bus]:
-    b = Bus(settings)
-    b.reset()
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def clean_db(engine: Any) -> Any:
-    from worker import catalogue
-
-    with engine.begin() as conn:
-        # a process an earlier test killed may have left a session behind (e.g. behind a cut
-        # proxy, where PostgreSQL cannot see its client go): it must not hold up this test
-        conn.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        )
-    engine.dispose()  # our own pooled connections may have been among them
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "TRUNCATE orders, order_items, order_transitions, order_history, payments, inbox, outbox, products, dlq_audit"
-            )
-        )
-    catalogue.upsert(engine, [catalogue.ProductRow(**p) for p in PRODUCTS])
-    return engine
-
-
-class Proc:
-    """A CLI process of the service (worker pool or relay) under test."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args, self.env, self.log = args, env, log
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.popen = subprocess.Popen(
-            [ORDERS, *self.args],
-            env=self.env,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def children(self) -> list[int]:
-        assert self.popen is not None
-        out = subprocess.run(["pgrep", "-P", str(self.popen.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-
-    def signal(self, sig: int) -> None:
-        assert self.popen is not None
-        self.popen.send_signal(sig)
-
-    def kill_group(self) -> None:
-        assert self.popen is not None
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait()
-
-    def stop(self, timeout: float = 30) -> int:
-        assert self.popen is not None
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill_group()
-        try:  # no orphans
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return self.popen.returncode
-
-
-def _services(test_env: dict[str, str], logs: Path) -> Iterator[Callable[..., Proc]]:
-    started: list[Proc] = []
-
-    def start(*args: str, **env: str) -> Proc:
-        p = Proc(list(args), {**test_env, **env}, logs / f"{args[0]}-{len(started)}.log")
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
-
-
-@pytest.fixture
-def service(test_env: dict[str, str], tmp_path: Path, settings: Any) -> Iterator[Callable[..., Proc]]:
-    """Factory: ``service("worker", "--processes", "2")`` starts a CLI process."""
-    yield from _services(test_env, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def module_service(
-    test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, settings: Any
-) -> Iterator[Callable[..., Proc]]:
-    """``service`` for processes that serve a whole module (stopped after its last test)."""
-    yield from _services(test_env, tmp_path_factory.mktemp("services"))
-
-
-def place_body(
-    user: str = "user-1", items: list[tuple[str, int]] | None = None, order_id: str | None = None
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "user_id": user,
-        "items": [{"product_id": p, "quantity": q} for p, q in (items or [("sku-apple", 2)])],
-        "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
-    }
-    if order_id:
-        body["order_id"] = order_id
-    return body
 
 
 @pytest.fixture
@@ -348,43 +99,3 @@ def make_place() -> Callable[..., dict[str, Any]]:
 @pytest.fixture
 def wait() -> Callable[..., Any]:
     return wait_until
-
-
-@pytest.fixture
-def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
-    made: list[TcpProxy] = []
-
-    def make(port: int) -> TcpProxy:
-        p = TcpProxy(port)
-        made.append(p)
-        return p
-
-    yield make
-    for p in made:
-        try:
-            p.down()
-        except OSError:
-            pass
-
-
-@pytest.fixture
-def private_redis(wait: Any) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """A redis-server of the test's own (no other run shares its counters), killed at the end."""
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    wait(lambda: _pings(client), timeout=10, what="private redis")
-    yield port, proc
-    proc.kill()
-    proc.wait()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False

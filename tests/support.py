@@ -7,24 +7,26 @@ there), which makes this module importable as ``tests.support``.
 
 from __future__ import annotations
 
-import subprocess
-import time
-from collections.abc import Callable
 from typing import Any
 
+from scripts import harness
+from scripts.harness import wait_until
 
-def wait_until(
-    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
+__all__ = ["place_body", "private_vhost", "wait_until"]
+
+
+def place_body(
+    user: str = "user-1", items: list[tuple[str, int]] | None = None, order_id: str | None = None
+) -> dict[str, Any]:
+    """A PlaceOrder body (a Stripe card payment)."""
+    body: dict[str, Any] = {
+        "user_id": user,
+        "items": [{"product_id": p, "quantity": q} for p, q in (items or [("sku-apple", 2)])],
+        "payment": {"provider": "stripe", "payment_method": "pm_card_visa"},
+    }
+    if order_id:
+        body["order_id"] = order_id
+    return body
 
 
 def private_vhost(settings: Any, name: str) -> str:
@@ -37,18 +39,8 @@ def private_vhost(settings: Any, name: str) -> str:
     from worker.rabbit.topology import declare_topology
 
     url = settings.rabbitmq.url.get_secret_value()
-    try:
-        subprocess.run(["rabbitmqctl", "add_vhost", name], capture_output=True, timeout=60, check=False)
-        done = subprocess.run(
-            ["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        if done.returncode == 0:
-            url = url[: url.rindex("/") + 1] + name
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    if harness.private_vhost_or_default(name):
+        url = harness.vhost_url(url, name)
     broker = BlockingBroker(url).connect()
     declare_topology(broker.channel(), settings.worker.retry_delays_seconds)
     broker.close()

@@ -1,5 +1,8 @@
 """The checks on the end state (:func:`run_checks`): nothing lost, nothing applied twice, nobody charged
 twice, malformed messages dead-lettered, processes alive; each a :class:`Check` with its problems.
+
+Each check is a named function of :class:`Facts` (what the run left and knows) returning one
+:class:`Check`; :data:`CHECKS` lists them in the order they are reported.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ import operator
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from schema.topology import DEAD_LETTER_QUEUE, INVENTORY_EXCHANGE
@@ -16,6 +20,7 @@ from .driver import Ledger
 from .injector import Injector
 from .observe import Snapshot
 from .plan import HOSTILE_USERS, Malformed, PlannedOrder
+from .processes import POOL_CHILDREN
 from .stack import Stack
 
 
@@ -72,19 +77,94 @@ def expected_final(plan: PlannedOrder) -> set[str]:
     return base
 
 
-def run_checks(
-    snap: Snapshot,
-    plan: list[PlannedOrder],
-    malformed: list[Malformed],
-    ledger: Ledger,
-    stack: Stack,
-    injector: Injector,
-    outcomes: dict[str, Any],
-) -> list[Check]:
-    checks: list[Check] = []
-    by_id = {o.order_id: o for o in plan}
+@dataclass
+class Facts:
+    """What the checks read: the end state, the plan, the driver's ledger, the stack and the injections."""
 
-    # 1. every accepted PlaceOrder became exactly one order; nothing else became one
+    snap: Snapshot
+    plan: list[PlannedOrder]
+    malformed: list[Malformed]
+    ledger: Ledger
+    stack: Stack
+    injector: Injector
+    outcomes: dict[str, Any]
+
+    @cached_property
+    def by_id(self) -> dict[str, PlannedOrder]:
+        return {o.order_id: o for o in self.plan}
+
+    @cached_property
+    def event_problems(self) -> tuple[list[str], list[str], list[str]]:
+        """Per order, against its history: inventory events, order events, order of first deliveries."""
+        snap = self.snap
+        distinct: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        first_order: dict[str, list[str]] = defaultdict(list)
+        seen_ids: set[str] = set()
+        stock_items: dict[str, list[Any]] = {}
+        for e in snap.events:
+            if e["body"] is None:
+                continue
+            oid = e["body"].get("order_id")
+            distinct[oid][e["routing_key"]].add(e["message_id"])
+            if e["message_id"] not in seen_ids:
+                seen_ids.add(e["message_id"])
+                first_order[oid].append(e["routing_key"])
+            if e["exchange"] == INVENTORY_EXCHANGE:
+                stock_items[e["message_id"]] = sorted(
+                    (i["product_id"], i["quantity"]) for i in e["body"].get("items", [])
+                )
+        inv_problems, ev_problems, order_problems = [], [], []
+        for oid, hist in snap.transitions.items():
+            got = distinct.get(oid, {})
+            tos = [t["to"] for t in hist]
+            reserve = 1 if tos[0] == "pending" else 0
+            release = sum(1 for t in hist if t["from"] in HOLDING and t["to"] in ("cancelled", "rejected"))
+            commit = sum(1 for t in hist if t["to"] == "completed")
+            for key, want in (("stock.reserve", reserve), ("stock.release", release), ("stock.commit", commit)):
+                if len(got.get(key, ())) != want:
+                    inv_problems.append(
+                        f"order {oid}: {len(got.get(key, ()))} {key}, history says {want} ({'→'.join(tos)})"
+                    )
+            for key in ("stock.reserve", "stock.release", "stock.commit"):
+                for mid in got.get(key, ()):
+                    if stock_items.get(mid) != sorted(snap.items.get(oid, [])):
+                        inv_problems.append(f"order {oid}: {key} items {stock_items.get(mid)} differ from the order's")
+            want_events = Counter(STATUS_EVENT[t] for t in tos)
+            want_events["order.refunded"] = 1 if snap.payments.get(oid, {}).get("status") == "refunded" else 0
+            for key in set(want_events) | {k for k in got if k.startswith("order.")}:
+                if len(got.get(key, ())) != want_events.get(key, 0):
+                    ev_problems.append(
+                        f"order {oid}: {len(got.get(key, ()))} {key}, history says "
+                        f"{want_events.get(key, 0)} ({'→'.join(tos)})"
+                    )
+            firsts = [k for k in first_order.get(oid, []) if k.startswith("order.") and k != "order.refunded"]
+            if firsts != [STATUS_EVENT[t] for t in tos] and not any(p.startswith(f"order {oid}:") for p in ev_problems):
+                order_problems.append(f"order {oid}: events left as {firsts}, history is {'→'.join(tos)}")
+        return inv_problems, ev_problems, order_problems
+
+    @cached_property
+    def money(self) -> list[Check]:
+        return money_checks(self.snap, self.plan, self.stack.cfg.seed)
+
+    @cached_property
+    def dead_letters(self) -> tuple[dict[int, list[dict[str, Any]]], list[dict[str, Any]]]:
+        """The dead letters of the malformed messages (by their index) and the others (operators' aside)."""
+        by_index: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        unexpected = []
+        for dl in self.snap.dead_letters:
+            idx = dl["headers"].get("chaos-malformed")
+            if _for_an_operator(dl):
+                continue  # an internal payment to give back by hand (see the money check)
+            if idx is None:
+                unexpected.append(dl)
+            else:
+                by_index[int(idx)].append(dl)
+        return by_index, unexpected
+
+
+def check_orders_exist_once(f: Facts) -> Check:
+    """Every accepted PlaceOrder became exactly one order; nothing else became one."""
+    snap, ledger, by_id = f.snap, f.ledger, f.by_id
     problems = [f"order {oid} (accepted) missing" for oid in sorted(ledger.placed) if oid not in snap.orders]
     problems += [f"order {oid} exists but was never placed by the run" for oid in snap.orders if oid not in by_id]
     for oid, row in snap.orders.items():
@@ -95,30 +175,31 @@ def run_checks(
             problems.append(f"order {oid} has user {row['user_id']!r}, sent {o.user!r}")
         if o is not None and row["total"] != o.total and o.kind != "unknown_product":
             problems.append(f"order {oid} total {row['total']}, catalogue says {o.total}")
-    checks.append(
-        _check(
-            "each accepted order exists once, as sent",
-            problems,
-            f"{len(snap.orders)} orders = {len(ledger.placed)} accepted PlaceOrders (each sent twice)",
-        )
+    return _check(
+        "each accepted order exists once, as sent",
+        problems,
+        f"{len(snap.orders)} orders = {len(ledger.placed)} accepted PlaceOrders (each sent twice)",
     )
 
-    # 2. every accepted command is recorded once in the inbox (its effect committed once)
+
+def check_commands_applied(f: Facts) -> Check:
+    """Every accepted command is recorded once in the inbox (its effect committed once)."""
     problems = []
     total = 0
-    for consumer, mids in ledger.accepted.items():
+    for consumer, mids in f.ledger.accepted.items():
         total += len(mids)
-        missing = sorted(mids - snap.inbox.get(consumer, set()))
+        missing = sorted(mids - f.snap.inbox.get(consumer, set()))
         problems += [f"{consumer}: {m} accepted but never applied" for m in missing]
-    checks.append(
-        _check(
-            "every accepted command applied (inbox)",
-            problems,
-            f"{total} distinct commands accepted (each sent 2-3 times), all in the inbox once",
-        )
+    return _check(
+        "every accepted command applied (inbox)",
+        problems,
+        f"{total} distinct commands accepted (each sent 2-3 times), all in the inbox once",
     )
 
-    # 3. transitions: each message moves an order at most once; history starts with the PlaceOrder
+
+def check_transitions_once(f: Facts) -> Check:
+    """Each message moves an order at most once; the history starts with the PlaceOrder."""
+    snap = f.snap
     problems = []
     for oid, hist in snap.transitions.items():
         seen = Counter(t["message_id"] for t in hist)
@@ -128,17 +209,20 @@ def run_checks(
         if sum(1 for t in hist if t["from"] is None) != 1:
             problems.append(f"order {oid}: created more than once")
     problems += [f"order {oid} has no history" for oid in snap.orders if oid not in snap.transitions]
-    checks.append(
-        _check(
-            "each command moved its order once",
-            problems,
-            f"{sum(len(h) for h in snap.transitions.values())} transitions, no message applied twice",
-        )
+    return _check(
+        "each command moved its order once",
+        problems,
+        f"{sum(len(h) for h in snap.transitions.values())} transitions, no message applied twice",
     )
 
-    # 4. orders audit (database side: states vs history, payments vs orders, outbox, nothing stuck)
-    # internal payments of ended orders are the audit's to report: they wait for an operator
-    # (their RefundPayment is dead-lettered with ManualActionRequired, checked with the money below)
+
+def check_audit(f: Facts) -> Check:
+    """``orders audit`` (database side: states vs history, payments vs orders, outbox, nothing stuck).
+
+    Internal payments of ended orders are the audit's to report: they wait for an operator (their
+    RefundPayment is dead-lettered with ManualActionRequired, checked with the money).
+    """
+    snap = f.snap
     handed = handed_to_an_operator(snap)
     kept = {
         oid
@@ -147,25 +231,25 @@ def run_checks(
     }
     all_handed = all(snap.payments[oid]["provider"] == "internal" and oid in handed for oid in kept)
     findings = [
-        f
-        for f in snap.audit.get("findings", [])
-        if not (f["check"] == "money-kept-for-ended-orders" and f["count"] == len(kept) and all_handed)
+        x
+        for x in snap.audit.get("findings", [])
+        if not (x["check"] == "money-kept-for-ended-orders" and x["count"] == len(kept) and all_handed)
     ]
-    problems = [f"{f['check']} ({f['severity']}): {f['count']} e.g. {f['sample'][:1]}" for f in findings]
+    problems = [f"{x['check']} ({x['severity']}): {x['count']} e.g. {x['sample'][:1]}" for x in findings]
     if not snap.audit.get("ok") and not problems:
         problems.append(f"orders audit failed: {snap.audit.get('error', '?')}")
-    checks.append(
-        _check(
-            "orders audit --json (stuck after 0 min)",
-            problems,
-            f"ok; {len(snap.audit.get('checks', []))} checks, no finding",
-        )
+    return _check(
+        "orders audit --json (stuck after 0 min)",
+        problems,
+        f"ok; {len(snap.audit.get('checks', []))} checks, no finding",
     )
 
-    # 5. each order ended where its plan and its commands allow
+
+def check_final_states(f: Facts) -> Check:
+    """Each order ended where its plan and its commands allow."""
     problems = []
-    for oid, row in snap.orders.items():
-        o = by_id.get(oid)
+    for oid, row in f.snap.orders.items():
+        o = f.by_id.get(oid)
         if o is None:
             continue
         allowed = expected_final(o)
@@ -174,15 +258,16 @@ def run_checks(
                 f"order {oid} ({o.kind}{', cancel ' + o.cancel if o.cancel else ''}) is {row['status']}, "
                 f"expected {' or '.join(sorted(allowed))} ({row['reason'] or 'no reason'})"
             )
-    checks.append(
-        _check(
-            "every order in a state its commands allow",
-            problems,
-            ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())),
-        )
+    return _check(
+        "every order in a state its commands allow",
+        problems,
+        ", ".join(f"{k} {v}" for k, v in sorted(f.outcomes.items())),
     )
 
-    # 6. events: one body per id; each event id names an order of the run
+
+def check_event_bodies(f: Facts) -> Check:
+    """One body per event id; each event id names an order of the run."""
+    snap = f.snap
     bodies: dict[str, bytes] = {}
     problems = []
     dupes = 0
@@ -199,94 +284,57 @@ def run_checks(
             bodies[mid] = e["raw"]
         if e["body"].get("order_id") not in snap.orders:
             problems.append(f"event {mid} names unknown order {e['body'].get('order_id')}")
-    checks.append(
-        _check(
-            "no event id with two different bodies",
-            problems,
-            f"{len(snap.events)} events captured, {len(bodies)} distinct ids, {dupes} redelivered copies identical",
-        )
+    return _check(
+        "no event id with two different bodies",
+        problems,
+        f"{len(snap.events)} events captured, {len(bodies)} distinct ids, {dupes} redelivered copies identical",
     )
 
-    # 7/8. per order: inventory and order events match the history, in commit order
-    distinct: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    first_order: dict[str, list[str]] = defaultdict(list)
-    seen_ids: set[str] = set()
-    stock_items: dict[str, list[Any]] = {}
-    for e in snap.events:
-        if e["body"] is None:
-            continue
-        oid = e["body"].get("order_id")
-        distinct[oid][e["routing_key"]].add(e["message_id"])
-        if e["message_id"] not in seen_ids:
-            seen_ids.add(e["message_id"])
-            first_order[oid].append(e["routing_key"])
-        if e["exchange"] == INVENTORY_EXCHANGE:
-            stock_items[e["message_id"]] = sorted((i["product_id"], i["quantity"]) for i in e["body"].get("items", []))
-    inv_problems, ev_problems, order_problems = [], [], []
-    for oid, hist in snap.transitions.items():
-        got = distinct.get(oid, {})
-        tos = [t["to"] for t in hist]
-        reserve = 1 if tos[0] == "pending" else 0
-        release = sum(1 for t in hist if t["from"] in HOLDING and t["to"] in ("cancelled", "rejected"))
-        commit = sum(1 for t in hist if t["to"] == "completed")
-        for key, want in (("stock.reserve", reserve), ("stock.release", release), ("stock.commit", commit)):
-            if len(got.get(key, ())) != want:
-                inv_problems.append(
-                    f"order {oid}: {len(got.get(key, ()))} {key}, history says {want} ({'→'.join(tos)})"
-                )
-        for key in ("stock.reserve", "stock.release", "stock.commit"):
-            for mid in got.get(key, ()):
-                if stock_items.get(mid) != sorted(snap.items.get(oid, [])):
-                    inv_problems.append(f"order {oid}: {key} items {stock_items.get(mid)} differ from the order's")
-        want_events = Counter(STATUS_EVENT[t] for t in tos)
-        want_events["order.refunded"] = 1 if snap.payments.get(oid, {}).get("status") == "refunded" else 0
-        for key in set(want_events) | {k for k in got if k.startswith("order.")}:
-            if len(got.get(key, ())) != want_events.get(key, 0):
-                ev_problems.append(
-                    f"order {oid}: {len(got.get(key, ()))} {key}, history says "
-                    f"{want_events.get(key, 0)} ({'→'.join(tos)})"
-                )
-        firsts = [k for k in first_order.get(oid, []) if k.startswith("order.") and k != "order.refunded"]
-        if firsts != [STATUS_EVENT[t] for t in tos] and not any(p.startswith(f"order {oid}:") for p in ev_problems):
-            order_problems.append(f"order {oid}: events left as {firsts}, history is {'→'.join(tos)}")
-    checks.append(
-        _check(
-            "inventory events match each order's history",
-            inv_problems,
-            "reserve once, release once if cancelled/rejected after reserve, commit once if paid",
-        )
-    )
-    checks.append(
-        _check(
-            "order events match each order's history",
-            ev_problems,
-            "one order.<status> per transition, order.refunded once per refund",
-        )
-    )
-    checks.append(
-        _check(
-            "events of an order leave in commit order",
-            order_problems,
-            "first deliveries follow each order's transitions",
-        )
+
+def check_inventory_events(f: Facts) -> Check:
+    return _check(
+        "inventory events match each order's history",
+        f.event_problems[0],
+        "reserve once, release once if cancelled/rejected after reserve, commit once if paid",
     )
 
-    # 9. money: nobody charged twice, charges match orders, refunds match cancelled/rejected orders
-    checks += money_checks(snap, plan, stack.cfg.seed)
 
-    # 10. malformed messages: dead-lettered with a reason, never applied
-    by_index: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    unexpected = []
-    for dl in snap.dead_letters:
-        idx = dl["headers"].get("chaos-malformed")
-        if _for_an_operator(dl):
-            continue  # an internal payment to give back by hand (see the money check)
-        if idx is None:
-            unexpected.append(dl)
-        else:
-            by_index[int(idx)].append(dl)
+def check_order_events(f: Facts) -> Check:
+    return _check(
+        "order events match each order's history",
+        f.event_problems[1],
+        "one order.<status> per transition, order.refunded once per refund",
+    )
+
+
+def check_event_order(f: Facts) -> Check:
+    return _check(
+        "events of an order leave in commit order",
+        f.event_problems[2],
+        "first deliveries follow each order's transitions",
+    )
+
+
+def check_no_double_charge(f: Facts) -> Check:
+    """Nobody charged twice: the fakes' records (see :func:`money_checks`)."""
+    return f.money[0]
+
+
+def check_refunds(f: Facts) -> Check:
+    """Refunds match payments of cancelled/rejected orders (see :func:`money_checks`)."""
+    return f.money[1]
+
+
+def check_money_held(f: Facts) -> Check:
+    """Completed orders hold one payment, ended ones none (see :func:`money_checks`)."""
+    return f.money[2]
+
+
+def check_malformed_dead_lettered(f: Facts) -> Check:
+    """Malformed messages: dead-lettered with a reason, never applied."""
+    by_index, _ = f.dead_letters
     problems = []
-    for m in malformed:
+    for m in f.malformed:
         found = by_index.get(m.index)
         if not found:
             problems.append(f"malformed #{m.index} ({m.category}) not in the dead-letter queue")
@@ -294,43 +342,48 @@ def run_checks(
             problems.append(
                 f"malformed #{m.index} ({m.category}) dead-lettered without a reason: {found[0]['headers']}"
             )
-    applied = [m for m in malformed if m.message_id and m.message_id in snap.inbox.get("orders", set())]
+    applied = [m for m in f.malformed if m.message_id and m.message_id in f.snap.inbox.get("orders", set())]
     problems += [f"malformed #{m.index} ({m.category}) was applied (inbox)" for m in applied]
     extra = sum(len(v) - 1 for v in by_index.values())
-    checks.append(
-        _check(
-            "every malformed message dead-lettered with a reason",
-            problems,
-            f"{len(malformed)} of {len(malformed)} in {DEAD_LETTER_QUEUE} with x-error-class and "
-            f"x-error-message" + (f" ({extra} twice: at-least-once after a kill)" if extra else ""),
-        )
+    return _check(
+        "every malformed message dead-lettered with a reason",
+        problems,
+        f"{len(f.malformed)} of {len(f.malformed)} in {DEAD_LETTER_QUEUE} with x-error-class and "
+        f"x-error-message" + (f" ({extra} twice: at-least-once after a kill)" if extra else ""),
     )
+
+
+def check_no_valid_command_dead_lettered(f: Facts) -> Check:
+    _, unexpected = f.dead_letters
     problems = [
         f"{d['type']} {str(d['message_id'])[:60]}: {d['headers'].get('x-error-class')}: "
         f"{str(d['headers'].get('x-error-message'))[:200]}"
         for d in unexpected
     ]
-    checks.append(_check("no valid command dead-lettered", problems, "only the malformed messages are there"))
+    return _check("no valid command dead-lettered", problems, "only the malformed messages are there")
 
-    # 11. hostile but valid user ids stored verbatim; tables intact
+
+def check_hostile_strings(f: Facts) -> Check:
+    """Hostile but valid user ids stored verbatim; tables intact."""
     problems = []
-    hostile = [o for o in plan if o.user in HOSTILE_USERS and o.order_id in ledger.placed]
+    hostile = [o for o in f.plan if o.user in HOSTILE_USERS and o.order_id in f.ledger.placed]
     for o in hostile:
-        stored = snap.orders.get(o.order_id)
+        stored = f.snap.orders.get(o.order_id)
         if stored is None or stored["user_id"] != o.user:
             problems.append(f"order {o.order_id}: user {o.user!r} stored as {stored and stored['user_id']!r}")
     for table in ("orders", "order_items", "order_transitions", "payments", "inbox", "outbox"):
-        if table not in snap.tables:
+        if table not in f.snap.tables:
             problems.append(f"table {table} is gone")
-    checks.append(
-        _check(
-            "hostile strings stored verbatim, tables intact",
-            problems,
-            f"{len(hostile)} orders with SQL/script-like user ids kept them as data",
-        )
+    return _check(
+        "hostile strings stored verbatim, tables intact",
+        problems,
+        f"{len(hostile)} orders with SQL/script-like user ids kept them as data",
     )
 
-    # 12. read model agrees with PostgreSQL
+
+def check_read_model(f: Facts) -> Check:
+    """The Redis read model agrees with PostgreSQL."""
+    snap = f.snap
     problems = [
         f"order {oid}: cached {status}, PostgreSQL {snap.orders[oid]['status']}"
         for oid, status in snap.read_model.items()
@@ -338,17 +391,20 @@ def run_checks(
     ]
     if not snap.read_model:  # Redis came back empty and load followed: changed orders must have views again
         problems.append("no order views cached at the end: nothing was written through after Redis came back")
-    checks.append(
-        _check("Redis read model agrees with PostgreSQL", problems, f"{len(snap.read_model)} cached views, all current")
+    return _check(
+        "Redis read model agrees with PostgreSQL", problems, f"{len(snap.read_model)} cached views, all current"
     )
 
-    # 13. processes: alive, restarted by the supervisor / the script only
+
+def check_processes(f: Facts) -> Check:
+    """Processes alive, restarted by the supervisor (worker processes) or the script (relays) only."""
+    stack, injector = f.stack, f.injector
     problems = []
     pool = stack.pool
     assert pool is not None
     if not pool.alive() or pool.starts != 1:
         problems.append("the worker pool supervisor died (it is never restarted by the script)")
-    kids = pool.children() if pool.alive() else []
+    kids = pool.children(POOL_CHILDREN) if pool.alive() else []
     if len(kids) != stack.cfg.processes:
         problems.append(f"{len(kids)} worker processes alive, expected {stack.cfg.processes}")
     restarts = [e for e in pool.log_events() if e.get("event") == "worker process died; restarting"]
@@ -364,24 +420,58 @@ def run_checks(
             problems.append(f"{relay.name} was started {relay.starts} times")
     if stack.shim is None or not stack.shim.alive():
         problems.append("the shim died")
-    checks.append(
-        _check(
-            "no process restarted by hand",
-            problems,
-            f"pool and {len(stack.relays)} relays alive; {len(restarts)} worker restarts by the "
-            f"supervisor = {len(killed)} kills; relays restarted only after the script's kills",
-        )
+    return _check(
+        "no process restarted by hand",
+        problems,
+        f"pool and {len(stack.relays)} relays alive; {len(restarts)} worker restarts by the "
+        f"supervisor = {len(killed)} kills; relays restarted only after the script's kills",
     )
 
-    # 14. the driver: every command eventually accepted
-    checks.append(
-        _check(
-            "every command eventually accepted by the service",
-            list(ledger.gave_up),
-            f"{sum(ledger.sent.values())} sends, none given up",
-        )
+
+def check_driver_gave_up_nothing(f: Facts) -> Check:
+    """The driver: every command eventually accepted."""
+    return _check(
+        "every command eventually accepted by the service",
+        list(f.ledger.gave_up),
+        f"{sum(f.ledger.sent.values())} sends, none given up",
     )
-    return checks
+
+
+#: the checks, in the order they are reported
+CHECKS: tuple[Callable[[Facts], Check], ...] = (
+    check_orders_exist_once,
+    check_commands_applied,
+    check_transitions_once,
+    check_audit,
+    check_final_states,
+    check_event_bodies,
+    check_inventory_events,
+    check_order_events,
+    check_event_order,
+    check_no_double_charge,
+    check_refunds,
+    check_money_held,
+    check_malformed_dead_lettered,
+    check_no_valid_command_dead_lettered,
+    check_hostile_strings,
+    check_read_model,
+    check_processes,
+    check_driver_gave_up_nothing,
+)
+
+
+def run_checks(
+    snap: Snapshot,
+    plan: list[PlannedOrder],
+    malformed: list[Malformed],
+    ledger: Ledger,
+    stack: Stack,
+    injector: Injector,
+    outcomes: dict[str, Any],
+) -> list[Check]:
+    """Each of :data:`CHECKS` on the end state, in order."""
+    facts = Facts(snap, plan, malformed, ledger, stack, injector, outcomes)
+    return [check(facts) for check in CHECKS]
 
 
 @dataclass(frozen=True)

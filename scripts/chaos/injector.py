@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from .config import ChaosConfig, say
-from .processes import process_age
+from .processes import POOL_CHILDREN, process_age
 from .stack import Stack
 
 #: the supervisor counts a child dying sooner than this after its start as a crash loop
@@ -89,7 +89,7 @@ class Injector:
         assert pool is not None
         deadline = time.monotonic() + 30
         while True:
-            kids = [p for p in pool.children() if process_age(p) >= MIN_CHILD_AGE]
+            kids = [p for p in pool.children(POOL_CHILDREN) if process_age(p) >= MIN_CHILD_AGE]
             if kids:
                 break
             if time.monotonic() > deadline:

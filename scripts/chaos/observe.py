@@ -17,20 +17,21 @@ import psycopg2
 import redis
 
 from schema.topology import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
+from scripts import harness
 
 from .config import CAPTURE_QUEUE, ChaosError
 from .driver import Buyer, Ledger
-from .processes import run_command
 from .stack import Stack
 
 
 def queue_depths(stack: Stack) -> dict[str, int]:
     """Messages per queue of the run's vhost, ready and unacknowledged (rabbitmqctl)."""
-    done = run_command(
-        ["rabbitmqctl", "list_queues", "-p", stack.cfg.vhost, "name", "messages", "--quiet", "--no-table-headers"],
-        timeout=60,
-        check=False,
-    )
+    try:
+        done = harness.rabbitmqctl(
+            "list_queues", "-p", stack.cfg.vhost, "name", "messages", "--quiet", "--no-table-headers"
+        )
+    except harness.HarnessError as exc:
+        raise ChaosError(str(exc)) from None
     if done.returncode != 0:
         raise ChaosError(f"rabbitmqctl list_queues failed: {done.stderr.strip()[-300:]}")
     out = {}
@@ -168,7 +169,7 @@ def capture_events(url: str) -> list[dict[str, Any]]:
     """Everything on the capture queue, in arrival order (consumed: the run is over)."""
     conn = pika.BlockingConnection(pika.URLParameters(url))
     ch = conn.channel()
-    expected = ch.queue_declare(CAPTURE_QUEUE, passive=True).method.message_count
+    expected = harness.queue_depth(ch, CAPTURE_QUEUE)
     ch.basic_qos(prefetch_count=2000)
     events: list[dict[str, Any]] = []
     last = [0]
@@ -210,7 +211,7 @@ def read_dead_letters(url: str) -> list[dict[str, Any]]:
     """The dead-letter queue's messages, left in place (not acknowledged)."""
     conn = pika.BlockingConnection(pika.URLParameters(url))
     ch = conn.channel()
-    expected = ch.queue_declare(DEAD_LETTER_QUEUE, passive=True).method.message_count
+    expected = harness.queue_depth(ch, DEAD_LETTER_QUEUE)
     ch.basic_qos(prefetch_count=min(65535, expected + 100))
     found: list[dict[str, Any]] = []
 

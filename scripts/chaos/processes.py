@@ -1,10 +1,11 @@
 """The processes a run starts and the dependencies it takes away.
 
-:class:`Proc` is one service process (own session, JSON log); :class:`ProxyProcess`
-the loopback TCP proxies to PostgreSQL and RabbitMQ, in a child process
-(``python -m scripts.chaos _proxy``, served by :func:`proxy_main`);
-:class:`PrivateRedis` a redis-server of the run's own; :class:`RealServices` the
-machine's servers, for ``--real-restarts``.
+:class:`~scripts.harness.Proc` (the harness's) is one service process (own session,
+JSON log); :class:`ProxyProcess` the loopback TCP proxies to PostgreSQL and RabbitMQ,
+in a child process (``python -m scripts.chaos _proxy``, served by :func:`proxy_main`);
+:func:`private_redis` a redis-server of the run's own (the harness's
+:class:`~scripts.harness.RedisServer`); :class:`RealServices` the machine's servers,
+for ``--real-restarts``.
 """
 
 from __future__ import annotations
@@ -12,19 +13,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Any
 
-import redis
+from scripts.harness import HarnessError, Proc, RedisServer
+from scripts.tcp_proxy import TcpProxy
 
-from scripts.tcp_proxy import TcpProxy, free_port
-
-from .config import ROOT, ChaosError, say
+from .config import ROOT, ChaosError
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -41,84 +38,8 @@ def process_age(pid: int) -> float:
         return float("inf")
 
 
-class Proc:
-    """A process the run started (own session, so the whole group can be killed)."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.argv, self.env, self.log = name, argv, env, log
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self.offset = 0
-        self.start()
-
-    def start(self) -> None:
-        self.offset = self.log.stat().st_size if self.log.exists() else 0
-        self.popen = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.starts += 1
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True, check=False).stdout
-        kids = []
-        for p in out.split():
-            try:
-                cmdline = Path(f"/proc/{p}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"worker [" in cmdline or b"orders" in cmdline:
-                kids.append(int(p))
-        return kids
-
-    def kill(self) -> None:
-        """SIGKILL (the injection): the process dies at whatever instruction it was."""
-        if self.alive():
-            os.kill(self.pid, signal.SIGKILL)
-            assert self.popen is not None
-            self.popen.wait(10)
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.popen is None:
-            return
-        if self.popen.poll() is None:
-            try:
-                self.popen.send_signal(signal.SIGTERM)
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                say(f"{self.name} did not stop within {timeout:.0f}s: killing it")
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # no orphans (pool children included)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(5)
-
-    def log_events(self, current_only: bool = False) -> list[dict[str, Any]]:
-        """The JSON log lines (of the running incarnation only, with ``current_only``)."""
-        events: list[dict[str, Any]] = []
-        try:
-            with self.log.open("rb") as f:
-                if current_only:
-                    f.seek(self.offset)
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return events
-        for line in text.splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    events.append(json.loads(line))
-        return events
+#: a worker pool's children (their process titles), as :meth:`Proc.children` is asked for them
+POOL_CHILDREN = (b"worker [", b"orders")
 
 
 class ProxyProcess:
@@ -131,16 +52,9 @@ class ProxyProcess:
 
     def __init__(self, targets: dict[str, int], log: Path) -> None:
         argv = [sys.executable, "-m", "scripts.chaos", "_proxy", *(f"{k}={v}" for k, v in targets.items())]
-        self.popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log.open("ab"),
-            text=True,
-            start_new_session=True,
-            cwd=ROOT,
-        )
-        assert self.popen.stdout is not None
+        self.proc = Proc("tcp proxy", argv, None, log, pipes=True, cwd=ROOT)
+        self.popen = self.proc.popen
+        assert self.popen is not None and self.popen.stdout is not None
         line = self.popen.stdout.readline()
         if not line:
             raise ChaosError(f"the TCP proxy process did not start (see {log})")
@@ -162,14 +76,14 @@ class ProxyProcess:
         self._command(f"up {name}")
 
     def stop(self) -> None:
+        """Close its stdin (the proxies go down with the process), then make sure it is gone."""
+        assert self.popen is not None
         with contextlib.suppress(OSError, ValueError):
             assert self.popen.stdin is not None
             self.popen.stdin.close()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
+        self.proc.stop(5)
 
 
 def proxy_main(specs: list[str]) -> int:
@@ -191,37 +105,12 @@ def proxy_main(specs: list[str]) -> int:
     return 0
 
 
-class PrivateRedis:
+def private_redis(log: Path) -> RedisServer:
     """A redis-server of the run's own, on a free port, that can be stopped and started again."""
-
-    def __init__(self, log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.popen = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise ChaosError("private redis-server did not start") from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
+    try:
+        return RedisServer(log)
+    except HarnessError as exc:
+        raise ChaosError(str(exc)) from None
 
 
 def run_command(argv: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,9 +20,10 @@ import httpx
 import pika
 
 from schema.topology import EVENTS_EXCHANGE, INVENTORY_EXCHANGE
+from scripts import harness
 from scripts.fakes import paypal_certs
+from scripts.harness import ORDERS_CLI, HarnessError, Proc, RedisServer
 from scripts.tcp_proxy import free_port
-from worker import db
 from worker.settings import load_settings
 
 from .config import (
@@ -34,10 +34,10 @@ from .config import (
     ROOT,
     ChaosConfig,
     ChaosError,
+    say,
 )
-from .processes import PrivateRedis, Proc, ProxyProcess, RealServices, run_command
+from .processes import POOL_CHILDREN, ProxyProcess, RealServices, private_redis
 
-ORDERS_CLI = str(Path(sys.executable).parent / "orders")
 FAKES = ROOT / "scripts" / "fakes"
 #: payment-provider client timeout; injected delays are longer, so they time out
 CLIENT_TIMEOUT = 2.0
@@ -53,7 +53,7 @@ class Stack:
         self.fakes: dict[str, Proc] = {}
         self.fake_urls: dict[str, str] = {}
         self.proxy: ProxyProcess | None = None
-        self.redis: PrivateRedis | None = None
+        self.redis: RedisServer | None = None
         self.real = RealServices() if cfg.real_restarts else None
         self.outage: str | None = None  # the dependency currently away (restored on exit)
         base = load_settings(
@@ -151,7 +151,7 @@ class Stack:
         if self.cfg.real_restarts:
             self.redis_port = 6379
         else:
-            self.redis = PrivateRedis(self.tmp / "redis.log")
+            self.redis = private_redis(self.tmp / "redis.log")
             self.redis_port = self.redis.port
             self.proxy = ProxyProcess({"postgres": self.pg_port, "rabbitmq": self.amqp_port}, self.tmp / "proxy.log")
         self._database()
@@ -160,20 +160,19 @@ class Stack:
         self._capture_queue()
 
     def _vhost(self) -> None:
-        if shutil.which("rabbitmqctl") is None:
+        if not harness.have_rabbitmqctl():
             raise ChaosError("rabbitmqctl is needed to create the run's own vhost")
-        run_command(["rabbitmqctl", "delete_vhost", self.cfg.vhost], check=False)  # a clean slate
-        run_command(["rabbitmqctl", "add_vhost", self.cfg.vhost])
-        run_command(
-            ["rabbitmqctl", "set_permissions", "-p", self.cfg.vhost, self.amqp_auth.split(":")[0], ".*", ".*", ".*"]
-        )
+        try:  # a clean slate
+            harness.create_vhost(self.cfg.vhost, self.amqp_auth.split(":")[0], fresh=True)
+        except HarnessError as exc:
+            raise ChaosError(str(exc)) from None
 
     def _database(self) -> None:
         self._drop_database()
         self.cli("migrate")
 
     def _drop_database(self) -> None:
-        db.drop_database(self.settings(direct=True).database)
+        harness.drop_database(self.settings(direct=True).database)
 
     def _fakes(self) -> None:
         self.paypal_pki.write_ca(self.paypal_ca_file)
@@ -191,6 +190,7 @@ class Stack:
                 [sys.executable, str(FAKES / module), "--port", str(port), *https[name]],
                 dict(os.environ),
                 self.tmp / f"fake-{name}.log",
+                say=say,
             )
             self.fakes[name] = proc
             url = f"http://127.0.0.1:{port}"
@@ -242,23 +242,29 @@ class Stack:
     def start_service(self) -> None:
         env = self.env()
         self.pool = Proc(
-            "worker pool", [ORDERS_CLI, "worker", "--processes", str(self.cfg.processes)], env, self.tmp / "worker.log"
+            "worker pool",
+            [ORDERS_CLI, "worker", "--processes", str(self.cfg.processes)],
+            env,
+            self.tmp / "worker.log",
+            say=say,
         )
         self.procs.append(self.pool)
         for name in ("relay-a", "relay-b"):
-            relay = Proc(name, [ORDERS_CLI, "relay"], env, self.tmp / f"{name}.log")
+            relay = Proc(name, [ORDERS_CLI, "relay"], env, self.tmp / f"{name}.log", say=say)
             self.relays.append(relay)
             self.procs.append(relay)
             time.sleep(1.0)  # relay-a becomes the active one
         self.shim_port = free_port()
-        self.shim = Proc("shim", [ORDERS_CLI, "shim", "--port", str(self.shim_port)], env, self.tmp / "shim.log")
+        self.shim = Proc(
+            "shim", [ORDERS_CLI, "shim", "--port", str(self.shim_port)], env, self.tmp / "shim.log", say=say
+        )
         self.procs.append(self.shim)
         deadline = time.monotonic() + 60
         while True:
             try:
                 if (
                     httpx.get(self.shim_url + "/readyz", timeout=2).status_code == 200
-                    and len(self.pool.children()) == self.cfg.processes
+                    and len(self.pool.children(POOL_CHILDREN)) == self.cfg.processes
                 ):
                     break
             except httpx.HTTPError:
@@ -326,7 +332,7 @@ class Stack:
 
     def stop(self) -> None:
         for p in reversed(self.procs):
-            p.stop()
+            p.stop(20)
         self.restore()
         for p in self.fakes.values():
             p.stop(5)
@@ -339,4 +345,4 @@ class Stack:
         with contextlib.suppress(Exception):
             self._drop_database()
         with contextlib.suppress(Exception):
-            run_command(["rabbitmqctl", "delete_vhost", self.cfg.vhost], check=False)
+            harness.delete_vhost(self.cfg.vhost)

@@ -70,7 +70,9 @@ def world(pool: Any, own_fakes: dict[str, Any], engine: Any, bus: Any, env: dict
     for server in own_fakes.values():
         httpx.post(server.url + "/_fake/reset").raise_for_status()
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE orders, order_items, order_transitions, order_history, payments, inbox, outbox, products"))
+        conn.execute(
+            text("TRUNCATE orders, order_items, order_transitions, order_history, payments, inbox, outbox, products")
+        )
     catalogue.upsert(
         engine,
         [

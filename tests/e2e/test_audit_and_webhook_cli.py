@@ -12,7 +12,7 @@ import stripe
 from sqlalchemy import text
 
 ORDERS = str(Path(sys.executable).parent / "orders")
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 
 
 def orders_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

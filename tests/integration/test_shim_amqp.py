@@ -15,6 +15,7 @@ import pika
 import pytest
 
 from schema.topology import COMMANDS_EXCHANGE
+from scripts import harness
 from worker.errors import ConnectionLost, PublishNotConfirmed
 from worker.rabbit.connection import Outgoing
 from worker.shim.amqp import AsyncChannel
@@ -109,8 +110,9 @@ def test_a_request_gets_its_own_reply_through_direct_reply_to(settings, bus):
 
 
 def test_a_cut_connection_fails_at_once_and_the_next_publish_reconnects(settings, bus, tcp_proxy):
-    proxy = tcp_proxy(5672)
-    url = settings.rabbitmq.url.get_secret_value().replace(":5672/", f":{proxy.port}/")
+    broker = settings.rabbitmq.url.get_secret_value()
+    proxy = tcp_proxy(harness.amqp_port(broker))
+    url = harness.with_amqp_port(broker, proxy.port)
     channel = AsyncChannel(url, 30)
 
     async def run() -> tuple[BaseException | None, float]:

@@ -15,6 +15,7 @@ import jwt
 import pytest
 from sqlalchemy import text
 
+from scripts import harness
 from scripts.tcp_proxy import free_port
 from tests.support import private_vhost
 
@@ -103,14 +104,13 @@ def _orders(engine: Any, ids: list[str]) -> int:
 
 
 def test_reads_still_answer_when_redis_stops_mid_test(worker, start_shim, private_redis, clean_db, wait):
-    port, redis_proc = private_redis
+    port = private_redis.port
     shim = start_shim(ORDERS_REDIS__PORT=str(port))
     order_id = shim.place("erin").json()["order_id"]
     wait(lambda: shim.get(order_id, "erin").status_code == 200, what="order visible")
     keyed = shim.place("erin", key="redis-outage-1").json()["order_id"]
 
-    redis_proc.kill()
-    redis_proc.wait()
+    private_redis.stop()
     started = time.monotonic()
     r = shim.get(order_id, "erin")
     assert r.status_code == 200 and r.json()["order_id"] == order_id  # from PostgreSQL
@@ -131,8 +131,8 @@ def test_reads_still_answer_when_redis_stops_mid_test(worker, start_shim, privat
 def test_rabbitmq_unreachable_answers_503_with_retry_after_and_loses_nothing(
     worker, start_shim, amqp_url, clean_db, tcp_proxy, wait
 ):
-    proxy = tcp_proxy(5672)
-    url = amqp_url.replace(":5672/", f":{proxy.port}/")
+    proxy = tcp_proxy(harness.amqp_port(amqp_url))
+    url = harness.with_amqp_port(amqp_url, proxy.port)
     shim = start_shim(ORDERS_RABBITMQ__URL=url, ORDERS_SHIM__PUBLISH_TIMEOUT_SECONDS="1")
     assert shim.place("frank").status_code == 202
 
@@ -163,7 +163,7 @@ def test_rabbitmq_unreachable_answers_503_with_retry_after_and_loses_nothing(
 
 
 def test_rate_limits_hold_exactly_under_concurrent_requests(worker, start_shim, private_redis, clean_db, wait):
-    port, _ = private_redis
+    port = private_redis.port
     shim = start_shim(
         ORDERS_REDIS__PORT=str(port),
         ORDERS_SHIM__PLACE_RATE_PER_MINUTE="7",

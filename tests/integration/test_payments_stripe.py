@@ -1,4 +1,5 @@
-"""StripeGateway with the real ``stripe`` SDK against the fake Stripe over HTTP."""
+"""StripeGateway with the real ``stripe`` SDK against the fake Stripe over HTTP (what it does
+as PayPal's does: ``test_payments_providers.py``)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ from typing import Any
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
 from handlers.payments import PaymentAlreadyCaptured  # noqa: E402
 from handlers.payments.base import (  # noqa: E402
-    OutcomeUnknown,
     PaymentFacts,
     PaymentOutcome,
     PaymentRequest,
@@ -128,60 +128,10 @@ def test_processing(fake: Any, make_gateway: Callable[..., StripeGateway]) -> No
     assert make_gateway().start(request(pm="pm_fake_processing")).outcome is PaymentOutcome.PROCESSING
 
 
-def test_same_key_twice_is_one_charge(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
-    gateway = make_gateway()
-    first = gateway.start(request())
-    second = gateway.start(request())
-    assert second.provider_payment_id == first.provider_payment_id
-    assert charges(fake, "order-1")["charges"] == 1
-    assert [e["replayed"] for e in log(fake)] == [False, True]
-
-
-def test_same_key_other_amount_is_permanent(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
-    gateway = make_gateway()
-    gateway.start(request())
-    with pytest.raises(PermanentPaymentError, match="IdempotencyError"):
-        gateway.start(request(amount=2000))
-    assert charges(fake, "order-1")["charges"] == 1
-
-
-def test_503_twice_then_success_through_sdk_retries(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
-    inject(fake, count=2, status=503)
-    result = make_gateway(max_network_retries=2).start(request())
-    assert result.outcome is PaymentOutcome.SUCCEEDED
-    assert charges(fake, "order-1")["charges"] == 1
-    assert httpx.get(fake.url + "/_fake/faults").json()["faults"] == []  # both faults were hit
-
-
-def test_5xx_without_retries_left_is_transient_not_unknown(
-    fake: Any, make_gateway: Callable[..., StripeGateway]
-) -> None:
-    inject(fake, count=1, status=503)
-    with pytest.raises(TransientPaymentError) as info:
-        make_gateway(max_network_retries=0).start(request())
-    assert not isinstance(info.value, OutcomeUnknown)
-    assert charges(fake, "order-1")["charges"] == 0
-
-
 def test_429_is_transient(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
     inject(fake, count=1, status=429)
     with pytest.raises(TransientPaymentError):
         make_gateway(max_network_retries=0).start(request())
-
-
-def test_timeout_is_outcome_unknown_and_same_key_settles_it(
-    fake: Any, make_gateway: Callable[..., StripeGateway]
-) -> None:
-    # The fake charges, then answers too late: the charge happened, the answer is lost.
-    inject(fake, count=1, delay=1.5, after_work=True)
-    gateway = make_gateway(max_network_retries=0, timeout_seconds=0.5)
-    with pytest.raises(OutcomeUnknown):
-        gateway.start(request())
-    assert charges(fake, "order-1")["charges"] == 1
-    again = gateway.start(request())
-    assert again.outcome is PaymentOutcome.SUCCEEDED
-    assert charges(fake, "order-1")["charges"] == 1
-    assert log(fake)[-1]["replayed"] is True
 
 
 def test_dropped_answer_is_retried_by_sdk_with_same_key(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
@@ -206,12 +156,6 @@ def test_random_failures_never_charge_twice(fake: Any, make_gateway: Callable[..
     orders = httpx.get(fake.url + "/_fake/charges").json()["orders"]
     assert {o: c["charges"] for o, c in orders.items()} == {f"o{n}": 1 for n in range(12)}
     assert any(e["replayed"] for e in log(fake))  # some answers really were lost
-
-
-def test_bad_api_key_is_permanent_and_not_leaked(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
-    with pytest.raises(PermanentPaymentError) as info:
-        make_gateway(api_key="sk_test_wrong_secret_value").start(request())
-    assert "wrong_secret" not in str(info.value)
 
 
 def test_invalid_request_is_permanent(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
@@ -275,10 +219,6 @@ def test_lookup_of_a_declined_or_unfinished_intent_says_not_taken(
         1099,
         "EUR",
     )
-
-
-def test_lookup_of_an_unknown_intent_is_not_found(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:
-    assert make_gateway().lookup("pi_unknown") == PaymentFacts.not_found("pi_unknown")
 
 
 def test_lookup_errors_map_like_the_other_calls(fake: Any, make_gateway: Callable[..., StripeGateway]) -> None:

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the package lives in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
-from scripts import chaos  # noqa: E402 - after the path is set
+from scripts import chaos, harness  # noqa: E402 - after the path is set
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("rabbitmqctl") is None or shutil.which("redis-server") is None,
+    not harness.have_rabbitmqctl() or shutil.which("redis-server") is None,
     reason="needs rabbitmqctl (own vhost) and redis-server (private Redis)",
 )
 

@@ -122,14 +122,14 @@ CLAIMED = ["203.0.113.7", "198.51.100.23", "192.0.2.200"]
 
 
 def test_without_trusted_proxies_x_forwarded_for_does_not_choose_the_address_bucket(start_shim, private_redis):
-    port, _ = private_redis
+    port = private_redis.port
     shim = start_shim(ORDERS_REDIS__PORT=str(port), ORDERS_SHIM__READ_RATE_PER_MINUTE_PER_ADDRESS="2")
     assert _reads_from(shim, CLAIMED) == [404, 404, 429]  # one bucket: the peer's
     assert _address_buckets(port) == {"127.0.0.1"}
 
 
 def test_a_trusted_proxy_names_the_client_address_in_x_forwarded_for(start_shim, private_redis):
-    port, _ = private_redis
+    port = private_redis.port
     shim = start_shim(
         ORDERS_REDIS__PORT=str(port),
         ORDERS_SHIM__READ_RATE_PER_MINUTE_PER_ADDRESS="2",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,8 @@ from typing import Any
 import pika
 import pytest
 from sqlalchemy import text
+
+from scripts.harness import Proc
 
 ORDERS = str(Path(sys.executable).parent / "orders")
 DLQ = "orders.dead-letter"
@@ -376,7 +376,7 @@ def test_broker_dead_lettered_messages_are_explained_from_x_death() -> None:
 
 @pytest.mark.timeout(600)
 def test_replay_of_5000_killed_halfway_loses_nothing_and_applies_each_once(
-    worker, bus, clean_db, wait, make_place, test_env
+    worker, bus, clean_db, wait, make_place, test_env, tmp_path
 ):
     total = 5000
     ids = [f"bulk-{i:05d}" for i in range(total)]
@@ -388,16 +388,9 @@ def test_replay_of_5000_killed_halfway_loses_nothing_and_applies_each_once(
     def applied() -> int:
         return scalar(clean_db, "SELECT count(*) FROM orders")
 
-    run = subprocess.Popen(
-        [ORDERS, "dlq", "replay", "--all", "--rate", "1000"],
-        env=test_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    run = Proc.orders(["dlq", "replay", "--all", "--rate", "1000"], test_env, tmp_path / "replay.log")
     wait(lambda: applied() >= total * 0.3, timeout=60, interval=0.02, what="a third replayed")
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    run.kill_group()
 
     def settled() -> bool:  # the broker has the killed run's messages back; the worker drained the rest
         before = applied()

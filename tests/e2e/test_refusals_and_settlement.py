@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import stripe
 
-from tests.test_payment_flow import COMMANDS_ONLY, Payments, pay  # noqa: F401 - the pay fixture
+from tests.e2e.test_payment_flow import COMMANDS_ONLY, Payments, pay  # noqa: F401 - the pay fixture
 
 
 def refusals(p: Payments) -> list[dict[str, Any]]:

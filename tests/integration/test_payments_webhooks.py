@@ -16,7 +16,7 @@ import httpx
 import pytest
 import stripe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
@@ -28,7 +28,7 @@ from handlers.payments.webhooks import confirmation_message_id, parse_webhook, t
 from scripts.fakes import fake_paypal, paypal_certs  # noqa: E402
 from scripts.fakes.common import tls_context  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 STRIPE_SECRET = "whsec_test_secret"
 VECTOR = json.loads((FIXTURES / "paypal" / "webhook-signed-vector.json").read_text())
 CERT_NAME = VECTOR["cert_url"].rsplit("/", 1)[-1]

@@ -7,6 +7,8 @@ import uuid
 
 from sqlalchemy import text
 
+from scripts import harness
+
 
 def count(engine, sql: str) -> int:
     with engine.connect() as conn:
@@ -47,8 +49,8 @@ def test_database_outage_holds_work_and_loses_nothing(service, bus, clean_db, se
 def test_broker_connection_cut_mid_stream_reconnects_and_loses_nothing(
     service, bus, clean_db, settings, wait, make_place, tcp_proxy, test_env, commands_only
 ):
-    mq = tcp_proxy(5672)
-    url = test_env["ORDERS_RABBITMQ__URL"].replace(":5672/", f":{mq.port}/")
+    mq = tcp_proxy(harness.amqp_port(test_env["ORDERS_RABBITMQ__URL"]))
+    url = harness.with_amqp_port(test_env["ORDERS_RABBITMQ__URL"], mq.port)
     pool = service("worker", "--processes", "2", *commands_only, ORDERS_RABBITMQ__URL=url)
     service("relay")
     wait(lambda: pool.log.read_text().count('"consuming"') == 2, what="both processes consuming")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from tests.test_shim import Stack, stack  # noqa: F401 - the module-scoped stack fixture
+from tests.e2e.test_shim import Stack, stack  # noqa: F401 - the module-scoped stack fixture
 
 PAYPAL = {"provider": "paypal", "return_url": "https://shop.example/ok\u0000x", "cancel_url": "https://shop.example/no"}
 

@@ -5,10 +5,8 @@ and the Stripe fake behind the real SDK."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -28,11 +26,12 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from sqlalchemy import text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
 from scripts.fakes import fake_stripe  # noqa: E402 - after the path is set
+from scripts.harness import Proc  # noqa: E402 - after the path is set
 from scripts.tcp_proxy import free_port  # noqa: E402 - after the path is set
 from tests.support import private_vhost, wait_until  # noqa: E402 - after the path is set
 from worker.shim.idempotency import KEY_PATTERN  # noqa: E402 - after the path is set
@@ -50,27 +49,19 @@ class Stack:
 
     def __init__(self, env: dict[str, str], logs: Path, settings: Any, engine: Any) -> None:
         self.env, self.logs, self.settings, self.engine = env, logs, settings, engine
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[Proc] = []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.secret = JWT_SECRET
 
     def start(self, *args: str) -> None:
-        log = (self.logs / f"{args[0]}-{len(self.procs)}.log").open("ab")
-        self.procs.append(
-            subprocess.Popen(
-                [ORDERS, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
+        self.procs.append(Proc.orders(args, self.env, self.logs / f"{args[0]}-{len(self.procs)}.log"))
 
     def stop(self) -> None:
         for p in self.procs:
-            p.send_signal(signal.SIGTERM)
+            p.signal(signal.SIGTERM)
         for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+            p.stop(20)
 
     def token(
         self, user: str = "alice", roles: tuple[str, ...] = ("user",), ttl: int = 600, secret: str | None = None

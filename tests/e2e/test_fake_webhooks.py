@@ -130,7 +130,9 @@ def stack(
     )
     paypal_fake.app.tls_url = paypal_tls.url
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE orders, order_items, order_transitions, order_history, payments, inbox, outbox, products"))
+        conn.execute(
+            text("TRUNCATE orders, order_items, order_transitions, order_history, payments, inbox, outbox, products")
+        )
     catalogue.upsert(engine, [catalogue.ProductRow(product_id="sku-apple", name="Apple", price=150, currency="USD")])
     env = {
         **test_env,

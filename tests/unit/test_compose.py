@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 #: shared/ lies beside the repository, in a work tree and in CI's fresh clone.
 COMPOSE_SPEC = REPO.parent / "shared" / "specs" / "compose-spec.json"
 PROCFILES = ("Procfile", "Procfile.local")

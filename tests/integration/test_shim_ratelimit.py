@@ -4,8 +4,8 @@ The shim app runs in-process (Starlette's TestClient) against the real Redis
 behind the cuttable TCP proxy, real RabbitMQ (a vhost of this module's own)
 and PostgreSQL.  In-process, the test holds what would otherwise race: the
 fallback limiter's clock, and the Redis pool's only connection (an overload
-made on purpose), so every count below is exact.  One test runs the real
-``orders shim --workers 2`` to show the process count reaches each worker.
+made on purpose), so every count below is exact.  The real ``orders shim --workers 2``
+is in ``tests/e2e/test_shim_ratelimit_workers.py``.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
-from scripts.tcp_proxy import free_port
 from tests.support import private_vhost
 
 JWT_SECRET = "shim-ratelimit-tests-jwt-secret-of-32-bytes"
@@ -166,44 +164,3 @@ def test_an_exhausted_redis_pool_sheds_with_503_while_limits_stay_on_for_others(
     assert shim.get("/readyz").json()["rate_limits"]["mode"] == "redis"
     assert _metric(shim, 'orders_shim_shed_total{reason="redis_pool"}') == 20
     assert _metric(shim, "orders_shim_ratelimit_unavailable_total") == 0
-
-
-def test_each_shim_worker_process_enforces_its_share_while_redis_is_unreachable(
-    service, amqp_url, tcp_proxy, settings, wait
-):
-    proxy = tcp_proxy(settings.redis.port)
-    proxy.down()  # Redis unreachable from the start
-    port = free_port()
-    service(
-        "shim",
-        "--port",
-        str(port),
-        "--workers",
-        "2",
-        ORDERS_RABBITMQ__URL=amqp_url,
-        ORDERS_REDIS__PORT=str(proxy.port),
-        ORDERS_SHIM__JWT_SECRET=JWT_SECRET,
-        ORDERS_SHIM__PLACE_RATE_PER_MINUTE="8",
-        ORDERS_SHIM__PLACE_RATE_PER_MINUTE_PER_ADDRESS=HIGH,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait(lambda: _ready(url), timeout=60, what="shim ready")
-    ready = httpx.get(url + "/readyz", timeout=10).json()
-    assert ready["rate_limits"] == {"mode": "local", "share_of": 2}  # --workers 2 reached the worker
-
-    user, started = _user("judy"), time.monotonic()
-    with httpx.Client(base_url=url, headers=_auth(user), timeout=10) as client:
-        codes = [client.post("/orders", json=BODY) for _ in range(200)]
-    elapsed = time.monotonic() - started
-    accepted = sum(r.status_code == 202 for r in codes)
-    # each process: its 4 at once, plus what its bucket refilled meanwhile (4 a minute)
-    assert 4 <= accepted <= 2 * int(4 + elapsed * 4 / 60)
-    assert {r.status_code for r in codes} == {202, 429}
-    assert {r.headers["RateLimit-Limit"] for r in codes} == {"4"}
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -18,12 +18,13 @@ import pytest
 import stripe
 from sqlalchemy import text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
 from handlers.payments.paypal_gateway import translate_event as paypal_event  # noqa: E402
 from handlers.payments.webhooks import parse_webhook, to_command  # noqa: E402
+from tests.servers import Provider  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 COMMANDS_ONLY = ["--queue", "orders.place", "--queue", "orders.cancel", "--queue", "orders.payment-confirmed"]
@@ -79,15 +80,7 @@ class Payments:
 
     def place(self, provider: str = "stripe", method: str = "pm_card_visa") -> str:
         order_id = str(uuid.uuid4())
-        payment = (
-            {"provider": "stripe", "payment_method": method}
-            if provider == "stripe"
-            else {
-                "provider": "paypal",
-                "return_url": "https://shop.example/ok",
-                "cancel_url": "https://shop.example/no",
-            }
-        )
+        payment = Provider(provider, self.fakes[provider]).payment(method)
         self.bus.publish(
             "PlaceOrder",
             {
@@ -107,9 +100,21 @@ class Payments:
         self.publish_command(command)
         return command
 
-    def paypal_approved(self, order_id: str, paypal_order_id: str, webhook_id: str) -> Any:
-        """The buyer approves at PayPal: the fake records it; the CapturePayment its webhook becomes."""
-        httpx.post(f"{self.fakes['paypal'].url}/_fake/approve/{paypal_order_id}").raise_for_status()
+    def webhook_after_payment(self, provider: str, order_id: str, payment_id: str) -> None:
+        """The provider's webhook once the buyer has paid: Stripe's payment_intent.succeeded (through the
+        real verification), PayPal's CHECKOUT.ORDER.APPROVED as the CapturePayment it becomes, delivered twice."""
+        if provider == "stripe":
+            self.stripe_webhook(payment_id)
+            return
+        command = self.paypal_approved(order_id, payment_id, "WH-APPROVED-1", approve=False)
+        assert command.message_type == "CapturePayment"
+        for _ in range(2):
+            self.publish_command(command)
+
+    def paypal_approved(self, order_id: str, paypal_order_id: str, webhook_id: str, approve: bool = True) -> Any:
+        """The buyer approves at PayPal (``approve``: the fake records it); the CapturePayment its webhook becomes."""
+        if approve:
+            httpx.post(f"{self.fakes['paypal'].url}/_fake/approve/{paypal_order_id}").raise_for_status()
         approved = {
             "id": webhook_id,
             "event_type": "CHECKOUT.ORDER.APPROVED",
@@ -211,17 +216,21 @@ def test_a_refund_of_a_completed_order_leaves_it_refunded_and_announced(pay, wai
     assert refunded[0]["body"]["status"] == "refunded"
 
 
-def test_stripe_requires_action_then_the_webhook_completes_the_order(pay, wait):
+def test_an_order_waiting_for_the_buyer_completes_once_they_paid_and_takes_the_money_once(pay, provider, wait):
+    """Stripe: 3-D Secure, then the webhook; PayPal: the buyer approves, and the webhook's CapturePayment
+    (delivered twice) captures."""
     pay.start()
-    order_id = pay.place(method="pm_card_threeDSecure2Required")
+    order_id = pay.place(provider=provider.name, method="pm_card_threeDSecure2Required")
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "awaiting_payment")
     o = pay.order(order_id)
-    assert o.next_action["client_secret"].startswith(o.provider_payment_id)
+    assert o.provider_payment_id in json.dumps(o.next_action)  # the client secret / the approve link
     wait(lambda: "order.awaiting_payment" in pay.events(order_id))
-    httpx.post(f"{pay.fakes['stripe'].url}/_fake/confirm/{o.provider_payment_id}").raise_for_status()
-    pay.stripe_webhook(o.provider_payment_id)
-    wait(lambda: pay.order(order_id).status == "completed", what="completed by webhook")
-    assert pay.charges("stripe", order_id)["charges"] == 1
+    assert provider.taken(order_id) == 0
+    provider.buyer_pays(o.provider_payment_id)
+    pay.webhook_after_payment(provider.name, order_id, o.provider_payment_id)
+    wait(lambda: pay.order(order_id).status == "completed", what="completed by the webhook")
+    assert provider.taken(order_id) == 1
+    wait(lambda: "order.completed" in pay.events(order_id))
 
 
 def test_a_wrong_amount_in_a_confirmation_never_completes_the_order(pay, wait):
@@ -286,21 +295,6 @@ def test_worker_killed_after_the_provider_charged_and_before_recording_charges_o
         os.kill(pid, signal.SIGKILL)  # before the late answer is recorded
     wait(lambda: pay.order(order_id).status == "completed", timeout=40, what="completed after restart")
     assert pay.charges("stripe", order_id)["charges"] == 1
-
-
-def test_paypal_order_is_approved_captured_and_completed(pay, wait):
-    pay.start()
-    order_id = pay.place(provider="paypal")
-    wait(lambda: pay.order(order_id) and pay.order(order_id).status == "awaiting_payment")
-    o = pay.order(order_id)
-    assert "token=" + o.provider_payment_id in o.next_action["approve_url"]
-    command = pay.paypal_approved(order_id, o.provider_payment_id, "WH-APPROVED-1")
-    assert command.message_type == "CapturePayment"
-    for _ in range(2):
-        pay.publish_command(command)
-    wait(lambda: pay.order(order_id).status == "completed", what="captured")
-    assert pay.charges("paypal", order_id)["captures"] == 1
-    wait(lambda: "order.completed" in pay.events(order_id))
 
 
 def test_payment_landing_after_a_cancel_is_refunded_once(pay, wait, make_place):

@@ -1,0 +1,634 @@
+"""The one harness of the tests, the benchmarks and the chaos run.
+
+What each of them needs around the service, in one place:
+
+* :class:`Proc`: a process (``orders worker``, ``orders relay``, ``orders shim``,
+  a payment fake, a proxy) started in a session of its own, so that the whole
+  group (a pool's children included) can be signalled and killed; its output
+  goes to a log file.  Every process started here and still running is killed
+  when the Python process ends: at exit (``atexit``), and on SIGTERM or SIGHUP
+  (a killed pytest or benchmark leaves no orphans behind).
+* :class:`RedisServer`: a ``redis-server`` of the caller's own, on a free port.
+* :func:`fresh_database` / :func:`drop_database`: a database made anew and migrated.
+* :func:`create_vhost` / :func:`delete_vhost`: a RabbitMQ vhost of the caller's own,
+  through ``rabbitmqctl`` (no management plugin needed).  The command is
+  ``rabbitmqctl`` unless ``ORDERS_TEST_RABBITMQCTL`` names another (for example
+  ``docker exec <container> rabbitmqctl`` for a broker in a container).
+* :func:`queue_depth` / :func:`queue_depths`: messages ready in a queue (passive declare).
+* :func:`wait_until`: poll a condition until it holds or a deadline passes.
+* :func:`choose_servers` / :class:`Containers`: a test run's servers, the configured
+  ones that answer, else PostgreSQL, RabbitMQ and Redis in Docker (testcontainers);
+  ``ORDERS_TEST_SERVERS=local|containers`` forces one.
+
+Nothing here imports the service at module level, so the unit tests can import it
+without a server in sight.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
+
+#: the service's CLI, next to the interpreter running the caller (the venv's)
+ORDERS_CLI = str(Path(sys.executable).parent / "orders")
+#: seconds one rabbitmqctl call may take
+RABBITMQCTL_TIMEOUT = 60.0
+
+
+class HarnessError(Exception):
+    """A set-up step failed (a vhost could not be made, a server did not start)."""
+
+
+class WaitTimeout(AssertionError):
+    """:func:`wait_until` gave up (an AssertionError, so a test reports it as a failure)."""
+
+
+# -- waiting ------------------------------------------------------------------------------
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned), or raise :class:`WaitTimeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+# -- processes ------------------------------------------------------------------------------
+
+_LIVE: set[Proc] = set()
+_LIVE_LOCK = threading.Lock()
+_REAPER_INSTALLED = False
+
+
+def kill_all() -> None:
+    """SIGKILL the process group of every :class:`Proc` still running (at exit, on SIGTERM/SIGHUP)."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for p in procs:
+        p.kill_group(wait=False)
+
+
+def _on_signal(signum: int, frame: Any, previous: Any) -> None:
+    if callable(previous):  # the caller's own handler does its clean-up; at exit we still reap
+        previous(signum, frame)
+        return
+    kill_all()
+    signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    os.kill(os.getpid(), signum)
+
+
+def _install_reaper() -> None:
+    """Once per process: kill what is left at exit and when SIGTERM or SIGHUP ends us."""
+    global _REAPER_INSTALLED
+    if _REAPER_INSTALLED:
+        return
+    _REAPER_INSTALLED = True
+    atexit.register(kill_all)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        previous = signal.getsignal(signum)
+        if previous is signal.SIG_IGN:
+            continue
+        signal.signal(signum, lambda s, f, prev=previous: _on_signal(s, f, prev))
+
+
+class Proc:
+    """A process of the caller's, in its own session (``kill_group`` reaches its children).
+
+    Output (stdout and stderr) is appended to ``log``; with ``pipes`` stdin and
+    stdout are text pipes to the caller instead and only stderr goes to the log.
+    ``log=None`` leaves both to the caller's; ``log=subprocess.DEVNULL`` drops
+    stdout and leaves stderr to the caller's.
+    ``say`` is told when a process does not stop in time.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None,
+        log: Path | int | None,
+        *,
+        pipes: bool = False,
+        cwd: str | Path | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.name, self.argv, self.env, self.log = name, list(argv), env, log
+        self.pipes, self.cwd, self.say = pipes, cwd, say
+        self.popen: subprocess.Popen[Any] | None = None
+        self.starts = 0
+        self.offset = 0
+        self.start()
+
+    @classmethod
+    def orders(cls, args: Iterable[str], env: dict[str, str], log: Path, name: str = "", **kw: Any) -> Proc:
+        """``orders ARGS…`` through the real CLI."""
+        args = list(args)
+        return cls(name or args[0], [ORDERS_CLI, *args], env, log, **kw)
+
+    def start(self) -> None:
+        _install_reaper()
+        out: IO[bytes] | int | None = self.log if not isinstance(self.log, Path) else None
+        if isinstance(self.log, Path):
+            self.offset = self.log.stat().st_size if self.log.exists() else 0
+            out = self.log.open("ab")
+        try:
+            if self.pipes:
+                self.popen = subprocess.Popen(
+                    self.argv,
+                    env=self.env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=out,
+                    text=True,
+                    start_new_session=True,
+                    cwd=self.cwd,
+                )
+            else:
+                self.popen = subprocess.Popen(
+                    self.argv,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT if isinstance(self.log, Path) else None,
+                    start_new_session=True,
+                    cwd=self.cwd,
+                )
+        finally:
+            if not isinstance(out, int | None):
+                out.close()  # the child holds its own copy
+        self.starts += 1
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.popen is None else self.popen.poll()
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def children(self, matching: tuple[bytes, ...] = ()) -> list[int]:
+        """Direct children's pids (those whose command line holds one of ``matching``, when given)."""
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True, check=False).stdout
+        kids = []
+        for p in out.split():
+            if matching:
+                try:
+                    cmdline = Path(f"/proc/{p}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if not any(m in cmdline for m in matching):
+                    continue
+            kids.append(int(p))
+        return kids
+
+    def signal(self, sig: int) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(sig)
+
+    def kill(self, timeout: float = 10) -> None:
+        """SIGKILL the process alone (its children live on, as after a crash of the parent)."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            assert self.popen is not None
+            self.popen.wait(timeout)
+
+    def kill_group(self, wait: bool = True) -> None:
+        """SIGKILL the whole group: the process and everything it started."""
+        if self.popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        if wait:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(30)
+            self._forget()
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM, wait up to ``timeout``; then SIGKILL the group (no orphans either way). The exit code."""
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                if self.say is not None:
+                    self.say(f"{self.name} did not stop within {timeout:.0f}s: killing it")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)  # no orphans (pool children included)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5)
+        if self.pipes:
+            for stream in (self.popen.stdin, self.popen.stdout):
+                with contextlib.suppress(OSError, ValueError):
+                    if stream is not None:
+                        stream.close()
+        self._forget()
+        return self.popen.returncode
+
+    def _forget(self) -> None:
+        if self.popen is not None and self.popen.poll() is not None:
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
+
+    def tail(self, n: int = 1500) -> str:
+        if not isinstance(self.log, Path):
+            return ""
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def log_events(self, current_only: bool = False) -> list[dict[str, Any]]:
+        """The JSON log lines (of the running incarnation only, with ``current_only``)."""
+        events: list[dict[str, Any]] = []
+        if not isinstance(self.log, Path):
+            return events
+        try:
+            with self.log.open("rb") as f:
+                if current_only:
+                    f.seek(self.offset)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return events
+        for line in text.splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    events.append(json.loads(line))
+        return events
+
+
+def free_port() -> int:
+    from scripts.tcp_proxy import free_port as _free_port
+
+    return _free_port()
+
+
+class RedisServer:
+    """A ``redis-server`` of the caller's own on a free loopback port; :meth:`stop` and :meth:`start` again."""
+
+    def __init__(self, log: Path, port: int | None = None, timeout: float = 10) -> None:
+        self.port = port or free_port()
+        self.log, self.timeout = log, timeout
+        self.proc: Proc | None = None
+        self.start()
+
+    def start(self) -> None:
+        import redis
+
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.proc is None:
+            self.proc = Proc("redis-server", argv, None, self.log)
+        else:
+            self.proc.start()
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        try:
+            wait_until(lambda: _pings(client), timeout=self.timeout, interval=0.1, what="a private redis-server")
+        except WaitTimeout:
+            raise HarnessError(f"private redis-server did not start (see {self.log})") from None
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """SIGKILL: Redis is gone at once, as in a crash."""
+        if self.proc is not None and self.proc.alive():
+            self.proc.kill_group()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
+
+def _pings(client: Any) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def drop_database(database: Any) -> None:
+    """Drop the database the settings name (``settings.database``), sessions and all."""
+    from worker import db
+
+    db.drop_database(database)
+
+
+def fresh_database(database: Any, migrate: bool = True) -> None:
+    """Drop the database the settings name, create it anew and (``migrate``) bring its schema to head."""
+    from worker import db
+
+    db.drop_database(database)
+    db.ensure_database(database)
+    if migrate:
+        engine = db.make_engine(database, pool_size=1)
+        try:
+            db.migrate(engine)
+        finally:
+            engine.dispose()
+
+
+# -- RabbitMQ --------------------------------------------------------------------------------
+
+
+def rabbitmqctl_argv() -> list[str]:
+    """How rabbitmqctl is run: ``ORDERS_TEST_RABBITMQCTL`` (shell words) or ``rabbitmqctl``."""
+    return shlex.split(os.environ.get("ORDERS_TEST_RABBITMQCTL", "")) or ["rabbitmqctl"]
+
+
+def have_rabbitmqctl() -> bool:
+    return shutil.which(rabbitmqctl_argv()[0]) is not None
+
+
+def rabbitmqctl(
+    *args: str, check: bool = False, timeout: float = RABBITMQCTL_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """One rabbitmqctl call; :class:`HarnessError` when it cannot run, or fails and ``check``."""
+    argv = [*rabbitmqctl_argv(), *args]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HarnessError(f"rabbitmqctl {args[0]} failed ({exc})") from None
+    if check and done.returncode != 0:
+        said = (done.stderr or done.stdout).strip()[-1500:]
+        raise HarnessError(f"rabbitmqctl {args[0]} failed ({done.returncode}): {said}")
+    return done
+
+
+def create_vhost(name: str, user: str = "guest", fresh: bool = False) -> None:
+    """Make vhost ``name`` (anew, with ``fresh``) and give ``user`` every permission on it.
+
+    :class:`HarnessError` when rabbitmqctl is missing or refuses.
+    """
+    if not have_rabbitmqctl():
+        raise HarnessError(f"{rabbitmqctl_argv()[0]} not found")
+    if fresh:
+        rabbitmqctl("delete_vhost", name)
+    rabbitmqctl("add_vhost", name, check=fresh)  # without fresh it may exist already
+    rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*", check=True)
+
+
+def delete_vhost(name: str) -> bool:
+    """Delete vhost ``name`` (and every queue in it); False when it could not be."""
+    try:
+        return rabbitmqctl("delete_vhost", name).returncode == 0
+    except HarnessError:
+        return False
+
+
+def private_vhost_or_default(name: str, user: str = "guest") -> str:
+    """``name`` once made (see :func:`create_vhost`), or ``""`` (the default vhost) when it cannot be."""
+    try:
+        create_vhost(name, user)
+    except HarnessError:
+        return ""
+    return name
+
+
+def vhost_url(url: str, vhost: str) -> str:
+    """``url`` (``amqp://user:pass@host:port/...``) pointed at ``vhost`` ("" and "/" are the default one)."""
+    base, _, query = url.partition("?")
+    scheme, rest = base.split("://", 1)
+    authority = rest.split("/", 1)[0]
+    return f"{scheme}://{authority}/{quote(vhost or '/', safe='')}" + (f"?{query}" if query else "")
+
+
+def queue_depth(channel: Any, queue: str) -> int:
+    """Messages ready in ``queue`` (a passive declare on an open pika channel)."""
+    return int(channel.queue_declare(queue, passive=True).method.message_count)
+
+
+def queue_depths(url: str, queues: Iterable[str]) -> dict[str, int]:
+    """Messages ready per queue, over a connection of its own."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        return {q: queue_depth(ch, q) for q in queues}
+    finally:
+        conn.close()
+
+
+# -- the servers of a test run: local ones, or containers ----------------------------------
+
+#: the servers the tests need, by the name ORDERS_TEST_SERVERS and the messages use
+SERVERS = ("postgres", "rabbitmq", "redis")
+SERVER_TITLES = {"postgres": "PostgreSQL", "rabbitmq": "RabbitMQ", "redis": "Redis"}
+#: the images a run starts where a server does not answer (RabbitMQ: no management plugin)
+IMAGES = {"postgres": "postgres:15", "rabbitmq": "rabbitmq:3.13", "redis": "redis:7"}
+#: ORDERS_TEST_SERVERS: unset (or "auto") = the configured servers that answer, containers for the others
+SERVER_MODES = ("local", "containers")
+HOW_TO_RUN_SERVERS = (
+    "start them (bash scripts/ensure_services.sh, or point ORDERS_DATABASE__HOST/PORT, ORDERS_RABBITMQ__URL, "
+    "ORDERS_REDIS__HOST/PORT at servers that run)"
+)
+HOW_TO_RUN_DOCKER = "start a Docker daemon, and the tests run them in containers (testcontainers)"
+
+
+@dataclass(frozen=True)
+class ServerChoice:
+    """Which servers a run uses as configured, which it starts in containers; or why it cannot run."""
+
+    local: tuple[str, ...] = ()
+    containers: tuple[str, ...] = ()
+    #: one line, set when the run cannot go on (it stops with it)
+    error: str = ""
+
+
+def _titles(names: Iterable[str], where: Mapping[str, str]) -> str:
+    return ", ".join(f"{SERVER_TITLES[n]} ({where[n]})" if n in where else SERVER_TITLES[n] for n in names)
+
+
+def choose_servers(
+    mode: str | None,
+    answers: Mapping[str, bool],
+    docker_answers: Callable[[], bool],
+    where: Mapping[str, str] | None = None,
+) -> ServerChoice:
+    """Where the run's servers come from.
+
+    ``mode`` is ORDERS_TEST_SERVERS; ``answers`` says, per server, whether the configured one
+    answers (``where``: its address, for the message); ``docker_answers`` is asked only when a
+    container is wanted.  Local servers first: unset, each configured server that answers is
+    used and the others are started in containers; ``local`` uses only configured servers,
+    ``containers`` only containers.
+    """
+    where = where or {}
+    mode = (mode or "").strip().lower() or "auto"
+    if mode not in (*SERVER_MODES, "auto"):
+        return ServerChoice(error=f"ORDERS_TEST_SERVERS={mode!r}: use local, containers, or leave it unset (auto)")
+    missing = tuple(n for n in SERVERS if not answers.get(n, False))
+    if mode == "local":
+        if missing:
+            return ServerChoice(
+                error=f"ORDERS_TEST_SERVERS=local but {_titles(missing, where)} do not answer: "
+                f"{HOW_TO_RUN_SERVERS}, or set ORDERS_TEST_SERVERS=containers where Docker runs"
+            )
+        return ServerChoice(local=SERVERS)
+    if mode == "auto" and not missing:
+        return ServerChoice(local=SERVERS)
+    wanted = SERVERS if mode == "containers" else missing
+    if not docker_answers():
+        if mode == "containers":
+            return ServerChoice(
+                error="ORDERS_TEST_SERVERS=containers but no Docker daemon answers: start Docker, "
+                f"or leave ORDERS_TEST_SERVERS unset and {HOW_TO_RUN_SERVERS}"
+            )
+        return ServerChoice(
+            error=f"the tests need {_titles(missing, where)}, which do not answer, and no Docker daemon answers: "
+            f"{HOW_TO_RUN_SERVERS}; or {HOW_TO_RUN_DOCKER}"
+        )
+    return ServerChoice(local=tuple(n for n in SERVERS if n not in wanted), containers=wanted)
+
+
+def tcp_answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether something accepts a TCP connection at ``host:port``."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def configured_servers(settings: Any) -> dict[str, tuple[str, int]]:
+    """The address of each server the settings name."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(settings.rabbitmq.url.get_secret_value())
+    return {
+        "postgres": (settings.database.host, int(settings.database.port)),
+        "rabbitmq": (url.hostname or "127.0.0.1", url.port or (5671 if url.scheme == "amqps" else 5672)),
+        "redis": (settings.redis.host, int(settings.redis.port)),
+    }
+
+
+def docker_answers(timeout: float = 3.0) -> bool:
+    """Whether a Docker daemon answers (DOCKER_HOST or the default socket), through the Docker SDK."""
+    try:
+        import docker  # testcontainers' dependency
+
+        client = docker.from_env(timeout=int(timeout))
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - no SDK, no socket, no daemon, refused: all say "no Docker"
+        return False
+
+
+class Containers:
+    """Servers started in Docker for one test run (testcontainers), and the settings that point at them.
+
+    Testcontainers' reaper (Ryuk) removes them when this process goes away
+    without :meth:`stop` (a killed pytest).
+    """
+
+    def __init__(self) -> None:
+        self.started: dict[str, Any] = {}
+        self.env: dict[str, str] = {}
+
+    def start(self, names: Iterable[str]) -> Containers:
+        for name in names:
+            getattr(self, f"_start_{name}")()
+        return self
+
+    def _start_postgres(self) -> None:
+        try:
+            from testcontainers.community.postgres import PostgresContainer
+        except ImportError:  # testcontainers before 4.10
+            from testcontainers.postgres import PostgresContainer
+
+        c = PostgresContainer(IMAGES["postgres"], username="postgres", password="postgres", dbname="postgres")
+        self.started["postgres"] = c.start()
+        self.env.update(
+            {
+                "ORDERS_DATABASE__HOST": c.get_container_host_ip(),
+                "ORDERS_DATABASE__PORT": str(c.get_exposed_port(5432)),
+                "ORDERS_DATABASE__USER": "postgres",
+                "ORDERS_DATABASE__PASSWORD": "postgres",
+            }
+        )
+
+    def _start_rabbitmq(self) -> None:
+        try:
+            from testcontainers.community.rabbitmq import RabbitMqContainer
+        except ImportError:
+            from testcontainers.rabbitmq import RabbitMqContainer
+
+        c = RabbitMqContainer(IMAGES["rabbitmq"], username="guest", password="guest")
+        self.started["rabbitmq"] = c.start()
+        host, port = c.get_container_host_ip(), c.get_exposed_port(5672)
+        self.env["ORDERS_RABBITMQ__URL"] = f"amqp://guest:guest@{host}:{port}/"
+        # vhosts are made inside the container (where docker's CLI is missing, runs fall back to "/",
+        # which is the run's own here anyway)
+        self.env["ORDERS_TEST_RABBITMQCTL"] = f"docker exec {c.get_wrapped_container().id} rabbitmqctl"
+
+    def _start_redis(self) -> None:
+        try:
+            from testcontainers.community.redis import RedisContainer
+        except ImportError:
+            from testcontainers.redis import RedisContainer
+
+        c = RedisContainer(IMAGES["redis"])
+        self.started["redis"] = c.start()
+        self.env.update(
+            {"ORDERS_REDIS__HOST": c.get_container_host_ip(), "ORDERS_REDIS__PORT": str(c.get_exposed_port(6379))}
+        )
+
+    def stop(self) -> None:
+        for c in self.started.values():
+            with contextlib.suppress(Exception):
+                c.stop()
+        self.started.clear()
+
+
+def amqp_port(url: str) -> int:
+    """The port of an ``amqp[s]://`` URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.port or (5671 if parts.scheme == "amqps" else 5672)
+
+
+def with_amqp_port(url: str, port: int) -> str:
+    """``url`` with its host and port set to 127.0.0.1:``port`` (a loopback proxy in front of the broker)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    auth = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{port}"))
