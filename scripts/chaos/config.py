@@ -33,6 +33,9 @@ class ChaosConfig:
     orders: int = 10_000
     #: restart the machine's RabbitMQ, PostgreSQL and Redis instead of cutting proxies
     real_restarts: bool = False
+    #: "single" (the machine's servers behind proxies) or "cluster" (scripts/cluster.sh: three RabbitMQ
+    #: nodes, a PostgreSQL primary with a synchronous standby; nodes stopped, the primary failed over)
+    topology: str = "single"
     database: str = "orders_chaos"
     vhost: str = "orders-chaos"
     #: orders offered per second (the load window is orders / rate)
@@ -77,4 +80,5 @@ class ChaosConfig:
 
     @property
     def window(self) -> float:
-        return max(20.0, self.orders / self.rate)
+        # a cluster's faults take minutes (a node boots in 10-30 s): the load goes on through all of them
+        return max(150.0 if self.topology == "cluster" else 20.0, self.orders / self.rate)

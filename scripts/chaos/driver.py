@@ -27,6 +27,7 @@ import psycopg2
 
 from schema.topology import COMMANDS_EXCHANGE
 from scripts.fakes.paypal_certs import paypal_headers
+from worker.rabbit.connection import connection_parameters
 from worker.shim.auth import issue_token
 from worker.shim.idempotency import derived_id
 from worker.shim.webhook import sign_internal
@@ -69,9 +70,7 @@ class Bus:
         self.reconnects = 0
 
     def _connect(self) -> None:
-        params = pika.URLParameters(self.url)
-        params.heartbeat = 60
-        params.socket_timeout = 5
+        params = connection_parameters(self.url, 60)  # every node of a cluster, in an order of this connection's
         self.conn = pika.BlockingConnection(params)
         self.ch = self.conn.channel()
         self.ch.confirm_delivery()

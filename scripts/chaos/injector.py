@@ -21,6 +21,11 @@ MIN_CHILD_AGE = 6.0
 MIN_GAP = 2.0
 #: the injections that take a dependency away
 OUTAGES = ("rabbitmq restart", "postgresql restart", "redis stop")
+#: on a cluster: the node leading orders.place stopped (and started later), then another node, the
+#: PostgreSQL primary stopped with -m immediate and its standby promoted, and Redis as on one box
+CLUSTER_OUTAGES = ("rabbitmq leader stop", "rabbitmq node stop", "postgresql failover", "redis stop")
+#: the queue whose leader is stopped first
+LEADER_QUEUE = "orders.place"
 
 
 @dataclass
@@ -38,16 +43,22 @@ class Injector:
     def __init__(self, cfg: ChaosConfig, stack: Stack) -> None:
         self.cfg, self.stack = cfg, stack
         rnd = random.Random(f"injections-{cfg.seed}")
-        kinds = ["worker kill"] * cfg.worker_kills + ["relay kill"] * cfg.relay_kills + list(OUTAGES)
+        outages = CLUSTER_OUTAGES if cfg.topology == "cluster" else OUTAGES
+        self.outages = outages
+        kinds = ["worker kill"] * cfg.worker_kills + ["relay kill"] * cfg.relay_kills + list(outages)
         rnd.shuffle(kinds)
         # outages only in the first 70 % of the schedule: load still follows each of them, so the run sees
         # the recovery under load, and views are written to the Redis that came back empty (check 12)
         late = len(kinds) * 7 // 10
         for i in range(late, len(kinds)):
-            if kinds[i] in OUTAGES:
-                j = next((j for j in range(late) if kinds[j] not in OUTAGES), None)
+            if kinds[i] in outages:
+                j = next((j for j in range(late) if kinds[j] not in outages), None)
                 if j is not None:
                     kinds[i], kinds[j] = kinds[j], kinds[i]
+        # the leader goes first, another node after it
+        at = [i for i, k in enumerate(kinds) if k in ("rabbitmq leader stop", "rabbitmq node stop")]
+        for i, kind in zip(at, ("rabbitmq leader stop", "rabbitmq node stop")):
+            kinds[i] = kind
         span = cfg.window * 0.9
         slot = span / max(1, len(kinds))
         self.schedule = [
@@ -59,6 +70,7 @@ class Injector:
         self.error: BaseException | None = None
         self.killed_workers: list[int] = []
         self.takeovers: list[float] = []
+        self.stopped_nodes: list[int] = []
         self.thread = threading.Thread(target=self._run, name="injector", daemon=True)
         self.t0 = 0.0
 
@@ -74,7 +86,10 @@ class Injector:
                     if self.stop_event.wait(0.1):
                         return
                 started = time.monotonic()
-                getattr(self, "_" + inj.kind.replace(" ", "_").replace("postgresql", "postgres"))(inj)
+                name = inj.kind.replace(" ", "_")
+                getattr(
+                    self, "_" + (name if name == "postgresql_failover" else name.replace("postgresql", "postgres"))
+                )(inj)
                 inj.done_at = started - self.t0
                 ready = time.monotonic() + MIN_GAP
                 say(f"injected {inj.kind} at {inj.done_at:.1f}s: {inj.detail}")
@@ -155,3 +170,38 @@ class Injector:
 
     def _redis_stop(self, inj: Injection) -> None:
         self._outage(inj, "redis", self.cfg.redis_outage_s, "redis")
+
+    # -- a cluster's nodes, one at a time ------------------------------------------------
+
+    def _rabbit_node_away(self, inj: Injection, n: int, why: str) -> None:
+        cluster = self.stack.cluster
+        assert cluster is not None
+        started = time.monotonic()
+        cluster.rabbit_stop(n)
+        self.stopped_nodes.append(n)
+        time.sleep(self.cfg.rabbit_outage_s)
+        cluster.rabbit_start(n)
+        inj.detail = (
+            f"node {cluster.nodes[n - 1]} ({why}) stopped, started again after {time.monotonic() - started:.1f}s"
+        )
+
+    def _rabbitmq_leader_stop(self, inj: Injection) -> None:
+        cluster = self.stack.cluster
+        assert cluster is not None
+        leader = cluster.leader(LEADER_QUEUE, self.cfg.vhost)
+        self._rabbit_node_away(inj, leader, f"leader of {LEADER_QUEUE}")
+        after = cluster.leader(LEADER_QUEUE, self.cfg.vhost)
+        inj.detail += f"; leader now {cluster.nodes[after - 1]}"
+
+    def _rabbitmq_node_stop(self, inj: Injection) -> None:
+        cluster = self.stack.cluster
+        assert cluster is not None
+        leader = cluster.leader(LEADER_QUEUE, self.cfg.vhost)
+        others = [n for n in range(1, len(cluster.nodes) + 1) if n != leader and n not in self.stopped_nodes]
+        n = self.rnd.choice(others or [n for n in range(1, len(cluster.nodes) + 1) if n != leader])
+        self._rabbit_node_away(inj, n, "another node")
+
+    def _postgresql_failover(self, inj: Injection) -> None:
+        cluster = self.stack.cluster
+        assert cluster is not None
+        inj.detail = cluster.failover() + " (old primary stopped -m immediate, standby promoted)"

@@ -18,6 +18,7 @@ import redis
 
 from schema.topology import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
 from scripts import harness
+from worker.rabbit.connection import connection_parameters
 
 from .config import CAPTURE_QUEUE, ChaosError
 from .driver import Buyer, Ledger
@@ -167,7 +168,7 @@ class Snapshot:
 
 def capture_events(url: str) -> list[dict[str, Any]]:
     """Everything on the capture queue, in arrival order (consumed: the run is over)."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = pika.BlockingConnection(connection_parameters(url, 60))
     ch = conn.channel()
     expected = harness.queue_depth(ch, CAPTURE_QUEUE)
     ch.basic_qos(prefetch_count=2000)
@@ -209,7 +210,7 @@ def capture_events(url: str) -> list[dict[str, Any]]:
 
 def read_dead_letters(url: str) -> list[dict[str, Any]]:
     """The dead-letter queue's messages, left in place (not acknowledged)."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = pika.BlockingConnection(connection_parameters(url, 60))
     ch = conn.channel()
     expected = harness.queue_depth(ch, DEAD_LETTER_QUEUE)
     ch.basic_qos(prefetch_count=min(65535, expected + 100))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -153,3 +154,51 @@ class RealServices:
                 "no",
             ]
         )
+
+
+class ClusterServers:
+    """``--topology cluster``: the 3-node RabbitMQ cluster and the PostgreSQL primary + synchronous standby of
+    ``scripts/cluster.sh``, and the faults a cluster is put through (a node stopped, the primary failed over)."""
+
+    SCRIPT = ROOT / "scripts" / "cluster.sh"
+
+    def __init__(self) -> None:
+        self.env: dict[str, str] = {}
+
+    def _run(self, *args: str, timeout: float = 600) -> str:
+        return run_command(["bash", str(self.SCRIPT), *args], timeout=timeout).stdout
+
+    def up(self) -> dict[str, str]:
+        """Bring the cluster up (a standby failed over last run is rebuilt) and read its settings."""
+        out = self._run("up")
+        self.env = dict(re.findall(r"^export (\w+)='([^']*)'$", out, flags=re.M))
+        if "ORDERS_RABBITMQ__URL" not in self.env or "ORDERS_DATABASE__HOST" not in self.env:
+            raise ChaosError(f"scripts/cluster.sh up printed no settings: {out[-500:]}")
+        return self.env
+
+    @property
+    def nodes(self) -> list[str]:
+        return self.env.get("CLUSTER_RABBITMQ_NODES", "").split()
+
+    def rabbitmqctl(self) -> str:
+        """The rabbitmqctl that administers the cluster (its first node)."""
+        return f"rabbitmqctl -n {self.nodes[0]}"
+
+    def leader(self, queue: str, vhost: str) -> int:
+        """The number (1-3) of the node leading ``queue``."""
+        name = self._run("leader", queue, vhost, timeout=120).strip()
+        for i, node in enumerate(self.nodes, 1):
+            if node == name:
+                return i
+        raise ChaosError(f"{queue} is led by {name!r}, not a node of the cluster")
+
+    def rabbit_stop(self, n: int) -> None:
+        self._run("rabbit-stop", str(n), timeout=180)
+
+    def rabbit_start(self, n: int) -> None:
+        self._run("rabbit-start", str(n), timeout=300)
+
+    def failover(self) -> str:
+        """Stop the primary with ``-m immediate`` and promote the standby; what the script says of it."""
+        lines = self._run("failover", timeout=300).strip().splitlines()
+        return lines[-1] if lines else "failed over"

@@ -54,8 +54,23 @@ def injected_rows(
                 else detail("relay kill")
             ),
         ),
-        ("RabbitMQ restart", "1", str(done("rabbitmq restart")), f"{mode}: {detail('rabbitmq restart')}"),
-        ("PostgreSQL restart", "1", str(done("postgresql restart")), f"{mode}: {detail('postgresql restart')}"),
+        *(
+            [
+                (
+                    "RabbitMQ leader of orders.place stopped",
+                    "1",
+                    str(done("rabbitmq leader stop")),
+                    detail("rabbitmq leader stop"),
+                ),
+                ("RabbitMQ other node stopped", "1", str(done("rabbitmq node stop")), detail("rabbitmq node stop")),
+                ("PostgreSQL failover", "1", str(done("postgresql failover")), detail("postgresql failover")),
+            ]
+            if cfg.topology == "cluster"
+            else [
+                ("RabbitMQ restart", "1", str(done("rabbitmq restart")), f"{mode}: {detail('rabbitmq restart')}"),
+                ("PostgreSQL restart", "1", str(done("postgresql restart")), f"{mode}: {detail('postgresql restart')}"),
+            ]
+        ),
         ("Redis stopped", "1", str(done("redis stop")), detail("redis stop")),
         (
             "payment fakes failing",
@@ -152,7 +167,13 @@ def render(result: dict[str, Any]) -> None:
     console = Console(width=200)
     t = Table(
         title=f"Chaos run — seed {result['seed']}, {result['orders']} orders, "
-        f"{'real restarts' if result['real_restarts'] else 'proxies + private Redis'}",
+        + (
+            "3-node RabbitMQ cluster, PostgreSQL primary + synchronous standby (scripts/cluster.sh)"
+            if result.get("topology") == "cluster"
+            else "real restarts"
+            if result["real_restarts"]
+            else "proxies + private Redis"
+        ),
         show_lines=False,
     )
     for col in ("injected", "planned", "done", "detail"):

@@ -32,6 +32,7 @@ Usage::
 
     .venv/bin/python -m scripts.chaos --seed 7 --orders 10000
     .venv/bin/python -m scripts.chaos --seed 7 --orders 2000 --json
+    .venv/bin/python -m scripts.chaos --seed 7 --orders 5000 --topology cluster   # needs root: scripts/cluster.sh
     sudo -E .venv/bin/python -m scripts.chaos --seed 7 --real-restarts   # restarts the machine's servers
 
 (from the repository's root).
@@ -129,6 +130,7 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
             "seed": cfg.seed,
             "orders": cfg.orders,
             "real_restarts": cfg.real_restarts,
+            "topology": cfg.topology,
             "runtime_s": time.monotonic() - started,
             "load_s": load_s,
             "quiescence_s": quiet["seconds"],
@@ -181,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="restart the machine's RabbitMQ, PostgreSQL and Redis (default: cut proxies, private Redis)",
     )
+    ap.add_argument(
+        "--topology",
+        choices=("single", "cluster"),
+        default="single",
+        help="single: this machine's servers behind proxies (default); cluster: scripts/cluster.sh's three "
+        "RabbitMQ nodes and PostgreSQL primary + standby, with a node stopped and the primary failed over",
+    )
     ap.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     ap.add_argument("--rate", type=float, default=60.0, help="orders offered per second (default 60)")
     ap.add_argument(
@@ -200,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         orders=args.orders,
         real_restarts=args.real_restarts,
+        topology=args.topology,
         rate=args.rate,
         malformed=args.malformed if args.malformed is not None else min(1000, max(50, args.orders // 10)),
         worker_kills=args.worker_kills,

@@ -24,6 +24,7 @@ from scripts import harness
 from scripts.fakes import paypal_certs
 from scripts.harness import ORDERS_CLI, HarnessError, Proc, RedisServer
 from scripts.tcp_proxy import free_port
+from worker.rabbit.connection import connection_parameters
 from worker.settings import load_settings
 
 from .config import (
@@ -36,7 +37,7 @@ from .config import (
     ChaosError,
     say,
 )
-from .processes import POOL_CHILDREN, ProxyProcess, RealServices, private_redis
+from .processes import POOL_CHILDREN, ClusterServers, ProxyProcess, RealServices, private_redis
 
 FAKES = ROOT / "scripts" / "fakes"
 #: payment-provider client timeout; injected delays are longer, so they time out
@@ -54,7 +55,8 @@ class Stack:
         self.fake_urls: dict[str, str] = {}
         self.proxy: ProxyProcess | None = None
         self.redis: RedisServer | None = None
-        self.real = RealServices() if cfg.real_restarts else None
+        self.real = RealServices() if cfg.real_restarts and cfg.topology == "single" else None
+        self.cluster = ClusterServers() if cfg.topology == "cluster" else None
         self.outage: str | None = None  # the dependency currently away (restored on exit)
         base = load_settings(
             environ={
@@ -82,7 +84,12 @@ class Stack:
     # urls and environments
 
     def amqp_url(self, port: int | None = None) -> str:
-        return f"amqp://{self.amqp_auth}@{self.amqp_host}:{port or self.amqp_port}/{quote(self.cfg.vhost, safe='')}"
+        """The run's vhost on the broker (every node of the cluster, comma-separated, in cluster mode)."""
+        vhost = quote(self.cfg.vhost, safe="")
+        if self.cluster is not None:
+            nodes = self.cluster.env["ORDERS_RABBITMQ__URL"].split(",")
+            return ",".join(f"amqp://{urlsplit(node).netloc}/{vhost}" for node in nodes)
+        return f"amqp://{self.amqp_auth}@{self.amqp_host}:{port or self.amqp_port}/{vhost}"
 
     def env(self, direct: bool = False) -> dict[str, str]:
         """The service's environment; ``direct`` bypasses the proxies (the script's own tools)."""
@@ -93,11 +100,15 @@ class Stack:
         for key in ("ORDERS_DATABASE__HOST", "ORDERS_DATABASE__USER", "ORDERS_DATABASE__PASSWORD"):
             if key in os.environ:
                 env[key] = os.environ[key]
+        database_port = str(self.proxy.ports["postgres"] if proxied and self.proxy else self.pg_port)
+        if self.cluster is not None:  # the cluster's own hosts, ports and user; no proxies in between
+            env.update({k: v for k, v in self.cluster.env.items() if k.startswith("ORDERS_DATABASE__")})
+            database_port = self.cluster.env["ORDERS_DATABASE__PORT"]
         env.update(
             {
                 "ORDERS_ENVIRONMENT": "development",  # the fakes and the shipped development secrets
                 "ORDERS_DATABASE__DBNAME": self.cfg.database,
-                "ORDERS_DATABASE__PORT": str(self.proxy.ports["postgres"] if proxied and self.proxy else self.pg_port),
+                "ORDERS_DATABASE__PORT": database_port,
                 "ORDERS_RABBITMQ__URL": self.amqp_url(self.proxy.ports["rabbitmq"] if proxied and self.proxy else None),
                 "ORDERS_REDIS__HOST": "127.0.0.1",
                 "ORDERS_REDIS__PORT": str(self.redis_port),
@@ -146,9 +157,17 @@ class Stack:
     # set up
 
     def prepare(self) -> None:
+        if self.cluster is not None:
+            say("bringing the cluster up (scripts/cluster.sh up)")
+            self.cluster.up()
+            os.environ["ORDERS_TEST_RABBITMQCTL"] = self.cluster.rabbitmqctl()  # the harness's vhost tools
+            self.amqp_auth = urlsplit(self.cluster.env["ORDERS_RABBITMQ__URL"].split(",")[0]).netloc.rsplit("@", 1)[0]
         self._vhost()
         self._fakes()
-        if self.cfg.real_restarts:
+        if self.cluster is not None:
+            self.redis = private_redis(self.tmp / "redis.log")
+            self.redis_port = self.redis.port
+        elif self.cfg.real_restarts:
             self.redis_port = 6379
         else:
             self.redis = private_redis(self.tmp / "redis.log")
@@ -232,7 +251,7 @@ class Stack:
                 httpx.delete(url + "/_fake/faults", timeout=5)
 
     def _capture_queue(self) -> None:
-        conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url()))
+        conn = pika.BlockingConnection(connection_parameters(self.amqp_url(), 60))
         ch = conn.channel()
         ch.queue_declare(CAPTURE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
         ch.queue_bind(CAPTURE_QUEUE, INVENTORY_EXCHANGE, routing_key="#")
@@ -311,6 +330,8 @@ class Stack:
 
     def _switches(self, name: str) -> tuple[Callable[[], None], Callable[[], None]]:
         """How ``name`` is taken away and brought back: the machine's server, or the run's proxy or Redis."""
+        if self.cluster is not None and name != "redis":
+            raise ChaosError(f"a cluster is not taken away whole ({name}): its nodes are, one at a time")
         if self.real:
             return {
                 "rabbitmq": (self.real.rabbit_stop, self.real.rabbit_start),
