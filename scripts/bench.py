@@ -41,6 +41,7 @@ import bench_drain  # noqa: E402
 
 from scripts import harness  # noqa: E402
 from scripts.harness import Proc  # noqa: E402
+from worker.rabbit.connection import connection_parameters  # noqa: E402
 
 PY = sys.executable
 ORDERS = str(Path(PY).parent / "orders")
@@ -114,7 +115,7 @@ def soak(minutes: float, rate: float) -> dict[str, Any]:
     sent = [0]
 
     def publish() -> None:
-        conn = pika.BlockingConnection(pika.URLParameters(env["ORDERS_RABBITMQ__URL"]))
+        conn = pika.BlockingConnection(connection_parameters(env["ORDERS_RABBITMQ__URL"], 60))
         ch = conn.channel()
         body = {
             "user_id": "soak",

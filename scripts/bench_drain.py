@@ -24,6 +24,7 @@ Usage::
 
     .venv/bin/python scripts/bench_drain.py --orders 20000 --processes 2
     .venv/bin/python scripts/bench_drain.py --orders 5000 --skip-baseline --json
+    .venv/bin/python scripts/bench_drain.py --orders 20000 --skip-baseline --topology cluster
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +46,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pika
 import psycopg2
@@ -62,7 +65,10 @@ from schema.topology import (
 )
 from scripts import harness  # noqa: E402
 from scripts.harness import ORDERS_CLI, Proc  # noqa: E402
-from worker.rabbit.connection import Outgoing  # noqa: E402
+from worker.rabbit.connection import (
+    Outgoing,  # noqa: E402
+    connection_parameters,  # noqa: E402
+)
 from worker.rabbit.publisher import PipelinedPublisher  # noqa: E402
 from worker.settings import load_settings  # noqa: E402
 
@@ -98,27 +104,48 @@ def say(*args: Any) -> None:
 # -- environment ------------------------------------------------------------------
 
 
-def make_vhost() -> str:
+def make_vhost(user: str = "guest") -> str:
     if not harness.have_rabbitmqctl():
         say("rabbitmqctl not found: using vhost '/'")
         return "/"
     try:
-        harness.create_vhost(VHOST)
+        harness.create_vhost(VHOST, user)
         return VHOST
     except harness.HarnessError as exc:
         say(f"{exc}; using vhost '/'")
     return "/"
 
 
-def service_env(vhost: str, tmp: Path) -> dict[str, str]:
+def cluster_settings() -> dict[str, str]:
+    """``scripts/cluster.sh up`` (idempotent; needs root): the settings of the 3-node RabbitMQ cluster and the
+    PostgreSQL primary with its synchronous standby."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "cluster.sh"), "up"], capture_output=True, text=True, timeout=900
+    )
+    if done.returncode != 0:
+        raise BenchError(f"scripts/cluster.sh up failed: {done.stderr.strip()[-1500:]}")
+    found = dict(re.findall(r"^export (\w+)='([^']*)'$", done.stdout, flags=re.M))
+    if "ORDERS_RABBITMQ__URL" not in found:
+        raise BenchError("scripts/cluster.sh up printed no settings")
+    return found
+
+
+def service_env(vhost: str, tmp: Path, cluster: dict[str, str] | None = None) -> dict[str, str]:
     base = load_settings()  # host/user/password from the usual config and environment
-    url = base.rabbitmq.url.get_secret_value()
-    prefix = url.rsplit("/", 1)[0] if url.count("/") >= 3 else url.rstrip("/")
     env = {"ORDERS_ENVIRONMENT": "development", **os.environ}
+    path = "%2F" if vhost == "/" else vhost
+    if cluster is not None:
+        env.update({k: v for k, v in cluster.items() if k.startswith("ORDERS_DATABASE__")})
+        nodes = [urlsplit(u).netloc for u in cluster["ORDERS_RABBITMQ__URL"].split(",")]
+        amqp = ",".join(f"amqp://{netloc}/{path}" for netloc in nodes)
+    else:
+        url = base.rabbitmq.url.get_secret_value()
+        prefix = url.rsplit("/", 1)[0] if url.count("/") >= 3 else url.rstrip("/")
+        amqp = f"{prefix}/{path}"
     env.update(
         {
             "ORDERS_DATABASE__DBNAME": DBNAME,
-            "ORDERS_RABBITMQ__URL": f"{prefix}/{'%2F' if vhost == '/' else vhost}",
+            "ORDERS_RABBITMQ__URL": amqp,
             "ORDERS_LOGGING__LEVEL": os.environ.get("ORDERS_LOGGING__LEVEL", "WARNING"),
             "ORDERS_LOGGING__FORMAT": os.environ.get("ORDERS_LOGGING__FORMAT", "json"),
             "ORDERS_WORKER__LIVENESS_FILE": str(tmp / "alive"),
@@ -146,7 +173,7 @@ def products_for_bench() -> list[dict[str, Any]]:
 
 
 def prepare_queues(url: str, settings: Any, capture_type: str) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = pika.BlockingConnection(connection_parameters(url, 60))
     ch = conn.channel()
     queues = [
         *COMMAND_QUEUES,
@@ -168,7 +195,7 @@ def queue_depths(url: str, queues: list[str]) -> dict[str, int]:
 
 
 def purge(url: str, queues: list[str]) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = pika.BlockingConnection(connection_parameters(url, 60))
     try:
         ch = conn.channel()
         for q in queues:
@@ -239,7 +266,7 @@ class Capture(threading.Thread):
 
     def run(self) -> None:
         try:
-            conn = pika.BlockingConnection(pika.URLParameters(self.url))
+            conn = pika.BlockingConnection(connection_parameters(self.url, 60))
             ch = conn.channel()
             ch.basic_qos(prefetch_count=5000)
             last = [0, 0]  # last tag seen, last tag acked
@@ -741,6 +768,12 @@ def main(argv: list[str] | None = None) -> int:
         default="quorum",
         help="type of the event capture queue (default quorum, like the service's own queues)",
     )
+    ap.add_argument(
+        "--topology",
+        choices=("single", "cluster"),
+        default="single",
+        help="cluster: the same run on this machine's servers, then on scripts/cluster.sh's cluster (needs root)",
+    )
     ap.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     ap.add_argument("--timeout", type=float, default=600, help="give up after this many seconds (default 600)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the worker/relay logs (path printed)")
@@ -748,16 +781,52 @@ def main(argv: list[str] | None = None) -> int:
     if args.orders < 10 or args.processes < 1:
         ap.error("--orders must be >= 10 and --processes >= 1")
 
-    deadline = Deadline(args.timeout)
+    deadline = Deadline(args.timeout * (2 if args.topology == "cluster" else 1))
     tmp = Path(tempfile.mkdtemp(prefix="bench-drain-"))
+    # SIGTERM behaves like Ctrl-C, so the clean-up always runs
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        single = measure(args, tmp / "single", deadline, None)
+        if args.topology != "cluster":
+            print(json.dumps(single, indent=2, default=str) if args.json else table(single))
+            return 0
+        say("the same run on the cluster (scripts/cluster.sh up) ...")
+        settings = cluster_settings()
+        os.environ["ORDERS_TEST_RABBITMQCTL"] = "rabbitmqctl -n " + settings["CLUSTER_RABBITMQ_NODES"].split()[0]
+        clustered = measure(args, tmp / "cluster", deadline, settings)
+        a, b = single["drain"]["drain_rate"], clustered["drain"]["drain_rate"]
+        both = {"single": single, "cluster": clustered, "cluster_over_single": b / a if a and b else None}
+        if args.json:
+            print(json.dumps(both, indent=2, default=str))
+        else:
+            print("one node (this machine's PostgreSQL and RabbitMQ):")
+            print(table(single))
+            print("cluster (3 RabbitMQ nodes, quorum queues with 3 members; PostgreSQL with a synchronous standby):")
+            print(table(clustered))
+            print(f"cluster / one node: {fmt(both['cluster_over_single'], '.2f')} (the cost of replication, same run)")
+        return 0
+    except BenchError as exc:
+        say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not args.keep_logs:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args: Any, tmp: Path, deadline: Deadline, cluster: dict[str, str] | None) -> dict[str, Any]:
+    """One preload-and-drain (and the baselines unless skipped) on one node or on the cluster."""
+    tmp.mkdir(parents=True, exist_ok=True)
     procs: list[Proc] = []
     capture: Capture | None = None
     url = ""
-    # SIGTERM behaves like Ctrl-C, so the finally below always runs
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        vhost = make_vhost()
-        env = service_env(vhost, tmp)
+        user = urlsplit(cluster["ORDERS_RABBITMQ__URL"].split(",")[0]).username if cluster else None
+        vhost = make_vhost(user or "guest")
+        env = service_env(vhost, tmp, cluster)
         settings = load_settings(environ=env)
         url = settings.rabbitmq.url.get_secret_value()
         overrides = {
@@ -819,16 +888,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["pgbench"] = pgbench(settings, args.orders, tmp, deadline)
         rate, base = drained["drain_rate"], (result.get("baseline") or {}).get("rate")
         result["ratio"] = rate / base if rate and base else None
-        print(json.dumps(result, indent=2, default=str) if args.json else table(result))
-        return 0
-    except BenchError as exc:
-        say(f"error: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
+        return result
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # don't interrupt the clean-up
         for p in reversed(procs):
             p.stop(timeout=15)
@@ -839,8 +900,6 @@ def main(argv: list[str] | None = None) -> int:
                 purge(url, [*COMMAND_QUEUES, PAYMENTS_QUEUE])
             except Exception:  # noqa: BLE001 - best effort
                 pass
-        if not args.keep_logs:
-            shutil.rmtree(tmp, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 

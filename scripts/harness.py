@@ -431,10 +431,12 @@ def queue_depth(channel: Any, queue: str) -> int:
 
 
 def queue_depths(url: str, queues: Iterable[str]) -> dict[str, int]:
-    """Messages ready per queue, over a connection of its own."""
+    """Messages ready per queue, over a connection of its own (``url``: one node, or several comma-separated)."""
     import pika
 
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    from worker.rabbit.connection import connection_parameters
+
+    conn = pika.BlockingConnection(connection_parameters(url, 60))
     try:
         ch = conn.channel()
         return {q: queue_depth(ch, q) for q in queues}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import psycopg2
@@ -43,9 +44,30 @@ def ensure_database(db: DatabaseSettings) -> bool:
             if cur.fetchone():
                 return False
             cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db.dbname)))
-            return True
     finally:
         conn.close()
+    if len(db.nodes) > 1:
+        _wait_for_standbys(db)
+    return True
+
+
+def _wait_for_standbys(db: DatabaseSettings, timeout: float = 60.0) -> None:
+    """Wait until the new database connects through every host.
+
+    libpq tries the hosts in order and gives up at the first server that
+    refuses the login itself, and a standby refuses a database it has not
+    replayed yet, so right after CREATE DATABASE a standby listed before the
+    primary fails every connection for a moment.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            psycopg2.connect(db.dsn, connect_timeout=5).close()
+            return
+        except psycopg2.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def drop_database(db: DatabaseSettings) -> None:

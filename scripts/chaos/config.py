@@ -36,6 +36,8 @@ class ChaosConfig:
     #: "single" (the machine's servers behind proxies) or "cluster" (scripts/cluster.sh: three RabbitMQ
     #: nodes, a PostgreSQL primary with a synchronous standby; nodes stopped, the primary failed over)
     topology: str = "single"
+    #: shortest load window (seconds); None: 150 on a cluster (its faults take minutes), else 20
+    min_window: float | None = None
     database: str = "orders_chaos"
     vhost: str = "orders-chaos"
     #: orders offered per second (the load window is orders / rate)
@@ -81,4 +83,5 @@ class ChaosConfig:
     @property
     def window(self) -> float:
         # a cluster's faults take minutes (a node boots in 10-30 s): the load goes on through all of them
-        return max(150.0 if self.topology == "cluster" else 20.0, self.orders / self.rate)
+        shortest = self.min_window if self.min_window is not None else 150.0 if self.topology == "cluster" else 20.0
+        return max(shortest, self.orders / self.rate)

@@ -154,6 +154,7 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
         failed = keep and not cfg.keep_logs
         if cfg.drop_after and not failed:
             stack.drop()
+        stack._restore_rabbitmqctl()
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

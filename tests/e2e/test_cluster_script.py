@@ -202,6 +202,42 @@ def test_multi_host_dsn_writes_on_the_primary_and_after_failover_on_the_promoted
     conn.close()
 
 
+def test_a_short_chaos_run_on_the_cluster_loses_nothing_through_node_stops_and_a_failover(cluster, monkeypatch):
+    """The chaos run's invariants while the node leading orders.place stops, then another, and the
+    PostgreSQL primary is failed over; the service is never restarted (``python -m scripts.chaos
+    --topology cluster`` is the long version, on the default cluster)."""
+    from scripts import chaos
+
+    for key, value in cluster["env"].items():
+        if key.startswith("CLUSTER_"):
+            monkeypatch.setenv(key, value)
+    run_id = os.environ.get("ORDERS_TEST_RUN_ID", str(os.getpid()))
+    cfg = chaos.ChaosConfig.short(
+        topology="cluster",
+        orders=600,
+        rate=6.0,
+        min_window=90.0,
+        worker_kills=2,
+        relay_kills=1,
+        malformed=30,
+        seed=int(os.environ.get("CHAOS_SEED", "5")),
+        database=f"orders_chaos_cluster_{run_id}",
+        vhost=f"orders-chaos-cluster-{run_id}",
+        drop_after=True,
+    )
+
+    result = chaos.run(cfg)
+
+    failed = {c["name"]: c["problems"][:5] for c in result["checks"] if not c["ok"]}
+    assert not failed, f"chaos checks violated (logs: {result['logs']}): {failed}"
+    injected = {row[0]: int(row[2]) for row in result["injected"] if row[2].isdigit()}
+    assert injected["RabbitMQ leader of orders.place stopped"] == 1
+    assert injected["RabbitMQ other node stopped"] == 1
+    assert injected["PostgreSQL failover"] == 1
+    assert injected["orders placed"] == cfg.orders
+    assert result["statuses"].get("completed", 0) > cfg.orders // 2
+
+
 def test_down_stops_and_removes_everything_up_made(cluster):
     run(cluster["env"], "down")
 
