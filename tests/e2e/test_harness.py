@@ -22,6 +22,8 @@ from pathlib import Path
 from scripts.harness import Proc
 p = Proc("group", ["sh", "-c", "sleep 300 & echo $! > {kid}; wait"], None, Path({log!r}))
 print(p.pid, flush=True)
+while not Path({kid!r}).exists():  # the shell has started its child: there is a group to take along
+    time.sleep(0.05)
 time.sleep(0 if {exit_at_once} else 120)
 """
 
@@ -38,7 +40,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize("end", ["SIGTERM", "SIGHUP", "exit"])
 def test_a_parent_ended_by_a_signal_or_exiting_takes_its_process_groups_with_it(tmp_path, end):
     kid_file = tmp_path / "kid"
-    code = PARENT.format(kid=kid_file, log=str(tmp_path / "group.log"), exit_at_once=end == "exit")
+    code = PARENT.format(kid=str(kid_file), log=str(tmp_path / "group.log"), exit_at_once=end == "exit")
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert parent.stdout is not None
     leader = int(parent.stdout.readline())

@@ -34,7 +34,7 @@ def test_rabbitmq_nodes_from_a_yaml_list(tmp_path):
     import yaml
 
     config.write_text(yaml.safe_dump(data))
-    assert load_settings(config).rabbitmq.urls == NODES.split(",")
+    assert load_settings(config, environ={}).rabbitmq.urls == NODES.split(",")
 
 
 def test_each_connection_takes_the_nodes_in_an_order_of_its_own_and_a_rotation_visits_every_node():
