@@ -22,10 +22,6 @@ def _ago(when: datetime | None) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S") if when else "-"
 
 
-def _short(when: datetime | None) -> str:
-    return when.strftime("%m-%d %H:%M:%S") if when else "-"
-
-
 def _age(when: datetime | None, now: datetime) -> str:
     """How long ago, in the units ``--older-than`` takes: ``45s``, ``12m``, ``3h``, ``2d``."""
     if when is None:
