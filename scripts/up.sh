@@ -4,8 +4,26 @@
 # loads the demo catalogue, then runs Procfile.local (worker pool, outbox
 # relay, HTTP shim and the two payment fakes) under honcho.  Ctrl-C stops all.
 # Naming processes (e.g. `bash scripts/up.sh worker relay`) starts only those.
+# On a terminal the logs are readable (ORDERS_LOGGING__FORMAT=console unless set),
+# elsewhere JSON lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Decided by the terminal up.sh (so honcho) writes to: honcho's processes write to
+# a pipe, where `logging.format: auto` would always choose JSON.
+if [ -t 1 ] && [ -z "${ORDERS_LOGGING__FORMAT:-}" ]; then
+  export ORDERS_LOGGING__FORMAT=console
+fi
+
+# Ctrl-C must stop everything whatever the output goes to. With `up.sh | tee up.log`
+# the terminal's SIGINT kills tee too; honcho then died writing "SIGINT received" to
+# the closed pipe before stopping its processes (each runs in a session of its own,
+# out of Ctrl-C's reach) and hung waiting for them. So off a terminal, output passes
+# through a forwarder that ignores the signals and, once nobody reads, keeps reading and
+# drops it: honcho never writes to a closed pipe and stops its processes as usual.
+forward_output() { trap '' INT TERM HUP PIPE; { cat || exec cat >/dev/null; } 2>/dev/null; }
+[ -t 1 ] || exec 1> >(forward_output)
+[ -t 2 ] || exec 2> >(forward_output >&2)
 
 bash scripts/bootstrap.sh
 

@@ -205,13 +205,12 @@ def shim(
     from worker.shim.server import serve
 
     settings = settings_or_exit(config, serving=True)
-    serve(
-        settings,
-        config,
-        host or settings.shim.host,
-        settings.shim.port if port is None else port,
-        settings.shim.workers if workers is None else workers,
-    )
+    port = settings.shim.port if port is None else port
+    workers = settings.shim.workers if workers is None else workers
+    if port == 0 and workers > 1:
+        typer.echo("error: --port 0 needs a single worker (the port the workers share could not be told)", err=True)
+        raise typer.Exit(2)
+    serve(settings, config, host or settings.shim.host, port, workers)
 
 
 @token_app.command("issue")

@@ -89,11 +89,17 @@ def list_(
     older_than: Older = None,
     newer_than: Newer = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Show at most this many (table: 1000).")] = None,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide", "-w", help="Every column (original queue, both failure times, whole errors), nothing cut."
+        ),
+    ] = False,
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """List dead letters (the queue is browsed, never consumed or reordered)."""
-    from worker.dlq.view import letters_table
+    """List dead letters, one line each (the queue is browsed, never consumed or reordered)."""
+    from worker.dlq.view import print_letters
 
     _, letters = _browse(config, _selection(None, types, errors, queues, older_than, newer_than))
     if as_json:  # scripts get everything unless they ask for less
@@ -101,7 +107,7 @@ def list_(
         return
     limit = limit or 1000
     title = f"{len(letters)} dead letter(s)" + (f", first {limit} shown" if len(letters) > limit else "")
-    out.print(letters_table(letters[:limit], title))
+    print_letters(out, letters[:limit], title, wide)
 
 
 @app.command()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group
+from rich.measure import Measurement
 from rich.panel import Panel
+from rich.segment import Segment, Segments
 from rich.syntax import Syntax
 from rich.table import Table
+from rich.text import Text
 
 from worker.dlq.letters import DeadLetter
 
@@ -18,30 +22,86 @@ def _ago(when: datetime | None) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S") if when else "-"
 
 
-def _short(when: datetime | None) -> str:
-    return when.strftime("%m-%d %H:%M:%S") if when else "-"
+def _age(when: datetime | None, now: datetime) -> str:
+    """How long ago, in the units ``--older-than`` takes: ``45s``, ``12m``, ``3h``, ``2d``."""
+    if when is None:
+        return "-"
+    seconds = max(0, int((now - when).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
-def letters_table(letters: list[DeadLetter], title: str) -> Table:
-    """One row per dead letter; long ids and errors wrap rather than vanish."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("id", overflow="fold", min_width=8)
-    table.add_column("type", overflow="fold")
-    table.add_column("original queue", overflow="fold")
+def _cut(text: str, style: str = "") -> Text:
+    """A cell kept to one line, cut with an ellipsis where its column is narrower."""
+    return Text(text, style=style, no_wrap=True, overflow="ellipsis")
+
+
+def _plain_table(title: str) -> Table:
+    """No borders: two spaces between columns, none at the edges, a rule under the header."""
+    return Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )
+
+
+def letters_table(letters: list[DeadLetter], title: str, wide: bool = False, now: datetime | None = None) -> Table:
+    """One line per dead letter.
+
+    Narrow (the default) fits a terminal of 80 columns: the id is always
+    whole (``show``, ``replay`` and ``purge`` take it), type and error are cut
+    with an ellipsis to fit, and ``age`` counts since the letter landed, as
+    ``--older-than`` does.  ``wide``: every column (the original queue, both
+    failure times) and nothing cut; print it with :func:`print_letters`,
+    which lets its lines run past the terminal's width rather than fold.
+    """
+    table = _plain_table(title)
+    if wide:
+        for header in ("id", "type", "original queue", "att.", "first failure", "last failure", "error"):
+            table.add_column(header, no_wrap=True, justify="right" if header == "att." else "left")
+        for dl in letters:
+            table.add_row(
+                dl.id,
+                dl.message_type,
+                dl.original_queue or "-",
+                str(dl.attempts),
+                _ago(dl.first_failure_at),
+                _ago(dl.last_failure_at),
+                Text.assemble((dl.error_class, "bold"), ": ", dl.error_message.replace("\n", " ")),
+            )
+        return table
+    now = now or datetime.now(UTC)
+    table.add_column("id", no_wrap=True)
+    # type and error are not no_wrap, so the table may narrow them (error first: the widest);
+    # their cells (_cut) never wrap
+    table.add_column("type", max_width=16)
     table.add_column("att.", justify="right", no_wrap=True)
-    table.add_column("failed first\nand last", no_wrap=True)
-    table.add_column("error", overflow="fold", ratio=1)
+    table.add_column("age", justify="right", no_wrap=True)
+    table.add_column("error", min_width=8)
     for dl in letters:
-        error = f"[bold]{dl.error_class}[/]: {dl.error_message[:100]}"
+        error = _cut(f"{dl.error_class}: ", "bold")
+        error.append(dl.error_message.replace("\n", " "), style="not bold")
         table.add_row(
             dl.id,
-            dl.message_type,
-            dl.original_queue or "-",
+            _cut(dl.message_type),
             str(dl.attempts),
-            f"{_short(dl.first_failure_at)}\n{_short(dl.last_failure_at)}",
+            _age(dl.last_failure_at or dl.first_failure_at, now),
             error,
         )
     return table
+
+
+def print_letters(
+    console: Console, letters: list[DeadLetter], title: str, wide: bool = False, now: datetime | None = None
+) -> None:
+    """``dlq list``'s table; a wide one as wide as its longest row (like ``ps ww``), one line per letter."""
+    table = letters_table(letters, title, wide, now)
+    if not wide:
+        console.print(table)
+        return
+    width = max(console.width, Measurement.get(console, console.options.update_width(10**6), table).maximum)
+    lines = console.render_lines(table, console.options.update_width(width), pad=False)
+    console.print(Segments(segment for line in lines for segment in (*line, Segment.line())), crop=False, end="")
 
 
 def _kv(rows: dict[str, Any]) -> Table:

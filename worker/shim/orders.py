@@ -174,7 +174,7 @@ async def _enqueue(
             "description": "Invalid request (`validation_error`), or, with "
             "`Prefer: wait`, the order was rejected (`order_rejected`: the reason and `order_id`).",
         },
-        **_errors(400, 401, 403, 409, 413, 429, 503),
+        **_errors(400, 401, 403, 409, 413, 415, 429, 503),
     },
 )
 async def place_order(
@@ -255,7 +255,7 @@ async def get_order_history(order_id: uuid.UUID, s: ShimDep, principal: ReadCall
     summary="Cancel an order",
     responses={
         200: {"model": OrderView, "description": "Cancelled (with `Prefer: wait`)."},
-        **_errors(400, 401, 404, 409, 413, 422, 429, 503),
+        **_errors(400, 401, 404, 409, 413, 415, 422, 429, 503),
     },
 )
 async def cancel_order(

@@ -6,6 +6,10 @@ keep-alive timeout, and which peers may name the client in
 ``X-Forwarded-For``.  uvicorn trusts that header from 127.0.0.1 unless told
 otherwise, which let any local client pick the rate-limit bucket of any
 address; here it is honoured only from ``shim.trusted_proxies``.
+
+On start the shim logs one ``listening`` line with its URL and worker count,
+as the payment fakes print theirs.  With one worker the socket is bound here
+first, so the line names the real port even for ``--port 0``.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from worker.settings import Settings
 from worker.shim.protocol import EdgeHttpToolsProtocol
+
+log = structlog.get_logger("worker.shim")
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -47,6 +55,8 @@ def serve(settings: Settings, config: Path | None, host: str, port: int, workers
     to ``config`` for them).  Either way the app learns ``workers`` as
     ``shim.workers`` (the workers inherit ``ORDERS_SHIM__WORKERS``): while
     Redis is unreachable each process enforces its share of the rate limits.
+    Port 0 needs a single worker: with several, uvicorn's parent binds their
+    shared socket, and the port it got could not be told.
     """
     import uvicorn
 
@@ -56,8 +66,21 @@ def serve(settings: Settings, config: Path | None, host: str, port: int, workers
     if workers == 1:
         from worker.shim.app import create_app
 
-        uvicorn.run(create_app(settings), **options)
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), **options))
+        sock = server.config.bind_socket()  # exits (3) with uvicorn's message when the port is taken
+        log.info("listening", url=_url(host, sock.getsockname()[1]), workers=workers)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
+        if not server.started:
+            raise SystemExit(3)  # what uvicorn.run exits with when start-up failed
         return
     if config is not None:
         os.environ["ORDERS_CONFIG"] = str(config)
+    log.info("listening", url=_url(host, port), workers=workers)
     uvicorn.run("worker.shim.app:from_environment", factory=True, workers=workers, **options)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
