@@ -86,11 +86,11 @@ class Provider:
     }
 
     def __init__(self, name: str, server: Any) -> None:
-        from handlers.payments.base import Outcome
+        from handlers.payments.base import PaymentOutcome
 
         self.name, self.server = name, server
         terms = self.TERMS[name]
-        self.started: Outcome = Outcome[terms["started"]]
+        self.started: PaymentOutcome = PaymentOutcome[terms["started"]]
         self.reused_key_error: str = terms["reused_key"]
         self.bad_credentials: dict[str, str] = terms["bad_credentials"]
         self.unknown_id: str = terms["unknown_id"]
