@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
+from tests.support import OtlpCollector
 from worker import tracing
 from worker.rabbit.connection import Delivery, Outgoing
 from worker.settings import TracingSettings
@@ -112,32 +111,11 @@ def test_with_tracing_off_nothing_is_set_up_and_nothing_carries_a_traceparent():
     assert found["traceparent"] is None
 
 
-class _Collector(BaseHTTPRequestHandler):
-    """An OTLP/HTTP collector stub: keeps each ExportTraceServiceRequest it is sent."""
-
-    received: list[tuple[str, bytes]] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - the handler's name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append((self.path, body))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def collector() -> Iterator[str]:
-    _Collector.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def collector() -> Iterator[OtlpCollector]:
+    c = OtlpCollector()
+    yield c
+    c.stop()
 
 
 ON_PROBE = """
@@ -154,35 +132,18 @@ print(json.dumps({"on": on, "provider": type(trace.get_tracer_provider()).__name
 """
 
 
-def _exported(body: bytes) -> list[tuple[str, str, dict[str, Any]]]:
-    """(service name, span name, span attributes) of an ExportTraceServiceRequest."""
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-    request = ExportTraceServiceRequest.FromString(body)
-    found = []
-    for resource_spans in request.resource_spans:
-        resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-        for scope_spans in resource_spans.scope_spans:
-            for span in scope_spans.spans:
-                attributes = {a.key: a.value.string_value for a in span.attributes}
-                found.append((resource["service.name"], span.name, attributes))
-    return found
-
-
 def test_the_setting_sends_spans_over_otlp_http_named_after_the_process(collector):
-    found = _probe(ON_PROBE, ORDERS_TRACING__OTLP_ENDPOINT=collector)
+    found = _probe(ON_PROBE, ORDERS_TRACING__OTLP_ENDPOINT=collector.url)
     assert found["on"] is True and found["provider"] == "TracerProvider"
-    assert found["traceparent"].startswith("00-")
-    paths = {path for path, _ in _Collector.received}
-    assert paths == {"/v1/traces"}
-    spans = [s for _, body in _Collector.received for s in _exported(body)]
-    assert spans == [("orders-relay", "probe", {"orders.order_id": "o-1"})]
+    assert set(collector.paths) == {"/v1/traces"}
+    (span,) = collector.spans()
+    assert (span.service, span.name, span.attributes) == ("orders-relay", "probe", {"orders.order_id": "o-1"})
+    assert found["traceparent"].split("-")[1:3] == [span.trace_id, span.span_id]
 
 
 def test_the_standard_variables_turn_it_on_and_name_the_service(collector):
-    _probe(ON_PROBE, OTEL_EXPORTER_OTLP_ENDPOINT=collector, OTEL_SERVICE_NAME="relay-eu-1")
-    spans = [s for _, body in _Collector.received for s in _exported(body)]
-    assert [(service, name) for service, name, _ in spans] == [("relay-eu-1", "probe")]
+    _probe(ON_PROBE, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url, OTEL_SERVICE_NAME="relay-eu-1")
+    assert [(s.service, s.name) for s in collector.spans()] == [("relay-eu-1", "probe")]
 
 
 # -- with an in-memory exporter ---------------------------------------------------------------
