@@ -122,7 +122,6 @@ def setup(settings: TracingSettings, service: str, environ: Mapping[str, str] | 
     from opentelemetry.sdk.trace import SpanLimits
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-    from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
 
     span_exporter: SpanExporter
     if exporter == "console":
@@ -138,13 +137,23 @@ def setup(settings: TracingSettings, service: str, environ: Mapping[str, str] | 
         resource = resource.merge(Resource({SERVICE_NAME: service}))
     limits = SpanLimits(max_links=int(environ.get("OTEL_SPAN_LINK_COUNT_LIMIT") or DEFAULT_MAX_LINKS))
     provider = SdkTracerProvider(
-        resource=resource, sampler=no_orphan_clients(_get_from_env_or_default()), span_limits=limits
+        resource=resource, sampler=no_orphan_clients(_configured_sampler()), span_limits=limits
     )
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
     install(provider)
     log.info("tracing on (%s exporter, service %s)", exporter, resource.attributes.get(SERVICE_NAME))
     return True
+
+
+def _configured_sampler() -> Sampler:
+    """``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` as the SDK reads them; parent-based always-on."""
+    from opentelemetry.sdk.trace import sampling
+
+    try:
+        return sampling._get_from_env_or_default()  # the SDK's own reading of the variables
+    except AttributeError:  # pragma: no cover - a later SDK may move it: fall back to its default
+        return sampling.ParentBased(sampling.ALWAYS_ON)
 
 
 def install(provider: TracerProvider) -> None:

@@ -241,3 +241,17 @@ def test_with_tracing_off_nothing_carries_a_traceparent(service, capture, make_p
     assert service.relay_round() == 2
     published = capture()
     assert published and all("traceparent" not in headers for headers in published.values())
+
+
+def test_each_providers_sdk_calls_are_spans_under_the_payment_call(spans, provider):
+    """Whatever HTTP client each SDK really uses (Stripe's RequestsClient, PayPal's apimatic core over
+    requests) is instrumented: its requests to the provider are spans under the call's span."""
+    gateway = provider.gateway()  # made after tracing is on, as a worker process makes it
+    with tracing.span(f"{provider.name} StartPayment"):
+        result = gateway.start(provider.request(order_id=str(uuid.uuid4())))
+    assert result.outcome is provider.started
+    finished = list(spans.get_finished_spans())
+    call = _only(finished, f"{provider.name} StartPayment")
+    http = [s for s in finished if s.kind.name == "CLIENT" and _http_url(s).startswith(provider.url)]
+    assert http and all(s.parent.span_id == call.context.span_id for s in http)
+    assert any(_http_url(s).startswith(provider.url + provider.TERMS[provider.name]["start_path"]) for s in http)

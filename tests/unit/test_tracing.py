@@ -255,3 +255,10 @@ def test_off_again_after_uninstall(spans):
     with tracing.batch_span([_delivery({})]), tracing.command_span(_delivery({})):
         pass
     assert spans.get_finished_spans() == ()
+
+
+def test_the_standard_sampler_variable_is_honoured(collector):
+    found = _probe(ON_PROBE, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url, OTEL_TRACES_SAMPLER="always_off")
+    assert found["on"] is True
+    assert int(found["traceparent"].split("-")[3], 16) & 1 == 0  # context still flows, marked not sampled
+    assert collector.spans() == []
