@@ -4,6 +4,7 @@ processes make one trace from ``POST /orders`` to ``order.completed``."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from scripts import harness
 from scripts.harness import Proc
 from scripts.tcp_proxy import free_port
 from tests.support import ExportedSpan, OtlpCollector, private_vhost, wait_until
@@ -31,9 +33,10 @@ def collector() -> Iterator[OtlpCollector]:
 def traced_stack(
     test_env: dict[str, str], settings: Any, clean_db: Any, fakes: Any, collector: OtlpCollector, tmp_path: Path
 ) -> Iterator[str]:
+    vhost = f"orders-tracing-test-{os.getpid()}"
     env = {
         **test_env,
-        "ORDERS_RABBITMQ__URL": private_vhost(settings, "orders-tracing-test"),
+        "ORDERS_RABBITMQ__URL": private_vhost(settings, vhost),
         "ORDERS_SHIM__JWT_SECRET": JWT_SECRET,
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within a tenth of a second, not five
@@ -50,6 +53,7 @@ def traced_stack(
     finally:
         for p in procs:
             p.stop(20)
+        harness.delete_vhost(vhost)
 
 
 def _healthy(url: str) -> bool:
