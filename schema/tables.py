@@ -182,6 +182,8 @@ outbox = Table(
     Column("body", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("published_at", DateTime(timezone=True)),
+    #: W3C trace context of the span that emitted the event (NULL when tracing was off)
+    Column("traceparent", String(255)),
     Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
     Index("ix_outbox_order_id", "order_id"),
 )

@@ -14,7 +14,7 @@ server.  Each test is marked with its layer (``-m "not e2e"`` and so on).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +99,25 @@ def make_place() -> Callable[..., dict[str, Any]]:
 @pytest.fixture
 def wait() -> Callable[..., Any]:
     return wait_until
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """Tracing on in this process (worker/tracing.py), into the SDK's in-memory exporter, with the
+    service's sampler; off again afterwards.  Ask for it before anything that must be made traced."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+    from worker import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=tracing.no_orphan_clients(ParentBased(ALWAYS_ON)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.uninstall()
+        provider.shutdown()

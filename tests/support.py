@@ -7,12 +7,15 @@ there), which makes this module importable as ``tests.support``.
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from scripts import harness
 from scripts.harness import wait_until
 
-__all__ = ["place_body", "private_vhost", "wait_until"]
+__all__ = ["ExportedSpan", "OtlpCollector", "place_body", "private_vhost", "wait_until"]
 
 
 def place_body(
@@ -45,3 +48,81 @@ def private_vhost(settings: Any, name: str) -> str:
     declare_topology(broker.channel(), settings.worker.retry_delays_seconds)
     broker.close()
     return url
+
+
+@dataclass
+class ExportedSpan:
+    """A span as an OTLP collector received it (ids in hex)."""
+
+    service: str
+    name: str
+    kind: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+    links: list[tuple[str, str]] = field(default_factory=list)  # (trace id, span id)
+
+
+class OtlpCollector:
+    """An OTLP/HTTP collector stub on loopback: keeps the spans of every ``POST /v1/traces``
+    (protobuf ``ExportTraceServiceRequest``) it is sent; ``url`` is what OTEL_EXPORTER_OTLP_ENDPOINT takes."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self._spans: list[ExportedSpan] = []
+        self._lock = threading.Lock()
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the handler's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                collector._receive(self.path, body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _receive(self, path: str, body: bytes) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+        def value(v: Any) -> Any:
+            kind = v.WhichOneof("value")
+            return getattr(v, kind) if kind else None
+
+        found = []
+        for resource_spans in ExportTraceServiceRequest.FromString(body).resource_spans:
+            resource = {a.key: value(a.value) for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for s in scope_spans.spans:
+                    found.append(
+                        ExportedSpan(
+                            service=str(resource.get("service.name")),
+                            name=s.name,
+                            kind=Span.SpanKind.Name(s.kind).removeprefix("SPAN_KIND_"),
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_span_id=s.parent_span_id.hex(),
+                            attributes={a.key: value(a.value) for a in s.attributes},
+                            links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
+                        )
+                    )
+        with self._lock:
+            self.paths.append(path)
+            self._spans += found
+
+    def spans(self) -> list[ExportedSpan]:
+        with self._lock:
+            return list(self._spans)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

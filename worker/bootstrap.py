@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from handlers.payments.base import PaymentGateway
 from schema.topology import COMMAND_QUEUES, PAYMENTS_QUEUE, WORK_QUEUES
-from worker import db, logs
+from worker import db, logs, tracing
 from worker.commands import Applier, BatchRule
 from worker.consume import Batches, Consumer, Window
 from worker.metrics import NO_METRICS, Metrics, MetricsSink
@@ -102,6 +102,7 @@ def worker_process(settings: Settings, index: int, stop: threading.Event, queues
 
     logs.configure(settings.logging.level, settings.logging.format)
     structlog.contextvars.bind_contextvars(worker=index)
+    tracing.setup(settings.tracing, "orders-worker")  # in the child: the exporter's thread does not survive a fork
     engine = db.make_engine(settings.database)
     metrics = Metrics()
     cache = OrderCache(engine, make_redis(settings.redis), settings.redis.cache_ttl_seconds)
@@ -119,7 +120,9 @@ def worker_process(settings: Settings, index: int, stop: threading.Event, queues
             cache.settle_owed()
     if payments is not None:
         payments.join()
+    tracing.flush()  # a forked pool process ends without atexit handlers
 
 
 def relay(settings: Settings, metrics: MetricsSink = NO_METRICS) -> Relay:
+    tracing.setup(settings.tracing, "orders-relay")
     return Relay(settings, db.make_engine(settings.database, pool_size=2), metrics)

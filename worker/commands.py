@@ -22,6 +22,7 @@ from handlers.errors import Refused, RetryLater
 from handlers.outcome import MessageContext
 from schema.messages import MAX_MESSAGE_ID, Command, InvalidMessage
 from schema.topology import COMMAND_ROUTES, parse_command, wrong_queue
+from worker import tracing
 from worker.errors import Kind, classify
 from worker.outcomes import Handled, Result, handled_from
 from worker.rabbit.connection import Delivery
@@ -100,25 +101,26 @@ class Applier:
                 fresh.discard(mid)  # a second copy in this batch is a duplicate
                 ctx = MessageContext(mid, d.message_type or "", d.correlation_id, order_id)
                 uow.handling(mid, ctx.message_type, d.correlation_id)
-                try:
-                    outcome = COMMAND_HANDLERS[type(command)](command, ctx, uow)
-                except RetryLater as exc:
-                    deferred.append(mid)
-                    handled.append(handled_from(d, exc, order_id))
-                    continue
-                except Refused as exc:
-                    log.info(
-                        "command refused",
-                        reason=str(exc),
-                        type=ctx.message_type,
-                        message_id=mid,
-                        order_id=order_id,
-                        correlation_id=d.correlation_id,
-                    )
-                    # never silent: announced in this transaction, with the inbox row that makes it once
-                    events.refused(uow, order_id, mid, ctx.message_type, exc.code, str(exc), d.correlation_id)
-                    handled.append(handled_from(d, exc, order_id))
-                    continue
+                with tracing.command_span(d, order_id):  # the events it emits store this span
+                    try:
+                        outcome = COMMAND_HANDLERS[type(command)](command, ctx, uow)
+                    except RetryLater as exc:
+                        deferred.append(mid)
+                        handled.append(handled_from(d, exc, order_id))
+                        continue
+                    except Refused as exc:
+                        log.info(
+                            "command refused",
+                            reason=str(exc),
+                            type=ctx.message_type,
+                            message_id=mid,
+                            order_id=order_id,
+                            correlation_id=d.correlation_id,
+                        )
+                        # never silent: announced in this transaction, with the inbox row that makes it once
+                        events.refused(uow, order_id, mid, ctx.message_type, exc.code, str(exc), d.correlation_id)
+                        handled.append(handled_from(d, exc, order_id))
+                        continue
                 handled.append(Handled(d, Result.APPLIED, outcome, order_id=order_id))
             uow.release(deferred)
         return handled

@@ -30,6 +30,7 @@ from typing import Protocol
 
 import structlog
 
+from worker import tracing
 from worker.commands import BatchRule
 from worker.errors import ConnectionLost
 from worker.metrics import NO_METRICS, MetricsSink
@@ -191,10 +192,11 @@ class Batches:
 
     def submit(self, broker: BlockingBroker, deliveries: list[Delivery]) -> None:
         started = time.perf_counter()
-        good, handled = self.rule.applier.decode_all(deliveries)
-        handled += self.rule.apply(good)
-        for h in handled:
-            self.settlement.settle(broker, h)
+        with tracing.batch_span(deliveries):  # the batch's transaction and settlement, linked to each command
+            good, handled = self.rule.applier.decode_all(deliveries)
+            handled += self.rule.apply(good)
+            for h in handled:
+                self.settlement.settle(broker, h)
         broker.ack_through(max(d.delivery_tag for d in deliveries))
         self.metrics.observe_batch(handled, time.perf_counter() - started)
 

@@ -249,6 +249,14 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class TracingSettings(_Section):
+    """OpenTelemetry tracing (:mod:`worker.tracing`); off unless this or the standard OTEL_* variables ask for it."""
+
+    #: base URL of an OTLP/HTTP collector (``http://otel-collector:4318``; ``/v1/traces`` is added);
+    #: "" = off, unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_TRACES_EXPORTER`` turn it on
+    otlp_endpoint: str = ""
+
+
 Environment = Literal["production", "development"]
 
 
@@ -266,6 +274,7 @@ class Settings(_Section):
     shim: ShimSettings
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
+    tracing: TracingSettings = TracingSettings()
 
 
 def _wants_json(section: str, key: str | None) -> bool:

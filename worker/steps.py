@@ -22,6 +22,7 @@ from handlers.payment_step import CAPTURE_SETTLE_SECONDS, Call, Step, payment_st
 from handlers.payments.base import PaymentGateway, PermanentPaymentError, TransientPaymentError
 from schema.messages import InvalidMessage
 from schema.topology import PAYMENT_STEP_TYPES
+from worker import tracing
 from worker.commands import decode
 from worker.metrics import NO_METRICS, MetricsSink
 from worker.outcomes import Handled, Result, handled_from
@@ -54,6 +55,12 @@ class PaymentStep:
         self.metrics = metrics
 
     def handle(self, d: Delivery) -> Handled:
+        with tracing.command_span(d) as span:  # a child of the internal command's traceparent
+            handled = self._handle(d)
+            tracing.outcome(span, handled.result.value, handled.error, handled.order_id)
+        return handled
+
+    def _handle(self, d: Delivery) -> Handled:
         try:
             command: Any = decode(d, PAYMENT_STEP_TYPES)  # an internal command: each names its order
         except InvalidMessage as exc:
@@ -111,14 +118,16 @@ class PaymentStep:
     def _call(self, call: Call, ctx: MessageContext) -> Any:
         gateway = self.gateways[call.provider]
         try:
-            for attempt in Retrying(
-                stop=stop_after_attempt(self.inplace_retries),
-                wait=wait_exponential(multiplier=0.2, max=2.0) + wait_random(0, 0.1),
-                retry=retry_if_exception_type(TransientPaymentError),
-                reraise=True,
-            ):
-                with attempt:
-                    result = call.run(gateway)
+            # one span around the call and its retries; the SDKs' HTTP requests are spans under it
+            with tracing.span(f"{call.provider} {ctx.message_type}", **{"orders.provider": call.provider}):
+                for attempt in Retrying(
+                    stop=stop_after_attempt(self.inplace_retries),
+                    wait=wait_exponential(multiplier=0.2, max=2.0) + wait_random(0, 0.1),
+                    retry=retry_if_exception_type(TransientPaymentError),
+                    reraise=True,
+                ):
+                    with attempt:
+                        result = call.run(gateway)
         except TransientPaymentError as exc:
             self.metrics.payment_call(call.provider, ctx.message_type, "transient_error")
             log.warning("payment provider unavailable; will retry", provider=call.provider, error=str(exc))

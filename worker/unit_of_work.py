@@ -24,6 +24,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from handlers.orders import Line, Order, Status
 from handlers.unit_of_work import PaymentRecord, PaymentStatus, Product
 from schema import tables
+from worker import tracing
 from worker.errors import ConcurrentUpdate
 
 #: Channel the relay LISTENs on; one NOTIFY per transaction that wrote events.
@@ -51,6 +52,8 @@ _ITEM_COLUMNS = ("order_id", "line_no", "product_id", "quantity", "unit_price")
 _TRANSITION_COLUMNS = ("order_id", "from_status", "to_status", "message_id", "reason", "message_type", "correlation_id")
 _HISTORY_COLUMNS = ("order_id", "kind", "ref", "message_id", "message_type", "correlation_id", "data")
 _OUTBOX_COLUMNS = ("event_id", "exchange", "routing_key", "message_type", "order_id", "correlation_id", "body")
+#: with tracing on, each row also stores the emitting span's context
+_TRACED_OUTBOX_COLUMNS = (*_OUTBOX_COLUMNS, "traceparent")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 #: what COPY's text format escapes; most values (ids, statuses) have none, and a search is cheaper than a copy
 _COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
@@ -113,6 +116,8 @@ class PostgresUnitOfWork:
         #: order_history rows: (order_id, kind, ref, message_id, message_type, correlation_id, data)
         self._history: list[tuple[Any, ...]] = []
         self._payment_causes: dict[str, tuple[str | None, str | None, str | None]] = {}
+        #: tracing on: outbox rows carry the emitting span's traceparent (decided once, so rows match columns)
+        self._traced = tracing.ACTIVE
 
     def handling(self, message_id: str, message_type: str, correlation_id: str | None) -> None:
         """The message the handler about to run handles: its transitions, events and payments name it."""
@@ -252,6 +257,8 @@ class PostgresUnitOfWork:
                 to_json(body).decode(),
             )
         )
+        if self._traced:
+            self._outbox[-1] += (tracing.traceparent(),)
         mid, mtype, mcorr = self._current
         facts: dict[str, Any] = {"exchange": exchange, "routing_key": routing_key, "type": message_type}
         if "reason" in body and "command" in body:  # command.refused: what was refused and why
@@ -333,7 +340,7 @@ class PostgresUnitOfWork:
         if self._history:
             copy_rows(conn, "order_history", _HISTORY_COLUMNS, self._history)
         if self._outbox:
-            copy_rows(conn, "outbox", _OUTBOX_COLUMNS, self._outbox)
+            copy_rows(conn, "outbox", _TRACED_OUTBOX_COLUMNS if self._traced else _OUTBOX_COLUMNS, self._outbox)
             conn.execute(text("SELECT pg_notify(:ch, '')"), {"ch": OUTBOX_CHANNEL})
 
     def _update_orders(self, changed: list[Order]) -> None:

@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from handlers.payments import build_gateways
-from worker import db
+from worker import db, tracing
 from worker.read_model import AsyncOrderCache, make_async_redis
 from worker.redis_gate import RedisBusy, RedisGate
 from worker.settings import Settings, load_settings
@@ -193,6 +193,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        tracing.flush()
         shim.publisher.close()
         await shim.redis.aclose()
         shim.engine.dispose()
@@ -219,6 +220,8 @@ def create_app(settings: Settings) -> FastAPI:
         metrics=shim.metrics,
         max_concurrent=settings.shim.max_concurrent_requests,
     )
+    if tracing.setup(settings.tracing, "orders-shim"):  # off unless configured (docs/operations.md, Tracing)
+        tracing.instrument_app(app)
     return app
 
 

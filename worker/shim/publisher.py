@@ -18,6 +18,7 @@ import structlog
 
 from schema import messages
 from schema.topology import route
+from worker import tracing
 from worker.errors import BrokerError, ConnectionLost
 from worker.rabbit.connection import Outgoing
 from worker.shim.amqp import AsyncChannel
@@ -78,11 +79,11 @@ class CommandPublisher:
 
     async def send(self, command: Command) -> None:
         """Publish and wait for the confirm; 503 ApiError otherwise."""
-        await self._run(command, lambda: self._channel.publish(command.outgoing(), self._timeout))
+        await self._run(command, lambda out: self._channel.publish(out, self._timeout))
 
     async def request(self, command: Command, timeout: float) -> dict[str, Any] | None:
         """Publish, then wait up to ``timeout`` s for the worker's outcome (None: not in time)."""
-        raw = await self._run(command, lambda: self._channel.request(command.outgoing(), timeout))
+        raw = await self._run(command, lambda out: self._channel.request(out, timeout))
         if raw is None:
             return None
         try:
@@ -99,9 +100,15 @@ class CommandPublisher:
         await self._channel.ping(self._timeout)
 
     async def _run(self, command: Command, work: Any) -> Any:
+        with tracing.publish_span(
+            command.exchange, command.routing_key, command.message_type, command.message_id
+        ) as tp:
+            return await self._attempts(command, tracing.with_traceparent(command.outgoing(), tp), work)
+
+    async def _attempts(self, command: Command, outgoing: Outgoing, work: Any) -> Any:
         for attempt in (1, 2):
             try:
-                result = await work()
+                result = await work(outgoing)
                 self._count(command, "confirmed")
                 return result
             except (ConnectionLost, TimeoutError) as exc:
