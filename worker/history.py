@@ -21,11 +21,11 @@ _TRANSITIONS = text(
     " FROM order_transitions WHERE order_id = CAST(:id AS uuid) ORDER BY id"
 )
 _HISTORY = text(
-    "SELECT h.at, h.kind, h.ref, h.message_id, h.message_type, h.correlation_id, h.data,"
-    " (o.id IS NOT NULL AND o.published_at IS NULL) AS unpublished"
-    " FROM order_history h LEFT JOIN outbox o ON o.event_id = CASE WHEN h.kind = 'event' THEN CAST(h.ref AS uuid) END"
-    " WHERE h.order_id = CAST(:id AS uuid) ORDER BY h.id"
+    "SELECT at, kind, ref, message_id, message_type, correlation_id, data"
+    " FROM order_history WHERE order_id = CAST(:id AS uuid) ORDER BY id"
 )
+#: events still waiting in the outbox for the broker's confirm (a published one is deleted or marked)
+_UNPUBLISHED = text("SELECT event_id::text FROM outbox WHERE order_id = CAST(:id AS uuid) AND published_at IS NULL")
 
 
 def _cause(r: Any) -> dict[str, Any]:
@@ -49,28 +49,24 @@ def order_story(engine: Engine, order_id: str) -> dict[str, Any] | None:
             for r in conn.execute(_TRANSITIONS, {"id": order_id})
         ]
         rows = conn.execute(_HISTORY, {"id": order_id}).all()
+        unpublished = set(conn.execute(_UNPUBLISHED, {"id": order_id}).scalars())
     events, payments, refusals = [], [], []
     for r in rows:
-        if r.kind == "event":
-            event = {
-                "at": r.at.isoformat(),
-                "event_id": r.ref,
-                "exchange": r.data["exchange"],
-                "routing_key": r.data["routing_key"],
-                "relayed": not r.unpublished,
-                "caused_by": _cause(r),
-            }
-            events.append(event)
-            if "reason" in r.data:
-                refusals.append(
+        if r.kind == "event":  # the events one message made the order emit
+            at, cause = r.at.isoformat(), _cause(r)
+            for exchange, routing_key, event_id in r.data["events"]:
+                events.append(
                     {
-                        "at": event["at"],
-                        "command": r.data.get("command"),
-                        "reason": r.data["reason"],
-                        "message": r.data.get("message"),
-                        "caused_by": event["caused_by"],
+                        "at": at,
+                        "event_id": event_id,
+                        "exchange": exchange,
+                        "routing_key": routing_key,
+                        "relayed": event_id not in unpublished,
+                        "caused_by": cause,
                     }
                 )
+            if "refused" in r.data:
+                refusals.append({"at": at, **r.data["refused"], "caused_by": cause})
         else:
             payments.append({"at": r.at.isoformat(), **r.data, "caused_by": _cause(r)})
     return {"order": view, "transitions": transitions, "events": events, "payments": payments, "refusals": refusals}

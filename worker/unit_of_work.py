@@ -115,6 +115,8 @@ class PostgresUnitOfWork:
         self._current: tuple[str | None, str | None, str | None] = (None, None, None)
         #: order_history rows: (order_id, kind, ref, message_id, message_type, correlation_id, data)
         self._history: list[tuple[Any, ...]] = []
+        #: the events emitted, by (order_id, message_id, message_type, correlation_id) of their cause
+        self._events_by_cause: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._payment_causes: dict[str, tuple[str | None, str | None, str | None]] = {}
         #: tracing on: outbox rows carry the emitting span's traceparent (decided once, so rows match columns)
         self._traced = tracing.ACTIVE
@@ -259,12 +261,14 @@ class PostgresUnitOfWork:
         )
         if self._traced:
             self._outbox[-1] += (tracing.traceparent(),)
-        mid, mtype, mcorr = self._current
-        facts: dict[str, Any] = {"exchange": exchange, "routing_key": routing_key, "type": message_type}
+        # one history row per order and message, listing its events (a PlaceOrder's three in one row)
+        cause = (order_id, *self._current)
+        entry = self._events_by_cause.get(cause)
+        if entry is None:
+            entry = self._events_by_cause[cause] = {"events": []}
+        entry["events"].append([exchange, routing_key, event_id])
         if "reason" in body and "command" in body:  # command.refused: what was refused and why
-            facts.update(command=body["command"], reason=body["reason"], message=body.get("message"))
-        data = to_json(facts).decode()
-        self._history.append((order_id, "event", event_id, mid, mtype, mcorr, data))
+            entry["refused"] = {"command": body["command"], "reason": body["reason"], "message": body.get("message")}
 
     @property
     def touched_versions(self) -> dict[str, int]:
@@ -337,6 +341,8 @@ class PostgresUnitOfWork:
                 mid, mtype, mcorr = self._payment_causes.get(order_id, (None, None, None))
                 record = {f: getattr(p, f) for f in _PAYMENT_FIELDS}
                 self._history.append((order_id, "payment", p.status, mid, mtype, mcorr, to_json(record).decode()))
+        for (order_id, mid, mtype, mcorr), entry in self._events_by_cause.items():
+            self._history.append((order_id, "event", None, mid, mtype, mcorr, to_json(entry).decode()))
         if self._history:
             copy_rows(conn, "order_history", _HISTORY_COLUMNS, self._history)
         if self._outbox:

@@ -42,7 +42,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_order_history")),
     )
     op.create_index("ix_order_history_order_id", "order_history", ["order_id", "id"])
-    op.create_index("ix_order_history_at", "order_history", ["at"])
+    op.create_index("ix_order_history_at", "order_history", ["at"], postgresql_using="brin")
 
 
 def downgrade() -> None:
