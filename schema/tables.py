@@ -110,13 +110,16 @@ order_transitions = Table(
     #: the command that caused it (NULL on rows written before migration 0003)
     Column("message_type", String(50)),
     Column("correlation_id", String(200)),
+    #: the events the same message made the order emit: [[exchange, routing key, event id], ...]
+    Column("events", JSONB),
     Index("ix_order_transitions_order_id", "order_id"),
 )
 
 #: What else happened to an order, append-only, in the transaction that did it:
-#: the events each message made it publish (``kind`` ``event``, one row per
+#: the events of a message that moved no order (``kind`` ``event``, one row per
 #: message: ``data`` ``{"events": [[exchange, routing key, event id], ...]}``
-#: and, for a refusal, ``"refused"``) and each change of its payment (``kind``
+#: and, for a refusal, ``"refused"``; the events of a transition are in its
+#: ``order_transitions`` row) and each change of its payment (``kind``
 #: ``payment``: ``ref`` the status, ``data`` the payment record as saved).  ``orders show`` and
 #: ``GET /orders/{id}/history`` read it with ``order_transitions``; the relay's
 #: housekeeping deletes rows past ``worker.inbox_retention_days``, as the inbox.

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, text
 from worker.read_model import load_views
 
 _TRANSITIONS = text(
-    "SELECT at, from_status, to_status, reason, message_id, message_type, correlation_id"
+    "SELECT at, from_status, to_status, reason, message_id, message_type, correlation_id, events"
     " FROM order_transitions WHERE order_id = CAST(:id AS uuid) ORDER BY id"
 )
 _HISTORY = text(
@@ -38,35 +38,41 @@ def order_story(engine: Engine, order_id: str) -> dict[str, Any] | None:
     if view is None:
         return None
     with engine.connect() as conn:
-        transitions = [
-            {
-                "at": r.at.isoformat(),
-                "from_status": r.from_status,
-                "to_status": r.to_status,
-                "reason": r.reason,
-                "command": _cause(r),
-            }
-            for r in conn.execute(_TRANSITIONS, {"id": order_id})
-        ]
+        transition_rows = conn.execute(_TRANSITIONS, {"id": order_id}).all()
         rows = conn.execute(_HISTORY, {"id": order_id}).all()
         unpublished = set(conn.execute(_UNPUBLISHED, {"id": order_id}).scalars())
-    events, payments, refusals = [], [], []
+    transitions: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    payments: list[dict[str, Any]] = []
+    refusals: list[dict[str, Any]] = []
+
+    def add_events(at: str, cause: dict[str, Any], emitted: list[list[str]]) -> None:
+        for exchange, routing_key, event_id in emitted:
+            events.append(
+                {
+                    "at": at,
+                    "event_id": event_id,
+                    "exchange": exchange,
+                    "routing_key": routing_key,
+                    "relayed": event_id not in unpublished,
+                    "caused_by": cause,
+                }
+            )
+
+    for r in transition_rows:
+        cause = _cause(r)
+        at = r.at.isoformat()
+        transitions.append(
+            {"at": at, "from_status": r.from_status, "to_status": r.to_status, "reason": r.reason, "command": cause}
+        )
+        add_events(at, cause, r.events or [])
     for r in rows:
-        if r.kind == "event":  # the events one message made the order emit
-            at, cause = r.at.isoformat(), _cause(r)
-            for exchange, routing_key, event_id in r.data["events"]:
-                events.append(
-                    {
-                        "at": at,
-                        "event_id": event_id,
-                        "exchange": exchange,
-                        "routing_key": routing_key,
-                        "relayed": event_id not in unpublished,
-                        "caused_by": cause,
-                    }
-                )
+        at, cause = r.at.isoformat(), _cause(r)
+        if r.kind == "event":  # the events of a message that moved no order (a refusal, a step's own)
+            add_events(at, cause, r.data["events"])
             if "refused" in r.data:
                 refusals.append({"at": at, **r.data["refused"], "caused_by": cause})
         else:
-            payments.append({"at": r.at.isoformat(), **r.data, "caused_by": _cause(r)})
+            payments.append({"at": at, **r.data, "caused_by": cause})
+    events.sort(key=lambda e: e["at"])  # transitions and history rows interleave by time
     return {"order": view, "transitions": transitions, "events": events, "payments": payments, "refusals": refusals}

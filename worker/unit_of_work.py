@@ -49,7 +49,16 @@ _ORDER_COLUMNS = (
     "place_message_id",
 )
 _ITEM_COLUMNS = ("order_id", "line_no", "product_id", "quantity", "unit_price")
-_TRANSITION_COLUMNS = ("order_id", "from_status", "to_status", "message_id", "reason", "message_type", "correlation_id")
+_TRANSITION_COLUMNS = (
+    "order_id",
+    "from_status",
+    "to_status",
+    "message_id",
+    "reason",
+    "message_type",
+    "correlation_id",
+    "events",
+)
 _HISTORY_COLUMNS = ("order_id", "kind", "ref", "message_id", "message_type", "correlation_id", "data")
 _OUTBOX_COLUMNS = ("event_id", "exchange", "routing_key", "message_type", "order_id", "correlation_id", "body")
 #: with tracing on, each row also stores the emitting span's context
@@ -324,30 +333,37 @@ class PostgresUnitOfWork:
         ]
         if changed:
             self._update_orders(changed)
-        copy_rows(
-            conn,
-            "order_transitions",
-            _TRANSITION_COLUMNS,
-            (
-                (o.order_id, f.value if f else None, t.value, m, r, *self._messages.get(m, (None, None)))
-                for o in self._orders.values()
-                if o is not None
-                for (f, t, m, r) in o.transitions
-            ),
-        )
+        copy_rows(conn, "order_transitions", _TRANSITION_COLUMNS, self._transition_rows())
         if self._saved_payments:
             self._upsert_payments(list(self._saved_payments.values()))
             for order_id, p in self._saved_payments.items():
                 mid, mtype, mcorr = self._payment_causes.get(order_id, (None, None, None))
                 record = {f: getattr(p, f) for f in _PAYMENT_FIELDS}
                 self._history.append((order_id, "payment", p.status, mid, mtype, mcorr, to_json(record).decode()))
-        for (order_id, mid, mtype, mcorr), entry in self._events_by_cause.items():
+        for (order_id, mid, mtype, mcorr), entry in self._events_by_cause.items():  # events with no transition
             self._history.append((order_id, "event", None, mid, mtype, mcorr, to_json(entry).decode()))
         if self._history:
             copy_rows(conn, "order_history", _HISTORY_COLUMNS, self._history)
         if self._outbox:
             copy_rows(conn, "outbox", _TRACED_OUTBOX_COLUMNS if self._traced else _OUTBOX_COLUMNS, self._outbox)
             conn.execute(text("SELECT pg_notify(:ch, '')"), {"ch": OUTBOX_CHANNEL})
+
+    def _transition_rows(self) -> Iterator[tuple[Any, ...]]:
+        """A row per transition; the first transition a message made on an order also lists the events that
+        message made the order emit (taken out of :attr:`_events_by_cause`: no history row needed for them)."""
+        for o in self._orders.values():
+            if o is None:
+                continue
+            for f, t, m, r in o.transitions:
+                mtype, mcorr = self._messages.get(m, (None, None))
+                events = self._events_by_cause.pop((o.order_id, m, mtype, mcorr), None)
+                if events is not None and "refused" not in events:
+                    events_json = to_json(events["events"]).decode()
+                else:
+                    if events is not None:  # put back: a refusal keeps its history row
+                        self._events_by_cause[(o.order_id, m, mtype, mcorr)] = events
+                    events_json = None
+                yield (o.order_id, f.value if f else None, t.value, m, r, mtype, mcorr, events_json)
 
     def _update_orders(self, changed: list[Order]) -> None:
         rows = [

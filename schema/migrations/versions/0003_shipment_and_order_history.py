@@ -24,6 +24,7 @@ def upgrade() -> None:
     op.add_column("orders", sa.Column("shipment", postgresql.JSONB(astext_type=sa.Text()), nullable=True))
     op.add_column("order_transitions", sa.Column("message_type", sa.String(length=50), nullable=True))
     op.add_column("order_transitions", sa.Column("correlation_id", sa.String(length=200), nullable=True))
+    op.add_column("order_transitions", sa.Column("events", postgresql.JSONB(astext_type=sa.Text()), nullable=True))
     op.create_table(
         "order_history",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
@@ -49,6 +50,7 @@ def downgrade() -> None:
     op.drop_index("ix_order_history_at", table_name="order_history")
     op.drop_index("ix_order_history_order_id", table_name="order_history")
     op.drop_table("order_history")
+    op.drop_column("order_transitions", "events")
     op.drop_column("order_transitions", "correlation_id")
     op.drop_column("order_transitions", "message_type")
     op.drop_column("orders", "shipment")
