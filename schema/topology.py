@@ -102,6 +102,8 @@ def route(command: type[messages.Command] | messages.Command) -> Route:
 COMMAND_QUEUES: dict[str, str] = {r.queue: r.routing_key for r in COMMAND_ROUTES}
 #: the routing keys bound to ``orders.payments``
 PAYMENT_ROUTING_KEYS = tuple(r.routing_key for r in PAYMENT_ROUTES)
+#: the commands upstream services send, the types the command consumer applies
+COMMAND_TYPES = frozenset(r.message_type for r in COMMAND_ROUTES)
 #: the internal payment-step commands, the only types ``orders.payments`` accepts
 PAYMENT_STEP_TYPES = frozenset(r.message_type for r in PAYMENT_ROUTES)
 #: every queue a worker consumes

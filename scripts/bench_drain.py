@@ -34,7 +34,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -114,20 +113,6 @@ def make_vhost(user: str = "guest") -> str:
     except harness.HarnessError as exc:
         say(f"{exc}; using vhost '/'")
     return "/"
-
-
-def cluster_settings() -> dict[str, str]:
-    """``scripts/cluster.sh up`` (idempotent; needs root): the settings of the 3-node RabbitMQ cluster and the
-    PostgreSQL primary with its synchronous standby."""
-    done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "cluster.sh"), "up"], capture_output=True, text=True, timeout=900
-    )
-    if done.returncode != 0:
-        raise BenchError(f"scripts/cluster.sh up failed: {done.stderr.strip()[-1500:]}")
-    found = dict(re.findall(r"^export (\w+)='([^']*)'$", done.stdout, flags=re.M))
-    if "ORDERS_RABBITMQ__URL" not in found:
-        raise BenchError("scripts/cluster.sh up printed no settings")
-    return found
 
 
 def service_env(vhost: str, tmp: Path, cluster: dict[str, str] | None = None) -> dict[str, str]:
@@ -791,8 +776,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(single, indent=2, default=str) if args.json else table(single))
             return 0
         say("the same run on the cluster (scripts/cluster.sh up) ...")
-        settings = cluster_settings()
-        os.environ["ORDERS_TEST_RABBITMQCTL"] = "rabbitmqctl -n " + settings["CLUSTER_RABBITMQ_NODES"].split()[0]
+        try:
+            settings = harness.cluster_up()
+        except harness.HarnessError as exc:
+            raise BenchError(str(exc)) from None
+        os.environ["ORDERS_TEST_RABBITMQCTL"] = harness.cluster_rabbitmqctl(settings)
         clustered = measure(args, tmp / "cluster", deadline, settings)
         a, b = single["drain"]["drain_rate"], clustered["drain"]["drain_rate"]
         both = {"single": single, "cluster": clustered, "cluster_over_single": b / a if a and b else None}

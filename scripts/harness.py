@@ -368,6 +368,38 @@ def rabbitmqctl_argv() -> list[str]:
     return shlex.split(os.environ.get("ORDERS_TEST_RABBITMQCTL", "")) or ["rabbitmqctl"]
 
 
+# -- the cluster of scripts/cluster.sh ---------------------------------------------------------
+
+CLUSTER_SCRIPT = Path(__file__).resolve().parent / "cluster.sh"
+
+
+def cluster_settings(output: str) -> dict[str, str]:
+    """The settings ``scripts/cluster.sh up|status|env`` prints: its ``export NAME='value'`` lines."""
+    found = {}
+    for line in output.splitlines():
+        if line.startswith("export "):
+            name, _, value = shlex.split(line)[1].partition("=")
+            found[name] = value
+    return found
+
+
+def cluster_up(timeout: float = 900) -> dict[str, str]:
+    """``scripts/cluster.sh up`` (idempotent; needs root) and the settings it prints; :class:`HarnessError`
+    when it fails or prints none."""
+    done = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise HarnessError(f"scripts/cluster.sh up failed: {done.stderr.strip()[-1500:]}")
+    found = cluster_settings(done.stdout)
+    if "ORDERS_RABBITMQ__URL" not in found or "ORDERS_DATABASE__HOST" not in found:
+        raise HarnessError(f"scripts/cluster.sh up printed no settings: {done.stdout[-500:]}")
+    return found
+
+
+def cluster_rabbitmqctl(settings: Mapping[str, str]) -> str:
+    """The rabbitmqctl that administers the cluster (its first node), for ``ORDERS_TEST_RABBITMQCTL``."""
+    return "rabbitmqctl -n " + settings["CLUSTER_RABBITMQ_NODES"].split()[0]
+
+
 def have_rabbitmqctl() -> bool:
     return shutil.which(rabbitmqctl_argv()[0]) is not None
 

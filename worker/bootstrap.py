@@ -46,7 +46,7 @@ def command_consumer(
 
     def batches(broker: BlockingBroker, stop: threading.Event, tick: Callable[[], None]) -> Batches:
         rule = BatchRule(applier, DatabaseHold(engine, stop, broker.sleep, tick))
-        return Batches(broker, rule, settlement, cfg.batch_size, cfg.batch_wait_ms / 1000, metrics)
+        return Batches(rule, settlement, cfg.batch_size, cfg.batch_wait_ms / 1000, metrics)
 
     return Consumer(
         "commands",

@@ -21,7 +21,7 @@ from handlers import COMMAND_HANDLERS, apply_rank, events, order_id_of
 from handlers.errors import Refused, RetryLater
 from handlers.outcome import MessageContext
 from schema.messages import MAX_MESSAGE_ID, Command, InvalidMessage
-from schema.topology import COMMAND_ROUTES, parse_command, wrong_queue
+from schema.topology import COMMAND_TYPES, parse_command, wrong_queue
 from worker import tracing
 from worker.errors import Kind, classify
 from worker.outcomes import Handled, Result, handled_from
@@ -33,8 +33,6 @@ log = structlog.get_logger("worker.commands")
 
 #: inbox consumer name of the command handlers
 CONSUMER = "orders"
-#: the message types the command consumer applies
-COMMAND_TYPES = frozenset(r.message_type for r in COMMAND_ROUTES)
 
 Decoded = tuple[Delivery, Command]
 

@@ -174,7 +174,6 @@ class Batches:
 
     def __init__(
         self,
-        broker: BlockingBroker,
         rule: BatchRule,
         settlement: Settlement,
         batch_size: int,

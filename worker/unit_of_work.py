@@ -350,19 +350,19 @@ class PostgresUnitOfWork:
 
     def _transition_rows(self) -> Iterator[tuple[Any, ...]]:
         """A row per transition; the first transition a message made on an order also lists the events that
-        message made the order emit (taken out of :attr:`_events_by_cause`: no history row needed for them)."""
+        message made the order emit (taken out of :attr:`_events_by_cause`: no history row needed for them;
+        a refusal's events keep theirs)."""
         for o in self._orders.values():
             if o is None:
                 continue
             for f, t, m, r in o.transitions:
                 mtype, mcorr = self._messages.get(m, (None, None))
-                events = self._events_by_cause.pop((o.order_id, m, mtype, mcorr), None)
-                if events is not None and "refused" not in events:
-                    events_json = to_json(events["events"]).decode()
-                else:
-                    if events is not None:  # put back: a refusal keeps its history row
-                        self._events_by_cause[(o.order_id, m, mtype, mcorr)] = events
-                    events_json = None
+                cause = (o.order_id, m, mtype, mcorr)
+                entry = self._events_by_cause.get(cause)
+                events_json = None
+                if entry is not None and "refused" not in entry:
+                    del self._events_by_cause[cause]
+                    events_json = to_json(entry["events"]).decode()
                 yield (o.order_id, f.value if f else None, t.value, m, r, mtype, mcorr, events_json)
 
     def _update_orders(self, changed: list[Order]) -> None:

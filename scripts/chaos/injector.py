@@ -86,10 +86,7 @@ class Injector:
                     if self.stop_event.wait(0.1):
                         return
                 started = time.monotonic()
-                name = inj.kind.replace(" ", "_")
-                getattr(
-                    self, "_" + (name if name == "postgresql_failover" else name.replace("postgresql", "postgres"))
-                )(inj)
+                getattr(self, "_" + inj.kind.replace(" ", "_").replace("postgresql", "postgres"))(inj)
                 inj.done_at = started - self.t0
                 ready = time.monotonic() + MIN_GAP
                 say(f"injected {inj.kind} at {inj.done_at:.1f}s: {inj.detail}")
@@ -201,7 +198,7 @@ class Injector:
         n = self.rnd.choice(others or [n for n in range(1, len(cluster.nodes) + 1) if n != leader])
         self._rabbit_node_away(inj, n, "another node")
 
-    def _postgresql_failover(self, inj: Injection) -> None:
+    def _postgres_failover(self, inj: Injection) -> None:
         cluster = self.stack.cluster
         assert cluster is not None
         inj.detail = cluster.failover() + " (old primary stopped -m immediate, standby promoted)"

@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+from scripts import harness
 from scripts.harness import HarnessError, Proc, RedisServer
 from scripts.tcp_proxy import TcpProxy
 
@@ -160,20 +160,18 @@ class ClusterServers:
     """``--topology cluster``: the 3-node RabbitMQ cluster and the PostgreSQL primary + synchronous standby of
     ``scripts/cluster.sh``, and the faults a cluster is put through (a node stopped, the primary failed over)."""
 
-    SCRIPT = ROOT / "scripts" / "cluster.sh"
-
     def __init__(self) -> None:
         self.env: dict[str, str] = {}
 
     def _run(self, *args: str, timeout: float = 600) -> str:
-        return run_command(["bash", str(self.SCRIPT), *args], timeout=timeout).stdout
+        return run_command(["bash", str(harness.CLUSTER_SCRIPT), *args], timeout=timeout).stdout
 
     def up(self) -> dict[str, str]:
         """Bring the cluster up (a standby failed over last run is rebuilt) and read its settings."""
-        out = self._run("up")
-        self.env = dict(re.findall(r"^export (\w+)='([^']*)'$", out, flags=re.M))
-        if "ORDERS_RABBITMQ__URL" not in self.env or "ORDERS_DATABASE__HOST" not in self.env:
-            raise ChaosError(f"scripts/cluster.sh up printed no settings: {out[-500:]}")
+        try:
+            self.env = harness.cluster_up()
+        except HarnessError as exc:
+            raise ChaosError(str(exc)) from None
         return self.env
 
     @property
@@ -182,7 +180,7 @@ class ClusterServers:
 
     def rabbitmqctl(self) -> str:
         """The rabbitmqctl that administers the cluster (its first node)."""
-        return f"rabbitmqctl -n {self.nodes[0]}"
+        return harness.cluster_rabbitmqctl(self.env)
 
     def leader(self, queue: str, vhost: str) -> int:
         """The number (1-3) of the node leading ``queue``."""

@@ -153,8 +153,8 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
         stack.stop()
         failed = keep and not cfg.keep_logs
         if cfg.drop_after and not failed:
-            stack.drop()
-        stack._restore_rabbitmqctl()
+            stack.drop()  # through the cluster's rabbitmqctl on a cluster run
+        stack.restore_rabbitmqctl()
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -57,6 +57,8 @@ class Stack:
         self.redis: RedisServer | None = None
         self.real = RealServices() if cfg.real_restarts and cfg.topology == "single" else None
         self.cluster = ClusterServers() if cfg.topology == "cluster" else None
+        #: the harness's rabbitmqctl before a cluster run pointed it at the cluster (restored at the end)
+        self._rabbitmqctl_before: str | None = os.environ.get("ORDERS_TEST_RABBITMQCTL")
         self.outage: str | None = None  # the dependency currently away (restored on exit)
         base = load_settings(
             environ={
@@ -160,7 +162,6 @@ class Stack:
         if self.cluster is not None:
             say("bringing the cluster up (scripts/cluster.sh up)")
             self.cluster.up()
-            self._rabbitmqctl_before = os.environ.get("ORDERS_TEST_RABBITMQCTL")
             os.environ["ORDERS_TEST_RABBITMQCTL"] = self.cluster.rabbitmqctl()  # the harness's vhost tools
             self.amqp_auth = urlsplit(self.cluster.env["ORDERS_RABBITMQ__URL"].split(",")[0]).netloc.rsplit("@", 1)[0]
         self._vhost()
@@ -368,11 +369,10 @@ class Stack:
             self._drop_database()
         with contextlib.suppress(Exception):
             harness.delete_vhost(self.cfg.vhost)
-        self._restore_rabbitmqctl()
 
-    def _restore_rabbitmqctl(self) -> None:
+    def restore_rabbitmqctl(self) -> None:
         """The harness's rabbitmqctl as it was before a cluster run pointed it at the cluster."""
-        if self.cluster is None or not hasattr(self, "_rabbitmqctl_before"):
+        if self.cluster is None:
             return
         if self._rabbitmqctl_before is None:
             os.environ.pop("ORDERS_TEST_RABBITMQCTL", None)

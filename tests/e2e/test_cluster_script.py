@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shlex
 import shutil
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import pika
 import psycopg2
 import pytest
 
+from scripts.harness import cluster_settings
 from tests.support import wait_until
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "cluster.sh"
@@ -70,16 +70,6 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def settings_of(stdout: str) -> dict[str, str]:
-    """The `export NAME='value'` lines of the output."""
-    settings = {}
-    for line in stdout.splitlines():
-        if line.startswith("export "):
-            name, _, value = shlex.split(line)[1].partition("=")
-            settings[name] = value
-    return settings
-
-
 def dsn_of(settings: dict[str, str], **override: str) -> str:
     """A libpq DSN built from the ORDERS_DATABASE__* settings."""
     keys = {
@@ -124,7 +114,7 @@ def cluster() -> Iterator[dict[str, Any]]:
         up = run(env, "up")
         yield {
             "env": env,
-            "settings": settings_of(up.stdout),
+            "settings": cluster_settings(up.stdout),
             "nodes": [f"{tag}c{n}@localhost" for n in (1, 2, 3)],
             "pg": [f"orders_{tag}_a", f"orders_{tag}_b"],
             "pg_ports": [base + 20, base + 21],
@@ -154,7 +144,7 @@ def test_up_prints_amqp_urls_of_three_clustered_nodes_and_a_quorum_queue_gets_th
 
 def test_up_again_keeps_the_settings_and_status_shows_the_primary_and_its_sync_standby(cluster):
     again = run(cluster["env"], "up")
-    assert settings_of(again.stdout) == cluster["settings"], "a second up must not change ports or passwords"
+    assert cluster_settings(again.stdout) == cluster["settings"], "a second up must not change ports or passwords"
 
     status = run(cluster["env"], "status").stdout
     a, b = cluster["pg"]
@@ -164,7 +154,7 @@ def test_up_again_keeps_the_settings_and_status_shows_the_primary_and_its_sync_s
     assert pg_lines[b].endswith("online standby"), status
     assert f"{b} streaming sync_state=sync" in status
     assert "running nodes: " + " ".join(sorted(cluster["nodes"])) in status
-    assert settings_of(status) == cluster["settings"]
+    assert cluster_settings(status) == cluster["settings"]
 
 
 def test_multi_host_dsn_writes_on_the_primary_and_after_failover_on_the_promoted_standby(cluster):

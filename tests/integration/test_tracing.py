@@ -74,7 +74,7 @@ class Service:
         self.step = PaymentStep(engine, build_gateways(settings))
         self.settlement = Settlement(settings.worker.retry_delays_seconds)
         hold = DatabaseHold(engine, threading.Event(), self.broker.sleep)
-        self.batches = Batches(self.broker, BatchRule(Applier(engine), hold), self.settlement, 250, 0.01)
+        self.batches = Batches(BatchRule(Applier(engine), hold), self.settlement, 250, 0.01)
 
     def place(self, body: dict[str, Any]) -> str:
         answer = self.shim.post("/orders", json=body, headers={"Authorization": f"Bearer {self.token}"})
