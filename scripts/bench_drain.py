@@ -770,12 +770,14 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-drain-"))
     # SIGTERM behaves like Ctrl-C, so the clean-up always runs
     signal.signal(signal.SIGTERM, _interrupt)
+    cluster_ours = False  # a cluster this run brought up is removed at its end; one that was there stays
     try:
         single = measure(args, tmp / "single", deadline, None)
         if args.topology != "cluster":
             print(json.dumps(single, indent=2, default=str) if args.json else table(single))
             return 0
         say("the same run on the cluster (scripts/cluster.sh up) ...")
+        cluster_ours = not harness.cluster_exists()
         try:
             settings = harness.cluster_up()
         except harness.HarnessError as exc:
@@ -801,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if cluster_ours:
+            say("removing the cluster this run brought up (scripts/cluster.sh down)")
+            harness.cluster_down()
         if not args.keep_logs:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -395,6 +395,16 @@ def cluster_up(timeout: float = 900) -> dict[str, str]:
     return found
 
 
+def cluster_exists() -> bool:
+    """Whether ``scripts/cluster.sh up`` has made its cluster already (its settings file is there)."""
+    return (Path(os.environ.get("CLUSTER_DIR", "/tmp/orders-cluster")) / "env").exists()
+
+
+def cluster_down(timeout: float = 300) -> None:
+    """``scripts/cluster.sh down``: stop and remove every node and PostgreSQL cluster it made."""
+    subprocess.run(["bash", str(CLUSTER_SCRIPT), "down"], capture_output=True, text=True, timeout=timeout)
+
+
 def cluster_rabbitmqctl(settings: Mapping[str, str]) -> str:
     """The rabbitmqctl that administers the cluster (its first node), for ``ORDERS_TEST_RABBITMQCTL``."""
     return "rabbitmqctl -n " + settings["CLUSTER_RABBITMQ_NODES"].split()[0]

@@ -162,12 +162,15 @@ class ClusterServers:
 
     def __init__(self) -> None:
         self.env: dict[str, str] = {}
+        #: brought up by this run (removed again at its end); a cluster that was there is left running
+        self.ours = False
 
     def _run(self, *args: str, timeout: float = 600) -> str:
         return run_command(["bash", str(harness.CLUSTER_SCRIPT), *args], timeout=timeout).stdout
 
     def up(self) -> dict[str, str]:
         """Bring the cluster up (a standby failed over last run is rebuilt) and read its settings."""
+        self.ours = not harness.cluster_exists()
         try:
             self.env = harness.cluster_up()
         except HarnessError as exc:
@@ -189,6 +192,10 @@ class ClusterServers:
             if node == name:
                 return i
         raise ChaosError(f"{queue} is led by {name!r}, not a node of the cluster")
+
+    def down_if_ours(self) -> None:
+        if self.ours:
+            harness.cluster_down()
 
     def rabbit_stop(self, n: int) -> None:
         self._run("rabbit-stop", str(n), timeout=180)

@@ -155,6 +155,7 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
         if cfg.drop_after and not failed:
             stack.drop()  # through the cluster's rabbitmqctl on a cluster run
         stack.restore_rabbitmqctl()
+        stack.remove_cluster()
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

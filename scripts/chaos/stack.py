@@ -364,6 +364,11 @@ class Stack:
         if self.redis is not None:
             self.redis.stop()
 
+    def remove_cluster(self) -> None:
+        """The cluster, when this run brought it up (after the database and vhost are dropped)."""
+        if self.cluster is not None:
+            self.cluster.down_if_ours()
+
     def drop(self) -> None:
         with contextlib.suppress(Exception):
             self._drop_database()
