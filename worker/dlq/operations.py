@@ -26,6 +26,7 @@ from schema.topology import QUEUE_ACCEPTS, queue_of, wrong_queue
 from worker.dlq import audit as dlq_audit
 from worker.dlq.letters import DeadLetter, replay_headers
 from worker.errors import BrokerError, PublishNotConfirmed
+from worker.identity import Identities
 from worker.rabbit.connection import Outgoing
 from worker.rabbit.dead_letters import DeadLetterSession
 from worker.settings import Settings
@@ -141,7 +142,7 @@ def misplaced(dl: DeadLetter, to_queue: str | None) -> str | None:
     return f"{reason}; " + (f"replay it with --to {home}" if home else "purge it")
 
 
-def _outgoing(dl: DeadLetter, opts: ReplayOptions, now: datetime) -> Outgoing:
+def _outgoing(dl: DeadLetter, opts: ReplayOptions, now: datetime, identities: Identities) -> Outgoing:
     if opts.to_queue:
         exchange, key = "", opts.to_queue  # the default exchange routes by queue name
     elif dl.destination is not None:
@@ -152,7 +153,10 @@ def _outgoing(dl: DeadLetter, opts: ReplayOptions, now: datetime) -> Outgoing:
     if opts.edited_body is not None:
         headers["x-replay-edited"] = True
     body = dl.delivery.body if opts.edited_body is None else opts.edited_body
-    return Outgoing(exchange, key, body, {**dl.delivery.properties(), "headers": headers})
+    # republished as the service's own user: the first sender is carried, so a replay is judged as theirs
+    return Outgoing(
+        exchange, key, body, identities.carry(dl.delivery, {**dl.delivery.properties(), "headers": headers})
+    )
 
 
 def replay(
@@ -166,6 +170,7 @@ def replay(
     """Republish the selected dead letters with confirms; ack each only once confirmed."""
     report = Report()
     now = datetime.now(UTC)
+    identities = Identities.of(settings)
     with session(settings) as (s, letters):
         chosen = [dl for dl in letters if selection.matches(dl, now)]
         report.selected = [dl.id for dl in chosen]
@@ -194,7 +199,7 @@ def replay(
                     on_each(dl)
                     continue
                 try:
-                    s.republish(_outgoing(dl, opts, datetime.now(UTC)))
+                    s.republish(_outgoing(dl, opts, datetime.now(UTC), identities))
                 except PublishNotConfirmed as exc:
                     report.failed.append((dl.id, str(exc)))  # stays in the dead-letter queue
                 else:
