@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from handlers.orders import Rules
 from handlers.payments.settings import PayPalSettings, StripeSettings
 from schema.topology import COMMAND_TYPES
 
@@ -213,6 +214,20 @@ class WorkerSettings(_Section):
     liveness_file: str = "/tmp/orders-worker.alive"
 
 
+class OrdersSettings(_Section):
+    """The shop's choices in an order's life (:class:`handlers.orders.Rules`)."""
+
+    #: minutes an order may wait ``awaiting_payment`` before it expires (fractions allowed); 0: never
+    payment_timeout_minutes: float = Field(default=60, ge=0)
+    #: minutes after payment during which the owner may still cancel a paid order (refunded); 0: only an admin
+    customer_cancel_minutes: float = Field(default=0, ge=0)
+    #: seconds between two expiry sweeps: an order expires at most this long after its deadline
+    expiry_sweep_seconds: float = Field(default=10, gt=0, le=60)
+
+    def rules(self) -> Rules:
+        return Rules(self.payment_timeout_minutes, self.customer_cancel_minutes)
+
+
 class RelaySettings(_Section):
     batch_size: int = Field(default=1000, ge=1)
     poll_interval_seconds: float = Field(default=1.0, gt=0)
@@ -307,6 +322,7 @@ class Settings(_Section):
     stripe: StripeSettings
     paypal: PayPalSettings
     worker: WorkerSettings = WorkerSettings()
+    orders: OrdersSettings = OrdersSettings()
     relay: RelaySettings = RelaySettings()
     shim: ShimSettings
     metrics: MetricsSettings = MetricsSettings()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handlers.payments.base import PaymentGateway, WebhookEvent, WebhookKind, WebhookVerificationError
-from schema.messages import CapturePayment, Command, PaymentConfirmed, PaymentFailed
+from schema.messages import CapturePayment, Command, PaymentConfirmed, PaymentFailed, SettleRefund
 from schema.topology import route
 
 _SIGNATURE_HEADERS = {"stripe-signature": "stripe", "paypal-transmission-sig": "paypal"}
@@ -110,12 +110,25 @@ def to_command(event: WebhookEvent) -> WebhookCommand | None:
     """The command a verified webhook becomes, or None for events not acted on.
 
     Confirmed → PaymentConfirmed (public ``orders.commands``); PayPal approval
-    → the internal CapturePayment; a failure → the internal PaymentFailed.
+    → the internal CapturePayment; a failure → the internal PaymentFailed; a
+    refund → the internal SettleRefund (once the event names its order and
+    the order's payment: a refund event names neither, so the shim finds them
+    first, see ``worker/shim/webhook.py``).
     The message id is the provider's event id, so a webhook delivered three
     times is applied once.
     """
-    if event.kind in (WebhookKind.IGNORED, WebhookKind.REFUNDED) or event.order_id is None:
-        return None  # (a refund becomes a command once its order is known: issue 21, under way)
+    if event.kind is WebhookKind.IGNORED or event.order_id is None:
+        return None
+    if event.kind is WebhookKind.REFUNDED:
+        if not event.provider_payment_id:
+            return None  # the shim names the payment first (refund_owner); without one it is not ours
+        body = {
+            "order_id": event.order_id,
+            "provider": event.provider,
+            "payment_id": event.provider_payment_id,
+            "event_id": event.event_id,
+        }
+        return WebhookCommand(SettleRefund, event.event_id, body)
     if event.kind is WebhookKind.CONFIRMED:
         return WebhookCommand(PaymentConfirmed, confirmation_message_id(event), to_payment_confirmed(event))
     common = {

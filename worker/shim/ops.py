@@ -111,7 +111,7 @@ async def payment_confirmation(request: Request, s: ShimDep) -> WebhookAccepted:
     # the raw bytes are what the provider signed: never re-serialise before verifying
     body = await request.body()
     headers = dict(request.headers)
-    event_id, command = await run_in_threadpool(to_publish, s.settings.shim, s.gateways, body, headers)
+    event_id, command = await run_in_threadpool(to_publish, s.settings.shim, s.gateways, body, headers, s.engine)
     if command is not None:
         await s.publisher.send(command)
     return WebhookAccepted(enqueued=command is not None, event_id=event_id)

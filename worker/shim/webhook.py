@@ -12,10 +12,19 @@ A provider webhook that does not verify answers 400 ``invalid_signature``; one
 that verifies but is not a readable event (odd shapes, an event id longer than
 an AMQP message id may be) answers 400 ``invalid_webhook`` and is never
 published.
+
+A refund event (Stripe ``charge.refunded``, PayPal ``PAYMENT.CAPTURE.REFUNDED``)
+names the PaymentIntent or the capture, not our order: the order is found by
+that payment in the service's own records (:func:`refund_owner`).  One the
+records do not know is answered 503, so the provider redelivers it once the
+payment is recorded (a refund made in the seconds after a capture); a Stripe
+PaymentIntent whose metadata names no order of ours is not ours (200, not
+enqueued).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import time
@@ -23,9 +32,18 @@ from collections.abc import Mapping
 
 import structlog
 from pydantic import ValidationError
+from sqlalchemy import Engine, select
 
-from handlers.payments.base import MalformedWebhook, PaymentGateway, TransientPaymentError, WebhookVerificationError
+from handlers.payments.base import (
+    MalformedWebhook,
+    PaymentGateway,
+    TransientPaymentError,
+    WebhookEvent,
+    WebhookKind,
+    WebhookVerificationError,
+)
 from handlers.payments.webhooks import parse_webhook, to_command
+from schema import tables
 from schema.messages import PaymentConfirmed, describe_validation_error
 from worker.settings import ShimSettings
 from worker.shim.errors import ApiError
@@ -67,8 +85,40 @@ def _internal_command(cfg: ShimSettings, body: bytes, header: str) -> Command:
     return Command.on_route(PaymentConfirmed, cmd.event_id, cmd.model_dump(mode="json"))
 
 
+def refund_owner(engine: Engine, event: WebhookEvent) -> tuple[str, str] | None:
+    """(our order id, the order's payment id as recorded) of the payment a refund event names, or None."""
+    p = tables.payments
+    column = p.c.capture_id if event.provider_payment_id is None else p.c.provider_payment_id
+    key = event.capture_id if event.provider_payment_id is None else event.provider_payment_id
+    if not key:
+        return None
+    query = select(p.c.order_id, p.c.provider_payment_id).where(column == key, p.c.provider == event.provider)
+    with engine.connect() as conn:
+        row = conn.execute(query.limit(1)).first()
+    return (str(row.order_id), str(row.provider_payment_id)) if row and row.provider_payment_id else None
+
+
+def _with_owner(engine: Engine | None, event: WebhookEvent) -> WebhookEvent | None:
+    """The refund event with its order and payment named; None when it is not ours."""
+    found = refund_owner(engine, event) if engine is not None else None
+    if found is not None:
+        return dataclasses.replace(event, order_id=found[0], provider_payment_id=found[1])
+    if event.provider == "stripe" and event.order_id is None:
+        return None  # a PaymentIntent of ours carries our order id: without one it was made elsewhere
+    raise ApiError(
+        503,
+        "payment_not_recorded",
+        "this refund names a payment the service has not recorded (yet); redeliver later",
+        {"Retry-After": "60"},
+    )
+
+
 def to_publish(
-    cfg: ShimSettings, gateways: Mapping[str, PaymentGateway], body: bytes, headers: Mapping[str, str]
+    cfg: ShimSettings,
+    gateways: Mapping[str, PaymentGateway],
+    body: bytes,
+    headers: Mapping[str, str],
+    engine: Engine | None = None,
 ) -> tuple[str | None, Command | None]:
     """(event id, command to publish or None) for a webhook; 400/503 ApiError when it cannot be trusted."""
     lowered = {k.lower(): v for k, v in headers.items()}
@@ -90,6 +140,12 @@ def to_publish(
         raise ApiError(
             503, "provider_unavailable", "could not verify the webhook now; redeliver later", {"Retry-After": "30"}
         ) from None
+    if event.kind is WebhookKind.REFUNDED:
+        owned = _with_owner(engine, event)
+        if owned is None:
+            log.info("refund of a payment that is not ours", event_id=event.event_id, provider=event.provider)
+            return event.event_id, None
+        event = owned
     try:
         webhook = to_command(event)
     except ValueError as exc:
