@@ -71,7 +71,7 @@ def letters_table(letters: list[DeadLetter], title: str, wide: bool = False, now
             dl.id,
             cut(dl.message_type),
             str(dl.attempts),
-            _age(dl.last_failure_at or dl.first_failure_at, now),
+            _age(dl.landed_at, now),
             error,
         )
     return table
