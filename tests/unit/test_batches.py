@@ -103,14 +103,14 @@ def test_a_batch_is_settled_first_then_acked_once_through_its_highest_tag() -> N
     broker = RecordingBroker()
     strategy, _ = batches(broker, ScriptedApplier())
     work = [
-        *places(1, reply_to="replies"),
+        *places(1, reply_to="amq.gen-replies"),
         delivery(2, "PlaceOrder", PLACE, message_id=""),  # no message_id: can never apply
         *places(3, 4),
     ]
     strategy.submit(broker, take(broker, work))
     assert broker.order() == [
         "publish orders.dlx/orders.place",  # the invalid one, dead-lettered
-        "publish /replies",  # the applied one that asked for an answer
+        "publish /amq.gen-replies",  # the applied one that asked for an answer
         "ack<= 4",
     ]
     assert broker.unacked() == []

@@ -16,15 +16,16 @@ from sqlalchemy import exc as sa_exc
 
 from handlers import errors as handler_errors
 from handlers.errors import (
-    Forbidden,
     HandlerError,
     IllegalTransition,
     ManualActionRequired,
     Mismatch,
+    NotCancellable,
     NotFound,
     Refused,
     RetryLater,
     Taken,
+    Unauthorized,
 )
 from handlers.outcome import Outcome
 from handlers.payments.base import PermanentPaymentError, TransientPaymentError
@@ -38,8 +39,8 @@ ORDER = "5b0c6f8e-4c8e-4a57-9d1e-2f1f1f1f1f1f"
 
 REFUSALS = [
     NotFound("no order 5b0c…"),
-    Forbidden("not your order"),
-    IllegalTransition("a shipped order cannot be cancelled"),
+    IllegalTransition("a shipped order cannot be shipped again"),
+    NotCancellable("a shipped order cannot be cancelled"),
     Taken("order id already used"),
     Mismatch("amount 100 USD does not match 120 USD"),
     Refused("refused"),
@@ -50,6 +51,12 @@ TABLE: list[tuple[BaseException, Result, str]] = [
     *[(exc, Result.REFUSED, str(exc)) for exc in REFUSALS],
     (RetryLater("order 5b0c… is not placed yet"), Result.DEFERRED, "order 5b0c… is not placed yet"),
     (ManualActionRequired("refund money never taken"), Result.INVALID, "refund money never taken"),
+    # dead-lettered at once like an invalid message, but answered and counted as a refusal of its sender
+    (
+        Unauthorized("broker user 'shop' may not send ShipOrder"),
+        Result.INVALID,
+        "broker user 'shop' may not send ShipOrder",
+    ),
     (InvalidMessage("body.user_id: Field required"), Result.INVALID, "body.user_id: Field required"),
     (HandlerError("some handler error"), Result.FAILED, "HandlerError: some handler error"),
     (KeyError("lines"), Result.FAILED, "KeyError: 'lines'"),
@@ -77,7 +84,13 @@ def test_a_refusal_is_answered_with_its_code(exc: Refused) -> None:
 
 def test_only_a_refusal_carries_an_outcome() -> None:
     for exc, result, _ in TABLE:
-        assert (handled_from(delivery(1), exc).outcome is not None) is (result is Result.REFUSED), exc
+        refusal = result is Result.REFUSED or isinstance(exc, Unauthorized)
+        assert (handled_from(delivery(1), exc).outcome is not None) is refusal, exc
+
+
+def test_a_sender_that_may_not_send_the_command_is_dead_lettered_and_counted_as_refused() -> None:
+    h = handled_from(delivery(1), Unauthorized("no"), ORDER)
+    assert h.result is Result.INVALID and h.outcome == Outcome("refused", ORDER, error="unauthorized", message="no")
 
 
 def test_every_handler_error_has_a_row() -> None:

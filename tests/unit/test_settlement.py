@@ -215,20 +215,20 @@ def test_an_applied_command_is_answered_with_its_outcome() -> None:
 
 
 def test_a_refusal_is_answered_with_its_reason() -> None:
-    d = delivery(1, reply_to="replies")
+    d = delivery(1, reply_to="amq.gen-replies")
     _, body = reply(settle(handled_from(d, NotFound("no such order"), ORDER)))
     assert body == {"result": "refused", "order_id": ORDER, "error": "not_found", "message": "no such order"}
 
 
 def test_a_duplicate_is_answered_as_one_even_with_an_outcome() -> None:
-    d = delivery(1, reply_to="replies", message_id="m-dup")
+    d = delivery(1, reply_to="amq.gen-replies", message_id="m-dup")
     out, body = reply(settle(Handled(d, Result.DUPLICATE, Outcome("applied", ORDER), order_id=ORDER)))
     assert body == {"result": "duplicate", "order_id": ORDER}
     assert out.properties["correlation_id"] == "m-dup"  # no correlation id: the message id answers
 
 
 def test_applied_without_an_outcome_says_applied() -> None:
-    _, body = reply(settle(Handled(delivery(1, reply_to="replies"), Result.APPLIED, order_id=ORDER)))
+    _, body = reply(settle(Handled(delivery(1, reply_to="amq.gen-replies"), Result.APPLIED, order_id=ORDER)))
     assert body == {"result": "applied", "order_id": ORDER}
 
 
@@ -238,7 +238,7 @@ def test_without_reply_to_nothing_is_published() -> None:
 
 
 def test_a_failure_is_not_answered() -> None:
-    broker = settle(failed(delivery(1, reply_to="replies")))
+    broker = settle(failed(delivery(1, reply_to="amq.gen-replies")))
     assert [m.exchange for m in broker.published] == [DELAY_EXCHANGE]
 
 
@@ -260,5 +260,22 @@ def test_an_unconfirmed_dead_letter_raises_so_the_original_stays_unacked() -> No
 
 def test_an_unconfirmed_reply_is_let_go() -> None:
     broker = RecordingBroker(refuse=lambda m: m.exchange == "")
-    settle(Handled(delivery(1, reply_to="gone"), Result.APPLIED, order_id=ORDER), broker)  # no raise: ack it
-    assert broker.order() == ["nacked /gone"]
+    settle(Handled(delivery(1, reply_to="amq.gen-gone"), Result.APPLIED, order_id=ORDER), broker)  # no raise: ack it
+    assert broker.order() == ["nacked /amq.gen-gone"]
+
+
+@pytest.mark.parametrize("reply_to", ["orders.dead-letter", "orders.place", "my-replies"])
+def test_a_reply_to_that_is_no_reply_queue_is_ignored_and_counted(reply_to: str) -> None:
+    """Issue 20: a sender named orders.dead-letter and the worker wrote its "reply" there, where the sender may not."""
+    counted: list[str] = []
+
+    class Counting(NullMetrics):
+        def reply_ignored(self) -> None:
+            counted.append(reply_to)
+
+    broker = RecordingBroker()
+    for _ in range(2):
+        Settlement((1, 5), Counting()).settle(
+            broker, Handled(delivery(1, reply_to=reply_to), Result.APPLIED, order_id=ORDER)
+        )
+    assert broker.published == [] and counted == [reply_to, reply_to]
