@@ -498,6 +498,8 @@ class PayPalGateway:
             event = json.loads(body)
         except ValueError:
             raise WebhookVerificationError("paypal webhook body is not JSON") from None
+        except RecursionError:  # verified, so PayPal's (or its key holder's) event, unreadable here
+            raise MalformedWebhook("paypal webhook body is JSON nested too deeply") from None
         return translate_event(event)
 
     def _verify_offline(self, body: bytes, h: Mapping[str, str]) -> None:
