@@ -167,7 +167,7 @@ def build_shim(settings: Settings) -> Shim:
     client = make_async_redis(settings.redis, cfg.redis_pool_size, cfg.redis_pool_timeout_seconds)
     gate = RedisGate("the shim")  # one Redis: a failure seen by any user of it spares the others
     channel = AsyncChannel(settings.rabbitmq.url.get_secret_value(), settings.rabbitmq.heartbeat_seconds)
-    limits = {
+    limits: dict[str, tuple[int | None, int]] = {
         "place": (cfg.place_rate_per_minute, cfg.place_rate_per_minute_per_address),
         "read": (cfg.read_rate_per_minute, cfg.read_rate_per_minute_per_address),
     }
