@@ -227,7 +227,9 @@ def check_payments(settings: Settings) -> list[Finding]:
                         f"Set the real value through {env} (from your secret store), not in the file.",
                     )
                 )
-        if LOOPBACK & set(paypal.cert_host_allowlist):
+        from handlers.payments.settings import cert_origins
+
+        if LOOPBACK & {host for host, _port in cert_origins(paypal.cert_host_allowlist)}:
             found.append(
                 Finding(
                     "paypal.cert_host_allowlist",

@@ -194,6 +194,10 @@ class ShimSettings(_Section):
     #: per client address (many users may share one behind a NAT, hence larger)
     place_rate_per_minute_per_address: int = Field(default=600, gt=0)
     read_rate_per_minute_per_address: int = Field(default=6000, gt=0)
+    #: payment webhooks (``POST /orders/payment-confirmation``) per client address: they come unauthenticated,
+    #: and each may make the shim verify a signature or fetch a certificate.  Stripe and PayPal deliver from a
+    #: few addresses each: keep it above the busiest minute of webhooks one of them sends
+    webhook_rate_per_minute_per_address: int = Field(default=1200, gt=0)
     #: HMAC-SHA256 secret of the internal payment service's webhooks ("" disables them)
     webhook_hmac_secret: SecretStr = SecretStr("")
     webhook_tolerance_seconds: int = Field(default=300, gt=0)

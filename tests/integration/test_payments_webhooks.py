@@ -6,6 +6,7 @@ import copy
 import json
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,7 @@ from handlers.payments.stripe_gateway import StripeGateway  # noqa: E402
 from handlers.payments.webhooks import confirmation_message_id, parse_webhook, to_payment_confirmed  # noqa: E402
 from scripts.fakes import fake_paypal, paypal_certs  # noqa: E402
 from scripts.fakes.common import tls_context  # noqa: E402
+from tests.support import HoldingServer  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 STRIPE_SECRET = "whsec_test_secret"
@@ -203,6 +205,7 @@ def server(authority: paypal_certs.TestAuthority, tmp_path_factory: pytest.TempP
     cert, key = paypal_certs.write_tls(authority.tls_cert(), tmp_path_factory.mktemp("paypal-tls"))
     secure = fake_paypal.serve(0, tls=tls_context(str(cert), str(key)), app=srv.app)
     srv.cert_base = f"{secure.url}/_fake/certs"  # type: ignore[attr-defined]
+    srv.cert_origin = secure.url.removeprefix("https://")  # type: ignore[attr-defined]  # 127.0.0.1:<port>
     yield srv
     secure.stop()
     srv.stop()
@@ -219,17 +222,18 @@ def ca_file(authority: paypal_certs.TestAuthority, tmp_path_factory: pytest.Temp
 
 @pytest.fixture
 def make_paypal(server: Any, ca_file: str) -> Callable[..., PayPalGateway]:
-    def make(at: datetime | None = None, **overrides: Any) -> PayPalGateway:
+    def make(at: datetime | None = None, ticker: Callable[[], float] | None = None, **overrides: Any) -> PayPalGateway:
         values: dict[str, Any] = {
             "client_id": fake_paypal.DEFAULT_CLIENT_ID,
             "client_secret": fake_paypal.DEFAULT_CLIENT_SECRET,
             "base_url": server.url,
             "webhook_id": VECTOR["webhook_id"],
-            "cert_host_allowlist": ("127.0.0.1",),
+            "cert_host_allowlist": (server.cert_origin,),  # the fake's https port (PayPal's is 443)
             "cert_ca_file": ca_file,
             **overrides,
         }
-        return PayPalGateway(PayPalSettings(**values), **({"clock": lambda: at} if at else {}))
+        times: dict[str, Any] = {"clock": lambda: at} if at else {}
+        return PayPalGateway(PayPalSettings(**values), **times, **({"ticker": ticker} if ticker else {}))
 
     return make
 
@@ -293,6 +297,8 @@ def test_paypal_other_webhook_id_fails(server: Any, make_paypal: Callable[..., P
         "http://127.0.0.1:{port}/_fake/certs/" + CERT_NAME,  # allowed host, plain http (even on loopback)
         "https://localhost:{port}/_fake/certs/" + CERT_NAME,  # loopback, but not on the allow-list
         "https://127.0.0.2:{port}/_fake/certs/" + CERT_NAME,
+        "https://127.0.0.1:{port}/_fake/certs/" + CERT_NAME,  # allowed host, but not on port 443
+        "https://api.sandbox.paypal.com:{port}/v1/notifications/certs/" + CERT_NAME,  # PayPal's host, another port
         "https://user@127.0.0.1:{port}/_fake/certs/" + CERT_NAME,
         "ftp://127.0.0.1:{port}/_fake/certs/" + CERT_NAME,
         "https://evil.example.com/v1/notifications/certs/" + CERT_NAME,
@@ -314,14 +320,89 @@ def test_paypal_cert_url_not_allowed_is_refused_without_a_connection(
         listener.close()
 
 
-def test_paypal_missing_cert_is_rejected(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
+def _cert_fetches(server: Any, name: str) -> int:
+    return int(httpx.get(server.url + "/_fake/charges").json()["cert_fetches"].get(name, 0))
+
+
+def test_paypal_missing_cert_is_rejected_and_not_fetched_again_for_a_minute(
+    server: Any, make_paypal: Callable[..., PayPalGateway]
+) -> None:
+    now = [100.0]
+    gateway = make_paypal(ticker=lambda: now[0])
+    headers = vector_headers(f"{server.cert_base}/CERT-unknown")
+    before = _cert_fetches(server, "CERT-unknown")
+    for _ in range(3):
+        with pytest.raises(WebhookVerificationError, match="http 404"):
+            gateway.parse_webhook(VECTOR["body"].encode(), headers)
+    assert _cert_fetches(server, "CERT-unknown") == before + 1  # the failure is remembered
+    now[0] += 61  # past its 60 s
     with pytest.raises(WebhookVerificationError, match="http 404"):
-        make_paypal().parse_webhook(VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/CERT-unknown"))
+        gateway.parse_webhook(VECTOR["body"].encode(), headers)
+    assert _cert_fetches(server, "CERT-unknown") == before + 2
 
 
 def test_paypal_unreachable_cert_host_is_transient(make_paypal: Callable[..., PayPalGateway]) -> None:
     with pytest.raises(TransientPaymentError):
-        make_paypal().parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:9/certs/{CERT_NAME}"))
+        make_paypal(cert_host_allowlist=("127.0.0.1:9",)).parse_webhook(
+            VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:9/certs/{CERT_NAME}")
+        )
+
+
+@pytest.fixture
+def holding() -> Iterator[HoldingServer]:
+    server = HoldingServer()
+    yield server
+    server.stop()
+
+
+def test_a_cert_host_that_holds_connections_is_tried_once_then_remembered_for_every_path(
+    make_paypal: Callable[..., PayPalGateway], holding: HoldingServer
+) -> None:
+    now = [100.0]
+    gateway = make_paypal(
+        ticker=lambda: now[0], cert_host_allowlist=(f"127.0.0.1:{holding.port}",), timeout_seconds=0.5
+    )
+    started = time.monotonic()
+    with pytest.raises(TransientPaymentError):
+        gateway.parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:{holding.port}/a"))
+    assert 0.4 < time.monotonic() - started < 3  # the fetch's timeout
+    started = time.monotonic()
+    for path in ("a", "b", "c"):  # any path there: the host did not answer, so nothing is tried for a minute
+        with pytest.raises(TransientPaymentError):
+            gateway.parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:{holding.port}/{path}"))
+    assert time.monotonic() - started < 0.2
+    assert holding.accepted == 1
+    now[0] += 61
+    with pytest.raises(TransientPaymentError):
+        gateway.parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:{holding.port}/d"))
+    assert holding.accepted == 2
+
+
+def test_at_most_four_certificate_fetches_are_in_flight_and_the_rest_are_refused_at_once(
+    make_paypal: Callable[..., PayPalGateway], holding: HoldingServer
+) -> None:
+    gateway = make_paypal(cert_host_allowlist=(f"127.0.0.1:{holding.port}",), timeout_seconds=2)
+    start = threading.Barrier(10)
+    outcomes: list[tuple[str, float]] = []
+
+    def fetch(i: int) -> None:
+        start.wait()
+        began = time.monotonic()
+        try:
+            gateway.parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:{holding.port}/{i}"))
+        except Exception as exc:  # noqa: BLE001 - the kind is what is asserted
+            outcomes.append((type(exc).__name__, time.monotonic() - began))
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    busy = [took for kind, took in outcomes if kind == "CertificateFetchBusy"]
+    waited = [took for kind, took in outcomes if kind == "TransientPaymentError"]
+    assert (len(busy), len(waited)) == (6, 4), outcomes
+    assert max(busy) < 0.5 and min(waited) > 1.5  # the busy ones did not wait for a slot
+    assert holding.accepted == 4
 
 
 def test_a_cert_host_whose_tls_certificate_is_not_trusted_is_refused(

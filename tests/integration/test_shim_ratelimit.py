@@ -185,3 +185,14 @@ def test_a_redis_outage_hands_no_client_a_fresh_limit(shim_app, private_redis):
     assert [_place(shim, light).status_code for _ in range(3)] == [202, 202, 429]  # its two left, no more
     now[0] += 20  # a third of the window: one token back for each
     assert [_place(shim, spender).status_code for _ in range(2)] == [202, 429]
+
+
+def test_payment_webhooks_are_rate_limited_per_client_address(shim_app, private_redis):
+    # a Redis of its own: every request here comes from the same address ("testclient")
+    shim = shim_app(redis_port=private_redis.port, WEBHOOK_RATE_PER_MINUTE_PER_ADDRESS=3)
+    headers = {"Content-Type": "application/json", "Stripe-Signature": "t=1,v1=00"}
+    answers = [shim.post("/orders/payment-confirmation", content=b"{}", headers=headers) for _ in range(4)]
+    assert [r.status_code for r in answers] == [400, 400, 400, 429]  # unsigned: refused, and counted
+    assert answers[3].json()["error"] == "rate_limited" and int(answers[3].headers["Retry-After"]) > 0
+    assert answers[3].headers["RateLimit-Limit"] == "3"
+    assert _metric(shim, 'orders_shim_rate_limited_total{kind="webhook"}') == 1

@@ -170,6 +170,7 @@ def build_shim(settings: Settings) -> Shim:
     limits: dict[str, tuple[int | None, int]] = {
         "place": (cfg.place_rate_per_minute, cfg.place_rate_per_minute_per_address),
         "read": (cfg.read_rate_per_minute, cfg.read_rate_per_minute_per_address),
+        "webhook": (None, cfg.webhook_rate_per_minute_per_address),  # unauthenticated: per address only
     }
     return Shim(
         settings=settings,

@@ -9,9 +9,11 @@ be within ``shim.webhook_tolerance_seconds`` so a captured request cannot be
 replayed later (a replay inside the window is a duplicate the inbox drops).
 
 A provider webhook that does not verify answers 400 ``invalid_signature``; one
-that verifies but is not a readable event (odd shapes, an event id longer than
-an AMQP message id may be) answers 400 ``invalid_webhook`` and is never
-published.
+that verifies but is not a readable event (odd shapes, JSON nested too deeply,
+an event id longer than an AMQP message id may be) answers 400
+``invalid_webhook`` and is never published.
+A PayPal webhook whose certificate would need fetching while every fetch
+slot is taken answers 503 ``overloaded`` with Retry-After at once.
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ from collections.abc import Mapping
 import structlog
 from pydantic import ValidationError
 
-from handlers.payments.base import MalformedWebhook, PaymentGateway, TransientPaymentError, WebhookVerificationError
-from handlers.payments.webhooks import parse_webhook, to_command
+from handlers.payments.base import (
+    CertificateFetchBusy,
+    MalformedWebhook,
+    PaymentGateway,
+    TransientPaymentError,
+    WebhookEvent,
+    WebhookVerificationError,
+)
+from handlers.payments.webhooks import WebhookCommand, parse_webhook, to_command
 from schema.messages import PaymentConfirmed, describe_validation_error
 from worker.settings import ShimSettings
 from worker.shim.errors import ApiError
@@ -34,6 +43,8 @@ from worker.shim.publisher import Command
 log = structlog.get_logger("worker.shim.webhook")
 
 INTERNAL_HEADER = "x-orders-signature"
+#: seconds a webhook refused for want of a certificate fetch slot is told to wait
+CERT_BUSY_RETRY_AFTER = 5
 
 
 def sign_internal(secret: str, body: bytes, timestamp: int | None = None) -> str:
@@ -77,6 +88,7 @@ def to_publish(
         return cmd.message_id, cmd
     try:
         event = parse_webhook(gateways, body, lowered)
+        webhook = _command_of(event)
     except MalformedWebhook as exc:
         # signed, so the provider's (or its key's holder's): worth a look, but redelivery will not help
         log.warning("signed webhook is not a readable event", reason=str(exc))
@@ -86,16 +98,27 @@ def to_publish(
     except WebhookVerificationError as exc:
         log.info("webhook rejected", reason=str(exc))
         raise _invalid("the webhook signature did not verify") from None
+    except CertificateFetchBusy:
+        raise ApiError(
+            503,
+            "overloaded",
+            f"too many webhook certificates being fetched; retry after {CERT_BUSY_RETRY_AFTER} s",
+            {"Retry-After": str(CERT_BUSY_RETRY_AFTER)},
+        ) from None
     except TransientPaymentError:
         raise ApiError(
             503, "provider_unavailable", "could not verify the webhook now; redeliver later", {"Retry-After": "30"}
         ) from None
-    try:
-        webhook = to_command(event)
-    except ValueError as exc:
-        # verified but unusable (e.g. no order id): redelivery would not help; operators must look
-        log.error("verified webhook cannot be applied", event_id=event.event_id, reason=str(exc))
-        return event.event_id, None
     if webhook is None:
         return event.event_id, None
     return event.event_id, Command.on_route(webhook.command, webhook.message_id, webhook.body)
+
+
+def _command_of(event: WebhookEvent) -> WebhookCommand | None:
+    """The command to publish for a verified event; None for one not acted on, or one that cannot be."""
+    try:
+        return to_command(event)
+    except ValueError as exc:
+        # verified but unusable (e.g. no order id): redelivery would not help; operators must look
+        log.error("verified webhook cannot be applied", event_id=event.event_id, reason=str(exc))
+        return None
