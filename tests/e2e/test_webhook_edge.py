@@ -8,7 +8,8 @@ against a TCP server that accepts and holds connections (``HoldingServer``),
 once on a port that is not allow-listed (refused at once, whatever listens
 there) and once on an allow-listed one (a PayPal host that hangs): at most a
 few fetches are ever in flight, the rest are answered 503 at once, and real
-requests keep being answered while the flood runs.
+requests keep being answered while the flood runs.  Item 7: a signed event
+whose command would be invalid is refused with 400 and never published.
 
 The PayPal side is real: the fake's https listener serves certificates from
 a CA of this module's own, and real webhooks are signed with its signing
@@ -273,3 +274,29 @@ def test_a_flood_of_certificate_urls_that_hang_leaves_real_requests_answered_at_
     }
     # for want of a fetch slot (and, should the machine be very busy, for want of a Redis connection)
     assert shed_by.get("certificate_fetch", 0) >= 1 and sum(shed_by.values()) == len(shed), (shed_by, len(shed))
+
+
+# -- item 7: a signed event whose command would be invalid is refused, not published -----------
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"amount": -5, "amount_received": -5}, {"metadata": {"order_id": "not-a-uuid"}}, {"currency": "us\u0000"}],
+    ids=["amount-negative", "order-not-uuid", "currency-nul"],
+)
+def test_a_signed_stripe_event_that_would_make_an_invalid_command_answers_400_and_publishes_nothing(edge, changes):
+    queued = edge.queued("orders.payment-confirmed")
+    answer = edge.post(*edge.stripe(intent_succeeded(**changes)))
+    assert answer.status_code == 400, answer.text  # before: 200 enqueued, then dead-lettered by the worker
+    assert answer.json()["error"] == "invalid_webhook"
+    assert edge.queued("orders.payment-confirmed") == queued
+
+
+def test_a_signed_paypal_event_that_would_make_an_invalid_command_answers_400_and_publishes_nothing(edge):
+    queued = edge.queued("orders.payment-confirmed")
+    answer = edge.post(*edge.paypal(capture_completed(custom_id="not-a-uuid")))
+    assert answer.status_code == 400 and answer.json()["error"] == "invalid_webhook", answer.text
+    assert edge.queued("orders.payment-confirmed") == queued
+    good = edge.post(*edge.paypal(capture_completed()))  # the same event, well formed: published
+    assert good.status_code == 200 and good.json()["enqueued"] is True
+    assert wait_until(lambda: edge.queued("orders.payment-confirmed") == queued + 1, timeout=10)

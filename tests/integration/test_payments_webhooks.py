@@ -25,7 +25,12 @@ from handlers.payments.base import MalformedWebhook, TransientPaymentError, Webh
 from handlers.payments.paypal_gateway import PayPalGateway  # noqa: E402
 from handlers.payments.settings import GatewayConfigError, PayPalSettings, StripeSettings  # noqa: E402
 from handlers.payments.stripe_gateway import StripeGateway  # noqa: E402
-from handlers.payments.webhooks import confirmation_message_id, parse_webhook, to_payment_confirmed  # noqa: E402
+from handlers.payments.webhooks import (  # noqa: E402
+    confirmation_message_id,
+    parse_webhook,
+    to_command,
+    to_payment_confirmed,
+)
 from scripts.fakes import fake_paypal, paypal_certs  # noqa: E402
 from scripts.fakes.common import tls_context  # noqa: E402
 from tests.support import HoldingServer  # noqa: E402
@@ -166,6 +171,30 @@ def test_stripe_signed_but_oddly_shaped_events_are_malformed(stripe_gateway: Str
     payload = _stripe_shaped(change)
     with pytest.raises(MalformedWebhook):
         stripe_gateway.parse_webhook(payload.encode(), signed(payload))
+
+
+@pytest.mark.parametrize(
+    "event_type, changes",
+    [
+        ("payment_intent.succeeded", {"amount": -5}),
+        ("payment_intent.succeeded", {"amount": 1099, "amount_received": -5}),
+        ("payment_intent.succeeded", {"metadata": {"order_id": "not-a-uuid"}}),
+        ("payment_intent.succeeded", {"metadata": {"order_id": "7d0c9a8e-0000-4000-8000-00000000000\u0000"}}),
+        ("payment_intent.succeeded", {"currency": "us\u0000"}),
+        ("payment_intent.succeeded", {"currency": "usdx"}),
+        ("payment_intent.succeeded", {"id": "pi_\u0000"}),
+        ("payment_intent.payment_failed", {"metadata": {"order_id": "not-a-uuid"}}),
+    ],
+    ids=["amount-negative", "received-negative", "order-not-uuid", "order-nul", "currency-nul", "currency-4", "id-nul", "failed-order-not-uuid"],
+)  # fmt: skip
+def test_a_signed_stripe_event_whose_command_would_be_invalid_is_malformed(
+    stripe_gateway: StripeGateway, event_type: str, changes: dict[str, Any]
+) -> None:
+    """Before: 200 enqueued, then dead-lettered by the worker.  Now refused before anything is published."""
+    payload = stripe_event(event_type, **changes)
+    event = parse_webhook({"stripe": stripe_gateway}, payload.encode(), signed(payload))  # verified and read
+    with pytest.raises(MalformedWebhook, match="invalid"):
+        to_command(event)
 
 
 def test_stripe_event_id_of_200_characters_is_fine(stripe_gateway: StripeGateway) -> None:
@@ -580,6 +609,53 @@ def test_paypal_signed_but_oddly_shaped_events_are_malformed(
 ) -> None:
     with pytest.raises(MalformedWebhook):
         make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(event))
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "custom_id": "not-a-uuid"}},
+        {
+            **CAPTURE_COMPLETED,
+            "resource": {**CAPTURE_COMPLETED["resource"], "amount": {"currency_code": "J\u0000Y", "value": "1500"}},
+        },
+        {
+            **CAPTURE_COMPLETED,
+            "resource": {
+                **CAPTURE_COMPLETED["resource"],
+                "supplementary_data": {"related_ids": {"order_id": "5O19\u00000127"}},
+            },
+        },
+        {
+            "id": "WH-APPROVED-BAD",
+            "event_type": "CHECKOUT.ORDER.APPROVED",
+            "resource": {"id": "5O190127TN364715T", "purchase_units": [{"custom_id": "order-7"}]},
+        },
+        {
+            **CAPTURE_COMPLETED,
+            "id": "WH-DENIED-BAD",
+            "event_type": "PAYMENT.CAPTURE.DENIED",
+            "resource": {**CAPTURE_COMPLETED["resource"], "custom_id": "not-a-uuid"},
+        },
+    ],
+    ids=["custom-id-not-uuid", "currency-nul", "payment-id-nul", "approved-order-not-uuid", "denied-order-not-uuid"],
+)
+def test_a_signed_paypal_event_whose_command_would_be_invalid_is_malformed(
+    make_paypal: Callable[..., PayPalGateway], signer: Any, event: Any
+) -> None:
+    verified = make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(event))
+    with pytest.raises(MalformedWebhook, match="invalid"):
+        to_command(verified)
+
+
+def test_a_failure_reason_loses_its_control_characters_rather_than_the_event(
+    make_paypal: Callable[..., PayPalGateway], signer: Any
+) -> None:
+    denied = copy.deepcopy(CAPTURE_COMPLETED)
+    denied.update(id="WH-DENIED-NL", event_type="PAYMENT.CAPTURE.DENIED")
+    denied["resource"]["status_details"] = {"reason": "DECLINED\nBY\tBANK"}
+    command = to_command(make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(denied)))
+    assert command is not None and command.body["reason"] == "DECLINED BY BANK"
 
 
 def test_paypal_cert_for_another_name_is_rejected(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:

@@ -10,8 +10,9 @@ replayed later (a replay inside the window is a duplicate the inbox drops).
 
 A provider webhook that does not verify answers 400 ``invalid_signature``; one
 that verifies but is not a readable event (odd shapes, JSON nested too deeply,
-an event id longer than an AMQP message id may be) answers 400
-``invalid_webhook`` and is never published.
+an event id longer than an AMQP message id may be), or whose command would
+not pass its model (a negative amount, an order id that is not a UUID, a
+control character), answers 400 ``invalid_webhook`` and is never published.
 A PayPal webhook whose certificate would need fetching while every fetch
 slot is taken answers 503 ``overloaded`` with Retry-After at once.
 """
