@@ -261,6 +261,16 @@ class TracingSettings(_Section):
     otlp_endpoint: str = ""
 
 
+class PaymentsSettings(_Section):
+    """What money the service takes: ``live`` (the default), or ``test`` (the providers' test keys and sandboxes).
+
+    Production mode refuses Stripe test keys and PayPal's sandbox unless ``mode: test`` says so
+    explicitly; ``orders doctor`` then says loudly that the service takes test money.
+    """
+
+    mode: Literal["live", "test"] = "live"
+
+
 Environment = Literal["production", "development"]
 
 
@@ -273,6 +283,7 @@ class Settings(_Section):
     rabbitmq: RabbitSettings
     stripe: StripeSettings
     paypal: PayPalSettings
+    payments: PaymentsSettings = PaymentsSettings()
     worker: WorkerSettings = WorkerSettings()
     relay: RelaySettings = RelaySettings()
     shim: ShimSettings
