@@ -259,6 +259,9 @@ class TracingSettings(_Section):
     #: base URL of an OTLP/HTTP collector (``http://otel-collector:4318``; ``/v1/traces`` is added);
     #: "" = off, unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_TRACES_EXPORTER`` turn it on
     otlp_endpoint: str = ""
+    #: callers (IPs or CIDRs, as the shim sees them after ``shim.trusted_proxies``) whose ``traceparent``
+    #: the shim continues; anyone else's request starts a trace of its own, linked to the caller's context
+    trust_incoming: tuple[IPvAnyNetwork, ...] = ()
 
 
 class PaymentsSettings(_Section):

@@ -222,7 +222,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_concurrent=settings.shim.max_concurrent_requests,
     )
     if tracing.setup(settings.tracing, "orders-shim"):  # off unless configured (docs/operations.md, Tracing)
-        tracing.instrument_app(app)
+        tracing.instrument_app(app, settings.tracing.trust_incoming)
     return app
 
 
