@@ -246,6 +246,10 @@ class ShimSettings(_Section):
     #: per client address (many users may share one behind a NAT, hence larger)
     place_rate_per_minute_per_address: int = Field(default=600, gt=0)
     read_rate_per_minute_per_address: int = Field(default=6000, gt=0)
+    #: payment webhooks (``POST /orders/payment-confirmation``) per client address: they come unauthenticated,
+    #: and each may make the shim verify a signature or fetch a certificate.  Stripe and PayPal deliver from a
+    #: few addresses each: keep it above the busiest minute of webhooks one of them sends
+    webhook_rate_per_minute_per_address: int = Field(default=1200, gt=0)
     #: HMAC-SHA256 secret of the internal payment service's webhooks ("" disables them)
     webhook_hmac_secret: SecretStr = SecretStr("")
     webhook_tolerance_seconds: int = Field(default=300, gt=0)
@@ -307,6 +311,19 @@ class TracingSettings(_Section):
     #: base URL of an OTLP/HTTP collector (``http://otel-collector:4318``; ``/v1/traces`` is added);
     #: "" = off, unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_TRACES_EXPORTER`` turn it on
     otlp_endpoint: str = ""
+    #: callers (IPs or CIDRs, as the shim sees them after ``shim.trusted_proxies``) whose ``traceparent``
+    #: the shim continues; anyone else's request starts a trace of its own, linked to the caller's context
+    trust_incoming: tuple[IPvAnyNetwork, ...] = ()
+
+
+class PaymentsSettings(_Section):
+    """What money the service takes: ``live`` (the default), or ``test`` (the providers' test keys and sandboxes).
+
+    Production mode refuses Stripe test keys and PayPal's sandbox unless ``mode: test`` says so
+    explicitly; ``orders doctor`` then says loudly that the service takes test money.
+    """
+
+    mode: Literal["live", "test"] = "live"
 
 
 Environment = Literal["production", "development"]
@@ -321,6 +338,7 @@ class Settings(_Section):
     rabbitmq: RabbitSettings
     stripe: StripeSettings
     paypal: PayPalSettings
+    payments: PaymentsSettings = PaymentsSettings()
     worker: WorkerSettings = WorkerSettings()
     orders: OrdersSettings = OrdersSettings()
     relay: RelaySettings = RelaySettings()
