@@ -89,6 +89,7 @@ from handlers.payments.base import (
 from handlers.payments.money import MoneyError, from_decimal_string, to_paypal_value
 from handlers.payments.settings import GatewayConfigError, PayPalSettings
 from handlers.payments.shapes import EventId, Ref, Shape, read
+from schema.messages import MAX_MESSAGE_ID
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ PAYPAL_CERT_NAMES = ("messageverificationcerts.paypal.com", "messageverification
 MAX_CERT_BYTES = 64 * 1024
 #: Certificates kept, per URL (PayPal rotates them rarely; each URL names one for good).
 CERT_CACHE_SIZE = 32
+#: the path of a refund's ``up`` link: the capture it gives money back from
+_CAPTURE_PATH = re.compile(r"/v2/payments/captures/([A-Za-z0-9_-]+)/?$")
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 _T = TypeVar("_T")
@@ -684,6 +687,36 @@ class _Capture(Shape):
         return related.order_id if related else None
 
 
+class _Link(Shape):
+    href: str
+    rel: str | None = None
+
+
+class _Refund(Shape):
+    """A refund, as in ``PAYMENT.CAPTURE.REFUNDED`` events and an order's ``payments.refunds``.
+
+    It names its capture only by its ``up`` link (``/v2/payments/captures/{id}``), and carries our
+    order id only when one was given at refund time (``custom_id``).
+    """
+
+    id: Ref
+    status: str | None = None
+    amount: _Money | None = None
+    custom_id: Ref | None = None
+    create_time: str | None = None
+    links: list[_Link] | None = None
+
+    @property
+    def capture_id(self) -> str | None:
+        """The capture the ``up`` link points at, or None."""
+        for link in self.links or []:
+            if link.rel == "up":
+                found = _CAPTURE_PATH.search(urlsplit(link.href).path)
+                if found:
+                    return found.group(1)
+        return None
+
+
 class _Payments(Shape):
     captures: list[_Capture] | None = None
 
@@ -741,6 +774,21 @@ def translate_event(event: Any) -> WebhookEvent:
     envelope = read(_Event, event, "paypal event")
     event_type, resource = envelope.event_type, envelope.resource or {}
     common: dict[str, Any] = {"provider": PROVIDER, "event_id": envelope.id, "event_type": event_type}
+    if event_type == "PAYMENT.CAPTURE.REFUNDED":
+        refund = read(_Refund, resource, "paypal refund")
+        capture_id = refund.capture_id
+        if not capture_id or len(capture_id) > MAX_MESSAGE_ID:
+            raise MalformedWebhook("paypal refund: no up link to the capture it refunds (/v2/payments/captures/{id})")
+        amount, currency = _minor(refund.amount)
+        # PayPal's refund names neither the order nor (unless given at refund time) our order id
+        return WebhookEvent(
+            kind=WebhookKind.REFUNDED,
+            capture_id=capture_id,
+            order_id=refund.custom_id,
+            amount=amount,
+            currency=currency,
+            **common,
+        )
     if event_type in ("PAYMENT.CAPTURE.COMPLETED", "PAYMENT.CAPTURE.DENIED", "PAYMENT.CAPTURE.DECLINED"):
         capture = read(_Capture, resource, "paypal capture")
         amount, currency = _minor(capture.amount)

@@ -37,7 +37,7 @@ from handlers.payments.base import (
     WebhookVerificationError,
 )
 from handlers.payments.settings import StripeSettings
-from handlers.payments.shapes import EventId, Ref, Shape, read
+from handlers.payments.shapes import EventId, NonNegativeInt, Ref, Shape, read
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,16 @@ class _PaymentError(Shape):
     message: str | None = None
 
 
+class _Charge(Shape):
+    """The Charge of a ``charge.refunded`` event: ``amount_refunded`` is cumulative (every refund so far)."""
+
+    id: Ref
+    payment_intent: Ref | None = None
+    metadata: dict[str, Ref] | None = None
+    amount_refunded: NonNegativeInt
+    currency: str
+
+
 class _Intent(Shape):
     id: Ref
     metadata: dict[str, Ref] | None = None
@@ -274,6 +284,8 @@ def translate_event(event: Any) -> WebhookEvent:
     """A verified Stripe event (parsed JSON) → :class:`WebhookEvent`; MalformedWebhook when it is not one."""
     envelope = read(_Envelope, event, "stripe event")
     event_id, event_type, obj = envelope.id, envelope.type, envelope.data.object
+    if event_type == "charge.refunded" and obj.get("object") == "charge":
+        return _refunded(event_id, event_type, read(_Charge, obj, "stripe charge"))
     if (
         event_type not in ("payment_intent.succeeded", "payment_intent.payment_failed")
         or obj.get("object") != "payment_intent"
@@ -293,6 +305,26 @@ def translate_event(event: Any) -> WebhookEvent:
     error = intent.last_payment_error or _PaymentError()
     reason = error.decline_code or error.code or error.message or "payment_failed"
     return WebhookEvent(kind=WebhookKind.FAILED, amount=intent.amount, reason=reason, **common)
+
+
+def _refunded(event_id: str, event_type: str, charge: _Charge) -> WebhookEvent:
+    """``charge.refunded`` → REFUNDED for the charge's PaymentIntent; a charge of no PaymentIntent is not ours.
+
+    Stripe does not copy the PaymentIntent's metadata onto its charge, so ``order_id`` is usually None:
+    the PaymentIntent id names the payment, and the lookup says the rest.
+    """
+    if charge.payment_intent is None:
+        return WebhookEvent(kind=WebhookKind.IGNORED, provider=PROVIDER, event_id=event_id, event_type=event_type)
+    return WebhookEvent(
+        kind=WebhookKind.REFUNDED,
+        provider=PROVIDER,
+        event_id=event_id,
+        event_type=event_type,
+        provider_payment_id=charge.payment_intent,
+        order_id=(charge.metadata or {}).get("order_id"),
+        amount=charge.amount_refunded,
+        currency=charge.currency.upper() or None,
+    )
 
 
 __all__ = ["StripeGateway", "translate_event"]
