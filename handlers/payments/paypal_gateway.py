@@ -100,6 +100,10 @@ PAYPAL_CERT_NAMES = ("messageverificationcerts.paypal.com", "messageverification
 MAX_CERT_BYTES = 64 * 1024
 #: Certificates kept, per URL (PayPal rotates them rarely; each URL names one for good).
 CERT_CACHE_SIZE = 32
+#: capture statuses of money taken: a refund (in part or in full) does not undo the taking
+_TAKEN = frozenset({"COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED"})
+#: refund statuses whose money is given back (or on its way): ``FAILED`` and ``CANCELLED`` ones are not
+_GIVING_BACK = frozenset({"COMPLETED", "PENDING"})
 #: the path of a refund's ``up`` link: the capture it gives money back from
 _CAPTURE_PATH = re.compile(r"/v2/payments/captures/([A-Za-z0-9_-]+)/?$")
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
@@ -374,7 +378,11 @@ class PayPalGateway:
 
         The capture is read by itself (``GET /v2/payments/captures/{id}``):
         its status, amount, ``custom_id`` and the order it belongs to, which
-        must be this order.
+        must be this order.  A capture refunded in part or in full
+        (``PARTIALLY_REFUNDED``, ``REFUNDED``) was still taken; the refunds
+        are those the order lists (``purchase_units[].payments.refunds``):
+        ``refunded`` sums the ``COMPLETED`` and ``PENDING`` ones,
+        ``refund_ids`` names them oldest first.
         """
         found = self._get_or_none(lambda: self._client.orders.get_order({"id": provider_payment_id}))
         if found is None:
@@ -403,14 +411,17 @@ class PayPalGateway:
                 f"paypal capture {capture_id} belongs to order {capture.order_id}, not {provider_payment_id}"
             )
         amount, currency = _api_minor(capture.amount)
+        refunds = _giving_back(order)
         return PaymentFacts(
             provider_payment_id=provider_payment_id,
-            taken=capture.status == "COMPLETED",
+            taken=capture.status in _TAKEN,
             order_id=capture.custom_id,
             amount=amount,
             currency=currency,
             status=str(capture.status),
             capture_id=capture.id or capture_id,
+            refunded=sum(_api_minor(r.amount)[0] or 0 for r in refunds),
+            refund_ids=tuple(r.id for r in refunds),
         )
 
     def _get_or_none(self, fn: Callable[[], Any]) -> dict[str, Any] | None:
@@ -719,6 +730,7 @@ class _Refund(Shape):
 
 class _Payments(Shape):
     captures: list[_Capture] | None = None
+    refunds: list[_Refund] | None = None
 
 
 class _Unit(Shape):
@@ -767,6 +779,21 @@ def _api_minor(amount: _Money | None) -> tuple[int | None, str | None]:
         return _minor(amount)
     except MalformedWebhook as exc:
         raise PermanentPaymentError(str(exc)) from None
+
+
+def _giving_back(order: _Order) -> list[_Refund]:
+    """The order's refunds that give money back (``COMPLETED``, ``PENDING``), oldest first."""
+    refunds = [
+        r
+        for unit in order.purchase_units or []
+        for r in ((unit.payments.refunds if unit.payments else None) or [])
+        if r.status in _GIVING_BACK
+    ]
+    try:
+        # PayPal lists them as they were made; sort anyway when every one says when (a stable sort keeps ties)
+        return sorted(refunds, key=lambda r: datetime.fromisoformat(str(r.create_time).replace("Z", "+00:00")))
+    except (ValueError, TypeError):  # a time that does not parse, or one without a zone beside one with
+        return refunds
 
 
 def translate_event(event: Any) -> WebhookEvent:

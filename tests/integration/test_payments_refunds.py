@@ -4,7 +4,8 @@ Every refund at a fake, through the API (the service's own RefundPayment among t
 page (``/_fake/refund/{id}``), sends the provider's signed event (Stripe ``charge.refunded``, PayPal
 ``PAYMENT.CAPTURE.REFUNDED``) to an endpoint of this module; the real gateways verify the deliveries as
 received (the ``stripe`` SDK's signature check; PayPal's certificate chain fetched over https from the
-fake and the SHA256withRSA signature) and translate them to REFUNDED.
+fake and the SHA256withRSA signature) and translate them to REFUNDED, and their ``lookup`` reports what
+was given back (``refunded``, ``refund_ids``), read through the SDKs.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the install
     sys.path.insert(0, str(ROOT))
 
 from handlers.payments.base import (  # noqa: E402
+    PaymentFacts,
     PaymentOutcome,
     PaymentRequest,
     PaymentResult,
+    TransientPaymentError,
     WebhookEvent,
     WebhookKind,
 )
@@ -238,10 +241,61 @@ def test_the_stripe_dashboard_page_refunds_and_the_webhook_goes_out(
     again = httpx.post(page, json={"amount": 1})
     assert again.status_code == 400 and again.json()["error"]["code"] == "charge_already_refunded"
     assert httpx.get(f"{stripe_fake.url}/_fake/refund/pi_unknown").status_code == 404
+    # the dashboard's refunds are the account's: the API lists them
+    assert gateway.lookup(pi_id).refunded == 1099
 
 
 def _parts(delivery: Delivery) -> tuple[bytes, dict[str, str]]:
     return delivery.body, delivery.headers
+
+
+def test_stripe_lookup_reports_the_refunds_oldest_first(
+    stripe_fake: Any, stripe_gateway: Callable[..., StripeGateway]
+) -> None:
+    gateway = stripe_gateway()
+    pi_id = stripe_paid(gateway, "order-facts")
+    paid = PaymentResult(PaymentOutcome.SUCCEEDED, pi_id)
+    untouched = PaymentFacts(
+        provider_payment_id=pi_id, taken=True, order_id="order-facts", amount=1099, currency="EUR", status="succeeded"
+    )
+    assert gateway.lookup(pi_id) == untouched
+    first = gateway.refund(paid, 100, "EUR", "r1").refund_id
+    assert gateway.lookup(pi_id) == PaymentFacts(
+        **{**untouched.__dict__, "refunded": 100, "refund_ids": (first,)}  # partial: still taken
+    )
+    second = gateway.refund(paid, 200, "EUR", "r2").refund_id  # same second as the first: the listing's order holds
+    third = gateway.refund(paid, 799, "EUR", "r3").refund_id
+    full = gateway.lookup(pi_id)
+    assert (full.taken, full.status, full.amount) == (True, "succeeded", 1099)  # a refunded payment was taken
+    assert (full.refunded, full.refund_ids) == (1099, (first, second, third))
+    # a refund that failed gave nothing back; a pending one is on its way
+    stripe_fake.app.refunds[second]["status"] = "failed"
+    stripe_fake.app.refunds[third]["status"] = "pending"
+    assert (gateway.lookup(pi_id).refunded, gateway.lookup(pi_id).refund_ids) == (899, (first, third))
+
+
+def test_stripe_lookup_asks_for_refunds_only_of_a_succeeded_intent(
+    stripe_fake: Any, stripe_gateway: Callable[..., StripeGateway]
+) -> None:
+    gateway = stripe_gateway()
+    result = gateway.start(
+        PaymentRequest("order-3ds", 1099, "EUR", "pay-3ds", payment_method="pm_card_threeDSecure2Required")
+    )
+    facts = gateway.lookup(result.provider_payment_id)
+    assert (facts.taken, facts.refunded, facts.refund_ids) == (False, 0, ())
+    paths = [e["path"] for e in httpx.get(stripe_fake.url + "/_fake/log").json()["requests"]]
+    assert "/v1/refunds" not in paths
+
+
+def test_stripe_lookup_of_the_refunds_maps_errors_like_the_other_calls(
+    stripe_fake: Any, stripe_gateway: Callable[..., StripeGateway]
+) -> None:
+    gateway = stripe_gateway(max_network_retries=0)
+    pi_id = stripe_paid(gateway)
+    httpx.post(stripe_fake.url + "/_fake/faults", json={"count": 1, "status": 503, "path": "/v1/refunds"})
+    with pytest.raises(TransientPaymentError):
+        gateway.lookup(pi_id)
+    assert gateway.lookup(pi_id).refunded == 0
 
 
 # -- PayPal ---------------------------------------------------------------------
@@ -399,6 +453,7 @@ def test_the_paypal_dashboard_page_refunds_by_order_or_capture_id_and_the_webhoo
     listed = order["purchase_units"][0]["payments"]["refunds"]
     assert [(r["amount"]["value"], r["status"]) for r in listed] == [("2.50", "COMPLETED"), ("8.49", "COMPLETED")]
     assert order["purchase_units"][0]["payments"]["captures"][0]["status"] == "REFUNDED"
+    assert gateway.lookup(captured.provider_payment_id).refunded == 1099
 
 
 def test_paypal_amounts_the_currency_does_not_take_are_refused(
@@ -418,3 +473,52 @@ def test_paypal_amounts_the_currency_does_not_take_are_refused(
     event = gateway.parse_webhook(*_parts(endpoint.wait_for("PAYMENT.CAPTURE.REFUNDED", 1)[0]))
     assert (event.amount, event.currency) == (500, "JPY")  # yen have no minor unit
     assert len(endpoint.of_type("PAYMENT.CAPTURE.REFUNDED")) == 1  # the refused ones sent nothing
+
+
+def test_paypal_lookup_reports_the_refunds_the_order_lists(
+    paypal_fake: Any, paypal_gateway: Callable[..., PayPalGateway]
+) -> None:
+    gateway = paypal_gateway()
+    captured = paypal_captured(paypal_fake, gateway, "order-facts")
+    order_id = captured.provider_payment_id
+    untouched = PaymentFacts(
+        provider_payment_id=order_id,
+        taken=True,
+        order_id="order-facts",
+        amount=1099,
+        currency="USD",
+        status="COMPLETED",
+        capture_id=captured.capture_id,
+    )
+    assert gateway.lookup(order_id) == untouched
+    first = gateway.refund(captured, 100, "USD", "r1").refund_id
+    assert gateway.lookup(order_id) == PaymentFacts(
+        **{**untouched.__dict__, "status": "PARTIALLY_REFUNDED", "refunded": 100, "refund_ids": (first,)}
+    )
+    second = gateway.refund(captured, 200, "USD", "r2").refund_id
+    third = gateway.refund(captured, 799, "USD", "r3").refund_id
+    # a fully refunded capture was still taken
+    assert gateway.lookup(order_id) == PaymentFacts(
+        **{**untouched.__dict__, "status": "REFUNDED", "refunded": 1099, "refund_ids": (first, second, third)}
+    )
+    # read from the order (GET /v2/checkout/orders/{id}): a failed refund gave nothing back, a pending one counts
+    listed = paypal_fake.app.orders[order_id]["purchase_units"][0]["payments"]["refunds"]
+    assert [r["id"] for r in listed] == [first, second, third]
+    listed[1]["status"], listed[2]["status"] = "FAILED", "PENDING"
+    facts = gateway.lookup(order_id)
+    assert (facts.refunded, facts.refund_ids) == (899, (first, third))
+    # oldest first by create_time, whatever the order of the listing
+    listed[0]["create_time"], listed[2]["create_time"] = "2030-01-01T00:00:00Z", "2020-01-01T00:00:00Z"
+    assert gateway.lookup(order_id).refund_ids == (third, first)
+
+
+def test_paypal_lookup_of_the_refunds_maps_errors_like_the_other_calls(
+    paypal_fake: Any, paypal_gateway: Callable[..., PayPalGateway]
+) -> None:
+    gateway = paypal_gateway(max_network_retries=0)
+    captured = paypal_captured(paypal_fake, gateway)
+    gateway.refund(captured, 100, "USD", "r1")
+    httpx.post(paypal_fake.url + "/_fake/faults", json={"count": 1, "status": 503, "path": "/v2/checkout/orders"})
+    with pytest.raises(TransientPaymentError):
+        gateway.lookup(captured.provider_payment_id)
+    assert gateway.lookup(captured.provider_payment_id).refunded == 100
