@@ -99,6 +99,7 @@ from handlers.payments.base import (
 from handlers.payments.money import MoneyError, from_decimal_string, to_paypal_value
 from handlers.payments.settings import GatewayConfigError, PayPalSettings, cert_origins
 from handlers.payments.shapes import EventId, Ref, Shape, read
+from schema.messages import MAX_MESSAGE_ID
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,12 @@ CERT_FETCHES_IN_FLIGHT = 4
 CERT_FAILURE_TTL_SECONDS = 60.0
 #: Failed URLs and hosts remembered at most (the oldest is forgotten first).
 CERT_FAILURE_CACHE_SIZE = 1024
+#: capture statuses of money taken: a refund (in part or in full) does not undo the taking
+_TAKEN = frozenset({"COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED"})
+#: refund statuses whose money is given back (or on its way): ``FAILED`` and ``CANCELLED`` ones are not
+_GIVING_BACK = frozenset({"COMPLETED", "PENDING"})
+#: the path of a refund's ``up`` link: the capture it gives money back from
+_CAPTURE_PATH = re.compile(r"/v2/payments/captures/([A-Za-z0-9_-]+)/?$")
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 _T = TypeVar("_T")
@@ -395,7 +402,11 @@ class PayPalGateway:
 
         The capture is read by itself (``GET /v2/payments/captures/{id}``):
         its status, amount, ``custom_id`` and the order it belongs to, which
-        must be this order.
+        must be this order.  A capture refunded in part or in full
+        (``PARTIALLY_REFUNDED``, ``REFUNDED``) was still taken; the refunds
+        are those the order lists (``purchase_units[].payments.refunds``):
+        ``refunded`` sums the ``COMPLETED`` and ``PENDING`` ones,
+        ``refund_ids`` names them oldest first.
         """
         found = self._get_or_none(lambda: self._client.orders.get_order({"id": provider_payment_id}))
         if found is None:
@@ -424,14 +435,17 @@ class PayPalGateway:
                 f"paypal capture {capture_id} belongs to order {capture.order_id}, not {provider_payment_id}"
             )
         amount, currency = _api_minor(capture.amount)
+        refunds = _giving_back(order)
         return PaymentFacts(
             provider_payment_id=provider_payment_id,
-            taken=capture.status == "COMPLETED",
+            taken=capture.status in _TAKEN,
             order_id=capture.custom_id,
             amount=amount,
             currency=currency,
             status=str(capture.status),
             capture_id=capture.id or capture_id,
+            refunded=sum(_api_minor(r.amount)[0] or 0 for r in refunds),
+            refund_ids=tuple(r.id for r in refunds),
         )
 
     def _get_or_none(self, fn: Callable[[], Any]) -> dict[str, Any] | None:
@@ -760,8 +774,39 @@ class _Capture(Shape):
         return related.order_id if related else None
 
 
+class _Link(Shape):
+    href: str
+    rel: str | None = None
+
+
+class _Refund(Shape):
+    """A refund, as in ``PAYMENT.CAPTURE.REFUNDED`` events and an order's ``payments.refunds``.
+
+    It names its capture only by its ``up`` link (``/v2/payments/captures/{id}``), and carries our
+    order id only when one was given at refund time (``custom_id``).
+    """
+
+    id: Ref
+    status: str | None = None
+    amount: _Money | None = None
+    custom_id: Ref | None = None
+    create_time: str | None = None
+    links: list[_Link] | None = None
+
+    @property
+    def capture_id(self) -> str | None:
+        """The capture the ``up`` link points at, or None."""
+        for link in self.links or []:
+            if link.rel == "up":
+                found = _CAPTURE_PATH.search(urlsplit(link.href).path)
+                if found:
+                    return found.group(1)
+        return None
+
+
 class _Payments(Shape):
     captures: list[_Capture] | None = None
+    refunds: list[_Refund] | None = None
 
 
 class _Unit(Shape):
@@ -812,11 +857,41 @@ def _api_minor(amount: _Money | None) -> tuple[int | None, str | None]:
         raise PermanentPaymentError(str(exc)) from None
 
 
+def _giving_back(order: _Order) -> list[_Refund]:
+    """The order's refunds that give money back (``COMPLETED``, ``PENDING``), oldest first."""
+    refunds = [
+        r
+        for unit in order.purchase_units or []
+        for r in ((unit.payments.refunds if unit.payments else None) or [])
+        if r.status in _GIVING_BACK
+    ]
+    try:
+        # PayPal lists them as they were made; sort anyway when every one says when (a stable sort keeps ties)
+        return sorted(refunds, key=lambda r: datetime.fromisoformat(str(r.create_time).replace("Z", "+00:00")))
+    except (ValueError, TypeError):  # a time that does not parse, or one without a zone beside one with
+        return refunds
+
+
 def translate_event(event: Any) -> WebhookEvent:
     """A verified PayPal event (parsed JSON) → :class:`WebhookEvent`; MalformedWebhook when it is not one."""
     envelope = read(_Event, event, "paypal event")
     event_type, resource = envelope.event_type, envelope.resource or {}
     common: dict[str, Any] = {"provider": PROVIDER, "event_id": envelope.id, "event_type": event_type}
+    if event_type == "PAYMENT.CAPTURE.REFUNDED":
+        refund = read(_Refund, resource, "paypal refund")
+        capture_id = refund.capture_id
+        if not capture_id or len(capture_id) > MAX_MESSAGE_ID:
+            raise MalformedWebhook("paypal refund: no up link to the capture it refunds (/v2/payments/captures/{id})")
+        amount, currency = _minor(refund.amount)
+        # PayPal's refund names neither the order nor (unless given at refund time) our order id
+        return WebhookEvent(
+            kind=WebhookKind.REFUNDED,
+            capture_id=capture_id,
+            order_id=refund.custom_id,
+            amount=amount,
+            currency=currency,
+            **common,
+        )
     if event_type in ("PAYMENT.CAPTURE.COMPLETED", "PAYMENT.CAPTURE.DENIED", "PAYMENT.CAPTURE.DECLINED"):
         capture = read(_Capture, resource, "paypal capture")
         amount, currency = _minor(capture.amount)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from handlers.payments.base import MalformedWebhook
 from schema.messages import MAX_MESSAGE_ID, describe_validation_error
@@ -22,6 +22,8 @@ from schema.messages import MAX_MESSAGE_ID, describe_validation_error
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_MESSAGE_ID)]
 #: an id we carry into a command (our order id, the provider's payment id)
 Ref = Annotated[str, StringConstraints(max_length=MAX_MESSAGE_ID)]
+#: an amount in minor units that cannot be negative (what was refunded)
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class Shape(BaseModel):
@@ -41,4 +43,4 @@ def read(model: type[_S], data: Any, what: str) -> _S:
         raise MalformedWebhook(f"{what}: {describe_validation_error(exc)}") from None
 
 
-__all__ = ["EventId", "Ref", "Shape", "read"]
+__all__ = ["EventId", "NonNegativeInt", "Ref", "Shape", "read"]

@@ -38,11 +38,13 @@ from handlers.payments.base import (
     WebhookVerificationError,
 )
 from handlers.payments.settings import StripeSettings
-from handlers.payments.shapes import EventId, Ref, Shape, read
+from handlers.payments.shapes import EventId, NonNegativeInt, Ref, Shape, read
 
 log = logging.getLogger(__name__)
 
 PROVIDER = "stripe"
+#: refund statuses whose money is given back (or on its way): ``failed`` and ``canceled`` ones are not
+_GIVING_BACK = frozenset({"succeeded", "pending"})
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -165,7 +167,12 @@ class StripeGateway:
         return RefundResult(refund_id=refund.id, status=str(refund.status))
 
     def lookup(self, provider_payment_id: str) -> PaymentFacts:
-        """The PaymentIntent's facts; an unknown id is ``PaymentFacts.not_found``."""
+        """The PaymentIntent's facts; an unknown id is ``PaymentFacts.not_found``.
+
+        A succeeded intent's refunds are listed (``GET /v1/refunds?payment_intent=``, every page):
+        ``refunded`` sums those ``succeeded`` or ``pending``, ``refund_ids`` names them oldest first.
+        Whoever made them (this service, the dashboard) they count: the money is gone either way.
+        """
         try:
             intent = _as_dict(self._client.v1.payment_intents.retrieve(provider_payment_id))
         except stripe.InvalidRequestError as exc:
@@ -175,14 +182,37 @@ class StripeGateway:
         except stripe.StripeError as exc:
             _raise_mapped(exc)
         status = str(intent.get("status"))
+        # only a succeeded intent has a charge to refund: no second request for the others
+        refunds = self._refunds(intent["id"]) if status == "succeeded" else []
         return PaymentFacts(
             provider_payment_id=intent["id"],
-            taken=status == "succeeded",
+            taken=status == "succeeded",  # a refunded intent stays succeeded: the money was taken
             order_id=(intent.get("metadata") or {}).get("order_id"),
             amount=intent.get("amount_received") or intent.get("amount"),
             currency=str(intent.get("currency") or "").upper() or None,
             status=status,
+            refunded=sum(r.amount for r in refunds),
+            refund_ids=tuple(r.id for r in refunds),
         )
+
+    def _refunds(self, payment_intent: str) -> list[_Refund]:
+        """The intent's refunds that give money back (``succeeded``, ``pending``), oldest first."""
+        try:
+            listed = [
+                _as_dict(r)
+                for r in self._client.v1.refunds.list(
+                    {"payment_intent": payment_intent, "limit": 100}
+                ).auto_paging_iter()
+            ]
+        except stripe.StripeError as exc:
+            _raise_mapped(exc)
+        try:
+            refunds = [read(_Refund, r, "stripe refund") for r in listed]
+        except MalformedWebhook as exc:  # the API's answer, not a webhook: Stripe's fault, not retried
+            raise PermanentPaymentError(str(exc)) from None
+        # Stripe lists newest first; ``created`` has whole seconds, and a stable sort keeps the listing's order for ties
+        oldest_first = sorted(reversed(refunds), key=lambda r: r.created)
+        return [r for r in oldest_first if r.status in _GIVING_BACK]
 
     # -- webhooks -----------------------------------------------------------
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
@@ -255,6 +285,25 @@ class _PaymentError(Shape):
     message: str | None = None
 
 
+class _Refund(Shape):
+    """A Refund as ``GET /v1/refunds`` lists it."""
+
+    id: Ref
+    amount: NonNegativeInt
+    status: str | None = None
+    created: int = 0
+
+
+class _Charge(Shape):
+    """The Charge of a ``charge.refunded`` event: ``amount_refunded`` is cumulative (every refund so far)."""
+
+    id: Ref
+    payment_intent: Ref | None = None
+    metadata: dict[str, Ref] | None = None
+    amount_refunded: NonNegativeInt
+    currency: str
+
+
 class _Intent(Shape):
     id: Ref
     metadata: dict[str, Ref] | None = None
@@ -277,6 +326,8 @@ def translate_event(event: Any) -> WebhookEvent:
     """A verified Stripe event (parsed JSON) → :class:`WebhookEvent`; MalformedWebhook when it is not one."""
     envelope = read(_Envelope, event, "stripe event")
     event_id, event_type, obj = envelope.id, envelope.type, envelope.data.object
+    if event_type == "charge.refunded" and obj.get("object") == "charge":
+        return _refunded(event_id, event_type, read(_Charge, obj, "stripe charge"))
     if (
         event_type not in ("payment_intent.succeeded", "payment_intent.payment_failed")
         or obj.get("object") != "payment_intent"
@@ -296,6 +347,26 @@ def translate_event(event: Any) -> WebhookEvent:
     error = intent.last_payment_error or _PaymentError()
     reason = error.decline_code or error.code or error.message or "payment_failed"
     return WebhookEvent(kind=WebhookKind.FAILED, amount=intent.amount, reason=reason, **common)
+
+
+def _refunded(event_id: str, event_type: str, charge: _Charge) -> WebhookEvent:
+    """``charge.refunded`` → REFUNDED for the charge's PaymentIntent; a charge of no PaymentIntent is not ours.
+
+    Stripe does not copy the PaymentIntent's metadata onto its charge, so ``order_id`` is usually None:
+    the PaymentIntent id names the payment, and the lookup says the rest.
+    """
+    if charge.payment_intent is None:
+        return WebhookEvent(kind=WebhookKind.IGNORED, provider=PROVIDER, event_id=event_id, event_type=event_type)
+    return WebhookEvent(
+        kind=WebhookKind.REFUNDED,
+        provider=PROVIDER,
+        event_id=event_id,
+        event_type=event_type,
+        provider_payment_id=charge.payment_intent,
+        order_id=(charge.metadata or {}).get("order_id"),
+        amount=charge.amount_refunded,
+        currency=charge.currency.upper() or None,
+    )
 
 
 __all__ = ["StripeGateway", "translate_event"]

@@ -37,6 +37,7 @@ Only the standard library is used, so the fakes run anywhere.
 
 from __future__ import annotations
 
+import html
 import json
 import random
 import socket
@@ -188,6 +189,33 @@ class WebhookSender:
     def snapshot(self) -> list[dict[str, Any]]:
         with self.lock:
             return json.loads(json.dumps(self.deliveries))
+
+
+def refund_form(title: str, summary: str, label: str, default: str) -> Response:
+    """The fakes' stand-in for a provider dashboard's refund dialog: one amount, posted back to the same URL."""
+    page = (
+        "<!doctype html>\n"
+        f'<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head><body>\n'
+        f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(summary)}</p>\n"
+        '<form method="post">\n'
+        f'<label>{html.escape(label)} <input name="amount" value="{html.escape(default, quote=True)}"></label>\n'
+        '<button type="submit">Refund</button>\n</form>\n'
+        "<p>Leave the amount empty to refund the rest.</p>\n</body></html>\n"
+    )
+    return Response(200, page, {"Content-Type": "text/html; charset=utf-8"})
+
+
+def form_field(req: Request, name: str) -> str | None:
+    """A field of a posted HTML form (``application/x-www-form-urlencoded``) or of a JSON object body; None when absent or empty."""
+    if req.headers.get("content-type", "").startswith("application/json"):
+        try:
+            data = req.json()
+        except ValueError:
+            return None
+        value = data.get(name) if isinstance(data, dict) else None
+    else:
+        value = (parse_qs(req.body.decode(errors="replace")).get(name) or [None])[-1]
+    return None if value is None or str(value).strip() == "" else str(value).strip()
 
 
 def _log(message: str) -> None:

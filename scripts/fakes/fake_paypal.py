@@ -10,7 +10,11 @@ Speaks enough of ``api-m.paypal.com`` for ``paypal-server-sdk``:
   ``payment_source.paypal`` is given, as PayPal does;
 * ``GET /v2/checkout/orders/{id}``, ``POST /v2/checkout/orders/{id}/capture``
   (422 ``ORDER_NOT_APPROVED`` until approved, 422 ``ORDER_ALREADY_CAPTURED``);
-* ``GET /v2/payments/captures/{id}``, ``POST /v2/payments/captures/{id}/refund``;
+  a refunded order lists its refunds under ``purchase_units[].payments.refunds``;
+* ``GET /v2/payments/captures/{id}``, ``POST /v2/payments/captures/{id}/refund``
+  (no ``amount``: the rest; the capture becomes ``PARTIALLY_REFUNDED``, then
+  ``REFUNDED``; 422 ``REFUND_AMOUNT_EXCEEDED``, ``CAPTURE_FULLY_REFUNDED``,
+  ``DECIMALS_NOT_SUPPORTED``/``DECIMAL_PRECISION``, ``CURRENCY_MISMATCH``);
 * ``POST /v1/notifications/verify-webhook-signature`` (checks the signature
   against a certificate loaded into the fake; needs ``cryptography``);
 * ``GET /v1/reporting/transactions`` (Transaction Search: ``start_date`` and
@@ -31,6 +35,13 @@ Control endpoints, besides those of :mod:`common` (reset, faults, charges, log):
 * ``GET /_fake/checkoutnow?token={order_id}`` — the approve link: approves and
   redirects to the order's ``return_url`` (with ``token`` and ``PayerID``, as
   PayPal does);
+* ``GET /_fake/refund/{id}`` — the dashboard's "Issue a refund", for a PayPal
+  order id or a capture id (either is accepted; an order refunds its capture):
+  a tiny HTML form (``amount`` as a decimal string, default the rest not yet
+  refunded); ``POST /_fake/refund/{id}`` (form field or JSON ``amount``; empty
+  or absent: the rest) refunds through the same code as the API and answers
+  ``{"refund": <refund>, "order_id", "capture_id", "capture_status",
+  "total_refunded", "remaining"}`` (or the API's error: 400, 422, 404);
 * ``PUT|POST /_fake/certs/{name}`` (body: PEM) and ``GET /_fake/certs/{name}``
   — the webhook signing certificates (kept across ``/_fake/reset``, as are
   access tokens); ``/_fake/charges`` also counts ``cert_fetches`` per name.
@@ -42,8 +53,14 @@ serve the same fake over https too (``serve(0, tls=...)`` sharing ``app``, or
 Webhooks: when configured (``--webhook-url`` or ``FAKE_PAYPAL_WEBHOOK_URL``,
 with a signing certificate and key from :mod:`paypal_certs`:
 ``--signing-cert/--signing-key`` or ``FAKE_PAYPAL_SIGNING_CERT/_KEY``), the
-buyer's approval (either control endpoint above) sends PayPal's
-``CHECKOUT.ORDER.APPROVED`` event, signed as PayPal signs
+buyer's approval (either approval endpoint above) sends PayPal's
+``CHECKOUT.ORDER.APPROVED`` event, and every refund (through the API, the
+service's own included, or the dashboard page; a ``PayPal-Request-Id``
+replay sends nothing) ``PAYMENT.CAPTURE.REFUNDED`` whose ``resource`` is the
+refund as PayPal sends it (``id``, ``amount``, ``status: "COMPLETED"``,
+``seller_payable_breakdown``, ``links`` with ``rel: "up"`` to
+``/v2/payments/captures/{capture_id}``; no order id, and ``custom_id`` only
+when one was given at refund time), each signed as PayPal signs
 (``PAYPAL-TRANSMISSION-SIG`` over ``id|time|webhook_id|crc32(body)``, for
 ``--webhook-id``, default ``local-fake-webhook`` as in config/config.yaml), its
 ``PAYPAL-CERT-URL`` on the fake's https listener (or ``--cert-url``), from a
@@ -71,9 +88,19 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 try:  # run as a script or imported as scripts.fakes.fake_paypal
-    from .common import FakeApp, FakeServer, Request, Response, WebhookSender, run_cli, start
+    from .common import FakeApp, FakeServer, Request, Response, WebhookSender, form_field, refund_form, run_cli, start
 except ImportError:  # pragma: no cover - script mode
-    from common import FakeApp, FakeServer, Request, Response, WebhookSender, run_cli, start  # type: ignore[no-redef]
+    from common import (  # type: ignore[no-redef]
+        FakeApp,
+        FakeServer,
+        Request,
+        Response,
+        WebhookSender,
+        form_field,
+        refund_form,
+        run_cli,
+        start,
+    )
 
 if TYPE_CHECKING:
     import ssl
@@ -307,29 +334,9 @@ class FakePayPal(FakeApp):
             )
         amount = units[0].get("amount") or {}
         currency, value = str(amount.get("currency_code", "")), str(amount.get("value", ""))
-        field = "/purchase_units/@reference_id=='default'/amount/value"
-        if not _VALUE.match(value):
-            return _error(
-                400,
-                "INVALID_REQUEST",
-                "Request is not well-formed, syntactically incorrect, or violates schema.",
-                "INVALID_PARAMETER_SYNTAX",
-                "The value of a field does not conform to the expected format.",
-                field=field,
-                value=value,
-            )
-        decimals = -Decimal(value).as_tuple().exponent  # type: ignore[operator]
-        if currency in _NO_DECIMALS and decimals > 0:
-            return _unprocessable(
-                "DECIMALS_NOT_SUPPORTED", "Currency code does not support decimals.", field=field, value=value
-            )
-        if decimals > 2:
-            return _unprocessable(
-                "DECIMAL_PRECISION",
-                "If the currency supports decimals, only two decimal place precision is supported.",
-                field=field,
-                value=value,
-            )
+        problem = _amount_problem(currency, value, "/purchase_units/@reference_id=='default'/amount/value")
+        if problem is not None:
+            return problem
         order_id = _pid()
         experience = ((body.get("payment_source") or {}).get("paypal") or {}).get("experience_context") or {}
         experience = experience or body.get("application_context") or {}
@@ -391,6 +398,21 @@ class FakePayPal(FakeApp):
 
     def _send_approved(self, order: dict[str, Any], base: str) -> None:
         """PayPal's ``CHECKOUT.ORDER.APPROVED`` event, signed, to the configured endpoint."""
+        resource = copy.deepcopy(self._public(order))
+        # an approved order's links: itself, update and capture (the approval link is used up)
+        resource["links"] = [
+            {"href": f"{base}/v2/checkout/orders/{order['id']}", "rel": "self", "method": "GET"},
+            {"href": f"{base}/v2/checkout/orders/{order['id']}", "rel": "update", "method": "PATCH"},
+            {"href": f"{base}/v2/checkout/orders/{order['id']}/capture", "rel": "capture", "method": "POST"},
+        ]
+        self._send_event(
+            "CHECKOUT.ORDER.APPROVED", "checkout-order", "An order has been approved by buyer", resource, base
+        )
+
+    def _send_event(
+        self, event_type: str, resource_type: str, summary: str, resource: dict[str, Any], base: str
+    ) -> None:
+        """A PayPal event about ``resource``, signed as PayPal signs, to the configured endpoint (if any)."""
         if self.webhooks is None or self.signer is None:
             return
         cert_url = self.cert_url or (f"{self.tls_url}/_fake/certs/{SIGNING_CERT_NAME}" if self.tls_url else None)
@@ -401,23 +423,16 @@ class FakePayPal(FakeApp):
                 flush=True,
             )
             return
-        resource = copy.deepcopy(self._public(order))
-        # an approved order's links: itself, update and capture (the approval link is used up)
-        resource["links"] = [
-            {"href": f"{base}/v2/checkout/orders/{order['id']}", "rel": "self", "method": "GET"},
-            {"href": f"{base}/v2/checkout/orders/{order['id']}", "rel": "update", "method": "PATCH"},
-            {"href": f"{base}/v2/checkout/orders/{order['id']}/capture", "rel": "capture", "method": "POST"},
-        ]
         event_id = f"WH-{_pid()}-{_pid()}"
         event = {
             "id": event_id,
             "event_version": "1.0",
             "create_time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
-            "resource_type": "checkout-order",
+            "resource_type": resource_type,
             "resource_version": "2.0",
-            "event_type": "CHECKOUT.ORDER.APPROVED",
-            "summary": "An order has been approved by buyer",
-            "resource": resource,
+            "event_type": event_type,
+            "summary": summary,
+            "resource": copy.deepcopy(resource),
             "links": [
                 {"href": f"{base}/v1/notifications/webhooks-events/{event_id}", "rel": "self", "method": "GET"},
                 {
@@ -433,9 +448,7 @@ class FakePayPal(FakeApp):
             from paypal_certs import paypal_headers  # type: ignore[no-redef]
         body = json.dumps(event).encode()
         signer, webhook_id = self.signer, self.webhook_id
-        self.webhooks.send(
-            event_id, event["event_type"], body, lambda: paypal_headers(signer, body, webhook_id, cert_url)
-        )
+        self.webhooks.send(event_id, event_type, body, lambda: paypal_headers(signer, body, webhook_id, cert_url))
 
     def _capture(self, order: dict[str, Any], base: str) -> Response:
         if order["status"] == "COMPLETED":
@@ -495,21 +508,42 @@ class FakePayPal(FakeApp):
                 "The capture cannot be refunded in its state.",
             )
         remaining = Decimal(capture["amount"]["value"]) - self._refunded(capture["id"])
-        amount = (body.get("amount") or {}).get("value")
-        value = Decimal(amount) if amount else remaining
+        currency = capture["amount"]["currency_code"]
+        asked = body.get("amount") or {}
+        if asked:
+            problem = _amount_problem(currency, str(asked.get("value", "")), "/amount/value")
+            if problem is not None:
+                return problem
+            if asked.get("currency_code") != currency:
+                return _unprocessable(
+                    "CURRENCY_MISMATCH",
+                    "Refund must be in the same currency as the capture.",
+                    field="/amount/currency_code",
+                )
+        value = Decimal(str(asked["value"])) if asked else remaining
         if value > remaining or value <= 0:
             return _unprocessable(
                 "REFUND_AMOUNT_EXCEEDED",
                 "The refund amount must be less than or equal to the capture amount that has not yet been refunded.",
             )
         refund_id = _pid()
+        total = self._refunded(capture["id"]) + value
         refund = {
             "id": refund_id,
             "status": "COMPLETED",
             "_capture": capture["id"],
-            "amount": {"currency_code": capture["amount"]["currency_code"], "value": str(value)},
+            "amount": {"currency_code": currency, "value": _money(value, currency)},
+            "invoice_id": body.get("invoice_id"),
             "custom_id": body.get("custom_id"),
+            "note_to_payer": body.get("note_to_payer"),
+            "seller_payable_breakdown": {  # the fake charges no fees
+                "gross_amount": {"currency_code": currency, "value": _money(value, currency)},
+                "paypal_fee": {"currency_code": currency, "value": _zero(currency)},
+                "net_amount": {"currency_code": currency, "value": _money(value, currency)},
+                "total_refunded_amount": {"currency_code": currency, "value": _money(total, currency)},
+            },
             "create_time": _now(),
+            "update_time": _now(),
             "links": [
                 {"href": f"{base}/v2/payments/refunds/{refund_id}", "rel": "self", "method": "GET"},
                 {"href": f"{base}/v2/payments/captures/{capture['id']}", "rel": "up", "method": "GET"},
@@ -517,7 +551,59 @@ class FakePayPal(FakeApp):
         }
         self.refunds[refund_id] = refund
         capture["status"] = "REFUNDED" if value == remaining else "PARTIALLY_REFUNDED"
-        return Response(201, {k: v for k, v in refund.items() if not k.startswith("_") and v is not None})
+        capture["update_time"] = _now()
+        public = _present({k: v for k, v in refund.items() if not k.startswith("_")})
+        # the order lists its refunds beside its captures (GET /v2/checkout/orders/{id})
+        order = self.orders[capture["supplementary_data"]["related_ids"]["order_id"]]
+        order["purchase_units"][0].setdefault("payments", {}).setdefault("refunds", []).append(copy.deepcopy(public))
+        # PayPal tells the account's webhook about every refund, whoever made it (API or dashboard)
+        summary = f"A {_money(value, currency)} {currency} capture payment was refunded"
+        self._send_event("PAYMENT.CAPTURE.REFUNDED", "refund", summary, public, base)
+        return Response(201, public)
+
+    def _dashboard_refund(self, req: Request, payment_id: str) -> Response:
+        """The dashboard's "Issue a refund", for a PayPal order id or a capture id: GET a form, POST refunds.
+
+        The refund goes through the API's code, so ``PAYMENT.CAPTURE.REFUNDED`` is sent as for an API refund.
+        """
+        order = self.orders.get(payment_id)
+        if order is not None:
+            captures = (order["purchase_units"][0].get("payments") or {}).get("captures") or []
+            capture = self.captures.get(captures[0]["id"]) if captures else None
+            if capture is None:
+                return _unprocessable("REFUND_NOT_ALLOWED", f"Order {payment_id} has no capture to refund.")
+        else:
+            capture = self.captures.get(payment_id)
+            if capture is None:
+                return _not_found()
+        base = f"http://{req.host}"
+        taken = Decimal(capture["amount"]["value"])
+        remaining = taken - self._refunded(capture["id"])
+        currency = capture["amount"]["currency_code"]
+        if req.method == "GET":
+            return refund_form(
+                f"Refund capture {capture['id']}",
+                f"{capture['amount']['value']} {currency} captured, {_money(remaining, currency)} refundable "
+                f"(status {capture['status']}).",
+                f"amount ({currency})",
+                _money(remaining, currency) if remaining > 0 else "",
+            )
+        amount = form_field(req, "amount")
+        resp = self._refund(capture, {"amount": {"currency_code": currency, "value": amount}} if amount else {}, base)
+        if resp.status != 201:
+            return resp
+        refunded = self._refunded(capture["id"])
+        return Response(
+            200,
+            {
+                "refund": resp.body,
+                "order_id": capture["supplementary_data"]["related_ids"]["order_id"],
+                "capture_id": capture["id"],
+                "capture_status": capture["status"],
+                "total_refunded": {"currency_code": currency, "value": _money(refunded, currency)},
+                "remaining": {"currency_code": currency, "value": _money(taken - refunded, currency)},
+            },
+        )
 
     def _search(self, req: Request, base: str) -> Response:
         """Transaction Search: the account's captures and refunds between two dates, a page at a time."""
@@ -660,6 +746,8 @@ class FakePayPal(FakeApp):
                 query = urlencode({"token": order["id"], "PayerID": order["payer"]["payer_id"]})
                 return Response(302, "", {"Location": f"{order['_return_url']}{sep}{query}"})
             return resp
+        if path.startswith("refund/") and req.method in ("GET", "POST"):
+            return self._dashboard_refund(req, path[len("refund/") :])
         if path.startswith("certs/"):
             name = path[len("certs/") :]
             if req.method in ("PUT", "POST"):
@@ -697,6 +785,42 @@ class FakePayPal(FakeApp):
                             Decimal(entry["amount_refunded"]) + Decimal(refund["amount"]["value"])
                         )
         return {"orders": orders, "cert_fetches": dict(self.cert_fetches)}
+
+
+def _zero(currency: str) -> str:
+    return _money(Decimal(0), currency)
+
+
+def _money(value: Decimal, currency: str) -> str:
+    """``value`` written as PayPal writes amounts of ``currency`` (no decimals, or two)."""
+    return str(value.quantize(Decimal(1) if currency in _NO_DECIMALS else Decimal("0.01")))
+
+
+def _amount_problem(currency: str, value: str, field: str) -> Response | None:
+    """PayPal's answer to an amount ``value`` it does not take in ``currency``; None when it is fine."""
+    if not _VALUE.match(value):
+        return _error(
+            400,
+            "INVALID_REQUEST",
+            "Request is not well-formed, syntactically incorrect, or violates schema.",
+            "INVALID_PARAMETER_SYNTAX",
+            "The value of a field does not conform to the expected format.",
+            field=field,
+            value=value,
+        )
+    decimals = -Decimal(value).as_tuple().exponent  # type: ignore[operator]
+    if currency in _NO_DECIMALS and decimals > 0:
+        return _unprocessable(
+            "DECIMALS_NOT_SUPPORTED", "Currency code does not support decimals.", field=field, value=value
+        )
+    if decimals > 2:
+        return _unprocessable(
+            "DECIMAL_PRECISION",
+            "If the currency supports decimals, only two decimal place precision is supported.",
+            field=field,
+            value=value,
+        )
+    return None
 
 
 def _present(fields: dict[str, Any]) -> dict[str, Any]:

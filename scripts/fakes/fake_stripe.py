@@ -34,10 +34,27 @@ webhooks):
   ``return_url`` with ``payment_intent``, ``payment_intent_client_secret`` and
   ``redirect_status`` as Stripe does (no ``return_url``: a short text page).
 
-Both deliver the event Stripe sends (``payment_intent.succeeded`` or
+* ``GET /_fake/refund/{pi_id}`` — the dashboard's "Refund payment": a tiny
+  HTML form (``amount`` in minor units, default the rest not yet refunded);
+  ``POST /_fake/refund/{pi_id}`` (form field or JSON ``amount``; empty or
+  absent: the rest) refunds through the same code as ``POST /v1/refunds`` and
+  answers ``{"refund": <Refund>, "payment_intent", "charge",
+  "amount_refunded", "remaining"}`` (or the API's error: 400
+  ``charge_already_refunded``, ``amount_too_large``; 404 for an unknown id).
+
+The first two deliver the event Stripe sends (``payment_intent.succeeded`` or
 ``payment_intent.payment_failed``) when webhooks are configured: signed
 ``Stripe-Signature: t=…,v1=…`` with the endpoint secret, from a background
-thread with retries (see :class:`common.WebhookSender`).
+thread with retries (see :class:`common.WebhookSender`).  Every refund that
+succeeds, through the API (the service's own included, as at Stripe; an
+``Idempotency-Key`` replay is not a new refund and sends nothing) or the
+dashboard page, sends ``charge.refunded`` whose ``data.object`` is the
+PaymentIntent's ``latest_charge`` as a Charge: ``id``, ``object: "charge"``,
+``amount``, ``amount_captured``, ``amount_refunded`` (every refund so far),
+``refunded`` (true once in full), ``currency`` (lower case),
+``payment_intent``, ``metadata`` (empty: Stripe does not copy the
+PaymentIntent's metadata onto its charge), ``refunds`` (a list object, newest
+first) and ``status: "succeeded"``.
 
 Run: ``python scripts/fakes/fake_stripe.py --port 12111 [--api-key sk_test_…]
 [--webhook-url URL --webhook-secret whsec_…]`` (defaults from
@@ -60,9 +77,19 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 try:  # run as a script or imported as scripts.fakes.fake_stripe
-    from .common import FakeApp, FakeServer, Request, Response, WebhookSender, run_cli, start
+    from .common import FakeApp, FakeServer, Request, Response, WebhookSender, form_field, refund_form, run_cli, start
 except ImportError:  # pragma: no cover - script mode
-    from common import FakeApp, FakeServer, Request, Response, WebhookSender, run_cli, start  # type: ignore[no-redef]
+    from common import (  # type: ignore[no-redef]
+        FakeApp,
+        FakeServer,
+        Request,
+        Response,
+        WebhookSender,
+        form_field,
+        refund_form,
+        run_cli,
+        start,
+    )
 
 DEFAULT_API_KEY = "sk_test_local_fake"
 #: the endpoint secret of config/config.yaml, so a local run verifies the fake's webhooks
@@ -428,7 +455,16 @@ class FakeStripe(FakeApp):
                 code="charge_not_refundable",
             )
         remaining = intent["amount_received"] - self._refunded(pi_id)
-        amount = int(params.get("amount", remaining))
+        try:
+            amount = int(params.get("amount", remaining))
+        except ValueError:
+            return _error(
+                400,
+                "invalid_request_error",
+                "Invalid integer: amount",
+                code="parameter_invalid_integer",
+                param="amount",
+            )
         if remaining <= 0:
             return _error(
                 400,
@@ -459,7 +495,49 @@ class FakeStripe(FakeApp):
             "metadata": {k[9:-1]: v for k, v in params.items() if k.startswith("metadata[")},
         }
         self.refunds[refund["id"]] = refund
+        # Stripe tells the account's endpoint about every refund, whoever made it (API or dashboard).
+        self.send_event("charge.refunded", self._charge(intent))
         return Response(200, refund)
+
+    def _charge(self, intent: dict[str, Any]) -> dict[str, Any]:
+        """The PaymentIntent's ``latest_charge`` as a Charge object, with its refunds so far.
+
+        Stripe does not copy the PaymentIntent's metadata onto the charge, so the
+        charge's ``metadata`` is empty (the fake has no way to give a charge some).
+        """
+        charge_id = intent["latest_charge"]
+        refunds = [r for r in reversed(self.refunds.values()) if r["charge"] == charge_id]  # newest first
+        refunded = sum(r["amount"] for r in refunds if r["status"] in _REFUNDING)
+        captured = intent["amount_received"]
+        return {
+            "id": charge_id,
+            "object": "charge",
+            "amount": intent["amount"],
+            "amount_captured": captured,
+            "amount_refunded": refunded,
+            "balance_transaction": None,
+            "captured": True,
+            "created": intent["created"],
+            "currency": intent["currency"],
+            "description": intent["description"],
+            "disputed": False,
+            "failure_code": None,
+            "failure_message": None,
+            "livemode": False,
+            "metadata": {},
+            "paid": True,
+            "payment_intent": intent["id"],
+            "payment_method": intent["payment_method"],
+            "refunded": refunded >= captured,
+            "refunds": {
+                "object": "list",
+                "data": copy.deepcopy(refunds),
+                "has_more": False,
+                "total_count": len(refunds),
+                "url": f"/v1/charges/{charge_id}/refunds",
+            },
+            "status": "succeeded",
+        }
 
     # -- control ------------------------------------------------------------
     def handle_control(self, req: Request, path: str) -> Response | None:
@@ -473,7 +551,40 @@ class FakeStripe(FakeApp):
             return Response(200, intent)
         if path.startswith("3ds/") and req.method == "GET":
             return self._three_d_secure_page(req, path[len("3ds/") :])
+        if path.startswith("refund/") and req.method in ("GET", "POST"):
+            return self._dashboard_refund(req, path[len("refund/") :])
         return None
+
+    def _dashboard_refund(self, req: Request, pi_id: str) -> Response:
+        """The dashboard's "Refund payment": GET a form, POST refunds (the API's code: the webhook goes out)."""
+        intent = self.intents.get(pi_id)
+        if intent is None:
+            return self._missing("payment_intent", pi_id)
+        remaining = intent["amount_received"] - self._refunded(pi_id)
+        if req.method == "GET":
+            return refund_form(
+                f"Refund {pi_id}",
+                f"{intent['amount_received']} {intent['currency']} taken, {remaining} refundable "
+                f"(status {intent['status']}).",
+                "amount (minor units)",
+                str(remaining) if remaining > 0 else "",
+            )
+        amount = form_field(req, "amount")
+        params = {"payment_intent": pi_id, **({"amount": amount} if amount else {})}
+        resp = self._refund(params)
+        if resp.status != 200:
+            return resp
+        refunded = self._refunded(pi_id)
+        return Response(
+            200,
+            {
+                "refund": resp.body,
+                "payment_intent": pi_id,
+                "charge": intent["latest_charge"],
+                "amount_refunded": refunded,
+                "remaining": intent["amount_received"] - refunded,
+            },
+        )
 
     def _authenticate(self, intent: dict[str, Any], passed: bool) -> None:
         """The buyer finishes (or fails) 3-D Secure; Stripe then sends its event."""

@@ -223,6 +223,32 @@ def test_a_failed_3d_secure_rejects_the_order(stack):
     assert len(failed) == 1 and failed[0]["status"] == 200
 
 
+def test_refunds_at_the_fakes_dashboards_reach_the_shim_verified(stack, return_page):
+    """The refund events of both fakes verify at the shim with the service's own settings (200, not 400)."""
+    card = stack.place({"provider": "stripe", "payment_method": "pm_card_threeDSecure2Required"})
+    pi_id = card["next_action"]["client_secret"].split("_secret_")[0]
+    httpx.get(_three_d_secure_page(stack, card["next_action"]["client_secret"]), timeout=10)
+    wait_until(lambda: stack.status(card["order_id"]) == "completed", what="the card order completed")
+    page = f"{stack.fakes['stripe'].url}/_fake/refund/{pi_id}"
+    assert 'name="amount" value="300"' in httpx.get(page, timeout=10).text
+    refunded = httpx.post(page, data={"amount": "100"}, timeout=10)
+    assert refunded.status_code == 200 and refunded.json()["remaining"] == 200
+
+    wallet = stack.place({"provider": "paypal", "return_url": return_page.url, "cancel_url": return_page.url})
+    httpx.get(wallet["next_action"]["approve_url"], follow_redirects=True, timeout=10)
+    wait_until(lambda: stack.status(wallet["order_id"]) == "completed", what="the PayPal order completed")
+    paypal_order = parse_qs(urlsplit(wallet["next_action"]["approve_url"]).query)["token"][0]
+    refunded = httpx.post(f"{stack.fakes['paypal'].url}/_fake/refund/{paypal_order}", data={"amount": "1.00"})
+    assert refunded.status_code == 200 and refunded.json()["remaining"]["value"] == "2.00"
+
+    for provider, event_type in (("stripe", "charge.refunded"), ("paypal", "PAYMENT.CAPTURE.REFUNDED")):
+        sent = wait_until(
+            lambda p=provider, t=event_type: [d for d in stack.deliveries(p) if d["event_type"] == t and "status" in d],
+            what=f"{event_type} delivered",
+        )
+        assert [d["status"] for d in sent] == [200] and sent[0]["delivered"], sent
+
+
 def test_a_webhook_is_retried_while_the_receiver_answers_503():
     answers = [503, 503, 200]
     seen: list[tuple[str, bytes]] = []

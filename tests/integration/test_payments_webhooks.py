@@ -21,7 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
-from handlers.payments.base import MalformedWebhook, TransientPaymentError, WebhookKind, WebhookVerificationError  # noqa: E402
+from handlers.payments.base import (  # noqa: E402
+    MalformedWebhook,
+    TransientPaymentError,
+    WebhookEvent,
+    WebhookKind,
+    WebhookVerificationError,
+)
 from handlers.payments.paypal_gateway import PayPalGateway  # noqa: E402
 from handlers.payments.settings import GatewayConfigError, PayPalSettings, StripeSettings  # noqa: E402
 from handlers.payments.stripe_gateway import StripeGateway  # noqa: E402
@@ -200,6 +206,89 @@ def test_a_signed_stripe_event_whose_command_would_be_invalid_is_malformed(
 def test_stripe_event_id_of_200_characters_is_fine(stripe_gateway: StripeGateway) -> None:
     payload = _stripe_shaped(lambda e: e.update(id="evt_" + "x" * 196))
     assert len(stripe_gateway.parse_webhook(payload.encode(), signed(payload)).event_id) == 200
+
+
+def charge_refunded(**charge_changes: Any) -> str:
+    """event.json's envelope around charge.json, refunded in part through refund.json, as Stripe sends it."""
+    event = json.loads((FIXTURES / "stripe" / "event.json").read_text())
+    charge = json.loads((FIXTURES / "stripe" / "charge.json").read_text())
+    refund = json.loads((FIXTURES / "stripe" / "refund.json").read_text())
+    refund.update(amount=40, payment_intent="pi_1PgafyB7WZ01zgkWSjxsAJo3")
+    charge.update(
+        amount_captured=100,
+        amount_refunded=40,
+        captured=True,
+        payment_intent="pi_1PgafyB7WZ01zgkWSjxsAJo3",
+        refunds={**charge["refunds"], "data": [refund]},
+    )
+    charge.update(charge_changes)
+    event.update(type="charge.refunded", data={"object": charge})
+    return json.dumps(event)
+
+
+def test_stripe_charge_refunded_becomes_refunded_for_its_payment_intent(stripe_gateway: StripeGateway) -> None:
+    payload = charge_refunded()
+    event = parse_webhook({"stripe": stripe_gateway}, payload.encode(), signed(payload))
+    assert event == WebhookEvent(
+        kind=WebhookKind.REFUNDED,
+        provider="stripe",
+        event_id="evt_1Pgc76B7WZ01zgkWwyRHS12y",
+        event_type="charge.refunded",
+        order_id=None,  # charge.json's metadata is empty, as Stripe leaves a PaymentIntent's charge
+        provider_payment_id="pi_1PgafyB7WZ01zgkWSjxsAJo3",
+        amount=40,  # amount_refunded: every refund of the charge so far
+        currency="USD",
+    )
+    assert to_command(event) is None  # routed by the order side (issue 21), not here
+
+
+def test_stripe_charge_refunded_carries_our_order_id_when_the_charge_has_one(stripe_gateway: StripeGateway) -> None:
+    payload = charge_refunded(metadata={"order_id": "7d0c9a8e-0000-4000-8000-000000000001"}, amount_refunded=100)
+    event = stripe_gateway.parse_webhook(payload.encode(), signed(payload))
+    assert (event.kind, event.order_id, event.amount) == (
+        WebhookKind.REFUNDED,
+        "7d0c9a8e-0000-4000-8000-000000000001",
+        100,
+    )
+
+
+def test_stripe_a_refunded_charge_of_no_payment_intent_is_not_ours(stripe_gateway: StripeGateway) -> None:
+    payload = charge_refunded(payment_intent=None)  # charge.json as it is: a charge made without an intent
+    event = stripe_gateway.parse_webhook(payload.encode(), signed(payload))
+    assert (event.kind, event.event_type, event.provider_payment_id) == (WebhookKind.IGNORED, "charge.refunded", None)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"amount_refunded": "40"},
+        {"amount_refunded": -40},
+        {"amount_refunded": True},
+        {"payment_intent": {"id": "pi_1"}},
+        {"payment_intent": "pi_" + "x" * 300},
+        {"metadata": ["order_id"]},
+        {"metadata": {"order_id": 7}},
+        {"currency": None},
+        {"id": None},
+    ],
+    ids=[
+        "amount-string",
+        "amount-negative",
+        "amount-bool",
+        "intent-expanded",
+        "intent-300-chars",
+        "metadata-list",
+        "order-id-number",
+        "currency-null",
+        "id-null",
+    ],
+)
+def test_stripe_signed_but_oddly_shaped_refund_events_are_malformed(
+    stripe_gateway: StripeGateway, changes: dict[str, Any]
+) -> None:
+    payload = charge_refunded(**changes)
+    with pytest.raises(MalformedWebhook, match="stripe charge"):
+        stripe_gateway.parse_webhook(payload.encode(), signed(payload))
 
 
 def test_stripe_wrong_secret_rejected(stripe_gateway: StripeGateway) -> None:
@@ -656,6 +745,102 @@ def test_a_failure_reason_loses_its_control_characters_rather_than_the_event(
     denied["resource"]["status_details"] = {"reason": "DECLINED\nBY\tBANK"}
     command = to_command(make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(denied)))
     assert command is not None and command.body["reason"] == "DECLINED BY BANK"
+
+
+CAPTURE_REFUNDED = {
+    "id": "WH-1GE84257G0350133W-6RW800890C634293G",
+    "event_version": "1.0",
+    "create_time": "2024-05-14T09:20:11.000Z",
+    "resource_type": "refund",
+    "resource_version": "2.0",
+    "event_type": "PAYMENT.CAPTURE.REFUNDED",
+    "summary": "A $ 4.00 USD capture payment was refunded",
+    "resource": {
+        "id": "1Y107995YT783435V",
+        "status": "COMPLETED",
+        "amount": {"currency_code": "USD", "value": "4.00"},
+        "seller_payable_breakdown": {
+            "gross_amount": {"currency_code": "USD", "value": "4.00"},
+            "paypal_fee": {"currency_code": "USD", "value": "0.00"},
+            "net_amount": {"currency_code": "USD", "value": "4.00"},
+            "total_refunded_amount": {"currency_code": "USD", "value": "4.00"},
+        },
+        "create_time": "2024-05-14T02:20:09-07:00",
+        "update_time": "2024-05-14T02:20:09-07:00",
+        "links": [
+            {"href": "https://api.paypal.com/v2/payments/refunds/1Y107995YT783435V", "rel": "self", "method": "GET"},
+            {"href": "https://api.paypal.com/v2/payments/captures/0JF852973C016714D", "rel": "up", "method": "GET"},
+        ],
+    },
+}
+
+
+def _refund_event(**resource_changes: Any) -> dict[str, Any]:
+    event = copy.deepcopy(CAPTURE_REFUNDED)
+    event["resource"].update(resource_changes)
+    return event
+
+
+def test_paypal_capture_refunded_names_the_capture_from_its_up_link(
+    make_paypal: Callable[..., PayPalGateway], signer: Any
+) -> None:
+    event = parse_webhook({"paypal": make_paypal(webhook_id="OUR-WEBHOOK")}, *signer(CAPTURE_REFUNDED))
+    assert event == WebhookEvent(
+        kind=WebhookKind.REFUNDED,
+        provider="paypal",
+        event_id="WH-1GE84257G0350133W-6RW800890C634293G",
+        event_type="PAYMENT.CAPTURE.REFUNDED",
+        order_id=None,  # PayPal's refund carries no order id, and no custom_id unless given at refund time
+        provider_payment_id=None,
+        amount=400,  # this refund's
+        currency="USD",
+        capture_id="0JF852973C016714D",
+    )
+    assert to_command(event) is None  # routed by the order side (issue 21), not here
+    with_ours = make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(
+        *signer(_refund_event(custom_id="7d0c9a8e-0000-4000-8000-000000000002"))
+    )
+    assert (with_ours.order_id, with_ours.capture_id) == ("7d0c9a8e-0000-4000-8000-000000000002", "0JF852973C016714D")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        _refund_event(links=[CAPTURE_REFUNDED["resource"]["links"][0]]),
+        _refund_event(links=None),
+        _refund_event(links=[{"href": "https://api.paypal.com/v2/checkout/orders/5O190127TN364715T", "rel": "up"}]),
+        _refund_event(links=[{"href": "https://api.paypal.com/v2/payments/captures/", "rel": "up"}]),
+        _refund_event(links=[{"href": "https://api.paypal.com/v2/payments/captures/" + "X" * 300, "rel": "up"}]),
+        _refund_event(links=[{"href": "https://api.paypal.com/v2/payments/captures/0JF%2F..", "rel": "up"}]),
+        _refund_event(links="https://api.paypal.com/v2/payments/captures/0JF852973C016714D"),
+        _refund_event(links=[{"href": 7, "rel": "up"}]),
+        _refund_event(amount={"currency_code": "USD", "value": 4}),
+        _refund_event(amount={"currency_code": "USD", "value": "4.001"}),
+        _refund_event(custom_id=["7d0c9a8e"]),
+        _refund_event(id=None),
+        {**CAPTURE_REFUNDED, "resource": "1Y107995YT783435V"},
+    ],
+    ids=[
+        "no-up-link",
+        "no-links",
+        "up-to-an-order",
+        "up-without-id",
+        "capture-id-300-chars",
+        "capture-id-escaped",
+        "links-string",
+        "href-number",
+        "value-number",
+        "value-fraction-of-cent",
+        "custom-id-list",
+        "id-null",
+        "resource-string",
+    ],
+)
+def test_paypal_signed_but_oddly_shaped_refund_events_are_malformed(
+    make_paypal: Callable[..., PayPalGateway], signer: Any, event: Any
+) -> None:
+    with pytest.raises(MalformedWebhook):
+        make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(event))
 
 
 def test_paypal_cert_for_another_name_is_rejected(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:
