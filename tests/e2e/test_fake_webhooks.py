@@ -292,3 +292,191 @@ def test_an_unreachable_receiver_is_given_up_on_after_the_attempts():
     assert record["delivered"] is False
     assert [a["status"] for a in record["attempts"]] == [None, None]
     assert "ConnectionRefused" in record["attempts"][0]["outcome"] or "URLError" in record["attempts"][0]["outcome"]
+
+
+# -- refunds made at the provider show on the order (issue 21) ------------------------------------------------
+
+
+def _events_of(stack: Stack, order_id: str) -> list[str]:
+    """The routing keys of the events the order emitted, as its transitions and history recorded them."""
+    with stack.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT e->>1 FROM order_transitions t, jsonb_array_elements(t.events) e"
+                " WHERE t.order_id = CAST(:o AS uuid) UNION ALL SELECT e->>1 FROM order_history h,"
+                " jsonb_array_elements(h.data->'events') e WHERE h.order_id = CAST(:o AS uuid) AND h.kind = 'event'"
+            ),
+            {"o": order_id},
+        ).scalars()
+        return list(rows)
+
+
+def _view(stack: Stack, order_id: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{stack.url}/orders/{order_id}", headers=stack.auth(), timeout=10).json())
+
+
+def _paid_card(stack: Stack) -> tuple[str, str]:
+    order = stack.place({"provider": "stripe", "payment_method": "pm_card_threeDSecure2Required"})
+    httpx.get(_three_d_secure_page(stack, order["next_action"]["client_secret"]), timeout=10)
+    wait_until(lambda: stack.status(order["order_id"]) == "completed", what="the card order completed")
+    return order["order_id"], order["next_action"]["client_secret"].split("_secret_")[0]
+
+
+def _dashboard_refund(stack: Stack, pi_id: str, amount: int | None = None) -> None:
+    page = f"{stack.fakes['stripe'].url}/_fake/refund/{pi_id}"
+    r = httpx.post(page, data={"amount": str(amount)} if amount else {}, timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def _charge_refunded(stack: Stack, pi_id: str, event_id: str) -> httpx.Response:
+    """Stripe's charge.refunded for the intent's charge as it stands, signed, delivered to the shim."""
+    import stripe
+
+    intent = httpx.get(
+        f"{stack.fakes['stripe'].url}/v1/payment_intents/{pi_id}", auth=(fake_stripe.DEFAULT_API_KEY, "")
+    ).json()
+    refunds = httpx.get(
+        f"{stack.fakes['stripe'].url}/v1/refunds",
+        params={"payment_intent": pi_id},
+        auth=(fake_stripe.DEFAULT_API_KEY, ""),
+    ).json()["data"]
+    refunded = sum(r["amount"] for r in refunds)
+    charge = {
+        "id": intent["latest_charge"],
+        "object": "charge",
+        "amount": intent["amount_received"],
+        "amount_captured": intent["amount_received"],
+        "amount_refunded": refunded,
+        "refunded": refunded >= intent["amount_received"],
+        "currency": intent["currency"],
+        "payment_intent": pi_id,
+        "metadata": {},
+        "status": "succeeded",
+    }
+    payload = json.dumps(
+        {
+            "id": event_id,
+            "object": "event",
+            "type": "charge.refunded",
+            "created": int(time.time()),
+            "livemode": False,
+            "data": {"object": charge},
+        }
+    )
+    secret = fake_stripe.DEFAULT_WEBHOOK_SECRET
+    return httpx.post(
+        stack.url + WEBHOOK_PATH,
+        content=payload,
+        headers={
+            "Stripe-Signature": stripe.WebhookSignature.generate_signature_header(payload, secret),
+            "Content-Type": "application/json",
+        },
+        timeout=10,
+    )
+
+
+def test_a_partial_then_a_full_refund_at_stripe_show_on_the_order_once_each(stack):
+    order_id, pi_id = _paid_card(stack)
+    _dashboard_refund(stack, pi_id, 100)
+    wait_until(lambda: _view(stack, order_id)["payment"].get("refund") == "partial", what="the partial refund shown")
+    view = _view(stack, order_id)
+    assert (view["status"], view["payment"]["amount_refunded"]) == ("completed", 100)
+    _dashboard_refund(stack, pi_id)  # the rest
+    wait_until(lambda: stack.status(order_id) == "refunded", what="refunded in full")
+    assert _view(stack, order_id)["payment"] == {
+        "provider": "stripe",
+        "status": "refunded",
+        "refund": "refunded",
+        "amount_refunded": 300,
+    }
+    # the same event again, and another event about the same refunds: nothing more happens
+    for event_id in ("evt_refund_again", "evt_refund_again", "evt_refund_other"):
+        assert _charge_refunded(stack, pi_id, event_id).json()["enqueued"] is True
+    wait_until(lambda: _inbox(stack, "evt_refund_other"), what="the last one applied")
+    events = _events_of(stack, order_id)
+    assert events.count("order.refunded") == 2 and events.count("stock.return") == 1, events
+
+
+def _inbox(stack: Stack, message_id: str) -> bool:
+    with stack.engine.connect() as conn:
+        return bool(conn.execute(text("SELECT count(*) FROM inbox WHERE message_id = :m"), {"m": message_id}).scalar())
+
+
+def test_a_refund_reported_before_the_order_is_completed_waits_for_the_payment(stack, settings):
+    order = stack.place({"provider": "stripe", "payment_method": "pm_card_threeDSecure2Required"})
+    order_id, pi_id = order["order_id"], order["next_action"]["client_secret"].split("_secret_")[0]
+    fake = stack.fakes["stripe"]
+    fake.app.configure_webhooks(None)  # the buyer pays, but Stripe's payment_intent.succeeded is late
+    try:
+        httpx.post(f"{fake.url}/_fake/confirm/{pi_id}", json={}).raise_for_status()
+    finally:
+        fake.app.configure_webhooks(stack.url + WEBHOOK_PATH, settings.stripe.webhook_secret.get_secret_value())
+    _dashboard_refund(stack, pi_id)  # charge.refunded reaches the shim first: the order still awaits its payment
+    wait_until(
+        lambda: any(
+            d["event_type"] == "charge.refunded" and d.get("status") == 200 for d in stack.deliveries("stripe")
+        ),
+        what="the refund delivered",
+    )
+    assert stack.status(order_id) == "awaiting_payment"
+    import stripe
+
+    intent = httpx.get(f"{fake.url}/v1/payment_intents/{pi_id}", auth=(fake_stripe.DEFAULT_API_KEY, "")).json()
+    payload = json.dumps(
+        {
+            "id": f"evt_late_{pi_id}",
+            "object": "event",
+            "type": "payment_intent.succeeded",
+            "created": int(time.time()),
+            "livemode": False,
+            "data": {"object": intent},
+        }
+    )
+    secret = settings.stripe.webhook_secret.get_secret_value()
+    httpx.post(
+        stack.url + WEBHOOK_PATH,
+        content=payload,
+        timeout=10,
+        headers={
+            "Stripe-Signature": stripe.WebhookSignature.generate_signature_header(payload, secret),
+            "Content-Type": "application/json",
+        },
+    ).raise_for_status()
+    wait_until(lambda: stack.status(order_id) == "refunded", timeout=30, what="completed, then the refund recorded")
+    events = _events_of(stack, order_id)
+    assert [events.count(k) for k in ("stock.commit", "stock.return", "order.completed", "order.refunded")] == [
+        1,
+        1,
+        1,
+        1,
+    ]
+
+
+def test_a_full_refund_of_a_shipped_order_is_recorded_and_it_stays_shipped(stack):
+    import pika
+
+    order_id, pi_id = _paid_card(stack)
+    conn = pika.BlockingConnection(pika.URLParameters(stack.env["ORDERS_RABBITMQ__URL"]))
+    conn.channel().basic_publish(
+        "orders.commands",
+        "order.ship",
+        json.dumps({"order_id": order_id, "shipment": {"carrier": "DHL", "tracking_number": "R1"}}).encode(),
+        pika.BasicProperties(message_id=f"ship-{order_id}", type="ShipOrder", content_type="application/json"),
+    )
+    conn.close()
+    wait_until(lambda: stack.status(order_id) == "shipped", what="shipped")
+    _dashboard_refund(stack, pi_id)
+    wait_until(lambda: _view(stack, order_id)["payment"].get("refund") == "refunded", what="the refund recorded")
+    assert stack.status(order_id) == "shipped"
+    events = _events_of(stack, order_id)
+    assert events.count("order.refunded") == 1 and "stock.return" not in events  # the goods have left
+
+
+def test_a_full_refund_at_paypal_refunds_the_order(stack, return_page):
+    wallet = stack.place({"provider": "paypal", "return_url": return_page.url, "cancel_url": return_page.url})
+    httpx.get(wallet["next_action"]["approve_url"], follow_redirects=True, timeout=10)
+    wait_until(lambda: stack.status(wallet["order_id"]) == "completed", what="the PayPal order completed")
+    paypal_order = parse_qs(urlsplit(wallet["next_action"]["approve_url"]).query)["token"][0]
+    assert httpx.post(f"{stack.fakes['paypal'].url}/_fake/refund/{paypal_order}", data={}).status_code == 200
+    wait_until(lambda: stack.status(wallet["order_id"]) == "refunded", what="refunded at PayPal")
+    assert _events_of(stack, wallet["order_id"]).count("stock.return") == 1
