@@ -40,8 +40,11 @@ STATUS_EVENT = {
     "rejected": "order.rejected",
     "shipped": "order.shipped",
     "refunded": "order.refunded",
+    "expired": "order.expired",
 }
 HOLDING = ("pending", "awaiting_payment")
+#: statuses whose committed stock is still held (stock.commit and no stock.return)
+HOLDS_COMMITTED = ("completed", "shipped")
 
 
 def _check(name: str, problems: list[str], ok_detail: str) -> Check:
@@ -71,6 +74,12 @@ def expected_final(plan: PlannedOrder) -> set[str]:
         "paypal_decline": {"rejected"},
         "unknown_product": {"rejected"},
         "internal_early": {"completed"},
+        "abandoned": {"expired"},
+        "paypal_abandoned": {"expired"},
+        "late_payer": {"completed", "expired"},  # the row lock decides; an expired one's money goes back
+        "admin_cancel": {"cancelled"},
+        "refund_full": {"refunded"},
+        "refund_partial": {"completed"},
     }[plan.kind]
     if plan.cancel and plan.kind != "unknown_product":
         return base | {"cancelled"}
@@ -118,19 +127,28 @@ class Facts:
             got = distinct.get(oid, {})
             tos = [t["to"] for t in hist]
             reserve = 1 if tos[0] == "pending" else 0
-            release = sum(1 for t in hist if t["from"] in HOLDING and t["to"] in ("cancelled", "rejected"))
+            release = sum(1 for t in hist if t["from"] in HOLDING and t["to"] in ("cancelled", "rejected", "expired"))
             commit = sum(1 for t in hist if t["to"] == "completed")
-            for key, want in (("stock.reserve", reserve), ("stock.release", release), ("stock.commit", commit)):
+            giveback = sum(1 for t in hist if t["from"] == "completed" and t["to"] in ("cancelled", "refunded"))
+            for key, want in (
+                ("stock.reserve", reserve),
+                ("stock.release", release),
+                ("stock.commit", commit),
+                ("stock.return", giveback),
+            ):
                 if len(got.get(key, ())) != want:
                     inv_problems.append(
                         f"order {oid}: {len(got.get(key, ()))} {key}, history says {want} ({'→'.join(tos)})"
                     )
-            for key in ("stock.reserve", "stock.release", "stock.commit"):
+            for key in ("stock.reserve", "stock.release", "stock.commit", "stock.return"):
                 for mid in got.get(key, ()):
                     if stock_items.get(mid) != sorted(snap.items.get(oid, [])):
                         inv_problems.append(f"order {oid}: {key} items {stock_items.get(mid)} differ from the order's")
             want_events = Counter(STATUS_EVENT[t] for t in tos)
-            want_events["order.refunded"] = 1 if snap.payments.get(oid, {}).get("status") == "refunded" else 0
+            pay = snap.payments.get(oid, {})
+            # one order.refunded per refund the order shows: in full (by the service or at the provider), or
+            # the one partial refund a clerk made at the provider
+            want_events["order.refunded"] = 1 if pay.get("status") == "refunded" or pay.get("amount_refunded") else 0
             for key in set(want_events) | {k for k in got if k.startswith("order.")}:
                 if len(got.get(key, ())) != want_events.get(key, 0):
                     ev_problems.append(
@@ -138,7 +156,10 @@ class Facts:
                         f"{want_events.get(key, 0)} ({'→'.join(tos)})"
                     )
             firsts = [k for k in first_order.get(oid, []) if k.startswith("order.") and k != "order.refunded"]
-            if firsts != [STATUS_EVENT[t] for t in tos] and not any(p.startswith(f"order {oid}:") for p in ev_problems):
+            # order.refunded is left out on both sides: a refund may be announced apart from a transition
+            if firsts != [STATUS_EVENT[t] for t in tos if t != "refunded"] and not any(
+                p.startswith(f"order {oid}:") for p in ev_problems
+            ):
                 order_problems.append(f"order {oid}: events left as {firsts}, history is {'→'.join(tos)}")
         return inv_problems, ev_problems, order_problems
 
@@ -298,7 +319,38 @@ def check_inventory_events(f: Facts) -> Check:
     return _check(
         "inventory events match each order's history",
         f.event_problems[0],
-        "reserve once, release once if cancelled/rejected after reserve, commit once if paid",
+        "reserve once, release once if cancelled/rejected/expired after reserve, commit once if paid, "
+        "return once if cancelled or refunded after payment",
+    )
+
+
+def check_stock_balances(f: Facts) -> Check:
+    """The stock ledger as the Inventory Service heard it (every distinct stock event captured), per order:
+    reserved = released + committed, and committed = returned + still held (completed or shipped)."""
+    heard: dict[str, Counter[str]] = defaultdict(Counter)
+    seen: set[str] = set()
+    for e in f.snap.events:
+        if e["exchange"] == INVENTORY_EXCHANGE and e["body"] and e["message_id"] not in seen:
+            seen.add(e["message_id"])
+            heard[e["body"].get("order_id")][e["routing_key"]] += 1
+    problems = []
+    for oid, order in f.snap.orders.items():
+        c = heard.get(oid, Counter())
+        held = 1 if order["status"] in HOLDS_COMMITTED else 0
+        if (
+            c["stock.reserve"] != c["stock.release"] + c["stock.commit"]
+            or c["stock.commit"] != c["stock.return"] + held
+        ):
+            problems.append(
+                f"order {oid} ({order['status']}): reserved {c['stock.reserve']}, released {c['stock.release']}, "
+                f"committed {c['stock.commit']}, returned {c['stock.return']}"
+            )
+    totals = Counter(k for c in heard.values() for k in c.elements())
+    return _check(
+        "the stock ledger balances for every order, as the Inventory Service heard it",
+        problems,
+        f"{len(f.snap.orders)} orders: {totals['stock.reserve']} reserved = {totals['stock.release']} released + "
+        f"{totals['stock.commit']} committed; committed = {totals['stock.return']} returned + the held",
     )
 
 
@@ -470,6 +522,7 @@ CHECKS: tuple[Callable[[Facts], Check], ...] = (
     check_final_states,
     check_event_bodies,
     check_inventory_events,
+    check_stock_balances,
     check_order_events,
     check_event_order,
     check_no_double_charge,
@@ -510,7 +563,11 @@ class Money:
 
     @property
     def held(self) -> int:
-        return self.taken - self.refunds
+        """Payments whose money the provider still holds: one refunded in part still holds the rest."""
+        given_back = self.refunds
+        if self.refunds and self.taken == self.refunds and float(self.amount_refunded) < float(self.amount):
+            given_back -= 1
+        return self.taken - given_back
 
 
 NO_MONEY = Money(0, 0, 0, 0, 0)
@@ -576,7 +633,9 @@ MONEY_TERMS = (
 
 
 def money_checks(snap: Snapshot, plan: list[PlannedOrder], seed: int) -> list[Check]:
-    """Nobody charged twice, charges match orders, refunds match cancelled/rejected orders, no money kept."""
+    """Nobody charged twice, charges match orders, refunds match ended, refunded or partly refunded orders, and
+    what the provider gave back is what the order records; no money kept by an order that ended."""
+    partly = {o.order_id for o in plan if o.kind == "refund_partial"}
     charge_problems, refund_problems, paid_problems = [], [], []
     fakes = {"stripe": snap.stripe, "paypal": snap.paypal}
     money = {
@@ -603,13 +662,24 @@ def money_checks(snap: Snapshot, plan: list[PlannedOrder], seed: int) -> list[Ch
                     charge_problems.append(f"{name}: order {oid} {terms.verb} {m.amount}, total {total}")
             if m.refunds > 1:
                 refund_problems.append(f"{name}: order {oid} refunded {m.refunds} times")
-            if m.refunds and terms.second_payments and order["status"] == "completed":
+            if m.refunds and oid in partly and order["status"] == "completed":
+                refunded += 1  # a clerk's partial refund at the provider: recorded on the payment, to the cent
+                if (
+                    m.refunds != 1
+                    or pay.get("status") != "succeeded"
+                    or pay.get("amount_refunded") != m.amount_refunded
+                ):
+                    refund_problems.append(
+                        f"{name}: order {oid} partly refunded {m.amount_refunded} at the provider, the payment "
+                        f"({pay.get('status')}) records {pay.get('amount_refunded')}"
+                    )
+            elif m.refunds and terms.second_payments and order["status"] == "completed":
                 pass  # a second payment given back (paid another way meanwhile): the net is checked below
             elif m.refunds:
                 refunded += 1
                 partial = terms.full_refunds and m.amount_refunded != m.amount
                 if (
-                    order["status"] not in ("cancelled", "rejected", "refunded")
+                    order["status"] not in ("cancelled", "rejected", "refunded", "expired")
                     or pay.get("status") != "refunded"
                     or partial
                 ):
@@ -637,12 +707,12 @@ def money_checks(snap: Snapshot, plan: list[PlannedOrder], seed: int) -> list[Ch
             )
         if row["status"] in ("cancelled", "rejected") and held["internal"] and oid in manual:
             held["internal"] = 0  # handed to an operator, with the reason
-        if row["status"] in ("cancelled", "rejected") and sum(held.values()) != 0:
+        if row["status"] in ("cancelled", "rejected", "expired", "refunded") and sum(held.values()) != 0:
             paid_problems.append(
                 f"order {oid} {row['status']} but money kept ({where}; payment row "
                 f"{pay.get('status')} {pay.get('pid')}: {str(pay.get('last_error') or '')[:120]})"
             )
-    db_refunds = sum(1 for p in snap.payments.values() if p["status"] == "refunded")
+    db_refunds = sum(1 for p in snap.payments.values() if p["status"] == "refunded" or p.get("amount_refunded"))
     if db_refunds != refunded:
         refund_problems.append(f"{db_refunds} payments refunded in PostgreSQL, {refunded} refunds at the fakes")
     return [
@@ -652,15 +722,16 @@ def money_checks(snap: Snapshot, plan: list[PlannedOrder], seed: int) -> list[Ch
             f"{charged} orders charged once each; one PaymentIntent / PayPal order per order",
         ),
         _check(
-            "every refund matches a payment on a cancelled/rejected order",
+            "every refund matches a payment on an ended, refunded or partly refunded order",
             refund_problems,
-            f"{refunded} refunds, each the full payment of a cancelled or rejected order",
+            f"{refunded} refunds: the full payment of a cancelled, rejected, expired or refunded order, or the "
+            f"recorded part of a paid one ({len(partly)} partial refunds planned)",
         ),
         _check(
             "completed orders paid once; ended orders keep no money",
             paid_problems,
             "each completed order holds exactly one payment (Stripe, PayPal or internal); "
-            "cancelled/rejected orders hold none"
+            "cancelled, rejected, expired and refunded orders hold none"
             + (f" ({len(manual)} internal refunds handed to an operator)" if manual else ""),
         ),
     ]

@@ -54,6 +54,9 @@ class ChaosConfig:
     cancel_share: float = 0.12
     retry_delays: tuple[int, ...] = (1, 3, 10, 30)
     payment_concurrency: int = 16
+    #: orders.payment_timeout_minutes of the run: abandoned orders expire after it (0: none expires); long
+    #: enough that a buyer who pays does so in time through the outages and kills
+    payment_timeout_minutes: float = 2.0
     #: seconds allowed for reaching quiescence after the load
     quiesce_timeout: float = 900.0
     #: seconds allowed for the whole run
@@ -76,6 +79,7 @@ class ChaosConfig:
             "redis_outage_s": 8.0,
             "quiesce_timeout": 240.0,
             "timeout": 600.0,
+            "payment_timeout_minutes": 1.5,
         }
         values.update(overrides)
         return cls(**values)

@@ -33,8 +33,8 @@ from worker.shim.auth import issue_token
 from worker.shim.idempotency import derived_id
 from worker.shim.webhook import sign_internal
 
-from .config import HMAC_SECRET, ChaosConfig
-from .plan import Malformed, PlannedOrder
+from .config import HMAC_SECRET, ChaosConfig, ChaosError
+from .plan import ABANDONED, REFUNDED_AT_THE_PROVIDER, Malformed, PlannedOrder
 from .stack import Stack
 
 PAYPAL_CERT_NAME = "chaos-signing-cert.pem"
@@ -204,6 +204,8 @@ class Driver:
             else:
                 add(place_at, partial(self.place_bus, o, 1))
                 add(second, partial(self.place_bus, o, 2))
+            if o.kind == "admin_cancel":  # the back office cancels it, paid or not: refunded if paid
+                add(place_at + rnd.uniform(3, 25), partial(self.cancel_as_admin, o))
             if o.cancel == "after":
                 c = place_at + rnd.uniform(0.2, 20)
                 add(c, partial(self.cancel_bus, o, 1))
@@ -283,6 +285,31 @@ class Driver:
         if role not in self.buses:
             self.buses[role] = Bus(self.stack.sender_url(role))
         return self.buses[role]
+
+    def cancel_as_admin(self, o: PlannedOrder) -> None:
+        """The back office cancels the order (a sender the map lets act as admin), twice as delivered."""
+        mid = f"chaos-{self.cfg.seed}-admin-cancel-{o.index}"
+        body = {
+            "order_id": o.order_id,
+            "requested_by": {"user_id": "chaos-backoffice", "roles": ["admin"]},
+            "reason": "cancelled by the back office (chaos run)",
+        }
+        bus = self.sender_bus("backoffice")
+        for copy in (1, 2):
+            ok = bus.publish(
+                COMMANDS_EXCHANGE,
+                "order.cancel",
+                json.dumps(body).encode(),
+                self.deadline,
+                message_id=mid,
+                type="CancelOrder",
+                content_type="application/json",
+            )
+            if not ok:
+                self.ledger.gave_up.append(f"publish admin CancelOrder {mid}")
+                return
+            self.ledger.accept("orders", mid)
+            self.ledger.count(f"CancelOrder from the back office (copy {copy})")
 
     def publish_malformed(self, m: Malformed) -> None:
         bus = self.sender_bus(m.sender)
@@ -467,7 +494,8 @@ class Buyer:
                     conn.autocommit = True
                 with conn.cursor() as cur:
                     cur.execute(
-                        "SELECT o.order_id::text, o.payment_provider, p.provider_payment_id FROM orders o"
+                        "SELECT o.order_id::text, o.payment_provider, p.provider_payment_id,"
+                        " extract(epoch FROM o.awaiting_since)::float8 FROM orders o"
                         " JOIN payments p USING (order_id) WHERE o.status = 'awaiting_payment'"
                         " AND p.status = 'requires_action' AND p.provider_payment_id IS NOT NULL"
                     )
@@ -479,18 +507,27 @@ class Buyer:
                 conn = None
                 self.stop_event.wait(1.0)
                 continue
-            for order_id, provider, pid in rows:
+            for order_id, provider, pid, since in rows:
+                plan = self.orders.get(order_id)
+                if plan is not None and plan.kind in ABANDONED:
+                    continue  # this buyer never pays: the order waits until it expires
                 with self.lock:
                     if order_id in self.handled or order_id in self.pending:
                         continue
                     self.pending.add(order_id)
-                self.pool.submit(self._act_safely, order_id, provider, pid)
+                self.pool.submit(self._act_safely, order_id, provider, pid, since)
             self.stop_event.wait(0.5)
         if conn is not None:
             conn.close()
 
-    def _act_safely(self, order_id: str, provider: str, pid: str) -> None:
+    def _act_safely(self, order_id: str, provider: str, pid: str, since: float | None = None) -> None:
         try:
+            plan = self.orders.get(order_id)
+            if plan is not None and plan.kind == "late_payer" and since is not None:
+                # pays in the instant of the deadline, a little before or after: the row lock decides
+                deadline = since + self.cfg.payment_timeout_minutes * 60
+                jitter = random.Random(f"late-{self.cfg.seed}-{plan.index}").uniform(-1.5, 1.5)
+                self.stop_event.wait(max(0.0, deadline + jitter - time.time()))
             what = self._pay_stripe(order_id, pid) if provider == "stripe" else self._pay_paypal(order_id, pid)
         except Exception as exc:  # noqa: BLE001
             self.error = self.error or exc
@@ -524,6 +561,8 @@ class Buyer:
             json={"outcome": "failed" if fail else "succeeded"},
             timeout=10,
         )
+        if r.status_code == 409 and plan is not None and plan.kind == "late_payer":
+            return "too late: the expiry cancelled the PaymentIntent first"
         if r.status_code != 200:
             return f"confirm at the fake answered {r.status_code}"
         intent = r.json()
@@ -590,3 +629,144 @@ class Buyer:
         if self._deliver(payload, lambda: self.signer.headers(payload), "paypal", plan):
             self.ledger.accept("payments", event_id)
         return f"approved{' (capture to be declined)' if decline else ''}, webhook ×3"
+
+
+class Clerk:
+    """A shop's clerk who refunds paid orders in the provider's dashboard (Stripe), in full or a third of them.
+
+    Watches PostgreSQL for the orders of :data:`REFUNDED_AT_THE_PROVIDER` that completed, refunds them at the
+    Stripe fake's dashboard page (as a person would), then delivers Stripe's signed ``charge.refunded`` to the
+    shim three times (the run's fakes send no webhooks themselves: the script delivers them, as for payments).
+    """
+
+    def __init__(
+        self, cfg: ChaosConfig, stack: Stack, orders: dict[str, PlannedOrder], ledger: Ledger, deadline: float
+    ) -> None:
+        self.cfg, self.stack, self.ledger, self.deadline = cfg, stack, ledger, deadline
+        self.orders = {oid: o for oid, o in orders.items() if o.kind in REFUNDED_AT_THE_PROVIDER}
+        self.http = Http(stack.shim_url, deadline)
+        self.secret = stack.settings().stripe.webhook_secret.get_secret_value()
+        self.done: dict[str, str] = {}  # order id -> what the clerk did
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="clerk", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(30)
+
+    @property
+    def idle(self) -> bool:
+        """Every order it is to refund is refunded (or can no longer be: it did not complete)."""
+        with self.lock:
+            return len(self.done) >= len(self.orders)
+
+    def _run(self) -> None:
+        conn = None
+        while not self.stop_event.is_set() and not self.idle:
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg2.connect(self.stack.direct_dsn(), connect_timeout=3, application_name="chaos-clerk")
+                    conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT o.order_id::text, o.status, p.provider_payment_id FROM orders o"
+                        " LEFT JOIN payments p USING (order_id) WHERE o.order_id = ANY(CAST(%s AS uuid[]))",
+                        (list(set(self.orders) - set(self.done)),),
+                    )
+                    rows = cur.fetchall()
+            except psycopg2.Error:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                conn = None
+                self.stop_event.wait(1.0)
+                continue
+            for order_id, status, pid in rows:
+                if status == "completed" and pid:
+                    try:
+                        what = self._refund(self.orders[order_id], pid)
+                    except Exception as exc:  # noqa: BLE001 - reported by the main thread
+                        self.error = self.error or exc
+                        what = f"error: {exc!r}"
+                elif status in ("rejected", "cancelled"):
+                    what = f"not refunded: the order ended {status}"
+                else:
+                    continue
+                with self.lock:
+                    self.done[order_id] = what
+            self.stop_event.wait(1.0)
+        if conn is not None:
+            conn.close()
+
+    def _api(self, url: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        """A read of the Stripe fake's API, as the clerk's tools would retry it (the run injects faults there)."""
+        wait = 0.3
+        while True:
+            try:
+                r = httpx.get(url, params=params, auth=("sk_test_local_fake", ""), timeout=10)
+                if r.status_code == 200:
+                    return dict(r.json())
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > self.deadline:
+                raise ChaosError(f"the Stripe fake did not answer {url}")
+            time.sleep(wait)
+            wait = min(wait * 1.6, 4.0)
+
+    def _refund(self, plan: PlannedOrder, pi: str) -> str:
+        base = self.stack.fake_urls["stripe"]
+        amount = None if plan.kind == "refund_full" else max(1, plan.total // 3)
+        r = httpx.post(f"{base}/_fake/refund/{pi}", data={"amount": str(amount)} if amount else {}, timeout=10)
+        if r.status_code != 200:
+            return f"the dashboard answered {r.status_code}: {r.text[:200]}"
+        intent = self._api(f"{base}/v1/payment_intents/{pi}")
+        refunds = self._api(f"{base}/v1/refunds", {"payment_intent": pi})["data"]
+        refunded = sum(x["amount"] for x in refunds if x["status"] in ("succeeded", "pending"))
+        charge = {
+            "id": intent["latest_charge"],
+            "object": "charge",
+            "amount": intent["amount_received"],
+            "amount_captured": intent["amount_received"],
+            "amount_refunded": refunded,
+            "refunded": refunded >= intent["amount_received"],
+            "currency": intent["currency"],
+            "payment_intent": pi,
+            "metadata": {},
+            "status": "succeeded",
+        }
+        event_id = f"evt_chaos{self.cfg.seed}_refund_{plan.index}"
+        payload = json.dumps(
+            {
+                "id": event_id,
+                "object": "event",
+                "api_version": "2024-06-20",
+                "created": int(time.time()),
+                "livemode": False,
+                "type": "charge.refunded",
+                "data": {"object": charge},
+            }
+        ).encode()
+        delivered = 0
+        for _ in (1, 2, 3):  # Stripe delivers the same event more than once
+            r2 = self.http.call(
+                "POST",
+                "/orders/payment-confirmation",
+                content=payload,
+                headers={
+                    "Stripe-Signature": stripe_signature(payload, self.secret),
+                    "Content-Type": "application/json",
+                },
+            )
+            if r2 is None or r2.status_code != 200:
+                self.ledger.gave_up.append(f"charge.refunded webhook: {r2.status_code if r2 else 'no answer'}")
+                continue
+            delivered += 1
+        if delivered:
+            self.ledger.accept("payments", event_id)
+            self.ledger.count(f"refunds at the provider ({'full' if amount is None else 'partial'})")
+        return f"refunded {'in full' if amount is None else amount} at the dashboard, charge.refunded ×{delivered}"

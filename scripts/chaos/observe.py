@@ -21,7 +21,7 @@ from scripts import harness
 from worker.rabbit.connection import connection_parameters
 
 from .config import CAPTURE_QUEUE, ChaosError
-from .driver import Buyer, Ledger
+from .driver import Buyer, Clerk, Ledger
 from .stack import Stack
 
 
@@ -58,7 +58,7 @@ def db_counts(dsn: str) -> dict[str, Any]:
                 # money the service can give back itself; an internal payment goes to an operator
                 " (SELECT count(*) FROM payments WHERE status = 'succeeded' AND provider IN ('stripe', 'paypal')"
                 "   AND order_id IN"
-                "   (SELECT order_id FROM orders WHERE status IN ('cancelled', 'rejected')))"
+                "   (SELECT order_id FROM orders WHERE status IN ('cancelled', 'rejected', 'expired')))"
             )
             row = cur.fetchone()
     finally:
@@ -105,7 +105,9 @@ def unsettled_sample(dsn: str) -> str:
     return "".join(f"\n  payment of order {r[0]} ({r[1]}): {r[2]}, order {r[3]}, since {r[4]}" for r in rows)
 
 
-def wait_for_quiescence(stack: Stack, ledger: Ledger, buyer: Buyer, timeout: float) -> dict[str, Any]:
+def wait_for_quiescence(
+    stack: Stack, ledger: Ledger, buyer: Buyer, timeout: float, clerk: Clerk | None = None
+) -> dict[str, Any]:
     """Until queues, outbox and payments are empty and nothing changes; ChaosError at the deadline."""
     deadline = time.monotonic() + timeout
     work_queues = [*COMMAND_QUEUES, PAYMENTS_QUEUE, *(delay_queue(s) for s in stack.cfg.retry_delays)]
@@ -129,7 +131,9 @@ def wait_for_quiescence(stack: Stack, ledger: Ledger, buyer: Buyer, timeout: flo
                 if counts[key]:
                     reasons.append(f"{counts[key]} {key.replace('_', ' ')}")
             if waiting - handled or not buyer.idle:
-                reasons.append(f"{len(waiting - handled)} orders awaiting a buyer")
+                reasons.append(f"{len(waiting - handled)} orders awaiting a buyer (or their expiry)")
+            if clerk is not None and not clerk.idle:
+                reasons.append("refunds at the provider still to make")
         for q in work_queues:
             if depths.get(q):
                 reasons.append(f"{q}: {depths[q]} messages")
@@ -260,7 +264,7 @@ def snapshot(stack: Stack) -> Snapshot:
             transitions[r[0]].append({"from": r[1], "to": r[2], "message_id": r[3], "id": r[4]})
         cur.execute(
             "SELECT order_id::text, provider, status, amount, currency, provider_payment_id, capture_id,"
-            " refund_id, confirmed_event_id, last_error FROM payments"
+            " refund_id, confirmed_event_id, last_error, amount_refunded FROM payments"
         )
         payments = {
             r[0]: dict(
@@ -276,6 +280,7 @@ def snapshot(stack: Stack) -> Snapshot:
                         "refund_id",
                         "confirmed_event_id",
                         "last_error",
+                        "amount_refunded",
                     ),
                     r,
                 )

@@ -26,6 +26,8 @@ CARDS = {
     "3ds": "pm_card_threeDSecure2Required",
     "3ds_fail": "pm_card_threeDSecure2Required",
     "internal_early": "pm_card_threeDSecure2Required",
+    "abandoned": "pm_card_threeDSecure2Required",
+    "late_payer": "pm_card_threeDSecure2Required",
 }
 #: share of each kind of order (the rest: visa)
 KINDS = {
@@ -36,7 +38,19 @@ KINDS = {
     "paypal_decline": 0.02,
     "unknown_product": 0.02,
     "internal_early": 0.03,
+    # an order's whole life (issue 21): buyers who never pay (the order expires), one who pays in the instant
+    # of the deadline, an admin who cancels a paid order, refunds made in the provider's dashboard
+    "abandoned": 0.02,
+    "paypal_abandoned": 0.01,
+    "late_payer": 0.01,
+    "admin_cancel": 0.03,
+    "refund_full": 0.02,
+    "refund_partial": 0.02,
 }
+#: kinds whose buyer never acts on the order: it waits for them until it expires
+ABANDONED = ("abandoned", "paypal_abandoned")
+#: kinds of a visa order a shop's clerk refunds at the provider once it is paid
+REFUNDED_AT_THE_PROVIDER = ("refund_full", "refund_partial")
 #: user ids a shop may really send: stored verbatim, never interpreted
 HOSTILE_USERS = [
     "x'; DROP TABLE orders; --",
@@ -120,6 +134,10 @@ def load_products() -> list[dict[str, Any]]:
     return usable
 
 
+#: kinds whose life the plan draws itself (no owner's cancel on top)
+LIFECYCLE_KINDS = ("internal_early", *ABANDONED, "late_payer", "admin_cancel", *REFUNDED_AT_THE_PROVIDER)
+
+
 def plan_orders(cfg: ChaosConfig, products: list[dict[str, Any]]) -> list[PlannedOrder]:
     rnd = random.Random(f"orders-{cfg.seed}")
     prices = {p["product_id"]: p["price"] for p in products}
@@ -138,6 +156,8 @@ def plan_orders(cfg: ChaosConfig, products: list[dict[str, Any]]) -> list[Planne
             items.append({"product_id": f"sku-missing-{i}", "quantity": 1})
         total = sum(it["quantity"] * prices.get(it["product_id"], 0) for it in items)
         hostile = kind in ("visa", "declined") and rnd.random() < 0.01
+        if kind in (*ABANDONED, "late_payer") and cfg.payment_timeout_minutes <= 0:
+            kind = "3ds"  # nothing expires in this run
         user = rnd.choice(HOSTILE_USERS) if hostile else f"user-{rnd.randint(1, 500)}"
         channel = "shim" if not hostile and rnd.random() < cfg.shim_share else "bus"
         explicit = channel == "shim" or rnd.random() < 0.7
@@ -152,7 +172,7 @@ def plan_orders(cfg: ChaosConfig, products: list[dict[str, Any]]) -> list[Planne
             cancel = "race"  # the buyer pays and cancels at once: refunds, cancelled intents
         elif kind == "internal_early" and rnd.random() < 0.4:
             cancel = "before"  # cancel and payment confirmation both before the PlaceOrder
-        elif kind != "internal_early" and rnd.random() < cfg.cancel_share:
+        elif kind not in LIFECYCLE_KINDS and rnd.random() < cfg.cancel_share:
             c = rnd.random()
             cancel = "before" if c < 0.35 else ("shim" if c < 0.5 and channel == "shim" else "after")
         at = window * i / cfg.orders + rnd.uniform(0, window / cfg.orders)

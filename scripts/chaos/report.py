@@ -121,6 +121,29 @@ def injected_rows(
             ),
         )
     )
+    kinds = Counter(o.kind for o in plan)
+    ended = Counter(r["status"] for r in snap.orders.values()) if snap else Counter()
+    rows.append(
+        (
+            "an order's whole life",
+            "",
+            str(
+                kinds["abandoned"]
+                + kinds["paypal_abandoned"]
+                + kinds["late_payer"]
+                + kinds["admin_cancel"]
+                + kinds["refund_full"]
+                + kinds["refund_partial"]
+            ),
+            (
+                f"buyers who never pay {kinds['abandoned'] + kinds['paypal_abandoned']} and one paying in the instant "
+                f"of the deadline {kinds['late_payer']} (timeout {cfg.payment_timeout_minutes:g} min; "
+                f"{ended['expired']} orders expired); admin cancels {s['CancelOrder from the back office (copy 1)']}; "
+                f"refunds at the provider: full {s['refunds at the provider (full)']}, "
+                f"partial {s['refunds at the provider (partial)']}"
+            ),
+        )
+    )
     rows.append(
         (
             "cancels by the owner",

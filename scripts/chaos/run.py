@@ -55,7 +55,7 @@ from typing import Any
 
 from .checks import run_checks
 from .config import ChaosConfig, ChaosError, say
-from .driver import Buyer, Driver, Ledger
+from .driver import Buyer, Clerk, Driver, Ledger
 from .injector import Injector
 from .observe import snapshot, wait_for_quiescence
 from .plan import load_products, plan_malformed, plan_orders
@@ -80,7 +80,7 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
     except OSError:
         raise ChaosError(f"another chaos run uses database {cfg.database}") from None
     stack = Stack(cfg, tmp)
-    driver = buyer = injector = None
+    driver = buyer = clerk = injector = None
     keep = cfg.keep_logs
     try:
         say(
@@ -95,9 +95,11 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
         ledger = Ledger()
         driver = Driver(cfg, stack, plan, malformed, ledger, deadline)
         buyer = Buyer(cfg, stack, {o.order_id: o for o in plan}, ledger, deadline)
+        clerk = Clerk(cfg, stack, {o.order_id: o for o in plan}, ledger, deadline)
         injector = Injector(cfg, stack)
         say("service ready; load and injections start")
         buyer.start()
+        clerk.start()
         driver.start()
         injector.start(time.monotonic())
         while not (driver.done.is_set() and injector.done.is_set()):
@@ -114,11 +116,14 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
         load_s = time.monotonic() - started
         say(f"load sent in {time.monotonic() - injector.t0:.0f}s; waiting for quiescence")
         quiet = wait_for_quiescence(
-            stack, ledger, buyer, min(cfg.quiesce_timeout, max(10, deadline - time.monotonic()))
+            stack, ledger, buyer, min(cfg.quiesce_timeout, max(10, deadline - time.monotonic())), clerk
         )
         buyer.stop()
+        clerk.stop()
         if buyer.error is not None:
             raise ChaosError(f"the buyer simulation failed: {buyer.error!r}")
+        if clerk.error is not None:
+            raise ChaosError(f"the clerk simulation failed: {clerk.error!r}")
         say(f"quiescent after {quiet['seconds']:.0f}s; checking")
         snap = snapshot(stack)
         outcomes = Counter(r["status"] for r in snap.orders.values())
@@ -150,6 +155,8 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
             injector.thread.join(60)
         if buyer is not None and buyer.thread.is_alive():
             buyer.stop()
+        if clerk is not None and clerk.thread.is_alive():
+            clerk.stop()
         stack.stop()
         failed = keep and not cfg.keep_logs
         if cfg.drop_after and not failed:

@@ -169,6 +169,8 @@ class Stack:
                 "ORDERS_LOGGING__FORMAT": "json",
                 "ORDERS_LOGGING__LEVEL": "INFO",
                 "ORDERS_SENDERS": json.dumps(self.sender_map()),
+                "ORDERS_ORDERS__PAYMENT_TIMEOUT_MINUTES": str(self.cfg.payment_timeout_minutes),
+                "ORDERS_ORDERS__EXPIRY_SWEEP_SECONDS": "2",
             }
         )
         return env
