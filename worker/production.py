@@ -12,7 +12,10 @@ variable, when:
 - a payment base URL is not the provider's own (https, provider host);
 - the PayPal certificate allow-list names a host other than PayPal's, or the
   certificates' trust roots are not the system's;
-- RabbitMQ is reached as ``guest``, or ``shim.trusted_proxies`` trusts every address.
+- RabbitMQ is reached as ``guest``, or ``shim.trusted_proxies`` trusts every address;
+- the console is switched on (``console.enabled: true``; it is off in production
+  until then) without a session secret of its own, or with a ``console.public_url``
+  that is not https (its session cookie is ``Secure``: a browser would not send it back).
 
 ``orders doctor`` reports the same problems as findings.  Development mode
 (set by ``scripts/up.sh``, the tests and ``compose.yml``) checks nothing
@@ -36,6 +39,7 @@ DEVELOPMENT_SECRETS = frozenset(
         "change-me-in-production",
         "development-only-jwt-secret-do-not-use-in-production",
         "development-only-id-secret-do-not-use-in-production",
+        "development-only-console-secret-do-not-use-in-production",
         "sk_test_local_fake",
         "whsec_local_fake",
         "local-fake-secret",
@@ -126,4 +130,11 @@ def problems(settings: Settings) -> list[Problem]:
                 "name their own client address; list the proxies",
             )
         )
+    if settings.console_enabled:
+        found += _secret("console.session_secret", settings.console.session_secret.get_secret_value(), hmac_key=True)
+        public = settings.console.public_url
+        if public and urlsplit(public).scheme != "https":
+            found.append(
+                Problem("console.public_url", f"{public!r} is not https (the console's session cookie is Secure)")
+            )
     return found

@@ -1,14 +1,34 @@
-"""``orders status``: queue depths, consumers, outbox lag and orders by status.
+"""``orders status``: queue depths, consumers, outbox lag, orders by status and the last hour.
 
 Each source is asked on its own, so a broker that is down still leaves the
 database figures (and the other way round); the problem is reported in
-``errors`` and the command exits 1.
+``errors`` and the command exits 1.  The console's at-a-glance page shows
+the same report (:func:`gather`).
+
+The last hour, minute by minute, comes from the records the service writes
+in the transactions that did the work, so every process (and both the CLI
+and the console) sees the same figures, whoever did the work and across
+restarts, with nothing added to the worker's path:
+
+- commands *handled*: ``inbox`` rows of the command consumer (one per command
+  applied or refused, duplicates none);
+- *refused*, by reason: ``order_history`` rows that record a refusal of a
+  command; *applied* is handled less refused;
+- *dead-lettered*: the dead letters still in the queue, by the minute they
+  landed (their ``x-last-failure-at``), from the dead-letter index
+  (:mod:`worker.dlq.index`); replayed or purged ones no longer count;
+- *payment calls*, by provider: ``order_history`` rows of payment changes (a
+  step records its attempt before the provider call and the answer after);
+  *failures* are those declined, failed or carrying an error.  Transient
+  provider errors that are retried leave no row: they are counted in
+  ``orders_payment_calls_total`` only.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rich.console import Group
@@ -16,7 +36,9 @@ from rich.table import Table
 from sqlalchemy import Engine, text
 
 from schema.tables import ORDER_STATUSES
-from schema.topology import COMMAND_QUEUES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
+from schema.topology import COMMAND_QUEUES, COMMAND_TYPES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
+from worker.commands import CONSUMER
+from worker.dlq import index as dlq_index
 from worker.errors import BrokerError
 from worker.rabbit.topology import queue_depths
 from worker.settings import Settings
@@ -43,13 +65,94 @@ def _database(engine: Engine) -> dict[str, Any]:
     }
 
 
-def gather(settings: Settings, engine: Engine) -> dict[str, Any]:
-    """Everything ``status`` shows, as plain data (the ``--json`` output)."""
+#: minutes of the per-minute figures
+WINDOW_MINUTES = 60
+#: payment statuses that are failures (with any status that records an error)
+FAILED_PAYMENTS = ("declined", "failed")
+
+_HANDLED = text(
+    "SELECT date_trunc('minute', processed_at) AS minute, count(*) AS n FROM inbox"
+    " WHERE consumer = :consumer AND processed_at >= :since GROUP BY 1"
+)
+_REFUSED = text(
+    "SELECT date_trunc('minute', at) AS minute, data->'refused'->>'reason' AS reason, count(*) AS n"
+    " FROM order_history WHERE at >= :since AND kind = 'event' AND data ? 'refused'"
+    " AND message_type = ANY(:types) GROUP BY 1, 2"
+)
+_PAYMENTS = text(
+    "SELECT date_trunc('minute', at) AS minute, coalesce(data->>'provider', '?') AS provider,"
+    " (ref = ANY(:failed) OR coalesce(data->>'last_error', '') <> '') AS failed, count(*) AS n"
+    " FROM order_history WHERE at >= :since AND kind = 'payment' GROUP BY 1, 2, 3"
+)
+
+
+def _last_hour(engine: Engine, now: datetime) -> dict[str, Any]:
+    """Minute by minute over the last hour, oldest first (see the module's docstring for the sources)."""
+    current = now.astimezone(UTC).replace(second=0, microsecond=0)
+    minutes = [current - timedelta(minutes=WINDOW_MINUTES - 1 - i) for i in range(WINDOW_MINUTES)]
+    slot = {m: i for i, m in enumerate(minutes)}
+    since = minutes[0]
+
+    def series() -> list[int]:
+        return [0] * WINDOW_MINUTES
+
+    handled, refused, dead = series(), series(), series()
+    by_reason: dict[str, int] = {}
+    payments: dict[str, dict[str, Any]] = {}
+    with engine.connect() as conn:
+        for r in conn.execute(_HANDLED, {"consumer": CONSUMER, "since": since}):
+            if r.minute in slot:
+                handled[slot[r.minute]] += r.n
+        for r in conn.execute(_REFUSED, {"since": since, "types": sorted(COMMAND_TYPES)}):
+            if r.minute in slot:
+                refused[slot[r.minute]] += r.n
+            by_reason[r.reason or "?"] = by_reason.get(r.reason or "?", 0) + r.n
+        for r in conn.execute(_PAYMENTS, {"since": since, "failed": list(FAILED_PAYMENTS)}):
+            p = payments.setdefault(
+                r.provider, {"calls": 0, "failures": 0, "calls_per_minute": series(), "failures_per_minute": series()}
+            )
+            p["calls"] += r.n
+            if r.minute in slot:
+                p["calls_per_minute"][slot[r.minute]] += r.n
+            if r.failed:
+                p["failures"] += r.n
+                if r.minute in slot:
+                    p["failures_per_minute"][slot[r.minute]] += r.n
+    for minute, n in dlq_index.landed_per_minute(engine, since).items():
+        if minute in slot:
+            dead[slot[minute]] += n
+    index = dlq_index.state(engine)
+    applied = [max(0, h - r) for h, r in zip(handled, refused)]
+    return {
+        "window_minutes": WINDOW_MINUTES,
+        "minutes": [m.isoformat() for m in minutes],
+        "applied": applied,
+        "refused": refused,
+        "dead_lettered": dead,
+        "totals": {"applied": sum(applied), "refused": sum(refused), "dead_lettered": sum(dead)},
+        "refused_by_reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
+        "payments": dict(sorted(payments.items())),
+        "dead_letter_index": {
+            "refreshed_at": index.refreshed_at.isoformat() if index.refreshed_at else None,
+            "age_seconds": None if index.age_seconds(now) is None else round(index.age_seconds(now) or 0.0, 1),
+        },
+    }
+
+
+def gather(settings: Settings, engine: Engine, refresh_dead_letters: bool = True) -> dict[str, Any]:
+    """Everything ``status`` shows, as plain data (the ``--json`` output).
+
+    ``refresh_dead_letters``: first bring the dead-letter index up to date
+    (:func:`worker.dlq.operations.refresh_index`: a passive declare, and a read
+    of the queue only when it changed).  The console leaves it to its own
+    refresher, so that a page never waits for the queue.
+    """
     report: dict[str, Any] = {
         "queues": {},
         "dead_letters": None,
         "outbox": None,
         "orders": None,
+        "last_hour": None,
         "liveness_file_age_seconds": None,
         "errors": [],
     }
@@ -68,8 +171,16 @@ def gather(settings: Settings, engine: Engine) -> dict[str, Any]:
         report["dead_letters"] = dlq[0] if dlq else None
     except BrokerError as exc:
         report["errors"].append(f"RabbitMQ: {exc}")
+    if refresh_dead_letters and report["dead_letters"] is not None:
+        from worker.dlq.operations import refresh_index
+
+        try:
+            refresh_index(settings, engine)
+        except Exception as exc:  # noqa: BLE001 - the figures then come from the index as it was
+            report["errors"].append(f"dead-letter index: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     try:
         report.update(_database(engine))
+        report["last_hour"] = _last_hour(engine, datetime.now(UTC))
     except Exception as exc:  # noqa: BLE001 - reported, the rest still shown
         report["errors"].append(f"PostgreSQL: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     liveness = settings.worker.liveness_file
@@ -98,6 +209,23 @@ def render(report: dict[str, Any]) -> Group:
         orders = Table(*report["orders"].keys(), title="orders by status", title_justify="left")
         orders.add_row(*(str(v) for v in report["orders"].values()))
         parts.append(orders)
+    hour = report.get("last_hour")
+    if hour is not None:
+        totals = hour["totals"]
+        last = Table("", "last hour", "last minute", title="commands", title_justify="left")
+        for name in ("applied", "refused", "dead_lettered"):
+            last.add_row(name.replace("_", "-"), str(totals[name]), str(hour[name][-1]))
+        parts.append(last)
+        if hour["refused_by_reason"]:
+            parts.append(
+                "refused in the last hour: "
+                + ", ".join(f"{reason} {n}" for reason, n in hour["refused_by_reason"].items())
+            )
+        if hour["payments"]:
+            pay = Table("provider", "calls", "failures", title="payments, last hour", title_justify="left")
+            for provider, p in hour["payments"].items():
+                pay.add_row(provider, str(p["calls"]), str(p["failures"]))
+            parts.append(pay)
     if report["liveness_file_age_seconds"] is not None:
         parts.append(f"liveness file touched {report['liveness_file_age_seconds']}s ago (this host)")
     parts += [f"[red]error:[/] {e}" for e in report["errors"]]

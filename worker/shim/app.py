@@ -21,10 +21,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from handlers.payments import build_gateways
 from worker import db, tracing
@@ -34,6 +37,8 @@ from worker.settings import Settings, load_settings
 from worker.shim import errors
 from worker.shim.amqp import AsyncChannel
 from worker.shim.auth import Authenticator
+from worker.shim.console.routes import DeadLetterIndexer
+from worker.shim.console.routes import router as console_router
 from worker.shim.context import Shim
 from worker.shim.idempotency import IdempotencyStore
 from worker.shim.metrics import ShimMetrics
@@ -48,6 +53,8 @@ Scope = dict[str, Any]
 SHED_RETRY_AFTER = 1
 #: never shed for concurrency: probes and scrapes must see an overloaded process
 UNSHED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+#: the console's and the API documentation's files, shipped in the package (no CDN: worker/shim/static/README.md)
+STATIC = Path(__file__).with_name("static")
 
 
 def shed(metrics: ShimMetrics, reason: str) -> JSONResponse:
@@ -203,9 +210,14 @@ def create_app(settings: Settings) -> FastAPI:
         version="1.0.0",
         lifespan=lifespan,
         description="Places, reads and cancels orders by enqueueing commands; takes payment webhooks.",
+        docs_url=None,  # FastAPI's own pages load their scripts from a CDN: served from the package below
+        redoc_url=None,
     )
     app.state.shim = shim
+    app.state.console_indexer = DeadLetterIndexer(settings, shim.engine)
     errors.install(app)
+    _documentation(app)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(RedisBusy)
     async def _redis_busy(_request: Request, _exc: RedisBusy) -> JSONResponse:
@@ -213,6 +225,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(orders_router)
     app.include_router(ops_router)
+    app.include_router(console_router)
     app.add_middleware(
         EdgeMiddleware,
         max_body=settings.shim.max_body_bytes,
@@ -223,6 +236,40 @@ def create_app(settings: Settings) -> FastAPI:
     if tracing.setup(settings.tracing, "orders-shim"):  # off unless configured (docs/operations.md, Tracing)
         tracing.instrument_app(app)
     return app
+
+
+def _documentation(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` with their scripts, styles and icons from ``/static``: they render
+    on a machine or network without internet access."""
+    openapi = app.openapi_url or "/openapi.json"
+    title = f"{app.title} - docs"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi,
+            title=title,
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            # no badge fetched from validator.swagger.io
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi,
+            title=title,
+            redoc_js_url="/static/redoc/redoc.standalone.js",
+            redoc_favicon_url="/static/swagger-ui/favicon-32x32.png",
+            with_google_fonts=False,
+        )
 
 
 def from_environment() -> FastAPI:
