@@ -240,6 +240,8 @@ dead_letter_index = Table(
     Column("id", String(200), primary_key=True),
     #: place in the queue (0 = next out) of the first copy
     Column("position", Integer, nullable=False),
+    #: place among the messages of its group (0, 1, ...): a page of a group is a range of it
+    Column("group_rank", Integer, nullable=False),
     Column("copies", Integer, nullable=False),
     Column("message_id", String(200)),
     Column("message_type", String(100)),
@@ -264,9 +266,39 @@ dead_letter_index = Table(
     Column("headers", JSONB, nullable=False),
     Column("body", LargeBinary, nullable=False),
     Column("indexed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    Index("ix_dead_letter_index_group_key", "group_key", "position"),
+    Index("ix_dead_letter_index_group_key", "group_key", "group_rank"),
     Index("ix_dead_letter_index_order_id", "order_id"),
     Index("ix_dead_letter_index_landed_at", "landed_at"),
+)
+
+#: The groups of ``dead_letter_index``, counted when it is written (and after a replay or purge), so the
+#: list of groups is read, not aggregated, on every page view.
+dead_letter_groups = Table(
+    "dead_letter_groups",
+    metadata,
+    Column("group_key", String(32), primary_key=True),
+    Column("original_queue", String(200)),
+    Column("error_class", String(200), nullable=False),
+    Column("error_pattern", Text, nullable=False),
+    #: the error message of the group's first dead letter
+    Column("example", Text, nullable=False),
+    #: messages, copies counted
+    Column("count", Integer, nullable=False),
+    Column("ids", Integer, nullable=False),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+    Column("types", JSONB, nullable=False),
+    #: dead letters replayed before that came back (``x-replay-count`` > 0)
+    Column("repeated", Integer, nullable=False),
+    Column("max_deliveries", Integer, nullable=False),
+)
+
+#: Dead letters of ``dead_letter_index`` by the minute they landed (copies counted), counted with the groups.
+dead_letter_minutes = Table(
+    "dead_letter_minutes",
+    metadata,
+    Column("minute", DateTime(timezone=True), primary_key=True),
+    Column("count", Integer, nullable=False),
 )
 
 #: One row (id 1): when the index was last written, from how deep a queue, and whether a dlq

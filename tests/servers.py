@@ -371,7 +371,7 @@ def clean_db(engine: Any) -> Any:
         conn.execute(
             text(
                 "TRUNCATE orders, order_items, order_transitions, order_history, payments, inbox, outbox, products, dlq_audit,"
-                " console_logins, console_previews, dead_letter_index, dead_letter_index_state"
+                " console_logins, console_previews, dead_letter_index, dead_letter_groups, dead_letter_minutes, dead_letter_index_state"
             )
         )
     catalogue.upsert(engine, [catalogue.ProductRow(**p) for p in PRODUCTS])

@@ -3,7 +3,7 @@
 ``console_logins`` keeps the SHA-256 of each one-time login link of
 ``orders console login`` (used once, across shim processes);
 ``console_previews`` the message ids an operator was shown before confirming
-a replay or purge; ``dead_letter_index`` (and its one-row state) the
+a replay or purge; ``dead_letter_index`` (with its groups, its count by minute and its one-row state) the
 dead-letter queue as last read, so pages group 10,000 dead letters without
 reading RabbitMQ.  New tables only: nothing the worker writes changes.
 
@@ -47,6 +47,7 @@ def upgrade() -> None:
         "dead_letter_index",
         sa.Column("id", sa.String(length=200), nullable=False),
         sa.Column("position", sa.Integer(), nullable=False),
+        sa.Column("group_rank", sa.Integer(), nullable=False),
         sa.Column("copies", sa.Integer(), nullable=False),
         sa.Column("message_id", sa.String(length=200), nullable=True),
         sa.Column("message_type", sa.String(length=100), nullable=True),
@@ -69,9 +70,31 @@ def upgrade() -> None:
         sa.Column("indexed_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_dead_letter_index")),
     )
-    op.create_index("ix_dead_letter_index_group_key", "dead_letter_index", ["group_key", "position"])
+    op.create_index("ix_dead_letter_index_group_key", "dead_letter_index", ["group_key", "group_rank"])
     op.create_index("ix_dead_letter_index_order_id", "dead_letter_index", ["order_id"])
     op.create_index("ix_dead_letter_index_landed_at", "dead_letter_index", ["landed_at"])
+    op.create_table(
+        "dead_letter_groups",
+        sa.Column("group_key", sa.String(length=32), nullable=False),
+        sa.Column("original_queue", sa.String(length=200), nullable=True),
+        sa.Column("error_class", sa.String(length=200), nullable=False),
+        sa.Column("error_pattern", sa.Text(), nullable=False),
+        sa.Column("example", sa.Text(), nullable=False),
+        sa.Column("count", sa.Integer(), nullable=False),
+        sa.Column("ids", sa.Integer(), nullable=False),
+        sa.Column("first_seen", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("types", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        sa.Column("repeated", sa.Integer(), nullable=False),
+        sa.Column("max_deliveries", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("group_key", name=op.f("pk_dead_letter_groups")),
+    )
+    op.create_table(
+        "dead_letter_minutes",
+        sa.Column("minute", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("count", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("minute", name=op.f("pk_dead_letter_minutes")),
+    )
     op.create_table(
         "dead_letter_index_state",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -87,6 +110,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("dead_letter_index_state")
+    op.drop_table("dead_letter_minutes")
+    op.drop_table("dead_letter_groups")
     op.drop_index("ix_dead_letter_index_landed_at", table_name="dead_letter_index")
     op.drop_index("ix_dead_letter_index_order_id", table_name="dead_letter_index")
     op.drop_index("ix_dead_letter_index_group_key", table_name="dead_letter_index")

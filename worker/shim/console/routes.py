@@ -30,7 +30,7 @@ import structlog
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import ChainableUndefined, Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 from sqlalchemy import Engine, func, insert, select, text, update
 from starlette.concurrency import run_in_threadpool
@@ -83,7 +83,8 @@ def _finalize(value: Any) -> Any:
 TEMPLATES = Environment(
     loader=FileSystemLoader(Path(__file__).with_name("templates")),
     autoescape=select_autoescape(default=True, default_for_string=True),
-    undefined=StrictUndefined,
+    # a record written before one of its fields existed shows the field empty, not a 500
+    undefined=ChainableUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
     finalize=_finalize,
@@ -139,6 +140,8 @@ class DeadLetterIndexer:
         self._lock = threading.Lock()
         self._running = False
         self._checked = float("-inf")
+        #: the settled minutes of the glance page's last hour, read once by this process
+        self.minutes = service_status.MinuteCache()
 
     @property
     def running(self) -> bool:
@@ -301,7 +304,7 @@ async def logout(s: ShimDep, me: Me, _form: Form) -> Response:
 
 async def _glance(s: Any, idx: DeadLetterIndexer) -> dict[str, Any]:
     idx.poke()
-    report = await run_in_threadpool(service_status.gather, s.settings, s.engine, False)
+    report = await run_in_threadpool(service_status.gather, s.settings, s.engine, False, idx.minutes)
     hour = report.get("last_hour")
     charts: dict[str, Any] = {}
     if hour is not None:
@@ -360,7 +363,8 @@ async def group(key: str, s: ShimDep, me: Me, idx: IndexerDep, page_no: int = 1)
 
     def read() -> dict[str, Any]:
         found = dlq_index.groups(s.engine, 1, key)
-        total, rows = dlq_index.group_letters(s.engine, key, (page_no - 1) * PAGE_SIZE, PAGE_SIZE)
+        rows = dlq_index.group_letters(s.engine, key, (page_no - 1) * PAGE_SIZE, PAGE_SIZE)
+        total = found[0]["ids"] if found else 0
         return {"group": found[0] if found else None, "total": total, "letters": rows, **_index_view(s.engine)}
 
     data = await run_in_threadpool(read)
