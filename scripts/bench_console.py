@@ -91,13 +91,15 @@ def load_orders(engine: Any, count: int) -> list[tuple[str, str]]:
         " FROM orders",
         "INSERT INTO inbox (consumer, message_id, processed_at) SELECT 'payments', 'pay-' || place_message_id,"
         " created_at FROM orders",
-        "ANALYZE",
     ]
     with engine.begin() as conn:
         for sql in statements:
             conn.execute(text(sql), {"n": count})
         sample = conn.execute(text("SELECT order_id::text, user_id FROM orders ORDER BY created_at DESC LIMIT 20"))
-        return [(r[0], r[1]) for r in sample]
+        found = [(r[0], r[1]) for r in sample]
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE"))  # the steady state autovacuum keeps a live database in
+    return found
 
 
 def publish_dead_letters(url: str, count: int, orders: list[tuple[str, str]]) -> None:
@@ -268,6 +270,7 @@ def main() -> None:
             f"queue, re-indexes it, order facts of the first 50): {preview_ms:.0f} ms"
         )
         print(f"\nslowest page p95: {worst:.1f} ms ({'under' if worst < 300 else 'OVER'} 300 ms)")
+        print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}, {os.cpu_count()} CPUs")
     finally:
         if shim is not None:
             shim.stop()
