@@ -3,11 +3,11 @@
     HandlerError
      ├── Refused        permanent: the command is answered and acked, no retry
      │    ├── NotFound          (someone else's order answers the same)
-     │    ├── Forbidden
      │    ├── IllegalTransition
      │    ├── Taken             a PlaceOrder names an order id already used
      │    └── Mismatch          payment amount / currency / id disagree
      ├── RetryLater     the order it names does not exist yet: delay queue
+     ├── Unauthorized   its sender may not send it: dead-letter queue at once, announced
      └── ManualActionRequired   only a person can finish it: dead-letter queue
 
 Infrastructure errors (database, broker) are not here: the worker sorts
@@ -31,10 +31,6 @@ class NotFound(Refused):
     code = "not_found"
 
 
-class Forbidden(Refused):
-    code = "forbidden"
-
-
 class IllegalTransition(Refused):
     code = "illegal_transition"
 
@@ -53,6 +49,17 @@ class RetryLater(HandlerError):
     """The command arrived before what it depends on (e.g. its PlaceOrder)."""
 
     code = "retry_later"
+
+
+class Unauthorized(HandlerError):
+    """The broker user that sent the command may not send it (``handlers.senders``).
+
+    Not a :class:`Refused`: the command is dead-lettered at once (an operator
+    may replay it once the sender map allows it) and changes nothing, and its
+    refusal is announced as ``command.refused`` with this code.
+    """
+
+    code = "unauthorized"
 
 
 class ManualActionRequired(HandlerError):

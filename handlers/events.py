@@ -70,15 +70,26 @@ def internal(uow: UnitOfWork, order: Order, command: type[Command], message_id: 
 
 
 def refused(
-    uow: UnitOfWork, order_id: str, message_id: str, command: str, reason: str, message: str, correlation_id: str | None
+    uow: UnitOfWork,
+    order_id: str,
+    message_id: str,
+    command: str,
+    reason: str,
+    message: str,
+    correlation_id: str | None,
+    *,
+    unauthorized: bool = False,
 ) -> None:
     """``command.refused``: a well-formed command was refused for a business reason.
 
     Published like every event (outbox, stable id), so that an upstream
     service that sent no ``reply_to`` learns of it too; one event per
-    refused message id, however often the message is delivered.
+    refused message id, however often the message is delivered.  A refusal
+    of its sender (``unauthorized``) has an id of its own: the same message,
+    replayed once its sender may send it, can still be refused for a business
+    reason and announced again.
     """
-    eid = event_id(order_id, REFUSED, message_id)
+    eid = event_id(order_id, REFUSED, f"unauthorized:{message_id}" if unauthorized else message_id)
     body = {
         "event_id": eid,
         "order_id": order_id,

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from handlers.orders import Order
+from handlers.senders import TRUSTED, Sender
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class MessageContext:
     correlation_id: str | None = None
     #: the order the command names, when the worker already worked it out
     order_id: str | None = None
+    #: who sent it, as the broker vouched for it, and what it may do (``handlers.senders``)
+    sender: Sender = TRUSTED
 
 
 @dataclass(frozen=True)

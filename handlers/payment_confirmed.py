@@ -8,7 +8,15 @@ trusted and never dropped: it is settled by asking the provider (internal
 completes the order on the payment the provider vouches for or refuses the
 confirmation with ``command.refused``.  Every PayPal confirmation is asked
 about too, since its webhook is only as trustworthy as a certificate check.
-An ``internal`` confirmation cannot be asked about: a mismatch is refused.
+
+A confirmation names the order's own provider; any other is a mismatch,
+asked about at the order's provider like any other.  No order is placed to
+be paid internally (PlaceOrder takes Stripe or PayPal), so an ``internal``
+confirmation never completes an order on its word: the order's provider is
+asked about the payment it names, and unless that provider took the money
+for this order the confirmation is refused (``payment_not_confirmed``).
+Who may send a confirmation at all, and naming which provider, is the
+sender map's business (``handlers.senders``).
 
 Money taken for an order that was cancelled or rejected meanwhile is
 refunded (internal ``RefundPayment``; the payment step emits
@@ -24,13 +32,13 @@ from handlers.outcome import MessageContext, Outcome
 from handlers.unit_of_work import PaymentRecord, PaymentStatus, UnitOfWork
 from schema.messages import PaymentConfirmed, RefundPayment, SettlePayment
 
-#: providers whose payments the payment step can look up
+#: providers whose payments the payment step can look up: every provider an order can be placed with
 ASKABLE = frozenset({"stripe", "paypal"})
 
 
 def _mismatch(cmd: PaymentConfirmed, order: Order, payment: PaymentRecord | None) -> str | None:
     """Why the confirmation does not match the order and its payment record, or None."""
-    if cmd.provider not in (order.payment_provider, "internal"):
+    if cmd.provider != order.payment_provider:
         return f"order {order.order_id} is paid through {order.payment_provider}, not {cmd.provider}"
     if (cmd.amount, cmd.currency) != (order.total, order.currency):
         return (
@@ -54,13 +62,14 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
         if payment.status == PaymentStatus.REFUNDED:  # a late confirmation of money already given back
             return Outcome.of("unchanged", order, "payment was refunded already")
     problem = _mismatch(cmd, order, payment)
-    if cmd.provider in ASKABLE and (problem is not None or cmd.provider == "paypal"):
+    ask = order.payment_provider  # the order's own provider vouches for its money, whoever confirms
+    if ask in ASKABLE and (problem is not None or cmd.provider == "paypal"):
         events.internal(
             uow,
             order,
             SettlePayment,
             msg.message_id,
-            provider=cmd.provider,
+            provider=ask,
             payment_id=cmd.payment_id,
             amount=cmd.amount,
             currency=cmd.currency,
@@ -72,7 +81,7 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
             "settling",
             order_id,
             order.status.value,
-            message=f"{problem or 'a PayPal confirmation'}: asking {cmd.provider} about {cmd.payment_id}",
+            message=f"{problem or 'a PayPal confirmation'}: asking {ask} about {cmd.payment_id}",
         )
     if problem is not None:
         raise Mismatch(problem)

@@ -30,6 +30,7 @@ import atexit
 import contextlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -415,12 +416,13 @@ def have_rabbitmqctl() -> bool:
 
 
 def rabbitmqctl(
-    *args: str, check: bool = False, timeout: float = RABBITMQCTL_TIMEOUT
+    *args: str, check: bool = False, timeout: float = RABBITMQCTL_TIMEOUT, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """One rabbitmqctl call; :class:`HarnessError` when it cannot run, or fails and ``check``."""
+    """One rabbitmqctl call (``stdin``: what it reads, e.g. a password); :class:`HarnessError` when it cannot
+    run, or fails and ``check``."""
     argv = [*rabbitmqctl_argv(), *args]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HarnessError(f"rabbitmqctl {args[0]} failed ({exc})") from None
     if check and done.returncode != 0:
@@ -440,6 +442,29 @@ def create_vhost(name: str, user: str = "guest", fresh: bool = False) -> None:
         rabbitmqctl("delete_vhost", name)
     rabbitmqctl("add_vhost", name, check=fresh)  # without fresh it may exist already
     rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*", check=True)
+
+
+def sender_users(vhost: str, names: Iterable[str]) -> dict[str, str]:
+    """Broker users that may only publish to ``orders.commands`` in ``vhost``, as ``orders topology --users``
+    makes a sender (:func:`worker.rabbit.users.sender_permissions`), each with a fresh password: name ->
+    password.  A user of that name is made anew.  :func:`delete_users` removes them."""
+    from worker.rabbit.users import sender_permissions
+
+    perms = sender_permissions()
+    made = {}
+    for name in names:
+        password = secrets.token_urlsafe(18)
+        rabbitmqctl("delete_user", name)
+        rabbitmqctl("add_user", name, stdin=password + "\n", check=True)  # never on the command line
+        rabbitmqctl("set_permissions", "-p", vhost, name, perms.configure, perms.write, perms.read, check=True)
+        made[name] = password
+    return made
+
+
+def delete_users(names: Iterable[str]) -> None:
+    for name in names:
+        with contextlib.suppress(HarnessError):
+            rabbitmqctl("delete_user", name)
 
 
 def delete_vhost(name: str) -> bool:

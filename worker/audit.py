@@ -77,6 +77,15 @@ def _checks(stuck_minutes: int) -> list[tuple[str, str, str, str]]:
             " AND p.status IS DISTINCT FROM 'succeeded'",
         ),
         (
+            "paid-by-the-orders-provider",
+            "error",
+            "a completed, shipped or refunded order whose payment was not taken by the order's own provider"
+            " (no order is placed to be paid internally)",
+            "SELECT o.order_id::text, o.status, o.payment_provider, p.provider AS paid_by, p.provider_payment_id"
+            " FROM orders o JOIN payments p USING (order_id) WHERE o.status IN ('completed', 'shipped', 'refunded')"
+            " AND p.provider IS DISTINCT FROM o.payment_provider",
+        ),
+        (
             "money-returned-shows",
             "error",
             "money returned, but the order does not show it (neither refunded, cancelled nor rejected)",

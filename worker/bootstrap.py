@@ -19,6 +19,7 @@ from schema.topology import COMMAND_QUEUES, PAYMENTS_QUEUE, WORK_QUEUES
 from worker import db, logs, tracing
 from worker.commands import Applier, BatchRule
 from worker.consume import Batches, Consumer, Window
+from worker.identity import Identities
 from worker.metrics import NO_METRICS, Metrics, MetricsSink
 from worker.rabbit.connection import BlockingBroker
 from worker.reconnect import DatabaseHold
@@ -41,8 +42,9 @@ def command_consumer(
 ) -> Consumer:
     """The command queues, in batches: one transaction a batch, one by one when that fails."""
     cfg = settings.worker
-    applier = Applier(engine, cfg.inplace_retries, views=views)
-    settlement = Settlement(cfg.retry_delays_seconds, metrics)
+    senders = Identities.of(settings)
+    applier = Applier(engine, cfg.inplace_retries, views=views, identities=senders)
+    settlement = Settlement(cfg.retry_delays_seconds, metrics, senders)
 
     def batches(broker: BlockingBroker, stop: threading.Event, tick: Callable[[], None]) -> Batches:
         rule = BatchRule(applier, DatabaseHold(engine, stop, broker.sleep, tick))
@@ -82,7 +84,7 @@ def payment_consumer(
 ) -> Consumer:
     """``orders.payments`` in a sliding window of ``worker.payment_concurrency`` provider calls."""
     size = settings.worker.payment_concurrency
-    settlement = Settlement(settings.worker.retry_delays_seconds, metrics)
+    settlement = Settlement(settings.worker.retry_delays_seconds, metrics, Identities.of(settings))
 
     def window(broker: BlockingBroker, stop: threading.Event, tick: Callable[[], None]) -> Window:
         return Window(pool, step, DatabaseHold(step.engine, stop, broker.sleep), settlement, size, metrics)

@@ -1,7 +1,11 @@
-"""Applying commands: decode → claim inbox → handlers → one commit.
+"""Applying commands: decode → sender check → claim inbox → handlers → one commit.
 
 :class:`Applier` runs a whole batch in one transaction, or one message in
-its own (with a short in-place retry for transient database errors).
+its own (with a short in-place retry for transient database errors).  A
+command its sender may not send (:mod:`handlers.senders`, the sender as the
+broker vouched for it: :mod:`worker.identity`) claims no inbox row and
+changes nothing: its refusal is announced (``command.refused``, reason
+``unauthorized``, once per message) and it is dead-lettered.
 :class:`BatchRule` is the rule the command consumer applies by: the whole
 batch at once; when that fails, one by one, so one bad message cannot hold
 back the others; and through a database outage, wait instead of failing.
@@ -18,21 +22,26 @@ from sqlalchemy import Engine
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
 from handlers import COMMAND_HANDLERS, apply_rank, events, order_id_of
-from handlers.errors import Refused, RetryLater
+from handlers.errors import Refused, RetryLater, Unauthorized
 from handlers.outcome import MessageContext
+from handlers.senders import OPEN, Sender
 from schema.messages import MAX_MESSAGE_ID, Command, InvalidMessage
 from schema.topology import COMMAND_TYPES, parse_command, wrong_queue
 from worker import tracing
 from worker.errors import Kind, classify
+from worker.identity import Identities
 from worker.outcomes import Handled, Result, handled_from
 from worker.rabbit.connection import Delivery
 from worker.reconnect import DatabaseHold
-from worker.unit_of_work import Views, order_transaction
+from worker.unit_of_work import PostgresUnitOfWork, Views, order_transaction
 
 log = structlog.get_logger("worker.commands")
 
 #: inbox consumer name of the command handlers
 CONSUMER = "orders"
+#: inbox consumer name of the refusals of unauthorized commands: one announcement per message, and the
+#: message's own inbox row stays free for a replay once its sender may send it
+UNAUTHORIZED_CONSUMER = "orders-unauthorized"
 
 Decoded = tuple[Delivery, Command]
 
@@ -64,10 +73,17 @@ def decode(delivery: Delivery, accepted: frozenset[str] = COMMAND_TYPES) -> Comm
 
 
 class Applier:
-    def __init__(self, engine: Engine, inplace_retries: int = 3, views: Views | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        inplace_retries: int = 3,
+        views: Views | None = None,
+        identities: Identities | None = None,
+    ) -> None:
         self.engine = engine
         self.inplace_retries = inplace_retries
         self.views = views
+        self.identities = identities or Identities(OPEN)
 
     def decode_all(self, deliveries: Iterable[Delivery]) -> tuple[list[Decoded], list[Handled]]:
         good, bad = [], []
@@ -82,22 +98,33 @@ class Applier:
         """All of ``items`` in one transaction; raises when the transaction fails."""
         if not items:
             return []
-        ordered = [(d, c, order_id_of(c, d.message_id or "")) for d, c in sorted(items, key=lambda i: apply_rank(i[1]))]
+        ordered: list[tuple[Delivery, Command, str, Sender]] = []
+        refused: list[tuple[Delivery, Command, str, Unauthorized]] = []
+        for d, c in sorted(items, key=lambda i: apply_rank(i[1])):
+            sender = self.identities.sender(d)
+            try:
+                sender.check(c)
+            except Unauthorized as exc:
+                refused.append((d, c, order_id_of(c, d.message_id or ""), exc))
+                continue
+            ordered.append((d, c, order_id_of(c, d.message_id or ""), sender))
         handled: list[Handled] = []
         with order_transaction(self.engine, CONSUMER, self.views) as uow:
-            fresh = uow.claim(d.message_id or "" for d, _, _ in ordered)
+            if refused:
+                handled += self._refuse_unauthorized(uow, refused)
+            fresh = uow.claim(d.message_id or "" for d, _, _, _ in ordered)
             uow.preload(
-                (order_id for _, _, order_id in ordered),
-                (line.product_id for _, c, _ in ordered if hasattr(c, "lines") for line in c.lines()),
+                (order_id for _, _, order_id, _ in ordered),
+                (line.product_id for _, c, _, _ in ordered if hasattr(c, "lines") for line in c.lines()),
             )
             deferred = []
-            for d, command, order_id in ordered:
+            for d, command, order_id, sender in ordered:
                 mid = d.message_id or ""
                 if mid not in fresh:
                     handled.append(Handled(d, Result.DUPLICATE, order_id=order_id))
                     continue
                 fresh.discard(mid)  # a second copy in this batch is a duplicate
-                ctx = MessageContext(mid, d.message_type or "", d.correlation_id, order_id)
+                ctx = MessageContext(mid, d.message_type or "", d.correlation_id, order_id, sender)
                 uow.handling(mid, ctx.message_type, d.correlation_id)
                 with tracing.command_span(d, order_id):  # the events it emits store this span
                     try:
@@ -121,6 +148,33 @@ class Applier:
                         continue
                 handled.append(Handled(d, Result.APPLIED, outcome, order_id=order_id))
             uow.release(deferred)
+        return handled
+
+    def _refuse_unauthorized(
+        self, uow: PostgresUnitOfWork, refused: list[tuple[Delivery, Command, str, Unauthorized]]
+    ) -> list[Handled]:
+        """Announce each refusal once (an inbox row of its own), change nothing, dead-letter the command."""
+        first = uow.claim((d.message_id or "" for d, _, _, _ in refused), UNAUTHORIZED_CONSUMER)
+        handled = []
+        for d, _, order_id, exc in refused:
+            mid = d.message_id or ""
+            log.warning(
+                "command refused: sender not allowed",
+                reason=str(exc),
+                type=d.message_type,
+                message_id=mid,
+                order_id=order_id,
+                user_id=d.user_id,
+                correlation_id=d.correlation_id,
+            )
+            if mid in first:
+                first.discard(mid)
+                uow.order(order_id)  # loaded (and locked) so history is written only for an order that exists
+                uow.handling(mid, d.message_type or "", d.correlation_id)
+                events.refused(
+                    uow, order_id, mid, d.message_type or "", exc.code, str(exc), d.correlation_id, unauthorized=True
+                )
+            handled.append(handled_from(d, exc, order_id))
         return handled
 
     def apply_one(self, delivery: Delivery, command: Command) -> Handled:

@@ -74,6 +74,41 @@ def check_production(settings: Settings) -> list[Finding]:
     ]
 
 
+def check_senders(settings: Settings) -> list[Finding]:
+    """Who may send commands: the sender map (``senders``), or the open behaviour of development without one."""
+    service = settings.rabbitmq.user
+    if not settings.senders:
+        if settings.environment == "development":
+            return [
+                Finding(
+                    "senders",
+                    True,
+                    "no sender map: development is open, any broker user may send any command and claim admin "
+                    "(today's local behaviour); production would accept commands from the service's own user "
+                    f"({service}) only",
+                    "Give each upstream service a broker user and map it (orders topology --users prints the map).",
+                    warning=True,
+                )
+            ]
+        return [
+            Finding(
+                "senders",
+                True,
+                f"no sender map: only the service's own broker user ({service}, the shim) may send commands; "
+                "every other publisher's commands are refused as unauthorized",
+                "Give each upstream service a broker user and map it (orders topology --users prints the map).",
+                warning=True,
+            )
+        ]
+    lines = []
+    for user, grant in settings.senders.items():
+        extra = (" as admin" if grant.admin else "") + (
+            f" (providers: {', '.join(grant.providers)})" if grant.providers else ""
+        )
+        lines.append(f"{user}: {', '.join(grant.commands)}{extra}")
+    return [Finding("senders", True, f"{service} (the service) may send everything; " + "; ".join(lines))]
+
+
 def check_postgres(settings: Settings) -> list[Finding]:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
@@ -285,6 +320,6 @@ def run_all(config: Path | None) -> list[Finding]:
     settings, findings = check_configuration(config)
     if settings is None:
         return findings
-    for check in (check_production, check_postgres, check_rabbitmq, check_redis, check_payments):
+    for check in (check_production, check_senders, check_postgres, check_rabbitmq, check_redis, check_payments):
         findings += check(settings)
     return findings

@@ -32,6 +32,7 @@ class MetricsSink(Protocol):
     def payment_call(self, provider: str, step: str, outcome: str) -> None: ...
     def relayed(self, count: int, lag_seconds: float) -> None: ...
     def cache(self, result: str) -> None: ...
+    def reply_ignored(self) -> None: ...
 
 
 class NullMetrics:
@@ -56,6 +57,9 @@ class NullMetrics:
         pass
 
     def cache(self, result: str) -> None:
+        pass
+
+    def reply_ignored(self) -> None:
         pass
 
 
@@ -109,6 +113,11 @@ class Metrics:
         self.cache_requests = Counter(
             "orders_cache_requests", "Order view reads by result (hit, miss, error).", ["result"], registry=reg
         )
+        self.replies_ignored = Counter(
+            "orders_replies_ignored",
+            "Commands whose reply_to was not a reply queue (direct reply-to or amq.gen-): applied, not answered.",
+            registry=reg,
+        )
 
     def count(self, handled: Iterable[Any]) -> int:
         n = 0
@@ -138,6 +147,9 @@ class Metrics:
 
     def cache(self, result: str) -> None:
         self.cache_requests.labels(result).inc()
+
+    def reply_ignored(self) -> None:
+        self.replies_ignored.inc()
 
 
 def prepare_multiprocess() -> str:

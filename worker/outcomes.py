@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from handlers.errors import ManualActionRequired, Refused, RetryLater
+from handlers.errors import ManualActionRequired, Refused, RetryLater, Unauthorized
 from handlers.outcome import Outcome
 from schema.messages import InvalidMessage
 from worker.errors import Kind, classify
@@ -49,10 +49,15 @@ def handled_from(delivery: Delivery, exc: BaseException, order_id: str | None = 
     - :class:`InvalidMessage`: it can never be applied (dead letter now);
     - :class:`RetryLater`: what it needs is not there yet (delay tiers);
     - :class:`ManualActionRequired`: only a person can finish it (dead letter, with the reason);
+    - :class:`Unauthorized`: its sender may not send it (dead letter now; counted as refused, and the
+      caller announces ``command.refused``);
     - :class:`Refused`: answered with the refusal (the caller announces ``command.refused``);
     - anything else: a failure, retried through the delay tiers, then dead-lettered.
     """
     reason = str(exc)
+    if isinstance(exc, Unauthorized):
+        outcome = Outcome("refused", order_id, error=exc.code, message=reason)
+        return Handled(delivery, Result.INVALID, outcome, error=exc, reason=reason, order_id=order_id)
     if isinstance(exc, InvalidMessage | ManualActionRequired):
         return Handled(delivery, Result.INVALID, error=exc, reason=reason, order_id=order_id)
     if isinstance(exc, RetryLater):

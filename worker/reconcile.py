@@ -106,18 +106,26 @@ class ServicePayment:
     total: int
     order_currency: str | None
     at: datetime  # the latest change of the order or its payment
-    payment_provider: str | None = None  # who took the money (``internal`` for the internal service)
+    payment_provider: str | None = None  # who the payment row says took the money (shown, not trusted)
     payment_status: str | None = None
     amount: int | None = None
     currency: str | None = None
     payment_id: str | None = None  # provider_payment_id (Stripe) / capture_id (PayPal)
     refund_id: str | None = None
 
+    @property
+    def says_paid(self) -> bool:
+        """Whether the service shows money taken for this order: its payment says so, or its status does."""
+        return self.payment_status in TAKEN or self.order_status in PAID_ORDERS
+
     def claims_money(self, provider: str) -> bool:
-        """Whether the service says ``provider`` took money for this order."""
-        if self.payment_provider is None:
-            return self.order_provider == provider and self.order_status in PAID_ORDERS
-        return self.payment_provider == provider and self.payment_status in TAKEN
+        """Whether the service says ``provider`` took money for this order.
+
+        Judged by the order's own provider, whatever its payment row names: an
+        order placed to be paid through ``provider`` and shown as paid must have
+        ``provider``'s money behind it (a row saying ``internal``, say, does not
+        take it out of the comparison)."""
+        return self.order_provider == provider and self.says_paid
 
 
 @dataclass(frozen=True)
@@ -168,7 +176,7 @@ def compare(
     skip_orders = {s.order_id for s in orders if recent(s.at)}
     skip_orders |= {p.order_id for p in payments if recent(p.at) and p.order_id}
     by_order = {s.order_id: s for s in orders}
-    by_payment = {s.payment_id: s for s in orders if s.payment_id and s.payment_provider == provider}
+    by_payment = {s.payment_id: s for s in orders if s.payment_id and s.order_provider == provider}
     matched: set[str] = set()
     for p in payments:
         s = by_payment.get(p.payment_id)
@@ -223,7 +231,7 @@ def _found(
 
 def _recorded_without_id(s: ServicePayment | None, provider: str) -> ServicePayment | None:
     """An order whose payment says taken but names no provider id (a PayPal capture id not recorded)."""
-    if s is not None and s.payment_id is None and s.payment_provider == provider and s.payment_status in TAKEN:
+    if s is not None and s.payment_id is None and s.order_provider == provider and s.payment_status in TAKEN:
         return s
     return None
 
@@ -243,7 +251,7 @@ def _unrecorded(p: ProviderPayment, s: ServicePayment | None, provider: str) -> 
 def _pair(p: ProviderPayment, s: ServicePayment, provider: str) -> list[Mismatch]:
     """The provider's payment and the order that records it."""
     if not p.taken:
-        if s.payment_status not in TAKEN:
+        if not s.says_paid:
             return []
         detail = f"payment recorded as {s.payment_status}, order {s.order_status}; {provider} has it as {p.status}"
         return [_found("no_money", s.order_id, p.payment_id, detail, p, s)]
@@ -301,7 +309,7 @@ def load_service(
         .select_from(o.outerjoin(p, p.c.order_id == o.c.order_id))
         .where(
             or_(
-                and_(p.c.provider == provider, p.c.created_at >= since),
+                and_(o.c.payment_provider == provider, p.c.created_at >= since),
                 and_(p.c.order_id.is_(None), o.c.payment_provider == provider, o.c.created_at >= since),
                 pid.in_(named_payments),
                 o.c.order_id.in_(named_orders),

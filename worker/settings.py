@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from handlers.payments.settings import PayPalSettings, StripeSettings
+from schema.topology import COMMAND_TYPES
 
 #: Prefix of the environment variables that override the file.
 ENV_PREFIX = "ORDERS_"
@@ -158,6 +159,42 @@ class RabbitSettings(_Section):
     def urls(self) -> list[str]:
         """Every node's URL, in the configured order."""
         return [u.strip() for u in self.url.get_secret_value().split(",") if u.strip()]
+
+    @property
+    def user(self) -> str:
+        """The service's own broker user (percent-decoded, as RabbitMQ sees it; pika's ``guest`` when unnamed)."""
+        urls = self.urls
+        name = urlsplit(urls[0]).username if urls else None
+        return unquote(name) if name else "guest"
+
+
+class SenderGrant(_Section):
+    """What one broker user may send (an entry of ``senders``; see :mod:`handlers.senders`)."""
+
+    #: the commands it may send: PlaceOrder, CancelOrder, PaymentConfirmed, ShipOrder
+    commands: tuple[str, ...] = Field(min_length=1)
+    #: CancelOrder: its ``requested_by.roles: ["admin"]`` is honoured (a back office)
+    admin: bool = False
+    #: PaymentConfirmed: the providers it may name; only ``internal`` (a confirmation naming Stripe or
+    #: PayPal comes only from the service's own webhook endpoint, which checked the provider's signature)
+    providers: tuple[Literal["internal"], ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SenderGrant:
+        unknown = sorted(set(self.commands) - COMMAND_TYPES)
+        if unknown:
+            raise ValueError(f"unknown command(s) {', '.join(unknown)} (known: {', '.join(sorted(COMMAND_TYPES))})")
+        if self.admin and "CancelOrder" not in self.commands:
+            raise ValueError("admin: true means its CancelOrder may act as admin; list CancelOrder in commands")
+        if ("PaymentConfirmed" in self.commands) != bool(self.providers):
+            raise ValueError("PaymentConfirmed and providers go together (providers: [internal])")
+        return self
+
+
+def _sender_name(name: str) -> str:
+    if not name or len(name) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"{name!r} is not a broker user name")
+    return name
 
 
 class WorkerSettings(_Section):
@@ -295,6 +332,19 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     tracing: TracingSettings = TracingSettings()
     console: ConsoleSettings = ConsoleSettings()
+    #: broker user -> what it may send (docs/security.md).  The service's own user (``rabbitmq.url``'s)
+    #: may send everything.  Empty in development: every sender may (the open behaviour of a local
+    #: set-up); in production a command from a user not listed here is refused.
+    senders: dict[Annotated[str, BeforeValidator(_sender_name)], SenderGrant] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _service_user_not_mapped(self) -> Settings:
+        if self.rabbitmq.user in self.senders:
+            raise ValueError(
+                f"senders names {self.rabbitmq.user!r}, the service's own broker user (rabbitmq.url), which may "
+                "send everything; give upstream services users of their own"
+            )
+        return self
 
     @property
     def console_enabled(self) -> bool:
@@ -366,7 +416,12 @@ def load_settings(
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            env = ENV_PREFIX + "__".join(str(p) for p in err["loc"][:2]).upper()
-            problems.append(f"{key} ({env}): {err['msg']}")
+            loc = [str(p) for p in err["loc"]]
+            if not loc:  # a rule across sections
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
+            # a mapping setting (``senders``) is set from the environment as a whole, in JSON
+            whole = _wants_json(loc[0], None) and get_origin(Settings.model_fields[loc[0]].annotation) is dict
+            env = ENV_PREFIX + "__".join(loc[:1] if whole else loc[:2]).upper()
+            problems.append(f"{'.'.join(loc)} ({env}): {err['msg']}")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

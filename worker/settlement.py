@@ -3,6 +3,13 @@
 Every publish here is confirmed before the original is acked, so a kill at
 any point loses nothing: an unconfirmed retry means an unacked original,
 which the broker delivers again.
+
+A retried or dead-lettered command is republished as the service's own
+broker user and keeps its first sender in a header (:mod:`worker.identity`),
+so a retry is judged as its sender's and a replayed dead letter too.
+Replies go only to reply queues (:func:`reply_queue`): a ``reply_to`` naming
+any other queue is ignored (the command is still applied), logged once and
+counted, so a sender cannot make the worker write where it may not.
 """
 
 from __future__ import annotations
@@ -17,11 +24,24 @@ import structlog
 
 from schema.topology import DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE, DELAY_HEADER
 from worker.errors import ConnectionLost, PublishNotConfirmed
+from worker.identity import Identities
 from worker.metrics import NO_METRICS, MetricsSink
 from worker.outcomes import Handled, Result
 from worker.rabbit.connection import BlockingBroker, Delivery, Outgoing
 
 log = structlog.get_logger("worker.settlement")
+
+
+#: the queues replies may go to: RabbitMQ's direct reply-to, and server-named queues (a client cannot
+#: declare an ``amq.`` name itself, so these are the exclusive queues RabbitMQ named for a client)
+REPLY_QUEUE_PREFIXES = ("amq.rabbitmq.reply-to", "amq.gen-")
+#: distinct ignored ``reply_to`` values logged per process (each once); beyond it they are only counted
+IGNORED_REPLY_LOG_LIMIT = 1000
+
+
+def reply_queue(reply_to: str) -> bool:
+    """Whether ``reply_to`` names a reply queue the worker may answer in."""
+    return reply_to.startswith(REPLY_QUEUE_PREFIXES)
 
 
 def now_iso() -> str:
@@ -48,14 +68,18 @@ def failure_headers(d: Delivery, error_class: str, message: str, tb: str | None)
 class Settlement:
     """After the commit: replies, retries through the delay tiers, dead letters (the ack is the caller's)."""
 
-    def __init__(self, delays: tuple[int, ...], metrics: MetricsSink = NO_METRICS) -> None:
+    def __init__(
+        self, delays: tuple[int, ...], metrics: MetricsSink = NO_METRICS, identities: Identities | None = None
+    ) -> None:
         self.delays = delays
         self.metrics = metrics
+        self.identities = identities
+        self._ignored_replies: set[str] = set()
 
     def settle(self, broker: BlockingBroker, h: Handled) -> None:
         d = h.delivery
         if h.result in (Result.APPLIED, Result.REFUSED, Result.DUPLICATE):
-            if d.reply_to:
+            if d.reply_to and self._may_reply(d):
                 self._reply(broker, h)
             return
         if h.result is Result.INVALID:
@@ -71,7 +95,7 @@ class Settlement:
         if attempts < len(self.delays):
             headers = failure_headers(d, error_class, h.reason or "", tb)
             headers[DELAY_HEADER] = f"{self.delays[attempts]}s"
-            self._publish(broker, Outgoing(DELAY_EXCHANGE, d.queue, d.body, {**d.properties(), "headers": headers}))
+            self._publish(broker, Outgoing(DELAY_EXCHANGE, d.queue, d.body, self._carry(d, headers)))
             self.metrics.retried(d.message_type)
         else:
             self._dead_letter(broker, d, error_class, h.reason or "failed", tb)
@@ -86,8 +110,29 @@ class Settlement:
         )
         headers = failure_headers(d, error_class, message, tb)
         headers.pop(DELAY_HEADER, None)
-        self._publish(broker, Outgoing(DEAD_LETTER_EXCHANGE, d.queue, d.body, {**d.properties(), "headers": headers}))
+        self._publish(broker, Outgoing(DEAD_LETTER_EXCHANGE, d.queue, d.body, self._carry(d, headers)))
         self.metrics.dead_lettered(d.message_type, error_class)
+
+    def _carry(self, d: Delivery, headers: dict[str, Any]) -> dict[str, Any]:
+        """The properties to republish ``d`` with: its own, these headers, its first sender kept."""
+        properties = {**d.properties(), "headers": headers}
+        return self.identities.carry(d, properties) if self.identities is not None else properties
+
+    def _may_reply(self, d: Delivery) -> bool:
+        reply_to = d.reply_to or ""
+        if reply_queue(reply_to):
+            return True
+        self.metrics.reply_ignored()
+        if reply_to not in self._ignored_replies and len(self._ignored_replies) < IGNORED_REPLY_LOG_LIMIT:
+            self._ignored_replies.add(reply_to)
+            log.warning(
+                "reply_to is not a reply queue; no reply sent",
+                reply_to=reply_to[:200],
+                message_id=d.message_id,
+                type=d.message_type,
+                user_id=d.user_id,
+            )
+        return False
 
     def _publish(self, broker: BlockingBroker, message: Outgoing) -> None:
         try:

@@ -137,13 +137,13 @@ class PostgresUnitOfWork:
 
     # -- inbox -------------------------------------------------------------
 
-    def claim(self, message_ids: Iterable[str]) -> set[str]:
-        """Insert inbox rows; return the ids that were not applied before."""
+    def claim(self, message_ids: Iterable[str], consumer: str | None = None) -> set[str]:
+        """Insert inbox rows (of ``consumer``, else this unit of work's); return the ids not claimed before."""
         ids = sorted(set(message_ids))
         if not ids:
             return set()
         # one fixed statement (compiled once), rows in key order
-        return set(self.conn.execute(_CLAIM, {"c": self.consumer, "ids": ids}).scalars())
+        return set(self.conn.execute(_CLAIM, {"c": consumer or self.consumer, "ids": ids}).scalars())
 
     def release(self, message_ids: list[str]) -> None:
         """Drop inbox rows of messages that were deferred, not applied."""
@@ -341,6 +341,8 @@ class PostgresUnitOfWork:
                 record = {f: getattr(p, f) for f in _PAYMENT_FIELDS}
                 self._history.append((order_id, "payment", p.status, mid, mtype, mcorr, to_json(record).decode()))
         for (order_id, mid, mtype, mcorr), entry in self._events_by_cause.items():  # events with no transition
+            if order_id in self._orders and self._orders[order_id] is None:
+                continue  # about an order that does not exist (a refused PlaceOrder): the outbox row tells
             self._history.append((order_id, "event", None, mid, mtype, mcorr, to_json(entry).decode()))
         if self._history:
             copy_rows(conn, "order_history", _HISTORY_COLUMNS, self._history)

@@ -119,6 +119,12 @@ class PaymentFacts:
     currency: str | None  # upper-case ISO code
     status: str  # the provider's status string ("not_found" for an unknown id)
     capture_id: str | None = None  # PayPal capture id
+    #: minor units given back so far: the sum of the payment's refunds that succeeded (Stripe ``succeeded``,
+    #: also ``pending``; PayPal ``COMPLETED``, also ``PENDING``), whoever made them (the service or the
+    #: provider's dashboard)
+    refunded: int = 0
+    #: the ids of those refunds, oldest first
+    refund_ids: tuple[str, ...] = ()
 
     @classmethod
     def not_found(cls, provider_payment_id: str) -> PaymentFacts:
@@ -137,6 +143,9 @@ class WebhookKind(str, enum.Enum):
     CONFIRMED = "confirmed"  # money taken: becomes PaymentConfirmed
     FAILED = "failed"  # payment failed / denied
     APPROVED = "approved"  # PayPal buyer approved: capture next
+    #: money given back at the provider, by the service or in the provider's dashboard: Stripe
+    #: ``charge.refunded``, PayPal ``PAYMENT.CAPTURE.REFUNDED``; looked up at the provider before it changes anything
+    REFUNDED = "refunded"
     IGNORED = "ignored"  # verified but not an event this service acts on
 
 
@@ -148,9 +157,11 @@ class WebhookEvent:
     event_type: str
     order_id: str | None = None
     provider_payment_id: str | None = None
-    amount: int | None = None  # minor units
+    amount: int | None = None  # minor units (REFUNDED: what the event says was given back; the lookup decides)
     currency: str | None = None
     reason: str | None = None
+    #: PayPal capture id: a refund event names the capture it gives money back from (and not the order)
+    capture_id: str | None = None
 
 
 class PaymentGateway(Protocol):

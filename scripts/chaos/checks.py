@@ -271,6 +271,7 @@ def check_event_bodies(f: Facts) -> Check:
     bodies: dict[str, bytes] = {}
     problems = []
     dupes = 0
+    forged = {m.message_id for m in f.malformed if m.expect == "unauthorized"}
     for e in snap.events:
         mid = e["message_id"]
         if e["body"] is None or mid != e["body"].get("event_id"):
@@ -282,7 +283,9 @@ def check_event_bodies(f: Facts) -> Check:
                 problems.append(f"event {mid} ({e['routing_key']}) seen with two different bodies")
         else:
             bodies[mid] = e["raw"]
-        if e["body"].get("order_id") not in snap.orders:
+        if e["body"].get("order_id") not in snap.orders and not (
+            e["routing_key"] == "command.refused" and e["body"].get("message_id") in forged
+        ):  # a forged PlaceOrder is refused before it makes an order: its refusal names the order it would have
             problems.append(f"event {mid} names unknown order {e['body'].get('order_id')}")
     return _check(
         "no event id with two different bodies",
@@ -331,25 +334,46 @@ def check_money_held(f: Facts) -> Check:
 
 
 def check_malformed_dead_lettered(f: Facts) -> Check:
-    """Malformed messages: dead-lettered with a reason, never applied."""
+    """Malformed messages: dead-lettered with a reason, never applied.  Forged ones (valid, but claiming more than
+    their sender may): dead-lettered as ``Unauthorized`` and announced, or refused and announced; none applied."""
     by_index, _ = f.dead_letters
+    refusals = {
+        e["body"].get("message_id"): e["body"].get("reason")
+        for e in f.snap.events
+        if e["routing_key"] == "command.refused" and e["body"]
+    }
     problems = []
     for m in f.malformed:
         found = by_index.get(m.index)
+        if m.expect == "refused":
+            if found:
+                problems.append(f"forged #{m.index} ({m.category}) was dead-lettered, not refused")
+            if refusals.get(m.message_id) != "not_found":
+                problems.append(f"forged #{m.index} ({m.category}) refusal: {refusals.get(m.message_id)!r}")
+            continue
         if not found:
             problems.append(f"malformed #{m.index} ({m.category}) not in the dead-letter queue")
         elif not all(d["headers"].get("x-error-class") and d["headers"].get("x-error-message") for d in found):
             problems.append(
                 f"malformed #{m.index} ({m.category}) dead-lettered without a reason: {found[0]['headers']}"
             )
-    applied = [m for m in f.malformed if m.message_id and m.message_id in f.snap.inbox.get("orders", set())]
+        elif m.expect == "unauthorized":
+            if found[0]["headers"].get("x-error-class") != "Unauthorized":
+                problems.append(f"forged #{m.index} ({m.category}): {found[0]['headers'].get('x-error-class')}")
+            if refusals.get(m.message_id) != "unauthorized":
+                problems.append(f"forged #{m.index} ({m.category}) not announced: {refusals.get(m.message_id)!r}")
+    dead = [m for m in f.malformed if m.expect != "refused"]
+    applied = [m for m in dead if m.message_id and m.message_id in f.snap.inbox.get("orders", set())]
     problems += [f"malformed #{m.index} ({m.category}) was applied (inbox)" for m in applied]
     extra = sum(len(v) - 1 for v in by_index.values())
+    forged = Counter(m.expect for m in f.malformed if m.expect != "invalid")
     return _check(
-        "every malformed message dead-lettered with a reason",
+        "every malformed message dead-lettered with a reason, every forged one refused",
         problems,
-        f"{len(f.malformed)} of {len(f.malformed)} in {DEAD_LETTER_QUEUE} with x-error-class and "
-        f"x-error-message" + (f" ({extra} twice: at-least-once after a kill)" if extra else ""),
+        f"{len(dead)} of {len(dead)} in {DEAD_LETTER_QUEUE} with x-error-class and x-error-message"
+        + (f" ({forged['unauthorized']} as Unauthorized, announced)" if forged["unauthorized"] else "")
+        + (f"; {forged['refused']} self-declared admins refused as not_found" if forged["refused"] else "")
+        + (f" ({extra} twice: at-least-once after a kill)" if extra else ""),
     )
 
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import pika
@@ -61,10 +62,12 @@ class Ledger:
 
 
 class Bus:
-    """The script's confirmed publisher straight to RabbitMQ; reconnects and repeats until confirmed."""
+    """The script's confirmed publisher straight to RabbitMQ, as one broker user (its ``user_id`` set on every
+    message unless a publish says otherwise); reconnects and repeats until confirmed."""
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.user_id = unquote(urlsplit(url.split(",")[0]).username or "") or None
         self.conn: pika.BlockingConnection | None = None
         self.ch: Any = None
         self.reconnects = 0
@@ -82,6 +85,7 @@ class Bus:
                 conn.close()
 
     def publish(self, exchange: str, key: str, body: bytes, deadline: float, **props: Any) -> bool:
+        props.setdefault("user_id", self.user_id)  # the broker checks it is this connection's user
         properties = pika.BasicProperties(delivery_mode=2, **{k: v for k, v in props.items() if v is not None})
         while True:
             try:
@@ -156,7 +160,8 @@ class Driver:
     ) -> None:
         self.cfg, self.stack, self.orders, self.malformed = cfg, stack, orders, malformed
         self.ledger, self.deadline = ledger, deadline
-        self.bus = Bus(stack.amqp_url())
+        self.bus = Bus(stack.sender_url("shop"))  # places orders and its users' cancels
+        self.buses: dict[str, Bus] = {}  # the other senders' (forged commands)
         self.http = Http(stack.shim_url, deadline)
         self.pool = ThreadPoolExecutor(8, thread_name_prefix="shim-client")
         self.done = threading.Event()
@@ -230,6 +235,8 @@ class Driver:
             self.error = exc
         finally:
             self.bus.close()
+            for bus in self.buses.values():
+                bus.close()
             self.done.set()
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
@@ -268,8 +275,18 @@ class Driver:
             self.ledger.accept("orders", mid)
             self.ledger.count(f"CancelOrder on the bus (copy {copy})")
 
+    def sender_bus(self, role: str | None) -> Bus:
+        """The bus of a sender role (the shop's for a message without ``user_id``)."""
+        role = role or "shop"
+        if role == "shop":
+            return self.bus
+        if role not in self.buses:
+            self.buses[role] = Bus(self.stack.sender_url(role))
+        return self.buses[role]
+
     def publish_malformed(self, m: Malformed) -> None:
-        ok = self.bus.publish(
+        bus = self.sender_bus(m.sender)
+        ok = bus.publish(
             COMMANDS_EXCHANGE,
             m.routing_key,
             m.body,
@@ -278,6 +295,7 @@ class Driver:
             type=m.message_type,
             content_type=m.content_type,
             headers={"chaos-malformed": m.index},
+            user_id=bus.user_id if m.sender else None,
         )
         if ok:
             self.ledger.count(f"malformed: {m.category}")
@@ -417,7 +435,7 @@ class Buyer:
             return
         bus = getattr(self._local, "bus", None)
         if bus is None:
-            bus = self._local.bus = Bus(self.stack.amqp_url())
+            bus = self._local.bus = Bus(self.stack.sender_url("shop"))
             with self.lock:
                 self._buses.append(bus)
         mid = f"chaos-{self.cfg.seed}-cancel-{plan.index}"

@@ -103,6 +103,13 @@ class Malformed:
     body: bytes
     content_type: str | None = "application/json"
     at: float = 0.0
+    #: who publishes it: a sender role of the run (shop, fulfilment, payments, backoffice), or None for a
+    #: message with no ``user_id`` (the shop's connection, the property left out)
+    sender: str | None = "shop"
+    #: what the worker does with it: ``invalid`` (dead-lettered: it can never be applied), ``unauthorized``
+    #: (valid, but its sender may not send it: dead-lettered and announced), ``refused`` (valid and allowed,
+    #: but what it claims about its sender does not count: refused and announced, nothing changes)
+    expect: str = "invalid"
 
 
 def load_products() -> list[dict[str, Any]]:
@@ -328,7 +335,8 @@ def plan_malformed(cfg: ChaosConfig, orders: list[PlannedOrder]) -> list[Malform
         ),
     ]
     out = []
-    for i in range(cfg.malformed):
+    forged = plan_forged(rnd, orders, cfg, confirmed)
+    for i in range(cfg.malformed - len(forged)):
         category, make = makers[i % len(makers)] if i < len(makers) else rnd.choice(makers)
         mtype, body, props = make()
         message_id = props.get("message_id", f"chaos-{cfg.seed}-bad-{i}")
@@ -366,4 +374,70 @@ def plan_malformed(cfg: ChaosConfig, orders: list[PlannedOrder]) -> list[Malform
         else:
             raise ChaosError(f"malformed message {i} ({category}) is valid: a bug of the chaos script")
         out.append(m)
+    for m in forged:
+        m.index = len(out)
+        m.message_id = f"chaos-{cfg.seed}-bad-{m.index}"
+        out.append(m)
     return out
+
+
+def plan_forged(
+    rnd: random.Random, orders: list[PlannedOrder], cfg: ChaosConfig, confirmed: Callable[..., bytes]
+) -> list[Malformed]:
+    """Valid commands that claim more than their sender may (issue 20): a twentieth of the hostile messages.
+
+    Sent after the order they name is planned, so none waits out the delay tiers for it.
+    """
+    if not orders:
+        return []
+    found: list[Malformed] = []
+    for n in range(cfg.malformed // 20):
+        o = rnd.choice(orders)
+        at = min(cfg.window, o.at + rnd.uniform(1.0, 20.0))
+        ship = json.dumps({"order_id": o.order_id, "shipment": {"carrier": "DHL", "tracking_number": f"F{n}"}})
+        admin = {"order_id": o.order_id, "requested_by": {"user_id": "mallory", "roles": ["admin"]}}
+        kind = n % 5
+        if kind == 0:  # only the fulfilment service ships
+            m = Malformed(0, "forged: ShipOrder from the shop", "order.ship", "ShipOrder", None, ship.encode())
+            m.expect = "unauthorized"
+        elif kind == 1:  # a confirmation naming Stripe comes only from the service's own webhook endpoint
+            body = confirmed(order_id=o.order_id)
+            m = Malformed(
+                0,
+                "forged: a Stripe confirmation from the payments service",
+                "payment.confirmed",
+                "PaymentConfirmed",
+                None,
+                body,
+                sender="payments",
+                expect="unauthorized",
+            )
+        elif kind == 2:
+            body = confirmed(order_id=o.order_id)
+            m = Malformed(
+                0,
+                "forged: a confirmation from the shop",
+                "payment.confirmed",
+                "PaymentConfirmed",
+                None,
+                body,
+                expect="unauthorized",
+            )
+        elif kind == 3:  # no user_id at all
+            body = json.dumps(_valid_place(rnd)).encode()
+            m = Malformed(
+                0, "forged: no user_id", "order.place", "PlaceOrder", None, body, sender=None, expect="unauthorized"
+            )
+        else:  # roles from the body do not count from the shop: judged as mallory's cancel of someone else's order
+            m = Malformed(
+                0,
+                "forged: a self-declared admin's cancel",
+                "order.cancel",
+                "CancelOrder",
+                None,
+                json.dumps(admin).encode(),
+                expect="refused",
+            )
+        m.at = at
+        found.append(m)
+    return found

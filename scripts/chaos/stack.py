@@ -25,6 +25,7 @@ from scripts.fakes import paypal_certs
 from scripts.harness import ORDERS_CLI, HarnessError, Proc, RedisServer
 from scripts.tcp_proxy import free_port
 from worker.rabbit.connection import connection_parameters
+from worker.rabbit.users import DEFAULT_SENDERS
 from worker.settings import load_settings
 
 from .config import (
@@ -82,6 +83,10 @@ class Stack:
         self.paypal_pki = paypal_certs.TestAuthority("Chaos PayPal Root CA")
         self.paypal_ca_file = self.tmp / "paypal-ca.pem"
         self.paypal_cert_base = ""  # https://127.0.0.1:<port>/_fake/certs, once the fake runs
+        #: the upstream senders' broker users of this run (role -> user, user -> password) and the sender map
+        #: the service runs with: the load publishes as them (docs/security.md, "Senders have identities")
+        self.senders = {role: f"{cfg.vhost}-{role}" for role in DEFAULT_SENDERS}
+        self.sender_passwords: dict[str, str] = {}
 
     # urls and environments
 
@@ -92,6 +97,27 @@ class Stack:
             nodes = self.cluster.env["ORDERS_RABBITMQ__URL"].split(",")
             return ",".join(f"amqp://{urlsplit(node).netloc}/{vhost}" for node in nodes)
         return f"amqp://{self.amqp_auth}@{self.amqp_host}:{port or self.amqp_port}/{vhost}"
+
+    def sender_url(self, role: str) -> str:
+        """The run's vhost as the sender ``role`` (shop, fulfilment, payments, backoffice) sees it."""
+        user = self.senders[role]
+        auth = f"{quote(user, safe='')}:{quote(self.sender_passwords[user], safe='')}"
+        return ",".join(
+            f"amqp://{auth}@{urlsplit(node).netloc.rsplit('@', 1)[-1]}{urlsplit(node).path}"
+            for node in self.amqp_url().split(",")
+        )
+
+    def sender_map(self) -> dict[str, Any]:
+        """The ``senders`` setting of the run: the default roles under the run's user names."""
+        found: dict[str, Any] = {}
+        for role, (commands, admin, providers) in DEFAULT_SENDERS.items():
+            grant: dict[str, Any] = {"commands": list(commands)}
+            if admin:
+                grant["admin"] = True
+            if providers:
+                grant["providers"] = list(providers)
+            found[self.senders[role]] = grant
+        return found
 
     def env(self, direct: bool = False) -> dict[str, str]:
         """The service's environment; ``direct`` bypasses the proxies (the script's own tools)."""
@@ -138,6 +164,7 @@ class Stack:
                 "ORDERS_METRICS__PORT": "0",
                 "ORDERS_LOGGING__FORMAT": "json",
                 "ORDERS_LOGGING__LEVEL": "INFO",
+                "ORDERS_SENDERS": json.dumps(self.sender_map()),
             }
         )
         return env
@@ -185,6 +212,7 @@ class Stack:
             raise ChaosError("rabbitmqctl is needed to create the run's own vhost")
         try:  # a clean slate
             harness.create_vhost(self.cfg.vhost, self.amqp_auth.split(":")[0], fresh=True)
+            self.sender_passwords = harness.sender_users(self.cfg.vhost, self.senders.values())
         except HarnessError as exc:
             raise ChaosError(str(exc)) from None
 
@@ -374,6 +402,8 @@ class Stack:
             self._drop_database()
         with contextlib.suppress(Exception):
             harness.delete_vhost(self.cfg.vhost)
+        with contextlib.suppress(Exception):
+            harness.delete_users(self.senders.values())
 
     def restore_rabbitmqctl(self) -> None:
         """The harness's rabbitmqctl as it was before a cluster run pointed it at the cluster."""

@@ -20,15 +20,20 @@ from typing import Any
 import pika
 import pika.exceptions
 import pytest
+import yaml
 
 from scripts import harness
+from worker.rabbit import users as broker_users
 from worker.rabbit.connection import BlockingBroker, Outgoing
 from worker.rabbit.dead_letters import DeadLetterSession
 
 ORDERS = str(Path(sys.executable).parent / "orders")
 RUN = os.getpid()
 VHOST = f"orders-users-test-{RUN}"
-UPSTREAM, SERVICE = f"orders-upstream-{RUN}", f"orders-service-{RUN}"
+PREFIX, SERVICE = f"orders-{RUN}-", f"orders-service-{RUN}"
+UPSTREAM = f"{PREFIX}shop"
+#: the default senders ``--users --prefix`` makes
+SENDERS = [f"{PREFIX}{name}" for name in ("shop", "fulfilment", "payments", "backoffice")]
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -51,13 +56,13 @@ def users_env(test_env: dict[str, str]) -> Iterator[dict[str, str]]:
     env = {
         **test_env,
         "ORDERS_RABBITMQ__URL": url("guest", "guest"),
-        "ORDERS_UPSTREAM_PASSWORD": secrets.token_urlsafe(18),
         "ORDERS_SERVICE_PASSWORD": secrets.token_urlsafe(18),
+        **{broker_users.password_env(user): secrets.token_urlsafe(18) for user in SENDERS},
     }
     try:
         yield env
     finally:
-        for user in (UPSTREAM, SERVICE):
+        for user in (*SENDERS, SERVICE):
             ctl("delete_user", user)
         ctl("delete_vhost", VHOST)
 
@@ -92,8 +97,8 @@ def place_order() -> tuple[bytes, pika.BasicProperties]:
     )
 
 
-def test_the_upstream_user_may_only_publish_commands_and_the_service_user_only_its_own(users_env):
-    args = ("topology", "--users", "--upstream-user", UPSTREAM, "--service-user", SERVICE)
+def test_a_sender_user_may_only_publish_commands_and_the_service_user_only_its_own(users_env):
+    args = ("topology", "--users", "--prefix", PREFIX, "--service-user", SERVICE)
     printed = orders(users_env, *args, "--print")  # the recipe for a remote cluster: nothing is run
     assert printed.returncode == 0 and f"'set_permissions' '-p' '{VHOST}' '{SERVICE}'" in printed.stdout
     assert SERVICE not in ctl("list_users", "-q").stdout
@@ -105,11 +110,17 @@ def test_the_upstream_user_may_only_publish_commands_and_the_service_user_only_i
     users_env["ORDERS_SERVICE_PASSWORD"] = secrets.token_urlsafe(18)
     done = orders(users_env, *args)
     assert done.returncode == 0, done.stderr
-    for password in (users_env["ORDERS_UPSTREAM_PASSWORD"], users_env["ORDERS_SERVICE_PASSWORD"]):
-        assert password not in done.stdout + done.stderr
+    for name, password in users_env.items():
+        if name.startswith(("ORDERS_PASSWORD_", "ORDERS_SERVICE_PASSWORD")):
+            assert password not in done.stdout + done.stderr
+    # the sender map it prints is the setting that gives each of those users its commands
+    printed_map = yaml.safe_load(done.stdout[done.stdout.index("senders:") :])["senders"]
+    assert printed_map[UPSTREAM] == {"commands": ["PlaceOrder", "CancelOrder"]}
+    assert printed_map[f"{PREFIX}backoffice"] == {"commands": ["CancelOrder"], "admin": True}
+    assert set(printed_map) == set(SENDERS)
     with pytest.raises(pika.exceptions.ProbableAuthenticationError):
         connect(SERVICE, old)
-    up_pw, svc_pw = users_env["ORDERS_UPSTREAM_PASSWORD"], users_env["ORDERS_SERVICE_PASSWORD"]
+    up_pw, svc_pw = users_env[broker_users.password_env(UPSTREAM)], users_env["ORDERS_SERVICE_PASSWORD"]
     service_url = url(SERVICE, svc_pw)
 
     # the service user declares the whole topology (delay tiers included)

@@ -341,3 +341,31 @@ def test_paypal_a_clean_state_reports_nothing_then_mismatches_are_reported(world
         ghost: ["no_money"],
     }
     assert world.requests("paypal", "/v1/reporting/transactions") - before >= 2 + 3  # 6 transactions, 2 a page
+
+
+@pytest.mark.parametrize("provider", ["stripe", "paypal"])
+def test_an_order_completed_on_money_its_provider_never_took_is_reported_whatever_its_payment_row_says(world, provider):
+    """Issue 20: a forged ``internal`` confirmation completed a never-paid order and left a payment row saying
+    ``internal``; reconcile said "no mismatches" and the audit was clean.  Both now look at the order's provider."""
+    from worker.audit import run_audit
+
+    payment = (
+        {"provider": "stripe", "payment_method": "pm_card_threeDSecure2Required"}
+        if provider == "stripe"
+        else {"provider": "paypal", "return_url": "https://shop.example/ok", "cancel_url": "https://shop.example/no"}
+    )
+    order_id = world.place(payment)
+    handed = world.wait_status(order_id, "awaiting_payment").provider_payment_id  # what the buyer was handed
+    # the state the attack left (before issue 20 the worker itself wrote exactly this)
+    world.sql(
+        "UPDATE payments SET provider = 'internal', status = 'succeeded', confirmed_event_id = 'evt-forged'"
+        " WHERE order_id = CAST(:o AS uuid)",
+        o=order_id,
+    )
+    world.sql("UPDATE orders SET status = 'completed' WHERE order_id = CAST(:o AS uuid)", o=order_id)
+    code, report = world.report(provider)
+    assert code == 1 and kinds_by_order(report) == {order_id: ["no_money"]}, report
+    found = {f.check: f for f in run_audit(world.engine)}
+    assert "paid-by-the-orders-provider" in found
+    assert [r["order_id"] for r in found["paid-by-the-orders-provider"].sample] == [order_id]
+    assert handed and found["paid-by-the-orders-provider"].sample[0]["paid_by"] == "internal"

@@ -179,20 +179,27 @@ def test_a_confirmation_that_does_not_match_the_order_never_completes_it_but_ask
     assert len(settle) == 1 and settle[0]["payment_id"] == "pi_1"
 
 
-def test_a_mismatched_internal_confirmation_cannot_be_asked_about_and_is_refused():
+@pytest.mark.parametrize("amount", [100, 99], ids=["the order's amount", "another amount"])
+def test_an_internal_confirmation_never_completes_a_stripe_order_on_its_word(amount):
+    """No order is placed to be paid internally: an ``internal`` confirmation, even one naming the order's
+    amount (the attack of issue 20), is a mismatch, and the order's own provider is asked about it."""
     uow = FakeUnitOfWork(PRODUCTS)
     order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
     confirm = {
         "order_id": order_id,
         "provider": "internal",
-        "payment_id": "pay_1",
-        "amount": 99,
+        "payment_id": "pi_given_to_the_buyer",
+        "amount": amount,
         "currency": "USD",
         "event_id": "evt_1",
     }
-    with pytest.raises(Mismatch):
-        payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow)
+    outcome = payment_confirmed(v(PaymentConfirmed, confirm), ctx("PaymentConfirmed"), uow)
+    assert outcome.result == "settling"
     assert uow.orders[order_id].status is Status.PENDING
+    assert uow.payments.get(order_id) is None or uow.payments[order_id].status != "succeeded"
+    settle = [body for _, rk, body in uow.events if rk == "payment.settle"]
+    assert [(s["provider"], s["payment_id"]) for s in settle] == [("stripe", "pi_given_to_the_buyer")]
+    assert not [rk for _, rk, _ in uow.events if rk in ("order.completed", "stock.commit")]
 
 
 def test_a_confirmation_for_a_cancelled_order_requests_one_refund():

@@ -79,7 +79,6 @@ def test_each_kind_of_mismatch(provider_side, service_side, expected):
 def test_what_holds_no_money_is_no_mismatch():
     given_back = taken("pi_2", refunded=300, refund_ids=("re_2",))  # a second payment refunded in full
     never_taken = taken("pi_3", order_id="o-gone", taken=False, status="canceled")
-    internal = paid("o-2", "pay_internal", payment_provider="internal")  # paid through another provider
     cancelled = paid("o-3", "pi_4", order_status="cancelled", payment_status="cancelled")
     refunded = paid("o-4", "pi_5", order_status="refunded", payment_status="refunded", refund_id="re_5")
     assert (
@@ -91,7 +90,7 @@ def test_what_holds_no_money_is_no_mismatch():
                 taken("pi_4", "o-3", taken=False, status="canceled"),
                 taken("pi_5", "o-4", refunded=300, refund_ids=("re_5",)),
             ],
-            [paid(), internal, cancelled, refunded],
+            [paid(), cancelled, refunded],
         )
         == []
     )
@@ -124,3 +123,14 @@ def test_since_and_grace_parse_durations_and_times():
     for bad in ("yesterday", "24", "-1h"):
         with pytest.raises(ValueError):
             parse_since(bad, now)
+
+
+def test_an_order_completed_on_money_its_provider_never_took_is_no_money_whatever_its_row_says():
+    """Issue 20: a forged ``internal`` confirmation once completed a Stripe order and left a payment row
+    saying ``internal``, which took it out of Stripe's comparison ("no mismatches").  The order's own
+    provider is what is compared."""
+    internal = paid("o-2", "pay_internal", payment_provider="internal")
+    assert kinds([taken()], [paid(), internal]) == [("no_money", "pay_internal")]
+    # the PaymentIntent it names exists at Stripe but was never paid (3-D Secure never finished)
+    forged = paid("o-5", "pi_3ds", payment_provider="internal")
+    assert kinds([taken("pi_3ds", "o-5", taken=False, status="requires_action")], [forged]) == [("no_money", "pi_3ds")]

@@ -51,19 +51,21 @@ def topology(
         typer.Option(
             "--users",
             help=(
-                "Instead: create or update the upstream and the service user in the configured vhost, with least "
-                "privilege (rabbitmqctl). Passwords from ORDERS_UPSTREAM_PASSWORD and ORDERS_SERVICE_PASSWORD."
+                "Instead: create or update, in the configured vhost, the service user and one user per sender of "
+                "the `senders` setting (with none configured: shop, fulfilment, payments and backoffice), each "
+                "with least privilege (rabbitmqctl), and print the sender map. Passwords from "
+                "ORDERS_SERVICE_PASSWORD and ORDERS_PASSWORD_<USER>."
             ),
         ),
     ] = False,
-    upstream_user: Annotated[
-        Optional[str],
-        typer.Option("--upstream-user", help="With --users: the user upstream services publish commands as."),
-    ] = None,
     service_user: Annotated[
         Optional[str],
         typer.Option("--service-user", help="With --users: the user the service's own processes connect as."),
     ] = None,
+    prefix: Annotated[
+        str,
+        typer.Option("--prefix", help="With --users and no sender map configured: put this before each default name."),
+    ] = "",
     print_only: Annotated[
         bool,
         typer.Option(
@@ -78,10 +80,10 @@ def topology(
 
     settings = settings_or_exit(config)
     if users:
-        _topology_users(settings, upstream_user, service_user, print_only)
+        _topology_users(settings, service_user, prefix, print_only)
         return
-    if upstream_user or service_user or print_only:
-        typer.echo("error: --upstream-user, --service-user and --print go with --users", err=True)
+    if service_user or prefix or print_only:
+        typer.echo("error: --service-user, --prefix and --print go with --users", err=True)
         raise typer.Exit(2)
     try:
         broker = BlockingBroker(settings.rabbitmq.url.get_secret_value()).connect()
@@ -93,28 +95,36 @@ def topology(
     typer.echo("topology declared")
 
 
-def _topology_users(settings: Settings, upstream: str | None, service: str | None, print_only: bool) -> None:
+def _topology_users(settings: Settings, service: str | None, prefix: str, print_only: bool) -> None:
     import os
 
     from worker.rabbit import users as broker_users
 
-    if not upstream or not service:
-        typer.echo("error: --users needs --upstream-user NAME and --service-user NAME", err=True)
+    if not service:
+        typer.echo("error: --users needs --service-user NAME", err=True)
         raise typer.Exit(2)
-    if upstream == service:
-        typer.echo("error: the upstream and the service user must differ (that is the boundary)", err=True)
+    senders: dict[str, tuple[tuple[str, ...], bool, tuple[str, ...]]] = {
+        user: (g.commands, g.admin, g.providers) for user, g in settings.senders.items()
+    }
+    if senders and prefix:
+        typer.echo("error: --prefix names the default senders; the configured sender map names its own", err=True)
         raise typer.Exit(2)
-    steps = broker_users.recipe(broker_users.vhost_of(settings.rabbitmq.url.get_secret_value()), upstream, service)
-    if print_only:
-        typer.echo(broker_users.render(steps), nl=False)
-        return
+    senders = senders or {prefix + name: grant for name, grant in broker_users.DEFAULT_SENDERS.items()}
     try:
+        steps = broker_users.recipe(
+            broker_users.vhost_of(settings.rabbitmq.url.get_secret_value()), service, list(senders)
+        )
+        if print_only:
+            typer.echo(broker_users.render(steps), nl=False)
+            return
         for line in broker_users.apply(steps, os.environ):
             typer.echo(f"rabbitmqctl {line}")
     except broker_users.UserSetupError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"users {upstream} (upstream) and {service} (service) set up")
+    typer.echo(f"users set up: {service} (service), {', '.join(senders)} (senders)")
+    typer.echo("the sender map (the `senders` setting; ORDERS_SENDERS takes it as JSON):")
+    typer.echo(broker_users.sender_map_yaml(senders), nl=False)
 
 
 @products_app.command("import")

@@ -103,7 +103,8 @@ def webhook_replay(
                     command.exchange,
                     command.routing_key,
                     json.dumps(command.body).encode(),
-                    {"message_id": command.message_id, "type": command.message_type},
+                    # as the service's own user (the webhook verified here, as the shim would)
+                    {"message_id": command.message_id, "type": command.message_type, "user_id": settings.rabbitmq.user},
                 )
             )
             broker.close()

@@ -29,6 +29,7 @@ from worker.dlq import audit as dlq_audit
 from worker.dlq import index as dlq_index
 from worker.dlq.letters import DeadLetter, replay_headers
 from worker.errors import BrokerError, PublishNotConfirmed
+from worker.identity import Identities
 from worker.rabbit.connection import Outgoing
 from worker.rabbit.dead_letters import DeadLetterQueueBusy, DeadLetterSession
 from worker.rabbit.topology import queue_depths
@@ -166,7 +167,7 @@ def misplaced(dl: DeadLetter, to_queue: str | None) -> str | None:
     return f"{reason}; " + (f"replay it with --to {home}" if home else "purge it")
 
 
-def _outgoing(dl: DeadLetter, opts: ReplayOptions, now: datetime) -> Outgoing:
+def _outgoing(dl: DeadLetter, opts: ReplayOptions, now: datetime, identities: Identities) -> Outgoing:
     if opts.to_queue:
         exchange, key = "", opts.to_queue  # the default exchange routes by queue name
     elif dl.destination is not None:
@@ -177,7 +178,10 @@ def _outgoing(dl: DeadLetter, opts: ReplayOptions, now: datetime) -> Outgoing:
     if opts.edited_body is not None:
         headers["x-replay-edited"] = True
     body = dl.delivery.body if opts.edited_body is None else opts.edited_body
-    return Outgoing(exchange, key, body, {**dl.delivery.properties(), "headers": headers})
+    # republished as the service's own user: the first sender is carried, so a replay is judged as theirs
+    return Outgoing(
+        exchange, key, body, identities.carry(dl.delivery, {**dl.delivery.properties(), "headers": headers})
+    )
 
 
 def replay(
@@ -191,6 +195,7 @@ def replay(
     """Republish the selected dead letters with confirms; ack each only once confirmed."""
     report = Report()
     now = datetime.now(UTC)
+    identities = Identities.of(settings)
     with session(settings) as (s, letters):
         chosen = [dl for dl in letters if selection.matches(dl, now)]
         report.selected = [dl.id for dl in chosen]
@@ -219,7 +224,7 @@ def replay(
                     on_each(dl)
                     continue
                 try:
-                    s.republish(_outgoing(dl, opts, datetime.now(UTC)))
+                    s.republish(_outgoing(dl, opts, datetime.now(UTC), identities))
                 except PublishNotConfirmed as exc:
                     report.failed.append((dl.id, str(exc)))  # stays in the dead-letter queue
                 else:

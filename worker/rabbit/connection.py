@@ -42,9 +42,12 @@ class Delivery:
     redelivered: bool
     timestamp: int | None = None
     app_id: str | None = None
+    #: the publisher's broker user, as RabbitMQ checked it (``user_id`` property); None when it named none
+    user_id: str | None = None
 
     def properties(self) -> dict[str, Any]:
-        """The AMQP properties to republish this message with."""
+        """The AMQP properties to republish this message with (without ``user_id``: a republish is the
+        republisher's own, see :mod:`worker.identity`)."""
         return {
             "message_id": self.message_id,
             "type": self.message_type,
@@ -278,4 +281,5 @@ def to_delivery(method: Basic.Deliver, props: BasicProperties, body: bytes, queu
         redelivered=bool(method.redelivered),
         timestamp=props.timestamp,
         app_id=props.app_id,
+        user_id=props.user_id,
     )

@@ -1,14 +1,22 @@
-"""The two RabbitMQ users of the service, with least privilege (``orders topology --users``).
+"""The RabbitMQ users of the service, with least privilege (``orders topology --users``).
 
-DESIGN.md: commands on ``orders.commands`` are trusted from upstream
-services, and the broker enforces that boundary.  So there are two users in
-the service's vhost:
+DESIGN.md: each publisher has a broker user of its own, the broker checks a
+command's ``user_id`` property against it, and the service maps users to
+what they may send (the ``senders`` setting, :mod:`handlers.senders`).  So,
+in the service's vhost:
 
-- the *upstream* user may publish to ``orders.commands`` and do nothing else:
-  no declaring, no consuming, no publishing to ``orders.internal`` (where a
-  forged ``RefundPayment`` would give money back) or to any other exchange;
+- one *sender* user per entry of the sender map (a shop, a fulfilment
+  service, an internal payment service, a back office): it may publish to
+  ``orders.commands`` and do nothing else: no declaring, no consuming, no
+  publishing to ``orders.internal`` (where a forged ``RefundPayment`` would
+  give money back) or to any other exchange;
 - the *service* user (workers, relay, shim, CLI) may touch exactly the
   exchanges and queues of :mod:`schema.topology`, and no other.
+
+What a sender may *send* on ``orders.commands`` is the sender map's business,
+not the broker's: the broker only vouches for who sent it.  With no map
+configured, ``--users`` makes the :data:`DEFAULT_SENDERS` and prints the map
+to paste into the settings.
 
 RabbitMQ checks three regular expressions per user and vhost, over the names
 of exchanges and queues: *configure* (declare, delete), *write* (publish to an
@@ -17,7 +25,7 @@ exchange).  A queue declared with a dead-letter exchange also needs *write* on
 that exchange and *read* on the queue.  The default exchange is named
 ``amq.default`` in these checks.
 
-Passwords come from the environment (:data:`PASSWORD_ENV`), never from the
+Passwords come from the environment (:func:`password_env`), never from the
 command line, and reach ``rabbitmqctl`` on its standard input, so they never
 show in a process list either.
 """
@@ -27,7 +35,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -45,8 +53,23 @@ from worker.errors import BrokerError
 from worker.rabbit.connection import REPLY_TO
 from worker.rabbit.dead_letters import DLQ_LOCK_QUEUE
 
-#: environment variable holding each user's password
-PASSWORD_ENV = {"upstream": "ORDERS_UPSTREAM_PASSWORD", "service": "ORDERS_SERVICE_PASSWORD"}
+#: environment variable holding the service user's password
+SERVICE_PASSWORD_ENV = "ORDERS_SERVICE_PASSWORD"
+#: the senders ``--users`` makes when the settings have no sender map: name -> (commands, admin, providers)
+DEFAULT_SENDERS: dict[str, tuple[tuple[str, ...], bool, tuple[str, ...]]] = {
+    "shop": (("PlaceOrder", "CancelOrder"), False, ()),
+    "fulfilment": (("ShipOrder",), False, ()),
+    "payments": (("PaymentConfirmed",), False, ("internal",)),
+    "backoffice": (("CancelOrder",), True, ()),
+}
+
+
+def password_env(user: str) -> str:
+    """The environment variable holding a sender user's password: ``ORDERS_PASSWORD_<USER>``
+    (upper case, every character other than a letter or digit as ``_``)."""
+    return "ORDERS_PASSWORD_" + re.sub(r"[^A-Z0-9]", "_", user.upper())
+
+
 #: the delay tiers (``orders.delay.<N>s``, see :func:`schema.topology.delay_queue`): every N, so that
 #: changing ``worker.retry_delays_seconds`` needs no new grant
 DELAY_QUEUES = r"orders\.delay\.[0-9]+s"
@@ -75,7 +98,7 @@ def _only(names: Iterable[str], patterns: Iterable[str] = ()) -> str:
     return "^(" + "|".join(alternatives) + ")$" if alternatives else "^$"
 
 
-def upstream_permissions() -> Permissions:
+def sender_permissions() -> Permissions:
     """Publish commands to ``orders.commands``; nothing else."""
     return Permissions(configure="^$", write=_only([COMMANDS_EXCHANGE]), read="^$")
 
@@ -116,15 +139,17 @@ class Step:
     password_env: str | None = None
 
 
-def recipe(vhost: str, upstream: str, service: str) -> list[Step]:
-    """The rabbitmqctl calls that create or update both users and set their permissions in ``vhost``."""
+def recipe(vhost: str, service: str, senders: Sequence[str]) -> list[Step]:
+    """The rabbitmqctl calls that create or update the service user and every sender user, and set their
+    permissions in ``vhost``."""
+    if service in senders:
+        raise UserSetupError(f"{service!r} cannot be both the service user and a sender (that is the boundary)")
     steps: list[Step] = []
-    for role, user, perms in (
-        ("upstream", upstream, upstream_permissions()),
-        ("service", service, service_permissions()),
-    ):
+    users = [(service, SERVICE_PASSWORD_ENV, service_permissions())]
+    users += [(user, password_env(user), sender_permissions()) for user in senders]
+    for user, env, perms in users:
         steps += [
-            Step(("user", user), PASSWORD_ENV[role]),
+            Step(("user", user), env),
             Step(("set_user_tags", user)),  # no tags: no management UI or HTTP API
             Step(("set_permissions", "-p", vhost, user, perms.configure, perms.write, perms.read)),
         ]
@@ -137,13 +162,14 @@ def _quote(arg: str) -> str:
 
 def render(steps: list[Step]) -> str:
     """The recipe as a POSIX shell script (``--print``), reading the passwords from the environment."""
+    envs = sorted({s.password_env for s in steps if s.password_env})
     lines = [
         "#!/bin/sh",
         "# orders topology --users: run where rabbitmqctl reaches the cluster, with",
-        f"# {' and '.join(sorted(PASSWORD_ENV.values()))} set in the environment.",
+        f"# {', '.join(envs)} set in the environment.",
         "set -eu",
     ]
-    lines += [f': "${{{env}:?set {env}}}"' for env in sorted({s.password_env for s in steps if s.password_env})]
+    lines += [f': "${{{env}:?set {env}}}"' for env in envs]
     for step in steps:
         if step.password_env is None:
             lines.append("rabbitmqctl " + " ".join(_quote(a) for a in step.args))
@@ -190,3 +216,17 @@ def apply(steps: list[Step], environ: Mapping[str, str], rabbitmqctl: str = "rab
         _ctl(rabbitmqctl, args, stdin)
         done.append(" ".join(args))
     return done
+
+
+def sender_map_yaml(senders: Mapping[str, tuple[Iterable[str], bool, Iterable[str]]]) -> str:
+    """The ``senders`` setting for these users, as YAML to paste into the configuration."""
+    lines = ["senders:"]
+    for user, (commands, admin, providers) in senders.items():
+        parts = [f"commands: [{', '.join(commands)}]"]
+        if admin:
+            parts.append("admin: true")
+        providers = list(providers)
+        if providers:
+            parts.append(f"providers: [{', '.join(providers)}]")
+        lines.append(f"  {json.dumps(user)}: {{{', '.join(parts)}}}")
+    return "\n".join(lines) + "\n"

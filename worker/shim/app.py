@@ -187,7 +187,7 @@ def build_shim(settings: Settings) -> Shim:
         redis=client,
         gate=gate,
         cache=AsyncOrderCache(engine, client, settings.redis.cache_ttl_seconds, metrics=metrics, gate=gate),
-        publisher=CommandPublisher(channel, cfg.publish_timeout_seconds, metrics),
+        publisher=CommandPublisher(channel, cfg.publish_timeout_seconds, metrics, settings.rabbitmq.user),
         gateways=build_gateways(settings),
         auth=Authenticator(cfg),
         limiter=RateLimiter(client, limits, metrics, gate, cfg.rate_limit_share_of),

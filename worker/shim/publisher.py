@@ -72,10 +72,15 @@ def unavailable(message: str = "the message broker is unavailable; retry later")
 class CommandPublisher:
     """Confirmed publishes (and direct reply-to requests) on the process's :class:`AsyncChannel`."""
 
-    def __init__(self, channel: AsyncChannel, timeout: float, metrics: ShimMetrics | None = None) -> None:
+    def __init__(
+        self, channel: AsyncChannel, timeout: float, metrics: ShimMetrics | None = None, user_id: str | None = None
+    ) -> None:
         self._channel = channel
         self._timeout = timeout
         self._metrics = metrics
+        #: the shim's broker user, set as every command's ``user_id``: RabbitMQ vouches for it, and the
+        #: worker gives the shim's commands its rights (it authenticated the people behind them)
+        self._user_id = user_id
 
     async def send(self, command: Command) -> None:
         """Publish and wait for the confirm; 503 ApiError otherwise."""
@@ -103,7 +108,10 @@ class CommandPublisher:
         with tracing.publish_span(
             command.exchange, command.routing_key, command.message_type, command.message_id
         ) as tp:
-            return await self._attempts(command, tracing.with_traceparent(command.outgoing(), tp), work)
+            outgoing = command.outgoing()
+            if self._user_id is not None:
+                outgoing.properties["user_id"] = self._user_id
+            return await self._attempts(command, tracing.with_traceparent(outgoing, tp), work)
 
     async def _attempts(self, command: Command, outgoing: Outgoing, work: Any) -> Any:
         for attempt in (1, 2):
