@@ -88,7 +88,8 @@ class Selection:
         return True
 
     def describe(self) -> str:
-        parts = [f"id {', '.join(self.ids)}"] if self.ids else []
+        shown = ", ".join(self.ids[:5]) + (f" … ({len(self.ids)} in all)" if len(self.ids) > 5 else "")
+        parts = [f"id {shown}"] if self.ids else []
         parts += [
             f"{name} {', '.join(vals)}"
             for name, vals in (("type", self.types), ("error", self.error_classes), ("queue", self.queues))
