@@ -151,6 +151,28 @@ def publish_dead_letters(url: str, count: int, orders: list[tuple[str, str]]) ->
     conn.close()
 
 
+def cpu_ms(pids: list[int]) -> float:
+    """CPU time (user + system) the processes used so far, in ms (Linux: /proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def backends(engine: Any) -> list[int]:
+    """The PostgreSQL server processes of the benchmark's database (the shim's pooled connections)."""
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            ).scalars()
+        )
+
+
 def timed(client: httpx.Client, path: str, repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
@@ -173,6 +195,7 @@ def main() -> None:
     from worker import db
     from worker.settings import load_settings
 
+    start_load = os.getloadavg()
     os.environ["ORDERS_ENVIRONMENT"] = "development"
     os.environ["ORDERS_DATABASE__DBNAME"] = DBNAME
     base = load_settings()
@@ -250,15 +273,23 @@ def main() -> None:
             "find orders of a user": f"/console/orders?q={user}",
             "an order's story": f"/console/orders/{order_id}",
         }
-        client.get("/console")  # warm up: the first request imports and connects
-        print(f"\npages, {args.repeat} requests each, one at a time (ms):")
-        print(f"{'page':40} {'median':>8} {'p95':>8} {'max':>8}")
+        for path in pages.values():  # warm up: the first requests import, connect and fill the pool
+            client.get(path)
+        print(f"\npages, {args.repeat} requests each, one at a time (wall ms; CPU ms per request of the shim and")
+        print("of PostgreSQL's backends, which a busy machine does not inflate the way it does wall time):")
+        print(f"{'page':40} {'median':>8} {'p95':>8} {'max':>8} {'shim CPU':>9} {'PG CPU':>8}")
         worst = 0.0
         for name, path in pages.items():
+            shim_before, pids = cpu_ms([shim.pid]), backends(engine)
+            pg_before = cpu_ms(pids)
             times = sorted(timed(client, path, args.repeat))
+            shim_cpu = (cpu_ms([shim.pid]) - shim_before) / args.repeat
+            pg_cpu = (cpu_ms(pids) - pg_before) / args.repeat
             p95 = times[max(0, int(len(times) * 0.95) - 1)]
             worst = max(worst, p95)
-            print(f"{name:40} {statistics.median(times):8.1f} {p95:8.1f} {times[-1]:8.1f}")
+            print(
+                f"{name:40} {statistics.median(times):8.1f} {p95:8.1f} {times[-1]:8.1f} {shim_cpu:9.1f} {pg_cpu:8.1f}"
+            )
         t = time.perf_counter()
         r = client.post(
             "/console/dead-letters/preview", data={"csrf_token": csrf, "action": "replay", "group": largest}
@@ -271,6 +302,7 @@ def main() -> None:
         )
         print(f"\nslowest page p95: {worst:.1f} ms ({'under' if worst < 300 else 'OVER'} 300 ms)")
         print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}, {os.cpu_count()} CPUs")
+        print(f"load average at the start: {start_load}")
     finally:
         if shim is not None:
             shim.stop()

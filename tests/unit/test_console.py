@@ -157,3 +157,20 @@ def test_a_selection_of_thousands_of_ids_matches_by_set():
 
     now = datetime.now(UTC)
     assert selection.matches(letter("m-4999"), now) and not selection.matches(letter("m-5000"), now)
+
+
+def test_package_data_ships_every_static_file_and_template():
+    """A non-editable install (the Docker image) must serve /static, /docs, /redoc and the console's pages."""
+    import configparser
+    from fnmatch import fnmatch
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    data = {pkg: [p.strip() for p in globs.split(",")] for pkg, globs in cfg["options.package_data"].items()}
+    for pkg, folder in (("worker.shim", "static"), ("worker.shim.console", "templates")):
+        base = ROOT / pkg.replace(".", "/")
+        files = [p.relative_to(base).as_posix() for p in (base / folder).rglob("*") if p.is_file()]
+        assert files
+        # setuptools' globs do not cross "/": each file must match one at its own depth
+        missing = [f for f in files if not any(fnmatch(f, g) and f.count("/") == g.count("/") for g in data[pkg])]
+        assert missing == [], f"not in setup.cfg's package_data for {pkg}: {missing}"

@@ -576,7 +576,7 @@ _BY_PAYMENT = text(
 
 
 def search(engine: Engine, q: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(an order id to open, or None; orders found): by order id, by payment id, by user id."""
+    """(an order id to open, or None; orders found): by order id, by user id, else by payment id."""
     q = q.strip()
     if _is_uuid(q):
         oid = str(uuid.UUID(q))
@@ -585,11 +585,12 @@ def search(engine: Engine, q: str) -> tuple[str | None, list[dict[str, Any]]]:
                 return oid, []
         return None, []
     with engine.connect() as conn:
+        # a user first (an index); only then the payments (no index of theirs on the worker's write path)
+        found = [dict(r) for r in conn.execute(_BY_USER, {"q": q, "limit": SEARCH_LIMIT}).mappings()]
+        if found:
+            return None, found
         found = [dict(r) for r in conn.execute(_BY_PAYMENT, {"q": q, "limit": SEARCH_LIMIT}).mappings()]
-        if len(found) == 1:
-            return found[0]["order_id"], found
-        found += [dict(r) for r in conn.execute(_BY_USER, {"q": q, "limit": SEARCH_LIMIT}).mappings()]
-    return None, found
+    return (found[0]["order_id"] if len(found) == 1 else None), found
 
 
 @router.get("/orders")
