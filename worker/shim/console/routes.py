@@ -28,12 +28,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from jinja2 import ChainableUndefined, Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 from sqlalchemy import Engine, func, insert, select, text, update
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schema.tables import console_previews
 from worker import status as service_status
@@ -116,6 +118,12 @@ class ConsoleRoute(APIRoute):
                 response = await handler(request)
             except Refusal as exc:
                 response = page("refusal.html", exc.status, title=exc.title, message=exc.message, me=None)
+            except (RequestValidationError, StarletteHTTPException):
+                raise  # the app's answers to a malformed request
+            except Exception as exc:  # noqa: BLE001 - an HTML page with the console's headers, never a traceback
+                log.error("console error", path=request.url.path, exc_info=exc)
+                message = "Something failed on the server (the log says what); nothing more was done."
+                response = page("refusal.html", 500, title="Error", message=message, me=None)
             response.headers.update(SECURITY_HEADERS)
             return response
 
@@ -374,7 +382,7 @@ async def group(key: str, s: ShimDep, me: Me, idx: IndexerDep, page_no: int = 1)
     return page("group.html", **_common(s, me, "dead-letters"), key=key, page_no=page_no, pages=pages, **data)
 
 
-@router.get("/dead-letters/messages/{letter_id}")
+@router.get("/dead-letters/messages/{letter_id:path}")
 async def letter(letter_id: str, s: ShimDep, me: Me) -> HTMLResponse:
     def read() -> dict[str, Any] | None:
         found = dlq_index.letter(s.engine, letter_id)
