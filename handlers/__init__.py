@@ -7,9 +7,11 @@ the worker knows nothing else about the commands.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol
 
 from handlers.cancel_order import cancel_order
+from handlers.orders import DEFAULT_RULES, Rules
 from handlers.outcome import MessageContext, Outcome
 from handlers.payment_confirmed import payment_confirmed
 from handlers.place_order import place_order
@@ -24,12 +26,18 @@ class Handler(Protocol):
     def __call__(self, command: Any, msg: MessageContext, uow: UnitOfWork, /) -> Outcome: ...
 
 
-COMMAND_HANDLERS: dict[type[messages.Command], Handler] = {
-    messages.PlaceOrder: place_order,
-    messages.CancelOrder: cancel_order,
-    messages.PaymentConfirmed: payment_confirmed,
-    messages.ShipOrder: ship_order,
-}
+def command_handlers(rules: Rules = DEFAULT_RULES) -> dict[type[messages.Command], Handler]:
+    """The handlers by command class, with the shop's lifecycle rules where a handler needs them."""
+    return {
+        messages.PlaceOrder: place_order,
+        messages.CancelOrder: functools.partial(cancel_order, rules=rules),
+        messages.PaymentConfirmed: payment_confirmed,
+        messages.ShipOrder: ship_order,
+    }
+
+
+#: with the default rules
+COMMAND_HANDLERS = command_handlers()
 
 #: order in which a batch applies its commands: placing first, so a cancel or
 #: confirmation that raced its PlaceOrder into the same batch finds the order

@@ -4,6 +4,7 @@
      ├── Refused        permanent: the command is answered and acked, no retry
      │    ├── NotFound          (someone else's order answers the same)
      │    ├── IllegalTransition
+     │    │    └── NotCancellable   a cancel the order's state (or the sender) does not allow
      │    ├── Taken             a PlaceOrder names an order id already used
      │    └── Mismatch          payment amount / currency / id disagree
      ├── RetryLater     the order it names does not exist yet: delay queue
@@ -33,6 +34,12 @@ class NotFound(Refused):
 
 class IllegalTransition(Refused):
     code = "illegal_transition"
+
+
+class NotCancellable(IllegalTransition):
+    """A cancel of an order that can no longer be cancelled (shipped, ended, or paid and the sender no admin)."""
+
+    code = "not_cancellable"
 
 
 class Taken(Refused):

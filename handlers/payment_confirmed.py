@@ -18,7 +18,7 @@ for this order the confirmation is refused (``payment_not_confirmed``).
 Who may send a confirmation at all, and naming which provider, is the
 sender map's business (``handlers.senders``).
 
-Money taken for an order that was cancelled or rejected meanwhile is
+Money taken for an order that was cancelled, rejected or expired meanwhile is
 refunded (internal ``RefundPayment``; the payment step emits
 ``order.refunded``).  A repeated or late confirmation changes nothing.
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from handlers import events
 from handlers.errors import Mismatch, RetryLater
-from handlers.orders import CANCELLABLE, Order, Status
+from handlers.orders import ENDED_UNPAID, UNPAID, Order, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.unit_of_work import PaymentRecord, PaymentStatus, UnitOfWork
 from schema.messages import PaymentConfirmed, RefundPayment, SettlePayment
@@ -111,12 +111,12 @@ def confirm(
     payment.confirmed_event_id = event_id
     payment.status = PaymentStatus.SUCCEEDED
     uow.save_payment(payment)
-    if order.status in CANCELLABLE:
+    if order.status in UNPAID:
         order.transition(Status.COMPLETED, message_id)
         events.stock(uow, order, "stock.commit", message_id)
         events.order_event(uow, order, "order.completed", message_id)
         return Outcome.of("applied", order)
-    if order.status in (Status.CANCELLED, Status.REJECTED):
+    if order.status in ENDED_UNPAID:
         events.internal(uow, order, RefundPayment, message_id)
         return Outcome.of("applied", order, "payment arrived after the order ended: refund requested")
     return Outcome.of("unchanged", order, f"order is already {order.status.value}")

@@ -17,6 +17,11 @@ Steps (queue ``orders.payments``):
 - ``PaymentFailed``: the provider reported a failure (no call).
 - ``SettlePayment``: look up the payment a confirmation names, and complete
   the order on it or refuse the confirmation (``command.refused``).
+- ``SettleRefund``: a refund the provider reported: look up what went back
+  from the order's payment and record it (in full: ``completed`` →
+  ``refunded`` with ``stock.return``, a shipped order keeps its status;
+  partly: the amount on the payment, the status unchanged; ``order.refunded``
+  either way, once per refund).
 
 A capture that was marked ``capturing`` but never seen at PayPal (the worker
 was killed, or the database went away, between marking it and sending it)
@@ -34,7 +39,7 @@ from typing import Any, Generic, TypeVar
 
 from handlers import events
 from handlers.errors import IllegalTransition, ManualActionRequired, Mismatch, RetryLater
-from handlers.orders import CANCELLABLE, REFUNDABLE, Order, Status
+from handlers.orders import ENDED_UNPAID, REFUNDABLE, UNPAID, Order, Status
 from handlers.outcome import MessageContext, Outcome
 from handlers.payment_confirmed import confirm
 from handlers.payments.base import (
@@ -57,6 +62,7 @@ from schema.messages import (
     PaymentFailed,
     RefundPayment,
     SettlePayment,
+    SettleRefund,
     StartPayment,
 )
 
@@ -160,11 +166,11 @@ def apply_result(
         payment.status = PaymentStatus.SUCCEEDED
         payment.confirmed_event_id = payment.confirmed_event_id or f"{msg.message_type}:{mid}"
         uow.save_payment(payment)
-        if order.status in CANCELLABLE:
+        if order.status in UNPAID:
             order.transition(Status.COMPLETED, mid)
             events.stock(uow, order, "stock.commit", mid)
             events.order_event(uow, order, "order.completed", mid)
-        elif order.status in (Status.CANCELLED, Status.REJECTED):
+        elif order.status in ENDED_UNPAID:
             events.internal(uow, order, RefundPayment, mid)
         return Outcome.of("applied", order)
     if result.outcome in (PayOutcome.REQUIRES_ACTION, PayOutcome.PROCESSING):
@@ -174,7 +180,7 @@ def apply_result(
             order.next_action = result.next_action or None
             order.transition(Status.AWAITING_PAYMENT, mid)
             events.order_event(uow, order, "order.awaiting_payment", mid)
-        elif order.status is Status.CANCELLED:
+        elif order.status in ENDED_UNPAID:  # cancelled or expired while the call was out: close it there
             events.internal(uow, order, CancelPayment, mid)
         return Outcome.of("applied", order)
     payment.status = PaymentStatus.DECLINED
@@ -194,7 +200,7 @@ def _second_payment(order: Order, result: PaymentResult, mid: str, uow: UnitOfWo
 
 
 def _reject(order: Order, reason: str, mid: str, uow: UnitOfWork) -> Outcome:
-    if order.status in CANCELLABLE:
+    if order.status in UNPAID:
         order.transition(Status.REJECTED, mid, reason)
         events.stock(uow, order, "stock.release", mid)
         events.order_event(uow, order, "order.rejected", mid)
@@ -252,8 +258,8 @@ def prepare_capture(cmd: CapturePayment, uow: UnitOfWork) -> Call | None:
         raise RetryLater(f"payment of order {order.order_id} is not recorded yet")
     if payment.provider_payment_id != cmd.payment_id:
         raise Mismatch(f"order {order.order_id} has payment {payment.provider_payment_id}, not {cmd.payment_id}")
-    if payment.status == PaymentStatus.CAPTURING and order.status is Status.CANCELLED:
-        return _cancel_call(order, payment.provider_payment_id)  # cancelled while our capture was out: look
+    if payment.status == PaymentStatus.CAPTURING and order.status in ENDED_UNPAID:
+        return _cancel_call(order, payment.provider_payment_id)  # ended while our capture was out: look
     if (
         payment.status not in (PaymentStatus.REQUIRES_ACTION, PaymentStatus.CAPTURING)
         or order.status is not Status.AWAITING_PAYMENT
@@ -374,7 +380,8 @@ def prepare_refund(cmd: RefundPayment, uow: UnitOfWork) -> Call | None:
         )
     key = idempotency_key(order.order_id, "refund")
     taken = PaymentResult(PayOutcome.SUCCEEDED, payment.provider_payment_id, capture_id=payment.capture_id)
-    amount, currency = payment.amount, payment.currency
+    # what is left of it: a partial refund made at the provider gave some back already
+    amount, currency = payment.amount - payment.amount_refunded, payment.currency
     return Call(payment.provider, lambda gateway: gateway.refund(taken, amount, currency, key))
 
 
@@ -384,15 +391,62 @@ def record_refund(cmd: RefundPayment, msg: MessageContext, uow: UnitOfWork, resu
         return Outcome.of("applied", order, f"second payment {cmd.payment_id} refunded")
     if payment is None or payment.status == PaymentStatus.REFUNDED or result is None:
         return Outcome.of("unchanged", order)
+    return refunded_in_full(order, payment, result.refund_id, msg.message_id, uow)
+
+
+def refunded_in_full(order: Order, payment: PaymentRecord, refund_id: str | None, mid: str, uow: UnitOfWork) -> Outcome:
+    """Record that the order's payment went back in full, and show it: a completed order becomes ``refunded``
+    and its committed stock comes back (``stock.return``); a cancelled, rejected or expired one keeps its status
+    (a paid order cancelled by an admin returned its stock when it was cancelled); a shipped one too (its goods
+    are gone).  ``order.refunded`` in every case, once: the payment is ``refunded`` from now on."""
     payment.status = PaymentStatus.REFUNDED
-    payment.refund_id = result.refund_id
+    payment.refund_id = refund_id or payment.refund_id
+    payment.amount_refunded = payment.amount
     uow.save_payment(payment)
     if order.status is Status.COMPLETED:
-        order.transition(Status.REFUNDED, msg.message_id)  # money returned always shows
-    # (a cancelled or rejected order keeps its status: its payment says refunded, and order.refunded tells;
-    # an order shipped between the call and now is left for `orders audit` to report, never unrecorded)
-    events.order_event(uow, order, "order.refunded", msg.message_id, refund_id=result.refund_id)
+        order.transition(Status.REFUNDED, mid)  # money returned always shows
+        events.stock(uow, order, "stock.return", mid)
+    events.order_event(
+        uow, order, "order.refunded", mid, refund_id=payment.refund_id, amount_refunded=payment.amount, full=True
+    )
     return Outcome.of("applied", order, "payment refunded")
+
+
+# -- SettleRefund (a refund the provider reported) ------------------------------------------
+
+
+def prepare_settle_refund(cmd: SettleRefund, uow: UnitOfWork) -> Call | None:
+    _order_and_payment(uow, str(cmd.order_id))  # the order must exist (a retry waits for it)
+    payment_id = cmd.payment_id
+    return Call(cmd.provider, lambda gateway: gateway.lookup(payment_id))
+
+
+def record_settle_refund(cmd: SettleRefund, msg: MessageContext, uow: UnitOfWork, facts: PaymentFacts) -> Outcome:
+    """What the provider says went back from the order's payment, recorded once (never the webhook's word)."""
+    order, payment = _order_and_payment(uow, str(cmd.order_id))
+    if facts.order_id not in (None, order.order_id):
+        return Outcome.of("unchanged", order, f"{cmd.provider} has {facts.provider_payment_id} for another order")
+    if payment is None or payment.provider_payment_id != facts.provider_payment_id:
+        # a second payment the payment step gave back itself (never the order's): nothing to show
+        return Outcome.of("unchanged", order, f"{facts.provider_payment_id} is not the order's payment")
+    if facts.refunded <= payment.amount_refunded:
+        return Outcome.of("unchanged", order, "this refund is recorded already")
+    if order.status in UNPAID or payment.status != PaymentStatus.SUCCEEDED:
+        # the money went back before its confirmation was applied here: wait for it (the delay tiers)
+        raise RetryLater(
+            f"order {order.order_id} is {order.status.value} with its payment {payment.status}: "
+            f"the refund of {facts.provider_payment_id} waits for the payment to be recorded"
+        )
+    last = facts.refund_ids[-1] if facts.refund_ids else None
+    if facts.refunded >= payment.amount:
+        return refunded_in_full(order, payment, last, msg.message_id, uow)
+    payment.amount_refunded = facts.refunded
+    payment.refund_id = last or payment.refund_id
+    uow.save_payment(payment)
+    events.order_event(
+        uow, order, "order.refunded", msg.message_id, refund_id=last, amount_refunded=facts.refunded, full=False
+    )
+    return Outcome.of("applied", order, f"{facts.refunded} of {payment.amount} refunded at {cmd.provider}")
 
 
 # -- PaymentFailed (webhook) ---------------------------------------------------------
@@ -499,6 +553,7 @@ def payment_steps(capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS) -> dic
         RefundPayment: Step(prepare_refund, record_refund),
         PaymentFailed: Step(prepare_none, record_failed, calls_provider=False),
         SettlePayment: Step(prepare_settle, record_settle),
+        SettleRefund: Step(prepare_settle_refund, record_settle_refund),
     }
 
 

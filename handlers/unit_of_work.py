@@ -51,6 +51,8 @@ class PaymentRecord:
     confirmed_event_id: str | None = None
     attempts: int = 0
     last_error: str | None = None
+    #: minor units given back so far (``amount`` once refunded in full; less after a partial refund)
+    amount_refunded: int = 0
     #: seconds since the record last changed, by the database's clock (read only; 0 for a new record)
     unchanged_seconds: float = 0.0
 

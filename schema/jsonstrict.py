@@ -13,6 +13,18 @@ import json
 from typing import Any
 
 
+class TooDeeplyNested(ValueError):
+    """The document nests arrays and objects deeper than the parser's recursion allows.
+
+    ``json.loads`` raises RecursionError for it (a few thousand ``[`` do), which
+    nobody catching ValueError expects; here it is a ValueError like any other
+    document that cannot be read.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("JSON nested too deeply")
+
+
 class DuplicateKeyError(ValueError):
     """An object in the document names the same key twice.
 
@@ -29,7 +41,8 @@ class DuplicateKeyError(ValueError):
 def loads_no_duplicates(body: bytes | str) -> Any:
     """``json.loads``, except that an object with a repeated key raises :class:`DuplicateKeyError`.
 
-    Malformed JSON raises :class:`json.JSONDecodeError` as usual; both are
+    Malformed JSON raises :class:`json.JSONDecodeError` as usual, and JSON
+    nested beyond the parser's recursion :class:`TooDeeplyNested`; all are
     ``ValueError``.
     """
     repeated: list[tuple[dict[str, Any], str]] = []
@@ -42,10 +55,13 @@ def loads_no_duplicates(body: bytes | str) -> Any:
             repeated.append((obj, key))
         return obj
 
-    document = json.loads(body, object_pairs_hook=pairs_to_dict)
-    if repeated:
-        obj, key = repeated[0]
-        raise DuplicateKeyError(key, _path_to(document, obj) or ())
+    try:
+        document = json.loads(body, object_pairs_hook=pairs_to_dict)
+        if repeated:
+            obj, key = repeated[0]
+            raise DuplicateKeyError(key, _path_to(document, obj) or ())
+    except RecursionError:
+        raise TooDeeplyNested() from None
     return document
 
 

@@ -238,6 +238,21 @@ class SettlePayment(_OrderCommand):
     correlation_id: Id | None = None
 
 
+class SettleRefund(_OrderCommand):
+    """A refund the provider reported (its webhook): ask the provider what went back from the order's payment.
+
+    Sent by the shim for a verified ``charge.refunded`` (Stripe) or
+    ``PAYMENT.CAPTURE.REFUNDED`` (PayPal), whoever made the refund (the
+    provider's dashboard, or the service itself); the payment step looks the
+    payment up and records what the provider says went back, once.
+    """
+
+    provider: Literal["stripe", "paypal"]
+    #: the order's payment as the service records it: the PaymentIntent id (Stripe) or the PayPal order id
+    payment_id: Id
+    event_id: Id
+
+
 CommandT = TypeVar("CommandT", bound=Command)
 
 
@@ -301,6 +316,9 @@ class OrderEvent(Event):
     reason: str | None = None
     next_action: dict[str, str] | None = None
     refund_id: str | None = None
+    #: ``order.refunded``: minor units given back so far, and whether that is the whole payment
+    amount_refunded: int | None = None
+    full: bool | None = None
     #: ``order.shipped``: carrier and tracking number
     shipment: Shipment | None = None
 
@@ -315,7 +333,7 @@ class CommandRefused(Event):
     correlation_id: str | None = None
 
 
-INVENTORY_ROUTING_KEYS = ("stock.reserve", "stock.release", "stock.commit")
+INVENTORY_ROUTING_KEYS = ("stock.reserve", "stock.release", "stock.commit", "stock.return")
 ORDER_EVENT_ROUTING_KEYS = (
     "order.placed",
     "order.awaiting_payment",
@@ -323,6 +341,7 @@ ORDER_EVENT_ROUTING_KEYS = (
     "order.shipped",
     "order.cancelled",
     "order.rejected",
+    "order.expired",
     "order.refunded",
     "command.refused",
 )

@@ -38,7 +38,16 @@ metadata = MetaData(
     }
 )
 
-ORDER_STATUSES = ("pending", "awaiting_payment", "completed", "shipped", "cancelled", "rejected", "refunded")
+ORDER_STATUSES = (
+    "pending",
+    "awaiting_payment",
+    "completed",
+    "shipped",
+    "cancelled",
+    "rejected",
+    "refunded",
+    "expired",
+)
 
 products = Table(
     "products",
@@ -73,10 +82,16 @@ orders = Table(
     Column("place_message_id", String(200), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    #: when it began to wait for its buyer (set by the move to awaiting_payment): the expiry sweep's clock
+    Column("awaiting_since", DateTime(timezone=True)),
+    #: when it completed (a user may cancel a paid order for orders.customer_cancel_minutes after it)
+    Column("paid_at", DateTime(timezone=True)),
     CheckConstraint("total >= 0", name="total_not_negative"),
     CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in ORDER_STATUSES) + ")", name="status_known"),
     Index("ix_orders_user_id", "user_id"),
     Index("ix_orders_status", "status"),
+    #: the orders waiting for their buyer, oldest first: what the expiry sweep reads (nothing else is in it)
+    Index("ix_orders_awaiting_since", "awaiting_since", postgresql_where=text("status = 'awaiting_payment'")),
 )
 
 #: An order's version, in SQL over ``orders`` aliased ``o``: ``updated_at`` in µs.
@@ -161,6 +176,15 @@ payments = Table(
     Column("last_error", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    #: minor units given back so far (a partial refund leaves ``status`` as it is)
+    Column("amount_refunded", BigInteger, nullable=False, server_default=text("0")),
+    #: a refund webhook names the PaymentIntent (Stripe) or the capture (PayPal), not our order
+    Index(
+        "ix_payments_provider_payment_id",
+        "provider_payment_id",
+        postgresql_where=text("provider_payment_id IS NOT NULL"),
+    ),
+    Index("ix_payments_capture_id", "capture_id", postgresql_where=text("capture_id IS NOT NULL")),
 )
 
 #: One row per applied message: the dedup key of "effectively once".
@@ -254,7 +278,7 @@ dead_letter_index = Table(
     Column("attempts", Integer, nullable=False),
     Column("first_failure_at", DateTime(timezone=True)),
     Column("last_failure_at", DateTime(timezone=True)),
-    #: when it reached the dead-letter queue (last failure, first failure, else when first indexed)
+    #: when it reached the dead-letter queue (DeadLetter.landed_at: failure headers or timestamp; else when indexed)
     Column("landed_at", DateTime(timezone=True), nullable=False),
     Column("dead_lettered_by", String(10), nullable=False),
     #: ``x-replay-count``: replayed this often and back again (a repeated failure when > 0)

@@ -87,6 +87,7 @@ PAYMENT_ROUTES: tuple[Route, ...] = (
     Route(messages.RefundPayment, INTERNAL_EXCHANGE, "payment.refund", PAYMENTS_QUEUE),
     Route(messages.PaymentFailed, INTERNAL_EXCHANGE, "payment.failed", PAYMENTS_QUEUE),
     Route(messages.SettlePayment, INTERNAL_EXCHANGE, "payment.settle", PAYMENTS_QUEUE),
+    Route(messages.SettleRefund, INTERNAL_EXCHANGE, "payment.refunded", PAYMENTS_QUEUE),
 )
 ROUTES: dict[type[messages.Command], Route] = {r.command: r for r in COMMAND_ROUTES + PAYMENT_ROUTES}
 #: message type name -> route (what a delivery's ``type`` property is looked up by)

@@ -44,7 +44,7 @@ orders products import config/products.demo.json
 PKI=.local/paypal-pki
 python scripts/fakes/paypal_certs.py "$PKI" >/dev/null
 export ORDERS_PAYPAL__CERT_CA_FILE="$PWD/$PKI/paypal-ca.pem"
-export ORDERS_PAYPAL__CERT_HOST_ALLOWLIST='["127.0.0.1"]'
+export ORDERS_PAYPAL__CERT_HOST_ALLOWLIST='["127.0.0.1:12113"]'
 export FAKE_WEBHOOK_URL="http://127.0.0.1:${ORDERS_SHIM__PORT:-8000}/orders/payment-confirmation"
 
 exec honcho start -f Procfile.local "$@"

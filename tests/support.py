@@ -7,6 +7,7 @@ there), which makes this module importable as ``tests.support``.
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +16,7 @@ from typing import Any
 from scripts import harness
 from scripts.harness import wait_until
 
-__all__ = ["ExportedSpan", "OtlpCollector", "place_body", "private_vhost", "wait_until"]
+__all__ = ["ExportedSpan", "HoldingServer", "OtlpCollector", "place_body", "private_vhost", "wait_until"]
 
 
 def place_body(
@@ -48,6 +49,35 @@ def private_vhost(settings: Any, name: str) -> str:
     declare_topology(broker.channel(), settings.worker.retry_delays_seconds)
     broker.close()
     return url
+
+
+class HoldingServer:
+    """A TCP port that accepts connections and holds them, never sending a byte: what a black-holed
+    or deliberately slow host looks like to a client (a TLS handshake there waits for its timeout).
+    ``accepted`` counts the connections made to it; :meth:`stop` closes them all."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=512)
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._stopped = threading.Event()
+        threading.Thread(target=self._accept, name="holding-server", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self._held.append(conn)
+            self.accepted += 1
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.listener.close()
+        for conn in self._held:
+            conn.close()
 
 
 @dataclass

@@ -14,11 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 from sqlalchemy import Engine
 
+from handlers import command_handlers
 from handlers.payments.base import PaymentGateway
 from schema.topology import COMMAND_QUEUES, PAYMENTS_QUEUE, WORK_QUEUES
 from worker import db, logs, tracing
 from worker.commands import Applier, BatchRule
 from worker.consume import Batches, Consumer, Window
+from worker.expiry import ExpirySweep
 from worker.identity import Identities
 from worker.metrics import NO_METRICS, Metrics, MetricsSink
 from worker.rabbit.connection import BlockingBroker
@@ -43,7 +45,8 @@ def command_consumer(
     """The command queues, in batches: one transaction a batch, one by one when that fails."""
     cfg = settings.worker
     senders = Identities.of(settings)
-    applier = Applier(engine, cfg.inplace_retries, views=views, identities=senders)
+    handlers = command_handlers(settings.orders.rules())
+    applier = Applier(engine, cfg.inplace_retries, views=views, identities=senders, handlers=handlers)
     settlement = Settlement(cfg.retry_delays_seconds, metrics, senders)
 
     def batches(broker: BlockingBroker, stop: threading.Event, tick: Callable[[], None]) -> Batches:
@@ -109,6 +112,8 @@ def worker_process(settings: Settings, index: int, stop: threading.Event, queues
     metrics = Metrics()
     cache = OrderCache(engine, make_redis(settings.redis), settings.redis.cache_ttl_seconds)
     queues = queues or list(WORK_QUEUES)
+    sweep = threading.Thread(target=expiry_sweep(settings, engine, cache).run, args=(stop,), name="expiry")
+    sweep.start()
     payments = None
     if PAYMENTS_QUEUE in queues:
         step = payment_step(settings, engine, build_gateways(settings), views=cache, metrics=metrics)
@@ -122,7 +127,14 @@ def worker_process(settings: Settings, index: int, stop: threading.Event, queues
             cache.settle_owed()
     if payments is not None:
         payments.join()
+    sweep.join()
     tracing.flush()  # a forked pool process ends without atexit handlers
+
+
+def expiry_sweep(settings: Settings, engine: Engine, views: Views | None = None) -> ExpirySweep:
+    """Orders past their payment deadline become expired: one active sweep in the pool (``worker.expiry``)."""
+    cfg = settings.orders
+    return ExpirySweep(engine, settings.database.dsn, cfg.rules(), cfg.expiry_sweep_seconds, views)
 
 
 def relay(settings: Settings, metrics: MetricsSink = NO_METRICS) -> Relay:

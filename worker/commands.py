@@ -21,7 +21,7 @@ import structlog
 from sqlalchemy import Engine
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
-from handlers import COMMAND_HANDLERS, apply_rank, events, order_id_of
+from handlers import COMMAND_HANDLERS, Handler, apply_rank, events, order_id_of
 from handlers.errors import Refused, RetryLater, Unauthorized
 from handlers.outcome import MessageContext
 from handlers.senders import OPEN, Sender
@@ -79,11 +79,13 @@ class Applier:
         inplace_retries: int = 3,
         views: Views | None = None,
         identities: Identities | None = None,
+        handlers: dict[type[Command], Handler] = COMMAND_HANDLERS,
     ) -> None:
         self.engine = engine
         self.inplace_retries = inplace_retries
         self.views = views
         self.identities = identities or Identities(OPEN)
+        self.handlers = handlers
 
     def decode_all(self, deliveries: Iterable[Delivery]) -> tuple[list[Decoded], list[Handled]]:
         good, bad = [], []
@@ -128,7 +130,7 @@ class Applier:
                 uow.handling(mid, ctx.message_type, d.correlation_id)
                 with tracing.command_span(d, order_id):  # the events it emits store this span
                     try:
-                        outcome = COMMAND_HANDLERS[type(command)](command, ctx, uow)
+                        outcome = self.handlers[type(command)](command, ctx, uow)
                     except RetryLater as exc:
                         deferred.append(mid)
                         handled.append(handled_from(d, exc, order_id))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg2
+import psycopg2.errors
 from alembic import command
 from alembic.config import Config
 from psycopg2 import sql
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 
 from worker.settings import DatabaseSettings
 
@@ -18,7 +20,7 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "schema" / "migrations"
 
 def make_engine(db: DatabaseSettings, pool_size: int | None = None) -> Engine:
     """An engine for one process; never create one at import time."""
-    return create_engine(
+    engine = create_engine(
         db.url,
         pool_size=pool_size or db.pool_size,
         pool_pre_ping=True,
@@ -32,6 +34,16 @@ def make_engine(db: DatabaseSettings, pool_size: int | None = None) -> Engine:
             "options": "-c idle_in_transaction_session_timeout=60000",
         },
     )
+    event.listen(engine, "handle_error", _demoted_primary_is_a_lost_connection)
+    return engine
+
+
+def _demoted_primary_is_a_lost_connection(context: Any) -> None:
+    """A write refused as read-only means the server this pooled connection reaches is no longer the primary
+    (it was demoted in a failover and came back as a standby): drop the connection, as for a lost one, so the
+    next one finds the new primary (``target_session_attrs=read-write``) and the work is held, not failed."""
+    if isinstance(context.original_exception, psycopg2.errors.ReadOnlySqlTransaction):
+        context.is_disconnect = True
 
 
 def ensure_database(db: DatabaseSettings) -> bool:

@@ -45,9 +45,11 @@ def check_configuration(path: Path | None) -> tuple[Settings | None, list[Findin
 
 
 def check_production(settings: Settings) -> list[Finding]:
-    """What production mode refuses (:mod:`worker.production`), one finding each."""
+    """What production mode refuses (:mod:`worker.production`), one finding each; and whether the
+    service takes test money (``payments.mode: test``), said loudly."""
     from worker import production
 
+    found = _test_money(settings)
     if settings.environment != "production":
         return [
             Finding(
@@ -55,12 +57,16 @@ def check_production(settings: Settings) -> list[Finding]:
                 True,
                 "development: production checks are off (development secrets and local payment fakes are accepted)",
                 warning=True,
-            )
+            ),
+            *found,
         ]
     refused = production.problems(settings)
     if not refused:
         return [
-            Finding("production", True, "no development secret, provider URLs and certificate hosts are the providers'")
+            Finding(
+                "production", True, "no development secret, provider URLs and certificate hosts are the providers'"
+            ),
+            *found,
         ]
     return [
         Finding(
@@ -71,6 +77,25 @@ def check_production(settings: Settings) -> list[Finding]:
             "to start until it is fixed.",
         )
         for p in refused
+    ] + found
+
+
+def _test_money(settings: Settings) -> list[Finding]:
+    from worker import production
+
+    if settings.payments.mode != "test":
+        return []
+    which = production.takes_test_money(settings)
+    return [
+        Finding(
+            "payments.mode",
+            True,
+            "TEST MONEY: payments.mode is test, so this service accepts the providers' test keys and "
+            "sandboxes and takes NO REAL PAYMENT"
+            + (f" ({'; '.join(which)})" if which else " (no test key or sandbox is configured now)"),
+            "Unset payments.mode (ORDERS_PAYMENTS__MODE) or set it to live, with live keys, to take real money.",
+            warning=True,
+        )
     ]
 
 
@@ -262,7 +287,9 @@ def check_payments(settings: Settings) -> list[Finding]:
                         f"Set the real value through {env} (from your secret store), not in the file.",
                     )
                 )
-        if LOOPBACK & set(paypal.cert_host_allowlist):
+        from handlers.payments.settings import cert_origins
+
+        if LOOPBACK & {host for host, _port in cert_origins(paypal.cert_host_allowlist)}:
             found.append(
                 Finding(
                     "paypal.cert_host_allowlist",
@@ -281,7 +308,12 @@ def check_payments(settings: Settings) -> list[Finding]:
                 "Use the secret key from the Stripe dashboard, not the publishable pk_ key.",
             )
         )
-    elif live and key.startswith(("sk_test_", "rk_test_")) and urlsplit(paypal.base_url).hostname in LIVE_HOSTS:
+    elif (
+        live
+        and settings.payments.mode != "test"
+        and key.startswith(("sk_test_", "rk_test_"))
+        and urlsplit(paypal.base_url).hostname in LIVE_HOSTS
+    ):
         found.append(
             Finding(
                 "stripe.api_key",

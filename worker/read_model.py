@@ -27,6 +27,8 @@ from redis.retry import Retry
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from handlers.orders import ENDED_UNPAID, Status
+from handlers.unit_of_work import PaymentStatus
 from schema import tables
 from worker.metrics import NO_METRICS
 from worker.redis_gate import RedisBusy, RedisGate
@@ -70,11 +72,12 @@ OUTDATED_TTL = 60
 
 _VIEW_SQL = text(
     "SELECT o.order_id::text, o.user_id, o.status, o.currency, o.total, o.payment_provider, o.next_action, o.shipment,"
-    " o.reason, o.created_at, o.updated_at, p.status AS payment_status, " + tables.ORDER_VERSION_SQL + " AS version,"
+    " o.reason, o.created_at, o.updated_at, o.paid_at, p.status AS payment_status,"
+    " p.amount_refunded, " + tables.ORDER_VERSION_SQL + " AS version,"
     " COALESCE(json_agg(json_build_object('product_id', i.product_id, 'quantity', i.quantity,"
     " 'unit_price', i.unit_price) ORDER BY i.line_no) FILTER (WHERE i.order_id IS NOT NULL), '[]') AS items"
     " FROM orders o LEFT JOIN payments p USING (order_id) LEFT JOIN order_items i USING (order_id)"
-    " WHERE o.order_id = ANY(CAST(:ids AS uuid[])) GROUP BY o.order_id, p.status"
+    " WHERE o.order_id = ANY(CAST(:ids AS uuid[])) GROUP BY o.order_id, p.status, p.amount_refunded"
 )
 
 
@@ -94,15 +97,34 @@ def load_views(engine: Engine, order_ids: Iterable[str]) -> dict[str, dict[str, 
             "total": r["total"],
             "currency": r["currency"],
             "items": r["items"],
-            "payment": {"provider": r["payment_provider"], "status": r["payment_status"] or "not_started"},
+            "payment": payment_view(r["payment_provider"], r["payment_status"], r["amount_refunded"], r["status"]),
             "next_action": r["next_action"],
             "shipment": r["shipment"],
             "reason": r["reason"],
             "created_at": r["created_at"].isoformat(),
             "updated_at": r["updated_at"].isoformat(),
+            "paid_at": r["paid_at"].isoformat() if r["paid_at"] else None,
             "version": r["version"],
         }
     return views
+
+
+def payment_view(provider: str, status: str | None, refunded: int | None, order_status: str) -> dict[str, Any]:
+    """The payment as the order's owner sees it, with the refund's progress: ``pending`` while the service gives
+    back the money of an order that ended (cancelled after payment, or paid after it ended), ``partial`` after a
+    partial refund at the provider, ``refunded`` once it all went back."""
+    view: dict[str, Any] = {"provider": provider, "status": status or "not_started"}
+    refund = None
+    if status == PaymentStatus.REFUNDED:
+        refund = "refunded"
+    elif status == PaymentStatus.SUCCEEDED and Status(order_status) in ENDED_UNPAID:
+        refund = "pending"
+    elif refunded:
+        refund = "partial"
+    if refund is not None:
+        view["refund"] = refund
+        view["amount_refunded"] = refunded or 0
+    return view
 
 
 def make_redis(cfg: RedisSettings) -> redis.Redis:

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from handlers.orders import Rules
 from handlers.payments.settings import PayPalSettings, StripeSettings
 from schema.topology import COMMAND_TYPES
 
@@ -213,6 +214,20 @@ class WorkerSettings(_Section):
     liveness_file: str = "/tmp/orders-worker.alive"
 
 
+class OrdersSettings(_Section):
+    """The shop's choices in an order's life (:class:`handlers.orders.Rules`)."""
+
+    #: minutes an order may wait ``awaiting_payment`` before it expires (fractions allowed); 0: never
+    payment_timeout_minutes: float = Field(default=60, ge=0)
+    #: minutes after payment during which the owner may still cancel a paid order (refunded); 0: only an admin
+    customer_cancel_minutes: float = Field(default=0, ge=0)
+    #: seconds between two expiry sweeps: an order expires at most this long after its deadline
+    expiry_sweep_seconds: float = Field(default=10, gt=0, le=60)
+
+    def rules(self) -> Rules:
+        return Rules(self.payment_timeout_minutes, self.customer_cancel_minutes)
+
+
 class RelaySettings(_Section):
     batch_size: int = Field(default=1000, ge=1)
     poll_interval_seconds: float = Field(default=1.0, gt=0)
@@ -231,6 +246,10 @@ class ShimSettings(_Section):
     #: per client address (many users may share one behind a NAT, hence larger)
     place_rate_per_minute_per_address: int = Field(default=600, gt=0)
     read_rate_per_minute_per_address: int = Field(default=6000, gt=0)
+    #: payment webhooks (``POST /orders/payment-confirmation``) per client address: they come unauthenticated,
+    #: and each may make the shim verify a signature or fetch a certificate.  Stripe and PayPal deliver from a
+    #: few addresses each: keep it above the busiest minute of webhooks one of them sends
+    webhook_rate_per_minute_per_address: int = Field(default=1200, gt=0)
     #: HMAC-SHA256 secret of the internal payment service's webhooks ("" disables them)
     webhook_hmac_secret: SecretStr = SecretStr("")
     webhook_tolerance_seconds: int = Field(default=300, gt=0)
@@ -292,6 +311,19 @@ class TracingSettings(_Section):
     #: base URL of an OTLP/HTTP collector (``http://otel-collector:4318``; ``/v1/traces`` is added);
     #: "" = off, unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_TRACES_EXPORTER`` turn it on
     otlp_endpoint: str = ""
+    #: callers (IPs or CIDRs, as the shim sees them after ``shim.trusted_proxies``) whose ``traceparent``
+    #: the shim continues; anyone else's request starts a trace of its own, linked to the caller's context
+    trust_incoming: tuple[IPvAnyNetwork, ...] = ()
+
+
+class PaymentsSettings(_Section):
+    """What money the service takes: ``live`` (the default), or ``test`` (the providers' test keys and sandboxes).
+
+    Production mode refuses Stripe test keys and PayPal's sandbox unless ``mode: test`` says so
+    explicitly; ``orders doctor`` then says loudly that the service takes test money.
+    """
+
+    mode: Literal["live", "test"] = "live"
 
 
 class ConsoleSettings(_Section):
@@ -325,7 +357,9 @@ class Settings(_Section):
     rabbitmq: RabbitSettings
     stripe: StripeSettings
     paypal: PayPalSettings
+    payments: PaymentsSettings = PaymentsSettings()
     worker: WorkerSettings = WorkerSettings()
+    orders: OrdersSettings = OrdersSettings()
     relay: RelaySettings = RelaySettings()
     shim: ShimSettings
     metrics: MetricsSettings = MetricsSettings()

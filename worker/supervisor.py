@@ -13,7 +13,6 @@ Exit codes: 0 stopped on a signal, 1 bad configuration or start-up failure,
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import signal
 import threading
 import time
@@ -49,17 +48,39 @@ def _child(
     target(settings, index, stop)
 
 
+class Clock:
+    """The pool's time (tests pass one that never sleeps)."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        """Up to ``seconds``, returning at once when ``event`` is set (by a signal's handler)."""
+        return event.wait(seconds)
+
+
 def run_pool(
     target: Callable[[Settings, int, threading.Event], None],
     settings: Settings,
     processes: int,
     title: str = "orders worker",
+    *,
+    process: Callable[..., Any] | None = None,
+    clock: Clock | None = None,
 ) -> int:
-    """Run ``target(settings, index, stop)`` in ``processes`` children; return an exit code."""
+    """Run ``target(settings, index, stop)`` in ``processes`` children; return an exit code.
+
+    ``process`` makes a child (``multiprocessing``'s fork ``Process`` unless given) and ``clock``
+    is the pool's time: both for tests.
+    """
     from worker import metrics
 
     metrics.prepare_multiprocess()  # before any prometheus_client import
-    ctx = mp.get_context("fork")
+    make_process = process or mp.get_context("fork").Process
+    clock = clock or Clock()
     stopping = threading.Event()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     children: dict[int, Any] = {}
@@ -67,9 +88,9 @@ def run_pool(
     quick_deaths = 0
 
     def start(index: int) -> None:
-        proc = ctx.Process(target=_child, args=(target, settings, index, title), name=f"{title} {index}")
+        proc = make_process(target=_child, args=(target, settings, index, title), name=f"{title} {index}")
         proc.start()
-        children[index], started[index] = proc, time.monotonic()
+        children[index], started[index] = proc, clock.monotonic()
         log.info("worker process started", index=index, pid=proc.pid)
 
     for i in range(processes):
@@ -84,11 +105,11 @@ def run_pool(
 
     code = 0
     while not stopping.is_set():
-        stopping.wait(0.5)
+        clock.wait(stopping, 0.5)
         for index, proc in list(children.items()):
             if proc.is_alive() or stopping.is_set():
                 continue
-            quick = time.monotonic() - started[index] < QUICK_DEATH_SECONDS
+            quick = clock.monotonic() - started[index] < QUICK_DEATH_SECONDS
             quick_deaths = quick_deaths + 1 if quick else 0
             log.warning("worker process died; restarting", index=index, pid=proc.pid, exitcode=proc.exitcode)
             metrics.process_died(proc.pid)
@@ -97,16 +118,16 @@ def run_pool(
                 code = EXIT_CRASH_LOOP
                 stopping.set()
                 break
-            time.sleep(min(0.2 * quick_deaths, 5.0))
+            clock.sleep(min(0.2 * quick_deaths, 5.0))
             start(index)
 
     log.info("stopping worker processes", count=len(children))
     for proc in children.values():
         if proc.is_alive():
-            os.kill(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + settings.worker.shutdown_timeout_seconds
+            proc.terminate()  # SIGTERM
+    deadline = clock.monotonic() + settings.worker.shutdown_timeout_seconds
     for proc in children.values():
-        proc.join(max(0.0, deadline - time.monotonic()))
+        proc.join(max(0.0, deadline - clock.monotonic()))
         if proc.is_alive():
             log.warning("worker process did not stop in time; killing", pid=proc.pid)
             proc.kill()

@@ -12,7 +12,12 @@ The W3C ``traceparent`` travels with the work:
 
 - the shim (FastAPI instrumentation: the ``POST /orders`` server span)
   publishes each command inside a ``publish orders.commands`` PRODUCER span
-  and puts that span's ``traceparent`` into the command's AMQP headers;
+  and puts that span's ``traceparent`` into the command's AMQP headers.  The
+  shim is the public edge: a caller's own ``traceparent`` is a claim, not a
+  parent (it would choose the trace its command joins, and flags ``00`` would
+  switch tracing off for it), so the server span starts a trace of its own
+  and *links* the caller's context, as OpenTelemetry advises for untrusted
+  callers; only callers listed in ``tracing.trust_incoming`` are continued;
 - the command consumer opens one ``process batch`` span per batch (a root of
   its own, the transaction's SQL under it) and one ``process <Type>`` span per
   command, a child of the context the command's headers carry; the two link
@@ -194,13 +199,73 @@ def flush() -> None:
         _provider.force_flush()
 
 
-def instrument_app(app: Any) -> None:
-    """The shim's server spans (FastAPI instrumentation); health, readiness and metrics are left out."""
+def instrument_app(app: Any, trust_incoming: Sequence[Any] = ()) -> None:
+    """The shim's server spans (FastAPI instrumentation); health, readiness and metrics are left out.
+
+    A request's ``traceparent`` (with ``tracestate`` and ``baggage``) is
+    continued only from a caller in ``trust_incoming`` (networks); anyone
+    else's request starts a trace of its own whose server span links the
+    caller's context.
+    """
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     FastAPIInstrumentor.instrument_app(
-        app, tracer_provider=_provider, excluded_urls=UNTRACED_URLS, exclude_spans=["receive", "send"]
+        app,
+        tracer_provider=_provider,
+        excluded_urls=UNTRACED_URLS,
+        exclude_spans=["receive", "send"],
+        server_request_hook=_link_caller,
     )
+    instrumented = app.build_middleware_stack  # the instrumentation's: its middleware is the outermost
+
+    def build_middleware_stack() -> Any:
+        return UntrustedTraceContext(instrumented(), tuple(trust_incoming))
+
+    app.build_middleware_stack = build_middleware_stack
+
+
+#: where :class:`UntrustedTraceContext` leaves the caller's span context for :func:`_link_caller`
+_CALLER_CONTEXT = "orders.caller_trace_context"
+#: the W3C headers an untrusted caller's request loses before the instrumentation reads it
+_TRACE_HEADERS = (b"traceparent", b"tracestate", b"baggage")
+
+
+class UntrustedTraceContext:
+    """ASGI middleware around the instrumented app: a caller not in ``trusted`` (networks) has its
+    trace headers taken off the request, so the server span is a root; a valid context it sent is
+    kept in the scope, for the span to link."""
+
+    def __init__(self, app: Any, trusted: tuple[Any, ...]) -> None:
+        self.app, self.trusted = app, trusted
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not self._trusts(scope.get("client")):
+            headers = scope.get("headers") or []
+            if any(name in _TRACE_HEADERS for name, _ in headers):
+                carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers}
+                scope = {**scope, "headers": [(n, v) for n, v in headers if n not in _TRACE_HEADERS]}
+                caller = _span_context_of(_remote(carrier))
+                if caller is not None:
+                    scope[_CALLER_CONTEXT] = caller
+        await self.app(scope, receive, send)
+
+    def _trusts(self, client: Any) -> bool:
+        if not self.trusted or not client:
+            return False
+        import ipaddress
+
+        try:
+            address = ipaddress.ip_address(client[0])
+        except ValueError:  # not an address (a Unix socket, a test client): not a caller to trust
+            return False
+        return any(address in network for network in self.trusted)
+
+
+def _link_caller(span: Any, scope: dict[str, Any]) -> None:
+    """The server span's hook: link the context an untrusted caller sent (it is not the parent)."""
+    caller = scope.get(_CALLER_CONTEXT)
+    if caller is not None and span.is_recording():
+        span.add_link(caller, {"orders.link": "caller"})
 
 
 def no_orphan_clients(delegate: Sampler) -> Sampler:

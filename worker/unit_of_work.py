@@ -103,6 +103,7 @@ _PAYMENT_FIELDS = (
     "confirmed_event_id",
     "attempts",
     "last_error",
+    "amount_refunded",
 )
 
 
@@ -174,7 +175,8 @@ class PostgresUnitOfWork:
         rows = self.conn.execute(
             text(
                 "SELECT order_id::text, user_id, status, currency, total, payment_provider,"
-                " payment_request, next_action, shipment, reason, correlation_id, place_message_id"
+                " payment_request, next_action, shipment, reason, correlation_id, place_message_id,"
+                " EXTRACT(EPOCH FROM clock_timestamp() - paid_at)::float AS paid_seconds_ago"
                 " FROM orders WHERE order_id = ANY(CAST(:ids AS uuid[])) ORDER BY order_id FOR UPDATE"
             ),
             {"ids": ids},
@@ -201,6 +203,7 @@ class PostgresUnitOfWork:
                 reason=r.reason,
                 correlation_id=r.correlation_id,
                 loaded_status=status,
+                paid_seconds_ago=r.paid_seconds_ago,
             )
         for r in self.conn.execute(
             text(
@@ -384,7 +387,12 @@ class PostgresUnitOfWork:
                 "UPDATE orders AS o SET status = v.status, reason = v.reason,"
                 # clock_timestamp(): taken after the row lock, so it grows in
                 # commit order per order (the read model's version)
-                " next_action = v.next_action, shipment = v.shipment, updated_at = clock_timestamp()"
+                " next_action = v.next_action, shipment = v.shipment, updated_at = clock_timestamp(),"
+                # when it began to wait for its buyer (the expiry sweep's clock) and when it was paid
+                " awaiting_since = CASE WHEN v.status = 'awaiting_payment' AND o.status <> 'awaiting_payment'"
+                " THEN clock_timestamp() ELSE o.awaiting_since END,"
+                " paid_at = CASE WHEN v.status = 'completed' AND o.status <> 'completed'"
+                " THEN clock_timestamp() ELSE o.paid_at END"
                 " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS"
                 " v(order_id uuid, status text, guard text, reason text, next_action jsonb, shipment jsonb)"
                 f" WHERE o.order_id = v.order_id AND o.status = v.guard RETURNING o.order_id::text, {tables.ORDER_VERSION_SQL}"

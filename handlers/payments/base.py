@@ -10,8 +10,9 @@ Errors::
 
     PaymentError
      ├── TransientPaymentError   timeout, dropped connection, 5xx, 429: retry
-     │    └── OutcomeUnknown     the request may have reached the provider:
-     │                           settle by repeating with the same key
+     │    ├── OutcomeUnknown     the request may have reached the provider:
+     │    │                      settle by repeating with the same key
+     │    └── CertificateFetchBusy  too many webhook certificates being fetched
      └── PermanentPaymentError   4xx validation, bad configuration: no retry
           └── PaymentAlreadyCaptured  cancel found the money taken: refund
 
@@ -36,6 +37,14 @@ class TransientPaymentError(PaymentError):
 
 class OutcomeUnknown(TransientPaymentError):
     """The request was sent but no answer came back (timeout, reset)."""
+
+
+class CertificateFetchBusy(TransientPaymentError):
+    """Every slot for fetching a webhook's certificate is in use: refused at once, not queued.
+
+    The certificate URL comes from an unauthenticated sender; the shim answers
+    503 with Retry-After, and a real provider redelivers.
+    """
 
 
 class PermanentPaymentError(PaymentError):

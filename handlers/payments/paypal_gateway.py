@@ -14,9 +14,17 @@ nothing was captured (``PaymentAlreadyCaptured`` otherwise: refund instead).
 
 Webhooks are verified offline as PayPal documents: the certificate comes
 from ``PAYPAL-CERT-URL``, which is fetched only over https, only from a host
-on ``cert_host_allowlist`` (PayPal's certificate hosts), never following a
-redirect; anything else is refused before any connection is made (the header
-is the sender's: it must not make us probe other hosts or ports).  The PEM
+on ``cert_host_allowlist`` (PayPal's certificate hosts) and only on port 443
+(or the port an allow-list entry names), never following a redirect;
+anything else is refused before any connection is made (the header is the
+sender's: it must not make us probe other hosts or ports, nor tell them
+apart by how long the answer takes).  The header comes before any signature
+was checked, so fetching is bounded: at most :data:`CERT_FETCHES_IN_FLIGHT`
+fetches at once per process (beyond that :class:`CertificateFetchBusy` at
+once, never a wait), a fetch that failed is not tried again for
+:data:`CERT_FAILURE_TTL_SECONDS` (by URL; a host that could not be reached
+or timed out, by host and port), and a whole fetch takes at most
+``timeout_seconds`` plus one read.  The PEM
 there (the signing certificate, then any intermediates) is accepted only when
 ``cryptography.x509.verification`` builds a chain from it to a root in
 ``cert_ca_file`` (the system's CAs when empty; the same roots verify the https
@@ -35,6 +43,7 @@ import logging
 import re
 import ssl
 import threading
+import time
 import warnings
 import zlib
 from collections import OrderedDict
@@ -72,6 +81,7 @@ from paypalserversdk.models.refund_request import RefundRequest
 from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
 
 from handlers.payments.base import (
+    CertificateFetchBusy,
     MalformedWebhook,
     OutcomeUnknown,
     PaymentAlreadyCaptured,
@@ -87,7 +97,7 @@ from handlers.payments.base import (
     WebhookVerificationError,
 )
 from handlers.payments.money import MoneyError, from_decimal_string, to_paypal_value
-from handlers.payments.settings import GatewayConfigError, PayPalSettings
+from handlers.payments.settings import GatewayConfigError, PayPalSettings, cert_origins
 from handlers.payments.shapes import EventId, Ref, Shape, read
 
 log = logging.getLogger(__name__)
@@ -99,6 +109,14 @@ PAYPAL_CERT_NAMES = ("messageverificationcerts.paypal.com", "messageverification
 MAX_CERT_BYTES = 64 * 1024
 #: Certificates kept, per URL (PayPal rotates them rarely; each URL names one for good).
 CERT_CACHE_SIZE = 32
+#: Certificate fetches one process makes at once.  The URL is chosen by an unauthenticated sender: each
+#: fetch holds a thread of the shim's pool for up to ``timeout_seconds``, so only a few may (PayPal's
+#: real certificates are fetched once each and then cached, so a few is plenty).
+CERT_FETCHES_IN_FLIGHT = 4
+#: How long a failed fetch is remembered (and its failure answered again without a connection).
+CERT_FAILURE_TTL_SECONDS = 60.0
+#: Failed URLs and hosts remembered at most (the oldest is forgotten first).
+CERT_FAILURE_CACHE_SIZE = 1024
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 _T = TypeVar("_T")
@@ -228,12 +246,18 @@ class PayPalGateway:
         *,
         clock: Callable[[], datetime] = _utcnow,
         cert_names: tuple[str, ...] = PAYPAL_CERT_NAMES,
+        ticker: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._clock = clock
+        self._ticker = ticker
         self._cert_names = frozenset(n.lower() for n in cert_names)
+        self._cert_origins = cert_origins(settings.cert_host_allowlist)
         self._certs: OrderedDict[str, list[x509.Certificate]] = OrderedDict()
+        #: URL or "host:port" → (monotonic time it is forgotten, the failure to raise again)
+        self._failures: OrderedDict[str, tuple[float, type[Exception], str]] = OrderedDict()
         self._certs_lock = threading.Lock()
+        self._fetch_slots = threading.BoundedSemaphore(CERT_FETCHES_IN_FLIGHT)
         #: loaded at start so that a bad ``cert_ca_file`` stops start-up, not a webhook
         self._trust = CertificateTrust.load(settings.cert_ca_file) if settings.verification == "offline" else None
         self._token: OAuthToken | None = None
@@ -498,6 +522,8 @@ class PayPalGateway:
             event = json.loads(body)
         except ValueError:
             raise WebhookVerificationError("paypal webhook body is not JSON") from None
+        except RecursionError:  # verified, so PayPal's (or its key holder's) event, unreadable here
+            raise MalformedWebhook("paypal webhook body is JSON nested too deeply") from None
         return translate_event(event)
 
     def _verify_offline(self, body: bytes, h: Mapping[str, str]) -> None:
@@ -526,47 +552,86 @@ class PayPalGateway:
             raise WebhookVerificationError("paypal webhook signature does not verify") from None
 
     def _certificate(self, url: str) -> x509.Certificate:
-        """The signing certificate at ``url``, verified now (fetched once, then cached)."""
-        self._check_cert_url(url)
+        """The signing certificate at ``url``, verified now (fetched once, then cached; a failure is
+        remembered for :data:`CERT_FAILURE_TTL_SECONDS`)."""
+        origin = self._check_cert_url(url)
         with self._certs_lock:
             chain = self._certs.get(url)
-        if chain is None:
-            chain = self._fetch_chain(url)
-            self._verify_chain(chain)  # only a chain that verified is kept
-            with self._certs_lock:
-                self._certs[url] = chain
-                while len(self._certs) > CERT_CACHE_SIZE:
-                    self._certs.popitem(last=False)
+            if chain is None:
+                self._raise_remembered(origin, url)
+        if chain is not None:
+            self._verify_chain(chain)  # again: it must still be valid now
             return chain[0]
-        self._verify_chain(chain)  # again: it must still be valid now
+        if not self._fetch_slots.acquire(blocking=False):
+            raise CertificateFetchBusy("paypal certificate fetches: every slot in use; redeliver later")
+        try:
+            try:
+                chain = self._fetch_chain(url)
+            except _Unreachable as exc:
+                self._remember_failure(origin, exc.error)
+                raise exc.error from None
+            self._verify_chain(chain)  # only a chain that verified is kept
+        except (WebhookVerificationError, TransientPaymentError) as exc:
+            self._remember_failure(url, exc)
+            raise
+        finally:
+            self._fetch_slots.release()
+        with self._certs_lock:
+            self._certs[url] = chain
+            while len(self._certs) > CERT_CACHE_SIZE:
+                self._certs.popitem(last=False)
         return chain[0]
 
-    def _check_cert_url(self, url: str) -> None:
-        """Refuse, before any connection, a URL that is not https to an allow-listed host."""
+    def _raise_remembered(self, *keys: str) -> None:
+        """Raise the failure remembered for any of ``keys`` (a URL, its host and port) that is still fresh."""
+        now = self._ticker()
+        for key in keys:
+            found = self._failures.get(key)
+            if found is None:
+                continue
+            until, kind, message = found
+            if until > now:
+                raise kind(message)
+            del self._failures[key]
+
+    def _remember_failure(self, key: str, exc: Exception) -> None:
+        with self._certs_lock:
+            self._failures[key] = (self._ticker() + CERT_FAILURE_TTL_SECONDS, type(exc), str(exc))
+            self._failures.move_to_end(key)
+            while len(self._failures) > CERT_FAILURE_CACHE_SIZE:
+                self._failures.popitem(last=False)
+
+    def _check_cert_url(self, url: str) -> str:
+        """Refuse, before any connection, a URL that is not https to an allow-listed host and port;
+        the URL's ``host:port``."""
         parts = urlsplit(url)
         if parts.scheme != "https":
             raise WebhookVerificationError("paypal certificate URL must be https")
         try:
-            parts.port  # noqa: B018 - raises for a malformed port
+            port = parts.port or 443
         except ValueError:
             raise WebhookVerificationError("paypal certificate URL has a malformed port") from None
         host = (parts.hostname or "").lower()
-        allowed = {h.lower() for h in self._settings.cert_host_allowlist}
-        if parts.username is not None or parts.password is not None or host not in allowed:
-            raise WebhookVerificationError("paypal certificate URL host is not allowed")
+        if parts.username is not None or parts.password is not None or (host, port) not in self._cert_origins:
+            raise WebhookVerificationError("paypal certificate URL host is not allowed (https on port 443 only)")
+        return f"{host}:{port}"
 
     def _fetch_chain(self, url: str) -> list[x509.Certificate]:
+        """The PEM chain at ``url``; raises :class:`_Unreachable` when the host did not answer in time."""
         assert self._trust is not None
+        deadline = time.monotonic() + self._settings.timeout_seconds
         try:
             with httpx.stream(
                 "GET", url, verify=self._trust.tls, timeout=self._settings.timeout_seconds, follow_redirects=False
             ) as response:
                 status = response.status_code
-                content = _read_bounded(response) if status == 200 else b""
+                content = _read_bounded(response, deadline) if status == 200 else b""
         except httpx.HTTPError as exc:
             if _is_untrusted_tls(exc):
-                raise WebhookVerificationError("paypal certificate host's TLS certificate is not trusted") from None
-            raise TransientPaymentError(f"paypal certificate fetch failed: {type(exc).__name__}") from None
+                error: Exception = WebhookVerificationError("paypal certificate host's TLS certificate is not trusted")
+            else:
+                error = TransientPaymentError(f"paypal certificate fetch failed: {type(exc).__name__}")
+            raise _Unreachable(error) from None
         if status >= 500 or status == 429:
             raise TransientPaymentError(f"paypal certificate fetch: http {status}")
         if status != 200:  # a redirect too: never followed
@@ -631,12 +696,23 @@ class PayPalGateway:
             raise WebhookVerificationError("paypal webhook postback verification failed")
 
 
-def _read_bounded(response: httpx.Response) -> bytes:
+class _Unreachable(Exception):
+    """The certificate host did not answer (connection refused or reset, a timeout, TLS it cannot
+    prove): remembered for the host and port, not only the URL, so other paths there wait too."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _read_bounded(response: httpx.Response, deadline: float) -> bytes:
     data = bytearray()
     for chunk in response.iter_bytes():
         data += chunk
         if len(data) > MAX_CERT_BYTES:
             raise WebhookVerificationError("paypal certificate response is too large")
+        if time.monotonic() > deadline:  # a host trickling bytes must not hold the fetch for ever
+            raise httpx.ReadTimeout("paypal certificate response too slow")
     return bytes(data)
 
 

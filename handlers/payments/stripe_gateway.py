@@ -23,6 +23,7 @@ import stripe
 from stripe.params import PaymentIntentCreateParams, RefundCreateParams
 
 from handlers.payments.base import (
+    MalformedWebhook,
     OutcomeUnknown,
     PaymentAlreadyCaptured,
     PaymentFacts,
@@ -197,6 +198,8 @@ class StripeGateway:
             raise WebhookVerificationError(f"stripe signature rejected: {exc.user_message}") from None
         except (UnicodeDecodeError, ValueError):
             raise WebhookVerificationError("stripe webhook body is not JSON") from None
+        except RecursionError:  # signed, so a provider's event this service cannot read
+            raise MalformedWebhook("stripe webhook body is JSON nested too deeply") from None
         # The SDK refuses only timestamps too far in the past; one far in the future is as suspect.
         if _signed_at(signature or "") > time.time() + tolerance:
             raise WebhookVerificationError("stripe signature timestamp is in the future, outside the tolerance")

@@ -7,17 +7,44 @@ translates.  A ``CONFIRMED`` event becomes the PaymentConfirmed command of
 DESIGN.md with :func:`to_payment_confirmed`; the command's AMQP
 ``message_id`` is the provider's event id (:func:`confirmation_message_id`),
 so a redelivered webhook is deduplicated by the worker's inbox.
+
+Every command a webhook becomes is checked against its model
+(:mod:`schema.messages`) before anyone publishes it: a signed event whose
+fields the worker would refuse (a negative amount, an order id that is not a
+UUID, a control character) raises :class:`MalformedWebhook` here (the shim
+answers 400 ``invalid_webhook``) instead of being accepted and then
+dead-lettered.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from handlers.payments.base import PaymentGateway, WebhookEvent, WebhookKind, WebhookVerificationError
-from schema.messages import CapturePayment, Command, PaymentConfirmed, PaymentFailed
+from pydantic import ValidationError
+
+from handlers.payments.base import (
+    MalformedWebhook,
+    PaymentGateway,
+    WebhookEvent,
+    WebhookKind,
+    WebhookVerificationError,
+)
+from schema.messages import (
+    CapturePayment,
+    Command,
+    PaymentConfirmed,
+    PaymentFailed,
+    SettleRefund,
+    describe_validation_error,
+)
 from schema.topology import route
+
+#: control characters (the rule of schema.messages.Text): a provider's free-text reason loses them
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 _SIGNATURE_HEADERS = {"stripe-signature": "stripe", "paypal-transmission-sig": "paypal"}
 
@@ -110,14 +137,29 @@ def to_command(event: WebhookEvent) -> WebhookCommand | None:
     """The command a verified webhook becomes, or None for events not acted on.
 
     Confirmed → PaymentConfirmed (public ``orders.commands``); PayPal approval
-    → the internal CapturePayment; a failure → the internal PaymentFailed.
+    → the internal CapturePayment; a failure → the internal PaymentFailed; a
+    refund → the internal SettleRefund (once the event names its order and
+    the order's payment: a refund event names neither, so the shim finds them
+    first, see ``worker/shim/webhook.py``).
     The message id is the provider's event id, so a webhook delivered three
-    times is applied once.
+    times is applied once.  Raises :class:`MalformedWebhook` when the command
+    would not pass its model (the worker would dead-letter it), and
+    ``ValueError`` when a confirmation lacks a field.
     """
-    if event.kind in (WebhookKind.IGNORED, WebhookKind.REFUNDED) or event.order_id is None:
-        return None  # (a refund becomes a command once its order is known: issue 21, under way)
+    if event.kind is WebhookKind.IGNORED or event.order_id is None:
+        return None
+    if event.kind is WebhookKind.REFUNDED:
+        if not event.provider_payment_id:
+            return None  # the shim names the payment first (refund_owner); without one it is not ours
+        body = {
+            "order_id": event.order_id,
+            "provider": event.provider,
+            "payment_id": event.provider_payment_id,
+            "event_id": event.event_id,
+        }
+        return _checked(WebhookCommand(SettleRefund, event.event_id, body))
     if event.kind is WebhookKind.CONFIRMED:
-        return WebhookCommand(PaymentConfirmed, confirmation_message_id(event), to_payment_confirmed(event))
+        return _checked(WebhookCommand(PaymentConfirmed, confirmation_message_id(event), to_payment_confirmed(event)))
     common = {
         "order_id": event.order_id,
         "provider": event.provider,
@@ -125,6 +167,17 @@ def to_command(event: WebhookEvent) -> WebhookCommand | None:
         "event_id": event.event_id,
     }
     if event.kind is WebhookKind.APPROVED:
-        return WebhookCommand(CapturePayment, event.event_id, common)
-    reason = (event.reason or "")[:1000] or None
-    return WebhookCommand(PaymentFailed, event.event_id, {**common, "reason": reason} if reason else common)
+        return _checked(WebhookCommand(CapturePayment, event.event_id, common))
+    reason = _CONTROL.sub(" ", event.reason or "").strip()[:1000] or None
+    return _checked(WebhookCommand(PaymentFailed, event.event_id, {**common, "reason": reason} if reason else common))
+
+
+def _checked(webhook: WebhookCommand) -> WebhookCommand:
+    """``webhook`` once its body passes the command's model, as the worker will read it."""
+    try:
+        webhook.command.model_validate_json(json.dumps(webhook.body))
+    except ValidationError as exc:
+        raise MalformedWebhook(
+            f"the event makes an invalid {webhook.command.__name__}: {describe_validation_error(exc)}"[:500]
+        ) from None
+    return webhook

@@ -147,7 +147,10 @@ class Stack:
                 "ORDERS_PAYPAL__TIMEOUT_SECONDS": str(CLIENT_TIMEOUT),
                 "ORDERS_PAYPAL__MAX_NETWORK_RETRIES": "2",
                 "ORDERS_PAYPAL__VERIFICATION": "offline",
-                "ORDERS_PAYPAL__CERT_HOST_ALLOWLIST": '["127.0.0.1"]',
+                # the fake's https listener: its host and port (a host alone means port 443)
+                "ORDERS_PAYPAL__CERT_HOST_ALLOWLIST": json.dumps(
+                    [urlsplit(self.paypal_cert_base).netloc or "127.0.0.1"]
+                ),
                 "ORDERS_PAYPAL__CERT_CA_FILE": str(self.paypal_ca_file),
                 "ORDERS_WORKER__RETRY_DELAYS_SECONDS": json.dumps(list(self.cfg.retry_delays)),
                 "ORDERS_WORKER__PAYMENT_CONCURRENCY": str(self.cfg.payment_concurrency),
@@ -161,6 +164,7 @@ class Stack:
                 "ORDERS_SHIM__READ_RATE_PER_MINUTE": "1000000",
                 "ORDERS_SHIM__PLACE_RATE_PER_MINUTE_PER_ADDRESS": "1000000",
                 "ORDERS_SHIM__READ_RATE_PER_MINUTE_PER_ADDRESS": "1000000",
+                "ORDERS_SHIM__WEBHOOK_RATE_PER_MINUTE_PER_ADDRESS": "1000000",  # every webhook comes from 127.0.0.1
                 "ORDERS_METRICS__PORT": "0",
                 "ORDERS_LOGGING__FORMAT": "json",
                 "ORDERS_LOGGING__LEVEL": "INFO",

@@ -243,7 +243,7 @@ def main() -> None:
     (directory / "paypal-signing.key").write_bytes(signing.key_pem)
     (directory / "paypal-signing.key").chmod(0o600)
     print(
-        f"ORDERS_PAYPAL__CERT_CA_FILE={ca}\nORDERS_PAYPAL__CERT_HOST_ALLOWLIST='[\"127.0.0.1\"]'\n"
+        f"ORDERS_PAYPAL__CERT_CA_FILE={ca}\nORDERS_PAYPAL__CERT_HOST_ALLOWLIST='[\"127.0.0.1:12113\"]'\n"
         f"fake: python scripts/fakes/fake_paypal.py --port 12112 --tls-port 12113 --tls-cert {cert} --tls-key {key}\n"
         f"then PUT {directory / 'paypal-signing.pem'} to http://127.0.0.1:12112/_fake/certs/<name>; the cert URL is "
         "https://127.0.0.1:12113/_fake/certs/<name>"

@@ -8,6 +8,7 @@ with a PKI from ``paypal_certs`` that the service is told to trust.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -140,7 +141,7 @@ def stack(
         "ORDERS_STRIPE__MAX_NETWORK_RETRIES": "0",
         "ORDERS_PAYPAL__BASE_URL": paypal_fake.url,
         "ORDERS_PAYPAL__CERT_CA_FILE": str(ca),
-        "ORDERS_PAYPAL__CERT_HOST_ALLOWLIST": '["127.0.0.1"]',
+        "ORDERS_PAYPAL__CERT_HOST_ALLOWLIST": json.dumps([paypal_tls.url.removeprefix("https://")]),
         "ORDERS_SHIM__JWT_SECRET": JWT_SECRET,
     }
     s = Stack(env, tmp, engine, {"stripe": stripe_fake, "paypal": paypal_fake})

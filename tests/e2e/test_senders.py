@@ -291,7 +291,7 @@ def test_a_retried_command_is_still_judged_as_its_first_sender(bus, wait):
     bus.send(SHOP, "PlaceOrder", body)
     refusal = wait(lambda: bus.refusal(early), timeout=30, what="the retried cancel refused")
     assert refusal["reason"] == "not_found"
-    assert bus.order(order_id).status == "awaiting_payment"
+    wait(lambda: bus.order(order_id).status == "awaiting_payment", what="not cancelled: waits for its buyer")
 
 
 def test_a_replayed_dead_letter_is_judged_as_its_first_sender(bus, wait, users):

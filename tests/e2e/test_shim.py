@@ -257,6 +257,23 @@ def test_cancelling_a_completed_order_answers_409(stack):
     }
 
 
+def test_an_admin_cancels_a_paid_order_and_reads_its_refund_as_it_goes(stack):
+    order_id = stack.place().json()["order_id"]
+    wait_until(lambda: stack.status(order_id) == "completed", what="completed")
+    assert stack.get(order_id).json()["paid_at"]
+    admin = {**stack.auth("ops", ("admin",)), "Prefer": "wait=10"}
+    r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", headers=admin, json={"reason": "out of stock"}, timeout=20)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    assert r.json()["payment"]["refund"] in ("pending", "refunded")
+    wait_until(lambda: stack.get(order_id).json()["payment"].get("refund") == "refunded", what="refunded")
+    view = stack.get(order_id).json()
+    assert (view["status"], view["payment"]["amount_refunded"], view["reason"]) == (
+        "cancelled",
+        view["total"],
+        "out of stock",
+    )
+
+
 def test_a_shipped_order_reads_its_shipment_cannot_be_cancelled_and_its_history_tells_all(stack):
     order_id = stack.place().json()["order_id"]
     wait_until(lambda: stack.status(order_id) == "completed", what="completed")
@@ -309,7 +326,12 @@ def test_a_refunded_order_reads_refunded_and_cannot_be_cancelled(stack):
     finally:
         conn.close()
     wait_until(lambda: stack.status(order_id) == "refunded", what="refunded, as the shim shows it")
-    assert stack.get(order_id).json()["payment"] == {"provider": "stripe", "status": "refunded"}
+    assert stack.get(order_id).json()["payment"] == {
+        "provider": "stripe",
+        "status": "refunded",
+        "refund": "refunded",
+        "amount_refunded": stack.get(order_id).json()["total"],
+    }
     r = httpx.put(f"{stack.url}/orders/{order_id}/cancel", headers=stack.auth(), timeout=10)
     assert r.status_code == 409 and r.json()["error"] == "not_cancellable"
 

@@ -6,6 +6,7 @@ import copy
 import json
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,9 +25,15 @@ from handlers.payments.base import MalformedWebhook, TransientPaymentError, Webh
 from handlers.payments.paypal_gateway import PayPalGateway  # noqa: E402
 from handlers.payments.settings import GatewayConfigError, PayPalSettings, StripeSettings  # noqa: E402
 from handlers.payments.stripe_gateway import StripeGateway  # noqa: E402
-from handlers.payments.webhooks import confirmation_message_id, parse_webhook, to_payment_confirmed  # noqa: E402
+from handlers.payments.webhooks import (  # noqa: E402
+    confirmation_message_id,
+    parse_webhook,
+    to_command,
+    to_payment_confirmed,
+)
 from scripts.fakes import fake_paypal, paypal_certs  # noqa: E402
 from scripts.fakes.common import tls_context  # noqa: E402
+from tests.support import HoldingServer  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 STRIPE_SECRET = "whsec_test_secret"
@@ -166,6 +173,30 @@ def test_stripe_signed_but_oddly_shaped_events_are_malformed(stripe_gateway: Str
         stripe_gateway.parse_webhook(payload.encode(), signed(payload))
 
 
+@pytest.mark.parametrize(
+    "event_type, changes",
+    [
+        ("payment_intent.succeeded", {"amount": -5}),
+        ("payment_intent.succeeded", {"amount": 1099, "amount_received": -5}),
+        ("payment_intent.succeeded", {"metadata": {"order_id": "not-a-uuid"}}),
+        ("payment_intent.succeeded", {"metadata": {"order_id": "7d0c9a8e-0000-4000-8000-00000000000\u0000"}}),
+        ("payment_intent.succeeded", {"currency": "us\u0000"}),
+        ("payment_intent.succeeded", {"currency": "usdx"}),
+        ("payment_intent.succeeded", {"id": "pi_\u0000"}),
+        ("payment_intent.payment_failed", {"metadata": {"order_id": "not-a-uuid"}}),
+    ],
+    ids=["amount-negative", "received-negative", "order-not-uuid", "order-nul", "currency-nul", "currency-4", "id-nul", "failed-order-not-uuid"],
+)  # fmt: skip
+def test_a_signed_stripe_event_whose_command_would_be_invalid_is_malformed(
+    stripe_gateway: StripeGateway, event_type: str, changes: dict[str, Any]
+) -> None:
+    """Before: 200 enqueued, then dead-lettered by the worker.  Now refused before anything is published."""
+    payload = stripe_event(event_type, **changes)
+    event = parse_webhook({"stripe": stripe_gateway}, payload.encode(), signed(payload))  # verified and read
+    with pytest.raises(MalformedWebhook, match="invalid"):
+        to_command(event)
+
+
 def test_stripe_event_id_of_200_characters_is_fine(stripe_gateway: StripeGateway) -> None:
     payload = _stripe_shaped(lambda e: e.update(id="evt_" + "x" * 196))
     assert len(stripe_gateway.parse_webhook(payload.encode(), signed(payload)).event_id) == 200
@@ -203,6 +234,7 @@ def server(authority: paypal_certs.TestAuthority, tmp_path_factory: pytest.TempP
     cert, key = paypal_certs.write_tls(authority.tls_cert(), tmp_path_factory.mktemp("paypal-tls"))
     secure = fake_paypal.serve(0, tls=tls_context(str(cert), str(key)), app=srv.app)
     srv.cert_base = f"{secure.url}/_fake/certs"  # type: ignore[attr-defined]
+    srv.cert_origin = secure.url.removeprefix("https://")  # type: ignore[attr-defined]  # 127.0.0.1:<port>
     yield srv
     secure.stop()
     srv.stop()
@@ -219,17 +251,18 @@ def ca_file(authority: paypal_certs.TestAuthority, tmp_path_factory: pytest.Temp
 
 @pytest.fixture
 def make_paypal(server: Any, ca_file: str) -> Callable[..., PayPalGateway]:
-    def make(at: datetime | None = None, **overrides: Any) -> PayPalGateway:
+    def make(at: datetime | None = None, ticker: Callable[[], float] | None = None, **overrides: Any) -> PayPalGateway:
         values: dict[str, Any] = {
             "client_id": fake_paypal.DEFAULT_CLIENT_ID,
             "client_secret": fake_paypal.DEFAULT_CLIENT_SECRET,
             "base_url": server.url,
             "webhook_id": VECTOR["webhook_id"],
-            "cert_host_allowlist": ("127.0.0.1",),
+            "cert_host_allowlist": (server.cert_origin,),  # the fake's https port (PayPal's is 443)
             "cert_ca_file": ca_file,
             **overrides,
         }
-        return PayPalGateway(PayPalSettings(**values), **({"clock": lambda: at} if at else {}))
+        times: dict[str, Any] = {"clock": lambda: at} if at else {}
+        return PayPalGateway(PayPalSettings(**values), **times, **({"ticker": ticker} if ticker else {}))
 
     return make
 
@@ -293,6 +326,8 @@ def test_paypal_other_webhook_id_fails(server: Any, make_paypal: Callable[..., P
         "http://127.0.0.1:{port}/_fake/certs/" + CERT_NAME,  # allowed host, plain http (even on loopback)
         "https://localhost:{port}/_fake/certs/" + CERT_NAME,  # loopback, but not on the allow-list
         "https://127.0.0.2:{port}/_fake/certs/" + CERT_NAME,
+        "https://127.0.0.1:{port}/_fake/certs/" + CERT_NAME,  # allowed host, but not on port 443
+        "https://api.sandbox.paypal.com:{port}/v1/notifications/certs/" + CERT_NAME,  # PayPal's host, another port
         "https://user@127.0.0.1:{port}/_fake/certs/" + CERT_NAME,
         "ftp://127.0.0.1:{port}/_fake/certs/" + CERT_NAME,
         "https://evil.example.com/v1/notifications/certs/" + CERT_NAME,
@@ -314,14 +349,89 @@ def test_paypal_cert_url_not_allowed_is_refused_without_a_connection(
         listener.close()
 
 
-def test_paypal_missing_cert_is_rejected(server: Any, make_paypal: Callable[..., PayPalGateway]) -> None:
+def _cert_fetches(server: Any, name: str) -> int:
+    return int(httpx.get(server.url + "/_fake/charges").json()["cert_fetches"].get(name, 0))
+
+
+def test_paypal_missing_cert_is_rejected_and_not_fetched_again_for_a_minute(
+    server: Any, make_paypal: Callable[..., PayPalGateway]
+) -> None:
+    now = [100.0]
+    gateway = make_paypal(ticker=lambda: now[0])
+    headers = vector_headers(f"{server.cert_base}/CERT-unknown")
+    before = _cert_fetches(server, "CERT-unknown")
+    for _ in range(3):
+        with pytest.raises(WebhookVerificationError, match="http 404"):
+            gateway.parse_webhook(VECTOR["body"].encode(), headers)
+    assert _cert_fetches(server, "CERT-unknown") == before + 1  # the failure is remembered
+    now[0] += 61  # past its 60 s
     with pytest.raises(WebhookVerificationError, match="http 404"):
-        make_paypal().parse_webhook(VECTOR["body"].encode(), vector_headers(f"{server.cert_base}/CERT-unknown"))
+        gateway.parse_webhook(VECTOR["body"].encode(), headers)
+    assert _cert_fetches(server, "CERT-unknown") == before + 2
 
 
 def test_paypal_unreachable_cert_host_is_transient(make_paypal: Callable[..., PayPalGateway]) -> None:
     with pytest.raises(TransientPaymentError):
-        make_paypal().parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:9/certs/{CERT_NAME}"))
+        make_paypal(cert_host_allowlist=("127.0.0.1:9",)).parse_webhook(
+            VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:9/certs/{CERT_NAME}")
+        )
+
+
+@pytest.fixture
+def holding() -> Iterator[HoldingServer]:
+    server = HoldingServer()
+    yield server
+    server.stop()
+
+
+def test_a_cert_host_that_holds_connections_is_tried_once_then_remembered_for_every_path(
+    make_paypal: Callable[..., PayPalGateway], holding: HoldingServer
+) -> None:
+    now = [100.0]
+    gateway = make_paypal(
+        ticker=lambda: now[0], cert_host_allowlist=(f"127.0.0.1:{holding.port}",), timeout_seconds=0.5
+    )
+    started = time.monotonic()
+    with pytest.raises(TransientPaymentError):
+        gateway.parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:{holding.port}/a"))
+    assert 0.4 < time.monotonic() - started < 3  # the fetch's timeout
+    started = time.monotonic()
+    for path in ("a", "b", "c"):  # any path there: the host did not answer, so nothing is tried for a minute
+        with pytest.raises(TransientPaymentError):
+            gateway.parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:{holding.port}/{path}"))
+    assert time.monotonic() - started < 0.2
+    assert holding.accepted == 1
+    now[0] += 61
+    with pytest.raises(TransientPaymentError):
+        gateway.parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:{holding.port}/d"))
+    assert holding.accepted == 2
+
+
+def test_at_most_four_certificate_fetches_are_in_flight_and_the_rest_are_refused_at_once(
+    make_paypal: Callable[..., PayPalGateway], holding: HoldingServer
+) -> None:
+    gateway = make_paypal(cert_host_allowlist=(f"127.0.0.1:{holding.port}",), timeout_seconds=2)
+    start = threading.Barrier(10)
+    outcomes: list[tuple[str, float]] = []
+
+    def fetch(i: int) -> None:
+        start.wait()
+        began = time.monotonic()
+        try:
+            gateway.parse_webhook(VECTOR["body"].encode(), vector_headers(f"https://127.0.0.1:{holding.port}/{i}"))
+        except Exception as exc:  # noqa: BLE001 - the kind is what is asserted
+            outcomes.append((type(exc).__name__, time.monotonic() - began))
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    busy = [took for kind, took in outcomes if kind == "CertificateFetchBusy"]
+    waited = [took for kind, took in outcomes if kind == "TransientPaymentError"]
+    assert (len(busy), len(waited)) == (6, 4), outcomes
+    assert max(busy) < 0.5 and min(waited) > 1.5  # the busy ones did not wait for a slot
+    assert holding.accepted == 4
 
 
 def test_a_cert_host_whose_tls_certificate_is_not_trusted_is_refused(
@@ -499,6 +609,53 @@ def test_paypal_signed_but_oddly_shaped_events_are_malformed(
 ) -> None:
     with pytest.raises(MalformedWebhook):
         make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(event))
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {**CAPTURE_COMPLETED, "resource": {**CAPTURE_COMPLETED["resource"], "custom_id": "not-a-uuid"}},
+        {
+            **CAPTURE_COMPLETED,
+            "resource": {**CAPTURE_COMPLETED["resource"], "amount": {"currency_code": "J\u0000Y", "value": "1500"}},
+        },
+        {
+            **CAPTURE_COMPLETED,
+            "resource": {
+                **CAPTURE_COMPLETED["resource"],
+                "supplementary_data": {"related_ids": {"order_id": "5O19\u00000127"}},
+            },
+        },
+        {
+            "id": "WH-APPROVED-BAD",
+            "event_type": "CHECKOUT.ORDER.APPROVED",
+            "resource": {"id": "5O190127TN364715T", "purchase_units": [{"custom_id": "order-7"}]},
+        },
+        {
+            **CAPTURE_COMPLETED,
+            "id": "WH-DENIED-BAD",
+            "event_type": "PAYMENT.CAPTURE.DENIED",
+            "resource": {**CAPTURE_COMPLETED["resource"], "custom_id": "not-a-uuid"},
+        },
+    ],
+    ids=["custom-id-not-uuid", "currency-nul", "payment-id-nul", "approved-order-not-uuid", "denied-order-not-uuid"],
+)
+def test_a_signed_paypal_event_whose_command_would_be_invalid_is_malformed(
+    make_paypal: Callable[..., PayPalGateway], signer: Any, event: Any
+) -> None:
+    verified = make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(event))
+    with pytest.raises(MalformedWebhook, match="invalid"):
+        to_command(verified)
+
+
+def test_a_failure_reason_loses_its_control_characters_rather_than_the_event(
+    make_paypal: Callable[..., PayPalGateway], signer: Any
+) -> None:
+    denied = copy.deepcopy(CAPTURE_COMPLETED)
+    denied.update(id="WH-DENIED-NL", event_type="PAYMENT.CAPTURE.DENIED")
+    denied["resource"]["status_details"] = {"reason": "DECLINED\nBY\tBANK"}
+    command = to_command(make_paypal(webhook_id="OUR-WEBHOOK").parse_webhook(*signer(denied)))
+    assert command is not None and command.body["reason"] == "DECLINED BY BANK"
 
 
 def test_paypal_cert_for_another_name_is_rejected(make_paypal: Callable[..., PayPalGateway], signer: Any) -> None:

@@ -51,17 +51,18 @@ def _user(name: str) -> str:
 
 @pytest.fixture
 def shim_app(settings: Any, amqp_url: str, redis_proxy: Any) -> Iterator[Callable[..., TestClient]]:
-    """Factory: the shim app in this process, its Redis through ``redis_proxy``; ``shim.*`` overrides as kwargs."""
+    """Factory: the shim app in this process, its Redis through ``redis_proxy`` (or on ``redis_port``);
+    ``shim.*`` overrides as kwargs."""
     from worker.settings import load_settings
     from worker.shim.app import create_app
 
     made: list[TestClient] = []
 
-    def start(**shim: Any) -> TestClient:
+    def start(redis_port: int | None = None, **shim: Any) -> TestClient:
         env = {
             **os.environ,
             "ORDERS_RABBITMQ__URL": amqp_url,
-            "ORDERS_REDIS__PORT": str(redis_proxy.port),
+            "ORDERS_REDIS__PORT": str(redis_port or redis_proxy.port),
             "ORDERS_SHIM__JWT_SECRET": JWT_SECRET,
             **{
                 f"ORDERS_SHIM__{k}": HIGH
@@ -105,16 +106,17 @@ def test_with_redis_unreachable_a_burst_beyond_the_process_share_is_refused(shim
     with capture_logs() as logs:
         redis_proxy.down()
         answers = [_place(shim, user) for _ in range(200)]
-        assert [r.status_code for r in answers] == [202] * 10 + [429] * 190
-        refused = answers[10]
+        # the share of what Redis said was left: 10 x 39/40 = 9.75 tokens
+        assert [r.status_code for r in answers] == [202] * 9 + [429] * 191
+        refused = answers[9]
         assert refused.json()["error"] == "rate_limited"
-        assert refused.headers["Retry-After"] == "6"  # one token of 10 a minute
+        assert refused.headers["Retry-After"] == "2"  # the quarter token missing, at 10 a minute
         assert (
             refused.headers["RateLimit-Limit"],
             refused.headers["RateLimit-Remaining"],
             refused.headers["RateLimit-Policy"],
         ) == ("10", "0", "10;w=60")
-        assert answers[9].headers["RateLimit-Remaining"] == "0" and answers[0].headers["RateLimit-Remaining"] == "9"
+        assert answers[8].headers["RateLimit-Remaining"] == "0" and answers[0].headers["RateLimit-Remaining"] == "8"
 
         now[0] += 6  # one token back, no more
         assert [_place(shim, user).status_code for _ in range(2)] == [202, 429]
@@ -126,7 +128,7 @@ def test_with_redis_unreachable_a_burst_beyond_the_process_share_is_refused(shim
         assert _metric(shim, 'orders_shim_ratelimit_mode{mode="local"}') == 1
         assert _metric(shim, 'orders_shim_ratelimit_mode{mode="redis"}') == 0
         assert _metric(shim, "orders_shim_ratelimit_unavailable_total") == 202
-        assert _metric(shim, 'orders_shim_rate_limited_total{kind="place"}') == 191
+        assert _metric(shim, 'orders_shim_rate_limited_total{kind="place"}') == 192
 
         redis_proxy.up()
         assert shim.get("/readyz").json()["rate_limits"]["mode"] == "redis"  # the probe notices at once
@@ -164,3 +166,33 @@ def test_an_exhausted_redis_pool_sheds_with_503_while_limits_stay_on_for_others(
     assert shim.get("/readyz").json()["rate_limits"]["mode"] == "redis"
     assert _metric(shim, 'orders_shim_shed_total{reason="redis_pool"}') == 20
     assert _metric(shim, "orders_shim_ratelimit_unavailable_total") == 0
+
+
+def test_a_redis_outage_hands_no_client_a_fresh_limit(shim_app, private_redis):
+    """Each bucket starts from what the client had left in Redis: a spent limit stays spent."""
+    shim = shim_app(redis_port=private_redis.port, PLACE_RATE_PER_MINUTE=3)
+    now = [1000.0]
+    shim.app.state.shim.limiter.local.clock = lambda: now[0]
+    spender, light = _user("sam"), _user("lia")
+    assert [_place(shim, spender).status_code for _ in range(4)] == [202, 202, 202, 429]  # in Redis
+    assert _place(shim, light).status_code == 202  # one of three used
+
+    private_redis.stop()  # SIGKILL: Redis is gone mid-test
+    after = _place(shim, spender)
+    assert after.status_code == 429, after.text  # before: a fresh bucket, 202
+    assert after.headers["RateLimit-Policy"] == "3;w=60"
+    assert shim.get("/readyz").json()["rate_limits"]["mode"] == "local"
+    assert [_place(shim, light).status_code for _ in range(3)] == [202, 202, 429]  # its two left, no more
+    now[0] += 20  # a third of the window: one token back for each
+    assert [_place(shim, spender).status_code for _ in range(2)] == [202, 429]
+
+
+def test_payment_webhooks_are_rate_limited_per_client_address(shim_app, private_redis):
+    # a Redis of its own: every request here comes from the same address ("testclient")
+    shim = shim_app(redis_port=private_redis.port, WEBHOOK_RATE_PER_MINUTE_PER_ADDRESS=3)
+    headers = {"Content-Type": "application/json", "Stripe-Signature": "t=1,v1=00"}
+    answers = [shim.post("/orders/payment-confirmation", content=b"{}", headers=headers) for _ in range(4)]
+    assert [r.status_code for r in answers] == [400, 400, 400, 429]  # unsigned: refused, and counted
+    assert answers[3].json()["error"] == "rate_limited" and int(answers[3].headers["Retry-After"]) > 0
+    assert answers[3].headers["RateLimit-Limit"] == "3"
+    assert _metric(shim, 'orders_shim_rate_limited_total{kind="webhook"}') == 1

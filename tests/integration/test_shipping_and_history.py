@@ -155,5 +155,26 @@ def test_orders_show_prints_the_story_and_its_json(clean_db, bus, make_place, te
         timeout=120,
     )
     assert table.returncode == 0 and "∅ → pending" in table.stdout and "stock.reserve" in table.stdout
+    narrow = subprocess.run(
+        [orders, "show", order_id, "--no-dead-letters"],
+        capture_output=True,
+        text=True,
+        env={**env, "COLUMNS": "80"},
+        timeout=120,
+    )
+    lines = narrow.stdout.splitlines()
+    assert narrow.returncode == 0 and all(len(line) <= 80 for line in lines) and "…" not in narrow.stdout, lines
+    placed = story["transitions"][0]["command"]["message_id"]
+    assert placed not in narrow.stdout  # a column of --wide
+    wide = subprocess.run(
+        [orders, "show", order_id, "--no-dead-letters", "--wide"],
+        capture_output=True,
+        text=True,
+        env={**env, "COLUMNS": "80"},
+        timeout=120,
+    )
+    assert wide.returncode == 0 and "…" not in wide.stdout
+    (row,) = [line for line in wide.stdout.splitlines() if "∅ → pending" in line]
+    assert placed in row and story["transitions"][0]["at"] in row and len(row) > 80  # one line, past the terminal
     missing = subprocess.run([orders, "show", str(uuid.uuid4())], capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode == 1 and "no order" in missing.stderr

@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 
 from handlers import cancel_order, payment_confirmed, place_order
-from handlers.errors import IllegalTransition, Mismatch, NotFound, Refused, RetryLater
-from handlers.orders import TRANSITIONS, Status, can_transition
+from handlers.errors import IllegalTransition, Mismatch, NotCancellable, NotFound, Refused, RetryLater
+from handlers.expire_order import expire_order, expiry_message_id
+from handlers.orders import DEFAULT_RULES, TRANSITIONS, Rules, Status, can_transition
 from handlers.outcome import MessageContext
-from handlers.unit_of_work import PaymentRecord, Product
+from handlers.senders import TRUSTED, Sender
+from handlers.unit_of_work import PaymentRecord, PaymentStatus, Product
 from schema.messages import CancelOrder, PaymentConfirmed, PlaceOrder
 
 
@@ -84,10 +86,13 @@ def test_state_machine_allows_only_the_lifecycle_of_the_design():
     assert can_transition(Status.AWAITING_PAYMENT, Status.COMPLETED)
     assert can_transition(Status.COMPLETED, Status.SHIPPED)
     assert can_transition(Status.COMPLETED, Status.REFUNDED)
-    for final in (Status.CANCELLED, Status.REJECTED, Status.SHIPPED, Status.REFUNDED):
+    assert can_transition(Status.AWAITING_PAYMENT, Status.EXPIRED)
+    assert can_transition(Status.COMPLETED, Status.CANCELLED)  # an admin's cancel of a paid order, refunded
+    for final in (Status.CANCELLED, Status.REJECTED, Status.SHIPPED, Status.REFUNDED, Status.EXPIRED):
         assert TRANSITIONS[final] == frozenset()
-    assert not can_transition(Status.COMPLETED, Status.CANCELLED)
+    assert not can_transition(Status.PENDING, Status.EXPIRED)  # only a payment that waits for its buyer expires
     assert not can_transition(Status.SHIPPED, Status.CANCELLED)
+    assert not can_transition(Status.SHIPPED, Status.REFUNDED)  # the refund is recorded, the status stays
     assert not can_transition(Status.CANCELLED, Status.COMPLETED)
 
 
@@ -371,3 +376,114 @@ def test_a_failed_payment_reported_for_an_order_with_no_currency_records_no_paym
     )
     assert record_failed(cmd, ctx("PaymentFailed"), uow, None).result == "unchanged"
     assert order_id not in uow.payments
+
+
+# -- an order's whole life: cancel of a paid order, expiry (issue 21) ---------------------------------------
+
+
+def paid(uow: FakeUnitOfWork, user: str = "u1", paid_seconds_ago: float | None = 30.0) -> str:
+    """A completed order with its payment, as the payment step leaves it."""
+    order_id = place(uow, [{"product_id": "a", "quantity": 1}], user=user).order_id
+    order = uow.orders[order_id]
+    order.transition(Status.COMPLETED, "m-paid")
+    order.paid_seconds_ago = paid_seconds_ago
+    uow.save_payment(PaymentRecord(order_id, "stripe", PaymentStatus.SUCCEEDED, 100, "USD", "k", "pi_1"))
+    uow.events.clear()
+    return order_id
+
+
+def cancel_as(
+    uow: FakeUnitOfWork, order_id: str, user: str, roles: list[str], admin_sender: bool, rules: Rules = DEFAULT_RULES
+) -> Any:
+    command = v(CancelOrder, {"order_id": order_id, "requested_by": {"user_id": user, "roles": roles}})
+    sender = TRUSTED if admin_sender else Sender("shop", frozenset({"CancelOrder"}))
+    context = MessageContext(str(uuid.uuid4()), "CancelOrder", "corr", order_id, sender)
+    return cancel_order(command, context, uow, rules)
+
+
+def test_an_admins_cancel_of_a_paid_order_cancels_returns_the_stock_and_refunds():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = paid(uow)
+    outcome = cancel_as(uow, order_id, "ops", ["admin"], admin_sender=True)
+    assert outcome.result == "applied" and uow.orders[order_id].status is Status.CANCELLED
+    assert uow.keys() == ["stock.return", "order.cancelled", "payment.refund"]
+
+
+def test_a_paid_order_is_not_cancellable_by_its_owner_unless_the_shop_allows_it_for_a_while():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = paid(uow, paid_seconds_ago=120)
+    with pytest.raises(NotCancellable):
+        cancel_as(uow, order_id, "u1", ["user"], admin_sender=False)
+    with pytest.raises(NotCancellable):  # allowed for one minute after payment: two minutes ago is too late
+        cancel_as(uow, order_id, "u1", ["user"], admin_sender=False, rules=Rules(customer_cancel_minutes=1))
+    assert uow.orders[order_id].status is Status.COMPLETED and uow.keys() == []
+    cancel_as(uow, order_id, "u1", ["user"], admin_sender=False, rules=Rules(customer_cancel_minutes=5))
+    assert uow.orders[order_id].status is Status.CANCELLED
+    assert uow.keys() == ["stock.return", "order.cancelled", "payment.refund"]
+
+
+def test_a_self_declared_admin_from_a_sender_that_may_not_act_as_admin_is_judged_as_the_named_user():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = paid(uow, user="bob")
+    with pytest.raises(NotFound):
+        cancel_as(uow, order_id, "mallory", ["admin"], admin_sender=False)
+    assert uow.orders[order_id].status is Status.COMPLETED
+
+
+def test_a_shipped_or_ended_order_is_not_cancellable_even_by_an_admin():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = paid(uow)
+    uow.orders[order_id].transition(Status.SHIPPED, "m-ship")
+    with pytest.raises(NotCancellable):
+        cancel_as(uow, order_id, "ops", ["admin"], admin_sender=True)
+    assert issubclass(NotCancellable, Refused) and NotCancellable.code == "not_cancellable"
+
+
+def awaiting(uow: FakeUnitOfWork, payment_status: PaymentStatus | None = PaymentStatus.REQUIRES_ACTION) -> str:
+    order_id = place(uow, [{"product_id": "a", "quantity": 1}]).order_id
+    uow.orders[order_id].transition(Status.AWAITING_PAYMENT, "m-wait")
+    if payment_status is not None:
+        uow.save_payment(PaymentRecord(order_id, "stripe", payment_status, 100, "USD", "k", "pi_1"))
+    uow.events.clear()
+    return order_id
+
+
+def test_an_order_past_its_payment_deadline_expires_releases_its_stock_and_cancels_the_payment():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = awaiting(uow)
+    mid = expiry_message_id(order_id)
+    outcome = expire_order(
+        uow.orders[order_id], MessageContext(mid, "ExpireOrder"), uow, Rules(payment_timeout_minutes=30)
+    )
+    assert outcome.result == "applied"
+    order = uow.orders[order_id]
+    assert (order.status, order.reason, order.next_action) == (Status.EXPIRED, "not paid within 30 minutes", None)
+    assert uow.keys() == ["stock.release", "order.expired", "payment.cancel"]
+
+
+def test_only_an_order_still_waiting_expires():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = paid(uow)  # paid in the same instant: the row lock let the payment win
+    outcome = expire_order(uow.orders[order_id], MessageContext("expire-x", "ExpireOrder"), uow, Rules())
+    assert outcome.result == "unchanged" and uow.orders[order_id].status is Status.COMPLETED and uow.keys() == []
+
+
+def test_money_that_lands_after_expiry_is_given_back():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = awaiting(uow)
+    expire_order(uow.orders[order_id], MessageContext("expire-y", "ExpireOrder"), uow, Rules())
+    uow.events.clear()
+    confirmed = v(
+        PaymentConfirmed,
+        {
+            "order_id": order_id,
+            "provider": "stripe",
+            "payment_id": "pi_1",
+            "amount": 100,
+            "currency": "USD",
+            "event_id": "evt_late",
+        },
+    )
+    payment_confirmed(confirmed, ctx("PaymentConfirmed"), uow)
+    assert uow.orders[order_id].status is Status.EXPIRED
+    assert uow.keys() == ["payment.refund"]

@@ -29,6 +29,7 @@ from handlers.payment_step import (
     prepare_none,
     prepare_refund,
     prepare_settle,
+    prepare_settle_refund,
     prepare_start,
     record_cancel,
     record_capture,
@@ -36,6 +37,7 @@ from handlers.payment_step import (
     record_failure,
     record_refund,
     record_settle,
+    record_settle_refund,
     record_start,
 )
 from handlers.payments.base import (
@@ -57,6 +59,7 @@ from schema.messages import (
     PlaceOrder,
     RefundPayment,
     SettlePayment,
+    SettleRefund,
     StartPayment,
 )
 from tests.unit.test_handlers import PRODUCTS, FakeUnitOfWork, v
@@ -162,6 +165,7 @@ def test_every_payment_command_has_its_prepare_and_record():
         "RefundPayment": (prepare_refund, True),
         "PaymentFailed": (prepare_none, False),
         "SettlePayment": (prepare_settle, True),
+        "SettleRefund": (prepare_settle_refund, True),
     }
     assert PAYMENT_STEPS[StartPayment].record is record_start
     assert payment_steps(5).keys() == PAYMENT_STEPS.keys()
@@ -528,7 +532,95 @@ def test_a_refunded_completed_order_becomes_refunded():
     moved(uow, order_id, Status.COMPLETED)
     record_refund(cmd(RefundPayment, order_id), msg("RefundPayment"), uow, RefundResult("re_1", "succeeded"))
     assert uow.orders[order_id].status is Status.REFUNDED
-    assert [(k, b["status"]) for k, b in sent(uow)] == [("order.refunded", "refunded")]
+    assert keys(uow) == ["stock.return", "order.refunded"]  # its committed units come back too
+    refunded = sent(uow)[1][1]
+    assert (refunded["status"], refunded["amount_refunded"], refunded["full"]) == ("refunded", 200, True)
+    assert uow.payments[order_id].amount_refunded == 200
+
+
+def test_a_refund_gives_back_what_a_partial_refund_at_the_provider_left():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = placed(uow)
+    with_payment(uow, order_id, "succeeded", amount_refunded=50)
+    moved(uow, order_id, Status.COMPLETED)
+    gateway = RecordingGateway(RefundResult("re_2", "succeeded"))
+    run(prepare_refund(cmd(RefundPayment, order_id), uow), gateway)
+    assert gateway.calls[0][0] == "refund" and gateway.calls[0][1][1:3] == (150, "USD")
+
+
+# -- SettleRefund (a refund made at the provider) --------------------------------------
+
+
+def facts(refunded: int, *ids: str, order_id: str | None = None, pid: str = "pi_1") -> PaymentFacts:
+    return PaymentFacts(pid, True, order_id, 200, "USD", "succeeded", refunded=refunded, refund_ids=ids)
+
+
+def settle_refund(uow: FakeUnitOfWork, order_id: str, found: PaymentFacts) -> Any:
+    command = cmd(SettleRefund, order_id, provider="stripe", payment_id="pi_1", event_id="evt_refund")
+    gateway = RecordingGateway(found)
+    assert run(prepare_settle_refund(command, uow), gateway) is found
+    assert gateway.calls[0] == ("lookup", ("pi_1",))  # the provider is asked, never trusted
+    return record_settle_refund(command, msg("SettleRefund"), uow, found)
+
+
+def test_a_full_refund_at_the_provider_refunds_a_completed_order_and_returns_its_stock():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = placed(uow)
+    with_payment(uow, order_id, "succeeded")
+    moved(uow, order_id, Status.COMPLETED)
+    settle_refund(uow, order_id, facts(200, "re_1", order_id=order_id))
+    assert uow.orders[order_id].status is Status.REFUNDED
+    assert keys(uow) == ["stock.return", "order.refunded"]
+    assert (uow.payments[order_id].status, uow.payments[order_id].refund_id) == ("refunded", "re_1")
+    uow.events.clear()
+    assert settle_refund(uow, order_id, facts(200, "re_1")).result == "unchanged"  # delivered twice
+    assert keys(uow) == []
+
+
+def test_a_full_refund_of_a_shipped_order_is_recorded_and_announced_and_the_order_stays_shipped():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = placed(uow)
+    with_payment(uow, order_id, "succeeded")
+    moved(uow, order_id, Status.COMPLETED, Status.SHIPPED)
+    settle_refund(uow, order_id, facts(200, "re_1"))
+    assert uow.orders[order_id].status is Status.SHIPPED
+    assert keys(uow) == ["order.refunded"]  # no stock.return: the goods have left
+    assert uow.payments[order_id].status == "refunded"
+
+
+def test_partial_refunds_are_recorded_on_the_payment_and_leave_the_status_until_the_last():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = placed(uow)
+    with_payment(uow, order_id, "succeeded")
+    moved(uow, order_id, Status.COMPLETED)
+    settle_refund(uow, order_id, facts(50, "re_1"))
+    assert uow.orders[order_id].status is Status.COMPLETED
+    assert (uow.payments[order_id].status, uow.payments[order_id].amount_refunded) == ("succeeded", 50)
+    assert [(k, b["amount_refunded"], b["full"]) for k, b in sent(uow)] == [("order.refunded", 50, False)]
+    uow.events.clear()
+    settle_refund(uow, order_id, facts(200, "re_1", "re_2"))
+    assert uow.orders[order_id].status is Status.REFUNDED
+    assert keys(uow) == ["stock.return", "order.refunded"]
+
+
+def test_a_refund_reported_before_its_order_is_completed_waits_for_the_payment():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = placed(uow)
+    with_payment(uow, order_id, "requires_action")
+    moved(uow, order_id, Status.AWAITING_PAYMENT)
+    with pytest.raises(RetryLater):
+        settle_refund(uow, order_id, facts(200, "re_1"))
+    assert uow.orders[order_id].status is Status.AWAITING_PAYMENT and keys(uow) == []
+
+
+def test_a_refund_of_another_payment_or_order_changes_nothing():
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = placed(uow)
+    with_payment(uow, order_id, "succeeded")
+    moved(uow, order_id, Status.COMPLETED)
+    assert settle_refund(uow, order_id, facts(200, "re_9", pid="pi_other")).result == "unchanged"
+    assert settle_refund(uow, order_id, facts(200, "re_9", order_id="someone-else")).result == "unchanged"
+    assert uow.orders[order_id].status is Status.COMPLETED and keys(uow) == []
 
 
 def test_refund_refuses_what_it_must_not_give_back_and_waits_for_what_it_cannot_yet():

@@ -85,6 +85,25 @@ def test_fallback_limiter_refuses_when_the_address_share_is_spent_and_takes_from
     assert limiter.check("read", "c", "10.0.0.8").allowed  # the refusals did not spend c's only token
 
 
+def test_fallback_limiter_starts_each_bucket_from_what_redis_last_said_was_left() -> None:
+    now = [0.0]
+    limiter = LocalLimiter({"place": (40, 1000)}, processes=4, clock=lambda: now[0])  # shares: 10, 250
+    limiter.remember("place", "spent", "10.0.0.1", [40, 40])  # its whole limit used in Redis
+    limiter.remember("place", "half", "10.0.0.2", [20, 20])  # half of it
+    assert not limiter.check("place", "spent", "10.0.0.1").allowed  # no fresh share when Redis goes away
+    assert [limiter.check("place", "half", "10.0.0.2").allowed for _ in range(6)] == [True] * 5 + [False]
+    assert [limiter.check("place", "new", "10.0.0.3").allowed for _ in range(11)] == [True] * 10 + [False]
+    now[0] += 6  # one token of a share of 10 a minute: the spent client has one again
+    assert [limiter.check("place", "spent", "10.0.0.1").allowed for _ in range(2)] == [True, False]
+
+
+def test_fallback_limiter_counts_the_address_alone_where_callers_have_no_user() -> None:
+    limiter = LocalLimiter({"webhook": (None, 2)}, processes=1, clock=lambda: 0.0)
+    assert [limiter.check("webhook", None, "10.0.0.1").allowed for _ in range(3)] == [True, True, False]
+    assert limiter.check("webhook", None, "10.0.0.2").allowed
+    assert set(limiter._buckets) == {"webhook:a:10.0.0.1", "webhook:a:10.0.0.2"}
+
+
 def test_fallback_limiter_keeps_at_most_its_bucket_bound() -> None:
     limiter = LocalLimiter({"read": (10, 10)}, processes=1, clock=lambda: 0.0)
     for i in range(LOCAL_MAX_BUCKETS // 2 + 10):

@@ -262,3 +262,61 @@ def test_the_standard_sampler_variable_is_honoured(collector):
     assert found["on"] is True
     assert int(found["traceparent"].split("-")[3], 16) & 1 == 0  # context still flows, marked not sampled
     assert collector.spans() == []
+
+
+# -- the public edge: a caller's traceparent is linked, not continued (unless the caller is trusted) ------
+
+CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CALLER_SPAN = "b7ad6b7169203331"
+
+
+def _edge_request(spans: Any, flags: str, client: tuple[str, int], **tracing_settings: str) -> Any:
+    """POST /orders (no token: 401, before any server is asked) with the caller's traceparent; its server
+    span, or None when none was recorded."""
+    from starlette.testclient import TestClient
+
+    from scripts.tcp_proxy import free_port
+    from worker.settings import load_settings
+    from worker.shim.app import create_app
+
+    environ = {"ORDERS_REDIS__PORT": str(free_port()), **tracing_settings}
+    with TestClient(create_app(load_settings(environ=environ)), client=client) as shim:
+        answer = shim.post(
+            "/orders",
+            content=b"{}",
+            headers={
+                "Content-Type": "application/json",
+                "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-{flags}",
+                "tracestate": "vendor=caller",
+                "baggage": "user=mallory",
+            },
+        )
+    assert answer.status_code == 401
+    servers = [s for s in spans.get_finished_spans() if s.name == "POST /orders"]
+    assert len(servers) <= 1
+    return servers[0] if servers else None
+
+
+@pytest.mark.parametrize("flags", ["01", "00"])
+def test_at_the_edge_a_callers_traceparent_is_linked_and_a_trace_of_its_own_begins(spans, flags):
+    server = _edge_request(spans, flags, ("203.0.113.9", 40000))
+    assert server.parent is None  # a root: the caller did not choose the trace
+    assert format(server.context.trace_id, "032x") != CALLER_TRACE
+    assert server.context.trace_flags.sampled  # flags 00 no longer switch tracing off for the request
+    assert [(format(link.context.trace_id, "032x"), format(link.context.span_id, "016x")) for link in server.links] == [
+        (CALLER_TRACE, CALLER_SPAN)
+    ]
+    assert server.links[0].attributes["orders.link"] == "caller"
+    assert server.context.trace_state.get("vendor") is None
+
+
+def test_a_caller_in_trust_incoming_continues_its_trace(spans):
+    server = _edge_request(spans, "01", ("10.0.3.7", 40000), ORDERS_TRACING__TRUST_INCOMING='["10.0.3.0/24"]')
+    assert format(server.context.trace_id, "032x") == CALLER_TRACE
+    assert server.parent is not None and format(server.parent.span_id, "016x") == CALLER_SPAN
+    assert not server.links
+
+
+def test_a_trusted_callers_flags_00_are_honoured(spans):
+    server = _edge_request(spans, "00", ("10.0.3.7", 40000), ORDERS_TRACING__TRUST_INCOMING='["10.0.3.7"]')
+    assert server is None  # not sampled, as its caller asked: not recorded

@@ -69,6 +69,15 @@ def _required(selection: Selection, verb: str) -> None:
         )
 
 
+def _undated(selection: Selection, ids: list[str], kept: bool) -> None:
+    """Say what an age filter did with letters that carry no time (never drop one silently)."""
+    from worker.dlq.operations import undated_note
+
+    note = undated_note(selection, ids, kept)
+    if note:
+        err.print(f"[yellow]note:[/] {note}")
+
+
 def _browse(config: Path | None, selection: Selection) -> tuple[Any, list[Any]]:
     from worker.dlq import operations as dlq
     from worker.errors import BrokerError
@@ -101,7 +110,9 @@ def list_(
     """List dead letters, one line each (the queue is browsed, never consumed or reordered)."""
     from worker.dlq.view import print_letters
 
-    _, letters = _browse(config, _selection(None, types, errors, queues, older_than, newer_than))
+    selection = _selection(None, types, errors, queues, older_than, newer_than)
+    _, letters = _browse(config, selection)
+    _undated(selection, [dl.id for dl in selection.undated(letters)], kept=True)
     if as_json:  # scripts get everything unless they ask for less
         typer.echo(json.dumps([dl.summary() for dl in letters[:limit]], indent=2))
         return
@@ -210,6 +221,7 @@ def replay(
             )
         except (BrokerError, ValueError) as exc:
             fail(str(exc))
+    _undated(selection, report.undated, kept=True)
     if as_json:
         typer.echo(json.dumps({**report.as_dict(), "dry_run": dry_run, "ids": report.selected}, indent=2))
     elif dry_run:
@@ -249,6 +261,9 @@ def purge(
     settings, only = load(config), None
     if not yes:
         _, found = _browse(config, selection)
+        left = selection.undated(found)  # purge never goes by an age it cannot know
+        _undated(selection, [dl.id for dl in left], kept=False)
+        found = [dl for dl in found if dl not in left]
         if not found:
             out.print("nothing matches; nothing purged")
             return
@@ -260,6 +275,8 @@ def purge(
         report = dlq.purge(settings, engine_for(settings), selection, actor or default_actor(), export, only)
     except BrokerError as exc:
         fail(f"RabbitMQ: {exc}")
+    if yes:  # asked first: the note came with the question
+        _undated(selection, report.undated, kept=False)
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -282,7 +299,9 @@ def export(
     """Write dead letters (everything `show` prints) as JSON lines; the queue is unchanged."""
     from worker.dlq.operations import write_jsonl
 
-    _, letters = _browse(config, _selection(ids, types, errors, queues, older_than, newer_than))
+    selection = _selection(ids, types, errors, queues, older_than, newer_than)
+    _, letters = _browse(config, selection)
+    _undated(selection, [dl.id for dl in selection.undated(letters)], kept=True)
     write_jsonl(letters, file)
     out.print(f"exported {len(letters)} message(s) to {file}")
 

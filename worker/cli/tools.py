@@ -84,10 +84,10 @@ def webhook_replay(
     body, headers = read_delivery(file)
     try:
         event = parse_webhook(build_gateways(settings), body, headers)
-    except (WebhookVerificationError, PaymentError) as exc:
+        command = to_command(event)  # MalformedWebhook when its command would not pass the model
+    except (WebhookVerificationError, PaymentError, ValueError) as exc:
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
-    command = to_command(event)
     typer.echo(
         json.dumps(
             {"event": {**asdict(event), "kind": event.kind.value}, "command": command.as_dict() if command else None},

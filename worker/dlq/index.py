@@ -123,7 +123,7 @@ def row_of(dl: DeadLetter, position: int, copies: int, rank: int, now: datetime)
         "attempts": dl.attempts,
         "first_failure_at": dl.first_failure_at,
         "last_failure_at": dl.last_failure_at,
-        "landed_at": dl.last_failure_at or dl.first_failure_at or now,
+        "landed_at": dl.landed_at or now,
         "dead_lettered_by": dl.dead_lettered_by,
         "replay_count": dl.replay_count,
         "delivery_count": _delivery_count(dl),

@@ -10,6 +10,12 @@ Two kinds reach ``orders.dead-letter``:
   also carries ``x-death`` entries with reason ``expired``; those are
   history, not the cause.
 
+A message can also reach the queue some other way (published to it by
+hand, moved by a shovel) with neither: it has no failure time, and is
+dated by its ``timestamp`` property when its publisher set one
+(:attr:`DeadLetter.landed_at`); with no time at all, the age filters say so
+rather than guess (:mod:`worker.dlq.operations`).
+
 Nothing here talks to RabbitMQ or PostgreSQL.
 """
 
@@ -72,6 +78,16 @@ def _when(value: Any) -> datetime | None:
         return None
 
 
+def _stamped(seconds: Any) -> datetime | None:
+    """The AMQP ``timestamp`` property (seconds since the epoch) as a time; None when unset or absurd."""
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
 @dataclass
 class DeadLetter:
     """One message of the dead-letter queue, with the reason it is there."""
@@ -131,6 +147,21 @@ class DeadLetter:
         )
 
     @property
+    def landed_at(self) -> datetime | None:
+        """When it landed here, as the age filters count: its last failure (else its first); for a
+        message that reached the queue some other way, without failure headers, the ``timestamp``
+        property its publisher set; None when it carries no time at all (see :attr:`dated_by`)."""
+        return self.last_failure_at or self.first_failure_at or _stamped(self.delivery.timestamp)
+
+    @property
+    def dated_by(self) -> str | None:
+        """What :attr:`landed_at` was read from: ``failure`` (the failure headers or RabbitMQ's
+        ``x-death``), ``timestamp`` (the AMQP property), or None: nothing dates it."""
+        if self.last_failure_at or self.first_failure_at:
+            return "failure"
+        return "timestamp" if _stamped(self.delivery.timestamp) else None
+
+    @property
     def message_type(self) -> str:
         return self.delivery.message_type or "?"
 
@@ -172,6 +203,8 @@ class DeadLetter:
             "attempts": self.attempts,
             "first_failure_at": _text(self.first_failure_at),
             "last_failure_at": _text(self.last_failure_at),
+            "landed_at": _text(self.landed_at),
+            "dated_by": self.dated_by,
             "dead_lettered_by": self.dead_lettered_by,
         }
 
@@ -281,6 +314,15 @@ def group_key(original_queue: str | None, error_class: str, pattern: str) -> str
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def format_age(age: timedelta) -> str:
+    """An age as :func:`parse_age` reads it, in the largest unit that says it exactly: ``90s``, ``15m``, ``3d``."""
+    seconds = age.total_seconds()
+    for unit in ("w", "d", "h", "m"):
+        if seconds and seconds % _UNIT[unit] == 0:
+            return f"{int(seconds // _UNIT[unit])}{unit}"
+    return f"{seconds:g}s"
 
 
 def parse_age(text: str) -> timedelta:

@@ -27,7 +27,7 @@ from sqlalchemy import Engine, text
 from schema.topology import DEAD_LETTER_QUEUE, QUEUE_ACCEPTS, queue_of, wrong_queue
 from worker.dlq import audit as dlq_audit
 from worker.dlq import index as dlq_index
-from worker.dlq.letters import DeadLetter, replay_headers
+from worker.dlq.letters import DeadLetter, format_age, replay_headers
 from worker.errors import BrokerError, PublishNotConfirmed
 from worker.identity import Identities
 from worker.rabbit.connection import Outgoing
@@ -71,21 +71,41 @@ class Selection:
         # a console replay of a group names thousands of ids: a set, not a scan of the tuple per message
         return frozenset(self.ids)
 
-    def matches(self, dl: DeadLetter, now: datetime) -> bool:
+    @property
+    def by_age(self) -> bool:
+        return self.older_than is not None or self.newer_than is not None
+
+    def matches(self, dl: DeadLetter, now: datetime, undated: bool = True) -> bool:
+        """Whether ``dl`` is selected. ``undated``: what an age filter does with a letter that
+        carries no time at all (:attr:`DeadLetter.landed_at` is None): its age is unknown, so
+        it is kept (True: ``list``, ``export``, ``replay``) or left (False: ``purge``), and the
+        caller says which with :func:`undated_note`, never silently."""
+        if not self._named(dl):
+            return False
+        landed = dl.landed_at
+        if landed is None:
+            return undated or not self.by_age
+        if self.older_than is not None and now - landed < self.older_than:
+            return False
+        if self.newer_than is not None and now - landed > self.newer_than:
+            return False
+        return True
+
+    def undated(self, letters: list[DeadLetter]) -> list[DeadLetter]:
+        """The letters of ``letters`` an age filter of this selection cannot date (all its other filters match)."""
+        if not self.by_age:
+            return []
+        return [dl for dl in letters if dl.landed_at is None and self._named(dl)]
+
+    def _named(self, dl: DeadLetter) -> bool:
+        """Ids, types, error classes and queues: everything but the ages."""
         if self.ids and dl.id not in self._id_set:
             return False
         if self.types and dl.delivery.message_type not in self.types:
             return False
         if self.error_classes and dl.error_class not in self.error_classes:
             return False
-        if self.queues and dl.original_queue not in self.queues:
-            return False
-        landed = dl.last_failure_at or dl.first_failure_at
-        if self.older_than is not None and (landed is None or now - landed < self.older_than):
-            return False
-        if self.newer_than is not None and (landed is None or now - landed > self.newer_than):
-            return False
-        return True
+        return not (self.queues and dl.original_queue not in self.queues)
 
     def describe(self) -> str:
         shown = ", ".join(self.ids[:5]) + (f" … ({len(self.ids)} in all)" if len(self.ids) > 5 else "")
@@ -95,13 +115,31 @@ class Selection:
             for name, vals in (("type", self.types), ("error", self.error_classes), ("queue", self.queues))
             if vals
         ]
-        parts += [f"older than {self.older_than}"] if self.older_than else []
-        parts += [f"newer than {self.newer_than}"] if self.newer_than else []
+        parts += [f"older than {format_age(self.older_than)}"] if self.older_than else []
+        parts += [f"newer than {format_age(self.newer_than)}"] if self.newer_than else []
         return "; ".join(parts) or "all"
 
 
 #: seconds a dlq command waits for another session (another command, the console's index) to finish
 LOCK_WAIT_SECONDS = 15.0
+
+
+def undated_note(selection: Selection, ids: list[str], kept: bool) -> str | None:
+    """What an age filter did with letters that carry no time (None when there were none)."""
+    if not ids:
+        return None
+    ages = " and ".join(
+        f"--{name} {format_age(value)}"
+        for name, value in (("older-than", selection.older_than), ("newer-than", selection.newer_than))
+        if value is not None
+    )
+    shown = ", ".join(ids[:5]) + (f" … (+{len(ids) - 5})" if len(ids) > 5 else "")
+    return (
+        f"{len(ids)} dead letter(s) carry no time (no failure headers, no x-death, no timestamp property), "
+        f"so {ages} cannot date them; "
+        + ("included, as their age is unknown" if kept else "left in the queue: name them by id to purge them")
+        + f": {shown}"
+    )
 
 
 @contextmanager
@@ -122,7 +160,8 @@ def session(
 
 
 def browse(settings: Settings, selection: Selection, lock_wait_seconds: float = LOCK_WAIT_SECONDS) -> list[DeadLetter]:
-    """The matching dead letters; the queue is left exactly as it was."""
+    """The matching dead letters (with those an age filter cannot date: ``selection.undated``);
+    the queue is left exactly as it was."""
     now = datetime.now(UTC)
     with session(settings, lock_wait_seconds) as (_, letters):
         return [dl for dl in letters if selection.matches(dl, now)]
@@ -136,6 +175,8 @@ class Report:
     moved: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     interrupted: str | None = None
+    #: letters an age filter could not date: selected anyway (replay), or left in the queue (purge)
+    undated: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -143,6 +184,7 @@ class Report:
             "moved": self.moved,
             "failed": [{"id": i, "reason": r} for i, r in self.failed],
             "interrupted": self.interrupted,
+            "undated": self.undated,
         }
 
 
@@ -200,6 +242,7 @@ def replay(
     with session(settings) as (s, letters):
         chosen = [dl for dl in letters if selection.matches(dl, now)]
         report.selected = [dl.id for dl in chosen]
+        report.undated = [dl.id for dl in selection.undated(chosen)]
         if opts.edited_body is not None and len(chosen) != 1:
             raise ValueError(f"--edit needs exactly one message; the selection matches {len(chosen)}")
         if opts.dry_run or not chosen:
@@ -270,8 +313,10 @@ def purge(
     report = Report()
     now = datetime.now(UTC)
     with session(settings) as (s, letters):
-        chosen = [dl for dl in letters if selection.matches(dl, now) and (only_ids is None or dl.id in only_ids)]
+        wanted = [dl for dl in letters if only_ids is None or dl.id in only_ids]
+        chosen = [dl for dl in wanted if selection.matches(dl, now, undated=False)]
         report.selected = [dl.id for dl in chosen]
+        report.undated = [dl.id for dl in selection.undated(wanted)]  # never purged by an age it cannot know
         if not chosen:
             return report
         if export_to is not None:

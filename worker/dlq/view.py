@@ -6,16 +6,14 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from rich import box
 from rich.console import Console, Group
-from rich.measure import Measurement
 from rich.panel import Panel
-from rich.segment import Segment, Segments
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
 from worker.dlq.letters import DeadLetter
+from worker.tables import cut, plain_table, print_whole
 
 
 def _ago(when: datetime | None) -> str:
@@ -33,18 +31,6 @@ def _age(when: datetime | None, now: datetime) -> str:
     return f"{seconds}s"
 
 
-def _cut(text: str, style: str = "") -> Text:
-    """A cell kept to one line, cut with an ellipsis where its column is narrower."""
-    return Text(text, style=style, no_wrap=True, overflow="ellipsis")
-
-
-def _plain_table(title: str) -> Table:
-    """No borders: two spaces between columns, none at the edges, a rule under the header."""
-    return Table(
-        title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
-    )
-
-
 def letters_table(letters: list[DeadLetter], title: str, wide: bool = False, now: datetime | None = None) -> Table:
     """One line per dead letter.
 
@@ -55,7 +41,7 @@ def letters_table(letters: list[DeadLetter], title: str, wide: bool = False, now
     failure times) and nothing cut; print it with :func:`print_letters`,
     which lets its lines run past the terminal's width rather than fold.
     """
-    table = _plain_table(title)
+    table = plain_table(title)
     if wide:
         for header in ("id", "type", "original queue", "att.", "first failure", "last failure", "error"):
             table.add_column(header, no_wrap=True, justify="right" if header == "att." else "left")
@@ -79,13 +65,13 @@ def letters_table(letters: list[DeadLetter], title: str, wide: bool = False, now
     table.add_column("age", justify="right", no_wrap=True)
     table.add_column("error", min_width=8)
     for dl in letters:
-        error = _cut(f"{dl.error_class}: ", "bold")
+        error = cut(f"{dl.error_class}: ", "bold")
         error.append(dl.error_message.replace("\n", " "), style="not bold")
         table.add_row(
             dl.id,
-            _cut(dl.message_type),
+            cut(dl.message_type),
             str(dl.attempts),
-            _age(dl.last_failure_at or dl.first_failure_at, now),
+            _age(dl.landed_at, now),
             error,
         )
     return table
@@ -96,12 +82,10 @@ def print_letters(
 ) -> None:
     """``dlq list``'s table; a wide one as wide as its longest row (like ``ps ww``), one line per letter."""
     table = letters_table(letters, title, wide, now)
-    if not wide:
+    if wide:
+        print_whole(console, table)
+    else:
         console.print(table)
-        return
-    width = max(console.width, Measurement.get(console, console.options.update_width(10**6), table).maximum)
-    lines = console.render_lines(table, console.options.update_width(width), pad=False)
-    console.print(Segments(segment for line in lines for segment in (*line, Segment.line())), crop=False, end="")
 
 
 def _kv(rows: dict[str, Any]) -> Table:

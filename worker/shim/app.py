@@ -177,9 +177,10 @@ def build_shim(settings: Settings) -> Shim:
     client = make_async_redis(settings.redis, cfg.redis_pool_size, cfg.redis_pool_timeout_seconds)
     gate = RedisGate("the shim")  # one Redis: a failure seen by any user of it spares the others
     channel = AsyncChannel(settings.rabbitmq.url.get_secret_value(), settings.rabbitmq.heartbeat_seconds)
-    limits = {
+    limits: dict[str, tuple[int | None, int]] = {
         "place": (cfg.place_rate_per_minute, cfg.place_rate_per_minute_per_address),
         "read": (cfg.read_rate_per_minute, cfg.read_rate_per_minute_per_address),
+        "webhook": (None, cfg.webhook_rate_per_minute_per_address),  # unauthenticated: per address only
     }
     return Shim(
         settings=settings,
@@ -237,7 +238,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_concurrent=settings.shim.max_concurrent_requests,
     )
     if tracing.setup(settings.tracing, "orders-shim"):  # off unless configured (docs/operations.md, Tracing)
-        tracing.instrument_app(app)
+        tracing.instrument_app(app, settings.tracing.trust_incoming)
     return app
 
 

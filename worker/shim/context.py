@@ -62,22 +62,33 @@ async def authenticated(
     return s.auth.principal(request.headers.get("authorization"))
 
 
+def client_address(request: Request) -> str:
+    """The client's address (the peer's, or the one a trusted proxy names: see ``shim.trusted_proxies``)."""
+    return request.client.host if request.client else "unknown"
+
+
+async def rate_limit(s: Shim, kind: str, user: str | None, address: str, response: Response) -> None:
+    """Count one request of ``kind``; 429 with Retry-After when a limit is spent, else its RateLimit headers.
+
+    In Redis, or this process's share while Redis is unreachable; RedisBusy sheds (see app).
+    """
+    decision = await s.limiter.check(kind, user, address)
+    if not decision.allowed:
+        s.metrics.rate_limited.labels(kind).inc()
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"too many {kind} requests; retry after {decision.headers()['Retry-After']} s",
+            decision.headers(),
+        )
+    response.headers.update(decision.headers())
+
+
 def _limited(kind: str) -> Any:
     async def dependency(
         request: Request, response: Response, s: ShimDep, principal: Annotated[Principal, Depends(authenticated)]
     ) -> Principal:
-        address = request.client.host if request.client else "unknown"
-        # in Redis, or this process's share while Redis is unreachable; RedisBusy sheds (see app)
-        decision = await s.limiter.check(kind, principal.user_id, address)
-        if not decision.allowed:
-            s.metrics.rate_limited.labels(kind).inc()
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"too many {kind} requests; retry after {decision.headers()['Retry-After']} s",
-                decision.headers(),
-            )
-        response.headers.update(decision.headers())
+        await rate_limit(s, kind, principal.user_id, client_address(request), response)
         return principal
 
     return dependency

@@ -53,7 +53,7 @@ class ShimMetrics:
         )
         self.shed = Counter(
             "orders_shim_shed",
-            "Requests shed with 503 overloaded, by reason (concurrency, redis_pool).",
+            "Requests shed with 503 overloaded, by reason (concurrency, redis_pool, certificate_fetch).",
             ["reason"],
             registry=reg,
         )

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, model_validator
 
+from handlers.orders import Status
 from schema.messages import MAX_ITEMS, MAX_QUANTITY, PayPalPayment, ProductId, Text, check_item_form
 
 #: JSON carries UUIDs as strings: accept that form even though the model is strict
@@ -121,6 +122,12 @@ class OrderLine(BaseModel):
 class PaymentView(BaseModel):
     provider: str
     status: str
+    refund: Literal["pending", "partial", "refunded"] | None = Field(
+        default=None,
+        description="`pending` while the money of an order that ended is being given back, `partial` after a "
+        "partial refund at the provider, `refunded` once it all went back.",
+    )
+    amount_refunded: int | None = Field(default=None, description="Minor units given back so far.")
 
 
 class ShipmentView(BaseModel):
@@ -133,7 +140,7 @@ class OrderView(BaseModel):
 
     order_id: uuid.UUID
     user_id: str
-    status: Literal["pending", "awaiting_payment", "completed", "shipped", "cancelled", "rejected", "refunded"]
+    status: Status
     total: int = Field(description="Minor units (cents).")
     currency: str | None = Field(description="ISO 4217; null for a rejected order none of whose products is known.")
     items: list[OrderLine]
@@ -145,6 +152,7 @@ class OrderView(BaseModel):
     reason: str | None = None
     created_at: str
     updated_at: str
+    paid_at: str | None = Field(default=None, description="When the order was paid (completed).")
 
     @classmethod
     def of(cls, view: dict[str, Any]) -> OrderView:

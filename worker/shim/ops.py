@@ -12,8 +12,8 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from worker.redis_gate import RedisBusy
-from worker.shim.context import ShimDep
-from worker.shim.errors import ErrorBody
+from worker.shim.context import ShimDep, client_address, rate_limit
+from worker.shim.errors import ApiError, ErrorBody
 from worker.shim.models import Health, RateLimitState, Readiness, WebhookAccepted
 from worker.shim.routing import StrictJsonRoute
 from worker.shim.webhook import to_publish
@@ -103,15 +103,23 @@ def metrics(s: ShimDep) -> Response:
         400: {"model": ErrorBody},
         413: {"model": ErrorBody},
         422: {"model": ErrorBody},
+        429: {"model": ErrorBody},
         503: {"model": ErrorBody},
     },
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}},
 )
-async def payment_confirmation(request: Request, s: ShimDep) -> WebhookAccepted:
+async def payment_confirmation(request: Request, response: Response, s: ShimDep) -> WebhookAccepted:
+    # counted per client address before anything is verified: the sender is not known yet
+    await rate_limit(s, "webhook", None, client_address(request), response)
     # the raw bytes are what the provider signed: never re-serialise before verifying
     body = await request.body()
     headers = dict(request.headers)
-    event_id, command = await run_in_threadpool(to_publish, s.settings.shim, s.gateways, body, headers)
+    try:
+        event_id, command = await run_in_threadpool(to_publish, s.settings.shim, s.gateways, body, headers, s.engine)
+    except ApiError as exc:
+        if exc.code == "overloaded":  # every certificate fetch slot in use: shed, and counted as such
+            s.metrics.shed.labels("certificate_fetch").inc()
+        raise
     if command is not None:
         await s.publisher.send(command)
     return WebhookAccepted(enqueued=command is not None, event_id=event_id)

@@ -14,12 +14,14 @@ import json
 import re
 import time
 import uuid
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 
+from handlers.orders import PAID_CANCELLABLE, UNPAID, Status
 from schema.messages import CancelOrder, PlaceOrder
 from worker.redis_gate import RedisBusy
 from worker.shim.auth import Principal
@@ -112,6 +114,21 @@ async def _settled_view(s: Shim, order_id: str, deadline: float, done: Any) -> d
     except RedisBusy:
         pass
     return view
+
+
+def _may_cancel(s: Shim, principal: Principal, view: dict[str, Any]) -> bool:
+    """The worker's rule (handlers/cancel_order.py), told at once: an unpaid order, or a paid one that has not
+    shipped by an admin, or by its owner within ``orders.customer_cancel_minutes`` of payment (refunded)."""
+    status = Status(view["status"])
+    if status in UNPAID:
+        return True
+    if status not in PAID_CANCELLABLE:
+        return False
+    if principal.is_admin:
+        return True
+    window = s.settings.orders.customer_cancel_minutes * 60
+    paid_at = view.get("paid_at")
+    return bool(window and paid_at and time.time() - datetime.fromisoformat(paid_at).timestamp() <= window)
 
 
 def _accepted(order_id: str, status: str, headers: dict[str, str]) -> JSONResponse:
@@ -270,7 +287,7 @@ async def cancel_order(
     view = await _owned_view(s, principal, order_id)
     if view["status"] == "cancelled":
         raise ApiError(409, "already_cancelled", f"order {order_id} is already cancelled")
-    if view["status"] not in ("pending", "awaiting_payment"):
+    if not _may_cancel(s, principal, view):
         raise ApiError(409, "not_cancellable", f"order {order_id} is {view['status']} and can no longer be cancelled")
     key = validate_key(idempotency_key)
     message_id = (

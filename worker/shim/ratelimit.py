@@ -1,4 +1,5 @@
-"""Rate limits: per user and per client address, for placing and reading.
+"""Rate limits: per user and per client address, for placing and reading; per client address for
+the payment webhook (its callers have no token).
 
 In Redis, shared by every shim process: one Lua script checks every key of
 a request and increments them only when all have room, so concurrent
@@ -9,7 +10,11 @@ Redis unreachable → the limits stay on, enforced in each process by
 :class:`LocalLimiter` (token buckets holding that process's share: the
 configured limit divided by the number of shim processes).  Abuse and
 overload are exactly when limits matter; switching them off when Redis is
-gone would hand the service to whoever sends most.  The switch is logged
+gone would hand the service to whoever sends most.  Each bucket starts
+from what its key had left in Redis when this process last counted it there
+(every answer from Redis says so), so an outage hands no client a fresh
+limit; a key this process never counted starts with its whole share, as a
+key Redis has no count for would.  The switch is logged
 once each way, shown on ``/readyz`` and in ``orders_shim_ratelimit_mode``,
 and each decision made locally is counted in
 ``orders_shim_ratelimit_unavailable_total``.  While Redis is down it is not
@@ -40,22 +45,34 @@ WINDOW_SECONDS = 60
 KEY_PREFIX = "orders:rl:"
 
 # KEYS: counters; ARGV: their limits, then the window in ms.
-# Returns {allowed (1/0), remaining, ms until the binding window ends, limit}.
+# Returns {allowed (1/0), remaining, ms until the binding window ends, limit, count of each key after this
+# request}: the counts let the process remember where each key stood, for when Redis cannot be asked.
 _CHECK_AND_COUNT = """
 local window = tonumber(ARGV[#ARGV])
-local remaining, reset, limit = nil, 0, 0
+local counts, ttls = {}, {}
+local refused = nil
 for i, key in ipairs(KEYS) do
-  local n = tonumber(redis.call('GET', key) or '0')
-  local cap = tonumber(ARGV[i])
+  counts[i] = tonumber(redis.call('GET', key) or '0')
   local ttl = redis.call('PTTL', key)
   if ttl < 0 then ttl = window end
-  if n >= cap then return {0, 0, ttl, cap} end
-  if remaining == nil or cap - n - 1 < remaining then remaining, reset, limit = cap - n - 1, ttl, cap end
+  ttls[i] = ttl
+  if refused == nil and counts[i] >= tonumber(ARGV[i]) then refused = i end
 end
+if refused ~= nil then
+  local out = {0, 0, ttls[refused], tonumber(ARGV[refused])}
+  for i = 1, #KEYS do out[4 + i] = counts[i] end
+  return out
+end
+local remaining, reset, limit = nil, 0, 0
 for i, key in ipairs(KEYS) do
-  if redis.call('INCR', key) == 1 then redis.call('PEXPIRE', key, window) end
+  local cap = tonumber(ARGV[i])
+  if remaining == nil or cap - counts[i] - 1 < remaining then remaining, reset, limit = cap - counts[i] - 1, ttls[i], cap end
+  counts[i] = redis.call('INCR', key)
+  if counts[i] == 1 then redis.call('PEXPIRE', key, window) end
 end
-return {1, remaining, reset, limit}
+local out = {1, remaining, reset, limit}
+for i = 1, #KEYS do out[4 + i] = counts[i] end
+return out
 """
 
 
@@ -82,9 +99,12 @@ class Decision:
 Mode = Literal["redis", "local"]
 log = structlog.get_logger("worker.shim")
 
-#: buckets one process keeps at most while Redis is unreachable; beyond it the least recently used
-#: is dropped (it starts full again), so a flood of distinct users or addresses cannot exhaust memory
+#: buckets one process keeps at most; beyond it the least recently used is dropped (it starts with its
+#: whole share again), so a flood of distinct users or addresses cannot exhaust memory
 LOCAL_MAX_BUCKETS = 100_000
+
+#: per kind: (limit per user, or None where callers have no user; limit per client address), per minute
+Limits = dict[str, tuple[int | None, int]]
 
 
 def share(limit: int, processes: int) -> int:
@@ -92,39 +112,57 @@ def share(limit: int, processes: int) -> int:
     return max(1, limit // processes)
 
 
+def _counted(limits: Limits, kind: str, user: str | None, address: str) -> list[tuple[str, int]]:
+    """(key, limit) of every counter a request of ``kind`` counts against."""
+    per_user, per_address = limits[kind]
+    keys = [(f"{kind}:a:{address}", per_address)]
+    if per_user is not None and user is not None:
+        keys.insert(0, (f"{kind}:u:{user}", per_user))
+    return keys
+
+
 class LocalLimiter:
     """Token buckets of one process: the limits while Redis cannot be asked.
 
     Each bucket holds up to this process's share of a limit and refills at
     that share per :data:`WINDOW_SECONDS`: a burst beyond the share is
-    refused at once, and a steady client gets its share per minute.  A check
-    never awaits, so checking both keys and taking from both is atomic on
-    the event loop.
+    refused at once, and a steady client gets its share per minute.  While
+    Redis answers, :meth:`remember` sets a key's bucket to the part of its
+    share that its count in Redis leaves (a client that spent its limit
+    there has nothing here either); a key never counted here starts with its
+    whole share.  A check never awaits, so checking every key and taking from
+    all of them is atomic on the event loop.
     """
 
-    def __init__(
-        self, limits: dict[str, tuple[int, int]], processes: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, limits: Limits, processes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.processes = processes
         self.clock = clock
-        self._caps = {kind: (share(u, processes), share(a, processes)) for kind, (u, a) in limits.items()}
+        self._limits = limits
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key → (tokens, as of)
 
-    def check(self, kind: str, user: str, address: str) -> Decision:
+    def check(self, kind: str, user: str | None, address: str) -> Decision:
         now = self.clock()
-        keys = (f"{kind}:u:{user}", f"{kind}:a:{address}")
-        caps = self._caps[kind]
-        levels = [self._level(key, cap, now) for key, cap in zip(keys, caps)]
-        for tokens, cap in zip(levels, caps):
+        counted = [(key, share(limit, self.processes)) for key, limit in _counted(self._limits, kind, user, address)]
+        levels = [self._level(key, cap, now) for key, cap in counted]
+        for tokens, (_key, cap) in zip(levels, counted):
             if tokens < 1:
                 return Decision(False, cap, 0, _seconds((1 - tokens) * WINDOW_SECONDS / cap))
-        for key, tokens in zip(keys, levels):
-            self._buckets[key] = (tokens - 1, now)
-            self._buckets.move_to_end(key)
+        for (key, _cap), tokens in zip(counted, levels):
+            self._set(key, tokens - 1, now)
+        left, cap = min((tokens - 1, cap) for tokens, (_key, cap) in zip(levels, counted))
+        return Decision(True, cap, math.floor(left), _seconds((cap - left) * WINDOW_SECONDS / cap))
+
+    def remember(self, kind: str, user: str | None, address: str, counts: list[int]) -> None:
+        """Where each key of a request stands in Redis (its count in the current window), as buckets."""
+        now = self.clock()
+        for (key, limit), count in zip(_counted(self._limits, kind, user, address), counts):
+            self._set(key, share(limit, self.processes) * max(0, limit - count) / limit, now)
+
+    def _set(self, key: str, tokens: float, now: float) -> None:
+        self._buckets[key] = (tokens, now)
+        self._buckets.move_to_end(key)
         while len(self._buckets) > LOCAL_MAX_BUCKETS:
             self._buckets.popitem(last=False)
-        left, cap = min((tokens - 1, cap) for tokens, cap in zip(levels, caps))
-        return Decision(True, cap, math.floor(left), _seconds((cap - left) * WINDOW_SECONDS / cap))
 
     def _level(self, key: str, cap: int, now: float) -> float:
         tokens, then = self._buckets.get(key, (cap, now))
@@ -141,12 +179,12 @@ class RateLimiter:
     def __init__(
         self,
         client: aioredis.Redis,
-        limits: dict[str, tuple[int, int]],
+        limits: Limits,
         metrics: object = None,
         gate: RedisGate | None = None,
         processes: int = 1,
     ) -> None:
-        """``limits``: kind (``place``/``read``) → (per user, per address) per minute;
+        """``limits``: kind (``place``/``read``/``webhook``) → (per user or None, per address) per minute;
         ``processes``: how many shim processes share them when Redis is unreachable."""
         self._script = client.register_script(_CHECK_AND_COUNT)
         self._limits = limits
@@ -161,8 +199,8 @@ class RateLimiter:
         """Where limits are enforced now."""
         return "local" if self._gate.down else "redis"
 
-    async def check(self, kind: str, user: str, address: str) -> Decision:
-        """The decision for one request.
+    async def check(self, kind: str, user: str | None, address: str) -> Decision:
+        """The decision for one request (``user`` None: counted per address only).
 
         Raises :class:`~worker.redis_gate.RedisBusy` when no Redis connection
         came free in time (the caller sheds the request).
@@ -176,13 +214,14 @@ class RateLimiter:
             self._metrics.ratelimit_unavailable.inc()  # type: ignore[attr-defined]
         return self.local.check(kind, user, address)
 
-    async def _in_redis(self, kind: str, user: str, address: str) -> Decision:
-        per_user, per_address = self._limits[kind]
-        keys = [f"{KEY_PREFIX}{kind}:u:{user}", f"{KEY_PREFIX}{kind}:a:{address}"]
-        allowed, remaining, reset_ms, limit = await self._script(
-            keys=keys, args=[per_user, per_address, WINDOW_SECONDS * 1000]
+    async def _in_redis(self, kind: str, user: str | None, address: str) -> Decision:
+        counted = _counted(self._limits, kind, user, address)
+        allowed, remaining, reset_ms, limit, *counts = await self._script(
+            keys=[KEY_PREFIX + key for key, _ in counted],
+            args=[*(limit for _, limit in counted), WINDOW_SECONDS * 1000],
         )
         self._gate.succeeded()
+        self.local.remember(kind, user, address, [int(c) for c in counts])
         return Decision(bool(allowed), int(limit), max(0, int(remaining)), -(-int(reset_ms) // 1000))
 
     def _switched(self, down: bool) -> None:

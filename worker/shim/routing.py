@@ -9,10 +9,14 @@ answers a repeated key as a validation error (422 ``validation_error``,
 FastAPI then validates, so a body is still parsed only once.  Malformed JSON
 answers 422 saying where (``body: invalid JSON at line 1, column 52:
 Expecting ',' delimiter``; FastAPI's own answer was a character offset,
-``body.51: JSON decode error``), and a body that is not declared JSON (a
-form, ``text/plain``, no ``Content-Type`` at all) answers 415
-``unsupported_media_type`` naming ``application/json``: FastAPI would read
-it as a string and answer that the body is not an object.  Routes that
+``body.51: JSON decode error``), JSON nested too deeply for the parser
+(thousands of ``[``) answers 422 and logs one line (it was a 500 with a
+``RecursionError`` traceback), and a body that is not declared as
+``application/json`` (a form, ``text/plain``, ``application/evil+json``, a
+charset other than UTF-8, no ``Content-Type`` at all) answers 415
+``unsupported_media_type`` naming ``application/json`` and echoing nothing of
+the request: FastAPI would read some of these as a string and answer that
+the body is not an object, and take the ``+json`` kinds and any charset.  Routes that
 declare no body model (the payment webhook reads its raw, signed bytes) are
 not touched.
 """
@@ -23,21 +27,34 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import structlog
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 
-from schema.jsonstrict import DuplicateKeyError, loads_no_duplicates
+from schema.jsonstrict import DuplicateKeyError, TooDeeplyNested, loads_no_duplicates
 from worker.shim.errors import ApiError
+
+log = structlog.get_logger("worker.shim")
 
 
 def _declares_json(content_type: str | None) -> bool:
-    """The body is JSON as FastAPI reads it: ``application/json`` or ``application/*+json``."""
+    """``application/json``, with no parameter but ``charset=utf-8`` (any case, quoted or not).
+
+    JSON is UTF-8 (RFC 8259 §8.1); a client that says otherwise, or names
+    another kind, is told so rather than guessed at.
+    """
     if not content_type:
-        return False  # FastAPI's strict content type: no header, no JSON parsing
-    kind = content_type.partition(";")[0].strip().lower()
-    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+        return False
+    kind, *parameters = content_type.split(";")
+    if kind.strip().lower() != "application/json":
+        return False
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() != "charset" or value.strip().strip('"').lower() != "utf-8":
+            return False
+    return True
 
 
 class StrictJsonRequest(Request):
@@ -57,12 +74,19 @@ def _invalid_json(exc: ValueError) -> RequestValidationError:
     return RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": where, "input": {}}])
 
 
-def _unsupported(content_type: str | None) -> ApiError:
-    got = f"Content-Type {content_type.partition(';')[0].strip()}" if content_type else "no Content-Type"
+def _unsupported() -> ApiError:
+    # nothing of the request is echoed: what a client sent is not ours to repeat
     return ApiError(
         415,
         "unsupported_media_type",
-        f"the request body must be JSON sent as Content-Type: application/json (got {got})",
+        "the request body must be JSON sent as Content-Type: application/json (charset utf-8, or none)",
+    )
+
+
+def _too_deep(request: Request) -> RequestValidationError:
+    log.warning("request body refused: JSON nested too deeply", path=request.url.path)  # one line, no traceback
+    return RequestValidationError(
+        [{"type": "json_invalid", "loc": ("body",), "msg": "invalid JSON: nested too deeply", "input": {}}]
     )
 
 
@@ -79,9 +103,11 @@ class StrictJsonRoute(APIRoute):
             content_type = request.headers.get("content-type")
             if await request.body():
                 if not _declares_json(content_type):
-                    raise _unsupported(content_type)
+                    raise _unsupported()
                 try:
                     await request.json()
+                except TooDeeplyNested:
+                    raise _too_deep(request) from None
                 except DuplicateKeyError as exc:
                     raise RequestValidationError(
                         [

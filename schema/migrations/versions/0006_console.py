@@ -7,17 +7,17 @@ a replay or purge; ``dead_letter_index`` (with its groups, its count by minute a
 dead-letter queue as last read, so pages group 10,000 dead letters without
 reading RabbitMQ.  New tables only: nothing the worker writes changes.
 
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-12-03 06:00:00
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-06 06:00:00
 """
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
