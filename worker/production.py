@@ -139,7 +139,8 @@ def problems(settings: Settings) -> list[Problem]:
     found += _secret("paypal.client_id", paypal.client_id)
     found += _secret("paypal.client_secret", paypal.client_secret.get_secret_value())
     found += _secret("paypal.webhook_id", paypal.webhook_id)
-    found += _same_keys(shim)
+    console_secret = settings.console.session_secret.get_secret_value() if settings.console_enabled else ""
+    found += _same_keys(shim, console_secret)
     found += _jwt_public_key(shim.jwt_public_key)
     for node in settings.rabbitmq.urls:
         rabbit = urlsplit(node)
@@ -202,12 +203,13 @@ def problems(settings: Settings) -> list[Problem]:
     return found
 
 
-def _same_keys(shim: ShimSettings) -> list[Problem]:
+def _same_keys(shim: ShimSettings, console_secret: str = "") -> list[Problem]:
     """Each HMAC key serves one purpose: a key shared by two is leaked by either's use."""
     keys = {
         "shim.jwt_secret": shim.jwt_secret.get_secret_value(),
         "shim.id_secret": shim.id_secret.get_secret_value(),
         "shim.webhook_hmac_secret": shim.webhook_hmac_secret.get_secret_value(),
+        "console.session_secret": console_secret,  # only when the console is on
     }
     found, names = [], list(keys)
     for i, name in enumerate(names):

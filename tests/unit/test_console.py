@@ -58,6 +58,10 @@ def test_production_refuses_a_console_without_a_secret_of_its_own_or_over_plain_
         **real,
     )
     assert [p.key for p in problems(http)] == ["console.public_url"]
+    shared = settings(
+        environment="production", console__enabled="true", console__session_secret=real["shim__jwt_secret"], **real
+    )
+    assert [p.key for p in problems(shared)] == ["console.session_secret"]  # one key, one purpose
 
 
 def test_a_session_is_an_admin_jwt_of_the_console_and_its_csrf_token_fits_it_alone():
