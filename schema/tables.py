@@ -17,6 +17,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -227,4 +228,113 @@ dlq_audit = Table(
     Column("message_ids", JSONB, nullable=False),
     Column("detail", Text),
     Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+#: One-time login links of the console (``orders console login``): only a link's SHA-256 is kept.
+#: Redeeming one is a single guarded UPDATE, so a link works once across every shim process.
+console_logins = Table(
+    "console_logins",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user_name", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("used_at", DateTime(timezone=True)),
+)
+
+#: What a console operator was shown before confirming a replay or purge: the exact message ids,
+#: so the confirmation acts on them and nothing else (a form of 3,000 ids would not fit a request).
+console_previews = Table(
+    "console_previews",
+    metadata,
+    Column("id", UUID(as_uuid=False), primary_key=True),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(20), nullable=False),
+    Column("message_ids", JSONB, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("used_at", DateTime(timezone=True)),
+)
+
+#: The dead-letter queue as last read (worker/dlq/index.py): one row per message id, so the console's
+#: pages and ``orders status`` group and count 10,000 dead letters without reading RabbitMQ.
+dead_letter_index = Table(
+    "dead_letter_index",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    #: place in the queue (0 = next out) of the first copy
+    Column("position", Integer, nullable=False),
+    #: place among the messages of its group (0, 1, ...): a page of a group is a range of it
+    Column("group_rank", Integer, nullable=False),
+    Column("copies", Integer, nullable=False),
+    Column("message_id", String(200)),
+    Column("message_type", String(100)),
+    Column("original_queue", String(200)),
+    Column("error_class", String(200), nullable=False),
+    Column("error_message", Text, nullable=False),
+    #: the message with ids, UUIDs and numbers masked: what a group is made of
+    Column("error_pattern", Text, nullable=False),
+    Column("group_key", String(32), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("first_failure_at", DateTime(timezone=True)),
+    Column("last_failure_at", DateTime(timezone=True)),
+    #: when it reached the dead-letter queue (DeadLetter.landed_at: failure headers or timestamp; else when indexed)
+    Column("landed_at", DateTime(timezone=True), nullable=False),
+    Column("dead_lettered_by", String(10), nullable=False),
+    #: ``x-replay-count``: replayed this often and back again (a repeated failure when > 0)
+    Column("replay_count", Integer, nullable=False),
+    #: RabbitMQ's ``x-delivery-count``: how often it has been delivered, browsing included
+    Column("delivery_count", Integer, nullable=False),
+    Column("order_id", UUID(as_uuid=False)),
+    Column("properties", JSONB, nullable=False),
+    Column("headers", JSONB, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("indexed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("ix_dead_letter_index_group_key", "group_key", "group_rank"),
+    Index("ix_dead_letter_index_order_id", "order_id"),
+    Index("ix_dead_letter_index_landed_at", "landed_at"),
+)
+
+#: The groups of ``dead_letter_index``, counted when it is written (and after a replay or purge), so the
+#: list of groups is read, not aggregated, on every page view.
+dead_letter_groups = Table(
+    "dead_letter_groups",
+    metadata,
+    Column("group_key", String(32), primary_key=True),
+    Column("original_queue", String(200)),
+    Column("error_class", String(200), nullable=False),
+    Column("error_pattern", Text, nullable=False),
+    #: the error message of the group's first dead letter
+    Column("example", Text, nullable=False),
+    #: messages, copies counted
+    Column("count", Integer, nullable=False),
+    Column("ids", Integer, nullable=False),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+    Column("types", JSONB, nullable=False),
+    #: dead letters replayed before that came back (``x-replay-count`` > 0)
+    Column("repeated", Integer, nullable=False),
+    Column("max_deliveries", Integer, nullable=False),
+)
+
+#: Dead letters of ``dead_letter_index`` by the minute they landed (copies counted), counted with the groups.
+dead_letter_minutes = Table(
+    "dead_letter_minutes",
+    metadata,
+    Column("minute", DateTime(timezone=True), primary_key=True),
+    Column("count", Integer, nullable=False),
+)
+
+#: One row (id 1): when the index was last written, from how deep a queue, and whether a dlq
+#: command changed the queue since (then the next look re-reads it).
+dead_letter_index_state = Table(
+    "dead_letter_index_state",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("refreshed_at", DateTime(timezone=True)),
+    Column("depth", Integer, nullable=False, server_default=text("0")),
+    Column("duration_ms", Integer, nullable=False, server_default=text("0")),
+    Column("stale", Boolean, nullable=False, server_default=text("true")),
+    Column("error", Text),
+    CheckConstraint("id = 1", name="one_row"),
 )

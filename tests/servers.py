@@ -370,7 +370,8 @@ def clean_db(engine: Any) -> Any:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE orders, order_items, order_transitions, order_history, payments, inbox, outbox, products, dlq_audit"
+                "TRUNCATE orders, order_items, order_transitions, order_history, payments, inbox, outbox, products, dlq_audit,"
+                " console_logins, console_previews, dead_letter_index, dead_letter_groups, dead_letter_minutes, dead_letter_index_state"
             )
         )
     catalogue.upsert(engine, [catalogue.ProductRow(**p) for p in PRODUCTS])

@@ -21,7 +21,10 @@ variable, when:
 - a request head or body may be larger than :data:`MAX_HEADER_BYTES` /
   :data:`MAX_BODY_BYTES`;
 - RabbitMQ is reached as ``guest`` (also spelled percent-encoded), or
-  ``shim.trusted_proxies`` together trust every IPv4 or every IPv6 address.
+  ``shim.trusted_proxies`` together trust every IPv4 or every IPv6 address;
+- the console is switched on (``console.enabled: true``; it is off in production
+  until then) without a session secret of its own, or with a ``console.public_url``
+  that is not https (its session cookie is ``Secure``: a browser would not send it back).
 
 ``orders doctor`` reports the same problems as findings.  Development mode
 (set by ``scripts/up.sh``, the tests and ``compose.yml``) checks nothing
@@ -50,6 +53,7 @@ DEVELOPMENT_SECRETS = frozenset(
         "change-me-in-production",
         "development-only-jwt-secret-do-not-use-in-production",
         "development-only-id-secret-do-not-use-in-production",
+        "development-only-console-secret-do-not-use-in-production",
         "sk_test_local_fake",
         "whsec_local_fake",
         "local-fake-secret",
@@ -135,7 +139,8 @@ def problems(settings: Settings) -> list[Problem]:
     found += _secret("paypal.client_id", paypal.client_id)
     found += _secret("paypal.client_secret", paypal.client_secret.get_secret_value())
     found += _secret("paypal.webhook_id", paypal.webhook_id)
-    found += _same_keys(shim)
+    console_secret = settings.console.session_secret.get_secret_value() if settings.console_enabled else ""
+    found += _same_keys(shim, console_secret)
     found += _jwt_public_key(shim.jwt_public_key)
     for node in settings.rabbitmq.urls:
         rabbit = urlsplit(node)
@@ -188,15 +193,23 @@ def problems(settings: Settings) -> list[Problem]:
                 "could name their own client address; list the proxies",
             )
         )
+    if settings.console_enabled:
+        found += _secret("console.session_secret", settings.console.session_secret.get_secret_value(), hmac_key=True)
+        public = settings.console.public_url
+        if public and urlsplit(public).scheme != "https":
+            found.append(
+                Problem("console.public_url", f"{public!r} is not https (the console's session cookie is Secure)")
+            )
     return found
 
 
-def _same_keys(shim: ShimSettings) -> list[Problem]:
+def _same_keys(shim: ShimSettings, console_secret: str = "") -> list[Problem]:
     """Each HMAC key serves one purpose: a key shared by two is leaked by either's use."""
     keys = {
         "shim.jwt_secret": shim.jwt_secret.get_secret_value(),
         "shim.id_secret": shim.id_secret.get_secret_value(),
         "shim.webhook_hmac_secret": shim.webhook_hmac_secret.get_secret_value(),
+        "console.session_secret": console_secret,  # only when the console is on
     }
     found, names = [], list(keys)
     for i, name in enumerate(names):

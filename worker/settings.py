@@ -326,6 +326,25 @@ class PaymentsSettings(_Section):
     mode: Literal["live", "test"] = "live"
 
 
+class ConsoleSettings(_Section):
+    """The operators' web console at ``/console`` (:mod:`worker.shim.console`), served by the shim to admins."""
+
+    #: None (the default): on in development, off in production until set (:attr:`Settings.console_enabled`)
+    enabled: bool | None = None
+    #: HMAC-SHA256 key of the console's session cookies and CSRF tokens (production: 32 bytes or more)
+    session_secret: SecretStr = SecretStr("")
+    #: how long a console session lasts after its login link was used
+    session_minutes: int = Field(default=480, gt=0, le=7 * 24 * 60)
+    #: how long a login link printed by ``orders console login`` may be used (once)
+    login_link_seconds: int = Field(default=300, gt=0, le=3600)
+    #: the shim's URL as the operator's browser reaches it, for the login link; "" = http://shim.host:shim.port
+    public_url: str = ""
+    #: seconds between two refreshes of the at-a-glance page in the browser
+    refresh_seconds: int = Field(default=5, ge=1, le=3600)
+    #: the dead-letter index is checked against the queue's depth when a page is older than this (seconds)
+    dead_letter_index_seconds: float = Field(default=10, gt=0)
+
+
 Environment = Literal["production", "development"]
 
 
@@ -346,6 +365,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     tracing: TracingSettings = TracingSettings()
+    console: ConsoleSettings = ConsoleSettings()
     #: broker user -> what it may send (docs/security.md).  The service's own user (``rabbitmq.url``'s)
     #: may send everything.  Empty in development: every sender may (the open behaviour of a local
     #: set-up); in production a command from a user not listed here is refused.
@@ -359,6 +379,13 @@ class Settings(_Section):
                 "send everything; give upstream services users of their own"
             )
         return self
+
+    @property
+    def console_enabled(self) -> bool:
+        """``console.enabled``, or when unset: on in development, off in production."""
+        if self.console.enabled is not None:
+            return self.console.enabled
+        return self.environment == "development"
 
 
 def _wants_json(section: str, key: str | None) -> bool:

@@ -240,6 +240,39 @@ def token_issue(
         raise typer.Exit(2) from None
 
 
+console_app = typer.Typer(no_args_is_help=True, help="The operators' web console (/console on the shim).")
+app.add_typer(console_app, name="console")
+
+
+@console_app.command("login")
+def console_login(
+    user: Annotated[str, typer.Option(help="Who signs in (recorded in the dead-letter audit).")],
+    config: ConfigOption = None,
+) -> None:
+    """Print a one-time login link to the console: it signs USER in as an admin, once, for a few minutes."""
+    from worker.cli.common import engine_for
+    from worker.shim.console.session import create_login, login_url
+
+    settings = settings_or_exit(config)
+    try:
+        token = create_login(engine_for(settings), user, settings.console.login_link_seconds)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:  # noqa: BLE001 - told plainly, no traceback
+        typer.echo(f"error: PostgreSQL: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if not settings.console_enabled:
+        typer.echo(
+            "warning: the console is switched off in this configuration (console.enabled; off in production "
+            "until set): the shim will not serve the link",
+            err=True,
+        )
+    typer.echo(login_url(settings, token))
+    minutes = settings.console.login_link_seconds / 60
+    typer.echo(f"open it within {minutes:g} minute(s); it works once", err=True)
+
+
 from worker.cli.ops import register as _register_ops  # noqa: E402 - after the app exists
 from worker.cli.reconcile import register as _register_reconcile  # noqa: E402
 from worker.cli.show import register as _register_show  # noqa: E402

@@ -17,8 +17,8 @@ from worker.tables import plain_table, print_whole, seconds
 
 def _dead_letters(settings: Any, order_id: str) -> list[dict[str, Any]] | str:
     """The dead letters naming the order, or why they could not be looked at."""
+    from worker.dlq.letters import order_id_of
     from worker.dlq.operations import Selection, browse
-    from worker.dlq.order_facts import order_id_of
     from worker.errors import BrokerError
 
     try:

@@ -25,10 +25,12 @@ import base64
 import hashlib
 import json
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from schema.messages import ORDER_ID_NAMESPACE
 from worker.rabbit.connection import Delivery
 
 #: headers dropped on replay: the message gets a fresh round of retries
@@ -164,6 +166,23 @@ class DeadLetter:
         return self.delivery.message_type or "?"
 
     @property
+    def error_pattern(self) -> str:
+        return error_pattern(self.error_message)
+
+    @property
+    def group(self) -> str:
+        """The group it belongs to (:func:`group_key`)."""
+        return group_key(self.original_queue, self.error_class, self.error_pattern)
+
+    @property
+    def replay_count(self) -> int:
+        """How often it was replayed before (``x-replay-count``): more than 0 is a repeated failure."""
+        try:
+            return int(self.delivery.headers.get("x-replay-count") or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    @property
     def destination(self) -> tuple[str, str] | None:
         """(exchange, routing key) it was consumed from, or None when unknown."""
         if self.original_exchange is None or self.original_routing_key is None:
@@ -210,6 +229,25 @@ class DeadLetter:
         }
 
 
+def order_id_of(dl: DeadLetter) -> str | None:
+    """The body's ``order_id``; for a PlaceOrder without one, the id derived from its message_id."""
+    try:
+        body = json.loads(dl.delivery.body)
+    except ValueError:
+        body = None
+    raw = body.get("order_id") if isinstance(body, dict) else None
+    if raw:
+        try:
+            return str(uuid.UUID(str(raw)))
+        except ValueError:
+            return None
+    if dl.delivery.message_type == "PlaceOrder" and dl.delivery.message_id:
+        # the same derivation as schema.messages.PlaceOrder.resolved_order_id, which
+        # needs a valid body; a dead-lettered body is often not one
+        return str(uuid.uuid5(ORDER_ID_NAMESPACE, dl.delivery.message_id))
+    return None
+
+
 def message_key(d: Delivery) -> str:
     """The id operators use: the message_id, or a digest for a message without one."""
     if d.message_id:
@@ -241,6 +279,37 @@ def replay_headers(d: Delivery, replayed_at: datetime, actor: str) -> dict[str, 
     h["x-replayed-by"] = actor
     h["x-replay-count"] = int(d.headers.get("x-replay-count", 0)) + 1
     return h
+
+
+#: what :func:`error_pattern` masks, in this order: the parts of an error message that differ from one
+#: message to the next while the failure is the same (ids, UUIDs, digests, numbers)
+_MASKS = (
+    (re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"), "<uuid>"),
+    # provider ids: pi_3Nk…, ch_…, seti_…, the PayPal ids of 17 upper-case letters and digits
+    (re.compile(r"\b[a-z]{2,8}_[A-Za-z0-9]{8,}\b"), "<id>"),
+    (re.compile(r"\b(?=[A-Z0-9]*\d)[A-Z0-9]{12,}\b"), "<id>"),
+    (re.compile(r"\b(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{12,}\b"), "<hex>"),
+    (re.compile(r"\d+(?:\.\d+)?"), "<n>"),
+)
+
+
+def error_pattern(message: str) -> str:
+    """An error message with what varies masked: two dead letters that failed the same way match.
+
+    ``unknown product sku-123 in order 1b4e28ba-2fa1-11d2-883f-0016d3cca427`` →
+    ``unknown product sku-<n> in order <uuid>``.  Whitespace is folded and the
+    result cut to 500 characters.
+    """
+    text = " ".join(message.split())
+    for pattern, mask in _MASKS:
+        text = pattern.sub(mask, text)
+    return text[:500]
+
+
+def group_key(original_queue: str | None, error_class: str, pattern: str) -> str:
+    """The id of a group of dead letters: original queue, error class and :func:`error_pattern`."""
+    seed = "\x00".join((original_queue or "", error_class, pattern)).encode()
+    return hashlib.sha256(seed).hexdigest()[:24]
 
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")

@@ -18,18 +18,28 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 
-from sqlalchemy import Engine
+import structlog
+from sqlalchemy import Engine, text
 
-from schema.topology import QUEUE_ACCEPTS, queue_of, wrong_queue
+from schema.topology import DEAD_LETTER_QUEUE, QUEUE_ACCEPTS, queue_of, wrong_queue
 from worker.dlq import audit as dlq_audit
+from worker.dlq import index as dlq_index
 from worker.dlq.letters import DeadLetter, format_age, replay_headers
 from worker.errors import BrokerError, PublishNotConfirmed
 from worker.identity import Identities
 from worker.rabbit.connection import Outgoing
-from worker.rabbit.dead_letters import DeadLetterSession
+from worker.rabbit.dead_letters import DeadLetterQueueBusy, DeadLetterSession
+from worker.rabbit.topology import queue_depths
 from worker.settings import Settings
+
+log = structlog.get_logger("worker.dlq")
+
+
+#: PostgreSQL advisory lock of the one process reading the queue into the index
+INDEX_LOCK = 0x4F52_444C_5149  # "ORDLQI"
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,11 @@ class Selection:
             or self.newer_than
             or self.everything
         )
+
+    @cached_property
+    def _id_set(self) -> frozenset[str]:
+        # a console replay of a group names thousands of ids: a set, not a scan of the tuple per message
+        return frozenset(self.ids)
 
     @property
     def by_age(self) -> bool:
@@ -84,7 +99,7 @@ class Selection:
 
     def _named(self, dl: DeadLetter) -> bool:
         """Ids, types, error classes and queues: everything but the ages."""
-        if self.ids and dl.id not in self.ids:
+        if self.ids and dl.id not in self._id_set:
             return False
         if self.types and dl.delivery.message_type not in self.types:
             return False
@@ -93,7 +108,8 @@ class Selection:
         return not (self.queues and dl.original_queue not in self.queues)
 
     def describe(self) -> str:
-        parts = [f"id {', '.join(self.ids)}"] if self.ids else []
+        shown = ", ".join(self.ids[:5]) + (f" … ({len(self.ids)} in all)" if len(self.ids) > 5 else "")
+        parts = [f"id {shown}"] if self.ids else []
         parts += [
             f"{name} {', '.join(vals)}"
             for name, vals in (("type", self.types), ("error", self.error_classes), ("queue", self.queues))
@@ -102,6 +118,10 @@ class Selection:
         parts += [f"older than {format_age(self.older_than)}"] if self.older_than else []
         parts += [f"newer than {format_age(self.newer_than)}"] if self.newer_than else []
         return "; ".join(parts) or "all"
+
+
+#: seconds a dlq command waits for another session (another command, the console's index) to finish
+LOCK_WAIT_SECONDS = 15.0
 
 
 def undated_note(selection: Selection, ids: list[str], kept: bool) -> str | None:
@@ -123,9 +143,15 @@ def undated_note(selection: Selection, ids: list[str], kept: bool) -> str | None
 
 
 @contextmanager
-def session(settings: Settings) -> Iterator[tuple[DeadLetterSession, list[DeadLetter]]]:
+def session(
+    settings: Settings, lock_wait_seconds: float = LOCK_WAIT_SECONDS
+) -> Iterator[tuple[DeadLetterSession, list[DeadLetter]]]:
     """The dead-letter queue taken into hand: (session, every message in queue order)."""
-    s = DeadLetterSession(settings.rabbitmq.url.get_secret_value(), settings.rabbitmq.heartbeat_seconds)
+    s = DeadLetterSession(
+        settings.rabbitmq.url.get_secret_value(),
+        settings.rabbitmq.heartbeat_seconds,
+        lock_wait_seconds=lock_wait_seconds,
+    )
     try:
         depth = s.open()
         yield s, [DeadLetter.from_delivery(d) for d in s.deliveries(depth)]
@@ -133,11 +159,11 @@ def session(settings: Settings) -> Iterator[tuple[DeadLetterSession, list[DeadLe
         s.close()
 
 
-def browse(settings: Settings, selection: Selection) -> list[DeadLetter]:
+def browse(settings: Settings, selection: Selection, lock_wait_seconds: float = LOCK_WAIT_SECONDS) -> list[DeadLetter]:
     """The matching dead letters (with those an age filter cannot date: ``selection.undated``);
     the queue is left exactly as it was."""
     now = datetime.now(UTC)
-    with session(settings) as (_, letters):
+    with session(settings, lock_wait_seconds) as (_, letters):
         return [dl for dl in letters if selection.matches(dl, now)]
 
 
@@ -253,6 +279,7 @@ def replay(
             report.interrupted = str(exc)
         finally:
             dlq_audit.finish(engine, audit_id, report.moved, _outcome("replayed", report, detail))
+            _forget(engine, report.moved)
     return report
 
 
@@ -306,4 +333,45 @@ def purge(
             report.interrupted = str(exc)
         finally:
             dlq_audit.finish(engine, audit_id, report.moved, _outcome("purged", report, detail))
+            _forget(engine, report.moved)
     return report
+
+
+def _forget(engine: Engine, moved: list[str]) -> None:
+    """What moved leaves the dead-letter index (the console's) at once; never a reason to fail the command."""
+    try:
+        dlq_index.forget(engine, moved)
+    except Exception as exc:  # noqa: BLE001 - the index is rebuilt from the queue when it no longer matches
+        log.warning("dead-letter index not updated", error=f"{type(exc).__name__}: {exc}")
+
+
+def refresh_index(settings: Settings, engine: Engine, force: bool = False) -> dlq_index.IndexState:
+    """Read the dead-letter queue into the index (:mod:`worker.dlq.index`) when it looks changed.
+
+    Changed: its depth is not the index's, a dlq command marked it, or
+    ``force``.  One refresher at a time across processes (an advisory lock;
+    another caller gets the index as it is), and it never waits for the
+    queue: while an ``orders dlq`` command holds it, the index stays as it
+    was and says so.  The queue is held only while it is read; the index is
+    written after it was given back.
+    """
+    with engine.connect() as conn:
+        if not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": INDEX_LOCK}).scalar():
+            return dlq_index.state(engine)  # another process is reading the queue right now
+        conn.commit()
+        try:
+            current = dlq_index.state(engine)
+            if not force and not current.stale and current.refreshed_at is not None:
+                found = queue_depths(settings.rabbitmq.url.get_secret_value(), [DEAD_LETTER_QUEUE])[DEAD_LETTER_QUEUE]
+                if found is not None and found[0] == current.depth:
+                    return current
+            started = time.monotonic()
+            try:
+                letters = browse(settings, Selection(everything=True), lock_wait_seconds=0)
+            except DeadLetterQueueBusy as exc:
+                dlq_index.note_error(engine, str(exc))
+                return dlq_index.state(engine)
+            return dlq_index.store(engine, letters, int((time.monotonic() - started) * 1000))
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": INDEX_LOCK})
+            conn.commit()

@@ -6,35 +6,13 @@
 
 from __future__ import annotations
 
-import json
-import uuid
 from typing import Any
 
 from sqlalchemy import Engine, text
 
-from schema.messages import ORDER_ID_NAMESPACE
 from worker.commands import CONSUMER
-from worker.dlq.letters import DeadLetter
+from worker.dlq.letters import DeadLetter, order_id_of
 from worker.dlq.operations import misplaced
-
-
-def order_id_of(dl: DeadLetter) -> str | None:
-    """The body's ``order_id``; for a PlaceOrder without one, the id derived from its message_id."""
-    try:
-        body = json.loads(dl.delivery.body)
-    except ValueError:
-        body = None
-    raw = body.get("order_id") if isinstance(body, dict) else None
-    if raw:
-        try:
-            return str(uuid.UUID(str(raw)))
-        except ValueError:
-            return None
-    if dl.delivery.message_type == "PlaceOrder" and dl.delivery.message_id:
-        # the same derivation as schema.messages.PlaceOrder.resolved_order_id, which
-        # needs a valid body; a dead-lettered body is often not one
-        return str(uuid.uuid5(ORDER_ID_NAMESPACE, dl.delivery.message_id))
-    return None
 
 
 def _rows(conn: Any, sql: str, **params: Any) -> list[dict[str, Any]]:

@@ -21,6 +21,8 @@ DLQ_LOCK_QUEUE = "orders.dead-letter.session"
 DLQ_IDLE_SECONDS = 2.0
 #: unacked messages one session may hold (AMQP's prefetch count is 16 bits)
 DLQ_MAX_HELD = 65535
+#: seconds between two tries to take the lock while another session holds it
+DLQ_LOCK_RETRY_SECONDS = 0.2
 
 
 class DeadLetterQueueBusy(BrokerError):
@@ -42,9 +44,13 @@ class DeadLetterSession(BlockingBroker):
     then not necessarily in their old order.
     """
 
-    def __init__(self, url: str, heartbeat: int = 30, queue: str = DEAD_LETTER_QUEUE) -> None:
+    def __init__(
+        self, url: str, heartbeat: int = 30, queue: str = DEAD_LETTER_QUEUE, lock_wait_seconds: float = 0.0
+    ) -> None:
         super().__init__(url, heartbeat)
         self.queue = queue
+        #: how long to wait for another session to finish before :class:`DeadLetterQueueBusy`
+        self.lock_wait_seconds = lock_wait_seconds
         self._tag: str | None = None
         self._unacked: set[int] = set()
 
@@ -53,14 +59,7 @@ class DeadLetterSession(BlockingBroker):
         self.connect()
         assert self._conn is not None
         try:
-            try:
-                self._conn.channel().queue_declare(DLQ_LOCK_QUEUE, exclusive=True, auto_delete=True)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code == 405:  # RESOURCE_LOCKED
-                    raise DeadLetterQueueBusy(
-                        "another `orders dlq` command is working on the dead-letter queue"
-                    ) from None
-                raise
+            self._take_lock()
             self._consume = self._conn.channel()
             depth = int(self._consume.queue_declare(self.queue, passive=True).method.message_count)
             # room for the whole queue plus what arrives meanwhile (see the class docstring)
@@ -73,6 +72,23 @@ class DeadLetterSession(BlockingBroker):
             self.close()
             raise
         return depth
+
+    def _take_lock(self) -> None:
+        """Declare the lock queue; while another session holds it, try again until ``lock_wait_seconds``."""
+        assert self._conn is not None
+        deadline = time.monotonic() + self.lock_wait_seconds
+        while True:
+            try:
+                self._conn.channel().queue_declare(DLQ_LOCK_QUEUE, exclusive=True, auto_delete=True)
+                return
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 405:  # 405 RESOURCE_LOCKED: another session holds it
+                    raise
+                if time.monotonic() >= deadline:
+                    raise DeadLetterQueueBusy(
+                        "another `orders dlq` command (or the console's index) is working on the dead-letter queue"
+                    ) from None
+            self._conn.sleep(DLQ_LOCK_RETRY_SECONDS)
 
     def _on_message(self, _ch: Any, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
         self._unacked.add(method.delivery_tag)

@@ -18,13 +18,19 @@ free connection in time (:class:`~worker.redis_gate.RedisBusy`), answers
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import re
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from handlers.payments import build_gateways
 from worker import db, tracing
@@ -34,6 +40,8 @@ from worker.settings import Settings, load_settings
 from worker.shim import errors
 from worker.shim.amqp import AsyncChannel
 from worker.shim.auth import Authenticator
+from worker.shim.console.routes import DeadLetterIndexer
+from worker.shim.console.routes import router as console_router
 from worker.shim.context import Shim
 from worker.shim.idempotency import IdempotencyStore
 from worker.shim.metrics import ShimMetrics
@@ -48,6 +56,8 @@ Scope = dict[str, Any]
 SHED_RETRY_AFTER = 1
 #: never shed for concurrency: probes and scrapes must see an overloaded process
 UNSHED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+#: the console's and the API documentation's files, shipped in the package (no CDN: worker/shim/static/README.md)
+STATIC = Path(__file__).with_name("static")
 
 
 def shed(metrics: ShimMetrics, reason: str) -> JSONResponse:
@@ -204,9 +214,14 @@ def create_app(settings: Settings) -> FastAPI:
         version="1.0.0",
         lifespan=lifespan,
         description="Places, reads and cancels orders by enqueueing commands; takes payment webhooks.",
+        docs_url=None,  # FastAPI's own pages load their scripts from a CDN: served from the package below
+        redoc_url=None,
     )
     app.state.shim = shim
+    app.state.console_indexer = DeadLetterIndexer(settings, shim.engine)
     errors.install(app)
+    _documentation(app)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(RedisBusy)
     async def _redis_busy(_request: Request, _exc: RedisBusy) -> JSONResponse:
@@ -214,6 +229,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(orders_router)
     app.include_router(ops_router)
+    app.include_router(console_router)
     app.add_middleware(
         EdgeMiddleware,
         max_body=settings.shim.max_body_bytes,
@@ -224,6 +240,60 @@ def create_app(settings: Settings) -> FastAPI:
     if tracing.setup(settings.tracing, "orders-shim"):  # off unless configured (docs/operations.md, Tracing)
         tracing.instrument_app(app, settings.tracing.trust_incoming)
     return app
+
+
+def _documentation(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` with their scripts, styles and icons from ``/static``: they render
+    on a machine or network without internet access.
+
+    Each page also gets a Content-Security-Policy that lets it reach this origin only: Redoc's sidebar
+    would otherwise fetch its attribution logo from cdn.redoc.ly (it hides the image when that fails).
+    FastAPI's pages start Swagger UI with an inline script and Redoc styles itself inline, so the policy
+    names that one script by its hash and allows inline styles.
+    """
+    openapi = app.openapi_url or "/openapi.json"
+    title = f"{app.title} - docs"
+    swagger = get_swagger_ui_html(
+        openapi_url=openapi,
+        title=title,
+        swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+        swagger_css_url="/static/swagger-ui/swagger-ui.css",
+        swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        oauth2_redirect_url="/docs/oauth2-redirect",
+        # no badge fetched from validator.swagger.io
+        swagger_ui_parameters={"validatorUrl": None},
+    )
+    redoc = get_redoc_html(
+        openapi_url=openapi,
+        title=title,
+        redoc_js_url="/static/redoc/redoc.standalone.js",
+        redoc_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        with_google_fonts=False,
+    )
+    redirect = get_swagger_ui_oauth2_redirect_html()
+    pages = {"/docs": swagger, "/redoc": redoc, "/docs/oauth2-redirect": redirect}
+    for path, html in pages.items():
+        policy = _same_origin_policy(bytes(html.body))
+        app.add_api_route(path, _fixed(bytes(html.body), policy), include_in_schema=False, methods=["GET"])
+
+
+def _same_origin_policy(html: bytes) -> str:
+    """A CSP for a documentation page: everything from this origin, its inline scripts by hash."""
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in re.findall(rb"<script>(.*?)</script>", html, re.S)
+    )
+    return (
+        f"default-src 'self'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+        "worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+    )
+
+
+def _fixed(body: bytes, policy: str) -> Any:
+    async def serve() -> HTMLResponse:
+        return HTMLResponse(body, headers={"Content-Security-Policy": policy, "X-Frame-Options": "DENY"})
+
+    return serve
 
 
 def from_environment() -> FastAPI:
