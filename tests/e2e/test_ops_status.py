@@ -85,6 +85,7 @@ def test_status_and_metrics_match_what_the_test_did(service, bus, clean_db, wait
         "cancelled": 0,
         "rejected": 1,
         "refunded": 0,
+        "expired": 0,
     }
     for queue in ("orders.place", "orders.cancel", "orders.payment-confirmed"):
         assert status["queues"][queue] == {"role": "commands", "messages": 0, "consumers": 1, "exists": True}

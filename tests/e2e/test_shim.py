@@ -182,7 +182,12 @@ def test_post_answers_202_with_the_order_id_and_the_worker_places_and_charges_it
         what="completed",
     )
     assert view["items"] == [{"product_id": "sku-apple", "quantity": 2, "unit_price": 150}]
-    assert view["total"] == 300 and view["payment"] == {"provider": "stripe", "status": "succeeded"}
+    assert view["total"] == 300 and view["payment"] == {
+        "provider": "stripe",
+        "status": "succeeded",
+        "refund": None,  # nothing given back
+        "amount_refunded": None,
+    }
     assert "version" not in view and "pm_card_visa" not in json.dumps(view)
 
 
@@ -446,7 +451,29 @@ def test_the_internal_payment_service_signs_with_the_shared_hmac_secret(stack):
     assert bad.status_code == stale.status_code == 400
     r = httpx.post(url, content=body, headers={"X-Orders-Signature": sign_internal(HMAC_SECRET, body)}, timeout=10)
     assert r.status_code == 200 and r.json()["enqueued"] is True
-    wait_until(lambda: stack.status(order_id) == "completed", what="completed by the internal confirmation")
+    # no order is paid internally: Stripe, the order's provider, is asked, and the buyer has not paid yet
+    wait_until(lambda: _inbox_has(stack, "int-" + order_id), what="the confirmation handled")
+    wait_until(lambda: _refused(stack, order_id) == "payment_not_confirmed", what="refused")
+    assert stack.status(order_id) == "awaiting_payment"
+    # once the buyer has paid at Stripe, the same kind of confirmation is borne out there and completes the order
+    httpx.post(f"{stack.fake_url}/_fake/confirm/{pi_id}", json={}).raise_for_status()
+    paid = json.loads(body) | {"event_id": "int-paid-" + order_id}
+    raw = json.dumps(paid).encode()
+    r = httpx.post(url, content=raw, headers={"X-Orders-Signature": sign_internal(HMAC_SECRET, raw)}, timeout=10)
+    assert r.status_code == 200 and r.json()["enqueued"] is True
+    wait_until(lambda: stack.status(order_id) == "completed", what="completed on the payment Stripe vouches for")
+
+
+def _refused(stack: Stack, order_id: str) -> str | None:
+    """The reason of a refusal the order's history recorded (announced as command.refused)."""
+    with stack.engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT data->'refused'->>'reason' FROM order_history WHERE order_id = CAST(:o AS uuid)"
+                " AND kind = 'event' AND data ? 'refused' ORDER BY id DESC LIMIT 1"
+            ),
+            {"o": order_id},
+        ).scalar()
 
 
 def _published(stack: Stack, message_type: str) -> float:
