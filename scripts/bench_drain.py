@@ -351,6 +351,12 @@ def service_components(
     }
 
 
+def component_meter(groups: dict[str, benchkit.GroupFinder]) -> benchkit.CpuMeter:
+    """A meter of :func:`service_components`: the postmaster counts its own time, not the backends of every
+    database that it reaps."""
+    return benchkit.CpuMeter(groups, own_only=("postgres server",))
+
+
 def window_cost(snaps: dict[str, Any], window: Window, total_of: tuple[str, ...]) -> benchkit.CpuCost | None:
     """CPU per order between the 10 % and 90 % snapshots (the rate's own window)."""
     if "10" not in snaps or "90" not in snaps or window.t10 is None or window.t90 is None:
@@ -430,7 +436,7 @@ def drain(
     )
     procs.append(pool)
 
-    meter = benchkit.CpuMeter(
+    meter = component_meter(
         service_components(settings, {"workers": benchkit.tree(pool.pid), "relay": benchkit.tree(relay.pid)})
     )
     snaps: dict[str, Any] = {}
@@ -766,9 +772,7 @@ def measure_peer(args: Any, tmp: Path, deadline: Deadline) -> dict[str, Any]:
         say=say,
     )
     try:
-        meter = benchkit.CpuMeter(
-            service_components(settings, {"workers": benchkit.tree(workers.pid)}, database=PEER_DB)
-        )
+        meter = component_meter(service_components(settings, {"workers": benchkit.tree(workers.pid)}, database=PEER_DB))
         snaps: dict[str, Any] = {}
         window = Window(n, on_cross=lambda which: snaps.__setitem__(which, meter.snapshot()))
         t0 = time.monotonic()

@@ -313,6 +313,8 @@ class CpuSnapshot:
     stats: dict[int, ProcStat]
     groups: dict[str, set[int]]
     system: tuple[int, int]
+    #: groups whose processes count their own time only, not their reaped children's
+    own_only: frozenset[str] = frozenset()
 
 
 #: what a component is made of at one snapshot: (the process table, its stats) → pids
@@ -322,9 +324,14 @@ GroupFinder = Callable[[ProcFS, Mapping[int, ProcStat]], set[int]]
 class CpuMeter:
     """Snapshots of the CPU time of named groups of processes (see the module docstring)."""
 
-    def __init__(self, groups: Mapping[str, GroupFinder], proc: ProcFS | None = None) -> None:
+    def __init__(
+        self, groups: Mapping[str, GroupFinder], proc: ProcFS | None = None, own_only: Iterable[str] = ()
+    ) -> None:
+        """``own_only``: groups whose processes reap others' children (a postmaster reaps the backends of
+        every database on the server): only their own time counts."""
         self.groups = dict(groups)
         self.proc = proc or ProcFS()
+        self.own_only = frozenset(own_only)
 
     def snapshot(self) -> CpuSnapshot:
         stats = self.proc.stats()
@@ -334,7 +341,7 @@ class CpuMeter:
                 groups[name] = set(find(self.proc, stats))
             except Exception:  # noqa: BLE001 - a component that cannot be found counts nothing, never fails a run
                 groups[name] = set()
-        return CpuSnapshot(time.monotonic(), stats, groups, self.proc.system_ticks())
+        return CpuSnapshot(time.monotonic(), stats, groups, self.proc.system_ticks(), self.own_only)
 
 
 def group_ticks(a: CpuSnapshot, b: CpuSnapshot) -> dict[str, int]:
@@ -342,15 +349,17 @@ def group_ticks(a: CpuSnapshot, b: CpuSnapshot) -> dict[str, int]:
     out = {}
     for name in b.groups.keys() | a.groups.keys():
         total = 0
+        own_only = name in b.own_only
         for pid in b.groups.get(name, set()) | a.groups.get(name, set()):
             after = b.stats.get(pid)
             if after is None:
                 continue  # exited in between: what it used after ``a`` is lost unless a counted parent reaped it
             before = a.stats.get(pid)
+            used = (lambda s: s.own) if own_only else (lambda s: s.ticks)
             if before is not None and before.start == after.start:
-                total += max(0, after.ticks - before.ticks)
+                total += max(0, used(after) - used(before))
             else:
-                total += after.ticks  # started in between: all of its time is in the interval
+                total += used(after)  # started in between: all of its time is in the interval
         out[name] = total
     return out
 

@@ -185,3 +185,12 @@ def test_median_costs_and_slope() -> None:
     assert benchkit.slope([(0, 1), (1, 3), (2, 5)]) == pytest.approx(2)
     assert benchkit.slope([(1, 1)]) == 0
     assert benchkit.ratio(3, 0) is None and benchkit.ratio(3, 2) == 1.5
+
+
+def test_an_own_only_group_leaves_out_what_its_processes_reaped(fake: FakeProc) -> None:
+    # the postmaster reaps the backends of every database: their time is not the server's own
+    fake.add(50, 1, own=100, reaped=0)
+    meter = CpuMeter({"server": benchkit.tree(50)}, proc=ProcFS(fake.root), own_only=("server",))
+    a = meter.snapshot()
+    fake.add(50, 1, own=103, reaped=9000)
+    assert benchkit.group_ticks(a, meter.snapshot()) == {"server": 3}
