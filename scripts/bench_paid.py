@@ -146,8 +146,9 @@ def start_fake(latency_ms: float, log: Path) -> tuple[Proc, str]:
 class Ours:
     """Our stack for one round: fresh database and vhost, the fake, the worker pool and the relay."""
 
-    def __init__(self, args: Any, tmp: Path) -> None:
+    def __init__(self, args: Any, tmp: Path, database: str = OURS_DB, vhost: str = OURS_VHOST) -> None:
         self.args, self.tmp = args, tmp
+        self.database, self.vhost = database, vhost
         tmp.mkdir(parents=True, exist_ok=True)
         self.procs: list[Proc] = []
         self.capture: Completions | None = None
@@ -155,13 +156,13 @@ class Ours:
     def prepare(self) -> None:
         self.fake, fake_url = start_fake(self.args.latency_ms, self.tmp / "stripe.log")
         self.procs.append(self.fake)
-        vhost = harness.private_vhost_or_default(OURS_VHOST) or "/"
+        vhost = harness.private_vhost_or_default(self.vhost) or "/"
         base = load_settings(environ={"ORDERS_ENVIRONMENT": "development", **os.environ})
         self.url = harness.vhost_url(base.rabbitmq.url.get_secret_value(), vhost)
         self.env = {
             "ORDERS_ENVIRONMENT": "development",
             **os.environ,
-            "ORDERS_DATABASE__DBNAME": OURS_DB,
+            "ORDERS_DATABASE__DBNAME": self.database,
             "ORDERS_RABBITMQ__URL": self.url,
             "ORDERS_STRIPE__API_BASE": fake_url,
             "ORDERS_LOGGING__LEVEL": os.environ.get("ORDERS_LOGGING__LEVEL", "WARNING"),

@@ -495,3 +495,15 @@ def machine_line() -> str:
         pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"{os.cpu_count()} CPUs ({model}), load average {load}"
+
+
+_LOCKING = re.compile(
+    r"\s+FOR\s+(?:NO\s+KEY\s+UPDATE|UPDATE|KEY\s+SHARE|SHARE)(?:\s+OF\s+[\w\s,.\"]+?)?(?:\s+SKIP\s+LOCKED|\s+NOWAIT)?"
+    r"(?=\s*(?:;|$|\)))",
+    re.IGNORECASE,
+)
+
+
+def without_locking(sql: str) -> str:
+    """``sql`` without its row-locking clause (``FOR UPDATE SKIP LOCKED`` and the like)."""
+    return _LOCKING.sub("", sql.strip()).rstrip(";").strip()

@@ -194,3 +194,17 @@ def test_an_own_only_group_leaves_out_what_its_processes_reaped(fake: FakeProc) 
     a = meter.snapshot()
     fake.add(50, 1, own=103, reaped=9000)
     assert benchkit.group_ticks(a, meter.snapshot()) == {"server": 3}
+
+
+def test_the_soak_times_the_relay_poll_without_its_locking_clause() -> None:
+    poll = "SELECT id, body FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED"
+    assert (
+        benchkit.without_locking(poll)
+        == "SELECT id, body FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1000"
+    )
+    assert benchkit.without_locking("SELECT 1 FROM outbox WHERE id > 5 FOR NO KEY UPDATE NOWAIT;") == (
+        "SELECT 1 FROM outbox WHERE id > 5"
+    )
+    assert benchkit.without_locking("SELECT * FROM outbox o FOR UPDATE OF o") == "SELECT * FROM outbox o"
+    # a column or a string that merely says "for update" stays
+    assert benchkit.without_locking("SELECT 'for update' AS x FROM outbox") == "SELECT 'for update' AS x FROM outbox"
