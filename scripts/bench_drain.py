@@ -357,6 +357,18 @@ def component_meter(groups: dict[str, benchkit.GroupFinder]) -> benchkit.CpuMete
     return benchkit.CpuMeter(groups, own_only=("postgres server",))
 
 
+def shared_servers_before(settings: Any, seconds: float = 2.0) -> dict[str, float]:
+    """Percent of a core the shared servers (the RabbitMQ node, PostgreSQL's server processes) and the whole
+    machine use before a run starts: the neighbours' share, which a run's window counts as the run's too
+    (the longer the window, the more: the paid path's more than the drain's)."""
+    shared = {k: v for k, v in service_components(settings, {}).items() if k in ("rabbitmq", "postgres server")}
+    meter = component_meter(shared)
+    a = meter.snapshot()
+    time.sleep(seconds)
+    cost = benchkit.cpu_cost(a, meter.snapshot(), 1, ())
+    return {**{k: round(cost.percent.get(k, 0.0), 1) for k in shared}, "machine": round(cost.machine_percent, 1)}
+
+
 def window_cost(snaps: dict[str, Any], window: Window, total_of: tuple[str, ...]) -> benchkit.CpuCost | None:
     """CPU per order between the 10 % and 90 % snapshots (the rate's own window)."""
     if "10" not in snaps or "90" not in snaps or window.t10 is None or window.t90 is None:

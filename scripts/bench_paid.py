@@ -89,7 +89,6 @@ from scripts.bench_drain import (  # noqa: E402
     cost_line,
     dramatiq_cli,
     fresh_peer_database,
-    machine_busy,
     make_orders,
     peer_env,
     preload,
@@ -98,6 +97,7 @@ from scripts.bench_drain import (  # noqa: E402
     run_cli,
     say,
     service_components,
+    shared_servers_before,
     window_cost,
 )
 from scripts.harness import Proc  # noqa: E402
@@ -300,7 +300,7 @@ def ours_saturation(args: Any, tmp: Path) -> dict[str, Any]:
     try:
         ours.prepare()
         n = args.orders
-        busy = machine_busy()
+        before = shared_servers_before(ours.settings)
         say(f"ours: preloading {n} card orders (latency of the fake {args.latency_ms:g} ms) ...")
         preload(ours.url, ours.orders(n), deadline)
         ours.start_stack()
@@ -309,7 +309,7 @@ def ours_saturation(args: Any, tmp: Path) -> dict[str, Any]:
             n, deadline, meter, lambda: ours.counts()[0], ours.check_alive, SERVICE_TOTAL, "ours completing"
         )
         result["rejected"] = ours.counts()[1]
-        result["busy_before_run_percent"] = round(busy, 1)
+        result["before_run_percent"] = before
         return result
     finally:
         ours.close()
@@ -429,13 +429,13 @@ def peer_saturation(args: Any, tmp: Path) -> dict[str, Any]:
     peer = Peer(args, tmp)
     try:
         n = args.orders
-        busy = machine_busy()
         say(f"peer: preloading {n} card orders (latency of the fake {args.latency_ms:g} ms) ...")
         peer.prepare(n)
+        before = shared_servers_before(peer.settings)
         peer.start_workers()
         meter = component_meter(peer.components())
         result = saturate(n, deadline, meter, peer.completed, peer.check_alive, PEER_TOTAL, "the peer completing")
-        result["busy_before_run_percent"] = round(busy, 1)
+        result["before_run_percent"] = before
         return result
     finally:
         peer.close()
@@ -683,6 +683,12 @@ def report(args: Any, result: dict[str, Any]) -> str:
         lines += [row, ""]
         if not args.no_peer:
             lines.append(f"ours / peer: {benchkit.fmt(sat['ratio'], '.2f')} (medians)")
+        for side in ["ours"] + ([] if args.no_peer else ["peer"]):
+            before = [r.get("before_run_percent", {}) for r in sat["runs"][side]]
+            lines.append(
+                f"before each {side} run (the neighbours, % of a core): "
+                + "; ".join(", ".join(f"{k} {v:.0f}" for k, v in b.items()) for b in before)
+            )
         lines.append("CPU µs per completed order, 10-90 %, medians (the Stripe fake apart, not in the total):")
         lines.append(f"  ours: {cost_line(sat['ours_us_per_order_median'])}")
         if peer == "peer":
