@@ -279,7 +279,10 @@ def judge(rows: list[dict[str, Any]], rate: float, args: Any, minutes: float) ->
     }
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], most: int = 60) -> str:
+    """The samples, at most ``most`` of them evenly spaced (the last one always; ``--json`` has them all)."""
+    step = max(1, -(-len(rows) // most))
+    rows = [r for i, r in enumerate(rows) if i % step == 0 or i == len(rows) - 1]
     lines = [
         "| t s | offered | completed/s | p99 ms | in flight | queues | outbox | dead | poll ms | poll buf "
         "| worker MiB | relay MiB | shim MiB | relay's pg % | machine % |",
