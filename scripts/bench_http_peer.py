@@ -210,17 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| rate | ours acc/s | ours p50 ms | ours p99 ms | peer acc/s | peer p50 ms | peer p99 ms "
-        "| ours µs/POST | peer µs/POST |"
+        "| ours µs/POST | peer µs/POST | ours shed/errors | peer errors |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     f = benchkit.fmt
     for t in table:
         print(
             f"| {t['rate']:.0f} | {f(t['ours_accepted_per_s'])} | {f(t['ours_p50_ms'], '.1f')} | "
             f"{f(t['ours_p99_ms'], '.1f')} | {f(t['peer_accepted_per_s'])} | {f(t['peer_p50_ms'], '.1f')} | "
-            f"{f(t['peer_p99_ms'], '.1f')} | {f(t['ours_http_us_per_post'])} | {f(t['peer_http_us_per_post'])} |"
+            f"{f(t['peer_p99_ms'], '.1f')} | {f(t['ours_http_us_per_post'])} | {f(t['peer_http_us_per_post'])} | "
+            f"{f(t['ours_shed'])}/{f(t['ours_errors'])} | {f(t['peer_errors'])} |"
         )
-    print("\nµs/POST: CPU of the HTTP processes (uvicorn workers and their parent) per accepted POST")
+    print(
+        "\nµs/POST: CPU of the HTTP processes (uvicorn workers and their parent) per accepted POST; shed: 503 "
+        "overloaded (the shim's concurrency limit or Redis pool), errors: anything else or no answer in 30 s"
+    )
     return 0
 
 
