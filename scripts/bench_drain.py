@@ -13,8 +13,24 @@ own RabbitMQ vhost ``orders-bench`` (``/`` when rabbitmqctl is missing).
 Events are consumed by a capture queue bound to ``inventory`` and
 ``orders.events`` (as the Inventory Service would), counted in a thread.
 
+CPU per order: over the same 10 %→90 % window as the rate, µs of CPU per
+drained order for each component (scripts/benchkit.py, from ``/proc``): the
+worker processes, the relay, the RabbitMQ node serving the AMQP port, the
+PostgreSQL backends of the benchmark's database (its own poller left out) and
+the server's WAL writer and checkpointer, and their total; the benchmark
+process itself and the rest of the machine (the neighbours, on a shared one)
+are shown apart.
+
+``--peer dramatiq`` drains the same number of orders with the Dramatiq peer
+(``scripts/peers/peer_dramatiq.py``: the shared peers' order transaction, 2
+processes x 8 threads, no event relay; database ``orders_bench_peer``, vhost
+``orders-bench-peer``) in alternating rounds with ours (``--rounds``; who goes
+first alternates: ours-peer, peer-ours, ...), and prints each side's median,
+their ratio and the median CPU per order of each.  It needs Dramatiq 2:
+``.venv/bin/pip install -e '.[bench]'``.
+
 Every process it starts is stopped on exit, on errors and on Ctrl-C; a run
-gives up with a message after ``--timeout`` seconds (default 600).
+gives up with a message after ``--timeout`` seconds (default 600) per drain.
 
 Settings of the service under test come from the environment as usual
 (``ORDERS_WORKER__BATCH_SIZE=500 scripts/bench_drain.py``); the script sets
@@ -25,6 +41,7 @@ Usage::
     .venv/bin/python scripts/bench_drain.py --orders 20000 --processes 2
     .venv/bin/python scripts/bench_drain.py --orders 5000 --skip-baseline --json
     .venv/bin/python scripts/bench_drain.py --orders 20000 --skip-baseline --topology cluster
+    .venv/bin/python scripts/bench_drain.py --orders 20000 --peer dramatiq --rounds 5
 """
 
 from __future__ import annotations
@@ -62,7 +79,7 @@ from schema.topology import (
     PAYMENTS_QUEUE,
     delay_queue,
 )
-from scripts import harness  # noqa: E402
+from scripts import benchkit, harness  # noqa: E402
 from scripts.harness import ORDERS_CLI, Proc  # noqa: E402
 from worker.rabbit.connection import (
     Outgoing,  # noqa: E402
@@ -76,7 +93,6 @@ VHOST = "orders-bench"
 CAPTURE_QUEUE = "bench.capture"
 CATALOGUE = ROOT / "config" / "products.demo.json"
 POLL = 0.1  # seconds between two samples of the order count
-HZ = os.sysconf("SC_CLK_TCK")
 BASELINE_WORKERS = 4
 EVENTS_PER_ORDER = 3  # stock.reserve, order.placed, StartPayment
 CAPTURED_PER_ORDER = 2  # StartPayment goes to orders.payments, not to the capture queue
@@ -289,20 +305,6 @@ def start(name: str, args: list[str], env: dict[str, str], log: Path) -> Proc:
     return Proc(name, [ORDERS_CLI, *args], env, log, say=say)
 
 
-def proc_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def pids_named(name: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def vm_hwm_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -315,40 +317,63 @@ def vm_hwm_kib(pid: int) -> int:
 
 
 def system_ticks() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    idle = vals[3] + vals[4]  # idle + iowait
-    return sum(vals[:8]), idle
+    return benchkit.ProcFS().system_ticks()
 
 
-class CpuSampler:
-    """CPU ticks of groups of processes; the share between two snapshots."""
+#: the components whose CPU adds up to the service's cost per order (the benchmark's own is apart)
+SERVICE_TOTAL = ("workers", "relay", "rabbitmq", "postgres", "postgres server")
+#: the same for a peer, which has no relay
+PEER_TOTAL = ("workers", "rabbitmq", "postgres", "postgres server")
 
-    def __init__(self, groups: Callable[[], dict[str, list[int]]]) -> None:
-        self.groups = groups
 
-    def snapshot(self) -> dict[str, Any]:
-        groups = self.groups()
-        return {
-            "t": time.monotonic(),
-            "sys": system_ticks(),
-            "pids": {g: {p: proc_ticks(p) for p in pids} for g, pids in groups.items()},
-        }
+def service_components(
+    settings: Any, processes: dict[str, benchkit.GroupFinder], database: str | None = None
+) -> dict[str, benchkit.GroupFinder]:
+    """``processes`` (the service's or a peer's own), and the servers' share of this run: the RabbitMQ
+    node(s) of the settings' URL, the backends of ``database`` (the settings' by default) less the
+    benchmark's own connections, the PostgreSQL server processes (WAL writer, checkpointer: shared
+    with whatever else runs), and the benchmark process itself."""
+    amqp = [harness.amqp_port(u.strip()) for u in settings.rabbitmq.url.get_secret_value().split(",")]
+    rabbit = [benchkit.Server(p) for p in amqp]
+    pg = [benchkit.Server(p) for _, p in settings.database.nodes]
+    db = database or settings.database.dbname
+    me = os.getpid()
 
-    @staticmethod
-    def share(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-        """Per group: percent of one core over the interval (200 = two cores busy)."""
-        dt = b["t"] - a["t"]
-        out = {}
-        for g, pids in b["pids"].items():
-            before = a["pids"].get(g, {})
-            ticks = sum(t - before.get(p, 0) for p, t in pids.items())
-            out[g] = round(100.0 * ticks / HZ / dt, 1) if dt > 0 else 0.0
-        total, idle = b["sys"][0] - a["sys"][0], b["sys"][1] - a["sys"][1]
-        busy = round(100.0 * (os.cpu_count() or 1) * (total - idle) / total, 1) if total else 0.0
-        out["other"] = round(max(0.0, busy - sum(out.values())), 1)
-        out["machine busy (of %d%%)" % (100 * (os.cpu_count() or 1))] = busy
-        return out
+    def union(finders: list[benchkit.GroupFinder]) -> benchkit.GroupFinder:
+        return lambda proc, stats: set().union(*(f(proc, stats) for f in finders))
+
+    return {
+        **processes,
+        "rabbitmq": union([r.whole() for r in rabbit]),
+        "postgres": union([s.postgres_backends(db, not_clients=lambda: [me]) for s in pg]),
+        "postgres server": union([s.postgres_server() for s in pg]),
+        "bench": lambda proc, stats: {me},  # itself only: the processes it started are the components above
+    }
+
+
+def component_meter(groups: dict[str, benchkit.GroupFinder]) -> benchkit.CpuMeter:
+    """A meter of :func:`service_components`: the postmaster counts its own time, not the backends of every
+    database that it reaps."""
+    return benchkit.CpuMeter(groups, own_only=("postgres server",))
+
+
+def shared_servers_before(settings: Any, seconds: float = 2.0) -> dict[str, float]:
+    """Percent of a core the shared servers (the RabbitMQ node, PostgreSQL's server processes) and the whole
+    machine use before a run starts: the neighbours' share, which a run's window counts as the run's too
+    (the longer the window, the more: the paid path's more than the drain's)."""
+    shared = {k: v for k, v in service_components(settings, {}).items() if k in ("rabbitmq", "postgres server")}
+    meter = component_meter(shared)
+    a = meter.snapshot()
+    time.sleep(seconds)
+    cost = benchkit.cpu_cost(a, meter.snapshot(), 1, ())
+    return {**{k: round(cost.percent.get(k, 0.0), 1) for k in shared}, "machine": round(cost.machine_percent, 1)}
+
+
+def window_cost(snaps: dict[str, Any], window: Window, total_of: tuple[str, ...]) -> benchkit.CpuCost | None:
+    """CPU per order between the 10 % and 90 % snapshots (the rate's own window)."""
+    if "10" not in snaps or "90" not in snaps or window.t10 is None or window.t90 is None:
+        return None
+    return benchkit.cpu_cost(snaps["10"], snaps["90"], window.t90[1] - window.t10[1], total_of)
 
 
 def machine_busy(seconds: float = 1.0) -> float:
@@ -423,18 +448,11 @@ def drain(
     )
     procs.append(pool)
 
-    def groups() -> dict[str, list[int]]:
-        return {
-            "workers": [pool.pid, *pool.children()],
-            "relay": [relay.pid],
-            "rabbitmq": pids_named("beam.smp"),
-            "postgres": pids_named("postgres"),
-            "bench": [os.getpid()],
-        }
-
-    sampler = CpuSampler(groups)
+    meter = component_meter(
+        service_components(settings, {"workers": benchkit.tree(pool.pid), "relay": benchkit.tree(relay.pid)})
+    )
     snaps: dict[str, Any] = {}
-    window = Window(n, on_cross=lambda which: snaps.__setitem__(which, sampler.snapshot()))
+    window = Window(n, on_cross=lambda which: snaps.__setitem__(which, meter.snapshot()))
 
     t_all_orders = t_all_published = t_all_captured = None
     hwm: dict[int, int] = {}
@@ -470,7 +488,7 @@ def drain(
     poll.close()
     relay_hwm = vm_hwm_kib(relay.pid)
     depths = queue_depths(url, [*COMMAND_QUEUES, PAYMENTS_QUEUE, DEAD_LETTER_QUEUE, CAPTURE_QUEUE])
-    cpu = CpuSampler.share(snaps["10"], snaps["90"]) if "10" in snaps and "90" in snaps else {}
+    cost = window_cost(snaps, window, SERVICE_TOTAL)
     return {
         "orders": n,
         "processes": args.processes,
@@ -487,7 +505,10 @@ def drain(
         "queue_depths_after": depths,
         "worker_peak_rss_mib": {str(pid): round(kib / 1024, 1) for pid, kib in sorted(hwm.items())},
         "relay_peak_rss_mib": round(relay_hwm / 1024, 1),
-        "cpu_percent_10_90": cpu,
+        "cpu_percent_10_90": cost.percent if cost else {},
+        "cpu_us_per_order": cost.us_per_order if cost else {},
+        "cpu_other_us_per_order": cost.other_us_per_order if cost else None,
+        "machine_percent_10_90": cost.machine_percent if cost else None,
     }
 
 
@@ -678,6 +699,197 @@ def pgbench(settings: Any, n: int, tmp: Path, deadline: Deadline) -> dict[str, A
     return {"tps": tps, "command": " ".join(cmd[:1] + cmd[1:]), "clients": BASELINE_WORKERS}
 
 
+# -- the Dramatiq peer: the same order transaction, as a Python team would write it ----------
+
+PEERS_DIR = ROOT / "scripts" / "peers"
+PEER_DB = "orders_bench_peer"
+PEER_VHOST = "orders-bench-peer"
+PEER_QUEUE = "peer_dramatiq"
+INSTALL_PEERS = ".venv/bin/pip install -e '.[bench]'"
+
+
+def dramatiq_cli() -> str:
+    """The ``dramatiq`` command beside this interpreter; a plain error saying how to install it when missing."""
+    exe = Path(sys.executable).parent / "dramatiq"
+    try:
+        import dramatiq  # noqa: F401 - only asking whether it is there
+    except ImportError:
+        exe = Path("/nonexistent")
+    if not exe.exists():
+        raise BenchError(
+            "the Dramatiq peer needs Dramatiq 2 with RabbitMQ support, which this venv does not have; "
+            f"install the benchmarks' extra: {INSTALL_PEERS}"
+        )
+    return str(exe)
+
+
+def peer_env(settings: Any, vhost: str, database: Any, **extra: str) -> dict[str, str]:
+    """The peers' environment: their broker (a vhost of their own) and database (``PEER_AMQP``, ``PEER_DSN``)."""
+    return {
+        **os.environ,
+        "PEER_AMQP": harness.vhost_url(settings.rabbitmq.url.get_secret_value(), vhost),
+        "PEER_DSN": database.dsn,
+        **extra,
+    }
+
+
+def fresh_peer_database(settings: Any, name: str) -> Any:
+    """Database ``name`` on the configured server, dropped and made anew (the peer makes its own tables)."""
+    from worker import db
+
+    database = settings.database.model_copy(update={"dbname": name})
+    db.drop_database(database)
+    db.ensure_database(database)
+    return database
+
+
+def measure_peer(args: Any, tmp: Path, deadline: Deadline) -> dict[str, Any]:
+    """The Dramatiq peer's drain: N messages preloaded, ``dramatiq peer_dramatiq -p P -t T``, rows/s 10 %→90 %."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    exe = dramatiq_cli()
+    n = args.orders
+    settings = load_settings(environ={"ORDERS_ENVIRONMENT": "development", **os.environ})
+    vhost = harness.private_vhost_or_default(PEER_VHOST) or "/"
+    database = fresh_peer_database(settings, PEER_DB)
+    env = peer_env(settings, vhost, database)
+    url = env["PEER_AMQP"]
+    say(f"peer: preloading {n} messages (Dramatiq, vhost {vhost}, database {PEER_DB}) ...")
+    idle_busy = machine_busy()
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "peer_dramatiq.py", str(n)],
+        cwd=PEERS_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=max(10.0, deadline.at - time.monotonic()),
+    )
+    if done.returncode != 0:
+        raise BenchError(f"the peer's preload failed ({done.returncode}): {done.stderr.strip()[-1500:]}")
+    preload_s = time.monotonic() - started
+    depth = queue_depths(url, [PEER_QUEUE])[PEER_QUEUE]
+    if depth != n:
+        raise BenchError(f"{PEER_QUEUE} holds {depth} messages after preloading {n}")
+    say(f"peer: preloaded in {preload_s:.1f} s; draining with {args.processes} x {args.peer_threads} threads ...")
+    poll = psycopg2.connect(database.dsn, connect_timeout=5, application_name="bench-poll")
+    poll.autocommit = True
+    cur = poll.cursor()
+    workers = Proc(
+        "dramatiq",
+        [exe, "peer_dramatiq", "-p", str(args.processes), "-t", str(args.peer_threads)]
+        + ["--worker-shutdown-timeout", "5000"],
+        env,
+        tmp / "peer.log",
+        cwd=PEERS_DIR,
+        say=say,
+    )
+    try:
+        meter = component_meter(service_components(settings, {"workers": benchkit.tree(workers.pid)}, database=PEER_DB))
+        snaps: dict[str, Any] = {}
+        window = Window(n, on_cross=lambda which: snaps.__setitem__(which, meter.snapshot()))
+        t0 = time.monotonic()
+        while window.t90 is None:
+            deadline.check(f"draining the peer ({window.samples[-1][1] if window.samples else 0}/{n} rows)")
+            if not workers.alive():
+                raise BenchError(f"dramatiq exited with {workers.returncode}:\n{workers.tail()}")
+            cur.execute("SELECT count(*) FROM peer_orders")
+            window.feed(time.monotonic() - t0, cur.fetchone()[0])
+            time.sleep(POLL)
+    finally:
+        workers.stop(timeout=15)
+        poll.close()
+        try:
+            purge(url, [PEER_QUEUE])
+        except Exception:  # noqa: BLE001 - best effort: the next preload flushes it anyway
+            pass
+    cost = window_cost(snaps, window, PEER_TOTAL)
+    return {
+        "peer": "dramatiq",
+        "orders": n,
+        "processes": args.processes,
+        "threads": args.peer_threads,
+        "drain_rate": window.rate(),
+        "window_s": (window.t90[0] - window.t10[0]) if window.t10 and window.t90 else None,
+        "cpu_percent_10_90": cost.percent if cost else {},
+        "cpu_us_per_order": cost.us_per_order if cost else {},
+        "cpu_other_us_per_order": cost.other_us_per_order if cost else None,
+        "machine_percent_10_90": cost.machine_percent if cost else None,
+        "busy_before_run_percent": round(idle_busy, 1),
+        "preload_s": preload_s,
+        "vhost": vhost,
+        "database": PEER_DB,
+    }
+
+
+def rounds(args: Any, tmp: Path) -> dict[str, Any]:
+    """``--rounds`` drains of ours (and of the peer, alternating who goes first: ABBA...), and their medians."""
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}
+    for i in range(args.rounds):
+        order = ["ours", "peer"] if i % 2 == 0 else ["peer", "ours"]
+        for who in order if args.peer else ["ours"]:
+            say(f"round {i + 1}/{args.rounds}: {who}")
+            deadline = Deadline(args.timeout)
+            if who == "ours":
+                runs["ours"].append(measure(args, tmp / f"ours-{i + 1}", deadline, None))
+            else:
+                runs["peer"].append(measure_peer(args, tmp / f"peer-{i + 1}", deadline))
+    ours = [r["drain"] for r in runs["ours"]]
+    peer = runs["peer"]
+    summary: dict[str, Any] = {
+        "rounds": args.rounds,
+        "orders": args.orders,
+        "ours_rates": [r["drain_rate"] for r in ours],
+        "ours_median": benchkit.median(r["drain_rate"] for r in ours),
+        "ours_us_per_order_median": benchkit.median_costs(
+            [r["cpu_us_per_order"] for r in ours if r["cpu_us_per_order"]]
+        ),
+        "machine": benchkit.machine_line(),
+    }
+    if args.peer:
+        summary.update(
+            {
+                "peer": args.peer,
+                "peer_rates": [r["drain_rate"] for r in peer],
+                "peer_median": benchkit.median(r["drain_rate"] for r in peer),
+                "peer_us_per_order_median": benchkit.median_costs(
+                    [r["cpu_us_per_order"] for r in peer if r["cpu_us_per_order"]]
+                ),
+            }
+        )
+        summary["ratio"] = benchkit.ratio(summary["ours_median"], summary["peer_median"])
+    summary["runs"] = runs
+    return summary
+
+
+def rounds_table(summary: dict[str, Any]) -> str:
+    peer = summary.get("peer")
+    lines = [
+        f"{summary['orders']} orders per drain, {summary['rounds']} round(s)"
+        + (", alternating who goes first (ABBA...)" if peer else "")
+        + f"; {summary['machine']}",
+        "",
+        f"| round | ours orders/s | {peer + ' orders/s |' if peer else ''}",
+        "|---:|---:|" + ("---:|" if peer else ""),
+    ]
+    for i, rate in enumerate(summary["ours_rates"]):
+        row = f"| {i + 1} | {fmt(rate)} |"
+        if peer:
+            rates = summary["peer_rates"]
+            row += f" {fmt(rates[i] if i < len(rates) else None)} |"
+        lines.append(row)
+    lines.append(
+        f"| median | **{fmt(summary['ours_median'])}** |" + (f" **{fmt(summary['peer_median'])}** |" if peer else "")
+    )
+    lines.append("")
+    if peer:
+        lines.append(f"ours / {peer}: {fmt(summary['ratio'], '.2f')} (medians)")
+    lines.append("CPU µs per order, 10-90 %, medians of the rounds:")
+    lines.append(f"  ours: {cost_line(summary['ours_us_per_order_median'])}")
+    if peer:
+        lines.append(f"  {peer}: {cost_line(summary['peer_us_per_order_median'])}")
+    return "\n".join(lines)
+
+
 # -- report ----------------------------------------------------------------------------
 
 
@@ -695,6 +907,18 @@ def machine() -> dict[str, Any]:
 
 def fmt(v: Any, spec: str = ".0f", unit: str = "") -> str:
     return "n/a" if v is None else f"{v:{spec}}{unit}"
+
+
+def cost_line(us: dict[str, float], other: float | None = None) -> str:
+    """``workers 160, relay 65, ... = total 490 (bench 30, other 12)``: the service's components, then the rest."""
+    if not us:
+        return "n/a"
+    first = [k for k in ("workers", "relay", "rabbitmq", "postgres", "postgres server") if k in us]
+    parts = [f"{k} {us[k]:.0f}" for k in [*first, *(k for k in us if k not in first)] if k not in ("total", "bench")]
+    tail = [f"bench {us['bench']:.0f}"] if "bench" in us else []
+    if other is not None:
+        tail.append(f"others on the machine {other:.0f}")
+    return ", ".join(parts) + f" = total {us.get('total', 0):.0f}" + (f"  ({', '.join(tail)})" if tail else "")
 
 
 def table(result: dict[str, Any]) -> str:
@@ -722,7 +946,12 @@ def table(result: dict[str, Any]) -> str:
         ),
         ("peak RSS per worker (VmHWM)", ", ".join(f"{v} MiB" for v in d["worker_peak_rss_mib"].values()) or "n/a"),
         ("peak RSS relay", f"{d['relay_peak_rss_mib']} MiB"),
-        ("CPU % during 10-90% (100 = 1 core)", ", ".join(f"{k} {v}" for k, v in d["cpu_percent_10_90"].items())),
+        ("CPU µs per order, 10-90%", cost_line(d["cpu_us_per_order"], d.get("cpu_other_us_per_order"))),
+        (
+            "CPU % during 10-90% (100 = 1 core)",
+            ", ".join(f"{k} {v:.0f}" for k, v in d["cpu_percent_10_90"].items())
+            + f"; machine {fmt(d.get('machine_percent_10_90'))}",
+        ),
         ("order statuses", ", ".join(f"{k} {v}" for k, v in d["statuses"].items())),
         ("preload (not measured)", fmt(result["preload_s"], ".1f", " s")),
         ("machine", f"{m['nproc']} CPUs, {m['cpu_model']}; {result['busy_before_run_percent']}% busy before the run"),
@@ -759,12 +988,34 @@ def main(argv: list[str] | None = None) -> int:
         default="single",
         help="cluster: the same run on this machine's servers, then on scripts/cluster.sh's cluster (needs root)",
     )
+    ap.add_argument(
+        "--peer",
+        choices=("dramatiq",),
+        help="also drain the same orders with the Dramatiq peer (scripts/peers/peer_dramatiq.py: the same "
+        "order transaction, no event relay) in alternating rounds; implies --skip-baseline; needs "
+        f"{INSTALL_PEERS}",
+    )
+    ap.add_argument("--peer-threads", type=int, default=8, help="threads per peer process (default 8)")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="drains of each side (default 1); with more, the medians are printed"
+    )
     ap.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
-    ap.add_argument("--timeout", type=float, default=600, help="give up after this many seconds (default 600)")
+    ap.add_argument(
+        "--timeout", type=float, default=600, help="give up after this many seconds per drain (default 600)"
+    )
     ap.add_argument("--keep-logs", action="store_true", help="keep the worker/relay logs (path printed)")
     args = ap.parse_args(argv)
-    if args.orders < 10 or args.processes < 1:
-        ap.error("--orders must be >= 10 and --processes >= 1")
+    if args.orders < 10 or args.processes < 1 or args.rounds < 1:
+        ap.error("--orders must be >= 10, --processes and --rounds >= 1")
+    if args.peer or args.rounds > 1:
+        if args.topology == "cluster":
+            ap.error("--peer and --rounds run on this machine's servers only (no --topology cluster)")
+        args.skip_baseline = True
+        if args.peer:
+            try:
+                dramatiq_cli()
+            except BenchError as exc:
+                ap.error(str(exc))
 
     deadline = Deadline(args.timeout * (2 if args.topology == "cluster" else 1))
     tmp = Path(tempfile.mkdtemp(prefix="bench-drain-"))
@@ -772,6 +1023,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     cluster_ours = False  # a cluster this run brought up is removed at its end; one that was there stays
     try:
+        if args.peer or args.rounds > 1:
+            summary = rounds(args, tmp)
+            print(json.dumps(summary, indent=2, default=str) if args.json else rounds_table(summary))
+            return 0
         single = measure(args, tmp / "single", deadline, None)
         if args.topology != "cluster":
             print(json.dumps(single, indent=2, default=str) if args.json else table(single))

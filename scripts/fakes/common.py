@@ -23,6 +23,13 @@ Fault spec (JSON body of ``POST /_fake/faults``)::
     optional "path": "/v1/payment_intents"       only calls whose path starts so
     optional "retry_after": 1                    Retry-After header on a status fault
 
+Response latency (``POST /_fake/latency`` with ``{"ms": 150}``, or the fake's
+``--latency-ms``): the calls the app names in :meth:`FakeApp.latency_for` (for
+Stripe: creating and confirming a PaymentIntent) wait that long before they are
+answered, as a real provider takes its time.  The wait happens in the request's
+own thread, outside the app's lock: other requests, control calls included, are
+served meanwhile (the server runs a thread per connection).
+
 A fake can deliver the provider's webhooks (:class:`WebhookSender`): in a
 background thread, retried a few times while the receiver answers 5xx or 429
 or cannot be reached, each attempt logged on stderr and kept for
@@ -240,6 +247,8 @@ class FakeApp:
         self.webhooks: WebhookSender | None = None
         #: base URL of the https listener serving this app, when there is one
         self.tls_url: str | None = None
+        #: seconds the calls named by :meth:`latency_for` wait before they are answered
+        self.latency = 0.0
 
     # -- to implement -------------------------------------------------------
     def handle_api(self, req: Request) -> Response:  # pragma: no cover - abstract
@@ -271,6 +280,10 @@ class FakeApp:
     def authenticate(self, req: Request) -> Response | None:
         """Return an error response when the request is not authorised."""
         return None
+
+    def latency_for(self, req: Request) -> float:
+        """Seconds this API call waits before it is answered (the provider's own processing time)."""
+        return 0.0
 
     # -- shared -------------------------------------------------------------
     def reset(self) -> None:
@@ -351,6 +364,16 @@ class FakeApp:
                 elif req.method == "DELETE":
                     self.faults.clear()
                 return Response(200, {"faults": [f.describe() for f in self.faults]})
+        if path == "latency":
+            if req.method == "POST":
+                try:
+                    ms = float(req.json().get("ms", 0))
+                except (ValueError, TypeError, AttributeError):
+                    return Response(400, {"error": 'latency takes {"ms": <milliseconds, >= 0>}'})
+                if not ms >= 0:
+                    return Response(400, {"error": "latency must be >= 0 ms"})
+                self.latency = ms / 1000.0
+            return Response(200, {"ms": self.latency * 1000.0})
         if path == "charges" and req.method == "GET":
             with self.lock:
                 return Response(200, {**self.charges(), "api_requests": self.api_requests})
@@ -418,6 +441,9 @@ class FakeHandler(BaseHTTPRequestHandler):
         if req.path.startswith(CONTROL_PREFIX):
             self._send(app.control(req))
             return
+        wait = app.latency_for(req)
+        if wait > 0:
+            time.sleep(wait)  # in this connection's thread, outside the app's lock: others go on
         fault = app.take_fault(req.path)
         if fault is not None and not fault.after_work:
             if fault.delay:
@@ -476,6 +502,9 @@ class FakeServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    #: pending connections the listening socket holds (socketserver's 5 drops SYNs when many clients
+    #: connect at once, and each dropped one costs its client a second's retransmission)
+    request_queue_size = 1024
 
     def __init__(
         self, address: tuple[str, int], app: FakeApp, verbose: bool = False, tls: ssl.SSLContext | None = None

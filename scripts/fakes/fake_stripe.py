@@ -57,7 +57,7 @@ PaymentIntent's metadata onto its charge), ``refunds`` (a list object, newest
 first) and ``status: "succeeded"``.
 
 Run: ``python scripts/fakes/fake_stripe.py --port 12111 [--api-key sk_test_…]
-[--webhook-url URL --webhook-secret whsec_…]`` (defaults from
+[--latency-ms 150] [--webhook-url URL --webhook-secret whsec_…]`` (defaults from
 ``FAKE_STRIPE_WEBHOOK_URL`` and ``FAKE_STRIPE_WEBHOOK_SECRET``; no URL, no
 webhooks); in-process: ``server = serve(0)`` then ``server.url`` and
 ``server.stop()``; ``server.app.configure_webhooks(url, secret)``.
@@ -147,9 +147,11 @@ class FakeStripe(FakeApp):
         api_key: str = DEFAULT_API_KEY,
         webhook_url: str | None = None,
         webhook_secret: str = DEFAULT_WEBHOOK_SECRET,
+        latency_ms: float = 0.0,
     ) -> None:
         super().__init__()
         self.api_key = api_key
+        self.latency = latency_ms / 1000.0
         self.intents: dict[str, dict[str, Any]] = {}  # in creation order
         self.refunds: dict[str, dict[str, Any]] = {}
         self.return_urls: dict[str, str] = {}  # intent id → return_url it was confirmed with
@@ -184,6 +186,15 @@ class FakeStripe(FakeApp):
 
     def fingerprint(self, req: Request) -> Any:
         return (req.method, req.path, sorted(parse_qsl(req.body.decode(), keep_blank_values=True)))
+
+    def latency_for(self, req: Request) -> float:
+        """Creating and confirming a PaymentIntent take ``latency`` (a card payment's round trip at Stripe)."""
+        if req.method != "POST" or not self.latency:
+            return 0.0
+        parts = req.path.strip("/").split("/")
+        creates = parts == ["v1", "payment_intents"]
+        confirms = len(parts) == 4 and parts[:2] == ["v1", "payment_intents"] and parts[3] == "confirm"
+        return self.latency if creates or confirms else 0.0
 
     def idempotency_conflict(self, req: Request) -> Response:
         key = req.headers.get(self.idempotency_header)
@@ -663,13 +674,20 @@ class FakeStripe(FakeApp):
         return {"orders": orders}
 
 
-def serve(port: int = 0, host: str = "127.0.0.1", api_key: str = DEFAULT_API_KEY, verbose: bool = False) -> FakeServer:
+def serve(
+    port: int = 0,
+    host: str = "127.0.0.1",
+    api_key: str = DEFAULT_API_KEY,
+    verbose: bool = False,
+    latency_ms: float = 0.0,
+) -> FakeServer:
     """Start the fake in a daemon thread and return the running server.
 
     ``port=0`` picks a free port (read ``server.url``); ``server.app`` is the
-    :class:`FakeStripe`; ``server.stop()`` shuts it down.
+    :class:`FakeStripe`; ``server.stop()`` shuts it down.  ``latency_ms``: see
+    ``--latency-ms``.
     """
-    return start(FakeStripe(api_key=api_key), port, host, verbose)
+    return start(FakeStripe(api_key=api_key, latency_ms=latency_ms), port, host, verbose)
 
 
 def main() -> None:
@@ -688,6 +706,15 @@ def main() -> None:
             dest="webhook_secret",
             default=os.environ.get("FAKE_STRIPE_WEBHOOK_SECRET") or DEFAULT_WEBHOOK_SECRET,
             help="endpoint secret the events are signed with (default: $FAKE_STRIPE_WEBHOOK_SECRET or whsec_local_fake)",
+        )
+
+        parser.add_argument(
+            "--latency-ms",
+            dest="latency_ms",
+            type=float,
+            default=0.0,
+            help="creating and confirming a PaymentIntent takes this long, as at the real Stripe (default 0; "
+            "other requests are served meanwhile; POST /_fake/latency changes it at run time)",
         )
 
     run_cli(FakeStripe, 12111, "fake Stripe API", options)
