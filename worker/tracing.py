@@ -383,6 +383,16 @@ def batch_span(deliveries: Sequence[Delivery]) -> contextlib.AbstractContextMana
 @contextlib.contextmanager
 def _consume(d: Delivery, order_id: str | None) -> Iterator[Span]:
     from opentelemetry import trace
+
+    span = _start_consume(d, order_id)
+    with trace.use_span(span, end_on_exit=True):
+        yield span
+
+
+def _start_consume(d: Delivery, order_id: str | None) -> Span:
+    """The span of one command or payment step, started (not current): a child of the context its headers
+    carry, linked both ways with the batch around it."""
+    from opentelemetry import trace
     from opentelemetry.trace import Link, SpanKind
 
     assert _tracer is not None
@@ -401,12 +411,34 @@ def _consume(d: Delivery, order_id: str | None) -> Iterator[Span]:
             "orders.order_id": order_id,
         },
     )
-    with _tracer.start_as_current_span(
+    span = _tracer.start_span(
         f"process {d.message_type}", context=parent, kind=SpanKind.CONSUMER, links=links, attributes=attributes
-    ) as span:
-        if links:
-            around.add_link(span.get_span_context())  # the batch links its commands, as they link it
-        yield span
+    )
+    if links:
+        around.add_link(span.get_span_context())  # the batch links its commands, as they link it
+    return span
+
+
+class StepSpan:
+    """A payment step's span across its phases: prepared in one transaction of a batch, its provider call in
+    another thread, recorded in a second transaction.  ``within()`` makes it the current span of a phase (the
+    events it emits store its context; the SDKs' HTTP spans go under it); ``end()`` closes it.  Nothing at all
+    when tracing is off."""
+
+    def __init__(self, d: Delivery, order_id: str | None = None) -> None:
+        self.span = _start_consume(d, order_id) if ACTIVE else None
+
+    def within(self) -> contextlib.AbstractContextManager[Any]:
+        if self.span is None:
+            return _NULL
+        from opentelemetry import trace
+
+        return trace.use_span(self.span, end_on_exit=False)
+
+    def end(self, result: str, error: BaseException | None = None, order_id: str | None = None) -> None:
+        if self.span is not None:
+            outcome(self.span, result, error, order_id)
+            self.span.end()
 
 
 def command_span(d: Delivery, order_id: str | None = None) -> contextlib.AbstractContextManager[Any]:

@@ -35,6 +35,8 @@ _CLAIM = text(
     " ON CONFLICT DO NOTHING RETURNING message_id"
 )
 
+_SEEN = text("SELECT message_id FROM inbox WHERE consumer = :c AND message_id = ANY(CAST(:ids AS text[]))")
+
 _ORDER_COLUMNS = (
     "order_id",
     "user_id",
@@ -145,6 +147,13 @@ class PostgresUnitOfWork:
             return set()
         # one fixed statement (compiled once), rows in key order
         return set(self.conn.execute(_CLAIM, {"c": consumer or self.consumer, "ids": ids}).scalars())
+
+    def seen(self, message_ids: Iterable[str], consumer: str | None = None) -> set[str]:
+        """The ids among these that were applied before (their inbox rows exist); nothing is claimed."""
+        ids = sorted(set(message_ids))
+        if not ids:
+            return set()
+        return set(self.conn.execute(_SEEN, {"c": consumer or self.consumer, "ids": ids}).scalars())
 
     def release(self, message_ids: list[str]) -> None:
         """Drop inbox rows of messages that were deferred, not applied."""
