@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import structlog
 from sqlalchemy import Engine
@@ -65,12 +65,17 @@ def command_consumer(
     )
 
 
+#: batches of payment steps one process works on at once: one in each transaction while others call
+PAYMENT_BATCHES_IN_FLIGHT = 4
+
+
 def payment_step(
     settings: Settings,
     engine: Engine,
     gateways: Mapping[str, PaymentGateway],
     views: Views | None = None,
     metrics: MetricsSink = NO_METRICS,
+    calls: Executor | None = None,
 ) -> PaymentStep:
     return PaymentStep(
         engine,
@@ -79,24 +84,27 @@ def payment_step(
         views=views,
         metrics=metrics,
         capture_settle_seconds=settings.worker.capture_settle_seconds,
+        calls=calls,
     )
 
 
 def payment_consumer(
     settings: Settings, step: PaymentStep, pool: ThreadPoolExecutor, metrics: MetricsSink = NO_METRICS
 ) -> Consumer:
-    """``orders.payments`` in a sliding window of ``worker.payment_concurrency`` provider calls."""
-    size = settings.worker.payment_concurrency
+    """``orders.payments`` in batches of ``worker.payment_batch_size``, a few batches in flight."""
+    batch = settings.worker.payment_batch_size
+    size = batch * PAYMENT_BATCHES_IN_FLIGHT
     settlement = Settlement(settings.worker.retry_delays_seconds, metrics, Identities.of(settings))
 
     def window(broker: BlockingBroker, stop: threading.Event, tick: Callable[[], None]) -> Window:
-        return Window(pool, step, DatabaseHold(step.engine, stop, broker.sleep), settlement, size, metrics)
+        hold = DatabaseHold(step.engine, stop, broker.sleep)
+        return Window(pool, step, hold, settlement, size, metrics, batch_size=batch)
 
     return Consumer("payments", settings, [PAYMENTS_QUEUE], size, window)
 
 
 def run_payments(settings: Settings, step: PaymentStep, stop: threading.Event, metrics: MetricsSink) -> None:
-    with ThreadPoolExecutor(settings.worker.payment_concurrency, thread_name_prefix="payment") as pool:
+    with ThreadPoolExecutor(PAYMENT_BATCHES_IN_FLIGHT, thread_name_prefix="payment-batch") as pool:
         payment_consumer(settings, step, pool, metrics).run(stop)
 
 
@@ -108,15 +116,18 @@ def worker_process(settings: Settings, index: int, stop: threading.Event, queues
     logs.configure(settings.logging.level, settings.logging.format)
     structlog.contextvars.bind_contextvars(worker=index)
     tracing.setup(settings.tracing, "orders-worker")  # in the child: the exporter's thread does not survive a fork
-    engine = db.make_engine(settings.database)
+    engine = db.make_engine(settings.database, pre_ping=False)
     metrics = Metrics()
     cache = OrderCache(engine, make_redis(settings.redis), settings.redis.cache_ttl_seconds)
     queues = queues or list(WORK_QUEUES)
     sweep = threading.Thread(target=expiry_sweep(settings, engine, cache).run, args=(stop,), name="expiry")
     sweep.start()
     payments = None
+    calls = None
     if PAYMENTS_QUEUE in queues:
-        step = payment_step(settings, engine, build_gateways(settings), views=cache, metrics=metrics)
+        # the provider calls of every batch, at once: the window is as wide as worker.payment_concurrency
+        calls = ThreadPoolExecutor(settings.worker.payment_concurrency, thread_name_prefix="payment-call")
+        step = payment_step(settings, engine, build_gateways(settings), views=cache, metrics=metrics, calls=calls)
         payments = threading.Thread(target=run_payments, args=(settings, step, stop, metrics), name="payments")
         payments.start()
     commands = [q for q in queues if q in COMMAND_QUEUES]
@@ -127,6 +138,8 @@ def worker_process(settings: Settings, index: int, stop: threading.Event, queues
             cache.settle_owed()
     if payments is not None:
         payments.join()
+    if calls is not None:
+        calls.shutdown(wait=True)
     sweep.join()
     tracing.flush()  # a forked pool process ends without atexit handlers
 
@@ -139,4 +152,4 @@ def expiry_sweep(settings: Settings, engine: Engine, views: Views | None = None)
 
 def relay(settings: Settings, metrics: MetricsSink = NO_METRICS) -> Relay:
     tracing.setup(settings.tracing, "orders-relay")
-    return Relay(settings, db.make_engine(settings.database, pool_size=2), metrics)
+    return Relay(settings, db.make_engine(settings.database, pool_size=2, pre_ping=False), metrics)

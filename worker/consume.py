@@ -10,9 +10,11 @@ the connection closes.  The strategies, after arroyo's
 - :class:`Batches` (commands): a batch applied in one transaction by
   :class:`worker.commands.BatchRule`, settled, then acked with one
   ``multiple`` ack;
-- :class:`Window` (payment steps): up to N provider calls in flight in a
-  thread pool, each settled and acked on its own as soon as it finishes, so
-  one slow provider call holds up only its own slot.
+- :class:`Window` (payment steps): batches of steps in a thread pool, each
+  batch two transactions and its provider calls at the same time
+  (:mod:`worker.steps`), up to N steps in flight, each step settled and acked
+  as soon as its batch is done, so a slow provider call holds up only its
+  own batch.
 
 Nothing is acked before its effects are committed or its retry / dead
 letter is confirmed by the broker, so a kill at any instruction loses
@@ -40,7 +42,7 @@ from worker.rabbit.topology import declare_topology
 from worker.reconnect import DatabaseHold, keep_running
 from worker.settings import Settings
 from worker.settlement import Settlement
-from worker.steps import PaymentStep
+from worker.steps import PaymentStep, batches_of
 
 log = structlog.get_logger("worker.consume")
 
@@ -210,7 +212,8 @@ class Batches:
 
 
 class Window:
-    """Payment steps: up to ``size`` in flight in ``pool``; each settled and acked when done."""
+    """Payment steps: batches of up to ``batch_size`` in ``pool``, up to ``size`` steps in flight; each step is
+    settled and acked as soon as its batch is done, whatever the batches around it do."""
 
     def __init__(
         self,
@@ -220,11 +223,13 @@ class Window:
         settlement: Settlement,
         size: int,
         metrics: MetricsSink = NO_METRICS,
+        batch_size: int = 1,
     ) -> None:
         self.pool, self.step, self.hold, self.settlement = pool, step, hold, settlement
         self.size = size
+        self.batch_size = batch_size
         self.metrics = metrics
-        self.in_flight: dict[Future[Handled], Delivery] = {}
+        self.in_flight: dict[Future[list[Handled]], list[Delivery]] = {}
         self.fill_wait = 0.002
 
     @property
@@ -232,29 +237,29 @@ class Window:
         return 0.02 if self.in_flight else 0.5
 
     def room(self) -> int:
-        return self.size - len(self.in_flight)
+        return self.size - sum(len(batch) for batch in self.in_flight.values())
 
     def submit(self, broker: BlockingBroker, deliveries: list[Delivery]) -> None:
-        for d in deliveries:
-            self.in_flight[self.pool.submit(self.step.handle, d)] = d
+        for batch in batches_of(deliveries, self.batch_size):
+            self.in_flight[self.pool.submit(self.step.handle_batch, batch)] = batch
 
     def poll(self, broker: BlockingBroker) -> None:
         outage: list[Handled] = []
         for future in [f for f in self.in_flight if f.done()]:
             del self.in_flight[future]
-            h = future.result()
-            if h.outage:
-                outage.append(h)
-            else:
-                self._settle(broker, h)
+            for h in future.result():
+                if h.outage:
+                    outage.append(h)
+                else:
+                    self._settle(broker, h)
         if not outage:
             return
         if self.hold.answers():
-            # a call that started before an outage that is over now: an ordinary failure (delay tiers)
+            # a step that started before an outage that is over now: an ordinary failure (delay tiers)
             for h in outage:
                 self._settle(broker, h)
             return
-        # hold the work until the database is back (logged once, not once per call), then run it again
+        # hold the work until the database is back (logged once, not once per step), then run it again
         self.hold.wait(outage[0].error)  # type: ignore[arg-type]
         self.submit(broker, [h.delivery for h in outage])
 

@@ -203,7 +203,10 @@ class WorkerSettings(_Section):
     prefetch: int = Field(default=1000, ge=1)
     batch_size: int = Field(default=250, ge=1)
     batch_wait_ms: int = Field(default=20, ge=0)
-    payment_concurrency: int = Field(default=8, ge=1)
+    #: provider calls in flight per worker process (the payment steps of every batch call at once)
+    payment_concurrency: int = Field(default=64, ge=1)
+    #: payment steps applied together: two transactions a batch, its provider calls at the same time
+    payment_batch_size: int = Field(default=50, ge=1)
     #: a PayPal capture marked as sent but not seen at PayPal this long after counts as never sent
     capture_settle_seconds: float = Field(default=60, gt=0)
     inplace_retries: int = Field(default=3, ge=1)

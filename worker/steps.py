@@ -1,22 +1,40 @@
-"""Running one payment step: prepare (transaction 1) → provider call (no transaction) → record (transaction 2).
+"""Running payment steps: prepare (transaction 1) → provider calls (no transaction) → record (transaction 2).
 
 The steps themselves (what to ask the provider, what its answer does to the
 order) are :mod:`handlers.payment_step`; this module runs them against
-PostgreSQL and the gateways, with the inbox row in the second transaction,
-and turns whatever happens into a :class:`worker.outcomes.Handled`.
+PostgreSQL and the gateways, a batch at a time, and turns whatever happens
+into one :class:`worker.outcomes.Handled` per message:
+
+1. one transaction prepares every step of the batch: the inbox says which
+   were applied before (duplicates), every order is loaded and locked at
+   once, each step records its attempt and says which call to make;
+2. the provider calls run at the same time, in the call pool, with no
+   transaction open, each with its idempotency key and its in-place retries;
+3. one transaction records every answer, with the inbox rows.
+
+So a batch of a hundred steps costs two transactions, not two hundred.  A
+step that cannot go on (its order is not placed yet, it is refused, only a
+person can finish it) is settled on its own without stopping the others
+(handlers raise those before they change anything); a batch whose
+transaction fails as a whole is run again one step at a time, so one bad
+step cannot hold back the rest.  The provider's answers are kept across
+that: a record run again never calls the provider again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextvars
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
 from handlers import events
-from handlers.errors import ManualActionRequired, Refused
+from handlers.errors import ManualActionRequired, Refused, RetryLater
 from handlers.outcome import MessageContext, Outcome
 from handlers.payment_step import CAPTURE_SETTLE_SECONDS, Call, Step, payment_steps, record_failure
 from handlers.payments.base import PaymentGateway, PermanentPaymentError, TransientPaymentError
@@ -35,8 +53,41 @@ log = structlog.get_logger("worker.steps")
 CONSUMER = "payments"
 
 
+@dataclass
+class _Work:
+    """One payment step on its way through a batch."""
+
+    delivery: Delivery
+    command: Any
+    step: Step[Any]
+    ctx: MessageContext
+    order_id: str
+    span: tracing.StepSpan
+    call: Call | None = None
+    #: the provider's answer, or its permanent refusal
+    result: Any = None
+    failure: PermanentPaymentError | None = None
+    #: what became of the message, once it is settled here
+    handled: Handled | None = None
+
+    def done(self, h: Handled) -> None:
+        self.handled = h
+
+
+class _NoPool(Executor):
+    """Runs each call at once, in the caller's thread (a step run on its own, and tests)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        f: Future[Any] = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed back through the future, as a pool does
+            f.set_exception(exc)
+        return f
+
+
 class PaymentStep:
-    """Applies one internal payment command; never raises for the message's errors."""
+    """Applies internal payment commands a batch at a time; never raises for the messages' errors."""
 
     def __init__(
         self,
@@ -46,6 +97,7 @@ class PaymentStep:
         views: Views | None = None,
         metrics: MetricsSink = NO_METRICS,
         capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS,
+        calls: Executor | None = None,
     ) -> None:
         self.steps = payment_steps(capture_settle_seconds)
         self.engine = engine
@@ -53,73 +105,163 @@ class PaymentStep:
         self.inplace_retries = inplace_retries
         self.views = views
         self.metrics = metrics
+        #: where the provider calls of a batch run at the same time (the worker's call pool)
+        self.calls: Executor = calls or _NoPool()
 
     def handle(self, d: Delivery) -> Handled:
-        with tracing.command_span(d) as span:  # a child of the internal command's traceparent
-            handled = self._handle(d)
-            tracing.outcome(span, handled.result.value, handled.error, handled.order_id)
-        return handled
+        return self.handle_batch([d])[0]
 
-    def _handle(self, d: Delivery) -> Handled:
+    def handle_batch(self, deliveries: Sequence[Delivery]) -> list[Handled]:
+        """Every delivery's outcome, in their order."""
+        works: list[_Work] = []
+        handled: dict[int, Handled] = {}
+        for i, d in enumerate(deliveries):
+            try:
+                command: Any = decode(d, PAYMENT_STEP_TYPES)  # an internal command: each names its order
+            except InvalidMessage as exc:
+                handled[i] = handled_from(d, exc)
+                continue
+            ctx = MessageContext(d.message_id or "", d.message_type or "", d.correlation_id)
+            order_id = str(command.order_id)
+            works.append(_Work(d, command, self.steps[type(command)], ctx, order_id, tracing.StepSpan(d, order_id)))
+        if works:
+            self._run(works)
+        for w in works:
+            assert w.handled is not None
+            w.span.end(w.handled.result.value, w.handled.error, w.order_id)
+        by_delivery = {id(w.delivery): w.handled for w in works}
+        return [handled.get(i) or by_delivery[id(d)] for i, d in enumerate(deliveries)]  # type: ignore[misc]
+
+    # -- the three phases ---------------------------------------------------------------------------
+
+    def _run(self, works: list[_Work]) -> None:
         try:
-            command: Any = decode(d, PAYMENT_STEP_TYPES)  # an internal command: each names its order
-        except InvalidMessage as exc:
-            return handled_from(d, exc)
-        ctx = MessageContext(d.message_id or "", d.message_type or "", d.correlation_id)
-        order_id = str(command.order_id)
-        with structlog.contextvars.bound_contextvars(
-            message_id=d.message_id, order_id=order_id, correlation_id=d.correlation_id, step=ctx.message_type
-        ):
-            try:
-                outcome = self._run(self.steps[type(command)], command, ctx)
-            except ManualActionRequired as exc:
-                log.error("payment step needs a person", reason=str(exc))
-                return handled_from(d, exc, order_id)
-            except Refused as exc:
-                log.warning("payment step refused", reason=str(exc))
+            self._prepare(works)
+        except Exception as exc:  # noqa: BLE001 - the batch's transaction failed as a whole
+            self._one_by_one(works, exc, self._prepare, "prepare")
+        self._call_all([w for w in works if w.handled is None and w.call is not None])
+        ready = [w for w in works if w.handled is None]
+        if not ready:
+            return
+        try:
+            self._record(ready)
+        except Exception as exc:  # noqa: BLE001 - the batch's transaction failed as a whole
+            self._one_by_one(ready, exc, self._record, "record")
+
+    def _one_by_one(self, works: list[_Work], exc: Exception, phase: Callable[[list[_Work]], None], name: str) -> None:
+        """A failed batch transaction: each step in a transaction of its own, so one cannot fail the others."""
+        if len(works) > 1:
+            log.warning(
+                f"payment batch failed to {name}, one by one", error=f"{type(exc).__name__}: {exc}", size=len(works)
+            )
+        for w in works:  # what the failed transaction settled was rolled back with it: each runs again
+            if len(works) > 1:
                 try:
-                    self._announce_refusal(ctx, order_id, exc)
-                except Exception as failure:  # noqa: BLE001 - unannounced: not acked, tried again
-                    return handled_from(d, failure, order_id)
-                return handled_from(d, exc, order_id)
-            except Exception as exc:  # noqa: BLE001 - RetryLater, transient or a bug: sorted by handled_from
-                return handled_from(d, exc, order_id)
-        if outcome is None:
-            return Handled(d, Result.DUPLICATE, order_id=order_id)
-        return Handled(d, Result.APPLIED, outcome, order_id=order_id)
+                    phase([w])
+                    continue
+                except Exception as one:  # noqa: BLE001 - sorted by handled_from, never lost
+                    exc = one
+            w.done(handled_from(w.delivery, exc, w.order_id))
 
-    def _run(self, step: Step[Any], command: Any, ctx: MessageContext) -> Outcome | None:
-        order_id = str(command.order_id)
-        with order_transaction(self.engine, CONSUMER, self.views) as uow:  # transaction 1: record the attempt
-            if _seen(uow, ctx.message_id):
-                return None
-            uow.handling(ctx.message_id, ctx.message_type, ctx.correlation_id)
-            call = step.prepare(command, uow)
-        result: Any = None
-        failure: PermanentPaymentError | None = None
-        if call is not None:
-            try:
-                result = self._call(call, ctx)
-            except PermanentPaymentError as exc:
-                failure = exc
-        elif step.calls_provider:
-            return self._record(ctx, order_id, lambda uow: None)
-        if failure is not None:
-            return self._record(ctx, order_id, lambda uow: record_failure(command, ctx, uow, failure))
-        return self._record(ctx, order_id, lambda uow: step.record(command, ctx, uow, result))
-
-    def _announce_refusal(self, ctx: MessageContext, order_id: str, exc: Refused) -> None:
-        """``command.refused`` with the inbox row, in a transaction of its own (the step's rolled back)."""
+    def _prepare(self, works: list[_Work]) -> None:
+        """Transaction 1: the attempts recorded and the calls chosen, every order locked once."""
+        for w in works:  # a batch run again after a failed transaction starts afresh
+            w.call, w.handled = None, None
         with order_transaction(self.engine, CONSUMER, self.views) as uow:
-            if uow.claim([ctx.message_id]):
-                uow.handling(ctx.message_id, ctx.message_type, ctx.correlation_id)
-                events.refused(uow, order_id, ctx.message_id, ctx.message_type, exc.code, str(exc), ctx.correlation_id)
+            before = uow.seen(w.ctx.message_id for w in works)
+            uow.preload((w.order_id for w in works), ())
+            for w in works:
+                if w.ctx.message_id in before:
+                    w.done(Handled(w.delivery, Result.DUPLICATE, order_id=w.order_id))
+                    continue
+                uow.handling(w.ctx.message_id, w.ctx.message_type, w.ctx.correlation_id)
+                with w.span.within():
+                    try:
+                        w.call = w.step.prepare(w.command, uow)
+                    except (RetryLater, ManualActionRequired) as exc:
+                        self._set_aside(w, exc)
+                    except Refused as exc:
+                        self._refuse(uow, w, exc)
 
-    def _call(self, call: Call, ctx: MessageContext) -> Any:
+    def _call_all(self, works: list[_Work]) -> None:
+        """The provider calls, all at once in the call pool; none inside a transaction."""
+        futures = [(w, self.calls.submit(contextvars.copy_context().run, self._call, w)) for w in works]
+        for w, future in futures:
+            try:
+                w.result = future.result()
+            except PermanentPaymentError as exc:
+                w.failure = exc
+            except Exception as exc:  # noqa: BLE001 - transient after its retries, or a bug: delay tiers
+                w.done(handled_from(w.delivery, exc, w.order_id))
+
+    def _record(self, works: list[_Work]) -> None:
+        """Transaction 2: the answers applied to the orders, with the inbox rows that make each step once."""
+        for w in works:
+            w.handled = None
+        deferred: list[str] = []
+        with order_transaction(self.engine, CONSUMER, self.views) as uow:
+            fresh = uow.claim(w.ctx.message_id for w in works)
+            uow.preload((w.order_id for w in works), ())
+            for w in works:
+                mid = w.ctx.message_id
+                if mid not in fresh:
+                    w.done(Handled(w.delivery, Result.DUPLICATE, order_id=w.order_id))
+                    continue
+                fresh.discard(mid)  # a second copy in this batch is a duplicate
+                uow.handling(mid, w.ctx.message_type, w.ctx.correlation_id)
+                with w.span.within():
+                    try:
+                        outcome = self._apply(w, uow)
+                    except (RetryLater, ManualActionRequired) as exc:
+                        deferred.append(mid)  # not applied: its inbox row goes, so it can come back
+                        self._set_aside(w, exc)
+                        continue
+                    except Refused as exc:
+                        self._refuse(uow, w, exc, claimed=True)
+                        continue
+                w.done(
+                    Handled(
+                        w.delivery, Result.APPLIED, outcome or Outcome("unchanged", w.order_id), order_id=w.order_id
+                    )
+                )
+            uow.release(deferred)
+
+    def _apply(self, w: _Work, uow: PostgresUnitOfWork) -> Outcome | None:
+        if w.failure is not None:
+            return record_failure(w.command, w.ctx, uow, w.failure)
+        if w.call is None and w.step.calls_provider:
+            return None  # nothing was asked of the provider (answered before, or nothing open there)
+        return w.step.record(w.command, w.ctx, uow, w.result)
+
+    # -- settling one step ------------------------------------------------------------------------
+
+    def _set_aside(self, w: _Work, exc: RetryLater | ManualActionRequired) -> None:
+        if isinstance(exc, ManualActionRequired):
+            log.error("payment step needs a person", reason=str(exc), message_id=w.ctx.message_id, order_id=w.order_id)
+        w.done(handled_from(w.delivery, exc, w.order_id))
+
+    def _refuse(self, uow: PostgresUnitOfWork, w: _Work, exc: Refused, claimed: bool = False) -> None:
+        """``command.refused`` with the inbox row, in the transaction at hand (a handler refuses before it
+        changes anything)."""
+        log.warning("payment step refused", reason=str(exc), message_id=w.ctx.message_id, order_id=w.order_id)
+        if claimed or uow.claim([w.ctx.message_id]):
+            events.refused(
+                uow, w.order_id, w.ctx.message_id, w.ctx.message_type, exc.code, str(exc), w.ctx.correlation_id
+            )
+        w.done(handled_from(w.delivery, exc, w.order_id))
+
+    # -- the provider ---------------------------------------------------------------------------------
+
+    def _call(self, w: _Work) -> Any:
+        call, ctx = w.call, w.ctx
+        assert call is not None
         gateway = self.gateways[call.provider]
         try:
-            # one span around the call and its retries; the SDKs' HTTP requests are spans under it
-            with tracing.span(f"{call.provider} {ctx.message_type}", **{"orders.provider": call.provider}):
+            # one span around the call and its retries, under the step's; the SDKs' HTTP requests under it
+            with (
+                w.span.within(),
+                tracing.span(f"{call.provider} {ctx.message_type}", **{"orders.provider": call.provider}),
+            ):
                 for attempt in Retrying(
                     stop=stop_after_attempt(self.inplace_retries),
                     wait=wait_exponential(multiplier=0.2, max=2.0) + wait_random(0, 0.1),
@@ -140,24 +282,8 @@ class PaymentStep:
         )
         return result
 
-    def _record(
-        self, ctx: MessageContext, order_id: str, apply: Callable[[PostgresUnitOfWork], Outcome | None]
-    ) -> Outcome | None:
-        with order_transaction(
-            self.engine, CONSUMER, self.views
-        ) as uow:  # transaction 2: the answer, with the inbox row
-            if not uow.claim([ctx.message_id]):
-                return None
-            uow.handling(ctx.message_id, ctx.message_type, ctx.correlation_id)
-            uow.preload([order_id], [])
-            outcome = apply(uow)
-        return outcome or Outcome("unchanged", order_id)
 
-
-def _seen(uow: PostgresUnitOfWork, message_id: str) -> bool:
-    return (
-        uow.conn.execute(
-            text("SELECT 1 FROM inbox WHERE consumer = :c AND message_id = :m"), {"c": CONSUMER, "m": message_id}
-        ).first()
-        is not None
-    )
+def batches_of(deliveries: Iterable[Delivery], size: int) -> list[list[Delivery]]:
+    """``deliveries`` in batches of at most ``size``."""
+    items = list(deliveries)
+    return [items[i : i + size] for i in range(0, len(items), size)]

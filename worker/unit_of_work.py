@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 from pydantic_core import to_json
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from handlers.orders import Line, Order, Status
 from handlers.unit_of_work import PaymentRecord, PaymentStatus, Product
@@ -35,6 +34,31 @@ _CLAIM = text(
     " ON CONFLICT DO NOTHING RETURNING message_id"
 )
 
+_PAYMENT_TYPES = {
+    "provider": "text",
+    "status": "text",
+    "amount": "bigint",
+    "currency": "text",
+    "idempotency_key": "text",
+    "provider_payment_id": "text",
+    "capture_id": "text",
+    "refund_id": "text",
+    "confirmed_event_id": "text",
+    "attempts": "int",
+    "last_error": "text",
+    "amount_refunded": "bigint",
+}
+_UPSERT_PAYMENTS = text(
+    "INSERT INTO payments (order_id, "
+    + ", ".join(_PAYMENT_TYPES)
+    + ") SELECT order_id, "
+    + ", ".join(_PAYMENT_TYPES)
+    + " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(order_id uuid, "
+    + ", ".join(f"{k} {t}" for k, t in _PAYMENT_TYPES.items())
+    + ") ON CONFLICT (order_id) DO UPDATE SET "
+    + ", ".join(f"{k} = excluded.{k}" for k in _PAYMENT_TYPES)
+    + ", updated_at = now()"
+)
 _SEEN = text("SELECT message_id FROM inbox WHERE consumer = :c AND message_id = ANY(CAST(:ids AS text[]))")
 
 _ORDER_COLUMNS = (
@@ -93,20 +117,8 @@ def copy_rows(conn: Connection, table: str, columns: tuple[str, ...], rows: Iter
         cursor.close()
 
 
-_PAYMENT_FIELDS = (
-    "provider",
-    "status",
-    "amount",
-    "currency",
-    "idempotency_key",
-    "provider_payment_id",
-    "capture_id",
-    "refund_id",
-    "confirmed_event_id",
-    "attempts",
-    "last_error",
-    "amount_refunded",
-)
+#: the payment record's columns, as the unit of work writes and reads them
+_PAYMENT_FIELDS = tuple(_PAYMENT_TYPES)
 
 
 class PostgresUnitOfWork:
@@ -413,14 +425,9 @@ class PostgresUnitOfWork:
         self._versions.update(result)
 
     def _upsert_payments(self, records: list[PaymentRecord]) -> None:
-        stmt = pg_insert(tables.payments)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["order_id"],
-            set_={f: stmt.excluded[f] for f in _PAYMENT_FIELDS} | {"updated_at": text("now()")},
-        )
-        self.conn.execute(
-            stmt, [{"order_id": p.order_id, **{f: getattr(p, f) for f in _PAYMENT_FIELDS}} for p in records]
-        )
+        """Every saved payment in one statement (a row set from JSON, as the orders' update)."""
+        rows = [{"order_id": p.order_id, **{f: getattr(p, f) for f in _PAYMENT_FIELDS}} for p in records]
+        self.conn.execute(_UPSERT_PAYMENTS, {"rows": to_json(rows).decode()})
 
 
 class Views(Protocol):

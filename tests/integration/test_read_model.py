@@ -128,3 +128,19 @@ def test_a_payment_change_alone_is_a_new_version_of_the_view(clean_db, settings,
     assert touched.get(order_id, 0) > before["version"]
     cache.refresh(touched)
     assert cache.get(order_id)["payment"]["status"] == "refunded"
+
+
+def test_views_are_written_through_again_after_redis_forgot_its_scripts(clean_db, settings, make_place, private_redis):
+    """The cache's scripts go by their SHA (no SCRIPT EXISTS round trip per pipeline); a Redis that forgot them
+    (restarted, or SCRIPT FLUSH) is given them again, and nothing is lost or left stale."""
+    client = redis.Redis(host="127.0.0.1", port=private_redis.port)
+    cache = OrderCache(clean_db, client, 600)
+    applier = Applier(clean_db, views=cache)
+    order_id = str(uuid.uuid4())
+    assert _apply(applier, "PlaceOrder", make_place(order_id=order_id)).result is Result.APPLIED
+    assert cache.get(order_id)["status"] == "pending"  # read through and stored
+    client.script_flush()
+    cancel = {"order_id": order_id, "requested_by": {"user_id": "user-1", "roles": ["user"]}}
+    assert _apply(applier, "CancelOrder", cancel).result is Result.APPLIED  # outdated, then refreshed
+    cached = json.loads(client.hget(KEY_PREFIX + order_id, "view"))
+    assert cached["status"] == "cancelled" and not cache._missed

@@ -62,6 +62,9 @@ class GatedStep:
     def script(self, message_id: str, *results: Callable[[Delivery], Handled]) -> None:
         self._scripts[message_id] = list(results)
 
+    def handle_batch(self, batch: list[Delivery]) -> list[Handled]:
+        return [self.handle(d) for d in batch]
+
     def handle(self, d: Delivery) -> Handled:
         mid = d.message_id or ""
         with self._lock:
