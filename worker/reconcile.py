@@ -44,6 +44,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, func, or_, select
 
+from handlers.payments.base import ProviderPayment
 from handlers.payments.money import MoneyError, from_decimal_string
 from handlers.payments.settings import PayPalSettings, StripeSettings
 from schema import tables
@@ -74,26 +75,6 @@ KINDS = {
 
 class ReconcileError(Exception):
     """A side could not be read (provider unreachable, refused, or answering oddly)."""
-
-
-@dataclass(frozen=True)
-class ProviderPayment:
-    """One payment at the provider: a Stripe PaymentIntent or a PayPal capture, with its refunds."""
-
-    payment_id: str  # PaymentIntent id / capture id
-    order_id: str | None  # metadata.order_id / custom_id
-    taken: bool  # the money was taken (succeeded / capture completed)
-    amount: int  # minor units taken
-    currency: str  # upper case
-    status: str
-    refunded: int = 0  # minor units given back
-    refund_ids: tuple[str, ...] = ()
-    at: datetime | None = None  # its latest change the provider tells of (creation, last refund)
-
-    @property
-    def kept(self) -> int:
-        """Minor units the provider holds for us."""
-        return self.amount - self.refunded if self.taken else 0
 
 
 @dataclass(frozen=True)
@@ -353,12 +334,9 @@ def fetch_stripe(settings: StripeSettings, start: datetime, page_size: int = 100
     import stripe
     from stripe.params import PaymentIntentListParams, RefundListParams
 
-    client = stripe.StripeClient(
-        settings.api_key.get_secret_value(),
-        base_addresses={"api": settings.api_base},
-        max_network_retries=settings.max_network_retries,
-        http_client=stripe.RequestsClient(timeout=settings.timeout_seconds),
-    )
+    from handlers.payments.stripe_client import stripe_client
+
+    client = stripe_client(settings)
     limit = max(1, min(page_size, 100))
     created: PaymentIntentListParams = {"created": {"gte": int(start.timestamp())}, "limit": limit}
     refunded: RefundListParams = {"created": {"gte": int(start.timestamp())}, "limit": limit}
@@ -413,26 +391,10 @@ def fetch_paypal(
     from apimatic_core.exceptions.auth_validation_exception import AuthValidationException
     from paypalserversdk.api_helper import APIHelper
     from paypalserversdk.exceptions.api_exception import ApiException
-    from paypalserversdk.http.auth.o_auth_2 import ClientCredentialsAuthCredentials
-    from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
 
-    # the gateway's configuration class: the one place where paypal.base_url gets into the SDK
-    from handlers.payments.paypal_gateway import _BaseUrlConfiguration
+    from handlers.payments.paypal_client import paypal_client
 
-    client = PaypalServersdkClient(
-        config=_BaseUrlConfiguration(
-            settings.base_url,
-            timeout=settings.timeout_seconds,
-            max_retries=settings.max_network_retries,
-            backoff_factor=0.5,
-            retry_statuses=[429, 500, 502, 503, 504],
-            retry_methods=["GET", "POST"],
-            client_credentials_auth_credentials=ClientCredentialsAuthCredentials(
-                o_auth_client_id=settings.client_id,
-                o_auth_client_secret=settings.client_secret.get_secret_value(),
-            ),
-        )
-    )
+    client = paypal_client(settings)
     end = end or datetime.now(UTC)
     found: dict[str, dict[str, Any]] = {}
     try:
