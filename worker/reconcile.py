@@ -4,10 +4,11 @@ Two halves.  :func:`compare` is pure: it takes what the provider holds
 (:class:`ProviderPayment`, one per Stripe PaymentIntent or PayPal capture,
 with its refunds) and what the service recorded (:class:`ServicePayment`,
 one per order with its payment row) and returns the :class:`Mismatch` es.
-The fetchers fill the two lists: :func:`fetch_stripe` through the ``stripe``
-SDK's list endpoints (``auto_paging_iter``), :func:`fetch_paypal` through the
-PayPal SDK's Transaction Search (pages, in windows of at most 31 days),
-:func:`load_service` from PostgreSQL.
+The fetchers fill the two lists: :func:`fetch_provider` through the provider's
+gateway (:meth:`~handlers.payments.base.PaymentGateway.payments_since`:
+Stripe's list endpoints, PayPal's Transaction Search in windows of at most 31
+days; the same SDK client, timeouts, retries and base URL as the payment step
+uses), :func:`load_service` from PostgreSQL.  This module imports no SDK.
 
 How the two sides meet: a Stripe payment is the PaymentIntent, whose id is
 ``payments.provider_payment_id`` and whose ``metadata.order_id`` is our
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -44,8 +44,8 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, func, or_, select
 
-from handlers.payments.money import MoneyError, from_decimal_string
-from handlers.payments.settings import PayPalSettings, StripeSettings
+from handlers.payments import HasGatewaySettings, build_gateway
+from handlers.payments.base import PaymentError, ProviderPayment
 from schema import tables
 
 PROVIDERS = ("stripe", "paypal")
@@ -54,8 +54,6 @@ DEFAULT_GRACE = {"stripe": timedelta(minutes=5), "paypal": timedelta(hours=3)}
 #: how much earlier than ``since`` the provider is asked: the payment row is written before the
 #: provider's record, so a row in the window may have its payment made a moment before it
 SLACK = timedelta(hours=1)
-#: Transaction Search's longest date range
-PAYPAL_WINDOW = timedelta(days=31)
 #: payment statuses that say the money was taken (and kept, or given back in full)
 TAKEN = frozenset({"succeeded", "refunded"})
 #: order statuses that show the money taken
@@ -74,26 +72,6 @@ KINDS = {
 
 class ReconcileError(Exception):
     """A side could not be read (provider unreachable, refused, or answering oddly)."""
-
-
-@dataclass(frozen=True)
-class ProviderPayment:
-    """One payment at the provider: a Stripe PaymentIntent or a PayPal capture, with its refunds."""
-
-    payment_id: str  # PaymentIntent id / capture id
-    order_id: str | None  # metadata.order_id / custom_id
-    taken: bool  # the money was taken (succeeded / capture completed)
-    amount: int  # minor units taken
-    currency: str  # upper case
-    status: str
-    refunded: int = 0  # minor units given back
-    refund_ids: tuple[str, ...] = ()
-    at: datetime | None = None  # its latest change the provider tells of (creation, last refund)
-
-    @property
-    def kept(self) -> int:
-        """Minor units the provider holds for us."""
-        return self.amount - self.refunded if self.taken else 0
 
 
 @dataclass(frozen=True)
@@ -345,205 +323,18 @@ def _is_uuid(value: str) -> bool:
     return True
 
 
-# -- Stripe ---------------------------------------------------------------------------------------
+# -- the provider's side --------------------------------------------------------------------------
 
 
-def fetch_stripe(settings: StripeSettings, start: datetime, page_size: int = 100) -> list[ProviderPayment]:
-    """PaymentIntents created since ``start`` and refunds made since then, with the payments they refund."""
-    import stripe
-    from stripe.params import PaymentIntentListParams, RefundListParams
-
-    client = stripe.StripeClient(
-        settings.api_key.get_secret_value(),
-        base_addresses={"api": settings.api_base},
-        max_network_retries=settings.max_network_retries,
-        http_client=stripe.RequestsClient(timeout=settings.timeout_seconds),
-    )
-    limit = max(1, min(page_size, 100))
-    created: PaymentIntentListParams = {"created": {"gte": int(start.timestamp())}, "limit": limit}
-    refunded: RefundListParams = {"created": {"gte": int(start.timestamp())}, "limit": limit}
-    try:
-        intents = {pi.id: _plain(pi) for pi in client.v1.payment_intents.list(created).auto_paging_iter()}
-        refunds: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for refund in client.v1.refunds.list(refunded).auto_paging_iter():
-            plain = _plain(refund)
-            if plain.get("payment_intent"):
-                refunds[str(plain["payment_intent"])].append(plain)
-        for pi_id in [k for k in refunds if k not in intents]:
-            # refunded in the window, paid before it: the payment, and all its refunds
-            intents[pi_id] = _plain(client.v1.payment_intents.retrieve(pi_id))
-            refunds[pi_id] = [
-                _plain(r) for r in client.v1.refunds.list({"payment_intent": pi_id, "limit": limit}).auto_paging_iter()
-            ]
-    except stripe.StripeError as exc:
-        raise ReconcileError(f"stripe {type(exc).__name__}, http {exc.http_status}") from None
-    return [_stripe_payment(pi, refunds.get(pi_id, [])) for pi_id, pi in intents.items()]
-
-
-def _plain(obj: Any) -> dict[str, Any]:
-    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
-
-
-def _stripe_payment(intent: dict[str, Any], refunds: list[dict[str, Any]]) -> ProviderPayment:
-    giving_back = [r for r in refunds if r.get("status") in ("succeeded", "pending")]
-    stamps = [intent.get("created") or 0, *(r.get("created") or 0 for r in giving_back)]
-    taken = intent.get("status") == "succeeded"
-    return ProviderPayment(
-        payment_id=str(intent["id"]),
-        order_id=(intent.get("metadata") or {}).get("order_id"),
-        taken=taken,
-        amount=int(intent.get("amount_received") or 0) if taken else int(intent.get("amount") or 0),
-        currency=str(intent.get("currency") or "").upper(),
-        status=str(intent.get("status")),
-        refunded=sum(int(r.get("amount") or 0) for r in giving_back),
-        refund_ids=tuple(str(r["id"]) for r in giving_back),
-        at=datetime.fromtimestamp(max(stamps), UTC),
-    )
-
-
-# -- PayPal ---------------------------------------------------------------------------------------
-
-
-def fetch_paypal(
-    settings: PayPalSettings, start: datetime, end: datetime | None = None, page_size: int = 100
+def fetch_provider(
+    settings: HasGatewaySettings, provider: str, start: datetime, page_size: int = 100
 ) -> list[ProviderPayment]:
-    """Captures and refunds from Transaction Search between ``start`` and ``end`` (now), with the captures
-    that refunds in the window give back, read by id."""
-    import requests
-    from apimatic_core.exceptions.auth_validation_exception import AuthValidationException
-    from paypalserversdk.api_helper import APIHelper
-    from paypalserversdk.exceptions.api_exception import ApiException
-    from paypalserversdk.http.auth.o_auth_2 import ClientCredentialsAuthCredentials
-    from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
-
-    # the gateway's configuration class: the one place where paypal.base_url gets into the SDK
-    from handlers.payments.paypal_gateway import _BaseUrlConfiguration
-
-    client = PaypalServersdkClient(
-        config=_BaseUrlConfiguration(
-            settings.base_url,
-            timeout=settings.timeout_seconds,
-            max_retries=settings.max_network_retries,
-            backoff_factor=0.5,
-            retry_statuses=[429, 500, 502, 503, 504],
-            retry_methods=["GET", "POST"],
-            client_credentials_auth_credentials=ClientCredentialsAuthCredentials(
-                o_auth_client_id=settings.client_id,
-                o_auth_client_secret=settings.client_secret.get_secret_value(),
-            ),
-        )
-    )
-    end = end or datetime.now(UTC)
-    found: dict[str, dict[str, Any]] = {}
+    """The payments ``provider`` made or refunded since ``start``, read through its gateway."""
+    gateway = build_gateway(settings, provider)
     try:
-        window = start
-        while window < end:
-            until = min(end, window + PAYPAL_WINDOW)
-            page = 1
-            while True:
-                response = client.transaction_search.search_transactions(
-                    {
-                        "start_date": _paypal_time(window),
-                        "end_date": _paypal_time(until),
-                        "fields": "transaction_info",
-                        "page_size": max(1, min(page_size, 500)),
-                        "page": page,
-                    }
-                )
-                body = APIHelper.to_dictionary(response.body)
-                for detail in body.get("transaction_details") or []:
-                    info = detail.get("transaction_info") or {}
-                    if info.get("transaction_id"):
-                        found[str(info["transaction_id"])] = info  # a window's edge may list one twice
-                if page >= int(body.get("total_pages") or 0):
-                    break
-                page += 1
-            window = until
-        captures, refunds = _paypal_split(found.values())
-        for capture_id in [k for k in refunds if k not in captures]:
-            raw = client.payments.get_captured_payment({"capture_id": capture_id})
-            captures[capture_id] = _capture_as_transaction(APIHelper.to_dictionary(raw.body))
-    except ApiException as exc:
-        raise ReconcileError(f"paypal http {exc.response_code}: {getattr(exc, 'name', '') or exc}") from None
-    except (requests.exceptions.RequestException, AuthValidationException) as exc:
-        raise ReconcileError(f"paypal unreachable or refusing credentials: {type(exc).__name__}") from None
-    return [_paypal_payment(info, refunds.get(cid, [])) for cid, info in captures.items()]
-
-
-def _paypal_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _paypal_split(
-    transactions: Iterable[dict[str, Any]],
-) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Payments (event codes T00xx) by id, and refunds and reversals (T11xx) by the capture they give back."""
-    captures: dict[str, dict[str, Any]] = {}
-    refunds: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for info in transactions:
-        code = str(info.get("transaction_event_code") or "")
-        if code.startswith("T00"):
-            captures[str(info["transaction_id"])] = info
-        elif code.startswith("T11") and info.get("paypal_reference_id"):
-            refunds[str(info["paypal_reference_id"])].append(info)
-    return captures, refunds
-
-
-def _capture_as_transaction(capture: dict[str, Any]) -> dict[str, Any]:
-    """A capture read by id, in Transaction Search's words (refunds before the window: its status says)."""
-    status = str(capture.get("status") or "")
-    return {
-        "transaction_id": capture.get("id"),
-        "transaction_event_code": "T0006",
-        "transaction_amount": capture.get("amount") or {},
-        "transaction_status": {"COMPLETED": "S", "PARTIALLY_REFUNDED": "S", "REFUNDED": "S", "PENDING": "P"}.get(
-            status, "D"
-        ),
-        "custom_field": capture.get("custom_id"),
-        "transaction_updated_date": capture.get("update_time") or capture.get("create_time"),
-        "_fully_refunded": status == "REFUNDED",
-    }
-
-
-def _paypal_minor(money: dict[str, Any]) -> tuple[int, str]:
-    currency = str(money.get("currency_code") or "").upper()
-    try:
-        return abs(from_decimal_string(str(money.get("value") or "0"), currency)), currency
-    except MoneyError:
-        raise ReconcileError(f"paypal amount {money!r} is not an amount") from None
-
-
-def _paypal_payment(info: dict[str, Any], refunds: list[dict[str, Any]]) -> ProviderPayment:
-    amount, currency = _paypal_minor(info.get("transaction_amount") or {})
-    status = str(info.get("transaction_status") or "")
-    giving_back = [r for r in refunds if r.get("transaction_status") in ("S", "P")]
-    refunded = sum(_paypal_minor(r.get("transaction_amount") or {})[0] for r in giving_back)
-    if status == "V" or info.get("_fully_refunded"):
-        refunded = amount  # reversed, or refunded in full (partly before the window)
-    stamps = [_stamp(info.get("transaction_updated_date"))] + [
-        _stamp(r.get("transaction_updated_date")) for r in refunds
-    ]
-    known = [s for s in stamps if s is not None]
-    return ProviderPayment(
-        payment_id=str(info["transaction_id"]),
-        order_id=info.get("custom_field") or None,
-        taken=status in ("S", "V"),
-        amount=amount,
-        currency=currency,
-        status=status,
-        refunded=refunded,
-        refund_ids=tuple(str(r["transaction_id"]) for r in giving_back),
-        at=max(known) if known else None,
-    )
-
-
-def _stamp(value: Any) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
+        return gateway.payments_since(start, page_size)
+    except PaymentError as exc:
+        raise ReconcileError(str(exc)) from None
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -574,7 +365,7 @@ def parse_duration(value: str) -> timedelta:
 
 
 def run(
-    settings: Any,
+    settings: HasGatewaySettings,
     engine: Engine,
     provider: str,
     since: datetime,
@@ -585,13 +376,7 @@ def run(
     """Fetch both sides and compare them."""
     now = now or datetime.now(UTC)
     grace = DEFAULT_GRACE[provider] if grace is None else grace
-    start = since - SLACK
-    if provider == "stripe":
-        payments = fetch_stripe(settings.stripe, start, page_size)
-    elif provider == "paypal":
-        payments = fetch_paypal(settings.paypal, start, now, page_size)
-    else:
-        raise ValueError(f"unknown provider {provider!r}")
+    payments = fetch_provider(settings, provider, since - SLACK, page_size)
     service = load_service(engine, provider, since, [p.payment_id for p in payments], [p.order_id for p in payments])
     return compare(provider, payments, service, settled_before=now - grace)
 
@@ -605,8 +390,7 @@ __all__ = [
     "Report",
     "ServicePayment",
     "compare",
-    "fetch_paypal",
-    "fetch_stripe",
+    "fetch_provider",
     "load_service",
     "parse_duration",
     "parse_since",

@@ -1,10 +1,13 @@
 """The payment gateway seam.
 
-Handlers talk to payment providers only through :class:`PaymentGateway`.
-Only the two implementations (``stripe_gateway``, ``paypal_gateway``) import
-a provider SDK.  Every call that can move money takes an idempotency key
-derived from the order, so repeating it after a crash or a timeout returns
-the first answer instead of charging again.
+Handlers talk to payment providers only through :class:`PaymentGateway`, and
+so does ``orders reconcile`` (:meth:`PaymentGateway.payments_since`).  Only
+the two implementations (``stripe_gateway``, ``paypal_gateway``) and their
+client factories (``stripe_client``, ``paypal_client``) import a provider SDK
+(``tests/unit/test_sdk_boundary.py`` holds every other module to it).
+Every call that can move money takes an idempotency key derived from the
+order, so repeating it after a crash or a timeout returns the first answer
+instead of charging again.
 
 Errors::
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 
@@ -148,6 +152,30 @@ class PaymentFacts:
         )
 
 
+@dataclass(frozen=True)
+class ProviderPayment:
+    """One payment as the provider lists it (:meth:`PaymentGateway.payments_since`), with its refunds.
+
+    A Stripe PaymentIntent, or a PayPal capture (not the PayPal order: the
+    capture is what Transaction Search lists and what money is refunded from).
+    """
+
+    payment_id: str  # PaymentIntent id / capture id
+    order_id: str | None  # OUR order id on it: metadata.order_id / custom_id
+    taken: bool  # the money was taken (succeeded / capture completed)
+    amount: int  # minor units taken
+    currency: str  # upper case
+    status: str  # the provider's status (Stripe's intent status, Transaction Search's one-letter status)
+    refunded: int = 0  # minor units given back
+    refund_ids: tuple[str, ...] = ()
+    at: datetime | None = None  # its latest change the provider tells of (creation, last refund)
+
+    @property
+    def kept(self) -> int:
+        """Minor units the provider holds for us."""
+        return self.amount - self.refunded if self.taken else 0
+
+
 class WebhookKind(str, enum.Enum):
     CONFIRMED = "confirmed"  # money taken: becomes PaymentConfirmed
     FAILED = "failed"  # payment failed / denied
@@ -192,6 +220,10 @@ class PaymentGateway(Protocol):
 
     def lookup(self, provider_payment_id: str) -> PaymentFacts:
         """Ask the provider about a payment (a read); an unknown id is ``PaymentFacts.not_found``."""
+
+    def payments_since(self, start: datetime, page_size: int = 100) -> list[ProviderPayment]:
+        """Every payment made since ``start`` and every payment refunded since then, each with all its
+        refunds (reads only, ``page_size`` records a page; for ``orders reconcile``)."""
 
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
         """Verify the signature and translate; raises WebhookVerificationError (MalformedWebhook for odd shapes)."""

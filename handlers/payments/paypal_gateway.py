@@ -1,5 +1,10 @@
 """PayPal through ``paypal-server-sdk`` (Orders v2, intent CAPTURE).
 
+The client comes from :func:`handlers.payments.paypal_client.paypal_client`
+(base URL, timeout, retries, credentials), with this gateway's token fetching;
+:meth:`PayPalGateway.payments_since` reads Transaction Search for ``orders
+reconcile``.
+
 Flow: :meth:`PayPalGateway.start` creates the order (``REQUIRES_ACTION`` with
 the buyer's ``approve_url``); the buyer approves at PayPal
 (``CHECKOUT.ORDER.APPROVED`` webhook); :meth:`PayPalGateway.capture` takes
@@ -46,10 +51,10 @@ import threading
 import time
 import warnings
 import zlib
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
@@ -64,9 +69,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from paypalserversdk.api_helper import APIHelper
-from paypalserversdk.configuration import Configuration, Server
 from paypalserversdk.exceptions.api_exception import ApiException
-from paypalserversdk.http.auth.o_auth_2 import ClientCredentialsAuthCredentials, OAuth2
+from paypalserversdk.http.auth.o_auth_2 import OAuth2
 from paypalserversdk.models.amount_with_breakdown import AmountWithBreakdown
 from paypalserversdk.models.checkout_payment_intent import CheckoutPaymentIntent
 from paypalserversdk.models.money import Money
@@ -78,7 +82,6 @@ from paypalserversdk.models.paypal_wallet import PaypalWallet
 from paypalserversdk.models.paypal_wallet_experience_context import PaypalWalletExperienceContext
 from paypalserversdk.models.purchase_unit_request import PurchaseUnitRequest
 from paypalserversdk.models.refund_request import RefundRequest
-from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
 
 from handlers.payments.base import (
     CertificateFetchBusy,
@@ -90,6 +93,7 @@ from handlers.payments.base import (
     PaymentRequest,
     PaymentResult,
     PermanentPaymentError,
+    ProviderPayment,
     RefundResult,
     TransientPaymentError,
     WebhookEvent,
@@ -97,6 +101,7 @@ from handlers.payments.base import (
     WebhookVerificationError,
 )
 from handlers.payments.money import MoneyError, from_decimal_string, to_paypal_value
+from handlers.payments.paypal_client import paypal_client
 from handlers.payments.settings import GatewayConfigError, PayPalSettings, cert_origins
 from handlers.payments.shapes import EventId, Ref, Shape, read
 from schema.messages import MAX_MESSAGE_ID
@@ -124,29 +129,12 @@ _TAKEN = frozenset({"COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED"})
 _GIVING_BACK = frozenset({"COMPLETED", "PENDING"})
 #: the path of a refund's ``up`` link: the capture it gives money back from
 _CAPTURE_PATH = re.compile(r"/v2/payments/captures/([A-Za-z0-9_-]+)/?$")
+#: Transaction Search's longest date range
+SEARCH_WINDOW = timedelta(days=31)
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 _T = TypeVar("_T")
 _S = TypeVar("_S", bound=Shape)
-
-
-class _BaseUrlConfiguration(Configuration):
-    """The SDK's Configuration with its base URL taken from our settings.
-
-    The SDK only knows its PRODUCTION and SANDBOX URLs; this override is the
-    one place where ``settings.base_url`` (the real API or the local fake)
-    gets in.  Beware: ``Configuration.clone_with()`` builds a plain
-    ``Configuration`` and ``from_environment()`` additionally reads ``.env``
-    and ``ENVIRONMENT``; both silently lose this base URL, so never use them
-    on this object.
-    """
-
-    def __init__(self, base_url: str, **kwargs: Any) -> None:
-        self._base_url = base_url.rstrip("/")
-        super().__init__(**kwargs)
-
-    def get_base_uri(self, server: Server = Server.DEFAULT) -> str:
-        return self._base_url
 
 
 def _describe(exc: ApiException) -> str:
@@ -268,22 +256,7 @@ class PayPalGateway:
         #: loaded at start so that a bad ``cert_ca_file`` stops start-up, not a webhook
         self._trust = CertificateTrust.load(settings.cert_ca_file) if settings.verification == "offline" else None
         self._token: OAuthToken | None = None
-        config = _BaseUrlConfiguration(
-            settings.base_url,
-            timeout=settings.timeout_seconds,
-            max_retries=settings.max_network_retries,
-            backoff_factor=0.5,
-            retry_statuses=[429, 500, 502, 503, 504],
-            # POST is safe to retry: every mutating call carries PayPal-Request-Id,
-            # and a repeated token request is harmless.
-            retry_methods=["GET", "POST", "PUT"],
-            client_credentials_auth_credentials=ClientCredentialsAuthCredentials(
-                o_auth_client_id=settings.client_id,
-                o_auth_client_secret=settings.client_secret.get_secret_value(),
-                o_auth_token_provider=self._fetch_token,
-            ),
-        )
-        self._client = PaypalServersdkClient(config=config)
+        self._client = paypal_client(settings, token_provider=self._fetch_token)
 
     def _fetch_token(self, _last: OAuthToken | None, auth: OAuth2) -> OAuthToken:
         # Our own provider so that token errors propagate with their status
@@ -508,6 +481,50 @@ class PayPalGateway:
                 provider_status=status,
             )
         raise PermanentPaymentError(f"paypal order {order_id} in unexpected status {status}")
+
+    # -- reconciliation ----------------------------------------------------
+    def payments_since(self, start: datetime, page_size: int = 100) -> list[ProviderPayment]:
+        """Captures and refunds made since ``start``, by Transaction Search (``GET
+        /v1/reporting/transactions``: windows of at most :data:`SEARCH_WINDOW`, every page, ``page_size``
+        a page); a capture refunded in the window but made before it is read by id
+        (``GET /v2/payments/captures/{id}``).  Transaction Search lists a transaction up to three hours late.
+        """
+        end = datetime.now(UTC)
+        found: dict[str, dict[str, Any]] = {}
+        window = start
+        while window < end:
+            until = min(end, window + SEARCH_WINDOW)
+            page = 1
+            while True:
+                body = self._search(window, until, page, max(1, min(page_size, 500)))
+                for detail in body.get("transaction_details") or []:
+                    info = detail.get("transaction_info") or {}
+                    if info.get("transaction_id"):
+                        found[str(info["transaction_id"])] = info  # a window's edge may list one twice
+                if page >= int(body.get("total_pages") or 0):
+                    break
+                page += 1
+            window = until
+        captures, refunds = _split_transactions(found.values())
+        for capture_id in [k for k in refunds if k not in captures]:
+            captures[capture_id] = _capture_as_transaction(self._read_capture(capture_id))
+        return [_listed_payment(info, refunds.get(cid, [])) for cid, info in captures.items()]
+
+    def _read_capture(self, capture_id: str) -> dict[str, Any]:
+        response = self._call(lambda: self._client.payments.get_captured_payment({"capture_id": capture_id}))
+        return dict(APIHelper.to_dictionary(response.body))
+
+    def _search(self, start: datetime, end: datetime, page: int, page_size: int) -> dict[str, Any]:
+        """One page of Transaction Search, as plain data."""
+        query = {
+            "start_date": _search_time(start),
+            "end_date": _search_time(end),
+            "fields": "transaction_info",
+            "page_size": page_size,
+            "page": page,
+        }
+        response = self._call(lambda: self._client.transaction_search.search_transactions(query))
+        return dict(APIHelper.to_dictionary(response.body))
 
     # -- webhooks -----------------------------------------------------------
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
@@ -870,6 +887,84 @@ def _giving_back(order: _Order) -> list[_Refund]:
         return sorted(refunds, key=lambda r: datetime.fromisoformat(str(r.create_time).replace("Z", "+00:00")))
     except (ValueError, TypeError):  # a time that does not parse, or one without a zone beside one with
         return refunds
+
+
+def _search_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _split_transactions(
+    transactions: Iterable[dict[str, Any]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Payments (event codes T00xx) by id, and refunds and reversals (T11xx) by the capture they give back."""
+    captures: dict[str, dict[str, Any]] = {}
+    refunds: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for info in transactions:
+        code = str(info.get("transaction_event_code") or "")
+        if code.startswith("T00"):
+            captures[str(info["transaction_id"])] = info
+        elif code.startswith("T11") and info.get("paypal_reference_id"):
+            refunds[str(info["paypal_reference_id"])].append(info)
+    return captures, refunds
+
+
+def _capture_as_transaction(capture: dict[str, Any]) -> dict[str, Any]:
+    """A capture read by id, in Transaction Search's words (refunds before the window: its status says)."""
+    status = str(capture.get("status") or "")
+    return {
+        "transaction_id": capture.get("id"),
+        "transaction_event_code": "T0006",
+        "transaction_amount": capture.get("amount") or {},
+        "transaction_status": {"COMPLETED": "S", "PARTIALLY_REFUNDED": "S", "REFUNDED": "S", "PENDING": "P"}.get(
+            status, "D"
+        ),
+        "custom_field": capture.get("custom_id"),
+        "transaction_updated_date": capture.get("update_time") or capture.get("create_time"),
+        "_fully_refunded": status == "REFUNDED",
+    }
+
+
+def _search_minor(money: dict[str, Any]) -> tuple[int, str]:
+    """(minor units, upper-case currency) of a Transaction Search amount (a refund's is negative)."""
+    currency = str(money.get("currency_code") or "").upper()
+    try:
+        return abs(from_decimal_string(str(money.get("value") or "0"), currency)), currency
+    except MoneyError:
+        raise PermanentPaymentError(f"paypal amount {money!r} is not an amount") from None
+
+
+def _listed_payment(info: dict[str, Any], refunds: list[dict[str, Any]]) -> ProviderPayment:
+    """A capture as Transaction Search lists it, with its refunds (status ``S`` or ``P`` give money back)."""
+    amount, currency = _search_minor(info.get("transaction_amount") or {})
+    status = str(info.get("transaction_status") or "")
+    giving_back = [r for r in refunds if r.get("transaction_status") in ("S", "P")]
+    refunded = sum(_search_minor(r.get("transaction_amount") or {})[0] for r in giving_back)
+    if status == "V" or info.get("_fully_refunded"):
+        refunded = amount  # reversed, or refunded in full (partly before the window)
+    stamps = [_stamp(info.get("transaction_updated_date"))] + [
+        _stamp(r.get("transaction_updated_date")) for r in refunds
+    ]
+    known = [s for s in stamps if s is not None]
+    return ProviderPayment(
+        payment_id=str(info["transaction_id"]),
+        order_id=info.get("custom_field") or None,
+        taken=status in ("S", "V"),
+        amount=amount,
+        currency=currency,
+        status=status,
+        refunded=refunded,
+        refund_ids=tuple(str(r["transaction_id"]) for r in giving_back),
+        at=max(known) if known else None,
+    )
+
+
+def _stamp(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
 
 
 def translate_event(event: Any) -> WebhookEvent:

@@ -1,5 +1,9 @@
 """Stripe through ``stripe.StripeClient`` (PaymentIntents, automatic capture).
 
+The client comes from :func:`handlers.payments.stripe_client.stripe_client`
+(base URL, timeout, retries); :meth:`StripeGateway.payments_since` lists
+PaymentIntents and refunds for ``orders reconcile``.
+
 Every mutating call carries the caller's idempotency key, so the SDK's own
 retries (``max_network_retries``) and ours after a crash or timeout replay
 Stripe's first answer instead of charging twice.
@@ -16,11 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import stripe
-from stripe.params import PaymentIntentCreateParams, RefundCreateParams
+from stripe.params import PaymentIntentCreateParams, PaymentIntentListParams, RefundCreateParams, RefundListParams
 
 from handlers.payments.base import (
     MalformedWebhook,
@@ -31,6 +37,7 @@ from handlers.payments.base import (
     PaymentRequest,
     PaymentResult,
     PermanentPaymentError,
+    ProviderPayment,
     RefundResult,
     TransientPaymentError,
     WebhookEvent,
@@ -39,6 +46,7 @@ from handlers.payments.base import (
 )
 from handlers.payments.settings import StripeSettings
 from handlers.payments.shapes import EventId, NonNegativeInt, Ref, Shape, read
+from handlers.payments.stripe_client import stripe_client
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +97,7 @@ class StripeGateway:
 
     def __init__(self, settings: StripeSettings) -> None:
         self._settings = settings
-        self._client = stripe.StripeClient(
-            settings.api_key.get_secret_value(),
-            base_addresses={"api": settings.api_base},
-            max_network_retries=settings.max_network_retries,
-            http_client=stripe.RequestsClient(timeout=settings.timeout_seconds),
-        )
+        self._client = stripe_client(settings)
 
     # -- payments -----------------------------------------------------------
     def start(self, request: PaymentRequest) -> PaymentResult:
@@ -214,6 +217,33 @@ class StripeGateway:
         oldest_first = sorted(reversed(refunds), key=lambda r: r.created)
         return [r for r in oldest_first if r.status in _GIVING_BACK]
 
+    # -- reconciliation ----------------------------------------------------
+    def payments_since(self, start: datetime, page_size: int = 100) -> list[ProviderPayment]:
+        """PaymentIntents created since ``start``, and those refunded since then, each with its refunds.
+
+        ``GET /v1/payment_intents`` and ``GET /v1/refunds`` with ``created[gte]``, every page
+        (``auto_paging_iter``, ``page_size`` a page, at most 100); an intent refunded in the window but
+        created before it is read by id, with all its refunds.
+        """
+        limit = max(1, min(page_size, 100))
+        created: PaymentIntentListParams = {"created": {"gte": int(start.timestamp())}, "limit": limit}
+        refunded: RefundListParams = {"created": {"gte": int(start.timestamp())}, "limit": limit}
+        try:
+            intents = {pi.id: _as_dict(pi) for pi in self._client.v1.payment_intents.list(created).auto_paging_iter()}
+            refunds: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for refund in self._client.v1.refunds.list(refunded).auto_paging_iter():
+                plain = _as_dict(refund)
+                if plain.get("payment_intent"):
+                    refunds[str(plain["payment_intent"])].append(plain)
+            for pi_id in [k for k in refunds if k not in intents]:
+                # refunded in the window, paid before it: the payment, and all its refunds
+                intents[pi_id] = _as_dict(self._client.v1.payment_intents.retrieve(pi_id))
+                listed = self._client.v1.refunds.list({"payment_intent": pi_id, "limit": limit})
+                refunds[pi_id] = [_as_dict(r) for r in listed.auto_paging_iter()]
+        except stripe.StripeError as exc:
+            _raise_mapped(exc)
+        return [_listed_payment(pi, refunds.get(pi_id, [])) for pi_id, pi in intents.items()]
+
     # -- webhooks -----------------------------------------------------------
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
         """Verify ``Stripe-Signature`` (HMAC and timestamp tolerance) and translate."""
@@ -311,6 +341,24 @@ class _Intent(Shape):
     amount: int | None = None
     amount_received: int | None = None
     last_payment_error: _PaymentError | None = None
+
+
+def _listed_payment(intent: dict[str, Any], refunds: list[dict[str, Any]]) -> ProviderPayment:
+    """A listed PaymentIntent and its listed refunds (those ``succeeded`` or ``pending`` give money back)."""
+    giving_back = [r for r in refunds if r.get("status") in _GIVING_BACK]
+    stamps = [intent.get("created") or 0, *(r.get("created") or 0 for r in giving_back)]
+    taken = intent.get("status") == "succeeded"
+    return ProviderPayment(
+        payment_id=str(intent["id"]),
+        order_id=(intent.get("metadata") or {}).get("order_id"),
+        taken=taken,
+        amount=int(intent.get("amount_received") or 0) if taken else int(intent.get("amount") or 0),
+        currency=str(intent.get("currency") or "").upper(),
+        status=str(intent.get("status")),
+        refunded=sum(int(r.get("amount") or 0) for r in giving_back),
+        refund_ids=tuple(str(r["id"]) for r in giving_back),
+        at=datetime.fromtimestamp(max(stamps), UTC),
+    )
 
 
 def _signed_at(header: str) -> int:

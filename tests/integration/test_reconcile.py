@@ -369,3 +369,23 @@ def test_an_order_completed_on_money_its_provider_never_took_is_reported_whateve
     assert "paid-by-the-orders-provider" in found
     assert [r["order_id"] for r in found["paid-by-the-orders-provider"].sample] == [order_id]
     assert handed and found["paid-by-the-orders-provider"].sample[0]["paid_by"] == "internal"
+
+
+@pytest.mark.parametrize(("provider", "listing"), [("stripe", "/v1/payment_intents"), ("paypal", "/v1/reporting")])
+def test_a_provider_that_cannot_be_read_is_said_plainly_and_exits_1(env, own_fakes, provider, listing):
+    """Read through the gateway: its error (here a 503, no retries left) becomes ``cannot read``, no traceback."""
+    fault = {"count": 1, "path": listing, "status": 503}
+    httpx.post(own_fakes[provider].url + "/_fake/faults", json=fault).raise_for_status()
+    try:
+        done = subprocess.run(
+            [ORDERS, "reconcile", "--provider", provider, "--since", "1h"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        httpx.delete(own_fakes[provider].url + "/_fake/faults")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"error: cannot read {provider}: {provider} "), done.stderr
+    assert "503" in done.stderr and "Traceback" not in done.stderr
