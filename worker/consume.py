@@ -23,6 +23,7 @@ nothing; the inbox makes the redelivery harmless.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from worker import tracing
 from worker.commands import BatchRule
 from worker.errors import ConnectionLost
 from worker.metrics import NO_METRICS, MetricsSink
-from worker.outcomes import Handled
+from worker.outcomes import Handled, handled_from
 from worker.rabbit.connection import BlockingBroker, Delivery
 from worker.rabbit.topology import declare_topology
 from worker.reconnect import DatabaseHold, keep_running
@@ -212,8 +213,10 @@ class Batches:
 
 
 class Window:
-    """Payment steps: batches of up to ``batch_size`` in ``pool``, up to ``size`` steps in flight; each step is
-    settled and acked as soon as its batch is done, whatever the batches around it do."""
+    """Payment steps: batches of up to ``batch_size`` in ``pool``, up to ``size`` steps in flight.  A batch
+    reports its steps as they are settled (:meth:`worker.steps.PaymentStep.handle_batch`), and each is acked
+    then, whatever the rest of its batch is still waiting for: a slow provider call holds up only its own
+    step."""
 
     def __init__(
         self,
@@ -230,28 +233,48 @@ class Window:
         self.batch_size = batch_size
         self.metrics = metrics
         self.in_flight: dict[Future[list[Handled]], list[Delivery]] = {}
+        #: steps a batch has settled, for this (the consumer's) thread to settle and ack
+        self._reported: queue.SimpleQueue[Handled] = queue.SimpleQueue()
+        #: delivery tags taken and not yet settled
+        self._pending: set[int] = set()
         self.fill_wait = 0.002
 
     @property
     def first_wait(self) -> float:
-        return 0.02 if self.in_flight else 0.5
+        return 0.02 if self._pending else 0.5
 
     def room(self) -> int:
-        return self.size - sum(len(batch) for batch in self.in_flight.values())
+        return self.size - len(self._pending)
 
     def submit(self, broker: BlockingBroker, deliveries: list[Delivery]) -> None:
         for batch in batches_of(deliveries, self.batch_size):
-            self.in_flight[self.pool.submit(self.step.handle_batch, batch)] = batch
+            self._pending.update(d.delivery_tag for d in batch)
+            self.in_flight[self.pool.submit(self.step.handle_batch, batch, self._report)] = batch
+
+    def _report(self, handled: list[Handled]) -> None:
+        for h in handled:
+            self._reported.put(h)
 
     def poll(self, broker: BlockingBroker) -> None:
+        finished = [f for f in self.in_flight if f.done()]  # before draining: everything they reported is in
         outage: list[Handled] = []
-        for future in [f for f in self.in_flight if f.done()]:
-            del self.in_flight[future]
-            for h in future.result():
-                if h.outage:
-                    outage.append(h)
-                else:
-                    self._settle(broker, h)
+        while True:
+            try:
+                h = self._reported.get_nowait()
+            except queue.Empty:
+                break
+            self._pending.discard(h.delivery.delivery_tag)
+            if h.outage:
+                outage.append(h)
+            else:
+                self._settle(broker, h)
+        for future in finished:
+            batch = self.in_flight.pop(future)
+            failure = future.exception()
+            for d in batch:  # a batch that broke off (a bug): what it did not report fails like any failure
+                if failure is not None and d.delivery_tag in self._pending:
+                    self._pending.discard(d.delivery_tag)
+                    self._settle(broker, handled_from(d, failure))
         if not outage:
             return
         if self.hold.answers():
@@ -264,7 +287,7 @@ class Window:
         self.submit(broker, [h.delivery for h in outage])
 
     def join(self, broker: BlockingBroker) -> None:
-        while self.in_flight:
+        while self.in_flight or self._pending:
             broker.sleep(0.02)
             self.poll(broker)
 
@@ -272,6 +295,7 @@ class Window:
         for future in self.in_flight:
             future.exception()
         self.in_flight.clear()
+        self._pending.clear()
 
     def _settle(self, broker: BlockingBroker, h: Handled) -> None:
         self.settlement.settle(broker, h)

@@ -10,9 +10,11 @@ into one :class:`worker.outcomes.Handled` per message:
    once, each step records its attempt and says which call to make;
 2. the provider calls run at the same time, in the call pool, with no
    transaction open, each with its idempotency key and its in-place retries;
-3. one transaction records every answer, with the inbox rows.
+3. one transaction records the answers, with the inbox rows: those in, and
+   those that come within :data:`WAVE_LINGER_SECONDS`, a wave at a time, so
+   a call that answers late (or is retried) holds up only itself.
 
-So a batch of a hundred steps costs two transactions, not two hundred.  A
+So a batch of fifty steps costs a few transactions, not a hundred.  A
 step that cannot go on (its order is not placed yet, it is refused, only a
 person can finish it) is settled on its own without stopping the others
 (handlers raise those before they change anything); a batch whose
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +53,9 @@ log = structlog.get_logger("worker.steps")
 
 #: inbox consumer name of the payment step
 CONSUMER = "payments"
+#: how long, once a provider answer is in, the others of the batch are waited for to be recorded in the same
+#: transaction: a slow call holds up only itself, the answers around it are recorded and acked meanwhile
+WAVE_LINGER_SECONDS = 0.02
 
 
 @dataclass
@@ -111,8 +116,12 @@ class PaymentStep:
     def handle(self, d: Delivery) -> Handled:
         return self.handle_batch([d])[0]
 
-    def handle_batch(self, deliveries: Sequence[Delivery]) -> list[Handled]:
-        """Every delivery's outcome, in their order."""
+    def handle_batch(
+        self, deliveries: Sequence[Delivery], report: Callable[[list[Handled]], None] | None = None
+    ) -> list[Handled]:
+        """Every delivery's outcome, in their order.  ``report`` is told each group of outcomes as soon as it
+        is settled here (what was committed is committed), so a caller can ack those while a slow provider
+        call of the same batch is still out."""
         works: list[_Work] = []
         handled: dict[int, Handled] = {}
         for i, d in enumerate(deliveries):
@@ -124,25 +133,48 @@ class PaymentStep:
             ctx = MessageContext(d.message_id or "", d.message_type or "", d.correlation_id)
             order_id = str(command.order_id)
             works.append(_Work(d, command, self.steps[type(command)], ctx, order_id, tracing.StepSpan(d, order_id)))
+
+        def settled(done: list[_Work]) -> None:
+            for w in done:
+                assert w.handled is not None
+                w.span.end(w.handled.result.value, w.handled.error, w.order_id)
+            if report is not None and done:
+                report([w.handled for w in done])  # type: ignore[misc]
+
+        if report is not None and handled:
+            report(list(handled.values()))
         if works:
-            self._run(works)
-        for w in works:
-            assert w.handled is not None
-            w.span.end(w.handled.result.value, w.handled.error, w.order_id)
+            self._run(works, settled)
         by_delivery = {id(w.delivery): w.handled for w in works}
         return [handled.get(i) or by_delivery[id(d)] for i, d in enumerate(deliveries)]  # type: ignore[misc]
 
     # -- the three phases ---------------------------------------------------------------------------
 
-    def _run(self, works: list[_Work]) -> None:
+    def _run(self, works: list[_Work], settled: Callable[[list[_Work]], None]) -> None:
         try:
             self._prepare(works)
         except Exception as exc:  # noqa: BLE001 - the batch's transaction failed as a whole
             self._one_by_one(works, exc, self._prepare, "prepare")
-        self._call_all([w for w in works if w.handled is None and w.call is not None])
-        ready = [w for w in works if w.handled is None]
-        if not ready:
-            return
+        settled([w for w in works if w.handled is not None])
+        pending = {self._submit(w): w for w in works if w.handled is None and w.call is not None}
+        wave = [w for w in works if w.handled is None and w.call is None]  # recorded without a call
+        while wave or pending:
+            if pending:  # the answers in so far, and those coming within a moment: recorded together
+                done, _ = wait(pending, timeout=None if not wave else 0, return_when=FIRST_COMPLETED)
+                done |= wait(pending, timeout=WAVE_LINGER_SECONDS)[0] if len(done) < len(pending) else set()
+                for future in done:
+                    w = pending.pop(future)
+                    self._answer(w, future)
+                    if w.handled is None:
+                        wave.append(w)
+                    else:
+                        settled([w])
+            if wave:
+                self._record_wave(wave)
+                settled(wave)
+                wave = []
+
+    def _record_wave(self, ready: list[_Work]) -> None:
         try:
             self._record(ready)
         except Exception as exc:  # noqa: BLE001 - the batch's transaction failed as a whole
@@ -174,6 +206,7 @@ class PaymentStep:
                 if w.ctx.message_id in before:
                     w.done(Handled(w.delivery, Result.DUPLICATE, order_id=w.order_id))
                     continue
+                before.add(w.ctx.message_id)  # a second copy in this batch is a duplicate: one call, not two
                 uow.handling(w.ctx.message_id, w.ctx.message_type, w.ctx.correlation_id)
                 with w.span.within():
                     try:
@@ -183,16 +216,17 @@ class PaymentStep:
                     except Refused as exc:
                         self._refuse(uow, w, exc)
 
-    def _call_all(self, works: list[_Work]) -> None:
-        """The provider calls, all at once in the call pool; none inside a transaction."""
-        futures = [(w, self.calls.submit(contextvars.copy_context().run, self._call, w)) for w in works]
-        for w, future in futures:
-            try:
-                w.result = future.result()
-            except PermanentPaymentError as exc:
-                w.failure = exc
-            except Exception as exc:  # noqa: BLE001 - transient after its retries, or a bug: delay tiers
-                w.done(handled_from(w.delivery, exc, w.order_id))
+    def _submit(self, w: _Work) -> Future[Any]:
+        """The step's provider call, into the call pool (with the caller's context: logs, trace)."""
+        return self.calls.submit(contextvars.copy_context().run, self._call, w)
+
+    def _answer(self, w: _Work, future: Future[Any]) -> None:
+        try:
+            w.result = future.result()
+        except PermanentPaymentError as exc:
+            w.failure = exc
+        except Exception as exc:  # noqa: BLE001 - transient after its retries, or a bug: delay tiers
+            w.done(handled_from(w.delivery, exc, w.order_id))
 
     def _record(self, works: list[_Work]) -> None:
         """Transaction 2: the answers applied to the orders, with the inbox rows that make each step once."""

@@ -62,8 +62,16 @@ class GatedStep:
     def script(self, message_id: str, *results: Callable[[Delivery], Handled]) -> None:
         self._scripts[message_id] = list(results)
 
-    def handle_batch(self, batch: list[Delivery]) -> list[Handled]:
-        return [self.handle(d) for d in batch]
+    def handle_batch(
+        self, batch: list[Delivery], report: Callable[[list[Handled]], None] | None = None
+    ) -> list[Handled]:
+        done = []
+        for d in batch:
+            h = self.handle(d)
+            done.append(h)
+            if report is not None:
+                report([h])
+        return done
 
     def handle(self, d: Delivery) -> Handled:
         mid = d.message_id or ""
