@@ -72,7 +72,7 @@ class Route:
         return self.command.__name__
 
 
-#: the commands upstream services send (DESIGN.md)
+#: the commands upstream services send (docs/contract.md)
 COMMAND_ROUTES: tuple[Route, ...] = (
     Route(messages.PlaceOrder, COMMANDS_EXCHANGE, "order.place", "orders.place"),
     Route(messages.CancelOrder, COMMANDS_EXCHANGE, "order.cancel", "orders.cancel"),

@@ -60,7 +60,7 @@ class PaymentAlreadyCaptured(PermanentPaymentError):
 
     Raised by both gateways when the PaymentIntent has succeeded / the PayPal
     order was captured.  The confirmation webhook will also arrive, and a
-    confirmation for a cancelled order is refunded (DESIGN.md), so a caller
+    confirmation for a cancelled order is refunded (docs/contract.md), so a caller
     may refund at once or leave it to that path.
     """
 

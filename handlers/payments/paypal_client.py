@@ -39,7 +39,7 @@ BACKOFF_FACTOR = 0.5
 TokenProvider = Callable[[OAuthToken | None, OAuth2], OAuthToken]
 
 
-class _BaseUrlConfiguration(Configuration):
+class _BaseUrlConfiguration(Configuration):  # type: ignore[misc]  # the PayPal SDK ships no types
     """The SDK's Configuration with its base URL taken from our settings.
 
     The SDK only knows its PRODUCTION and SANDBOX URLs; this override is the

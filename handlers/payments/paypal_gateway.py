@@ -148,7 +148,7 @@ def _describe(exc: ApiException) -> str:
     if issue:
         parts.append(issue)
     if getattr(exc, "debug_id", None):
-        parts.append(f"debug_id {exc.debug_id}")  # type: ignore[attr-defined]
+        parts.append(f"debug_id {exc.debug_id}")
     return ", ".join(parts)
 
 
@@ -424,7 +424,8 @@ class PayPalGateway:
     def _get_or_none(self, fn: Callable[[], Any]) -> dict[str, Any] | None:
         """A GET's body as plain data; None for 404."""
         try:
-            return APIHelper.to_dictionary(fn().body)
+            body: dict[str, Any] = APIHelper.to_dictionary(fn().body)  # the SDK has no types: it is a dict
+            return body
         except ApiException as exc:
             if exc.response_code == 404:
                 return None
@@ -442,7 +443,8 @@ class PayPalGateway:
 
     def _get_order(self, order_id: str) -> dict[str, Any]:
         response = self._call(lambda: self._client.orders.get_order({"id": order_id}))
-        return APIHelper.to_dictionary(response.body)
+        body: dict[str, Any] = APIHelper.to_dictionary(response.body)  # the SDK has no types: it is a dict
+        return body
 
     @staticmethod
     def _order_result(order: Mapping[str, Any]) -> PaymentResult:

@@ -4,7 +4,7 @@ The HTTP shim hands the raw body and headers to :func:`parse_webhook`; the
 provider is recognised by its signature header (``Stripe-Signature`` or
 ``PAYPAL-TRANSMISSION-SIG``, any case) and its gateway verifies and
 translates.  A ``CONFIRMED`` event becomes the PaymentConfirmed command of
-DESIGN.md with :func:`to_payment_confirmed`; the command's AMQP
+docs/contract.md with :func:`to_payment_confirmed`; the command's AMQP
 ``message_id`` is the provider's event id (:func:`confirmation_message_id`),
 so a redelivered webhook is deduplicated by the worker's inbox.
 

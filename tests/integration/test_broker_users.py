@@ -1,4 +1,4 @@
-"""``orders topology --users``: the broker enforces the trust boundary of DESIGN.md.
+"""``orders topology --users``: the broker enforces the trust boundary of docs/security.md.
 
 Real RabbitMQ, real users made with rabbitmqctl, in a vhost of this module's
 own; the users and the vhost are removed at the end, also on failure.

@@ -52,7 +52,7 @@ IMAGE_CONFIG = REPO / "config" / "config.yaml"
 #: the oldest Kubernetes the manifests are written for (PodDisruptionBudget's
 #: unhealthyPodEvictionPolicy, CronJob's timeZone); the newest is what kubernetes-validate ships
 OLDEST_KUBERNETES = "1.28.0"
-#: the queue the autoscaler watches: new orders (DESIGN.md, "Beyond one machine")
+#: the queue the autoscaler watches: new orders (docs/operations.md, "The autoscaler")
 PLACE_QUEUE = "orders.place"
 #: ORDERS_* variables that are read but are not settings
 NOT_SETTINGS = frozenset({"ORDERS_CONFIG"})

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from schema.topology import WORK_QUEUES
 from worker.cli.common import ConfigOption, settings_or_exit, stop_on_signals
 from worker.settings import Settings, SettingsError
 
@@ -159,7 +160,8 @@ def worker(
         typer.Option(
             "--queue",
             "-q",
-            help="Consume only these queues (repeatable): orders.place, orders.cancel, orders.payment-confirmed, orders.payments.",
+            # named from the topology, so a new command's queue cannot be left out of the help
+            help=f"Consume only these queues (repeatable): {', '.join(WORK_QUEUES)}.",
         ),
     ] = None,
 ) -> None:

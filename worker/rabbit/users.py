@@ -1,6 +1,6 @@
 """The RabbitMQ users of the service, with least privilege (``orders topology --users``).
 
-DESIGN.md: each publisher has a broker user of its own, the broker checks a
+docs/contract.md and docs/security.md: each publisher has a broker user of its own, the broker checks a
 command's ``user_id`` property against it, and the service maps users to
 what they may send (the ``senders`` setting, :mod:`handlers.senders`).  So,
 in the service's vhost:

@@ -1,6 +1,6 @@
 """Request and response bodies of the HTTP API (they make the OpenAPI document).
 
-The request body of ``POST /orders`` is the PlaceOrder body of DESIGN.md with
+The request body of ``POST /orders`` is the PlaceOrder body of docs/contract.md with
 ``user_id`` optional (it comes from the token).  The edge is stricter than
 the message models (user ids and Stripe payment method ids are tokens, not
 free text; optional fields are left out, never ``null``), and the command it

@@ -1,6 +1,6 @@
 """order status refunded; an order without a known product has no currency
 
-``completed`` → ``refunded`` when the money goes back (DESIGN.md lifecycle):
+``completed`` → ``refunded`` when the money goes back (docs/contract.md, "Order lifecycle"):
 the status check allows ``refunded``.  An order none of whose products is
 known was stored with the made-up currency ``XXX``; it now stores NULL, and
 the rows written before become NULL too.
