@@ -132,6 +132,10 @@ class Command(_Strict):
 
 
 class PlaceOrder(Command):
+    """Place an order: `items` (or the single-product form `product_id` + `quantity`, not both) and how it is
+    paid. Prices come from the service's own product table, never from the message; `order_id`, when absent,
+    is derived from `message_id`."""
+
     order_id: uuid.UUID | None = None
     user_id: Id
     items: list[Item] | None = Field(default=None, min_length=1, max_length=MAX_ITEMS)
@@ -166,6 +170,10 @@ class _OrderCommand(Command):
 
 
 class CancelOrder(_OrderCommand):
+    """Cancel an order: its owner while it waits for its payment, or a sender allowed to act as admin (then
+    also a paid order that has not shipped, refunded in full). `roles: ["admin"]` counts only from such a
+    sender."""
+
     requested_by: Requester
     reason: Annotated[str, StringConstraints(max_length=500)] | None = None
 
@@ -176,12 +184,15 @@ class Shipment(_Strict):
 
 
 class ShipOrder(_OrderCommand):
-    """From the fulfilment service: a ``completed`` order has left the warehouse."""
+    """From the fulfilment service: a `completed` order has left the warehouse (then no cancel is taken)."""
 
     shipment: Shipment
 
 
 class PaymentConfirmed(_OrderCommand):
+    """A payment was taken for an order (`amount` in minor units). A confirmation that does not match the
+    order, or names another provider than the order's, is settled by asking the order's provider."""
+
     provider: Literal["stripe", "paypal", "internal"]
     payment_id: Id
     amount: int = Field(ge=0)
@@ -193,16 +204,20 @@ class PaymentConfirmed(_OrderCommand):
 
 
 class StartPayment(_OrderCommand):
-    pass
+    """Ask the order's provider for its money (keyed by the order, so at most once)."""
 
 
 class CapturePayment(_OrderCommand):
+    """Capture a PayPal order the buyer approved."""
+
     provider: Literal["paypal"]
     payment_id: Id
     event_id: Id
 
 
 class PaymentFailed(_OrderCommand):
+    """The provider reported the payment failed (its webhook)."""
+
     provider: Literal["stripe", "paypal", "internal"]
     payment_id: Id
     event_id: Id
@@ -210,6 +225,8 @@ class PaymentFailed(_OrderCommand):
 
 
 class RefundPayment(_OrderCommand):
+    """Give the order's money back in full (or a second payment's, named by `payment_id`)."""
+
     #: a second payment to give back (the order was paid another way meanwhile)
     payment_id: Id | None = None
     #: what that payment took, when it is not the order's total (a confirmation of a wrong amount)
@@ -218,6 +235,8 @@ class RefundPayment(_OrderCommand):
 
 
 class CancelPayment(_OrderCommand):
+    """Cancel the order's open payment at the provider (or a second one, named by `payment_id`)."""
+
     #: a second payment to cancel (the order was paid another way meanwhile)
     payment_id: Id | None = None
 
@@ -372,7 +391,7 @@ class OrderEvent(Event):
 
 @with_config(_EVENT_CONFIG)
 class OrderAwaitingPayment(OrderEvent):
-    """``order.awaiting_payment``: the provider waits for the buyer (3-D Secure, PayPal approval)."""
+    """`order.awaiting_payment`: the provider waits for the buyer (3-D Secure, PayPal approval)."""
 
     next_action: NotRequired[
         Annotated[
@@ -384,14 +403,14 @@ class OrderAwaitingPayment(OrderEvent):
 
 @with_config(_EVENT_CONFIG)
 class OrderShipped(OrderEvent):
-    """``order.shipped``: a completed order left the warehouse."""
+    """`order.shipped`: a completed order left the warehouse."""
 
     shipment: ShipmentData
 
 
 @with_config(_EVENT_CONFIG)
 class OrderRefunded(OrderEvent):
-    """``order.refunded``: money went back to the buyer, in full or in part."""
+    """`order.refunded`: money went back to the buyer, in full or in part."""
 
     refund_id: NotRequired[Annotated[str, Field(description="The provider's id of the (last) refund.")]]
     amount_refunded: Annotated[int, Field(description="Minor units given back so far.")]
@@ -400,8 +419,8 @@ class OrderRefunded(OrderEvent):
 
 @with_config(_EVENT_CONFIG)
 class CommandRefused(Event):
-    """``command.refused``: a well-formed command refused for a business reason, or because its sender may not
-    send it (``unauthorized``, the command then also dead-lettered)."""
+    """`command.refused`: a well-formed command refused for a business reason, or because its sender may not
+    send it (`unauthorized`, the command then also dead-lettered)."""
 
     message_id: Annotated[str, Field(description="The refused command's `message_id`.")]
     command: Annotated[str, Field(description="Its type, e.g. `CancelOrder`.")]
@@ -414,7 +433,7 @@ class CommandRefused(Event):
 
 
 class OutcomeResult(enum.StrEnum):
-    """What applying a command came to (the reply's ``result``)."""
+    """What applying a command came to (the reply's `result`)."""
 
     #: its effects are committed (an order placed, paid, cancelled, shipped, refunded, ...)
     APPLIED = "applied"
@@ -432,8 +451,8 @@ class OutcomeResult(enum.StrEnum):
 
 @with_config(_EVENT_CONFIG)
 class CommandOutcome(TypedDict):
-    """The reply a command gets when it names ``reply_to`` (AMQP ``type`` ``CommandOutcome``,
-    ``correlation_id`` the command's, else its ``message_id``)."""
+    """The reply a command gets when it names `reply_to` (AMQP `type` `CommandOutcome`, `correlation_id` the
+    command's, else its `message_id`)."""
 
     result: OutcomeResult
     order_id: NotRequired[Annotated[UuidText | None, Field(description="The order; null when none is known.")]]

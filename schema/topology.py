@@ -60,6 +60,28 @@ def delay_queue(seconds: int) -> str:
     return f"orders.delay.{seconds}s"
 
 
+# -- headers a republished command carries -------------------------------------------
+
+#: the broker user that first sent a command the service republished (a retry, a dead letter, a replay;
+#: "" for none), believed only on a message whose ``user_id`` is the service's own (``worker.identity``)
+SENDER_HEADER = "x-orders-sender"
+#: the headers a retried or dead-lettered command gains (``worker.settlement.failure_headers``), and what
+#: each says; its body and AMQP properties are kept as they were
+FAILURE_HEADERS: dict[str, str] = {
+    "x-original-exchange": "The exchange it was first published to.",
+    "x-original-routing-key": "The routing key it was first published with.",
+    "x-original-queue": "The queue it failed on (a retry comes back to it).",
+    "x-first-failure-at": "When it first failed (ISO 8601, UTC).",
+    "x-last-failure-at": "When it last failed (ISO 8601, UTC).",
+    "x-attempts": "How many times it failed.",
+    "x-error-class": "The error's class: `InvalidMessage`, `RetryLater`, `Unauthorized`, `ManualActionRequired`, ...",
+    "x-error-message": "The error (at most 1,000 characters).",
+    "x-error-digest": "The first 16 hex digits of the traceback's sha256, to group identical failures (a failure "
+    "with a traceback).",
+    "x-error-traceback": "The traceback's last 2,000 characters (a failure with a traceback).",
+}
+
+
 # -- routes --------------------------------------------------------------------------
 
 
