@@ -25,8 +25,9 @@ from __future__ import annotations
 from handlers import events
 from handlers.errors import NotCancellable, NotFound, RetryLater
 from handlers.orders import DEFAULT_RULES, PAID_CANCELLABLE, UNPAID, Rules, Status
-from handlers.outcome import MessageContext, Outcome
+from handlers.outcome import MessageContext, Outcome, OutcomeResult
 from handlers.unit_of_work import PaymentStatus, UnitOfWork
+from schema import topology
 from schema.messages import CancelOrder, CancelPayment, RefundPayment
 
 
@@ -40,24 +41,24 @@ def cancel_order(cmd: CancelOrder, msg: MessageContext, uow: UnitOfWork, rules: 
     if not admin and requester.user_id != order.user_id:
         raise NotFound(f"order {order_id} not found")
     if order.status is Status.CANCELLED:
-        return Outcome.of("unchanged", order, "order was already cancelled")
+        return Outcome.of(OutcomeResult.UNCHANGED, order, "order was already cancelled")
     reason = cmd.reason or f"cancelled by {requester.user_id}"
     if order.status in PAID_CANCELLABLE:
         if not admin and not rules.owner_may_cancel_paid(order):
             window = f" after {rules.customer_cancel_minutes:g} minutes" if rules.customer_cancel_minutes else ""
             raise NotCancellable(f"order {order_id} is paid{window}: only an admin may cancel it now")
         order.transition(Status.CANCELLED, msg.message_id, reason)
-        events.stock(uow, order, "stock.return", msg.message_id)  # the committed units come back
-        events.order_event(uow, order, "order.cancelled", msg.message_id)
+        events.stock(uow, order, topology.STOCK_RETURN, msg.message_id)  # the committed units come back
+        events.order_event(uow, order, topology.ORDER_CANCELLED, msg.message_id)
         events.internal(uow, order, RefundPayment, msg.message_id)
-        return Outcome.of("applied", order, "cancelled; the payment is being refunded in full")
+        return Outcome.of(OutcomeResult.APPLIED, order, "cancelled; the payment is being refunded in full")
     if order.status not in UNPAID:
         raise NotCancellable(f"order {order_id} is {order.status.value} and can no longer be cancelled")
 
     order.transition(Status.CANCELLED, msg.message_id, reason)
-    events.stock(uow, order, "stock.release", msg.message_id)
-    events.order_event(uow, order, "order.cancelled", msg.message_id)
+    events.stock(uow, order, topology.STOCK_RELEASE, msg.message_id)
+    events.order_event(uow, order, topology.ORDER_CANCELLED, msg.message_id)
     payment = uow.payment(order_id)
     if payment is not None and payment.status not in (PaymentStatus.DECLINED, PaymentStatus.CANCELLED):
         events.internal(uow, order, CancelPayment, msg.message_id)
-    return Outcome.of("applied", order)
+    return Outcome.of(OutcomeResult.APPLIED, order)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from handlers import events
 from handlers.orders import Order, Rules, Status
-from handlers.outcome import MessageContext, Outcome
+from handlers.outcome import MessageContext, Outcome, OutcomeResult
 from handlers.unit_of_work import PaymentStatus, UnitOfWork
+from schema import topology
 from schema.messages import CancelPayment
 
 #: the message type expiry is recorded under (inbox, transitions, the order's history)
@@ -31,12 +32,12 @@ def expiry_message_id(order_id: str) -> str:
 
 def expire_order(order: Order, msg: MessageContext, uow: UnitOfWork, rules: Rules) -> Outcome:
     if order.status is not Status.AWAITING_PAYMENT:
-        return Outcome.of("unchanged", order, f"order is {order.status.value}: nothing to expire")
+        return Outcome.of(OutcomeResult.UNCHANGED, order, f"order is {order.status.value}: nothing to expire")
     minutes = f"{rules.payment_timeout_minutes:g}"
     order.transition(Status.EXPIRED, msg.message_id, f"not paid within {minutes} minutes")
-    events.stock(uow, order, "stock.release", msg.message_id)
-    events.order_event(uow, order, "order.expired", msg.message_id)
+    events.stock(uow, order, topology.STOCK_RELEASE, msg.message_id)
+    events.order_event(uow, order, topology.ORDER_EXPIRED, msg.message_id)
     payment = uow.payment(order.order_id)
     if payment is not None and payment.status not in (PaymentStatus.DECLINED, PaymentStatus.CANCELLED):
         events.internal(uow, order, CancelPayment, msg.message_id)
-    return Outcome.of("applied", order)
+    return Outcome.of(OutcomeResult.APPLIED, order)

@@ -113,9 +113,6 @@ class Order:
         self.transitions.append((current, target, message_id, reason))
         return current
 
-    def stock_lines(self) -> list[dict[str, Any]]:
-        return [{"product_id": line.product_id, "quantity": line.quantity} for line in self.lines]
-
 
 @dataclass(frozen=True)
 class Rules:

@@ -28,8 +28,9 @@ from __future__ import annotations
 from handlers import events
 from handlers.errors import Mismatch, RetryLater
 from handlers.orders import ENDED_UNPAID, UNPAID, Order, Status
-from handlers.outcome import MessageContext, Outcome
+from handlers.outcome import MessageContext, Outcome, OutcomeResult
 from handlers.unit_of_work import PaymentRecord, PaymentStatus, UnitOfWork
+from schema import topology
 from schema.messages import PaymentConfirmed, RefundPayment, SettlePayment
 
 #: providers whose payments the payment step can look up: every provider an order can be placed with
@@ -58,9 +59,9 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
     payment = uow.payment(order_id)
     if payment is not None and payment.provider_payment_id == cmd.payment_id:
         if payment.confirmed_event_id is not None:
-            return Outcome.of("unchanged", order, "payment was already confirmed")
+            return Outcome.of(OutcomeResult.UNCHANGED, order, "payment was already confirmed")
         if payment.status == PaymentStatus.REFUNDED:  # a late confirmation of money already given back
-            return Outcome.of("unchanged", order, "payment was refunded already")
+            return Outcome.of(OutcomeResult.UNCHANGED, order, "payment was refunded already")
     problem = _mismatch(cmd, order, payment)
     ask = order.payment_provider  # the order's own provider vouches for its money, whoever confirms
     if ask in ASKABLE and (problem is not None or cmd.provider == "paypal"):
@@ -78,7 +79,7 @@ def payment_confirmed(cmd: PaymentConfirmed, msg: MessageContext, uow: UnitOfWor
             correlation_id=msg.correlation_id,
         )
         return Outcome(
-            "settling",
+            OutcomeResult.SETTLING,
             order_id,
             order.status.value,
             message=f"{problem or 'a PayPal confirmation'}: asking {ask} about {cmd.payment_id}",
@@ -113,10 +114,10 @@ def confirm(
     uow.save_payment(payment)
     if order.status in UNPAID:
         order.transition(Status.COMPLETED, message_id)
-        events.stock(uow, order, "stock.commit", message_id)
-        events.order_event(uow, order, "order.completed", message_id)
-        return Outcome.of("applied", order)
+        events.stock(uow, order, topology.STOCK_COMMIT, message_id)
+        events.order_event(uow, order, topology.ORDER_COMPLETED, message_id)
+        return Outcome.of(OutcomeResult.APPLIED, order)
     if order.status in ENDED_UNPAID:
         events.internal(uow, order, RefundPayment, message_id)
-        return Outcome.of("applied", order, "payment arrived after the order ended: refund requested")
-    return Outcome.of("unchanged", order, f"order is already {order.status.value}")
+        return Outcome.of(OutcomeResult.APPLIED, order, "payment arrived after the order ended: refund requested")
+    return Outcome.of(OutcomeResult.UNCHANGED, order, f"order is already {order.status.value}")

@@ -55,6 +55,7 @@ from handlers.payments.base import (
     PaymentOutcome as PayOutcome,
 )
 from handlers.unit_of_work import PaymentRecord, PaymentStatus, UnitOfWork
+from schema import topology
 from schema.messages import (
     CancelPayment,
     CapturePayment,
@@ -168,8 +169,8 @@ def apply_result(
         uow.save_payment(payment)
         if order.status in UNPAID:
             order.transition(Status.COMPLETED, mid)
-            events.stock(uow, order, "stock.commit", mid)
-            events.order_event(uow, order, "order.completed", mid)
+            events.stock(uow, order, topology.STOCK_COMMIT, mid)
+            events.order_event(uow, order, topology.ORDER_COMPLETED, mid)
         elif order.status in ENDED_UNPAID:
             events.internal(uow, order, RefundPayment, mid)
         return Outcome.of("applied", order)
@@ -179,7 +180,7 @@ def apply_result(
         if order.status is Status.PENDING:
             order.next_action = result.next_action or None
             order.transition(Status.AWAITING_PAYMENT, mid)
-            events.order_event(uow, order, "order.awaiting_payment", mid)
+            events.order_event(uow, order, topology.ORDER_AWAITING_PAYMENT, mid)
         elif order.status in ENDED_UNPAID:  # cancelled or expired while the call was out: close it there
             events.internal(uow, order, CancelPayment, mid)
         return Outcome.of("applied", order)
@@ -202,8 +203,8 @@ def _second_payment(order: Order, result: PaymentResult, mid: str, uow: UnitOfWo
 def _reject(order: Order, reason: str, mid: str, uow: UnitOfWork) -> Outcome:
     if order.status in UNPAID:
         order.transition(Status.REJECTED, mid, reason)
-        events.stock(uow, order, "stock.release", mid)
-        events.order_event(uow, order, "order.rejected", mid)
+        events.stock(uow, order, topology.STOCK_RELEASE, mid)
+        events.order_event(uow, order, topology.ORDER_REJECTED, mid)
     return Outcome.of("applied", order, reason)
 
 
@@ -405,10 +406,8 @@ def refunded_in_full(order: Order, payment: PaymentRecord, refund_id: str | None
     uow.save_payment(payment)
     if order.status is Status.COMPLETED:
         order.transition(Status.REFUNDED, mid)  # money returned always shows
-        events.stock(uow, order, "stock.return", mid)
-    events.order_event(
-        uow, order, "order.refunded", mid, refund_id=payment.refund_id, amount_refunded=payment.amount, full=True
-    )
+        events.stock(uow, order, topology.STOCK_RETURN, mid)
+    events.refunded(uow, order, mid, refund_id=payment.refund_id, amount_refunded=payment.amount, full=True)
     return Outcome.of("applied", order, "payment refunded")
 
 
@@ -443,9 +442,7 @@ def record_settle_refund(cmd: SettleRefund, msg: MessageContext, uow: UnitOfWork
     payment.amount_refunded = facts.refunded
     payment.refund_id = last or payment.refund_id
     uow.save_payment(payment)
-    events.order_event(
-        uow, order, "order.refunded", msg.message_id, refund_id=last, amount_refunded=facts.refunded, full=False
-    )
+    events.refunded(uow, order, msg.message_id, refund_id=last, amount_refunded=facts.refunded, full=False)
     return Outcome.of("applied", order, f"{facts.refunded} of {payment.amount} refunded at {cmd.provider}")
 
 

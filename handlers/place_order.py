@@ -13,8 +13,9 @@ from __future__ import annotations
 from handlers import events
 from handlers.errors import Taken
 from handlers.orders import Line, Order, Status
-from handlers.outcome import MessageContext, Outcome
+from handlers.outcome import MessageContext, Outcome, OutcomeResult
 from handlers.unit_of_work import UnitOfWork
+from schema import topology
 from schema.messages import PlaceOrder, StartPayment
 
 
@@ -61,9 +62,9 @@ def place_order(cmd: PlaceOrder, msg: MessageContext, uow: UnitOfWork) -> Outcom
     uow.add_order(order)
 
     if problems:
-        events.order_event(uow, order, "order.rejected", msg.message_id)
-        return Outcome.of("rejected", order)
-    events.stock(uow, order, "stock.reserve", msg.message_id)
-    events.order_event(uow, order, "order.placed", msg.message_id)
+        events.order_event(uow, order, topology.ORDER_REJECTED, msg.message_id)
+        return Outcome.of(OutcomeResult.REJECTED, order)
+    events.stock(uow, order, topology.STOCK_RESERVE, msg.message_id)
+    events.order_event(uow, order, topology.ORDER_PLACED, msg.message_id)
     events.internal(uow, order, StartPayment, msg.message_id)
-    return Outcome.of("applied", order)
+    return Outcome.of(OutcomeResult.APPLIED, order)

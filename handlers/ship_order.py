@@ -12,8 +12,9 @@ from __future__ import annotations
 from handlers import events
 from handlers.errors import IllegalTransition, RetryLater
 from handlers.orders import Status
-from handlers.outcome import MessageContext, Outcome
+from handlers.outcome import MessageContext, Outcome, OutcomeResult
 from handlers.unit_of_work import UnitOfWork
+from schema import topology
 from schema.messages import ShipOrder
 
 
@@ -25,9 +26,9 @@ def ship_order(cmd: ShipOrder, msg: MessageContext, uow: UnitOfWork) -> Outcome:
     shipment = cmd.shipment.model_dump()
     if order.status is Status.SHIPPED:
         if order.shipment == shipment:
-            return Outcome.of("unchanged", order, "order was already shipped with this shipment")
+            return Outcome.of(OutcomeResult.UNCHANGED, order, "order was already shipped with this shipment")
         raise IllegalTransition(f"order {order_id} was already shipped with another shipment")
     order.transition(Status.SHIPPED, msg.message_id)
     order.shipment = shipment
-    events.order_event(uow, order, "order.shipped", msg.message_id, shipment=shipment)
-    return Outcome.of("applied", order)
+    events.order_event(uow, order, topology.ORDER_SHIPPED, msg.message_id)  # with the shipment just recorded
+    return Outcome.of(OutcomeResult.APPLIED, order)

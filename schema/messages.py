@@ -11,12 +11,12 @@ commit after five attempts.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import re
 import uuid
-from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NotRequired, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -24,9 +24,12 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
+    with_config,
 )
+from typing_extensions import TypedDict
 
 from schema.jsonstrict import loads_no_duplicates
 
@@ -129,6 +132,10 @@ class Command(_Strict):
 
 
 class PlaceOrder(Command):
+    """Place an order: `items` (or the single-product form `product_id` + `quantity`, not both) and how it is
+    paid. Prices come from the service's own product table, never from the message; `order_id`, when absent,
+    is derived from `message_id`."""
+
     order_id: uuid.UUID | None = None
     user_id: Id
     items: list[Item] | None = Field(default=None, min_length=1, max_length=MAX_ITEMS)
@@ -163,6 +170,10 @@ class _OrderCommand(Command):
 
 
 class CancelOrder(_OrderCommand):
+    """Cancel an order: its owner while it waits for its payment, or a sender allowed to act as admin (then
+    also a paid order that has not shipped, refunded in full). `roles: ["admin"]` counts only from such a
+    sender."""
+
     requested_by: Requester
     reason: Annotated[str, StringConstraints(max_length=500)] | None = None
 
@@ -173,12 +184,15 @@ class Shipment(_Strict):
 
 
 class ShipOrder(_OrderCommand):
-    """From the fulfilment service: a ``completed`` order has left the warehouse."""
+    """From the fulfilment service: a `completed` order has left the warehouse (then no cancel is taken)."""
 
     shipment: Shipment
 
 
 class PaymentConfirmed(_OrderCommand):
+    """A payment was taken for an order (`amount` in minor units). A confirmation that does not match the
+    order, or names another provider than the order's, is settled by asking the order's provider."""
+
     provider: Literal["stripe", "paypal", "internal"]
     payment_id: Id
     amount: int = Field(ge=0)
@@ -190,16 +204,20 @@ class PaymentConfirmed(_OrderCommand):
 
 
 class StartPayment(_OrderCommand):
-    pass
+    """Ask the order's provider for its money (keyed by the order, so at most once)."""
 
 
 class CapturePayment(_OrderCommand):
+    """Capture a PayPal order the buyer approved."""
+
     provider: Literal["paypal"]
     payment_id: Id
     event_id: Id
 
 
 class PaymentFailed(_OrderCommand):
+    """The provider reported the payment failed (its webhook)."""
+
     provider: Literal["stripe", "paypal", "internal"]
     payment_id: Id
     event_id: Id
@@ -207,6 +225,8 @@ class PaymentFailed(_OrderCommand):
 
 
 class RefundPayment(_OrderCommand):
+    """Give the order's money back in full (or a second payment's, named by `payment_id`)."""
+
     #: a second payment to give back (the order was paid another way meanwhile)
     payment_id: Id | None = None
     #: what that payment took, when it is not the order's total (a confirmation of a wrong amount)
@@ -215,6 +235,8 @@ class RefundPayment(_OrderCommand):
 
 
 class CancelPayment(_OrderCommand):
+    """Cancel the order's open payment at the provider (or a second one, named by `payment_id`)."""
+
     #: a second payment to cancel (the order was paid another way meanwhile)
     payment_id: Id | None = None
 
@@ -290,58 +312,156 @@ def parse_body(model: type[CommandT], body: bytes) -> CommandT:
 
 
 # -- events ------------------------------------------------------------------
+#
+# What the service publishes (through the outbox; ``schema.topology`` says where each goes).  The
+# models are TypedDicts validated by pydantic: an event is the dict the outbox serializes, built in
+# ``handlers/events.py`` (mypy checks every key there) and validated against its model as it is
+# emitted (pydantic-core, about a microsecond: a BaseModel and its serializer cost several on the hot
+# path).  ``NotRequired`` says what the contract says: such a field is left out when it does not
+# apply, never sent as ``null``; a field typed ``... | None`` is always present and may be ``null``.
+
+#: an order's status, as events and the HTTP API spell it (``handlers.orders.Status`` holds the same
+#: values, a unit test keeps them equal; the ``orders`` table's check constraint is built from it)
+ORDER_STATUSES = (
+    "pending",
+    "awaiting_payment",
+    "completed",
+    "shipped",
+    "cancelled",
+    "rejected",
+    "refunded",
+    "expired",
+)
+
+_EVENT_CONFIG = ConfigDict(extra="forbid", strict=True)
+
+#: a UUID as text (events carry the ids as the strings they were made as)
+UuidText = Annotated[str, WithJsonSchema({"type": "string", "format": "uuid"})]
+#: an instant as ISO 8601 text with its UTC offset (``datetime.isoformat()``: ``…T12:00:00.123456+00:00``)
+InstantText = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+OrderStatus = Annotated[str, WithJsonSchema({"type": "string", "enum": list(ORDER_STATUSES)})]
 
 
-class EventLine(_Strict):
+@with_config(_EVENT_CONFIG)
+class EventLine(TypedDict):
+    """A line of a stock event: how many units of a product."""
+
     product_id: str
     quantity: int
 
 
-class Event(_Strict):
-    event_id: uuid.UUID
-    order_id: uuid.UUID
-    occurred_at: datetime
+@with_config(_EVENT_CONFIG)
+class ShipmentData(TypedDict):
+    """How an order left the warehouse, as the fulfilment service said (ShipOrder)."""
+
+    carrier: str
+    tracking_number: str
 
 
+@with_config(_EVENT_CONFIG)
+class Event(TypedDict):
+    """What every event carries."""
+
+    event_id: Annotated[UuidText, Field(description="Stable per effect: the AMQP `message_id` too; deduplicate on it.")]
+    order_id: Annotated[UuidText, Field(description="The order the event is about.")]
+    occurred_at: Annotated[InstantText, Field(description="When the change was applied (UTC).")]
+
+
+@with_config(_EVENT_CONFIG)
 class StockEvent(Event):
-    items: list[EventLine]
+    """Units reserved, released, committed or returned (exchange `inventory`)."""
+
+    items: Annotated[list[EventLine], Field(description="The order's lines, one per product.")]
 
 
+@with_config(_EVENT_CONFIG)
 class OrderEvent(Event):
-    status: str
-    user_id: str
-    total: int
-    #: null for a rejected order none of whose products is known
-    currency: str | None = None
-    reason: str | None = None
-    next_action: dict[str, str] | None = None
-    refund_id: str | None = None
-    #: ``order.refunded``: minor units given back so far, and whether that is the whole payment
-    amount_refunded: int | None = None
-    full: bool | None = None
-    #: ``order.shipped``: carrier and tracking number
-    shipment: Shipment | None = None
+    """An order's state after the change (exchange `orders.events`)."""
+
+    status: OrderStatus
+    user_id: Annotated[str, Field(description="Whose order it is.")]
+    total: Annotated[int, Field(description="Minor units (cents), priced from the service's product table.")]
+    currency: Annotated[
+        str | None, Field(description="ISO 4217; null for a rejected order none of whose products is known.")
+    ]
+    reason: NotRequired[
+        Annotated[str, Field(description="Why it was rejected, cancelled or expired; left out when there is none.")]
+    ]
 
 
+@with_config(_EVENT_CONFIG)
+class OrderAwaitingPayment(OrderEvent):
+    """`order.awaiting_payment`: the provider waits for the buyer (3-D Secure, PayPal approval)."""
+
+    next_action: NotRequired[
+        Annotated[
+            dict[str, str],
+            Field(description="What the buyer does next: `client_secret` (Stripe) or `approve_url` (PayPal)."),
+        ]
+    ]
+
+
+@with_config(_EVENT_CONFIG)
+class OrderShipped(OrderEvent):
+    """`order.shipped`: a completed order left the warehouse."""
+
+    shipment: ShipmentData
+
+
+@with_config(_EVENT_CONFIG)
+class OrderRefunded(OrderEvent):
+    """`order.refunded`: money went back to the buyer, in full or in part."""
+
+    refund_id: NotRequired[Annotated[str, Field(description="The provider's id of the (last) refund.")]]
+    amount_refunded: Annotated[int, Field(description="Minor units given back so far.")]
+    full: Annotated[bool, Field(description="Whether that is the whole payment (false: a partial refund).")]
+
+
+@with_config(_EVENT_CONFIG)
 class CommandRefused(Event):
-    """``command.refused``: a well-formed command refused for a business reason."""
+    """`command.refused`: a well-formed command refused for a business reason, or because its sender may not
+    send it (`unauthorized`, the command then also dead-lettered)."""
 
-    message_id: str
-    command: str
-    reason: str
-    message: str
-    correlation_id: str | None = None
+    message_id: Annotated[str, Field(description="The refused command's `message_id`.")]
+    command: Annotated[str, Field(description="Its type, e.g. `CancelOrder`.")]
+    reason: Annotated[str, Field(description="A stable code: `not_cancellable`, `not_found`, `payment_mismatch`, …")]
+    message: Annotated[str, Field(description="For people (at most 1,000 characters).")]
+    correlation_id: Annotated[str | None, Field(description="The command's `correlation_id`, or null.")]
 
 
-INVENTORY_ROUTING_KEYS = ("stock.reserve", "stock.release", "stock.commit", "stock.return")
-ORDER_EVENT_ROUTING_KEYS = (
-    "order.placed",
-    "order.awaiting_payment",
-    "order.completed",
-    "order.shipped",
-    "order.cancelled",
-    "order.rejected",
-    "order.expired",
-    "order.refunded",
-    "command.refused",
-)
+# -- the reply to a command ----------------------------------------------------------
+
+
+class OutcomeResult(enum.StrEnum):
+    """What applying a command came to (the reply's `result`)."""
+
+    #: its effects are committed (an order placed, paid, cancelled, shipped, refunded, ...)
+    APPLIED = "applied"
+    #: applied, and the order it placed ended ``rejected`` (an unknown or inactive product, two currencies)
+    REJECTED = "rejected"
+    #: refused for a business reason (``error`` says which); nothing changed; announced as ``command.refused``
+    REFUSED = "refused"
+    #: its ``message_id`` was applied before: nothing changed again
+    DUPLICATE = "duplicate"
+    #: well-formed and allowed, with nothing to change (the same cancel or shipment again, a late answer)
+    UNCHANGED = "unchanged"
+    #: a payment confirmation that does not match the order (or a PayPal one): the provider is being asked
+    SETTLING = "settling"
+
+
+@with_config(_EVENT_CONFIG)
+class CommandOutcome(TypedDict):
+    """The reply a command gets when it names `reply_to` (AMQP `type` `CommandOutcome`, `correlation_id` the
+    command's, else its `message_id`)."""
+
+    result: OutcomeResult
+    order_id: NotRequired[Annotated[UuidText | None, Field(description="The order; null when none is known.")]]
+    status: NotRequired[Annotated[OrderStatus, Field(description="The order's status after the command.")]]
+    error: NotRequired[Annotated[str, Field(description="A refusal's stable code (`not_cancellable`, ...).")]]
+    message: NotRequired[str]
+    next_action: NotRequired[
+        Annotated[
+            dict[str, str],
+            Field(description="What the buyer does next: `client_secret` (Stripe) or `approve_url` (PayPal)."),
+        ]
+    ]

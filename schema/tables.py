@@ -28,6 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
+from schema.messages import ORDER_STATUSES
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_name)s",
@@ -36,17 +38,6 @@ metadata = MetaData(
         "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
         "pk": "pk_%(table_name)s",
     }
-)
-
-ORDER_STATUSES = (
-    "pending",
-    "awaiting_payment",
-    "completed",
-    "shipped",
-    "cancelled",
-    "rejected",
-    "refunded",
-    "expired",
 )
 
 products = Table(

@@ -2,15 +2,21 @@
 
 Every other module (the broker adapter, the handlers' events, the shim, the
 CLI, the tests) takes these names from here; ``docs/contract.md`` restates
-them for people.  Routing is keyed by the command's class: a :class:`Route`
-says on which exchange a command is published, with which routing key, and
-from which queue it is consumed, so the handlers, the topology and the
-queue check cannot disagree.
+them for people and ``docs/asyncapi.yaml`` (``orders asyncapi``) for
+machines.  Routing is keyed by the command's class: a :class:`Route` says on
+which exchange a command is published, with which routing key, and from
+which queue it is consumed, so the handlers, the topology and the queue check
+cannot disagree.  Each event has its :class:`EventRoute` (exchange, routing
+key, model): the handlers name it, never a routing key.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter
 
 from schema import messages
 
@@ -52,6 +58,28 @@ DELIVERY_LIMIT = 20
 
 def delay_queue(seconds: int) -> str:
     return f"orders.delay.{seconds}s"
+
+
+# -- headers a republished command carries -------------------------------------------
+
+#: the broker user that first sent a command the service republished (a retry, a dead letter, a replay;
+#: "" for none), believed only on a message whose ``user_id`` is the service's own (``worker.identity``)
+SENDER_HEADER = "x-orders-sender"
+#: the headers a retried or dead-lettered command gains (``worker.settlement.failure_headers``), and what
+#: each says; its body and AMQP properties are kept as they were
+FAILURE_HEADERS: dict[str, str] = {
+    "x-original-exchange": "The exchange it was first published to.",
+    "x-original-routing-key": "The routing key it was first published with.",
+    "x-original-queue": "The queue it failed on (a retry comes back to it).",
+    "x-first-failure-at": "When it first failed (ISO 8601, UTC).",
+    "x-last-failure-at": "When it last failed (ISO 8601, UTC).",
+    "x-attempts": "How many times it failed.",
+    "x-error-class": "The error's class: `InvalidMessage`, `RetryLater`, `Unauthorized`, `ManualActionRequired`, ...",
+    "x-error-message": "The error (at most 1,000 characters).",
+    "x-error-digest": "The first 16 hex digits of the traceback's sha256, to group identical failures (a failure "
+    "with a traceback).",
+    "x-error-traceback": "The traceback's last 2,000 characters (a failure with a traceback).",
+}
 
 
 # -- routes --------------------------------------------------------------------------
@@ -135,8 +163,89 @@ def queue_of(message_type: str | None) -> str | None:
 
 # -- events ----------------------------------------------------------------------------
 
-#: ``command.refused``: a well-formed command refused for a business reason
-REFUSED = "command.refused"
+
+@dataclass(frozen=True)
+class EventRoute:
+    """Where an event goes: published on ``exchange`` with ``routing_key``; its body is an ``event``.
+
+    ``message_type`` is the AMQP ``type`` property the relay sets (the routing key, for the stock and order
+    events); ``summary`` says when the service publishes it (the AsyncAPI document shows it).
+    """
+
+    event: type[Any]
+    exchange: str
+    routing_key: str
+    message_type: str
+    summary: str
+
+    def body(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """``data`` validated against the event's model: the dict the outbox serializes (its keys in model order).
+
+        Raises :class:`pydantic.ValidationError` when a handler built a body the contract does not allow.
+        """
+        return _validators[self.event].validate_python(data)  # type: ignore[no-any-return]
+
+
+def _stock(routing_key: str, summary: str) -> EventRoute:
+    return EventRoute(messages.StockEvent, INVENTORY_EXCHANGE, routing_key, routing_key, summary)
+
+
+def _order(routing_key: str, summary: str, event: type[Any] = messages.OrderEvent) -> EventRoute:
+    return EventRoute(event, EVENTS_EXCHANGE, routing_key, routing_key, summary)
+
+
+STOCK_RESERVE = _stock("stock.reserve", "An order was placed: its units are reserved.")
+STOCK_RELEASE = _stock(
+    "stock.release", "A placed order was cancelled, rejected or expired before payment: its reserved units are free."
+)
+STOCK_COMMIT = _stock("stock.commit", "An order was paid: its reserved units are taken.")
+STOCK_RETURN = _stock(
+    "stock.return", "Committed units come back: an unshipped paid order was cancelled or refunded in full."
+)
+ORDER_PLACED = _order("order.placed", "An order was placed (`pending`); its payment starts.")
+ORDER_AWAITING_PAYMENT = _order(
+    "order.awaiting_payment",
+    "The provider waits for the buyer (3-D Secure, PayPal approval).",
+    messages.OrderAwaitingPayment,
+)
+ORDER_COMPLETED = _order("order.completed", "The money was taken: the order is `completed`.")
+ORDER_SHIPPED = _order("order.shipped", "A completed order left the warehouse (ShipOrder).", messages.OrderShipped)
+ORDER_CANCELLED = _order("order.cancelled", "The order was cancelled (a paid one is then refunded in full).")
+ORDER_REJECTED = _order(
+    "order.rejected", "The order was rejected: an unknown or inactive product, a declined or failed payment."
+)
+ORDER_EXPIRED = _order("order.expired", "The buyer did not pay within `orders.payment_timeout_minutes`.")
+ORDER_REFUNDED = _order(
+    "order.refunded",
+    "Money went back to the buyer: in full (`full: true`), or a partial refund made at the provider.",
+    messages.OrderRefunded,
+)
+COMMAND_REFUSED = EventRoute(
+    messages.CommandRefused,
+    EVENTS_EXCHANGE,
+    "command.refused",
+    "CommandRefused",
+    "A well-formed command was refused; `reply_to`, when given, gets the same answer.",
+)
+
+#: every event the service publishes (DESIGN.md), in the contract's order
+EVENT_ROUTES: tuple[EventRoute, ...] = (
+    STOCK_RESERVE,
+    STOCK_RELEASE,
+    STOCK_COMMIT,
+    STOCK_RETURN,
+    ORDER_PLACED,
+    ORDER_AWAITING_PAYMENT,
+    ORDER_COMPLETED,
+    ORDER_SHIPPED,
+    ORDER_CANCELLED,
+    ORDER_REJECTED,
+    ORDER_EXPIRED,
+    ORDER_REFUNDED,
+    COMMAND_REFUSED,
+)
+#: one validator per event model, built once (the routes share them)
+_validators: dict[type[Any], Any] = {r.event: TypeAdapter(r.event).validator for r in EVENT_ROUTES}
 
 
 def parse_command(message_type: str | None, body: bytes) -> messages.Command:

@@ -37,7 +37,7 @@ from sqlalchemy import Engine, text
 
 from handlers.expire_order import EXPIRE_ORDER, expire_order, expiry_message_id
 from handlers.orders import Rules
-from handlers.outcome import MessageContext
+from handlers.outcome import MessageContext, OutcomeResult
 from worker.reconnect import Standby, keep_running
 from worker.unit_of_work import Views, order_transaction
 
@@ -111,7 +111,7 @@ class ExpirySweep:
                 outcome = expire_order(
                     order, MessageContext(mid, EXPIRE_ORDER, order.correlation_id, order_id), uow, self.rules
                 )
-                done += outcome.result == "applied"
+                done += outcome.result is OutcomeResult.APPLIED
         if done:
             log.info("orders expired", count=done)
         return len(due)

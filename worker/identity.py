@@ -19,11 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 from handlers.senders import Sender, SenderMap
+from schema.topology import SENDER_HEADER
 from worker.rabbit.connection import Delivery
 from worker.settings import Settings
 
-#: the broker user that first sent a command the service republished ("" for none)
-SENDER_HEADER = "x-orders-sender"
+__all__ = ["SENDER_HEADER", "Identities", "sender_map"]
 
 
 def sender_map(settings: Settings) -> SenderMap:

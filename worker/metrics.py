@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from schema.messages import OutcomeResult
+
 #: seconds buckets of the batch and payment-call histograms
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
@@ -124,7 +126,7 @@ class Metrics:
         for h in handled:
             n += 1
             self.commands.labels(h.delivery.message_type or "unknown", h.result.value).inc()
-            if h.outcome is not None and h.outcome.result == "refused":
+            if h.outcome is not None and h.outcome.result is OutcomeResult.REFUSED:
                 self.refused.labels(h.delivery.message_type or "unknown", h.outcome.error or "refused").inc()
         return n
 

@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass
 
 from handlers.errors import ManualActionRequired, Refused, RetryLater, Unauthorized
-from handlers.outcome import Outcome
+from handlers.outcome import Outcome, OutcomeResult
 from schema.messages import InvalidMessage
 from worker.errors import Kind, classify
 from worker.rabbit.connection import Delivery
@@ -56,13 +56,13 @@ def handled_from(delivery: Delivery, exc: BaseException, order_id: str | None = 
     """
     reason = str(exc)
     if isinstance(exc, Unauthorized):
-        outcome = Outcome("refused", order_id, error=exc.code, message=reason)
+        outcome = Outcome(OutcomeResult.REFUSED, order_id, error=exc.code, message=reason)
         return Handled(delivery, Result.INVALID, outcome, error=exc, reason=reason, order_id=order_id)
     if isinstance(exc, InvalidMessage | ManualActionRequired):
         return Handled(delivery, Result.INVALID, error=exc, reason=reason, order_id=order_id)
     if isinstance(exc, RetryLater):
         return Handled(delivery, Result.DEFERRED, error=exc, reason=reason, order_id=order_id)
     if isinstance(exc, Refused):
-        outcome = Outcome("refused", order_id, error=exc.code, message=reason)
+        outcome = Outcome(OutcomeResult.REFUSED, order_id, error=exc.code, message=reason)
         return Handled(delivery, Result.REFUSED, outcome, error=exc, reason=reason, order_id=order_id)
     return Handled(delivery, Result.FAILED, error=exc, reason=f"{type(exc).__name__}: {exc}", order_id=order_id)

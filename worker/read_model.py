@@ -16,7 +16,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, Literal, NotRequired, Protocol, TypedDict, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -81,14 +81,55 @@ _VIEW_SQL = text(
 )
 
 
-def load_views(engine: Engine, order_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+class LineViewData(TypedDict):
+    product_id: str
+    quantity: int
+    unit_price: int
+
+
+class PaymentViewData(TypedDict):
+    """The order's payment as its owner sees it (:func:`payment_view`)."""
+
+    provider: str
+    #: the payment's status (``handlers.unit_of_work.PaymentStatus``), ``not_started`` before the first attempt
+    status: str
+    #: only while money goes back or went back
+    refund: NotRequired[Literal["pending", "partial", "refunded"]]
+    amount_refunded: NotRequired[int]
+
+
+class OrderViewData(TypedDict):
+    """An order's view: what :func:`load_views` reads, the cache holds (as JSON) and the shim answers with.
+
+    ``worker.shim.models.OrderView`` is its public form (the fields a client sees); ``version`` orders the
+    cached copies (a view never replaces a newer one).
+    """
+
+    order_id: str
+    user_id: str
+    #: a ``handlers.orders.Status`` value
+    status: str
+    total: int
+    currency: str | None
+    items: list[LineViewData]
+    payment: PaymentViewData
+    next_action: dict[str, str] | None
+    shipment: dict[str, str] | None
+    reason: str | None
+    created_at: str
+    updated_at: str
+    paid_at: str | None
+    version: int
+
+
+def load_views(engine: Engine, order_ids: Iterable[str]) -> dict[str, OrderViewData]:
     """Order views from PostgreSQL, by order id."""
     ids = list(order_ids)
     if not ids:
         return {}
     with engine.connect() as conn:
         rows = conn.execute(_VIEW_SQL, {"ids": ids}).mappings().all()
-    views = {}
+    views: dict[str, OrderViewData] = {}
     for r in rows:
         views[r["order_id"]] = {
             "order_id": r["order_id"],
@@ -109,12 +150,12 @@ def load_views(engine: Engine, order_ids: Iterable[str]) -> dict[str, dict[str, 
     return views
 
 
-def payment_view(provider: str, status: str | None, refunded: int | None, order_status: str) -> dict[str, Any]:
+def payment_view(provider: str, status: str | None, refunded: int | None, order_status: str) -> PaymentViewData:
     """The payment as the order's owner sees it, with the refund's progress: ``pending`` while the service gives
     back the money of an order that ended (cancelled after payment, or paid after it ended), ``partial`` after a
     partial refund at the provider, ``refunded`` once it all went back."""
-    view: dict[str, Any] = {"provider": provider, "status": status or "not_started"}
-    refund = None
+    view: PaymentViewData = {"provider": provider, "status": status or "not_started"}
+    refund: Literal["pending", "partial", "refunded"] | None = None
     if status == PaymentStatus.REFUNDED:
         refund = "refunded"
     elif status == PaymentStatus.SUCCEEDED and Status(order_status) in ENDED_UNPAID:
@@ -179,7 +220,7 @@ def make_async_redis(cfg: RedisSettings, pool_size: int, pool_timeout: float) ->
     return aioredis.Redis(connection_pool=pool)
 
 
-def _store_args(view: dict[str, Any], ttl: int) -> list[Any]:
+def _store_args(view: OrderViewData, ttl: int) -> list[Any]:
     return [view["version"], json.dumps(view, separators=(",", ":")), ttl]
 
 
@@ -210,11 +251,11 @@ class _CachedViews:
     def _count(self, result: str) -> None:
         self.metrics.cache(result)
 
-    def _cached(self, raw: bytes | None) -> dict[str, Any] | None:
+    def _cached(self, raw: bytes | None) -> OrderViewData | None:
         """The view Redis gave (counted as a hit), or None: a miss, or an error while Redis is down."""
         if raw is not None:
             self._count("hit")
-            return json.loads(raw)  # type: ignore[no-any-return]
+            return cast(OrderViewData, json.loads(raw))  # stored by _store_args: a view as load_views made it
         self._count("error" if self.gate.down else "miss")
         return None
 
@@ -240,7 +281,7 @@ class OrderCache(_CachedViews):
         self._missed: set[str] = set()
         self._lock = threading.Lock()  # the command and payment threads share a process's cache
 
-    def get(self, order_id: str) -> dict[str, Any] | None:
+    def get(self, order_id: str) -> OrderViewData | None:
         raw = None
         if self.gate.usable():
             try:
@@ -334,7 +375,7 @@ class OrderCache(_CachedViews):
                 )
                 self._missed = set()
 
-    def _store(self, views: dict[str, dict[str, Any]]) -> bool:
+    def _store(self, views: dict[str, OrderViewData]) -> bool:
         """Store views newer than the cached ones; False when Redis could not be asked."""
         if not views:
             return True
@@ -358,7 +399,7 @@ class AsyncOrderCache(_CachedViews):
     PostgreSQL in the thread pool, since SQLAlchemy's engine is synchronous.
     """
 
-    async def get(self, order_id: str) -> dict[str, Any] | None:
+    async def get(self, order_id: str) -> OrderViewData | None:
         from starlette.concurrency import run_in_threadpool
 
         raw = None

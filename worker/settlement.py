@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from schema.messages import OutcomeResult
 from schema.topology import DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE, DELAY_HEADER
 from worker.errors import ConnectionLost, PublishNotConfirmed
 from worker.identity import Identities
@@ -145,7 +146,7 @@ class Settlement:
         d = h.delivery
         body = h.outcome.as_dict() if h.outcome else {"result": h.result.value, "order_id": h.order_id}
         if h.result is Result.DUPLICATE:
-            body = {"result": "duplicate", "order_id": h.order_id}
+            body = {"result": OutcomeResult.DUPLICATE.value, "order_id": h.order_id}
         try:
             broker.publish(
                 Outgoing(

@@ -37,7 +37,7 @@ from rich.console import Group
 from rich.table import Table
 from sqlalchemy import Engine, text
 
-from schema.tables import ORDER_STATUSES
+from schema.messages import ORDER_STATUSES
 from schema.topology import COMMAND_QUEUES, COMMAND_TYPES, DEAD_LETTER_QUEUE, PAYMENTS_QUEUE, delay_queue
 from worker.commands import CONSUMER
 from worker.dlq import index as dlq_index

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the fakes live in scripts/, outside the installed packages
     sys.path.insert(0, str(ROOT))
 
+from schema import asyncapi  # noqa: E402 - after the path is set
 from scripts.fakes import fake_stripe  # noqa: E402 - after the path is set
 from scripts.harness import Proc  # noqa: E402 - after the path is set
 from scripts.tcp_proxy import free_port  # noqa: E402 - after the path is set
@@ -589,6 +590,10 @@ def test_health_readiness_metrics_and_openapi(stack):
         "/metrics",
     } <= set(paths)
     assert set(paths["/orders"]["post"]["responses"]) >= {"201", "202", "401", "403", "422", "429", "503"}
+    # beside it, unauthenticated too: the message contract, as the code generates it (docs/asyncapi.yaml)
+    contract = httpx.get(stack.url + "/asyncapi.json", timeout=10)
+    assert contract.status_code == 200 and contract.headers["content-type"] == "application/json"
+    assert contract.json() == asyncapi.document()
 
 
 # -- hostile input: SQL injection and oversized values in every field ---------------

@@ -81,11 +81,11 @@ def test_a_completed_order_ships_once_and_can_no_longer_be_cancelled(clean_db, m
     assert other.result is Result.REFUSED
     cancel = {"order_id": order_id, "requested_by": {"user_id": "admin-1", "roles": ["admin"]}}
     refused = _apply(clean_db, "CancelOrder", cancel, "orders.cancel")
-    assert refused.result is Result.REFUSED and refused.outcome.error == "illegal_transition"
+    assert refused.result is Result.REFUSED and refused.outcome.error == "not_cancellable"  # docs/contract.md
     announced = [b for k, b in _events(clean_db, order_id) if k == "command.refused"]
     assert [(b["command"], b["reason"]) for b in announced] == [
         ("ShipOrder", "illegal_transition"),
-        ("CancelOrder", "illegal_transition"),
+        ("CancelOrder", "not_cancellable"),
     ]
     assert _status(clean_db, order_id) == ("shipped", SHIPMENT)
 

@@ -1,4 +1,4 @@
-"""Tool verbs of the ``orders`` CLI: ``audit`` and ``webhook replay``."""
+"""Tool verbs of the ``orders`` CLI: ``audit``, ``webhook replay`` and ``asyncapi``."""
 
 from __future__ import annotations
 
@@ -129,6 +129,49 @@ def read_delivery(file: Path) -> tuple[bytes, dict[str, str]]:
     return data["body"].encode(), {str(k): str(v) for k, v in data["headers"].items()}
 
 
+def asyncapi(
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Write it to this file (docs/asyncapi.yaml) instead.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON (what the shim serves at /asyncapi.json).")] = False,
+    check: Annotated[
+        Optional[Path], typer.Option("--check", help="Compare with this file instead: exit 1 and show the diff.")
+    ] = None,
+) -> None:
+    """Print the message contract as an AsyncAPI 3.0 document (YAML), generated from the code.
+
+    The channels are the exchanges and routing keys of the commands, the
+    internal commands and the events; the messages carry their models' JSON
+    Schemas and their AMQP properties. docs/asyncapi.yaml is this output
+    (--output docs/asyncapi.yaml rewrites it, --check docs/asyncapi.yaml fails
+    when it is out of date); no settings or servers are needed.
+    """
+    import difflib
+
+    from schema import asyncapi as spec
+
+    text = spec.as_json().decode() + "\n" if as_json else spec.render()
+    if check is not None:
+        current = check.read_text() if check.exists() else ""
+        if current == text:
+            typer.echo(f"{check} is up to date")
+            return
+        diff = difflib.unified_diff(
+            current.splitlines(keepends=True), text.splitlines(keepends=True), str(check), "generated"
+        )
+        typer.echo("".join(diff), nl=False)
+        typer.echo(
+            f"{check} differs from the contract the code generates: run `orders asyncapi --output {check}`", err=True
+        )
+        raise typer.Exit(1)
+    if output is not None:
+        output.write_text(text)
+        typer.echo(f"wrote {output}", err=True)
+    else:
+        typer.echo(text, nl=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(audit)
+    app.command()(asyncapi)
     app.add_typer(webhook_app, name="webhook")

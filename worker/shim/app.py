@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import re
 import time
@@ -29,10 +30,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from handlers.payments import build_gateways
+from schema import asyncapi
 from worker import db, tracing
 from worker.read_model import AsyncOrderCache, make_async_redis
 from worker.redis_gate import RedisBusy, RedisGate
@@ -244,7 +246,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 def _documentation(app: FastAPI) -> None:
     """``/docs`` (Swagger UI) and ``/redoc`` with their scripts, styles and icons from ``/static``: they render
-    on a machine or network without internet access.
+    on a machine or network without internet access; and ``/asyncapi.json``, the message contract.
 
     Each page also gets a Content-Security-Policy that lets it reach this origin only: Redoc's sidebar
     would otherwise fetch its attribution logo from cdn.redoc.ly (it hides the image when that fails).
@@ -275,6 +277,22 @@ def _documentation(app: FastAPI) -> None:
     for path, html in pages.items():
         policy = _same_origin_policy(bytes(html.body))
         app.add_api_route(path, _fixed(bytes(html.body), policy), include_in_schema=False, methods=["GET"])
+    app.add_api_route(ASYNCAPI_PATH, _asyncapi, include_in_schema=False, methods=["GET"])
+
+
+#: the message contract (AsyncAPI 3.0), unauthenticated like /openapi.json
+ASYNCAPI_PATH = "/asyncapi.json"
+
+
+@functools.cache
+def _asyncapi_document() -> bytes:
+    """Generated once per process, on first request: the contract does not change while the process runs."""
+    return asyncapi.as_json()
+
+
+async def _asyncapi() -> Response:
+    """The AsyncAPI document of the message contract (``schema/asyncapi.py``; ``docs/asyncapi.yaml`` as JSON)."""
+    return Response(_asyncapi_document(), media_type="application/json")
 
 
 def _same_origin_policy(html: bytes) -> str:

@@ -11,12 +11,15 @@ is published, so nothing the worker would refuse leaves the shim.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, model_validator
 
 from handlers.orders import Status
 from schema.messages import MAX_ITEMS, MAX_QUANTITY, PayPalPayment, ProductId, Text, check_item_form
+
+if TYPE_CHECKING:
+    from worker.read_model import OrderViewData
 
 #: JSON carries UUIDs as strings: accept that form even though the model is strict
 JsonUuid = Annotated[uuid.UUID, Strict(False)]
@@ -155,7 +158,7 @@ class OrderView(BaseModel):
     paid_at: str | None = Field(default=None, description="When the order was paid (completed).")
 
     @classmethod
-    def of(cls, view: dict[str, Any]) -> OrderView:
+    def of(cls, view: OrderViewData) -> OrderView:
         return cls.model_validate({k: v for k, v in view.items() if k in cls.model_fields})
 
 

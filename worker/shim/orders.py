@@ -14,6 +14,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -22,7 +23,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 
 from handlers.orders import PAID_CANCELLABLE, UNPAID, Status
-from schema.messages import CancelOrder, PlaceOrder
+from schema.messages import CancelOrder, OutcomeResult, PlaceOrder
+from worker.read_model import OrderViewData
 from worker.redis_gate import RedisBusy
 from worker.shim.auth import Principal
 from worker.shim.context import PlaceCaller, ReadCaller, Shim, ShimDep
@@ -82,7 +84,7 @@ def _wait_seconds(s: Shim, prefer: str | None) -> int:
     return min(int(match.group(1)), s.settings.shim.max_wait_seconds) if match else 0
 
 
-async def _view(s: Shim, order_id: str) -> dict[str, Any] | None:
+async def _view(s: Shim, order_id: str) -> OrderViewData | None:
     try:
         return await s.cache.get(order_id)
     except sa_exc.SQLAlchemyError:
@@ -91,14 +93,16 @@ async def _view(s: Shim, order_id: str) -> dict[str, Any] | None:
         ) from None
 
 
-async def _owned_view(s: Shim, principal: Principal, order_id: uuid.UUID) -> dict[str, Any]:
+async def _owned_view(s: Shim, principal: Principal, order_id: uuid.UUID) -> OrderViewData:
     view = await _view(s, str(order_id))
     if view is None or not principal.may_see(view["user_id"]):  # someone else's order: not found, not 403
         raise ApiError(404, "order_not_found", f"order {order_id} not found")
     return view
 
 
-async def _settled_view(s: Shim, order_id: str, deadline: float, done: Any) -> dict[str, Any] | None:
+async def _settled_view(
+    s: Shim, order_id: str, deadline: float, done: Callable[[OrderViewData], bool]
+) -> OrderViewData | None:
     """Poll the read model until ``done(view)`` or the deadline; the last view seen.
 
     No free Redis connection ends the wait early instead of shedding: the
@@ -116,7 +120,7 @@ async def _settled_view(s: Shim, order_id: str, deadline: float, done: Any) -> d
     return view
 
 
-def _may_cancel(s: Shim, principal: Principal, view: dict[str, Any]) -> bool:
+def _may_cancel(s: Shim, principal: Principal, view: OrderViewData) -> bool:
     """The worker's rule (handlers/cancel_order.py), told at once: an unpaid order, or a paid one that has not
     shipped by an admin, or by its owner within ``orders.customer_cancel_minutes`` of payment (refunded)."""
     status = Status(view["status"])
@@ -145,7 +149,7 @@ def _refusal(reply: dict[str, Any]) -> ApiError:
     return ApiError(409, str(reply.get("error") or "refused"), str(reply.get("message") or "refused"))
 
 
-def _rejection(order_id: str, view: dict[str, Any], headers: dict[str, str]) -> ApiError:
+def _rejection(order_id: str, view: OrderViewData, headers: dict[str, str]) -> ApiError:
     """A placed order the worker rejected (unknown product, declined card, ...): the rejection, not a 201."""
     reason = view.get("reason") or "no reason given"
     return ApiError(
@@ -174,7 +178,7 @@ async def _enqueue(
     deadline = time.monotonic() + wait
     reply = await s.publisher.request(cmd, wait)
     headers["Preference-Applied"] = f"wait={wait}"
-    if reply is not None and reply.get("result") == "refused":
+    if reply is not None and reply.get("result") == OutcomeResult.REFUSED:
         raise _refusal(reply)
     return headers, deadline, reply
 
@@ -218,15 +222,17 @@ async def place_order(
     cmd = Command.on_route(PlaceOrder, place_message_id(str(order_id), user), command)
     headers, deadline, reply = await _enqueue(s, cmd, prefer, response)
     if deadline is None:
-        return _accepted(str(order_id), "pending", headers)
+        return _accepted(str(order_id), Status.PENDING.value, headers)
     view = (
-        None if reply is None else await _settled_view(s, str(order_id), deadline, lambda v: v["status"] != "pending")
+        None
+        if reply is None
+        else await _settled_view(s, str(order_id), deadline, lambda v: v["status"] != Status.PENDING)
     )
     if view is not None and view["user_id"] != user:
         raise _taken()
     if view is None:
-        return _accepted(str(order_id), "pending", headers)
-    if view["status"] == "rejected":
+        return _accepted(str(order_id), Status.PENDING.value, headers)
+    if view["status"] == Status.REJECTED:
         raise _rejection(str(order_id), view, headers)
     return JSONResponse(OrderView.of(view).model_dump(mode="json"), 201, {**headers, "Location": f"/orders/{order_id}"})
 
