@@ -98,7 +98,7 @@ def payment_consumer(
 
     def window(broker: BlockingBroker, stop: threading.Event, tick: Callable[[], None]) -> Window:
         hold = DatabaseHold(step.engine, stop, broker.sleep)
-        return Window(pool, step, hold, settlement, size, metrics, batch_size=batch)
+        return Window(pool, step, hold, settlement, size, metrics, batch_size=batch, slots=PAYMENT_BATCHES_IN_FLIGHT)
 
     return Consumer("payments", settings, [PAYMENTS_QUEUE], size, window)
 

@@ -291,3 +291,47 @@ def test_a_lost_connection_abandons_the_steps_in_flight_unacked(pool) -> None:
         session(broker, w).run(stop)
     assert broker.acks == [] and broker.unacked() == [1, 2]
     assert sorted(step.finished) == ["m-1", "m-2"]
+
+
+class BatchRecordingStep(GatedStep):
+    """A :class:`GatedStep` that also records the batches it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
+
+    def handle_batch(
+        self, batch: list[Delivery], report: Callable[[list[Handled]], None] | None = None
+    ) -> list[Handled]:
+        with self._lock:
+            self.batches.append([d.delivery_tag for d in batch])
+        return super().handle_batch(batch, report)
+
+
+def test_while_every_thread_runs_a_batch_what_arrives_waits_and_goes_into_the_next_batch_whole(pool) -> None:
+    # two threads, batches of up to four: steps trickling in one at a time fill both threads with batches of
+    # one; the five that arrive meanwhile are not queued behind them as five more batches of one, they wait
+    # (unacked, in the prefetch) and the first thread that is free takes four of them as one batch
+    step, broker = BatchRecordingStep(), RecordingBroker()
+    step.hold_back(*(f"m-{i}" for i in range(1, 8)))
+    hold = ScriptedHold(broker, threading.Event(), 0.0)
+    from worker.settlement import Settlement
+
+    w = Window(pool, step, hold, Settlement((1, 2)), 8, batch_size=4, slots=2)  # type: ignore[arg-type]
+    assert w.room() == 8
+    submit(w, broker, steps(1))
+    submit(w, broker, steps(2))
+    poll_until(w, broker, lambda: len(step.batches) == 2)
+    assert w.room() == 0  # both threads busy: nothing more is taken
+    broker.deliver(steps(3, 4, 5, 6, 7))
+    step.release("m-1")
+    poll_until(w, broker, lambda: 1 in broker.acked() and w.room() > 0)
+    assert w.room() == 4
+    w.submit(broker, broker.poll(w.room(), 0.0, 0.0))
+    assert w.room() == 0
+    step.release("m-2")
+    poll_until(w, broker, lambda: 2 in broker.acked() and w.room() > 0)
+    w.submit(broker, broker.poll(w.room(), 0.0, 0.0))
+    step.release("m-3", "m-4", "m-5", "m-6", "m-7")
+    poll_until(w, broker, lambda: broker.unacked() == [])
+    assert step.batches == [[1], [2], [3, 4, 5, 6], [7]]
