@@ -142,8 +142,6 @@ WORK_QUEUES: tuple[str, ...] = (*COMMAND_QUEUES, PAYMENTS_QUEUE)
 QUEUE_ACCEPTS: dict[str, frozenset[str]] = {
     queue: frozenset(r.message_type for r in ROUTES.values() if r.queue == queue) for queue in WORK_QUEUES
 }
-#: queue -> the exchange its commands arrive on
-QUEUE_EXCHANGES: dict[str, str] = {r.queue: r.exchange for r in ROUTES.values()}
 
 
 def wrong_queue(queue: str, message_type: str | None) -> str | None:
