@@ -29,8 +29,8 @@ from schema.messages import MAX_MESSAGE_ID, Command, InvalidMessage
 from schema.topology import COMMAND_TYPES, parse_command, wrong_queue
 from worker import tracing
 from worker.errors import Kind, classify
+from worker.handled import Handled, Result, handled_from
 from worker.identity import Identities
-from worker.outcomes import Handled, Result, handled_from
 from worker.rabbit.connection import Delivery
 from worker.reconnect import DatabaseHold
 from worker.unit_of_work import PostgresUnitOfWork, Views, order_transaction

@@ -36,8 +36,8 @@ import structlog
 from worker import tracing
 from worker.commands import BatchRule
 from worker.errors import ConnectionLost
+from worker.handled import Handled, handled_from
 from worker.metrics import NO_METRICS, MetricsSink
-from worker.outcomes import Handled, handled_from
 from worker.rabbit.connection import BlockingBroker, Delivery
 from worker.rabbit.topology import declare_topology
 from worker.reconnect import DatabaseHold, keep_running

@@ -3,7 +3,7 @@
 The steps themselves (what to ask the provider, what its answer does to the
 order) are :mod:`handlers.payment_step`; this module runs them against
 PostgreSQL and the gateways, a batch at a time, and turns whatever happens
-into one :class:`worker.outcomes.Handled` per message:
+into one :class:`worker.handled.Handled` per message:
 
 1. one transaction prepares every step of the batch: the inbox says which
    were applied before (duplicates), every order is loaded and locked at
@@ -44,8 +44,8 @@ from schema.messages import InvalidMessage
 from schema.topology import PAYMENT_STEP_TYPES
 from worker import tracing
 from worker.commands import decode
+from worker.handled import Handled, Result, handled_from
 from worker.metrics import NO_METRICS, MetricsSink
-from worker.outcomes import Handled, Result, handled_from
 from worker.rabbit.connection import Delivery
 from worker.unit_of_work import PostgresUnitOfWork, Views, order_transaction
 

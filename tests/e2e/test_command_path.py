@@ -252,7 +252,7 @@ def _payment_delivery(queue: str, message_type: str, body: dict[str, Any]) -> An
 
 
 def test_orders_payments_takes_only_payment_steps_and_a_payment_step_only_from_there(clean_db, make_place):
-    from worker.outcomes import Result
+    from worker.handled import Result
     from worker.steps import PaymentStep
 
     step = PaymentStep(clean_db, gateways={})

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from handlers.payments.base import PaymentOutcome, PaymentResult
 from tests.support import place_body
 from worker.commands import Applier, decode
-from worker.outcomes import Handled, Result
+from worker.handled import Handled, Result
 from worker.rabbit.connection import Delivery
 from worker.steps import PaymentStep
 

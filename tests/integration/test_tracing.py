@@ -22,7 +22,7 @@ from schema.topology import PAYMENTS_QUEUE
 from worker import tracing
 from worker.commands import Applier, BatchRule
 from worker.consume import Batches
-from worker.outcomes import Result
+from worker.handled import Result
 from worker.rabbit.connection import BlockingBroker, Delivery
 from worker.rabbit.publisher import PipelinedPublisher
 from worker.reconnect import DatabaseHold

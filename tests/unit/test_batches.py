@@ -31,7 +31,7 @@ from tests.unit.test_errors import wrapped
 from worker.commands import Applier, BatchRule, Decoded
 from worker.consume import Batches, _Session
 from worker.errors import ConnectionLost, StopRequested
-from worker.outcomes import Handled, Result, handled_from
+from worker.handled import Handled, Result, handled_from
 from worker.rabbit.connection import Delivery
 from worker.settlement import Settlement
 
