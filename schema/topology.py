@@ -134,7 +134,7 @@ PAYMENT_ROUTING_KEYS = tuple(r.routing_key for r in PAYMENT_ROUTES)
 #: the commands upstream services send, the types the command consumer applies
 COMMAND_TYPES = frozenset(r.message_type for r in COMMAND_ROUTES)
 #: the internal payment-step commands, the only types ``orders.payments`` accepts
-PAYMENT_STEP_TYPES = frozenset(r.message_type for r in PAYMENT_ROUTES)
+PAYMENT_COMMAND_TYPES = frozenset(r.message_type for r in PAYMENT_ROUTES)
 #: every queue a worker consumes
 WORK_QUEUES: tuple[str, ...] = (*COMMAND_QUEUES, PAYMENTS_QUEUE)
 #: queue -> the message types a delivery on it may carry; anything else is an invalid message.

@@ -12,7 +12,7 @@ the connection closes.  The strategies, after arroyo's
   ``multiple`` ack;
 - :class:`Window` (payment steps): batches of steps in a thread pool, each
   batch two transactions and its provider calls at the same time
-  (:mod:`worker.steps`), up to N steps in flight, each step settled and acked
+  (:mod:`worker.payment_runner`), up to N steps in flight, each step settled and acked
   as soon as its batch is done, so a slow provider call holds up only its
   own batch.
 
@@ -38,12 +38,12 @@ from worker.commands import BatchRule
 from worker.errors import ConnectionLost
 from worker.handled import Handled, handled_from
 from worker.metrics import NO_METRICS, MetricsSink
+from worker.payment_runner import PaymentRunner, batches_of
 from worker.rabbit.connection import BlockingBroker, Delivery
 from worker.rabbit.topology import declare_topology
 from worker.reconnect import DatabaseHold, keep_running
 from worker.settings import Settings
 from worker.settlement import Settlement
-from worker.steps import PaymentStep, batches_of
 
 log = structlog.get_logger("worker.consume")
 
@@ -214,21 +214,21 @@ class Batches:
 
 class Window:
     """Payment steps: batches of up to ``batch_size`` in ``pool``, up to ``size`` steps in flight.  A batch
-    reports its steps as they are settled (:meth:`worker.steps.PaymentStep.handle_batch`), and each is acked
-    then, whatever the rest of its batch is still waiting for: a slow provider call holds up only its own
-    step."""
+    reports its messages as they are settled (:meth:`worker.payment_runner.PaymentRunner.handle_batch`), and each
+    is acked then, whatever the rest of its batch is still waiting for: a slow provider call holds up only its
+    own message."""
 
     def __init__(
         self,
         pool: ThreadPoolExecutor,
-        step: PaymentStep,
+        runner: PaymentRunner,
         hold: DatabaseHold,
         settlement: Settlement,
         size: int,
         metrics: MetricsSink = NO_METRICS,
         batch_size: int = 1,
     ) -> None:
-        self.pool, self.step, self.hold, self.settlement = pool, step, hold, settlement
+        self.pool, self.runner, self.hold, self.settlement = pool, runner, hold, settlement
         self.size = size
         self.batch_size = batch_size
         self.metrics = metrics
@@ -249,7 +249,7 @@ class Window:
     def submit(self, broker: BlockingBroker, deliveries: list[Delivery]) -> None:
         for batch in batches_of(deliveries, self.batch_size):
             self._pending.update(d.delivery_tag for d in batch)
-            self.in_flight[self.pool.submit(self.step.handle_batch, batch, self._report)] = batch
+            self.in_flight[self.pool.submit(self.runner.handle_batch, batch, self._report)] = batch
 
     def _report(self, handled: list[Handled]) -> None:
         for h in handled:

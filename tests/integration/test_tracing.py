@@ -23,12 +23,12 @@ from worker import tracing
 from worker.commands import Applier, BatchRule
 from worker.consume import Batches
 from worker.handled import Result
+from worker.payment_runner import PaymentRunner
 from worker.rabbit.connection import BlockingBroker, Delivery
 from worker.rabbit.publisher import PipelinedPublisher
 from worker.reconnect import DatabaseHold
 from worker.relay import Relay
 from worker.settlement import Settlement
-from worker.steps import PaymentStep
 
 CAPTURE = "test.tracing.capture"
 
@@ -71,7 +71,7 @@ class Service:
         self.broker = BlockingBroker(self.url).connect()
         self.publisher = PipelinedPublisher(self.url).connect()
         self.relay = Relay(settings, engine)
-        self.step = PaymentStep(engine, build_gateways(settings))
+        self.step = PaymentRunner(engine, build_gateways(settings))
         self.settlement = Settlement(settings.worker.retry_delays_seconds)
         hold = DatabaseHold(engine, threading.Event(), self.broker.sleep)
         self.batches = Batches(BatchRule(Applier(engine), hold), self.settlement, 250, 0.01)

@@ -31,8 +31,8 @@ from handlers.cancel_order import cancel_order
 from handlers.expire_order import expire_order, expiry_message_id
 from handlers.orders import DEFAULT_RULES, Status
 from handlers.outcome import MessageContext
+from handlers.payment_commands import record_refund, record_settle, record_settle_refund, record_start
 from handlers.payment_confirmed import payment_confirmed
-from handlers.payment_step import record_refund, record_settle, record_settle_refund, record_start
 from handlers.payments.base import PaymentFacts, PaymentOutcome, PaymentResult, RefundResult
 from handlers.place_order import place_order
 from handlers.senders import TRUSTED, Sender
