@@ -18,7 +18,7 @@ from handlers import command_handlers
 from handlers.payments.base import PaymentGateway
 from schema.topology import COMMAND_QUEUES, PAYMENTS_QUEUE, WORK_QUEUES
 from worker import db, logs, tracing
-from worker.commands import Applier, BatchRule
+from worker.commands import Applier, BatchApplier
 from worker.consume import Batches, Consumer, Window
 from worker.expiry import ExpirySweep
 from worker.identity import Identities
@@ -50,8 +50,13 @@ def command_consumer(
     settlement = Settlement(cfg.retry_delays_seconds, metrics, senders)
 
     def batches(broker: BlockingBroker, stop: threading.Event, tick: Callable[[], None]) -> Batches:
-        rule = BatchRule(applier, DatabaseHold(engine, stop, broker.sleep, tick))
-        return Batches(rule, settlement, cfg.batch_size, cfg.batch_wait_ms / 1000, metrics)
+        return Batches(
+            BatchApplier(applier, DatabaseHold(engine, stop, broker.sleep, tick)),
+            settlement,
+            cfg.batch_size,
+            cfg.batch_wait_ms / 1000,
+            metrics,
+        )
 
     return Consumer(
         "commands",

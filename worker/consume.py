@@ -8,7 +8,7 @@ the connection closes.  The strategies, after arroyo's
 ``submit``/``poll``/``join`` ones:
 
 - :class:`Batches` (commands): a batch applied in one transaction by
-  :class:`worker.commands.BatchRule`, settled, then acked with one
+  :class:`worker.commands.BatchApplier`, settled, then acked with one
   ``multiple`` ack;
 - :class:`Window` (payment steps): batches of steps in a thread pool, each
   batch two transactions and its provider calls at the same time
@@ -34,7 +34,7 @@ from typing import Protocol
 import structlog
 
 from worker import tracing
-from worker.commands import BatchRule
+from worker.commands import BatchApplier
 from worker.errors import ConnectionLost
 from worker.handled import Handled, handled_from
 from worker.metrics import NO_METRICS, MetricsSink
@@ -173,17 +173,17 @@ class _Session:
 
 
 class Batches:
-    """Commands: decode, apply with :class:`BatchRule`, settle, one ``multiple`` ack per batch."""
+    """Commands: decode, apply with :class:`BatchApplier`, settle, one ``multiple`` ack per batch."""
 
     def __init__(
         self,
-        rule: BatchRule,
+        applier: BatchApplier,
         settlement: Settlement,
         batch_size: int,
         batch_wait: float,
         metrics: MetricsSink = NO_METRICS,
     ) -> None:
-        self.rule = rule
+        self.applier = applier
         self.settlement = settlement
         self.batch_size = batch_size
         self.first_wait, self.fill_wait = 0.5, batch_wait
@@ -195,8 +195,8 @@ class Batches:
     def submit(self, broker: BlockingBroker, deliveries: list[Delivery]) -> None:
         started = time.perf_counter()
         with tracing.batch_span(deliveries):  # the batch's transaction and settlement, linked to each command
-            good, handled = self.rule.applier.decode_all(deliveries)
-            handled += self.rule.apply(good)
+            good, handled = self.applier.decode_all(deliveries)
+            handled += self.applier.apply(good)
             for h in handled:
                 self.settlement.settle(broker, h)
         broker.ack_through(max(d.delivery_tag for d in deliveries))

@@ -3,7 +3,7 @@
 Everything runs in this process against the real PostgreSQL, RabbitMQ and
 the Stripe fake, as the three processes would: the shim app (Starlette's
 TestClient), the command consumer's strategy (``Batches`` with the real
-``BatchRule`` and ``Applier``) on a real consumer connection, the relay's
+``BatchApplier`` and ``Applier``) on a real consumer connection, the relay's
 round, the payment step.  Spans go to the SDK's in-memory exporter.
 """
 
@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 
 from schema.topology import PAYMENTS_QUEUE
 from worker import tracing
-from worker.commands import Applier, BatchRule
+from worker.commands import Applier, BatchApplier
 from worker.consume import Batches
 from worker.handled import Result
 from worker.payment_runner import PaymentRunner
@@ -74,7 +74,7 @@ class Service:
         self.step = PaymentRunner(engine, build_gateways(settings))
         self.settlement = Settlement(settings.worker.retry_delays_seconds)
         hold = DatabaseHold(engine, threading.Event(), self.broker.sleep)
-        self.batches = Batches(BatchRule(Applier(engine), hold), self.settlement, 250, 0.01)
+        self.batches = Batches(BatchApplier(Applier(engine), hold), self.settlement, 250, 0.01)
 
     def place(self, body: dict[str, Any]) -> str:
         answer = self.shim.post("/orders", json=body, headers={"Authorization": f"Bearer {self.token}"})
