@@ -14,7 +14,7 @@ from handlers.expire_order import expire_order, expiry_message_id
 from handlers.orders import DEFAULT_RULES, TRANSITIONS, Rules, Status, can_transition
 from handlers.outcome import MessageContext
 from handlers.senders import TRUSTED, Sender
-from handlers.unit_of_work import PaymentRecord, PaymentStatus, Product
+from handlers.unit_of_work import PaymentRecord, PaymentStatus, Product, Refusal
 from schema.messages import CancelOrder, PaymentConfirmed, PlaceOrder
 
 
@@ -54,6 +54,7 @@ class FakeUnitOfWork:
         order_id: str,
         correlation_id: str | None,
         event_id: str,
+        refusal: Refusal | None = None,
     ) -> None:
         self.events.append((exchange, routing_key, body))
 
