@@ -93,27 +93,26 @@ class Bookkeeping:
         transitions; ``payments``: order id -> (status, record) of every payment saved.
         """
         transitions: list[tuple[Any, ...]] = []
-        listed: set[tuple[Any, ...]] = set()  # causes whose events a transition row lists
+        unlisted = dict(self._events)  # the events no transition row lists yet (a copy: the book stays as it is)
         for o in orders.values():
             if o is None:
                 continue
             for f, t, m, r in o.transitions:
                 mtype, mcorr = self._messages.get(m, (None, None))
                 cause = (o.order_id, m, mtype, mcorr)
-                entry = self._events.get(cause)
+                entry = unlisted.get(cause)
                 events_json = None
-                if entry is not None and "refused" not in entry and cause not in listed:
-                    listed.add(cause)  # the first transition lists them; a refusal's events keep their history row
+                if entry is not None and "refused" not in entry:
+                    del unlisted[cause]  # the first transition lists them; a refusal's events keep their history row
                     events_json = to_json(entry["events"]).decode()
                 transitions.append((o.order_id, f.value if f else None, t.value, m, r, mtype, mcorr, events_json))
         history: list[tuple[Any, ...]] = []
         for order_id, (status, record) in payments.items():
             mid, mtype, mcorr = self._payment_causes.get(order_id, NO_CAUSE)
             history.append((order_id, "payment", status, mid, mtype, mcorr, to_json(record).decode()))
-        for cause, entry in self._events.items():  # events no transition lists
-            order_id, mid, mtype, mcorr = cause
-            if cause in listed or (order_id in orders and orders[order_id] is None):
-                continue  # listed; or about an order that does not exist (a refused PlaceOrder): the outbox row tells
+        for (order_id, mid, mtype, mcorr), entry in unlisted.items():
+            if order_id in orders and orders[order_id] is None:
+                continue  # about an order that does not exist (a refused PlaceOrder): the outbox row tells
             history.append((order_id, "event", None, mid, mtype, mcorr, to_json(entry).decode()))
         return Rows(transitions, history)
 
