@@ -62,6 +62,11 @@ _UPSERT_PAYMENTS = text(
     + ", ".join(f"{k} = excluded.{k}" for k in _PAYMENT_TYPES)
     + ", updated_at = now()"
 )
+_OVERDUE = text(
+    "SELECT order_id::text FROM orders WHERE status = 'awaiting_payment'"
+    " AND awaiting_since < clock_timestamp() - make_interval(secs => :timeout)"
+    " ORDER BY awaiting_since LIMIT :chunk FOR UPDATE SKIP LOCKED"
+)
 _SEEN = text("SELECT message_id FROM inbox WHERE consumer = :c AND message_id = ANY(CAST(:ids AS text[]))")
 
 _ORDER_COLUMNS = (
@@ -204,6 +209,11 @@ class PostgresUnitOfWork:
         ):
             fields = r._asdict()
             self._payments[r.order_id] = PaymentRecord(**{**fields, "status": PaymentStatus(fields["status"])})
+
+    def overdue(self, timeout_seconds: float, limit: int) -> list[str]:
+        """Up to ``limit`` orders awaiting their payment for longer than ``timeout_seconds``, oldest first,
+        locked; those another transaction holds are skipped (the expiry sweep's)."""
+        return list(self.conn.execute(_OVERDUE, {"timeout": timeout_seconds, "chunk": limit}).scalars())
 
     def products(self, product_ids: list[str]) -> dict[str, Product]:
         self.preload((), product_ids)
