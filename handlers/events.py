@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from handlers.orders import Order
-from handlers.unit_of_work import UnitOfWork
+from handlers.unit_of_work import Refusal, UnitOfWork
 from schema.messages import (
     Command,
     CommandRefused,
@@ -158,4 +158,5 @@ def refused(
         "message": message[:1000],
         "correlation_id": correlation_id,
     }
-    uow.emit(r.exchange, r.routing_key, r.message_type, r.body(body), order_id, correlation_id, eid)
+    refusal = Refusal(command, reason, body["message"])
+    uow.emit(r.exchange, r.routing_key, r.message_type, r.body(body), order_id, correlation_id, eid, refusal)

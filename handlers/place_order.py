@@ -1,8 +1,8 @@
 """PlaceOrder: price the items from the product table and record the order.
 
 A valid order becomes ``pending`` and emits ``stock.reserve``,
-``order.placed`` and the internal ``StartPayment`` that the payment step
-consumes.  Unknown or inactive products, or items in more than one
+``order.placed`` and the internal ``StartPayment`` that the payment runner
+applies.  Unknown or inactive products, or items in more than one
 currency, end the order ``rejected`` (``order.rejected``, nothing reserved).
 An order none of whose products is known has no currency (NULL), never a
 made-up one.

@@ -57,6 +57,16 @@ class PaymentRecord:
     unchanged_seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """What a ``command.refused`` event says was refused, and why: passed to :meth:`UnitOfWork.emit` with the
+    event, so the order's story lists the refusal (``orders show``)."""
+
+    command: str
+    reason: str
+    message: str
+
+
 class UnitOfWork(Protocol):
     def products(self, product_ids: list[str]) -> dict[str, Product]:
         """Products by id (unknown ids are absent)."""
@@ -82,5 +92,7 @@ class UnitOfWork(Protocol):
         order_id: str,
         correlation_id: str | None,
         event_id: str,
+        refusal: Refusal | None = None,
     ) -> None:
-        """Add a message about ``order_id`` to the outbox, published by the relay as ``event_id``."""
+        """Add a message about ``order_id`` to the outbox, published by the relay as ``event_id``; ``refusal``
+        when the message is the announcement of one (``command.refused``)."""

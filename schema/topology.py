@@ -134,7 +134,7 @@ PAYMENT_ROUTING_KEYS = tuple(r.routing_key for r in PAYMENT_ROUTES)
 #: the commands upstream services send, the types the command consumer applies
 COMMAND_TYPES = frozenset(r.message_type for r in COMMAND_ROUTES)
 #: the internal payment-step commands, the only types ``orders.payments`` accepts
-PAYMENT_STEP_TYPES = frozenset(r.message_type for r in PAYMENT_ROUTES)
+PAYMENT_COMMAND_TYPES = frozenset(r.message_type for r in PAYMENT_ROUTES)
 #: every queue a worker consumes
 WORK_QUEUES: tuple[str, ...] = (*COMMAND_QUEUES, PAYMENTS_QUEUE)
 #: queue -> the message types a delivery on it may carry; anything else is an invalid message.
@@ -142,8 +142,6 @@ WORK_QUEUES: tuple[str, ...] = (*COMMAND_QUEUES, PAYMENTS_QUEUE)
 QUEUE_ACCEPTS: dict[str, frozenset[str]] = {
     queue: frozenset(r.message_type for r in ROUTES.values() if r.queue == queue) for queue in WORK_QUEUES
 }
-#: queue -> the exchange its commands arrive on
-QUEUE_EXCHANGES: dict[str, str] = {r.queue: r.exchange for r in ROUTES.values()}
 
 
 def wrong_queue(queue: str, message_type: str | None) -> str | None:

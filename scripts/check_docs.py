@@ -22,7 +22,7 @@ The names are taken from the code, never from a list kept by hand:
   column of :mod:`schema.tables` (``orders.currency``), a span attribute of :mod:`worker.tracing`
   (``orders.order_id``), or a field path of a message or HTTP model (``payment.amount_refunded``).
 - **Python names**: a dotted code token starting with ``worker.``, ``handlers.``, ``schema.``,
-  ``scripts.`` or ``tests.`` (``worker.outcomes.handled_from``) names a module, and then a name it
+  ``scripts.`` or ``tests.`` (``worker.handled.handled_from``) names a module, and then a name it
   defines, and then a member of that class (read from the source, nothing imported).
 - **HTTP paths of the shim**: ``METHOD /path`` code spans, code spans that are a path whose first
   segment is one of the shim's (``/orders``, ``/console``, ``/healthz``...), and URLs on

@@ -18,17 +18,17 @@ from handlers import command_handlers
 from handlers.payments.base import PaymentGateway
 from schema.topology import COMMAND_QUEUES, PAYMENTS_QUEUE, WORK_QUEUES
 from worker import db, logs, tracing
-from worker.commands import Applier, BatchRule
+from worker.commands import Applier, BatchApplier
 from worker.consume import Batches, Consumer, Window
 from worker.expiry import ExpirySweep
 from worker.identity import Identities
 from worker.metrics import NO_METRICS, Metrics, MetricsSink
+from worker.payment_runner import PaymentRunner
 from worker.rabbit.connection import BlockingBroker
 from worker.reconnect import DatabaseHold
 from worker.relay import Relay
 from worker.settings import Settings
 from worker.settlement import Settlement
-from worker.steps import PaymentStep
 from worker.unit_of_work import Views
 
 #: how often a pool process without command queues makes the cache refreshes it owes (seconds)
@@ -50,8 +50,13 @@ def command_consumer(
     settlement = Settlement(cfg.retry_delays_seconds, metrics, senders)
 
     def batches(broker: BlockingBroker, stop: threading.Event, tick: Callable[[], None]) -> Batches:
-        rule = BatchRule(applier, DatabaseHold(engine, stop, broker.sleep, tick))
-        return Batches(rule, settlement, cfg.batch_size, cfg.batch_wait_ms / 1000, metrics)
+        return Batches(
+            BatchApplier(applier, DatabaseHold(engine, stop, broker.sleep, tick)),
+            settlement,
+            cfg.batch_size,
+            cfg.batch_wait_ms / 1000,
+            metrics,
+        )
 
     return Consumer(
         "commands",
@@ -69,15 +74,15 @@ def command_consumer(
 PAYMENT_BATCHES_IN_FLIGHT = 4
 
 
-def payment_step(
+def payment_runner(
     settings: Settings,
     engine: Engine,
     gateways: Mapping[str, PaymentGateway],
     views: Views | None = None,
     metrics: MetricsSink = NO_METRICS,
     calls: Executor | None = None,
-) -> PaymentStep:
-    return PaymentStep(
+) -> PaymentRunner:
+    return PaymentRunner(
         engine,
         gateways,
         settings.worker.inplace_retries,
@@ -89,7 +94,7 @@ def payment_step(
 
 
 def payment_consumer(
-    settings: Settings, step: PaymentStep, pool: ThreadPoolExecutor, metrics: MetricsSink = NO_METRICS
+    settings: Settings, runner: PaymentRunner, pool: ThreadPoolExecutor, metrics: MetricsSink = NO_METRICS
 ) -> Consumer:
     """``orders.payments`` in batches of ``worker.payment_batch_size``, a few batches in flight."""
     batch = settings.worker.payment_batch_size
@@ -97,15 +102,15 @@ def payment_consumer(
     settlement = Settlement(settings.worker.retry_delays_seconds, metrics, Identities.of(settings))
 
     def window(broker: BlockingBroker, stop: threading.Event, tick: Callable[[], None]) -> Window:
-        hold = DatabaseHold(step.engine, stop, broker.sleep)
-        return Window(pool, step, hold, settlement, size, metrics, batch_size=batch, slots=PAYMENT_BATCHES_IN_FLIGHT)
+        hold = DatabaseHold(runner.engine, stop, broker.sleep)
+        return Window(pool, runner, hold, settlement, size, metrics, batch_size=batch, slots=PAYMENT_BATCHES_IN_FLIGHT)
 
     return Consumer("payments", settings, [PAYMENTS_QUEUE], size, window)
 
 
-def run_payments(settings: Settings, step: PaymentStep, stop: threading.Event, metrics: MetricsSink) -> None:
+def run_payments(settings: Settings, runner: PaymentRunner, stop: threading.Event, metrics: MetricsSink) -> None:
     with ThreadPoolExecutor(PAYMENT_BATCHES_IN_FLIGHT, thread_name_prefix="payment-batch") as pool:
-        payment_consumer(settings, step, pool, metrics).run(stop)
+        payment_consumer(settings, runner, pool, metrics).run(stop)
 
 
 def worker_process(settings: Settings, index: int, stop: threading.Event, queues: list[str]) -> None:
@@ -127,8 +132,8 @@ def worker_process(settings: Settings, index: int, stop: threading.Event, queues
     if PAYMENTS_QUEUE in queues:
         # the provider calls of every batch, at once: the window is as wide as worker.payment_concurrency
         calls = ThreadPoolExecutor(settings.worker.payment_concurrency, thread_name_prefix="payment-call")
-        step = payment_step(settings, engine, build_gateways(settings), views=cache, metrics=metrics, calls=calls)
-        payments = threading.Thread(target=run_payments, args=(settings, step, stop, metrics), name="payments")
+        runner = payment_runner(settings, engine, build_gateways(settings), views=cache, metrics=metrics, calls=calls)
+        payments = threading.Thread(target=run_payments, args=(settings, runner, stop, metrics), name="payments")
         payments.start()
     commands = [q for q in queues if q in COMMAND_QUEUES]
     if commands:

@@ -6,7 +6,7 @@ command its sender may not send (:mod:`handlers.senders`, the sender as the
 broker vouched for it: :mod:`worker.identity`) claims no inbox row and
 changes nothing: its refusal is announced (``command.refused``, reason
 ``unauthorized``, once per message) and it is dead-lettered.
-:class:`BatchRule` is the rule the command consumer applies by: the whole
+:class:`BatchApplier` is how the command consumer applies a batch: the whole
 batch at once; when that fails, one by one, so one bad message cannot hold
 back the others; and through a database outage, wait instead of failing.
 Nothing here talks to RabbitMQ: :mod:`worker.settlement` turns the results
@@ -29,8 +29,8 @@ from schema.messages import MAX_MESSAGE_ID, Command, InvalidMessage
 from schema.topology import COMMAND_TYPES, parse_command, wrong_queue
 from worker import tracing
 from worker.errors import Kind, classify
+from worker.handled import Handled, Result, handled_from
 from worker.identity import Identities
-from worker.outcomes import Handled, Result, handled_from
 from worker.rabbit.connection import Delivery
 from worker.reconnect import DatabaseHold
 from worker.unit_of_work import PostgresUnitOfWork, Views, order_transaction
@@ -195,12 +195,16 @@ class Applier:
         raise AssertionError("unreachable")
 
 
-class BatchRule:
+class BatchApplier:
     """The whole batch in one transaction; else one by one; through a database outage, wait."""
 
     def __init__(self, applier: Applier, hold: DatabaseHold) -> None:
         self.applier = applier
         self.hold = hold
+
+    def decode_all(self, deliveries: Iterable[Delivery]) -> tuple[list[Decoded], list[Handled]]:
+        """The commands of ``deliveries``, and what became of those that do not decode."""
+        return self.applier.decode_all(deliveries)
 
     def apply(self, items: list[Decoded]) -> list[Handled]:
         while True:

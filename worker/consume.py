@@ -8,11 +8,11 @@ the connection closes.  The strategies, after arroyo's
 ``submit``/``poll``/``join`` ones:
 
 - :class:`Batches` (commands): a batch applied in one transaction by
-  :class:`worker.commands.BatchRule`, settled, then acked with one
+  :class:`worker.commands.BatchApplier`, settled, then acked with one
   ``multiple`` ack;
 - :class:`Window` (payment steps): batches of steps in a thread pool, each
   batch two transactions and its provider calls at the same time
-  (:mod:`worker.steps`), up to N steps in flight, each step settled and acked
+  (:mod:`worker.payment_runner`), up to N steps in flight, each step settled and acked
   as soon as its batch is done, so a slow provider call holds up only its
   own batch.
 
@@ -34,16 +34,16 @@ from typing import Protocol
 import structlog
 
 from worker import tracing
-from worker.commands import BatchRule
+from worker.commands import BatchApplier
 from worker.errors import ConnectionLost
+from worker.handled import Handled, handled_from
 from worker.metrics import NO_METRICS, MetricsSink
-from worker.outcomes import Handled, handled_from
+from worker.payment_runner import PaymentRunner, batches_of
 from worker.rabbit.connection import BlockingBroker, Delivery
 from worker.rabbit.topology import declare_topology
 from worker.reconnect import DatabaseHold, keep_running
 from worker.settings import Settings
 from worker.settlement import Settlement
-from worker.steps import PaymentStep, batches_of
 
 log = structlog.get_logger("worker.consume")
 
@@ -173,17 +173,17 @@ class _Session:
 
 
 class Batches:
-    """Commands: decode, apply with :class:`BatchRule`, settle, one ``multiple`` ack per batch."""
+    """Commands: decode, apply with :class:`BatchApplier`, settle, one ``multiple`` ack per batch."""
 
     def __init__(
         self,
-        rule: BatchRule,
+        applier: BatchApplier,
         settlement: Settlement,
         batch_size: int,
         batch_wait: float,
         metrics: MetricsSink = NO_METRICS,
     ) -> None:
-        self.rule = rule
+        self.applier = applier
         self.settlement = settlement
         self.batch_size = batch_size
         self.first_wait, self.fill_wait = 0.5, batch_wait
@@ -195,8 +195,8 @@ class Batches:
     def submit(self, broker: BlockingBroker, deliveries: list[Delivery]) -> None:
         started = time.perf_counter()
         with tracing.batch_span(deliveries):  # the batch's transaction and settlement, linked to each command
-            good, handled = self.rule.applier.decode_all(deliveries)
-            handled += self.rule.apply(good)
+            good, handled = self.applier.decode_all(deliveries)
+            handled += self.applier.apply(good)
             for h in handled:
                 self.settlement.settle(broker, h)
         broker.ack_through(max(d.delivery_tag for d in deliveries))
@@ -214,14 +214,14 @@ class Batches:
 
 class Window:
     """Payment steps: batches of up to ``batch_size`` in ``pool``, up to ``size`` steps in flight.  A batch
-    reports its steps as they are settled (:meth:`worker.steps.PaymentStep.handle_batch`), and each is acked
-    then, whatever the rest of its batch is still waiting for: a slow provider call holds up only its own
-    step."""
+    reports its messages as they are settled (:meth:`worker.payment_runner.PaymentRunner.handle_batch`), and each
+    is acked then, whatever the rest of its batch is still waiting for: a slow provider call holds up only its
+    own message."""
 
     def __init__(
         self,
         pool: ThreadPoolExecutor,
-        step: PaymentStep,
+        runner: PaymentRunner,
         hold: DatabaseHold,
         settlement: Settlement,
         size: int,
@@ -229,7 +229,7 @@ class Window:
         batch_size: int = 1,
         slots: int | None = None,
     ) -> None:
-        self.pool, self.step, self.hold, self.settlement = pool, step, hold, settlement
+        self.pool, self.runner, self.hold, self.settlement = pool, runner, hold, settlement
         self.size = size
         self.batch_size = batch_size
         #: batches running at once (the pool's threads); None: as many as ``size`` allows
@@ -260,7 +260,7 @@ class Window:
     def submit(self, broker: BlockingBroker, deliveries: list[Delivery]) -> None:
         for batch in batches_of(deliveries, self.batch_size):
             self._pending.update(d.delivery_tag for d in batch)
-            self.in_flight[self.pool.submit(self.step.handle_batch, batch, self._report)] = batch
+            self.in_flight[self.pool.submit(self.runner.handle_batch, batch, self._report)] = batch
 
     def _report(self, handled: list[Handled]) -> None:
         for h in handled:

@@ -33,7 +33,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 import structlog
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from handlers.expire_order import EXPIRE_ORDER, expire_order, expiry_message_id
 from handlers.orders import Rules
@@ -49,12 +49,6 @@ EXPIRY_LOCK_KEY = 0x657870697279
 CONSUMER = "expiry"
 #: orders expired per transaction
 CHUNK = 200
-
-_DUE = text(
-    "SELECT order_id::text FROM orders WHERE status = 'awaiting_payment'"
-    " AND awaiting_since < clock_timestamp() - make_interval(secs => :timeout)"
-    " ORDER BY awaiting_since LIMIT :chunk FOR UPDATE SKIP LOCKED"
-)
 
 
 class ExpirySweep:
@@ -97,7 +91,7 @@ class ExpirySweep:
         done = 0
         timeout = self.rules.payment_timeout_minutes * 60
         with order_transaction(self.engine, CONSUMER, self.views) as uow:
-            due = list(uow.conn.execute(_DUE, {"timeout": timeout, "chunk": CHUNK}).scalars())
+            due = uow.overdue(timeout, CHUNK)
             if not due:
                 return 0
             mids = {expiry_message_id(order_id): order_id for order_id in due}

@@ -48,7 +48,6 @@ from handlers.payments import HasGatewaySettings, build_gateway
 from handlers.payments.base import PaymentError, ProviderPayment
 from schema import tables
 
-PROVIDERS = ("stripe", "paypal")
 #: how long after its last change a record is compared (PayPal lists transactions up to three hours late)
 DEFAULT_GRACE = {"stripe": timedelta(minutes=5), "paypal": timedelta(hours=3)}
 #: how much earlier than ``since`` the provider is asked: the payment row is written before the

@@ -25,9 +25,9 @@ import structlog
 from schema.messages import OutcomeResult
 from schema.topology import DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE, DELAY_HEADER
 from worker.errors import ConnectionLost, PublishNotConfirmed
+from worker.handled import Handled, Result
 from worker.identity import Identities
 from worker.metrics import NO_METRICS, MetricsSink
-from worker.outcomes import Handled, Result
 from worker.rabbit.connection import BlockingBroker, Delivery, Outgoing
 
 log = structlog.get_logger("worker.settlement")

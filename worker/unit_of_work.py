@@ -3,16 +3,17 @@
 ``claim`` writes the inbox rows first (sorted, so two workers holding the
 same duplicate cannot deadlock), ``preload`` locks every order the batch
 names (``FOR UPDATE``, in key order), the handlers then work on those rows in
-memory, and ``flush`` writes orders, lines, transitions, payments and outbox
-rows in a handful of set-based statements.  Status changes are written with
-a guard on the status that was read, and a lost guard aborts the batch.
+memory, and ``flush`` writes orders, lines, transitions, payments, history
+and outbox rows in a handful of set-based statements (new rows with
+``COPY``: :mod:`worker.pg_copy`).  Status changes are written with a guard
+on the status that was read, and a lost guard aborts the batch.  Which
+message caused what (the transition and history rows) is kept by a
+:class:`worker.bookkeeping.Bookkeeping`.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -21,10 +22,12 @@ from pydantic_core import to_json
 from sqlalchemy import Connection, Engine, text
 
 from handlers.orders import Line, Order, Status
-from handlers.unit_of_work import PaymentRecord, PaymentStatus, Product
+from handlers.unit_of_work import PaymentRecord, PaymentStatus, Product, Refusal
 from schema import tables
 from worker import tracing
+from worker.bookkeeping import HISTORY_COLUMNS, TRANSITION_COLUMNS, Bookkeeping
 from worker.errors import ConcurrentUpdate
+from worker.pg_copy import copy_rows
 
 #: Channel the relay LISTENs on; one NOTIFY per transaction that wrote events.
 OUTBOX_CHANNEL = "orders_outbox"
@@ -59,6 +62,11 @@ _UPSERT_PAYMENTS = text(
     + ", ".join(f"{k} = excluded.{k}" for k in _PAYMENT_TYPES)
     + ", updated_at = now()"
 )
+_OVERDUE = text(
+    "SELECT order_id::text FROM orders WHERE status = 'awaiting_payment'"
+    " AND awaiting_since < clock_timestamp() - make_interval(secs => :timeout)"
+    " ORDER BY awaiting_since LIMIT :chunk FOR UPDATE SKIP LOCKED"
+)
 _SEEN = text("SELECT message_id FROM inbox WHERE consumer = :c AND message_id = ANY(CAST(:ids AS text[]))")
 
 _ORDER_COLUMNS = (
@@ -75,46 +83,9 @@ _ORDER_COLUMNS = (
     "place_message_id",
 )
 _ITEM_COLUMNS = ("order_id", "line_no", "product_id", "quantity", "unit_price")
-_TRANSITION_COLUMNS = (
-    "order_id",
-    "from_status",
-    "to_status",
-    "message_id",
-    "reason",
-    "message_type",
-    "correlation_id",
-    "events",
-)
-_HISTORY_COLUMNS = ("order_id", "kind", "ref", "message_id", "message_type", "correlation_id", "data")
 _OUTBOX_COLUMNS = ("event_id", "exchange", "routing_key", "message_type", "order_id", "correlation_id", "body")
 #: with tracing on, each row also stores the emitting span's context
 _TRACED_OUTBOX_COLUMNS = (*_OUTBOX_COLUMNS, "traceparent")
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-#: what COPY's text format escapes; most values (ids, statuses) have none, and a search is cheaper than a copy
-_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
-
-
-def _copy_value(value: Any) -> str:
-    kind = value.__class__
-    if kind is int:
-        return str(value)
-    if value is None:
-        return "\\N"
-    if kind is not str:
-        value = to_json(value).decode() if kind is dict or kind is list else str(value)
-    return value.translate(_COPY_ESCAPES) if _COPY_SPECIAL.search(value) else value  # type: ignore[no-any-return]
-
-
-def copy_rows(conn: Connection, table: str, columns: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> None:
-    """Bulk insert with COPY (the cheapest way in for PostgreSQL and for Python)."""
-    data = "".join("\t".join(map(_copy_value, row)) + "\n" for row in rows)
-    if not data:
-        return
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", io.StringIO(data))
-    finally:
-        cursor.close()
 
 
 #: the payment record's columns, as the unit of work writes and reads them
@@ -134,21 +105,14 @@ class PostgresUnitOfWork:
         self._saved_payments: dict[str, PaymentRecord] = {}
         self._outbox: list[tuple[Any, ...]] = []
         self._versions: dict[str, int] = {}
-        #: message id -> (type, correlation id) of the messages handled here, and the one being handled now
-        self._messages: dict[str, tuple[str, str | None]] = {}
-        self._current: tuple[str | None, str | None, str | None] = (None, None, None)
-        #: order_history rows: (order_id, kind, ref, message_id, message_type, correlation_id, data)
-        self._history: list[tuple[Any, ...]] = []
-        #: the events emitted, by (order_id, message_id, message_type, correlation_id) of their cause
-        self._events_by_cause: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self._payment_causes: dict[str, tuple[str | None, str | None, str | None]] = {}
+        #: which message caused what: the transition and history rows
+        self.book = Bookkeeping()
         #: tracing on: outbox rows carry the emitting span's traceparent (decided once, so rows match columns)
         self._traced = tracing.ACTIVE
 
     def handling(self, message_id: str, message_type: str, correlation_id: str | None) -> None:
         """The message the handler about to run handles: its transitions, events and payments name it."""
-        self._messages[message_id] = (message_type, correlation_id)
-        self._current = (message_id, message_type, correlation_id)
+        self.book.handling(message_id, message_type, correlation_id)
 
     # -- inbox -------------------------------------------------------------
 
@@ -246,6 +210,11 @@ class PostgresUnitOfWork:
             fields = r._asdict()
             self._payments[r.order_id] = PaymentRecord(**{**fields, "status": PaymentStatus(fields["status"])})
 
+    def overdue(self, timeout_seconds: float, limit: int) -> list[str]:
+        """Up to ``limit`` orders awaiting their payment for longer than ``timeout_seconds``, oldest first,
+        locked; those another transaction holds are skipped (the expiry sweep's)."""
+        return list(self.conn.execute(_OVERDUE, {"timeout": timeout_seconds, "chunk": limit}).scalars())
+
     def products(self, product_ids: list[str]) -> dict[str, Product]:
         self.preload((), product_ids)
         return {pid: p for pid in product_ids if (p := self._products.get(pid)) is not None}
@@ -269,7 +238,7 @@ class PostgresUnitOfWork:
     def save_payment(self, payment: PaymentRecord) -> None:
         self._payments[payment.order_id] = payment
         self._saved_payments[payment.order_id] = payment
-        self._payment_causes[payment.order_id] = self._current
+        self.book.payment_saved(payment.order_id)
 
     def emit(
         self,
@@ -280,6 +249,7 @@ class PostgresUnitOfWork:
         order_id: str,
         correlation_id: str | None,
         event_id: str,
+        refusal: Refusal | None = None,
     ) -> None:
         self._outbox.append(
             (
@@ -294,14 +264,7 @@ class PostgresUnitOfWork:
         )
         if self._traced:
             self._outbox[-1] += (tracing.traceparent(),)
-        # one history row per order and message, listing its events (a PlaceOrder's three in one row)
-        cause = (order_id, *self._current)
-        entry = self._events_by_cause.get(cause)
-        if entry is None:
-            entry = self._events_by_cause[cause] = {"events": []}
-        entry["events"].append([exchange, routing_key, event_id])
-        if "reason" in body and "command" in body:  # command.refused: what was refused and why
-            entry["refused"] = {"command": body["command"], "reason": body["reason"], "message": body.get("message")}
+        self.book.event(order_id, exchange, routing_key, event_id, refusal)
 
     @property
     def touched_versions(self) -> dict[str, int]:
@@ -357,39 +320,18 @@ class PostgresUnitOfWork:
         ]
         if changed:
             self._update_orders(changed)
-        copy_rows(conn, "order_transitions", _TRANSITION_COLUMNS, self._transition_rows())
-        if self._saved_payments:
-            self._upsert_payments(list(self._saved_payments.values()))
-            for order_id, p in self._saved_payments.items():
-                mid, mtype, mcorr = self._payment_causes.get(order_id, (None, None, None))
-                record = {f: getattr(p, f) for f in _PAYMENT_FIELDS}
-                self._history.append((order_id, "payment", p.status, mid, mtype, mcorr, to_json(record).decode()))
-        for (order_id, mid, mtype, mcorr), entry in self._events_by_cause.items():  # events with no transition
-            if order_id in self._orders and self._orders[order_id] is None:
-                continue  # about an order that does not exist (a refused PlaceOrder): the outbox row tells
-            self._history.append((order_id, "event", None, mid, mtype, mcorr, to_json(entry).decode()))
-        if self._history:
-            copy_rows(conn, "order_history", _HISTORY_COLUMNS, self._history)
+        payments = {
+            oid: (p.status, {f: getattr(p, f) for f in _PAYMENT_FIELDS}) for oid, p in self._saved_payments.items()
+        }
+        transitions, history = self.book.rows(self._orders, payments)
+        copy_rows(conn, "order_transitions", TRANSITION_COLUMNS, transitions)
+        if payments:
+            self._upsert_payments(payments)
+        if history:
+            copy_rows(conn, "order_history", HISTORY_COLUMNS, history)
         if self._outbox:
             copy_rows(conn, "outbox", _TRACED_OUTBOX_COLUMNS if self._traced else _OUTBOX_COLUMNS, self._outbox)
             conn.execute(text("SELECT pg_notify(:ch, '')"), {"ch": OUTBOX_CHANNEL})
-
-    def _transition_rows(self) -> Iterator[tuple[Any, ...]]:
-        """A row per transition; the first transition a message made on an order also lists the events that
-        message made the order emit (taken out of :attr:`_events_by_cause`: no history row needed for them;
-        a refusal's events keep theirs)."""
-        for o in self._orders.values():
-            if o is None:
-                continue
-            for f, t, m, r in o.transitions:
-                mtype, mcorr = self._messages.get(m, (None, None))
-                cause = (o.order_id, m, mtype, mcorr)
-                entry = self._events_by_cause.get(cause)
-                events_json = None
-                if entry is not None and "refused" not in entry:
-                    del self._events_by_cause[cause]
-                    events_json = to_json(entry["events"]).decode()
-                yield (o.order_id, f.value if f else None, t.value, m, r, mtype, mcorr, events_json)
 
     def _update_orders(self, changed: list[Order]) -> None:
         rows = [
@@ -424,9 +366,9 @@ class PostgresUnitOfWork:
             raise ConcurrentUpdate(f"{len(rows) - len(result)} order(s) changed under this batch")
         self._versions.update(result)
 
-    def _upsert_payments(self, records: list[PaymentRecord]) -> None:
+    def _upsert_payments(self, records: dict[str, tuple[PaymentStatus, dict[str, Any]]]) -> None:
         """Every saved payment in one statement (a row set from JSON, as the orders' update)."""
-        rows = [{"order_id": p.order_id, **{f: getattr(p, f) for f in _PAYMENT_FIELDS}} for p in records]
+        rows = [{"order_id": order_id, **record} for order_id, (_, record) in records.items()]
         self.conn.execute(_UPSERT_PAYMENTS, {"rows": to_json(rows).decode()})
 
 

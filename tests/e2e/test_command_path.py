@@ -252,10 +252,10 @@ def _payment_delivery(queue: str, message_type: str, body: dict[str, Any]) -> An
 
 
 def test_orders_payments_takes_only_payment_steps_and_a_payment_step_only_from_there(clean_db, make_place):
-    from worker.outcomes import Result
-    from worker.steps import PaymentStep
+    from worker.handled import Result
+    from worker.payment_runner import PaymentRunner
 
-    step = PaymentStep(clean_db, gateways={})
+    step = PaymentRunner(clean_db, gateways={})
     refund = {"order_id": str(uuid.uuid4())}
     # accepted: its order is not there yet, so it waits in the delay tiers (not dead-lettered as invalid)
     assert step.handle(_payment_delivery("orders.payments", "RefundPayment", refund)).result is Result.DEFERRED

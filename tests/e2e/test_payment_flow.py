@@ -302,7 +302,7 @@ def test_payment_landing_after_a_cancel_is_refunded_once(pay, wait, make_place):
     order_id = pay.place()
     wait(lambda: pay.order(order_id) and pay.order(order_id).status == "pending")
     # the buyer's money is taken (e.g. by a payment step on another host) ...
-    from handlers.payment_step import idempotency_key
+    from handlers.payment_commands import idempotency_key
     from handlers.payments import build_gateways
     from handlers.payments.base import PaymentRequest
 

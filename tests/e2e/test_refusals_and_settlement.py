@@ -61,7 +61,7 @@ def test_refused_commands_are_announced_once_each_with_their_reason(pay, wait):
 def test_a_paypal_capture_marked_but_never_sent_is_settled_as_not_captured_not_dead_lettered(pay, wait, engine):
     """The interleaving of the red CI run: the capture was marked ``capturing`` (transaction 1), the worker died
     before the call, the buyer cancelled; the cancel looks at PayPal, finds the order approved but not captured."""
-    from handlers.payment_step import PAYMENT_STEPS
+    from handlers.payment_commands import payment_handlers
     from schema.messages import CapturePayment
     from worker.unit_of_work import order_transaction
 
@@ -72,7 +72,7 @@ def test_a_paypal_capture_marked_but_never_sent_is_settled_as_not_captured_not_d
     httpx.post(f"{pay.fakes['paypal'].url}/_fake/approve/{pid}").raise_for_status()
     capture = CapturePayment(order_id=uuid.UUID(order_id), provider="paypal", payment_id=pid, event_id="WH-NEVER")
     with order_transaction(engine, "payments", None) as uow:  # transaction 1 of the capture, and then the kill
-        call = PAYMENT_STEPS[CapturePayment].prepare(capture, uow)
+        call = payment_handlers()[CapturePayment].prepare(capture, uow)
     assert call is not None and pay.order(order_id).payment_status == "capturing"
     pay.bus.publish("CancelOrder", {"order_id": order_id, "requested_by": {"user_id": "buyer", "roles": ["user"]}})
     wait(lambda: pay.order(order_id).status == "cancelled")

@@ -1,4 +1,4 @@
-"""The payment step in batches (worker/steps.py), on the real unit of work: what a batch settles, and when.
+"""The payment step in batches (worker/payment_runner.py), on the real unit of work: what a batch settles, and when.
 
 A gateway of the test's own answers at once, late, or oddly; PostgreSQL is real.  A slow provider call holds up
 only its own step (the others are recorded and reported while it is out); a batch whose record fails as a whole
@@ -19,9 +19,9 @@ from sqlalchemy import text
 from handlers.payments.base import PaymentOutcome, PaymentResult
 from tests.support import place_body
 from worker.commands import Applier, decode
-from worker.outcomes import Handled, Result
+from worker.handled import Handled, Result
+from worker.payment_runner import PaymentRunner
 from worker.rabbit.connection import Delivery
-from worker.steps import PaymentStep
 
 
 def delivery(message_type: str, body: dict[str, Any], queue: str, message_id: str | None = None) -> Delivery:
@@ -83,7 +83,7 @@ def test_a_slow_provider_call_holds_up_only_its_own_step(clean_db):
     gateway = Gateway(slow={ids[3]})
     reported: list[Handled] = []
     with ThreadPoolExecutor(16) as calls:
-        step = PaymentStep(clean_db, {"stripe": gateway}, calls=calls)
+        step = PaymentRunner(clean_db, {"stripe": gateway}, calls=calls)
         with ThreadPoolExecutor(1) as batches:
             job = batches.submit(step.handle_batch, starts(ids), reported.extend)
             deadline = threading.Event()
@@ -102,7 +102,7 @@ def test_a_slow_provider_call_holds_up_only_its_own_step(clean_db):
 def test_a_batch_whose_record_fails_is_recorded_one_step_at_a_time_without_calling_again(clean_db):
     ids = placed(clean_db, 6)
     gateway = Gateway(odd={ids[2]})
-    handled = PaymentStep(clean_db, {"stripe": gateway}).handle_batch(starts(ids))
+    handled = PaymentRunner(clean_db, {"stripe": gateway}).handle_batch(starts(ids))
     assert [h.result for h in handled] == [Result.APPLIED] * 2 + [Result.FAILED] + [Result.APPLIED] * 3
     assert [status(clean_db, o) for o in ids] == ["completed"] * 2 + ["pending"] + ["completed"] * 3
     assert sorted(gateway.calls) == sorted(ids)  # the answers were kept: nobody was asked twice
@@ -113,7 +113,7 @@ def test_a_step_delivered_twice_in_one_batch_or_again_later_is_applied_once(clea
     gateway = Gateway()
     first = delivery("StartPayment", {"order_id": order}, "orders.payments", message_id=f"start-{order}")
     again = delivery("StartPayment", {"order_id": order}, "orders.payments", message_id=f"start-{order}")
-    handled = PaymentStep(clean_db, {"stripe": gateway}).handle_batch([first, again])
+    handled = PaymentRunner(clean_db, {"stripe": gateway}).handle_batch([first, again])
     assert sorted(h.result.value for h in handled) == ["applied", "duplicate"]
-    later = PaymentStep(clean_db, {"stripe": gateway}).handle_batch([again])
+    later = PaymentRunner(clean_db, {"stripe": gateway}).handle_batch([again])
     assert later[0].result is Result.DUPLICATE and gateway.calls == [order]

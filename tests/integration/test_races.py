@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from schema.topology import queue_of
 from worker.commands import Applier
-from worker.outcomes import Result
+from worker.handled import Result
 from worker.rabbit.connection import Delivery
 
 

@@ -13,7 +13,7 @@ import redis
 
 from schema.topology import queue_of
 from worker.commands import Applier
-from worker.outcomes import Result
+from worker.handled import Result
 from worker.rabbit.connection import Delivery
 from worker.read_model import KEY_PREFIX, OrderCache, load_views, make_redis
 from worker.unit_of_work import PostgresUnitOfWork

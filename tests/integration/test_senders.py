@@ -14,8 +14,8 @@ from handlers.senders import SenderMap
 from schema.topology import COMMAND_ROUTES
 from tests.support import place_body
 from worker.commands import Applier, decode
+from worker.handled import Result
 from worker.identity import SENDER_HEADER, Identities
-from worker.outcomes import Result
 from worker.rabbit.connection import Delivery
 
 QUEUES = {r.message_type: r.queue for r in COMMAND_ROUTES}

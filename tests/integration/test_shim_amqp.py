@@ -20,7 +20,7 @@ from worker.errors import ConnectionLost, PublishNotConfirmed
 from worker.rabbit.connection import Outgoing
 from worker.shim.amqp import AsyncChannel
 from worker.shim.errors import ApiError
-from worker.shim.publisher import Command, CommandPublisher
+from worker.shim.publisher import CommandPublisher, Envelope
 
 
 def place(message_id: str, routing_key: str = "order.place") -> Outgoing:
@@ -141,7 +141,7 @@ def test_a_broker_that_never_answers_costs_a_request_its_timeout_and_then_503(se
     silent.listen(16)
     url = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/"
     publisher = CommandPublisher(AsyncChannel(url, 30), timeout=0.5)
-    command = Command(COMMANDS_EXCHANGE, "order.place", "PlaceOrder", str(uuid.uuid4()), {"probe": True})
+    command = Envelope(COMMANDS_EXCHANGE, "order.place", "PlaceOrder", str(uuid.uuid4()), {"probe": True})
 
     async def run() -> tuple[ApiError, float]:
         started = time.monotonic()

@@ -11,8 +11,8 @@ from sqlalchemy import text
 
 from schema.messages import ShipOrder
 from worker.commands import Applier, decode
+from worker.handled import Result
 from worker.history import order_story
-from worker.outcomes import Result
 from worker.rabbit.connection import Delivery
 
 SHIPMENT = {"carrier": "DHL", "tracking_number": "JD0146000000123"}

@@ -3,7 +3,7 @@
 Everything runs in this process against the real PostgreSQL, RabbitMQ and
 the Stripe fake, as the three processes would: the shim app (Starlette's
 TestClient), the command consumer's strategy (``Batches`` with the real
-``BatchRule`` and ``Applier``) on a real consumer connection, the relay's
+``BatchApplier`` and ``Applier``) on a real consumer connection, the relay's
 round, the payment step.  Spans go to the SDK's in-memory exporter.
 """
 
@@ -20,15 +20,15 @@ from starlette.testclient import TestClient
 
 from schema.topology import PAYMENTS_QUEUE
 from worker import tracing
-from worker.commands import Applier, BatchRule
+from worker.commands import Applier, BatchApplier
 from worker.consume import Batches
-from worker.outcomes import Result
+from worker.handled import Result
+from worker.payment_runner import PaymentRunner
 from worker.rabbit.connection import BlockingBroker, Delivery
 from worker.rabbit.publisher import PipelinedPublisher
 from worker.reconnect import DatabaseHold
 from worker.relay import Relay
 from worker.settlement import Settlement
-from worker.steps import PaymentStep
 
 CAPTURE = "test.tracing.capture"
 
@@ -71,10 +71,10 @@ class Service:
         self.broker = BlockingBroker(self.url).connect()
         self.publisher = PipelinedPublisher(self.url).connect()
         self.relay = Relay(settings, engine)
-        self.step = PaymentStep(engine, build_gateways(settings))
+        self.step = PaymentRunner(engine, build_gateways(settings))
         self.settlement = Settlement(settings.worker.retry_delays_seconds)
         hold = DatabaseHold(engine, threading.Event(), self.broker.sleep)
-        self.batches = Batches(BatchRule(Applier(engine), hold), self.settlement, 250, 0.01)
+        self.batches = Batches(BatchApplier(Applier(engine), hold), self.settlement, 250, 0.01)
 
     def place(self, body: dict[str, Any]) -> str:
         answer = self.shim.post("/orders", json=body, headers={"Authorization": f"Bearer {self.token}"})

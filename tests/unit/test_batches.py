@@ -1,6 +1,6 @@
 """``worker.consume.Batches``, the command strategy: a batch applied, settled, then one ``multiple`` ack.
 
-Against the recording broker, with the real ``BatchRule``, ``Settlement``
+Against the recording broker, with the real ``BatchApplier``, ``Settlement``
 and ``DatabaseHold`` (on the broker's fake clock) and an applier whose
 transactions are scripted (``ScriptedApplier``: a whole batch applies, fails,
 or finds PostgreSQL away).  What is checked is what RabbitMQ would see:
@@ -28,10 +28,10 @@ from schema.topology import DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE
 from tests.support import place_body
 from tests.unit.recording_broker import RecordingBroker, ScriptedHold, delivery
 from tests.unit.test_errors import wrapped
-from worker.commands import Applier, BatchRule, Decoded
+from worker.commands import Applier, BatchApplier, Decoded
 from worker.consume import Batches, _Session
 from worker.errors import ConnectionLost, StopRequested
-from worker.outcomes import Handled, Result, handled_from
+from worker.handled import Handled, Result, handled_from
 from worker.rabbit.connection import Delivery
 from worker.settlement import Settlement
 
@@ -87,7 +87,7 @@ def batches(
     batch_size: int = 10,
 ) -> tuple[Batches, ScriptedHold]:
     hold = ScriptedHold(broker, stop or threading.Event(), back_at)
-    return Batches(BatchRule(applier, hold), Settlement((1, 2)), batch_size, 0.01), hold
+    return Batches(BatchApplier(applier, hold), Settlement((1, 2)), batch_size, 0.01), hold
 
 
 def places(*tags: int, **kw: Any) -> list[Delivery]:

@@ -39,7 +39,7 @@ Names of the contract: `orders.commands`, `orders.place`, `orders.payments`, `or
 HTTP: `POST /orders`, `GET /orders/{id}`, `PUT /orders/{order_id}/cancel`, `/healthz`,
 `/console/dead-letters/messages/abc/def`.
 Code: `worker/settings.py`, `deploy/k8s/`, `scripts/check.sh`, `place_order.py`, `rabbit/`,
-`worker.outcomes.handled_from`, `worker.consume.Batches.submit`, `consume.Batches.submit`,
+`worker.handled.handled_from`, `worker.consume.Batches.submit`, `consume.Batches.submit`,
 `schema.messages.PlaceOrder`. Links: [contract](contract.md#order-lifecycle), [README](../README.md),
 [here](#running-it); a file named in prose: configuration.md.
 
@@ -98,7 +98,7 @@ BROKEN = [
     ("See [it](contract.md#no-such-heading).", "contract.md has no heading #no-such-heading"),
     ("See [above](#nowhere).", "link #nowhere: no such heading here"),
     # Python names
-    ("`worker.outcomes.handled_frm` decides.", "worker.outcomes defines no 'handled_frm'"),
+    ("`worker.handled.handled_frm` decides.", "worker.handled defines no 'handled_frm'"),
     ("`worker.consume.Batches.submitt` takes it.", "worker.consume.Batches has no 'submitt'"),
     ("`unit_of_work.order_transactions` opens it.", "defines no 'order_transactions'"),
 ]

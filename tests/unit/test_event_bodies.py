@@ -31,12 +31,13 @@ from handlers.cancel_order import cancel_order
 from handlers.expire_order import expire_order, expiry_message_id
 from handlers.orders import DEFAULT_RULES, Status
 from handlers.outcome import MessageContext
+from handlers.payment_commands import record_refund, record_settle, record_settle_refund, record_start
 from handlers.payment_confirmed import payment_confirmed
-from handlers.payment_step import record_refund, record_settle, record_settle_refund, record_start
 from handlers.payments.base import PaymentFacts, PaymentOutcome, PaymentResult, RefundResult
 from handlers.place_order import place_order
 from handlers.senders import TRUSTED, Sender
 from handlers.ship_order import ship_order
+from handlers.unit_of_work import Refusal
 from schema.messages import (
     CancelOrder,
     PaymentConfirmed,
@@ -71,8 +72,9 @@ class PublishingUnitOfWork(FakeUnitOfWork):
         order_id: str,
         correlation_id: str | None,
         event_id: str,
+        refusal: Refusal | None = None,
     ) -> None:
-        super().emit(exchange, routing_key, message_type, body, order_id, correlation_id, event_id)
+        super().emit(exchange, routing_key, message_type, body, order_id, correlation_id, event_id, refusal)
         self.rows.append(
             {
                 "exchange": exchange,

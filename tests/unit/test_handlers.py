@@ -14,7 +14,7 @@ from handlers.expire_order import expire_order, expiry_message_id
 from handlers.orders import DEFAULT_RULES, TRANSITIONS, Rules, Status, can_transition
 from handlers.outcome import MessageContext
 from handlers.senders import TRUSTED, Sender
-from handlers.unit_of_work import PaymentRecord, PaymentStatus, Product
+from handlers.unit_of_work import PaymentRecord, PaymentStatus, Product, Refusal
 from schema.messages import CancelOrder, PaymentConfirmed, PlaceOrder
 
 
@@ -54,6 +54,7 @@ class FakeUnitOfWork:
         order_id: str,
         correlation_id: str | None,
         event_id: str,
+        refusal: Refusal | None = None,
     ) -> None:
         self.events.append((exchange, routing_key, body))
 
@@ -234,7 +235,7 @@ def test_a_confirmation_for_a_cancelled_order_requests_one_refund():
 def test_late_answers_about_a_refunded_payment_change_nothing():
     """Found by the chaos run: a late confirmation or capture answer set a refunded payment back to
     succeeded, and the money was refunded, and announced as refunded, a second time."""
-    from handlers.payment_step import apply_result
+    from handlers.payment_commands import apply_result
     from handlers.payments.base import PaymentOutcome as PayOutcome
     from handlers.payments.base import PaymentResult
 
@@ -325,7 +326,7 @@ def _paid(uow: FakeUnitOfWork) -> str:
 
 def test_a_refund_of_a_completed_order_makes_it_refunded_and_says_so():
     """Hole: a RefundPayment gave back all the money of a completed order that stayed completed, unannounced."""
-    from handlers.payment_step import prepare_refund, record_refund
+    from handlers.payment_commands import prepare_refund, record_refund
     from handlers.payments.base import RefundResult
     from schema.messages import RefundPayment
 
@@ -343,7 +344,7 @@ def test_a_refund_of_a_completed_order_makes_it_refunded_and_says_so():
 def test_a_shipped_order_is_not_refunded_behind_its_back():
     """The contract has completed → refunded only: the money of a shipped order is never given back
     while the order keeps saying shipped (no provider call is made)."""
-    from handlers.payment_step import prepare_refund
+    from handlers.payment_commands import prepare_refund
     from schema.messages import RefundPayment
 
     uow = FakeUnitOfWork(PRODUCTS)
@@ -365,7 +366,7 @@ def test_an_order_with_no_known_product_has_no_currency_not_a_made_up_one():
 
 
 def test_a_failed_payment_reported_for_an_order_with_no_currency_records_no_payment():
-    from handlers.payment_step import record_failed
+    from handlers.payment_commands import record_failed
     from schema.messages import PaymentFailed
 
     uow = FakeUnitOfWork(PRODUCTS)

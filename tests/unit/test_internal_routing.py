@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from handlers.payment_step import payment_steps
+from handlers.payment_commands import payment_handlers
 from schema import messages
 from schema.topology import PAYMENT_ROUTING_KEYS, PAYMENTS_QUEUE, route
 
@@ -28,7 +28,7 @@ def emitted() -> set[str]:
 def test_every_internal_command_is_bound_to_the_payment_queue_and_has_a_step():
     found = emitted()
     assert found >= {"StartPayment", "RefundPayment", "CancelPayment", "SettlePayment"}
-    steps = payment_steps()
+    steps = payment_handlers()
     for name in found:
         command = getattr(messages, name)
         r = route(command)

@@ -116,12 +116,12 @@ def test_the_fast_uuid5_is_the_standard_one():
 def test_each_queue_takes_exactly_the_commands_its_consumer_applies():
     """The queue → command map in schema.topology is the one the consumers and the routing agree with."""
     from handlers import COMMAND_HANDLERS
-    from handlers.payment_step import PAYMENT_STEPS
+    from handlers.payment_commands import payment_handlers
     from schema.topology import COMMAND_QUEUES, PAYMENTS_QUEUE, QUEUE_ACCEPTS
 
     assert set(QUEUE_ACCEPTS) == {*COMMAND_QUEUES, PAYMENTS_QUEUE}
     assert {t for q in COMMAND_QUEUES for t in QUEUE_ACCEPTS[q]} == {c.__name__ for c in COMMAND_HANDLERS}
-    assert QUEUE_ACCEPTS[PAYMENTS_QUEUE] == {c.__name__ for c in PAYMENT_STEPS}
+    assert QUEUE_ACCEPTS[PAYMENTS_QUEUE] == {c.__name__ for c in payment_handlers()}
 
 
 def test_a_command_on_another_commands_queue_is_an_invalid_message():

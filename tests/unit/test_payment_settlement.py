@@ -19,7 +19,7 @@ from handlers import payment_confirmed
 from handlers.errors import RetryLater
 from handlers.orders import Status
 from handlers.outcome import MessageContext
-from handlers.payment_step import CAPTURE_SETTLE_SECONDS, record_cancel, record_settle
+from handlers.payment_commands import CAPTURE_SETTLE_SECONDS, record_cancel, record_settle
 from handlers.payments.base import PaymentFacts
 from handlers.unit_of_work import PaymentRecord
 from schema.messages import CancelPayment, PaymentConfirmed, SettlePayment

@@ -22,8 +22,8 @@ from schema.messages import InvalidMessage
 from schema.topology import DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE, DELAY_HEADER
 from tests.unit.recording_broker import RecordingBroker, delivery
 from worker.errors import ConnectionLost
+from worker.handled import Handled, Result, handled_from
 from worker.metrics import NullMetrics
-from worker.outcomes import Handled, Result, handled_from
 from worker.rabbit.connection import Delivery, Outgoing
 from worker.settlement import Settlement, failure_headers
 

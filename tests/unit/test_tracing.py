@@ -66,14 +66,14 @@ import json, sys
 from opentelemetry import trace
 from worker import tracing
 from worker.settings import load_settings
-from worker.shim.publisher import Command
+from worker.shim.publisher import Envelope
 from worker.unit_of_work import PostgresUnitOfWork
 from schema.messages import PlaceOrder
 
 settings = load_settings()
 on = tracing.setup(settings.tracing, "orders-test")
 with tracing.publish_span("orders.commands", "order.place", "PlaceOrder", "m-1") as tp:
-    out = tracing.with_traceparent(Command.on_route(PlaceOrder, "m-1", {}).outgoing(), tp)
+    out = tracing.with_traceparent(Envelope.on_route(PlaceOrder, "m-1", {}).outgoing(), tp)
 uow = PostgresUnitOfWork(None, "orders")
 uow.emit("orders.events", "order.placed", "OrderPlaced", {}, "o-1", None, "e-1")
 print(json.dumps({

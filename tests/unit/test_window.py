@@ -29,7 +29,7 @@ from tests.unit.recording_broker import RecordingBroker, ScriptedHold, delivery
 from tests.unit.test_errors import wrapped
 from worker.consume import Window, _Session
 from worker.errors import ConnectionLost, StopRequested
-from worker.outcomes import Handled, Result, handled_from
+from worker.handled import Handled, Result, handled_from
 from worker.rabbit.connection import Delivery
 
 ORDER = "5b0c6f8e-4c8e-4a57-9d1e-2f1f1f1f1f1f"

@@ -31,7 +31,7 @@ from worker.shim.context import PlaceCaller, ReadCaller, Shim, ShimDep
 from worker.shim.errors import ApiError, ErrorBody
 from worker.shim.idempotency import KEY_PATTERN, fingerprint, validate_key
 from worker.shim.models import Accepted, CancelRequest, OrderHistory, OrderView, PlaceOrderRequest
-from worker.shim.publisher import Command
+from worker.shim.publisher import Envelope
 from worker.shim.routing import StrictJsonRoute
 
 router = APIRouter(tags=["orders"], route_class=StrictJsonRoute)
@@ -162,7 +162,7 @@ def _rejection(order_id: str, view: OrderViewData, headers: dict[str, str]) -> A
 
 
 async def _enqueue(
-    s: Shim, cmd: Command, prefer: str | None, response: Response
+    s: Shim, cmd: Envelope, prefer: str | None, response: Response
 ) -> tuple[dict[str, str], float | None, dict[str, Any] | None]:
     """Publish ``cmd``; with ``Prefer: wait`` also wait for the worker's reply.
 
@@ -219,7 +219,7 @@ async def place_order(
             raise _taken()
     if key:
         await s.idempotency.claim("place", user, key, fingerprint(command))
-    cmd = Command.on_route(PlaceOrder, place_message_id(str(order_id), user), command)
+    cmd = Envelope.on_route(PlaceOrder, place_message_id(str(order_id), user), command)
     headers, deadline, reply = await _enqueue(s, cmd, prefer, response)
     if deadline is None:
         return _accepted(str(order_id), Status.PENDING.value, headers)
@@ -305,7 +305,7 @@ async def cancel_order(
     }
     if body is not None and body.reason:
         command["reason"] = body.reason
-    cmd = Command.on_route(CancelOrder, message_id, command)
+    cmd = Envelope.on_route(CancelOrder, message_id, command)
     headers, deadline, reply = await _enqueue(s, cmd, prefer, response)
     if deadline is None or reply is None:
         return _accepted(str(order_id), "cancel_requested", headers)

@@ -32,8 +32,9 @@ RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True)
-class Command:
-    """A command to publish; :meth:`on_route` fills exchange, routing key and type from the contract."""
+class Envelope:
+    """A command as the shim publishes it (exchange, routing key, AMQP properties, body); :meth:`on_route` fills
+    exchange, routing key and type from the contract."""
 
     exchange: str
     routing_key: str
@@ -46,7 +47,7 @@ class Command:
     @classmethod
     def on_route(
         cls, command: type[messages.Command], message_id: str, body: dict[str, Any], correlation_id: str | None = None
-    ) -> Command:
+    ) -> Envelope:
         r = route(command)
         return cls(r.exchange, r.routing_key, r.message_type, message_id, body, correlation_id)
 
@@ -82,11 +83,11 @@ class CommandPublisher:
         #: worker gives the shim's commands its rights (it authenticated the people behind them)
         self._user_id = user_id
 
-    async def send(self, command: Command) -> None:
+    async def send(self, command: Envelope) -> None:
         """Publish and wait for the confirm; 503 ApiError otherwise."""
         await self._run(command, lambda out: self._channel.publish(out, self._timeout))
 
-    async def request(self, command: Command, timeout: float) -> dict[str, Any] | None:
+    async def request(self, command: Envelope, timeout: float) -> dict[str, Any] | None:
         """Publish, then wait up to ``timeout`` s for the worker's outcome (None: not in time)."""
         raw = await self._run(command, lambda out: self._channel.request(out, timeout))
         if raw is None:
@@ -104,7 +105,7 @@ class CommandPublisher:
         """Raise BrokerError unless the channel is open or can be opened (readiness)."""
         await self._channel.ping(self._timeout)
 
-    async def _run(self, command: Command, work: Any) -> Any:
+    async def _run(self, command: Envelope, work: Any) -> Any:
         with tracing.publish_span(
             command.exchange, command.routing_key, command.message_type, command.message_id
         ) as tp:
@@ -113,7 +114,7 @@ class CommandPublisher:
                 outgoing.properties["user_id"] = self._user_id
             return await self._attempts(command, tracing.with_traceparent(outgoing, tp), work)
 
-    async def _attempts(self, command: Command, outgoing: Outgoing, work: Any) -> Any:
+    async def _attempts(self, command: Envelope, outgoing: Outgoing, work: Any) -> Any:
         for attempt in (1, 2):
             try:
                 result = await work(outgoing)
@@ -126,7 +127,7 @@ class CommandPublisher:
                 return self._fail(command, exc)
         return None  # pragma: no cover - the loop returns or raises
 
-    def _fail(self, command: Command, exc: BaseException) -> Any:
+    def _fail(self, command: Envelope, exc: BaseException) -> Any:
         self._count(command, "failed")
         log.warning(
             "command not confirmed",
@@ -136,6 +137,6 @@ class CommandPublisher:
         )
         raise unavailable() from None
 
-    def _count(self, command: Command, outcome: str) -> None:
+    def _count(self, command: Envelope, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.published.labels(command.message_type, outcome).inc()

@@ -51,7 +51,7 @@ from schema import tables
 from schema.messages import PaymentConfirmed, describe_validation_error
 from worker.settings import ShimSettings
 from worker.shim.errors import ApiError
-from worker.shim.publisher import Command
+from worker.shim.publisher import Envelope
 
 log = structlog.get_logger("worker.shim.webhook")
 
@@ -71,7 +71,7 @@ def _invalid(message: str) -> ApiError:
     return ApiError(400, "invalid_signature", message)
 
 
-def _internal_command(cfg: ShimSettings, body: bytes, header: str) -> Command:
+def _internal_command(cfg: ShimSettings, body: bytes, header: str) -> Envelope:
     secret = cfg.webhook_hmac_secret.get_secret_value()
     if not secret:
         raise _invalid("internal webhooks are not enabled")
@@ -88,7 +88,7 @@ def _internal_command(cfg: ShimSettings, body: bytes, header: str) -> Command:
         cmd = PaymentConfirmed.model_validate_json(body)
     except ValidationError as exc:
         raise ApiError(422, "validation_error", describe_validation_error(exc)) from None
-    return Command.on_route(PaymentConfirmed, cmd.event_id, cmd.model_dump(mode="json"))
+    return Envelope.on_route(PaymentConfirmed, cmd.event_id, cmd.model_dump(mode="json"))
 
 
 def refund_owner(engine: Engine, event: WebhookEvent) -> tuple[str, str] | None:
@@ -125,7 +125,7 @@ def to_publish(
     body: bytes,
     headers: Mapping[str, str],
     engine: Engine | None = None,
-) -> tuple[str | None, Command | None]:
+) -> tuple[str | None, Envelope | None]:
     """(event id, command to publish or None) for a webhook; 400/503 ApiError when it cannot be trusted."""
     lowered = {k.lower(): v for k, v in headers.items()}
     if INTERNAL_HEADER in lowered:
@@ -162,7 +162,7 @@ def to_publish(
         ) from None
     if webhook is None:
         return event.event_id, None
-    return event.event_id, Command.on_route(webhook.command, webhook.message_id, webhook.body)
+    return event.event_id, Envelope.on_route(webhook.command, webhook.message_id, webhook.body)
 
 
 def _command_of(event: WebhookEvent) -> WebhookCommand | None:

@@ -19,11 +19,10 @@ from handlers import place_order
 from handlers.errors import IllegalTransition, ManualActionRequired, Mismatch, RetryLater
 from handlers.orders import Status
 from handlers.outcome import MessageContext
-from handlers.payment_step import (
-    PAYMENT_STEPS,
+from handlers.payment_commands import (
     Call,
     idempotency_key,
-    payment_steps,
+    payment_handlers,
     prepare_cancel,
     prepare_capture,
     prepare_none,
@@ -158,7 +157,8 @@ def cmd(model: Any, order_id: str, **fields: Any) -> Any:
 
 
 def test_every_payment_command_has_its_prepare_and_record():
-    assert {k.__name__: (s.prepare, s.calls_provider) for k, s in PAYMENT_STEPS.items()} == {
+    handlers = payment_handlers()  # as the payment runner builds them
+    assert {k.__name__: (s.prepare, s.calls_provider) for k, s in handlers.items()} == {
         "StartPayment": (prepare_start, True),
         "CapturePayment": (prepare_capture, True),
         "CancelPayment": (prepare_cancel, True),
@@ -167,8 +167,8 @@ def test_every_payment_command_has_its_prepare_and_record():
         "SettlePayment": (prepare_settle, True),
         "SettleRefund": (prepare_settle_refund, True),
     }
-    assert PAYMENT_STEPS[StartPayment].record is record_start
-    assert payment_steps(5).keys() == PAYMENT_STEPS.keys()
+    assert handlers[StartPayment].record is record_start
+    assert payment_handlers(5).keys() == handlers.keys()
 
 
 # -- StartPayment ---------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""Running payment steps: prepare (transaction 1) → provider calls (no transaction) → record (transaction 2).
+"""Running payment commands: prepare (transaction 1) → provider calls (no transaction) → record (transaction 2).
 
-The steps themselves (what to ask the provider, what its answer does to the
-order) are :mod:`handlers.payment_step`; this module runs them against
-PostgreSQL and the gateways, a batch at a time, and turns whatever happens
-into one :class:`worker.outcomes.Handled` per message:
+What each command does (what to ask the provider, what its answer does to
+the order) is its :class:`handlers.payment_commands.PaymentHandler`; this
+module runs them against PostgreSQL and the gateways, a batch at a time, and
+turns whatever happens into one :class:`worker.handled.Handled` per message:
 
 1. one transaction prepares every step of the batch: the inbox says which
    were applied before (duplicates), every order is loaded and locked at
@@ -38,18 +38,18 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from handlers import events
 from handlers.errors import ManualActionRequired, Refused, RetryLater
 from handlers.outcome import MessageContext, Outcome
-from handlers.payment_step import CAPTURE_SETTLE_SECONDS, Call, Step, payment_steps, record_failure
+from handlers.payment_commands import CAPTURE_SETTLE_SECONDS, Call, PaymentHandler, payment_handlers, record_failure
 from handlers.payments.base import PaymentGateway, PermanentPaymentError, TransientPaymentError
 from schema.messages import InvalidMessage
-from schema.topology import PAYMENT_STEP_TYPES
+from schema.topology import PAYMENT_COMMAND_TYPES
 from worker import tracing
 from worker.commands import decode
+from worker.handled import Handled, Result, handled_from
 from worker.metrics import NO_METRICS, MetricsSink
-from worker.outcomes import Handled, Result, handled_from
 from worker.rabbit.connection import Delivery
 from worker.unit_of_work import PostgresUnitOfWork, Views, order_transaction
 
-log = structlog.get_logger("worker.steps")
+log = structlog.get_logger("worker.payment_runner")
 
 #: inbox consumer name of the payment step
 CONSUMER = "payments"
@@ -64,7 +64,7 @@ class _Work:
 
     delivery: Delivery
     command: Any
-    step: Step[Any]
+    handler: PaymentHandler[Any]
     ctx: MessageContext
     order_id: str
     span: tracing.StepSpan
@@ -91,7 +91,7 @@ class _NoPool(Executor):
         return f
 
 
-class PaymentStep:
+class PaymentRunner:
     """Applies internal payment commands a batch at a time; never raises for the messages' errors."""
 
     def __init__(
@@ -104,7 +104,7 @@ class PaymentStep:
         capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS,
         calls: Executor | None = None,
     ) -> None:
-        self.steps = payment_steps(capture_settle_seconds)
+        self.handlers = payment_handlers(capture_settle_seconds)
         self.engine = engine
         self.gateways = gateways
         self.inplace_retries = inplace_retries
@@ -126,13 +126,13 @@ class PaymentStep:
         handled: dict[int, Handled] = {}
         for i, d in enumerate(deliveries):
             try:
-                command: Any = decode(d, PAYMENT_STEP_TYPES)  # an internal command: each names its order
+                command: Any = decode(d, PAYMENT_COMMAND_TYPES)  # an internal command: each names its order
             except InvalidMessage as exc:
                 handled[i] = handled_from(d, exc)
                 continue
             ctx = MessageContext(d.message_id or "", d.message_type or "", d.correlation_id)
             order_id = str(command.order_id)
-            works.append(_Work(d, command, self.steps[type(command)], ctx, order_id, tracing.StepSpan(d, order_id)))
+            works.append(_Work(d, command, self.handlers[type(command)], ctx, order_id, tracing.StepSpan(d, order_id)))
 
         def settled(done: list[_Work]) -> None:
             for w in done:
@@ -210,7 +210,7 @@ class PaymentStep:
                 uow.handling(w.ctx.message_id, w.ctx.message_type, w.ctx.correlation_id)
                 with w.span.within():
                     try:
-                        w.call = w.step.prepare(w.command, uow)
+                        w.call = w.handler.prepare(w.command, uow)
                     except (RetryLater, ManualActionRequired) as exc:
                         self._set_aside(w, exc)
                     except Refused as exc:
@@ -263,9 +263,9 @@ class PaymentStep:
     def _apply(self, w: _Work, uow: PostgresUnitOfWork) -> Outcome | None:
         if w.failure is not None:
             return record_failure(w.command, w.ctx, uow, w.failure)
-        if w.call is None and w.step.calls_provider:
+        if w.call is None and w.handler.calls_provider:
             return None  # nothing was asked of the provider (answered before, or nothing open there)
-        return w.step.record(w.command, w.ctx, uow, w.result)
+        return w.handler.record(w.command, w.ctx, uow, w.result)
 
     # -- settling one step ------------------------------------------------------------------------
 

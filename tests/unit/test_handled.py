@@ -1,4 +1,4 @@
-"""``worker.outcomes.handled_from``: what an exception raised while applying a message means for it.
+"""``worker.handled.handled_from``: what an exception raised while applying a message means for it.
 
 One row per error a handler raises (``handlers/errors.py``), ``InvalidMessage``
 and the rest (the database, the broker, a provider, a bug).  The result
@@ -33,7 +33,7 @@ from schema.messages import InvalidMessage
 from tests.unit.recording_broker import delivery
 from tests.unit.test_errors import wrapped
 from worker.errors import ConcurrentUpdate, ConnectionLost
-from worker.outcomes import Handled, Result, handled_from
+from worker.handled import Handled, Result, handled_from
 
 ORDER = "5b0c6f8e-4c8e-4a57-9d1e-2f1f1f1f1f1f"
 

@@ -1,14 +1,16 @@
-"""The payment step: internal commands that talk to a payment provider.
+"""The payment commands: internal commands that talk to a payment provider.
 
-Each step is ``prepare`` (a short transaction that reads and locks the order
-and its payment, records the attempt, and says which provider call to make),
-the call itself with no transaction open, and ``record`` (a second short
-transaction, with the inbox row, that applies the provider's answer to the
-order).  Every call carries an idempotency key derived from the order and
-the action, so repeating a step after a crash or a timeout asks the
-provider the same question again instead of charging twice.
+Each has a :class:`PaymentHandler` (:func:`payment_handlers`), which
+:class:`worker.payment_runner.PaymentRunner` runs: ``prepare`` (a short
+transaction that reads and locks the order and its payment, records the
+attempt, and says which provider call to make), the call itself with no
+transaction open, and ``record`` (a second short transaction, with the inbox
+row, that applies the provider's answer to the order). Every call carries an
+idempotency key derived from the order and the action, so repeating a
+command after a crash or a timeout asks the provider the same question again
+instead of charging twice.
 
-Steps (queue ``orders.payments``):
+The commands (queue ``orders.payments``):
 - ``StartPayment``: create (Stripe: and confirm) the payment.
 - ``CapturePayment``: capture a PayPal order the buyer approved.
 - ``CancelPayment``: cancel the PaymentIntent / leave the PayPal order to expire.
@@ -532,26 +534,29 @@ def _refuse_confirmation(cmd: Any, order: Order, reason: str, message: str, uow:
 
 
 @dataclass(frozen=True)
-class Step(Generic[C]):
-    """One payment step: ``prepare`` (transaction 1), the provider call, ``record`` (transaction 2)."""
+class PaymentHandler(Generic[C]):
+    """What one payment command does: ``prepare`` (transaction 1), the provider call, ``record`` (transaction 2)."""
 
     prepare: Callable[[C, UnitOfWork], Call | None]
     record: Callable[[C, MessageContext, UnitOfWork, Any], Outcome]
-    #: False for steps that only change the order (record runs without a call)
+    #: False for commands that only change the order (record runs without a call)
     calls_provider: bool = True
 
 
-def payment_steps(capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS) -> dict[type[Command], Step[Any]]:
-    """The steps by command class, with the worker's settings."""
+def payment_handlers(
+    capture_settle_seconds: float = CAPTURE_SETTLE_SECONDS,
+) -> dict[type[Command], PaymentHandler[Any]]:
+    """The handlers by command class, with the worker's settings."""
     return {
-        StartPayment: Step(prepare_start, record_start),
-        CapturePayment: Step(prepare_capture, functools.partial(record_capture, settle_after=capture_settle_seconds)),
-        CancelPayment: Step(prepare_cancel, functools.partial(record_cancel, settle_after=capture_settle_seconds)),
-        RefundPayment: Step(prepare_refund, record_refund),
-        PaymentFailed: Step(prepare_none, record_failed, calls_provider=False),
-        SettlePayment: Step(prepare_settle, record_settle),
-        SettleRefund: Step(prepare_settle_refund, record_settle_refund),
+        StartPayment: PaymentHandler(prepare_start, record_start),
+        CapturePayment: PaymentHandler(
+            prepare_capture, functools.partial(record_capture, settle_after=capture_settle_seconds)
+        ),
+        CancelPayment: PaymentHandler(
+            prepare_cancel, functools.partial(record_cancel, settle_after=capture_settle_seconds)
+        ),
+        RefundPayment: PaymentHandler(prepare_refund, record_refund),
+        PaymentFailed: PaymentHandler(prepare_none, record_failed, calls_provider=False),
+        SettlePayment: PaymentHandler(prepare_settle, record_settle),
+        SettleRefund: PaymentHandler(prepare_settle_refund, record_settle_refund),
     }
-
-
-PAYMENT_STEPS = payment_steps()
