@@ -24,10 +24,16 @@ reading the sequence's last value ``H`` and then the transactions holding
 that lock, every id <= ``H`` is settled once all of those have ended (read
 from ``pg_locks``: no xid arithmetic, no clock).  The floor then moves up to
 ``H`` (or to the last id of a full batch below it).  It lives in memory, per
-relay session: a new session (a takeover, a restart) starts from id 0.  As
-a safety net against what this cannot see (a batch some other session holds
-under ``FOR UPDATE``, skipped by ``SKIP LOCKED``), one poll per
-``FULL_SCAN_INTERVAL`` starts from id 0 again.
+relay session: a new session (a takeover, a restart) starts from id 0.
+
+``SKIP LOCKED`` skips rows another transaction holds (a relay that lost its
+lock but not yet its transaction, an operator's ``DELETE``); if that one rolls
+back, the rows are unpublished again.  So before the floor moves, one more
+look in the same transaction, after the batch's delete, asks for the lowest
+unpublished id between where the poll started and where the floor would go:
+a skipped row is found there (whether its holder is still at it or rolled
+back), and the floor stays below it until a poll takes it.  No poll walks
+the whole outbox again within a session.
 """
 
 from __future__ import annotations
@@ -60,9 +66,6 @@ HOUSEKEEPING_INTERVAL = 60.0
 HOUSEKEEPING_CHUNK = 5000
 
 
-#: seconds between two polls from id 0 (the keyset's safety net, see the module docstring)
-FULL_SCAN_INTERVAL = 60.0
-
 _COLUMNS = (
     "SELECT id, event_id::text, exchange, routing_key, message_type, correlation_id, body,"
     " extract(epoch from created_at)::float8 AS created, traceparent FROM outbox"
@@ -78,13 +81,15 @@ _SEQUENCE = text(
     " WHERE s.seqrelid = pg_get_serial_sequence('outbox', 'id')::regclass"
 )
 _LAST_ID = text("SELECT coalesce(pg_sequence_last_value(CAST(:seq AS int8)::oid::regclass), 0)")
-#: the transactions (but ours) that called nextval on the sequence and are still open
+#: the open transactions (but ours) that called nextval on the sequence: it holds RowExclusiveLock until they end
 _HOLDERS = text(
     "SELECT coalesce(array_agg(virtualtransaction), '{}') FROM pg_locks"
     " WHERE locktype = 'relation' AND relation = CAST(:seq AS int8)::oid AND mode = 'RowExclusiveLock'"
     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     " AND pid IS DISTINCT FROM pg_backend_pid()"
 )
+#: after the batch's delete: an unpublished row the floor would pass is one the poll skipped (SKIP LOCKED)
+_SKIPPED = text("SELECT min(id) FROM outbox WHERE id > :after AND id <= :reach AND published_at IS NULL")
 
 _MARK_PUBLISHED = text("UPDATE outbox SET published_at = now() WHERE id = ANY(:ids)")
 _DELETE_PUBLISHED = text("DELETE FROM outbox WHERE id = ANY(:ids)")
@@ -153,9 +158,9 @@ class Relay:
         """Publish one batch of unpublished events; return how many."""
         keyset = self.keyset
         with self.engine.begin() as conn:
-            settled = keyset.settled(conn)  # before the poll: what it settles, the poll's snapshot sees
-            after = keyset.start()
-            rows = conn.execute(POLL, {"after": after, "limit": limit}).all()
+            # before the poll: what these statements find settled, the poll's snapshot sees committed
+            settled, start = keyset.observe(conn)
+            rows = conn.execute(POLL, {"after": start, "limit": limit}).all()
             # unpacked below: looking columns up by name, and Decimal epochs, were a sixth of the relay CPU
             if rows:
                 # with tracing on, each event continues the trace its row stored (worker/tracing.py)
@@ -182,8 +187,14 @@ class Relay:
                 # column is in the partial index) and costs PostgreSQL 3x a delete
                 done = _DELETE_PUBLISHED if self.settings.worker.outbox_retention_hours == 0 else _MARK_PUBLISHED
                 conn.execute(done, {"ids": [r[0] for r in rows]})
+            reach = keyset.reach(settled, rows[-1][0] if len(rows) == limit else None)
+            # the batch took every id up to reach (no gap): nothing in between can have been skipped
+            if reach - start > sum(1 for r in rows if r[0] <= reach):
+                skipped = conn.execute(_SKIPPED, {"after": start, "reach": reach}).scalar()
+                if skipped is not None:
+                    reach = skipped - 1
         # committed: only now may the floor pass what this batch published
-        keyset.advance(settled, rows[-1][0] if len(rows) == limit else None)
+        keyset.advance(settled, reach)
         if not rows:
             return 0
         self.metrics.relayed(len(rows), time.time() - rows[0][7])
@@ -223,27 +234,25 @@ class Relay:
 class Keyset:
     """The relay's keyset floor (module docstring): every id <= ``after`` is settled and published."""
 
-    def __init__(self, clock: Any = time.monotonic) -> None:
-        self.clock = clock
+    def __init__(self) -> None:
         #: the poll's floor
         self.after = 0
         #: every id <= this was settled before the last poll's snapshot (published or not yet)
         self.settled_to = 0
         #: (the sequence's last value, the transactions that held it then), until they have all ended
         self.pending: tuple[int, frozenset[str]] | None = None
-        self._sequence: int | None = None
-        self._usable = True
-        self._full_scan_at = clock()
+        self._sequence = 0
+        self._usable: bool | None = None
 
-    def settled(self, conn: Any) -> int:
-        """Read the sequence and its holders (in that order); return up to which id all ids are settled."""
-        if self._sequence is None:
-            row = conn.execute(_SEQUENCE).one()
-            self._sequence, self._usable = int(row[0]), int(row[1]) == 1
+    def observe(self, conn: Any) -> tuple[int, int]:
+        """Read the sequence, then who holds it; return up to which id all ids are settled, and where to poll from."""
+        if self._usable is None:
+            sequence, cache = conn.execute(_SEQUENCE).one()
+            self._sequence, self._usable = int(sequence), int(cache) == 1
             if not self._usable:
                 log.warning("outbox id sequence has CACHE > 1: the relay polls from id 0 every round")
         if not self._usable:
-            return 0
+            return 0, 0
         last = int(conn.execute(_LAST_ID, {"seq": self._sequence}).scalar_one())
         holders = frozenset(conn.execute(_HOLDERS, {"seq": self._sequence}).scalar_one())
         settled = self.settled_to
@@ -253,22 +262,19 @@ class Keyset:
             settled, self.pending = max(settled, last), None  # no id <= last is still in flight
         elif self.pending is None:
             self.pending = (last, holders)
-        return settled
+        return settled, self.after
 
-    def start(self) -> int:
-        """Where this poll starts: the floor, or id 0 once per FULL_SCAN_INTERVAL."""
-        if self.clock() - self._full_scan_at >= FULL_SCAN_INTERVAL:
-            self._full_scan_at = self.clock()
-            self.after = 0
-        return self.after
-
-    def advance(self, settled: int, last_of_full_batch: int | None) -> None:
-        """After the poll's transaction committed: move the floor up to what it settled and published.
+    def reach(self, settled: int, last_of_full_batch: int | None) -> int:
+        """How far the floor may move after this poll, its skipped rows aside.
 
         A batch short of the limit took every visible unpublished row above the floor, so all ids up
         to ``settled`` are published; a full one only those up to its last id."""
+        settled = max(self.settled_to, settled)
+        return settled if last_of_full_batch is None else min(settled, last_of_full_batch)
+
+    def advance(self, settled: int, reach: int) -> None:
+        """After the poll's transaction committed: the floor moves up to ``reach``, never down."""
         self.settled_to = max(self.settled_to, settled)
-        reach = self.settled_to if last_of_full_batch is None else min(self.settled_to, last_of_full_batch)
         self.after = max(self.after, reach)
 
 

@@ -99,7 +99,8 @@ def test_the_poll_does_not_walk_the_rows_it_published(settings, clean_db, bus, p
         with clean_db.begin() as conn:
             live, event = insert(conn)
         with clean_db.begin() as conn:
-            new = buffers(conn, POLL, {"after": relay.keyset.start(), "limit": 100})  # where its next poll starts
+            _settled, start = relay.keyset.observe(conn)  # where its next poll starts
+            new = buffers(conn, POLL, {"after": start, "limit": 100})
             old = buffers(conn, FULL_POLL, {"limit": 100})
         print(f"buffers: keyset poll {new}, full poll {old}")
         assert new <= 10 < 50 <= old, (new, old)
@@ -110,3 +111,27 @@ def test_the_poll_does_not_walk_the_rows_it_published(settings, clean_db, bus, p
             conn.execute(text("ALTER TABLE outbox RESET (autovacuum_enabled)"))
         with clean_db.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("VACUUM outbox"))  # leave no dead rows to the tests after this one
+
+
+def test_a_row_another_transaction_held_during_a_poll_is_published_once_it_lets_go(settings, clean_db, bus, publisher):
+    """SKIP LOCKED passes over a row someone else holds (say a relay that lost its lock, not yet its transaction):
+    if that one rolls back, the row is unpublished again, and the floor must not have passed it."""
+    relay = Relay(settings, clean_db)
+    with clean_db.begin() as conn:
+        (held, held_event), (_next, after_event) = insert(conn), insert(conn)
+    zombie = clean_db.connect()
+    try:
+        tx = zombie.begin()
+        zombie.execute(text("SELECT id FROM outbox WHERE id = :i FOR UPDATE"), {"i": held})
+        assert relay.publish_pending(publisher, 100) == 1  # the other one
+        with clean_db.begin() as conn:
+            later, later_event = insert(conn)
+        assert relay.publish_pending(publisher, 100) == 1  # and the next: the floor moves on, up to the held row
+        assert relay.keyset.after < held
+        tx.rollback()  # it never published it
+    finally:
+        zombie.close()
+    assert relay.publish_pending(publisher, 100) == 1, "the row skipped under SKIP LOCKED was never published"
+    assert [e["message_id"] for e in bus.events()] == [after_event, later_event, held_event]
+    assert relay.publish_pending(publisher, 100) == 0
+    assert relay.keyset.after >= later
