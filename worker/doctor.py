@@ -172,6 +172,97 @@ def check_postgres(settings: Settings) -> list[Finding]:
     return found
 
 
+#: the tables the service churns (schema/migrations/versions/0007_autovacuum_churned_tables.py tunes their autovacuum)
+CHURNED_TABLES = ("outbox", "orders", "payments", "inbox", "order_history")
+#: a table is far behind with more dead rows than this and than live ones
+DEAD_ROWS_BEHIND = 10_000
+
+_VACUUM_STATS = (
+    "SELECT s.relname, s.n_live_tup, s.n_dead_tup,"
+    " extract(epoch from now() - greatest(s.last_autovacuum, s.last_vacuum))::float8,"
+    " EXISTS (SELECT FROM unnest(c.reloptions) o WHERE o LIKE 'autovacuum\\_enabled=%' AND NOT split_part(o, '=', 2)::bool)"
+    " FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid"
+    " WHERE s.schemaname = current_schema() AND s.relname = ANY(:tables) ORDER BY s.relname"
+)
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never vacuumed"
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"last vacuumed {seconds / size:.0f} {unit} ago"
+    return f"last vacuumed {seconds:.0f} s ago"
+
+
+def check_vacuum(settings: Settings) -> list[Finding]:
+    """Whether autovacuum keeps the churned tables clean: on, not disabled per table, not far behind.
+
+    Warnings only: the service runs, but dead rows make every read of those tables slower."""
+    from sqlalchemy import text
+
+    from worker import db
+
+    engine = db.make_engine(settings.database, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            enabled = conn.execute(text("SHOW autovacuum")).scalar_one() == "on"
+            stats = conn.execute(text(_VACUUM_STATS), {"tables": list(CHURNED_TABLES)}).all()
+    except Exception:  # noqa: BLE001 - check_postgres already said why PostgreSQL cannot be read
+        return []
+    finally:
+        engine.dispose()
+    fix_on = (
+        "Turn it on (autovacuum = on in postgresql.conf, then SELECT pg_reload_conf()); until then run "
+        f"VACUUM (ANALYZE) {', '.join(CHURNED_TABLES)} from cron every few minutes."
+    )
+    found: list[Finding] = []
+    if not enabled:
+        found.append(
+            Finding(
+                "autovacuum",
+                True,
+                "autovacuum is off: dead rows of the outbox, orders, payments and inbox are never cleaned up, "
+                "and every read of those tables slows down as they pile up",
+                fix_on,
+                warning=True,
+            )
+        )
+    disabled = [name for name, _live, _dead, _ago_s, off in stats if off]
+    if disabled:
+        found.append(
+            Finding(
+                "autovacuum",
+                True,
+                f"autovacuum is disabled on {', '.join(disabled)} (autovacuum_enabled = false)",
+                f"ALTER TABLE <table> RESET (autovacuum_enabled) for each of {', '.join(disabled)}.",
+                warning=True,
+            )
+        )
+    behind = [(name, live, dead, ago) for name, live, dead, ago, _off in stats if dead > max(DEAD_ROWS_BEHIND, live)]
+    if behind:
+        names = ", ".join(name for name, *_ in behind)
+        found.append(
+            Finding(
+                "vacuum",
+                True,
+                "far behind: "
+                + "; ".join(
+                    f"{name}: {dead:,} dead rows, {live:,} live, {_ago(ago)}" for name, live, dead, ago in behind
+                ),
+                fix_on
+                if not enabled
+                else f"Run VACUUM (ANALYZE) {names} now, then look for what holds autovacuum back: a long open "
+                "transaction (pg_stat_activity: 'idle in transaction', an old xact_start), a forgotten replication "
+                "slot or prepared transaction (migration 0007 has it start at 1,000 dead outbox rows, 5,000 elsewhere).",
+                warning=True,
+            )
+        )
+    if not found:
+        found.append(Finding("vacuum", True, f"autovacuum is on and keeps up with {', '.join(CHURNED_TABLES)}"))
+    return found
+
+
 def check_rabbitmq(settings: Settings) -> list[Finding]:
     from urllib.parse import urlsplit
 
@@ -352,6 +443,14 @@ def run_all(config: Path | None) -> list[Finding]:
     settings, findings = check_configuration(config)
     if settings is None:
         return findings
-    for check in (check_production, check_senders, check_postgres, check_rabbitmq, check_redis, check_payments):
+    for check in (
+        check_production,
+        check_senders,
+        check_postgres,
+        check_vacuum,
+        check_rabbitmq,
+        check_redis,
+        check_payments,
+    ):
         findings += check(settings)
     return findings

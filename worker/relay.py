@@ -11,6 +11,29 @@ the batch under the same message ids, so consumers can deduplicate.
 Events of one order leave in commit order: the transactions that write them
 serialise on the order's row lock, so their ids grow in commit order, and
 one relay publishes them in id order on one channel.
+
+The poll is a keyset: ``id > :after`` on the partial index of unpublished
+rows, so it never walks the index entries (and dead heap tuples) of the rows
+it already published and deleted, however far autovacuum lags behind.
+Ids come from a sequence and commit out of order (a worker that took id 10
+may commit after id 11 was published), so ``after`` is not the last id
+published but a floor below which every id is *settled*: its transaction
+has ended, and the row, if committed, was published.  ``nextval`` holds a
+``RowExclusiveLock`` on the sequence until its transaction ends; so after
+reading the sequence's last value ``H`` and then the transactions holding
+that lock, every id <= ``H`` is settled once all of those have ended (read
+from ``pg_locks``: no xid arithmetic, no clock).  The floor then moves up to
+``H`` (or to the last id of a full batch below it).  It lives in memory, per
+relay session: a new session (a takeover, a restart) starts from id 0.
+
+``SKIP LOCKED`` skips rows another transaction holds (a relay that lost its
+lock but not yet its transaction, an operator's ``DELETE``); if that one rolls
+back, the rows are unpublished again.  So before the floor moves, one more
+look in the same transaction, after the batch's delete, asks for the lowest
+unpublished id between where the poll started and where the floor would go:
+a skipped row is found there (whether its holder is still at it or rolled
+back), and the floor stays below it until a poll takes it.  No poll walks
+the whole outbox again within a session.
 """
 
 from __future__ import annotations
@@ -43,6 +66,31 @@ HOUSEKEEPING_INTERVAL = 60.0
 HOUSEKEEPING_CHUNK = 5000
 
 
+_COLUMNS = (
+    "SELECT id, event_id::text, exchange, routing_key, message_type, correlation_id, body,"
+    " extract(epoch from created_at)::float8 AS created, traceparent FROM outbox"
+)
+#: the relay's poll: unpublished rows above the keyset floor, in id order (index ix_outbox_unpublished)
+POLL = text(f"{_COLUMNS} WHERE id > :after AND published_at IS NULL ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED")
+#: the poll before the keyset (issue 25): from the first unpublished entry, through every dead one
+FULL_POLL = text(f"{_COLUMNS} WHERE published_at IS NULL ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED")
+#: the outbox's id sequence, and whether each nextval reaches it (CACHE 1: else a session's
+#: cached ids are handed out later without touching it, and no floor can be trusted)
+_SEQUENCE = text(
+    "SELECT s.seqrelid::int8, s.seqcache FROM pg_sequence s"
+    " WHERE s.seqrelid = pg_get_serial_sequence('outbox', 'id')::regclass"
+)
+_LAST_ID = text("SELECT coalesce(pg_sequence_last_value(CAST(:seq AS int8)::oid::regclass), 0)")
+#: the open transactions (but ours) that called nextval on the sequence: it holds RowExclusiveLock until they end
+_HOLDERS = text(
+    "SELECT coalesce(array_agg(virtualtransaction), '{}') FROM pg_locks"
+    " WHERE locktype = 'relation' AND relation = CAST(:seq AS int8)::oid AND mode = 'RowExclusiveLock'"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND pid IS DISTINCT FROM pg_backend_pid()"
+)
+#: after the batch's delete: an unpublished row the floor would pass is one the poll skipped (SKIP LOCKED)
+_SKIPPED = text("SELECT min(id) FROM outbox WHERE id > :after AND id <= :reach AND published_at IS NULL")
+
 _MARK_PUBLISHED = text("UPDATE outbox SET published_at = now() WHERE id = ANY(:ids)")
 _DELETE_PUBLISHED = text("DELETE FROM outbox WHERE id = ANY(:ids)")
 
@@ -53,6 +101,7 @@ class Relay:
         self.engine = engine
         self.metrics = metrics
         self._last_housekeeping = 0.0
+        self.keyset = Keyset()
 
     def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set: active while it holds the lock, a standby otherwise."""
@@ -71,6 +120,7 @@ class Relay:
             listener.close()
             raise
         log.info("relay active")
+        self.keyset = Keyset()  # per session: a takeover starts from id 0
         return _RelaySession(self, listener, publisher)
 
     def _listen(self) -> Any:
@@ -106,41 +156,47 @@ class Relay:
 
     def publish_pending(self, publisher: PipelinedPublisher, limit: int) -> int:
         """Publish one batch of unpublished events; return how many."""
+        keyset = self.keyset
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT id, event_id::text, exchange, routing_key, message_type, correlation_id, body,"
-                    " extract(epoch from created_at)::float8 AS created, traceparent FROM outbox WHERE published_at IS NULL"
-                    " ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
-                ),
-                {"limit": limit},
-            ).all()  # unpacked below: looking columns up by name, and Decimal epochs, were a sixth of the relay CPU
-            if not rows:
-                return 0
-            # with tracing on, each event continues the trace its row stored (worker/tracing.py)
-            tracing.relay_publish(
-                publisher.publish_batch,
-                [
-                    Outgoing(
-                        exchange,
-                        routing_key,
-                        body.encode(),
-                        {
-                            "message_id": event_id,
-                            "type": message_type,
-                            "correlation_id": correlation_id,
-                            "timestamp": int(created),
-                            "app_id": "orders",
-                        },
-                    )
-                    for _, event_id, exchange, routing_key, message_type, correlation_id, body, created, _ in rows
-                ],
-                [r[8] for r in rows],
-            )
-            # with no retention, delete: marking can never be a HOT update (the
-            # column is in the partial index) and costs PostgreSQL 3x a delete
-            done = _DELETE_PUBLISHED if self.settings.worker.outbox_retention_hours == 0 else _MARK_PUBLISHED
-            conn.execute(done, {"ids": [r[0] for r in rows]})
+            # before the poll: what these statements find settled, the poll's snapshot sees committed
+            settled, start = keyset.observe(conn)
+            rows = conn.execute(POLL, {"after": start, "limit": limit}).all()
+            # unpacked below: looking columns up by name, and Decimal epochs, were a sixth of the relay CPU
+            if rows:
+                # with tracing on, each event continues the trace its row stored (worker/tracing.py)
+                tracing.relay_publish(
+                    publisher.publish_batch,
+                    [
+                        Outgoing(
+                            exchange,
+                            routing_key,
+                            body.encode(),
+                            {
+                                "message_id": event_id,
+                                "type": message_type,
+                                "correlation_id": correlation_id,
+                                "timestamp": int(created),
+                                "app_id": "orders",
+                            },
+                        )
+                        for _, event_id, exchange, routing_key, message_type, correlation_id, body, created, _ in rows
+                    ],
+                    [r[8] for r in rows],
+                )
+                # with no retention, delete: marking can never be a HOT update (the
+                # column is in the partial index) and costs PostgreSQL 3x a delete
+                done = _DELETE_PUBLISHED if self.settings.worker.outbox_retention_hours == 0 else _MARK_PUBLISHED
+                conn.execute(done, {"ids": [r[0] for r in rows]})
+            reach = keyset.reach(settled, rows[-1][0] if len(rows) == limit else None)
+            # the batch took every id up to reach (no gap): nothing in between can have been skipped
+            if reach - start > sum(1 for r in rows if r[0] <= reach):
+                skipped = conn.execute(_SKIPPED, {"after": start, "reach": reach}).scalar()
+                if skipped is not None:
+                    reach = skipped - 1
+        # committed: only now may the floor pass what this batch published
+        keyset.advance(settled, reach)
+        if not rows:
+            return 0
         self.metrics.relayed(len(rows), time.time() - rows[0][7])
         return len(rows)
 
@@ -173,6 +229,53 @@ class Relay:
         if any(deleted.values()):
             log.info("housekeeping", **{f"deleted_{k}": v for k, v in deleted.items()})
         return deleted
+
+
+class Keyset:
+    """The relay's keyset floor (module docstring): every id <= ``after`` is settled and published."""
+
+    def __init__(self) -> None:
+        #: the poll's floor
+        self.after = 0
+        #: every id <= this was settled before the last poll's snapshot (published or not yet)
+        self.settled_to = 0
+        #: (the sequence's last value, the transactions that held it then), until they have all ended
+        self.pending: tuple[int, frozenset[str]] | None = None
+        self._sequence = 0
+        self._usable: bool | None = None
+
+    def observe(self, conn: Any) -> tuple[int, int]:
+        """Read the sequence, then who holds it; return up to which id all ids are settled, and where to poll from."""
+        if self._usable is None:
+            sequence, cache = conn.execute(_SEQUENCE).one()
+            self._sequence, self._usable = int(sequence), int(cache) == 1
+            if not self._usable:
+                log.warning("outbox id sequence has CACHE > 1: the relay polls from id 0 every round")
+        if not self._usable:
+            return 0, 0
+        last = int(conn.execute(_LAST_ID, {"seq": self._sequence}).scalar_one())
+        holders = frozenset(conn.execute(_HOLDERS, {"seq": self._sequence}).scalar_one())
+        settled = self.settled_to
+        if self.pending is not None and not (self.pending[1] & holders):
+            settled, self.pending = max(settled, self.pending[0]), None  # all of them have ended
+        if not holders:
+            settled, self.pending = max(settled, last), None  # no id <= last is still in flight
+        elif self.pending is None:
+            self.pending = (last, holders)
+        return settled, self.after
+
+    def reach(self, settled: int, last_of_full_batch: int | None) -> int:
+        """How far the floor may move after this poll, its skipped rows aside.
+
+        A batch short of the limit took every visible unpublished row above the floor, so all ids up
+        to ``settled`` are published; a full one only those up to its last id."""
+        settled = max(self.settled_to, settled)
+        return settled if last_of_full_batch is None else min(settled, last_of_full_batch)
+
+    def advance(self, settled: int, reach: int) -> None:
+        """After the poll's transaction committed: the floor moves up to ``reach``, never down."""
+        self.settled_to = max(self.settled_to, settled)
+        self.after = max(self.after, reach)
 
 
 class _RelaySession:
