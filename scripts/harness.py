@@ -9,6 +9,8 @@ What each of them needs around the service, in one place:
   when the Python process ends: at exit (``atexit``), and on SIGTERM or SIGHUP
   (a killed pytest or benchmark leaves no orphans behind).
 * :class:`RedisServer`: a ``redis-server`` of the caller's own, on a free port.
+* :class:`RabbitNode`: a RabbitMQ node of the caller's own (root), for alarms and stops that the
+  machine's shared node must never see.
 * :func:`fresh_database` / :func:`drop_database`: a database made anew and migrated.
 * :func:`create_vhost` / :func:`delete_vhost`: a RabbitMQ vhost of the caller's own,
   through ``rabbitmqctl`` (no management plugin needed).  The command is
@@ -367,6 +369,137 @@ def fresh_database(database: Any, migrate: bool = True) -> None:
 def rabbitmqctl_argv() -> list[str]:
     """How rabbitmqctl is run: ``ORDERS_TEST_RABBITMQCTL`` (shell words) or ``rabbitmqctl``."""
     return shlex.split(os.environ.get("ORDERS_TEST_RABBITMQCTL", "")) or ["rabbitmqctl"]
+
+
+# -- a RabbitMQ node of the caller's own ----------------------------------------------------------
+
+#: where Debian's rabbitmq-server package puts the node's own scripts
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+#: the rabbitmq user's home: its Erlang cookie administers the node
+RABBIT_HOME = "/var/lib/rabbitmq"
+
+
+def can_run_private_rabbit() -> str | None:
+    """Why :class:`RabbitNode` cannot run here, or None when it can."""
+    if os.geteuid() != 0:
+        return "a private RabbitMQ node runs as the rabbitmq user: needs root"
+    if not (RABBIT_BIN / "rabbitmq-server").exists():
+        return "rabbitmq-server is not installed (Debian package rabbitmq-server)"
+    return None
+
+
+class RabbitNode:
+    """A RabbitMQ node of the caller's own (``<name>@localhost``) on free loopback ports, run by the
+    machine's rabbitmq-server as the rabbitmq user (root needed), as ``scripts/cluster.sh`` runs its nodes.
+
+    For what must never be done to the machine's shared node (5672): resource alarms
+    (:meth:`disk_alarm`), stops.  Its user is ``guest`` (loopback only); its data lives in ``directory``
+    (removed by :meth:`remove`).
+    """
+
+    def __init__(self, directory: Path, name: str | None = None, boot_timeout: float = 120) -> None:
+        self.name = f"{name or f'orders-private-{os.getpid()}'}@localhost"
+        self.dir = Path(directory)
+        self.port, self.dist_port = free_port(), free_port()
+        self.boot_timeout = boot_timeout
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def ctl_argv(self) -> list[str]:
+        """rabbitmqctl for this node (root runs it as the rabbitmq user)."""
+        return ["runuser", "-u", "rabbitmq", "--", "env", f"HOME={RABBIT_HOME}", str(RABBIT_BIN / "rabbitmqctl"),
+                "-n", self.name]  # fmt: skip
+
+    def ctl(self, *args: str, timeout: float = RABBITMQCTL_TIMEOUT, check: bool = True) -> str:
+        try:
+            done = subprocess.run(
+                [*self.ctl_argv(), *args], capture_output=True, text=True, timeout=timeout, check=False, cwd="/"
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise HarnessError(f"rabbitmqctl -n {self.name} {args[0]} failed ({exc})") from None
+        if check and done.returncode != 0:
+            said = (done.stderr or done.stdout).strip()[-1500:]
+            raise HarnessError(f"rabbitmqctl -n {self.name} {args[0]} failed ({done.returncode}): {said}")
+        return done.stdout
+
+    def start(self) -> RabbitNode:
+        """Boot the node and wait until it runs; :class:`HarnessError` when it does not."""
+        why = can_run_private_rabbit()
+        if why:
+            raise HarnessError(why)
+        for sub in ("mnesia", "log"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users.guest = true\n"
+        )
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        # instead of /etc/rabbitmq/rabbitmq-env.conf (which names the machine's node)
+        (self.dir / "rabbitmq-env.conf").write_text(
+            'ERL_EPMD_ADDRESS=127.0.0.1\nexport ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"\n'
+        )
+        path = self.dir
+        while path != path.parent:  # the rabbitmq user must reach it (mkdtemp makes 0700 directories)
+            if path.stat().st_uid == os.geteuid():
+                path.chmod(path.stat().st_mode | 0o755)
+            path = path.parent
+        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.dir)], check=True)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": RABBIT_HOME,
+            "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.dir / "advanced.config"),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(self.dir / "feature_flags"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.dir / "pid"),
+        }
+        argv = ["runuser", "-u", "rabbitmq", "--", "env", *(f"{k}={v}" for k, v in env.items())]
+        done = subprocess.run(
+            [*argv, str(RABBIT_BIN / "rabbitmq-server"), "-detached"],
+            capture_output=True, text=True, timeout=60, check=False, cwd=str(self.dir),
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise HarnessError(f"rabbitmq-server {self.name} did not start: {done.stderr.strip()[-1500:]}")
+        try:
+            self.ctl("-q", "wait", "--timeout", str(int(self.boot_timeout)), str(self.dir / "pid"),
+                     timeout=self.boot_timeout + 30)  # fmt: skip
+        except HarnessError:
+            logs = sorted((self.dir / "log").glob("*.log"))
+            tail = logs[0].read_text(errors="replace")[-1500:] if logs else ""
+            self.stop()
+            raise HarnessError(f"{self.name} did not boot within {self.boot_timeout:.0f}s: {tail}") from None
+        return self
+
+    def disk_alarm(self, on: bool) -> None:
+        """Raise a disk alarm (a free-disk limit no disk meets), or lift it: publishers are blocked meanwhile."""
+        self.ctl("-q", "set_disk_free_limit", "1000000GB" if on else "50MB")
+
+    def alarms(self) -> str:
+        """What ``rabbitmq-diagnostics alarms`` would say, from the node's own status."""
+        return self.ctl("-q", "eval", "rabbit_alarm:get_alarms().", check=False).strip()
+
+    def blocked_connections(self) -> int:
+        """Connections the node blocks now (a resource alarm met their publishing)."""
+        return self.ctl("-q", "list_connections", "state", check=False).split().count("blocked")
+
+    def stop(self) -> None:
+        """Stop the node (and wait until its process is gone)."""
+        pid = self.dir / "pid"
+        with contextlib.suppress(HarnessError):
+            self.ctl("-q", "stop", *([str(pid)] if pid.exists() else []), timeout=120, check=False)
+
+    def remove(self) -> None:
+        """Stop it and delete its data."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # -- the cluster of scripts/cluster.sh ---------------------------------------------------------

@@ -6,7 +6,10 @@ connection (and so the lock) goes away.  Each round selects unpublished rows
 in id order (``FOR UPDATE SKIP LOCKED``), publishes them on one channel,
 waits until the broker confirmed all of them, and only then marks them
 published, in the same transaction.  A relay killed in between republishes
-the batch under the same message ids, so consumers can deduplicate.
+the batch under the same message ids, so consumers can deduplicate.  Under a
+RabbitMQ resource alarm the broker blocks the publisher: the relay waits
+(the round's transaction stays open) instead of giving up and publishing the
+batch again, so an alarm of any length repeats nothing.
 
 Events of one order leave in commit order: the transactions that write them
 serialise on the order's row lock, so their ids grow in commit order, and
@@ -46,7 +49,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 import structlog
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, event, text
 
 from worker import tracing
 from worker.metrics import NO_METRICS, MetricsSink
@@ -102,26 +105,44 @@ class Relay:
         self.metrics = metrics
         self._last_housekeeping = 0.0
         self.keyset = Keyset()
+        #: the connection of the latest transaction begun on the engine (the round's, while one runs)
+        self._round: Connection | None = None
 
     def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set: active while it holds the lock, a standby otherwise."""
         # any failure (PostgreSQL, RabbitMQ, the lock's connection) ends the session; the next one starts afresh
-        keep_running("relay", self._open, stop, lost=(Exception,))
+        keep_running("relay", lambda: self._open(stop), stop, lost=(Exception,))
 
-    def _open(self) -> _RelaySession:
+    def _open(self, stop: threading.Event | None = None) -> _RelaySession:
         listener = self._listen()
         try:
             if not self._try_lock(listener):
                 raise Standby("another relay is active", self.settings.relay.poll_interval_seconds)
+            # under a resource alarm it waits (heartbeats still tell a dead broker), and ends its wait on stop
             publisher = PipelinedPublisher(
-                self.settings.rabbitmq.url.get_secret_value(), self.settings.rabbitmq.heartbeat_seconds
+                self.settings.rabbitmq.url.get_secret_value(),
+                self.settings.rabbitmq.heartbeat_seconds,
+                stop=stop,
+                while_blocked=self._keep_round_alive,
             ).connect()
         except BaseException:
             listener.close()
             raise
+        event.listen(self.engine, "begin", self._on_begin)
         log.info("relay active")
         self.keyset = Keyset()  # per session: a takeover starts from id 0
         return _RelaySession(self, listener, publisher)
+
+    def _on_begin(self, conn: Connection) -> None:
+        self._round = conn
+
+    def _keep_round_alive(self) -> None:
+        """While the broker blocks the round's publish (a resource alarm), a statement now and then in the
+        round's transaction: PostgreSQL ends a transaction idle for 60 s (``worker/db.py``), and the batch
+        would then be published again by the next round although the broker holds it already."""
+        conn = self._round
+        if conn is not None and not conn.closed and conn.in_transaction():
+            conn.exec_driver_sql("SELECT 1")
 
     def _listen(self) -> Any:
         conn = psycopg2.connect(self.settings.database.dsn, connect_timeout=5, application_name="orders-relay")
@@ -288,6 +309,9 @@ class _RelaySession:
         self.relay._loop(self.listener, self.publisher, stop)
 
     def close(self) -> None:
+        if event.contains(self.relay.engine, "begin", self.relay._on_begin):
+            event.remove(self.relay.engine, "begin", self.relay._on_begin)
+        self.relay._round = None
         self.publisher.close()
         if not self.listener.closed:
             self.listener.close()

@@ -87,13 +87,20 @@ def node_urls(url: str) -> list[str]:
     return urls
 
 
-def connection_parameters(url: str, heartbeat: int) -> list[pika.URLParameters]:
-    """One parameter set per node of ``url``, shuffled: pika tries them in turn."""
+def connection_parameters(url: str, heartbeat: int, wait_out_alarms: bool = False) -> list[pika.URLParameters]:
+    """One parameter set per node of ``url``, shuffled: pika tries them in turn.
+
+    A connection that the broker blocks (``connection.blocked``: a memory or
+    disk alarm) is closed by pika after ``max(2 x heartbeat, 30)`` seconds,
+    unless ``wait_out_alarms``: then it waits as long as the alarm lasts (the
+    relay's publisher, see :mod:`worker.rabbit.publisher`); heartbeats still
+    close it when the broker itself is gone.
+    """
     found = []
     for node in node_urls(url):
         params = pika.URLParameters(node)
         params.heartbeat = heartbeat
-        params.blocked_connection_timeout = max(heartbeat * 2, 30)
+        params.blocked_connection_timeout = None if wait_out_alarms else max(heartbeat * 2, 30)
         params.connection_attempts = 1
         params.socket_timeout = 5
         found.append(params)
@@ -105,8 +112,8 @@ def connection_parameters(url: str, heartbeat: int) -> list[pika.URLParameters]:
 class NodeRotation:
     """For connections that take one parameter set (select and asyncio adapters): the next node each time."""
 
-    def __init__(self, url: str, heartbeat: int) -> None:
-        self._params = connection_parameters(url, heartbeat)
+    def __init__(self, url: str, heartbeat: int, wait_out_alarms: bool = False) -> None:
+        self._params = connection_parameters(url, heartbeat, wait_out_alarms)
         self._next = 0
 
     def next(self) -> pika.URLParameters:

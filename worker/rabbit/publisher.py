@@ -1,19 +1,37 @@
-"""The pipelined confirmed publisher of the relay: many messages in flight, one wait for all confirms."""
+"""The pipelined confirmed publisher of the relay: many messages in flight, one wait for all confirms.
+
+Under a resource alarm (memory or disk) RabbitMQ stops reading a publishing
+connection and says so (``connection.blocked``).  The batch written so far
+then waits in socket buffers, and the broker reads and routes all of it once
+the alarm clears, whether or not this connection is still there.  So the
+publisher waits the alarm out: no confirm timeout and no blocked-connection
+timeout while blocked (giving up would leave that batch behind in the
+broker's buffers, and the relay's next session would publish it a second
+time).  It still stops at once when asked (``stop``) and still fails when the
+broker is gone (heartbeats, a closed socket).
+"""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pika
 import pika.exceptions
+import structlog
 from pika.spec import Basic
 
-from worker.errors import ConnectionLost, PublishNotConfirmed
+from worker.errors import ConnectionLost, PublishNotConfirmed, StopRequested
 from worker.rabbit.connection import PIKA_ERRORS, NodeRotation, Outgoing, basic_properties, lost
+
+log = structlog.get_logger("worker.rabbit.publisher")
+
+#: seconds between two calls of ``while_blocked`` during a resource alarm
+BLOCKED_TICK = 10.0
 
 
 class _HeldWritesConnection(pika.SelectConnection):
@@ -50,11 +68,23 @@ class PipelinedPublisher:
 
     Built on ``SelectConnection`` and its I/O loop, driven from the caller's
     thread; the confirms of one batch usually arrive as a few ``multiple``
-    acks.
+    acks.  While the broker blocks the connection (a resource alarm) the wait
+    for confirms has no time limit; ``stop`` ends it (:class:`StopRequested`).
     """
 
-    def __init__(self, url: str, heartbeat: int = 30) -> None:
-        self._nodes = NodeRotation(url, heartbeat)
+    def __init__(
+        self,
+        url: str,
+        heartbeat: int = 30,
+        stop: threading.Event | None = None,
+        while_blocked: Callable[[], None] | None = None,
+    ) -> None:
+        self._nodes = NodeRotation(url, heartbeat, wait_out_alarms=True)
+        self._stop = stop
+        #: called every BLOCKED_TICK seconds while blocked (the relay keeps its round's transaction alive)
+        self._while_blocked = while_blocked
+        #: since when the broker blocks this connection (``connection.blocked``), None while it does not
+        self._blocked_since: float | None = None
         self._conn: _HeldWritesConnection | None = None
         self._channel: Any = None
         self._ready = False
@@ -70,6 +100,9 @@ class PipelinedPublisher:
             on_open_error_callback=self._on_failed,
             on_close_callback=self._on_failed,
         )
+        self._conn.add_on_connection_blocked_callback(self._on_blocked)
+        self._conn.add_on_connection_unblocked_callback(self._on_unblocked)
+        self._blocked_since = None
         # driven by poll() from this thread, as BlockingConnection drives it
         self._conn.ioloop.activate_poller()
         self._run_until(lambda: self._ready, timeout, "connecting")
@@ -86,6 +119,26 @@ class PipelinedPublisher:
     def _on_failed(self, *args: Any) -> None:
         self._error = repr(args[-1]) if args else "closed"
         self._ready = False
+
+    def _on_blocked(self, _conn: Any, frame: Any) -> None:
+        if self._blocked_since is None:
+            self._blocked_since = time.monotonic()
+            reason = getattr(frame.method, "reason", "")
+            log.warning(
+                "broker blocks publishing, waiting for the alarm to clear",
+                reason=reason,
+                unconfirmed=len(self._unconfirmed),
+            )
+
+    def _on_unblocked(self, _conn: Any, _frame: Any) -> None:
+        if self._blocked_since is not None:
+            log.info("broker publishing again", blocked_seconds=round(time.monotonic() - self._blocked_since, 1))
+        self._blocked_since = None
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the broker blocks this connection now (a resource alarm)."""
+        return self._blocked_since is not None
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -106,10 +159,20 @@ class PipelinedPublisher:
     def _run_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
         assert self._conn is not None
         deadline = time.monotonic() + timeout
+        ticked = time.monotonic()
         ioloop = self._conn.ioloop
         while not done():
             if self._error is not None:
                 raise ConnectionLost(f"{what}: {self._error}")
+            if self._blocked_since is not None:
+                # a resource alarm: what was written waits in the broker's buffers and is routed once the
+                # alarm clears; giving up now would have it published twice (see the module's docstring)
+                if self._stop is not None and self._stop.is_set():
+                    raise StopRequested(f"{what}: stopped while the broker blocks publishing")
+                deadline = time.monotonic() + timeout  # the timeout counts from the end of the alarm
+                if self._while_blocked is not None and time.monotonic() - ticked >= BLOCKED_TICK:
+                    ticked = time.monotonic()
+                    self._while_blocked()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PublishNotConfirmed(f"{what}: no answer within {timeout}s")
@@ -123,11 +186,17 @@ class PipelinedPublisher:
                 ioloop.remove_timeout(timer)
 
     def publish_batch(self, messages: list[Outgoing], timeout: float = 30) -> None:
-        """Publish all, then block until every one is confirmed; raise otherwise."""
+        """Publish all, then block until every one is confirmed; raise otherwise.
+
+        ``timeout`` bounds the wait for confirms while the broker reads; while it
+        blocks the connection the wait lasts until the alarm clears, ``stop`` is
+        set (:class:`StopRequested`) or the connection is lost."""
         if not self._ready or self._channel is None:
             raise ConnectionLost(self._error or "publisher not connected")
         self._nacked = 0
         assert self._conn is not None
+        if self._blocked_since is not None:  # still blocked after the last batch: add nothing to its buffers
+            self._run_until(lambda: self._blocked_since is None, timeout, "waiting for the alarm to clear")
         try:
             with self._conn.held_writes():
                 for m in messages:
