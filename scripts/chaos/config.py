@@ -36,6 +36,9 @@ class ChaosConfig:
     #: "single" (the machine's servers behind proxies) or "cluster" (scripts/cluster.sh: three RabbitMQ
     #: nodes, a PostgreSQL primary with a synchronous standby; nodes stopped, the primary failed over)
     topology: str = "single"
+    #: single topology: a RabbitMQ node of the run's own (``scripts.harness.RabbitNode``, root) behind the proxy
+    #: instead of the machine's shared node; with it (and on a cluster) the run also raises a disk alarm
+    private_rabbit: bool = False
     #: shortest load window (seconds); None: 150 on a cluster (its faults take minutes), else 20
     min_window: float | None = None
     database: str = "orders_chaos"
@@ -50,6 +53,8 @@ class ChaosConfig:
     rabbit_outage_s: float = 8.0
     postgres_outage_s: float = 8.0
     redis_outage_s: float = 15.0
+    #: how long the disk alarm lasts: longer than the relay's 30 s confirm timeout, which it must wait out
+    alarm_s: float = 40.0
     shim_share: float = 0.15
     cancel_share: float = 0.12
     retry_delays: tuple[int, ...] = (1, 3, 10, 30)
@@ -77,12 +82,18 @@ class ChaosConfig:
             "rabbit_outage_s": 5.0,
             "postgres_outage_s": 5.0,
             "redis_outage_s": 8.0,
+            "alarm_s": 35.0,
             "quiesce_timeout": 240.0,
             "timeout": 600.0,
             "payment_timeout_minutes": 1.5,
         }
         values.update(overrides)
         return cls(**values)
+
+    @property
+    def alarms(self) -> bool:
+        """Whether the run raises a resource alarm: only on a broker of its own, never on the shared node."""
+        return self.topology == "cluster" or (self.private_rabbit and not self.real_restarts)
 
     @property
     def window(self) -> float:

@@ -1,5 +1,6 @@
-"""The injections: the seeded schedule of worker and relay SIGKILLs and of RabbitMQ, PostgreSQL and
-Redis outages (:class:`Injector`), carried out while the load runs.
+"""The injections: the seeded schedule of worker and relay SIGKILLs, of RabbitMQ, PostgreSQL and
+Redis outages and, on a broker of the run's own, a RabbitMQ disk alarm (:class:`Injector`), carried out
+while the load runs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ OUTAGES = ("rabbitmq restart", "postgresql restart", "redis stop")
 #: on a cluster: the node leading orders.place stopped (and started later), then another node, the
 #: PostgreSQL primary stopped with -m immediate and its standby promoted, and Redis as on one box
 CLUSTER_OUTAGES = ("rabbitmq leader stop", "rabbitmq node stop", "postgresql failover", "redis stop")
+#: a disk alarm on the run's own broker (``--private-rabbit`` or a cluster; never the machine's shared node):
+#: RabbitMQ blocks every publishing connection until it is lifted
+ALARM = "rabbitmq alarm"
 #: the queue whose leader is stopped first
 LEADER_QUEUE = "orders.place"
 
@@ -44,6 +48,8 @@ class Injector:
         self.cfg, self.stack = cfg, stack
         rnd = random.Random(f"injections-{cfg.seed}")
         outages = CLUSTER_OUTAGES if cfg.topology == "cluster" else OUTAGES
+        if cfg.alarms:
+            outages = (*outages, ALARM)
         self.outages = outages
         kinds = ["worker kill"] * cfg.worker_kills + ["relay kill"] * cfg.relay_kills + list(outages)
         rnd.shuffle(kinds)
@@ -167,6 +173,18 @@ class Injector:
 
     def _redis_stop(self, inj: Injection) -> None:
         self._outage(inj, "redis", self.cfg.redis_outage_s, "redis")
+
+    def _rabbitmq_alarm(self, inj: Injection) -> None:
+        started = time.monotonic()
+        node = self.stack.alarm(True)
+        try:
+            time.sleep(self.cfg.alarm_s)
+        finally:
+            self.stack.alarm(False)
+        inj.detail = (
+            f"disk alarm on {node} for {time.monotonic() - started:.1f}s "
+            "(set_disk_free_limit 1000000GB, then 50MB): publishers blocked meanwhile"
+        )
 
     # -- a cluster's nodes, one at a time ------------------------------------------------
 

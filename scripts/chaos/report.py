@@ -72,6 +72,7 @@ def injected_rows(
             ]
         ),
         ("Redis stopped", "1", str(done("redis stop")), detail("redis stop")),
+        *([("RabbitMQ disk alarm", "1", str(done("rabbitmq alarm")), detail("rabbitmq alarm"))] if cfg.alarms else []),
         (
             "payment fakes failing",
             f"{cfg.fault_rate:.0%} of calls",
@@ -183,6 +184,19 @@ def injected_rows(
     return rows
 
 
+def repeats(snap: Snapshot) -> dict[str, int]:
+    """Events delivered more than once under the same id (at-least-once allows it; the run counts them):
+    the extra deliveries, the ids concerned and the orders they belong to."""
+    seen = Counter(e["message_id"] for e in snap.events)
+    again = {mid for mid, n in seen.items() if n > 1}
+    orders = {e["body"].get("order_id") for e in snap.events if e["message_id"] in again and e["body"]}
+    return {
+        "extra_deliveries": sum(n - 1 for n in seen.values()),
+        "events": len(again),
+        "orders": len(orders),
+    }
+
+
 def render(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -195,6 +209,8 @@ def render(result: dict[str, Any]) -> None:
             if result.get("topology") == "cluster"
             else "real restarts"
             if result["real_restarts"]
+            else "proxies + private RabbitMQ node (disk alarm) + private Redis"
+            if result.get("private_rabbit")
             else "proxies + private Redis"
         ),
         show_lines=False,
@@ -217,6 +233,12 @@ def render(result: dict[str, Any]) -> None:
             )
             for p in chk["problems"][:10]:
                 console.print("   ", p)
+    rep = result.get("repeats")
+    if rep is not None:
+        console.print(
+            f"Repeats: {rep['extra_deliveries']} extra deliveries of {rep['events']} events (same message id), "
+            f"{rep['orders']} orders concerned, of {result['events_captured']} events captured"
+        )
     verdict = "[green]PASSED[/green]" if result["ok"] else "[red]FAILED[/red]"
     console.print(
         f"{verdict} in {result['runtime_s']:.0f}s (load {result['load_s']:.0f}s, quiescence after "

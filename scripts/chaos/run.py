@@ -16,7 +16,8 @@ command queues.
 Meanwhile, on a schedule drawn from ``--seed``, it SIGKILLs worker processes
 (the supervisor restarts them) and the active relay (the standby takes over,
 the script restarts the killed one), takes RabbitMQ and PostgreSQL away once
-each and stops Redis for a while.  By default the service reaches RabbitMQ and
+each and stops Redis for a while; on a broker of its own (``--private-rabbit``,
+or a cluster) it raises a disk alarm too.  By default the service reaches RabbitMQ and
 PostgreSQL through loopback TCP proxies the script cuts (the machine's shared
 servers are never touched) and uses a private ``redis-server`` it stops;
 ``--real-restarts`` restarts the machine's RabbitMQ, PostgreSQL and Redis.
@@ -33,6 +34,7 @@ Usage::
     .venv/bin/python -m scripts.chaos --seed 7 --orders 10000
     .venv/bin/python -m scripts.chaos --seed 7 --orders 2000 --json
     .venv/bin/python -m scripts.chaos --seed 7 --orders 5000 --topology cluster   # needs root: scripts/cluster.sh
+    .venv/bin/python -m scripts.chaos --seed 7 --orders 2000 --private-rabbit     # needs root: own node, disk alarm
     sudo -E .venv/bin/python -m scripts.chaos --seed 7 --real-restarts   # restarts the machine's servers
 
 (from the repository's root).
@@ -60,7 +62,7 @@ from .injector import Injector
 from .observe import snapshot, wait_for_quiescence
 from .plan import load_products, plan_malformed, plan_orders
 from .processes import proxy_main
-from .report import injected_rows, render
+from .report import injected_rows, render, repeats
 from .stack import Stack
 
 
@@ -144,6 +146,8 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
             "checks": [asdict(c) for c in checks],
             "statuses": dict(outcomes),
             "events_captured": len(snap.events),
+            "repeats": repeats(snap),
+            "private_rabbit": stack.rabbit is not None,
             "dead_letters": len(snap.dead_letters),
         }
     except BaseException:
@@ -199,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         help="single: this machine's servers behind proxies (default); cluster: scripts/cluster.sh's three "
         "RabbitMQ nodes and PostgreSQL primary + standby, with a node stopped and the primary failed over",
     )
+    ap.add_argument(
+        "--private-rabbit",
+        action="store_true",
+        help="single topology: a RabbitMQ node of the run's own (needs root) instead of the machine's shared one; "
+        "the run then also raises a disk alarm on it (a cluster run always does)",
+    )
     ap.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     ap.add_argument("--rate", type=float, default=60.0, help="orders offered per second (default 60)")
     ap.add_argument(
@@ -219,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         orders=args.orders,
         real_restarts=args.real_restarts,
         topology=args.topology,
+        private_rabbit=args.private_rabbit,
         rate=args.rate,
         malformed=args.malformed if args.malformed is not None else min(1000, max(50, args.orders // 10)),
         worker_kills=args.worker_kills,

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -22,7 +23,7 @@ import pika
 from schema.topology import EVENTS_EXCHANGE, INVENTORY_EXCHANGE
 from scripts import harness
 from scripts.fakes import paypal_certs
-from scripts.harness import ORDERS_CLI, HarnessError, Proc, RedisServer
+from scripts.harness import ORDERS_CLI, HarnessError, Proc, RabbitNode, RedisServer
 from scripts.tcp_proxy import free_port
 from worker.rabbit.connection import connection_parameters
 from worker.rabbit.users import DEFAULT_SENDERS
@@ -38,7 +39,7 @@ from .config import (
     ChaosError,
     say,
 )
-from .processes import POOL_CHILDREN, ClusterServers, ProxyProcess, RealServices, private_redis
+from .processes import POOL_CHILDREN, ClusterServers, ProxyProcess, RealServices, private_redis, run_command
 
 FAKES = ROOT / "scripts" / "fakes"
 #: payment-provider client timeout; injected delays are longer, so they time out
@@ -58,6 +59,8 @@ class Stack:
         self.redis: RedisServer | None = None
         self.real = RealServices() if cfg.real_restarts and cfg.topology == "single" else None
         self.cluster = ClusterServers() if cfg.topology == "cluster" else None
+        #: ``--private-rabbit``: the run's own RabbitMQ node (behind the proxy), started in :meth:`prepare`
+        self.rabbit: RabbitNode | None = None
         #: the harness's rabbitmqctl before a cluster run pointed it at the cluster (restored at the end)
         self._rabbitmqctl_before: str | None = os.environ.get("ORDERS_TEST_RABBITMQCTL")
         self.outage: str | None = None  # the dependency currently away (restored on exit)
@@ -192,6 +195,17 @@ class Stack:
     # set up
 
     def prepare(self) -> None:
+        if self.cfg.private_rabbit and self.cluster is None and not self.cfg.real_restarts:
+            say("starting the run's own RabbitMQ node")
+            try:
+                self.rabbit = RabbitNode(
+                    Path(tempfile.mkdtemp(prefix="orders-chaos-rabbit-")), f"orders-chaos-{os.getpid()}"
+                )
+                self.rabbit.start()
+            except HarnessError as exc:
+                raise ChaosError(str(exc)) from None
+            os.environ["ORDERS_TEST_RABBITMQCTL"] = f"rabbitmqctl -n {self.rabbit.name}"  # the harness's vhost tools
+            self.amqp_host, self.amqp_port, self.amqp_auth = "127.0.0.1", self.rabbit.port, "guest:guest"
         if self.cluster is not None:
             say("bringing the cluster up (scripts/cluster.sh up)")
             self.cluster.up()
@@ -381,10 +395,12 @@ class Stack:
         return partial(self.proxy.down, name), partial(self.proxy.up, name)
 
     def restore(self) -> None:
-        """Bring back whatever dependency an interrupted injection left away."""
+        """Bring back whatever dependency an interrupted injection left away (or lift its alarm)."""
         outage, self.outage = self.outage, None
         with contextlib.suppress(Exception):
-            if outage is not None:
+            if outage == "alarm":
+                self.alarm(False)
+            elif outage is not None:
                 self.up(outage)
 
     def stop(self) -> None:
@@ -399,9 +415,27 @@ class Stack:
             self.redis.stop()
 
     def remove_cluster(self) -> None:
-        """The cluster, when this run brought it up (after the database and vhost are dropped)."""
+        """The cluster, when this run brought it up, or the run's own RabbitMQ node (after the database and
+        vhost are dropped)."""
         if self.cluster is not None:
             self.cluster.down_if_ours()
+        if self.rabbit is not None:
+            self.rabbit.remove()
+
+    # a resource alarm on the run's own broker
+
+    def alarm(self, on: bool) -> str:
+        """Raise (or lift) a disk alarm on the run's own broker: the private node, or a cluster's first node
+        (an alarm blocks publishers on every node of a cluster).  Never on the machine's shared node."""
+        self.outage = "alarm" if on else None
+        if self.rabbit is not None:
+            self.rabbit.disk_alarm(on)
+            return self.rabbit.name
+        if self.cluster is not None:
+            node = self.cluster.nodes[0]
+            run_command(["rabbitmqctl", "-n", node, "-q", "set_disk_free_limit", "1000000GB" if on else "50MB"])
+            return node
+        raise ChaosError("a resource alarm needs a broker of the run's own (--private-rabbit or --topology cluster)")
 
     def drop(self) -> None:
         with contextlib.suppress(Exception):
@@ -412,8 +446,8 @@ class Stack:
             harness.delete_users(self.senders.values())
 
     def restore_rabbitmqctl(self) -> None:
-        """The harness's rabbitmqctl as it was before a cluster run pointed it at the cluster."""
-        if self.cluster is None:
+        """The harness's rabbitmqctl as it was before a cluster run (or the run's own node) took it over."""
+        if self.cluster is None and self.rabbit is None:
             return
         if self._rabbitmqctl_before is None:
             os.environ.pop("ORDERS_TEST_RABBITMQCTL", None)
