@@ -1,6 +1,9 @@
 """The chaos run, short: about 1,000 orders through the real stack while workers and
 the relay are SIGKILLed, RabbitMQ and PostgreSQL go away (behind cuttable proxies)
-and a private Redis stops, with the payment fakes failing 20 % of calls.
+and a private Redis stops, with the payment fakes failing 20 % of calls.  Where a
+RabbitMQ node of the test's own can run (root, rabbitmq-server installed), the run
+uses one (``private_rabbit``) and raises a disk alarm on it too; the machine's shared
+node never gets one.
 
 It calls ``chaos.run`` of the ``scripts.chaos`` package itself (the same code
 as the full run, ``python -m scripts.chaos``) with smaller numbers, on a
@@ -30,8 +33,10 @@ pytestmark = pytest.mark.skipif(
 
 def test_short_chaos_run_loses_nothing_and_applies_everything_once() -> None:
     run_id = os.environ.get("ORDERS_TEST_RUN_ID", str(os.getpid()))
+    private = harness.can_run_private_rabbit() is None
     cfg = chaos.ChaosConfig.short(
         seed=int(os.environ.get("CHAOS_SEED", "5")),
+        private_rabbit=private,
         database=f"orders_chaos_test_{run_id}",
         vhost=f"orders-chaos-test-{run_id}",
         drop_after=True,
@@ -48,3 +53,6 @@ def test_short_chaos_run_loses_nothing_and_applies_everything_once() -> None:
     assert injected["orders placed"] == cfg.orders
     assert injected["malformed / hostile messages"] == cfg.malformed
     assert result["statuses"].get("completed", 0) > cfg.orders // 2
+    if private:
+        assert injected["RabbitMQ disk alarm"] == 1
+    assert set(result["repeats"]) == {"extra_deliveries", "events", "orders"}

@@ -8,13 +8,17 @@ publisher waits the alarm out: no confirm timeout and no blocked-connection
 timeout while blocked (giving up would leave that batch behind in the
 broker's buffers, and the relay's next session would publish it a second
 time).  It still stops at once when asked (``stop``) and still fails when the
-broker is gone (heartbeats, a closed socket).
+broker is gone (heartbeats, a closed socket).  A publisher closed while blocked
+resets its connection (TCP RST), so the broker drops what it held unread
+instead of routing it once the alarm clears.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -211,7 +215,11 @@ class PipelinedPublisher:
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and conn.is_open:
+        if conn is not None and self._blocked_since is not None:
+            # the broker reads nothing until the alarm clears, then would route what waits unread (our batch)
+            # before it saw a close: reset the connection instead, so that it goes unread
+            _reset(conn)
+        elif conn is not None and conn.is_open:
             try:
                 conn.close()
                 deadline = time.monotonic() + 2
@@ -220,6 +228,18 @@ class PipelinedPublisher:
                     conn.ioloop.process_timeouts()
             except PIKA_ERRORS:
                 pass
+            if not conn.is_closed:
+                _reset(conn)
         if conn is not None:
             conn.ioloop.deactivate_poller()
             conn.ioloop.close()
+
+
+def _reset(conn: pika.SelectConnection) -> None:
+    """Close the connection's socket with a TCP reset (``SO_LINGER`` 0): nothing still buffered is sent."""
+    sock = getattr(getattr(conn, "_transport", None), "_sock", None)
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
