@@ -90,6 +90,12 @@ class ChaosConfig:
         values.update(overrides)
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        if self.alarms and self.payment_timeout_minutes > 0:
+            # during the alarm no payment reaches the service (the shim answers 503, the bus blocks) and the
+            # backlog drains after it: buyers who pay in time must still be in time
+            self.payment_timeout_minutes += self.alarm_s / 60 + 0.5
+
     @property
     def alarms(self) -> bool:
         """Whether the run raises a resource alarm: only on a broker of its own, never on the shared node."""
