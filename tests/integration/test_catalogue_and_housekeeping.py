@@ -130,7 +130,6 @@ def test_housekeeping_analyzes_a_hot_table_whose_statistics_fell_behind(settings
     assert relay.analyze() == []  # analyzed a moment ago: not again
 
 
-
 def test_with_no_outbox_retention_housekeeping_never_reads_the_outbox(settings, clean_db):
     # the relay deletes what it publishes; looking for published rows anyway read the whole outbox heap,
     # dead rows and all, every minute, and held the relay for over 26 s after 25 minutes at 221 orders/s
