@@ -416,12 +416,6 @@ def refunded_in_full(order: Order, payment: PaymentRecord, refund_id: str | None
 # -- SettleRefund (a refund the provider reported) ------------------------------------------
 
 
-def prepare_settle_refund(cmd: SettleRefund, uow: UnitOfWork) -> Call | None:
-    _order_and_payment(uow, str(cmd.order_id))  # the order must exist (a retry waits for it)
-    payment_id = cmd.payment_id
-    return Call(cmd.provider, lambda gateway: gateway.lookup(payment_id))
-
-
 def record_settle_refund(cmd: SettleRefund, msg: MessageContext, uow: UnitOfWork, facts: PaymentFacts) -> Outcome:
     """What the provider says went back from the order's payment, recorded once (never the webhook's word)."""
     order, payment = _order_and_payment(uow, str(cmd.order_id))
@@ -474,7 +468,8 @@ def record_failed(cmd: PaymentFailed, msg: MessageContext, uow: UnitOfWork, _res
 # -- SettlePayment (a confirmation that is asked about) --------------------------------
 
 
-def prepare_settle(cmd: SettlePayment, uow: UnitOfWork) -> Call | None:
+def prepare_lookup(cmd: SettlePayment | SettleRefund, uow: UnitOfWork) -> Call | None:
+    """SettlePayment and SettleRefund: ask the provider what became of the payment the command names."""
     _order_and_payment(uow, str(cmd.order_id))  # the order must exist (a retry waits for it)
     payment_id = cmd.payment_id
     return Call(cmd.provider, lambda gateway: gateway.lookup(payment_id))
@@ -557,6 +552,6 @@ def payment_handlers(
         ),
         RefundPayment: PaymentHandler(prepare_refund, record_refund),
         PaymentFailed: PaymentHandler(prepare_none, record_failed, calls_provider=False),
-        SettlePayment: PaymentHandler(prepare_settle, record_settle),
-        SettleRefund: PaymentHandler(prepare_settle_refund, record_settle_refund),
+        SettlePayment: PaymentHandler(prepare_lookup, record_settle),
+        SettleRefund: PaymentHandler(prepare_lookup, record_settle_refund),
     }

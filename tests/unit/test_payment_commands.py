@@ -25,10 +25,9 @@ from handlers.payment_commands import (
     payment_handlers,
     prepare_cancel,
     prepare_capture,
+    prepare_lookup,
     prepare_none,
     prepare_refund,
-    prepare_settle,
-    prepare_settle_refund,
     prepare_start,
     record_cancel,
     record_capture,
@@ -164,8 +163,8 @@ def test_every_payment_command_has_its_prepare_and_record():
         "CancelPayment": (prepare_cancel, True),
         "RefundPayment": (prepare_refund, True),
         "PaymentFailed": (prepare_none, False),
-        "SettlePayment": (prepare_settle, True),
-        "SettleRefund": (prepare_settle_refund, True),
+        "SettlePayment": (prepare_lookup, True),
+        "SettleRefund": (prepare_lookup, True),
     }
     assert handlers[StartPayment].record is record_start
     assert payment_handlers(5).keys() == handlers.keys()
@@ -558,7 +557,7 @@ def facts(refunded: int, *ids: str, order_id: str | None = None, pid: str = "pi_
 def settle_refund(uow: FakeUnitOfWork, order_id: str, found: PaymentFacts) -> Any:
     command = cmd(SettleRefund, order_id, provider="stripe", payment_id="pi_1", event_id="evt_refund")
     gateway = RecordingGateway(found)
-    assert run(prepare_settle_refund(command, uow), gateway) is found
+    assert run(prepare_lookup(command, uow), gateway) is found
     assert gateway.calls[0] == ("lookup", ("pi_1",))  # the provider is asked, never trusted
     return record_settle_refund(command, msg("SettleRefund"), uow, found)
 
@@ -738,13 +737,13 @@ def settle_cmd(order_id: str, payment_id: str = "pi_buyer", provider: str = "str
 def test_settle_looks_the_named_payment_up_at_the_named_provider_once_the_order_exists():
     uow = FakeUnitOfWork(PRODUCTS)
     order_id = placed(uow)
-    call = prepare_settle(settle_cmd(order_id, "PP-9", provider="paypal"), uow)
+    call = prepare_lookup(settle_cmd(order_id, "PP-9", provider="paypal"), uow)
     gateway = RecordingGateway(PaymentFacts.not_found("PP-9"))
     assert call is not None and call.provider == "paypal"
     run(call, gateway)
     assert gateway.calls == [("lookup", ("PP-9",))]
     with pytest.raises(RetryLater):
-        prepare_settle(settle_cmd(str(uuid.uuid4())), uow)
+        prepare_lookup(settle_cmd(str(uuid.uuid4())), uow)
 
 
 def test_a_settled_payment_the_provider_vouches_for_completes_the_order():
