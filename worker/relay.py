@@ -116,6 +116,18 @@ _STALE_STATISTICS = text(
     " ORDER BY relname"
 )
 
+#: the housekeeping's retention deletes, a chunk at a time (inbox and order_history by their time's index; the
+#: outbox's reads the table, so it runs only where a retention is set and rows are marked published)
+_RETENTION_DELETES = {
+    "outbox": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at"
+    " < now() - make_interval(secs => :secs) LIMIT :chunk)",
+    "inbox": "DELETE FROM inbox WHERE ctid IN (SELECT ctid FROM inbox WHERE processed_at"
+    " < now() - make_interval(secs => :secs) LIMIT :chunk)",
+    # an order's story is kept as long as the inbox remembers its commands
+    "order_history": "DELETE FROM order_history WHERE id IN (SELECT id FROM order_history WHERE at"
+    " < now() - make_interval(secs => :secs) LIMIT :chunk)",
+}
+
 _MARK_PUBLISHED = text("UPDATE outbox SET published_at = now() WHERE id = ANY(:ids)")
 _DELETE_PUBLISHED = text("DELETE FROM outbox WHERE id = ANY(:ids)")
 
@@ -248,19 +260,18 @@ class Relay:
         self._last_housekeeping = time.monotonic()
         cfg = self.settings.worker
         deleted = {"outbox": 0, "inbox": 0, "order_history": 0}
-        statements = self.retention_statements()
         retention = {
             "outbox": cfg.outbox_retention_hours * 3600,
             "inbox": cfg.inbox_retention_days * 86400,
             "order_history": cfg.inbox_retention_days * 86400,
         }
-        if cfg.outbox_retention_hours == 0:
-            # the relay deletes what it publishes and never marks a row: there is nothing to look for, and
-            # looking (published_at has no index) read the whole outbox heap, dead rows and all, every
-            # minute while the relay published nothing: over 26 s after 25 minutes at 221 orders/s with
-            # autovacuum off (bench_soak.py). Rows marked under an earlier retention: docs/operations.md
-            del statements["outbox"]
-        for table, stmt in statements.items():
+        for table, stmt in _RETENTION_DELETES.items():
+            if table == "outbox" and cfg.outbox_retention_hours == 0:
+                # the relay deletes what it publishes and never marks a row: there is nothing to look for, and
+                # looking (published_at has no index) read the whole outbox heap, dead rows and all, every
+                # minute while the relay published nothing: over 26 s after 25 minutes at 221 orders/s with
+                # autovacuum off (bench_soak.py). Rows marked under an earlier retention: docs/configuration.md
+                continue
             while True:
                 with self.engine.begin() as conn:
                     n = conn.execute(text(stmt), {"secs": retention[table], "chunk": HOUSEKEEPING_CHUNK}).rowcount
@@ -271,20 +282,6 @@ class Relay:
             log.info("housekeeping", **{f"deleted_{k}": v for k, v in deleted.items()})
         self.analyze()
         return deleted
-
-    @staticmethod
-    def retention_statements() -> dict[str, str]:
-        """The retention deletes (inbox and order_history by their time's index; the outbox's reads the
-        table, so it runs only where a retention is set and rows are marked published)."""
-        return {
-            "outbox": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at"
-            " < now() - make_interval(secs => :secs) LIMIT :chunk)",
-            "inbox": "DELETE FROM inbox WHERE ctid IN (SELECT ctid FROM inbox WHERE processed_at"
-            " < now() - make_interval(secs => :secs) LIMIT :chunk)",
-            # an order's story is kept as long as the inbox remembers its commands
-            "order_history": "DELETE FROM order_history WHERE id IN (SELECT id FROM order_history WHERE at"
-            " < now() - make_interval(secs => :secs) LIMIT :chunk)",
-        }
 
     def analyze(self) -> list[str]:
         """ANALYZE the hot path's tables whose statistics fell far behind, and say which.
