@@ -16,7 +16,15 @@ from typing import Any
 from scripts import harness
 from scripts.harness import wait_until
 
-__all__ = ["ExportedSpan", "HoldingServer", "OtlpCollector", "place_body", "private_vhost", "wait_until"]
+__all__ = [
+    "ExportedSpan",
+    "HoldingServer",
+    "OtlpCollector",
+    "dead_outbox_rows",
+    "place_body",
+    "private_vhost",
+    "wait_until",
+]
 
 
 def place_body(
@@ -156,3 +164,22 @@ class OtlpCollector:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def dead_outbox_rows(engine: Any, n: int) -> None:
+    """``n`` outbox rows written and then deleted, as the relay deletes what it published: dead rows until a
+    vacuum (the caller turns autovacuum off on the table), counted in pg_stat_user_tables at once."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO outbox (event_id, exchange, routing_key, message_type, body)"
+                " SELECT gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}'"
+                " FROM generate_series(1, :n)"
+            ),
+            {"n": n},
+        )
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM outbox"))
+        conn.execute(text("SELECT pg_stat_force_next_flush()"))  # counted now, not within the second

@@ -10,6 +10,7 @@ from alembic import command
 from sqlalchemy import text
 
 from scripts import harness
+from tests.support import dead_outbox_rows
 from worker import db
 from worker.doctor import DEAD_ROWS_BEHIND, check_vacuum
 
@@ -27,18 +28,7 @@ def test_doctor_warns_when_the_outbox_is_far_behind_its_vacuum(settings, clean_d
     with clean_db.begin() as conn:
         conn.execute(text("ALTER TABLE outbox SET (autovacuum_enabled = off)"))  # behind, even where autovacuum is on
     try:
-        with clean_db.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO outbox (event_id, exchange, routing_key, message_type, body)"
-                    " SELECT gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}'"
-                    " FROM generate_series(1, :n)"
-                ),
-                {"n": DEAD_ROWS_BEHIND + 2000},
-            )
-        with clean_db.begin() as conn:
-            conn.execute(text("DELETE FROM outbox"))  # what the relay does to each row it published
-            conn.execute(text("SELECT pg_stat_force_next_flush()"))  # counted now, not within the second
+        dead_outbox_rows(clean_db, DEAD_ROWS_BEHIND + 2000)
         found = [f for f in check_vacuum(settings) if f.check in ("vacuum", "autovacuum")]
         behind = [f for f in found if f.check == "vacuum" and f.detail.startswith("far behind")]
         assert len(behind) == 1, found

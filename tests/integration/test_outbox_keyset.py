@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from tests.support import dead_outbox_rows
 from worker.rabbit.publisher import PipelinedPublisher
 from worker.relay import FULL_POLL, POLL, Relay
 
@@ -85,16 +86,7 @@ def test_the_poll_does_not_walk_the_rows_it_published(settings, clean_db, bus, p
     with clean_db.begin() as conn:
         conn.execute(text("ALTER TABLE outbox SET (autovacuum_enabled = off)"))  # a lagging autovacuum, for sure
     try:
-        with clean_db.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO outbox (event_id, exchange, routing_key, message_type, body)"
-                    " SELECT gen_random_uuid(), 'inventory', 'stock.reserve', 'stock.reserve', '{}'"
-                    " FROM generate_series(1, 30000)"
-                )
-            )
-        with clean_db.begin() as conn:
-            conn.execute(text("DELETE FROM outbox"))  # what the relay does to each batch it published
+        dead_outbox_rows(clean_db, 30000)
         assert relay.publish_pending(publisher, 100) == 0
         with clean_db.begin() as conn:
             live, event = insert(conn)
