@@ -91,6 +91,41 @@ _TRACED_OUTBOX_COLUMNS = (*_OUTBOX_COLUMNS, "traceparent")
 #: the payment record's columns, as the unit of work writes and reads them
 _PAYMENT_FIELDS = tuple(_PAYMENT_TYPES)
 
+# The statements of the hot path, built once (a ``text()`` parses its SQL for bind parameters each time it is made).
+_RELEASE = text("DELETE FROM inbox WHERE consumer = :c AND message_id = ANY(:ids)")
+_PRODUCTS = text("SELECT product_id, price, currency, active FROM products WHERE product_id = ANY(:ids)")
+_LOCK_ORDERS = text(
+    "SELECT order_id::text, user_id, status, currency, total, payment_provider,"
+    " payment_request, next_action, shipment, reason, correlation_id, place_message_id,"
+    " EXTRACT(EPOCH FROM clock_timestamp() - paid_at)::float AS paid_seconds_ago"
+    " FROM orders WHERE order_id = ANY(CAST(:ids AS uuid[])) ORDER BY order_id FOR UPDATE"
+)
+_LINES = text(
+    "SELECT order_id::text, product_id, quantity, unit_price FROM order_items"
+    " WHERE order_id = ANY(CAST(:ids AS uuid[])) ORDER BY order_id, line_no"
+)
+_PAYMENTS = text(
+    "SELECT order_id::text, "
+    + ", ".join(_PAYMENT_FIELDS)
+    + ", EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float AS unchanged_seconds"
+    + " FROM payments WHERE order_id = ANY(CAST(:ids AS uuid[]))"
+)
+_NOTIFY = text("SELECT pg_notify(:ch, '')")
+_UPDATE_ORDERS = text(
+    "UPDATE orders AS o SET status = v.status, reason = v.reason,"
+    # clock_timestamp(): taken after the row lock, so it grows in
+    # commit order per order (the read model's version)
+    " next_action = v.next_action, shipment = v.shipment, updated_at = clock_timestamp(),"
+    # when it began to wait for its buyer (the expiry sweep's clock) and when it was paid
+    " awaiting_since = CASE WHEN v.status = 'awaiting_payment' AND o.status <> 'awaiting_payment'"
+    " THEN clock_timestamp() ELSE o.awaiting_since END,"
+    " paid_at = CASE WHEN v.status = 'completed' AND o.status <> 'completed'"
+    " THEN clock_timestamp() ELSE o.paid_at END"
+    " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS"
+    " v(order_id uuid, status text, guard text, reason text, next_action jsonb, shipment jsonb)"
+    f" WHERE o.order_id = v.order_id AND o.status = v.guard RETURNING o.order_id::text, {tables.ORDER_VERSION_SQL}"
+)
+
 
 class PostgresUnitOfWork:
     """Implements :class:`handlers.unit_of_work.UnitOfWork` on one connection."""
@@ -134,10 +169,7 @@ class PostgresUnitOfWork:
     def release(self, message_ids: list[str]) -> None:
         """Drop inbox rows of messages that were deferred, not applied."""
         if message_ids:
-            self.conn.execute(
-                text("DELETE FROM inbox WHERE consumer = :c AND message_id = ANY(:ids)"),
-                {"c": self.consumer, "ids": message_ids},
-            )
+            self.conn.execute(_RELEASE, {"c": self.consumer, "ids": message_ids})
 
     # -- reads ---------------------------------------------------------------
 
@@ -146,10 +178,7 @@ class PostgresUnitOfWork:
         self._load_orders(sorted(set(order_ids) - self._orders.keys()))
         wanted = sorted(set(product_ids) - self._products.keys())
         if wanted:
-            rows = self.conn.execute(
-                text("SELECT product_id, price, currency, active FROM products WHERE product_id = ANY(:ids)"),
-                {"ids": wanted},
-            )
+            rows = self.conn.execute(_PRODUCTS, {"ids": wanted})
             found = {r.product_id: Product(r.product_id, r.price, r.currency, r.active) for r in rows}
             for pid in wanted:
                 self._products[pid] = found.get(pid)
@@ -157,15 +186,7 @@ class PostgresUnitOfWork:
     def _load_orders(self, ids: list[str]) -> None:
         if not ids:
             return
-        rows = self.conn.execute(
-            text(
-                "SELECT order_id::text, user_id, status, currency, total, payment_provider,"
-                " payment_request, next_action, shipment, reason, correlation_id, place_message_id,"
-                " EXTRACT(EPOCH FROM clock_timestamp() - paid_at)::float AS paid_seconds_ago"
-                " FROM orders WHERE order_id = ANY(CAST(:ids AS uuid[])) ORDER BY order_id FOR UPDATE"
-            ),
-            {"ids": ids},
-        ).all()
+        rows = self.conn.execute(_LOCK_ORDERS, {"ids": ids}).all()
         for pid in ids:
             self._orders[pid] = None
             self._payments.setdefault(pid, None)
@@ -190,23 +211,9 @@ class PostgresUnitOfWork:
                 loaded_status=status,
                 paid_seconds_ago=r.paid_seconds_ago,
             )
-        for r in self.conn.execute(
-            text(
-                "SELECT order_id::text, product_id, quantity, unit_price FROM order_items"
-                " WHERE order_id = ANY(CAST(:ids AS uuid[])) ORDER BY order_id, line_no"
-            ),
-            {"ids": found},
-        ):
+        for r in self.conn.execute(_LINES, {"ids": found}):
             self._orders[r.order_id].lines.append(Line(r.product_id, r.quantity, r.unit_price))  # type: ignore[union-attr]
-        for r in self.conn.execute(
-            text(
-                "SELECT order_id::text, "
-                + ", ".join(_PAYMENT_FIELDS)
-                + ", EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float AS unchanged_seconds"
-                + " FROM payments WHERE order_id = ANY(CAST(:ids AS uuid[]))"
-            ),
-            {"ids": found},
-        ):
+        for r in self.conn.execute(_PAYMENTS, {"ids": found}):
             fields = r._asdict()
             self._payments[r.order_id] = PaymentRecord(**{**fields, "status": PaymentStatus(fields["status"])})
 
@@ -331,7 +338,7 @@ class PostgresUnitOfWork:
             copy_rows(conn, "order_history", HISTORY_COLUMNS, history)
         if self._outbox:
             copy_rows(conn, "outbox", _TRACED_OUTBOX_COLUMNS if self._traced else _OUTBOX_COLUMNS, self._outbox)
-            conn.execute(text("SELECT pg_notify(:ch, '')"), {"ch": OUTBOX_CHANNEL})
+            conn.execute(_NOTIFY, {"ch": OUTBOX_CHANNEL})
 
     def _update_orders(self, changed: list[Order]) -> None:
         rows = [
@@ -345,23 +352,7 @@ class PostgresUnitOfWork:
             }
             for o in changed
         ]
-        result = self.conn.execute(
-            text(
-                "UPDATE orders AS o SET status = v.status, reason = v.reason,"
-                # clock_timestamp(): taken after the row lock, so it grows in
-                # commit order per order (the read model's version)
-                " next_action = v.next_action, shipment = v.shipment, updated_at = clock_timestamp(),"
-                # when it began to wait for its buyer (the expiry sweep's clock) and when it was paid
-                " awaiting_since = CASE WHEN v.status = 'awaiting_payment' AND o.status <> 'awaiting_payment'"
-                " THEN clock_timestamp() ELSE o.awaiting_since END,"
-                " paid_at = CASE WHEN v.status = 'completed' AND o.status <> 'completed'"
-                " THEN clock_timestamp() ELSE o.paid_at END"
-                " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS"
-                " v(order_id uuid, status text, guard text, reason text, next_action jsonb, shipment jsonb)"
-                f" WHERE o.order_id = v.order_id AND o.status = v.guard RETURNING o.order_id::text, {tables.ORDER_VERSION_SQL}"
-            ),
-            {"rows": json.dumps(rows)},
-        ).all()
+        result = self.conn.execute(_UPDATE_ORDERS, {"rows": json.dumps(rows)}).all()
         if len(result) != len(rows):
             raise ConcurrentUpdate(f"{len(rows) - len(result)} order(s) changed under this batch")
         self._versions.update(result)
