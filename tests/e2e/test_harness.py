@@ -16,9 +16,12 @@ from scripts.harness import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 #: a parent that starts a process group (a shell with a child of its own) and then waits, or exits
+#: (SIGHUP at its default, as from a terminal: under nohup it is inherited ignored, and the harness rightly
+#: leaves an ignored SIGHUP ignored, so the parent would outlive it)
 PARENT = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from scripts.harness import Proc
 p = Proc("group", ["sh", "-c", "sleep 300 & echo $! > {kid}; wait"], None, Path({log!r}))
 print(p.pid, flush=True)
