@@ -119,13 +119,19 @@ _STALE_STATISTICS = text(
 #: the housekeeping's retention deletes, a chunk at a time (inbox and order_history by their time's index; the
 #: outbox's reads the table, so it runs only where a retention is set and rows are marked published)
 _RETENTION_DELETES = {
-    "outbox": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at"
-    " < now() - make_interval(secs => :secs) LIMIT :chunk)",
-    "inbox": "DELETE FROM inbox WHERE ctid IN (SELECT ctid FROM inbox WHERE processed_at"
-    " < now() - make_interval(secs => :secs) LIMIT :chunk)",
+    "outbox": text(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at"
+        " < now() - make_interval(secs => :secs) LIMIT :chunk)"
+    ),
+    "inbox": text(
+        "DELETE FROM inbox WHERE ctid IN (SELECT ctid FROM inbox WHERE processed_at"
+        " < now() - make_interval(secs => :secs) LIMIT :chunk)"
+    ),
     # an order's story is kept as long as the inbox remembers its commands
-    "order_history": "DELETE FROM order_history WHERE id IN (SELECT id FROM order_history WHERE at"
-    " < now() - make_interval(secs => :secs) LIMIT :chunk)",
+    "order_history": text(
+        "DELETE FROM order_history WHERE id IN (SELECT id FROM order_history WHERE at"
+        " < now() - make_interval(secs => :secs) LIMIT :chunk)"
+    ),
 }
 
 _MARK_PUBLISHED = text("UPDATE outbox SET published_at = now() WHERE id = ANY(:ids)")
@@ -259,7 +265,7 @@ class Relay:
         """Delete published outbox rows and inbox rows past their retention."""
         self._last_housekeeping = time.monotonic()
         cfg = self.settings.worker
-        deleted = {"outbox": 0, "inbox": 0, "order_history": 0}
+        deleted = dict.fromkeys(_RETENTION_DELETES, 0)
         retention = {
             "outbox": cfg.outbox_retention_hours * 3600,
             "inbox": cfg.inbox_retention_days * 86400,
@@ -274,7 +280,7 @@ class Relay:
                 continue
             while True:
                 with self.engine.begin() as conn:
-                    n = conn.execute(text(stmt), {"secs": retention[table], "chunk": HOUSEKEEPING_CHUNK}).rowcount
+                    n = conn.execute(stmt, {"secs": retention[table], "chunk": HOUSEKEEPING_CHUNK}).rowcount
                 deleted[table] += n
                 if n < HOUSEKEEPING_CHUNK:
                     break
