@@ -29,8 +29,8 @@ The W3C ``traceparent`` travels with the work:
   child of the stored context, whose ``traceparent`` goes into the published
   message's headers;
 - the payment step opens ``process <Type>`` as a child of the internal
-  command's headers; the provider's HTTP calls (requests: the Stripe and PayPal
-  SDKs; httpx: PayPal's certificates) are spans under it.
+  command's headers; the provider's HTTP calls (urllib3: the Stripe SDK;
+  requests: the PayPal SDK; httpx: PayPal's certificates) are spans under it.
 
 Client spans (SQL, HTTP) that would start a trace of their own (the relay's
 polling, the exporter's own requests) are dropped by the sampler: they are
@@ -171,10 +171,12 @@ def install(provider: TracerProvider) -> None:
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.instrumentation.psycopg2 import Psycopg2Instrumentor
     from opentelemetry.instrumentation.requests import RequestsInstrumentor
+    from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
 
     _provider, _tracer = provider, provider.get_tracer(SCOPE)
     for instrumentor, options in (
-        (RequestsInstrumentor(), {}),  # the Stripe SDK (stripe.RequestsClient) and the PayPal SDK (apimatic)
+        (URLLib3Instrumentor(), {}),  # the Stripe SDK (through handlers.payments.stripe_client.Urllib3Client)
+        (RequestsInstrumentor(), {}),  # the PayPal SDK (apimatic); its urllib3 requests are not traced twice
         (HTTPXClientInstrumentor(), {}),  # PayPal's webhook certificates
         (Psycopg2Instrumentor(), {"enable_commenter": False, "skip_dep_check": True}),
     ):

@@ -244,7 +244,7 @@ def test_with_tracing_off_nothing_carries_a_traceparent(service, capture, make_p
 
 
 def test_each_providers_sdk_calls_are_spans_under_the_payment_call(spans, provider):
-    """Whatever HTTP client each SDK really uses (Stripe's RequestsClient, PayPal's apimatic core over
+    """Whatever HTTP client each SDK really uses (Stripe's through our urllib3 client, PayPal's apimatic core over
     requests) is instrumented: its requests to the provider are spans under the call's span."""
     gateway = provider.gateway()  # made after tracing is on, as a worker process makes it
     with tracing.span(f"{provider.name} StartPayment"):

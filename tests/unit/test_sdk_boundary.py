@@ -25,7 +25,7 @@ ALLOWED = "handlers.payments"
 SDKS = frozenset({"stripe", "paypalserversdk", "apimatic_core"})
 SDK_PREFIXES = ("apimatic_",)
 #: the SDKs' clients and what configures them, and the modules that alone build them
-CLIENTS = frozenset({"StripeClient", "RequestsClient", "PaypalServersdkClient", "_BaseUrlConfiguration"})
+CLIENTS = frozenset({"StripeClient", "HTTPClient", "RequestsClient", "PaypalServersdkClient", "_BaseUrlConfiguration"})
 FACTORIES = frozenset({"handlers.payments.stripe_client", "handlers.payments.paypal_client"})
 
 
