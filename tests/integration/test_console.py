@@ -125,12 +125,15 @@ def sign_in(client: TestClient, settings: Any, user: str = "ops") -> str:
     assert client.get(f"/console/login/{token}").status_code == 200
     r = client.post("/console/login", data={"token": token}, follow_redirects=False)
     assert r.status_code == 303, r.text
-    return csrf_of(client.get("/console/dead-letters").text)
+    page = client.get("/console/dead-letters")
+    return csrf_of(page.text, f"{page.status_code} {page.headers.get('content-type')}")
 
 
-def csrf_of(html: str) -> str:
+def csrf_of(html: str, what: str = "") -> str:
     found = re.search(r'name="csrf_token" value="([0-9a-f]{64})"', html)
-    assert found, "no CSRF token on the page"
+    # what came back instead, whole: a CI run once failed here (signed in, a page without a token) and
+    # passed on its rerun; the next failure shows the page
+    assert found, f"no CSRF token on the page ({what}, {len(html)} characters):\n{html}"
     return found.group(1)
 
 
