@@ -21,7 +21,11 @@ bound to ``orders.events``.  Every ``--interval`` seconds (default 5) it samples
   the statement as run, whatever the relay's code is then), and that
   statement, without its row-locking clause so that it locks nothing the relay
   wants, runs under ``EXPLAIN (ANALYZE, BUFFERS)``: execution time and buffers
-  visited.  The locking clause only locks the rows returned; the cost that
+  visited.  Its keyset bound (``id > N``) is moved to where the relay's floor
+  is now: the statement seen may be seconds old, and run again from its old
+  bound it would walk every row published and deleted since, which the
+  relay's next poll does not (the first soak of the keyset relay counted
+  those as the poll's buffers).  The locking clause only locks the rows returned; the cost that
   grows with dead rows is the scan, which is the same.  Beside it the CPU of
   the relay's backends, and the outbox's dead rows (``pg_stat_user_tables``);
 * completed orders/s and the p99 latency (scheduled send → ``order.completed``)
@@ -176,13 +180,30 @@ class Sampler:
             cur.execute("SELECT query FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
             for (query,) in cur.fetchall():
                 q = (query or "").strip()
-                if q.upper().startswith("SELECT") and re.search(r"\bFROM\s+outbox\b", q, re.IGNORECASE):
+                if q.upper().startswith("SELECT") and re.search(r"\bFROM\s+outbox\b.*\bORDER BY id\b", q, re.I | re.S):
                     self.poll_sql, self.poll_sql_seen = without_locking(q), True
 
+    def from_the_floor(self, cur: Any) -> str:
+        """The poll seen, its keyset bound moved up to the relay's floor as it is now: below the first
+        unpublished row (none: the sequence's last id).  The relay may hold its floor lower a moment, for a
+        transaction still writing below it; it never goes back down."""
+        bound = re.search(r"\bid > (\d+)", self.poll_sql)
+        if bound is None:  # the poll without a keyset (a relay before issue 25)
+            return self.poll_sql
+        seen = int(bound.group(1))
+        cur.execute("SELECT min(id) FROM outbox WHERE id > %s AND published_at IS NULL", (seen,))
+        first = cur.fetchone()[0]
+        if first is None:
+            cur.execute("SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('outbox', 'id')::regclass), 0)")
+            floor = int(cur.fetchone()[0])
+        else:
+            floor = int(first) - 1
+        return self.poll_sql[: bound.start(1)] + str(max(seen, floor)) + self.poll_sql[bound.end(1) :]
+
     def poll_timing(self) -> tuple[float, int]:
-        """(ms, buffers) of the relay's poll statement under EXPLAIN ANALYZE."""
+        """(ms, buffers) of the relay's poll statement under EXPLAIN ANALYZE, from the relay's floor."""
         with self.stack.db.cursor() as cur:
-            cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + self.poll_sql)
+            cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + self.from_the_floor(cur))
             plan = cur.fetchone()[0][0]
         top = plan["Plan"]
         return float(plan["Execution Time"]), int(top.get("Shared Hit Blocks", 0)) + int(
