@@ -1,8 +1,10 @@
 """The order read model: what ``GET /orders/{id}`` shows, cached in Redis.
 
-The worker refreshes the cached entry after every commit that touched the
-order (write-through, so a read right after an outcome sees it); entries
-also expire after ``redis.cache_ttl_seconds``.  When Redis is down, reads
+The worker refreshes a cached entry after every commit that touched the
+order (write-through, so a read right after an outcome sees it); an order
+nobody has read is not cached, and its commits write nothing to Redis but
+the mark below (its first read caches it); entries also expire after
+``redis.cache_ttl_seconds``.  When Redis is down, reads
 fall back to PostgreSQL and writes to the cache are skipped: the cache is an
 accelerator, never the record.  No secrets and no card data are in the view:
 the Stripe client secret is what the buyer's browser needs to finish a
@@ -57,13 +59,17 @@ return 1
 #: being committed.  Reads then miss and go to PostgreSQL, and no view older
 #: than that version can be stored, so a worker that dies between its commit
 #: and its refresh leaves nothing stale behind (found by the chaos run).
+#: Answers 1 when a view was cached (it is owed a write-through after the
+#: commit), 0 when there was none: nobody read the order since it last
+#: changed, and its next read caches it.
 _OUTDATE = """
 local current = redis.call('HGET', KEYS[1], 'version')
-if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+local cached = redis.call('HEXISTS', KEYS[1], 'view')
+if current and tonumber(current) >= tonumber(ARGV[1]) then return cached end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'version', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
+return cached
 """
 
 #: how long a mark of :data:`_OUTDATE` lives at most (seconds): its commit
@@ -318,27 +324,32 @@ class OrderCache(_CachedViews):
         if not stored:
             self._owe(ids)
 
-    def outdate(self, versions: dict[str, int]) -> None:
-        """Before the commit of these versions: mark the cached views outdated (best effort).
+    def outdate(self, versions: dict[str, int]) -> set[str]:
+        """Before the commit of these versions: mark the cached views outdated (best effort); the orders
+        whose views were cached, which the commit's :meth:`refresh` writes through.
 
-        A view that cannot be marked (Redis down) is owed a refresh, as
-        after a missed write-through.
+        An order with no view cached gets the mark alone: writing its view
+        after the commit would cost a query and a write for a read that may
+        never come (the payment step's orders, as a rule); its first read
+        caches it.  A view that cannot be marked (Redis down) is owed a
+        refresh, as after a missed write-through.
         """
         if not versions:
-            return
+            return set()
         if self.gate.usable():
             try:
-                self._evalsha(
-                    self._outdate_script,
-                    [([KEY_PREFIX + oid], [version, OUTDATED_TTL]) for oid, version in versions.items()],
+                ids = list(versions)
+                cached = self._evalsha(
+                    self._outdate_script, [([KEY_PREFIX + oid], [versions[oid], OUTDATED_TTL]) for oid in ids]
                 )
                 self.gate.succeeded()
-                return
+                return {oid for oid, was in zip(ids, cached, strict=True) if was}
             except redis.RedisError as exc:
                 self.gate.failed(exc)
         self._owe(set(versions))
+        return set()
 
-    def _evalsha(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> None:
+    def _evalsha(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """``script`` once per (keys, args), in one pipeline, by its SHA: redis-py's own script calls in a
         pipeline ask ``SCRIPT EXISTS`` first, a round trip per pipeline (an eighth of a payment step's time).
         A Redis that forgot the script (restarted) is given it again, and the pipeline sent once more."""
@@ -347,8 +358,7 @@ class OrderCache(_CachedViews):
             for keys, args in calls:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             try:
-                pipe.execute()
-                return
+                return list(pipe.execute())
             except redis.exceptions.NoScriptError:
                 if attempt == 2:
                     raise

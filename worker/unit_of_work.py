@@ -366,11 +366,11 @@ class PostgresUnitOfWork:
 class Views(Protocol):
     """The read model as the transactions that change orders keep it (:class:`worker.read_model.OrderCache`)."""
 
-    def outdate(self, versions: dict[str, int]) -> None:
-        """Before the commit: the cached views of these orders are outdated."""
+    def outdate(self, versions: dict[str, int]) -> set[str]:
+        """Before the commit: the cached views of these orders are outdated; those that were cached."""
 
     def refresh(self, order_ids: Iterable[str]) -> None:
-        """After the commit: write the new views through."""
+        """After the commit: write the new views of these orders through (and any owed)."""
 
     def settle_owed(self) -> None:
         """When idle: the refreshes that could not be made before."""
@@ -381,17 +381,19 @@ def order_transaction(engine: Engine, consumer: str, views: Views | None) -> Ite
     """One transaction that changes orders, as a unit of work that the body fills.
 
     On a normal exit: flush, mark the changed orders' views outdated, commit,
-    then refresh those views.  On an exception: roll back, and nothing else.
+    then refresh those of them that were cached.  On an exception: roll back,
+    and nothing else.
     """
+    cached: set[str] = set()
     with engine.begin() as conn:
         uow = PostgresUnitOfWork(conn, consumer)
         yield uow
         uow.flush()
         touched = uow.touched_versions
         if views is not None and touched:
-            views.outdate(touched)  # before the commit: a process killed after it leaves no stale view
-    if views is not None and touched:
-        views.refresh(touched)
+            cached = views.outdate(touched)  # before the commit: a process killed after it leaves no stale view
+    if views is not None and (cached or touched):
+        views.refresh(cached)  # with no view cached, what it owes from before (if any)
 
 
 __all__ = ["OUTBOX_CHANNEL", "PostgresUnitOfWork", "Views", "order_transaction"]

@@ -465,8 +465,8 @@ def check_read_model(f: Facts) -> Check:
         for oid, status in snap.read_model.items()
         if oid in snap.orders and snap.orders[oid]["status"] != status
     ]
-    if not snap.read_model:  # Redis came back empty and load followed: changed orders must have views again
-        problems.append("no order views cached at the end: nothing was written through after Redis came back")
+    if not snap.read_model:  # Redis came back empty and buyers read their orders: they must have views again
+        problems.append("no order views cached at the end: nothing was read or written through after Redis came back")
     return _check(
         "Redis read model agrees with PostgreSQL", problems, f"{len(snap.read_model)} cached views, all current"
     )

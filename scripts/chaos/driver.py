@@ -181,6 +181,7 @@ class Driver:
 
     def timeline(self) -> list[tuple[float, int, Callable[[], None]]]:
         rnd = random.Random(f"timeline-{self.cfg.seed}")
+        looks = random.Random(f"looks-{self.cfg.seed}")  # apart, so the rest of a seed's timeline stays as it was
         items: list[tuple[float, int, Callable[[], None]]] = []
 
         def add(t: float, fn: Callable[[], None]) -> None:
@@ -201,6 +202,9 @@ class Driver:
             if o.channel == "shim":
                 add(place_at, partial(self.submit, self.place_shim, o, 1))
                 add(second, partial(self.submit, self.place_shim, o, 2))
+                # the buyer's page shows the order: the read caches its view, which its later changes
+                # must then write through (an order nobody reads is not cached)
+                add(place_at + looks.uniform(0.5, 3), partial(self.submit, self.view_shim, o))
             else:
                 add(place_at, partial(self.place_bus, o, 1))
                 add(second, partial(self.place_bus, o, 2))
@@ -352,6 +356,18 @@ class Driver:
             self.ledger.count(f"POST /orders (copy {copy})")
         else:
             self.ledger.gave_up.append(f"POST /orders {o.order_id}: {r.status_code} {r.text[:200]}")
+
+    def view_shim(self, o: PlannedOrder) -> None:
+        if o.order_id not in self.ledger.placed:  # its POST is not through yet (or gave up): nothing to show
+            self.ledger.count("GET /orders/{id} skipped, not placed yet")
+            return
+        r = self.http.call(
+            "GET", f"/orders/{o.order_id}", retry_404=True, headers={"Authorization": f"Bearer {self.token(o.user)}"}
+        )
+        if r is None:
+            self.ledger.gave_up.append(f"GET /orders/{o.order_id}")
+        else:
+            self.ledger.count(f"GET /orders/{{id}} answered {r.status_code}")
 
     def cancel_shim(self, o: PlannedOrder, key: str) -> None:
         r = self.http.call(

@@ -144,3 +144,28 @@ def test_views_are_written_through_again_after_redis_forgot_its_scripts(clean_db
     assert _apply(applier, "CancelOrder", cancel).result is Result.APPLIED  # outdated, then refreshed
     cached = json.loads(client.hget(KEY_PREFIX + order_id, "view"))
     assert cached["status"] == "cancelled" and not cache._missed
+
+
+def test_only_cached_views_are_written_through_and_an_unread_order_is_cached_by_its_first_read(
+    clean_db, settings, make_place
+):
+    """A commit marks every changed order's view outdated, but writes through only the views that were
+    cached: an order nobody read (the payment step's orders, as a rule) costs no view query and no write."""
+    client = make_redis(settings.redis)
+    cache = OrderCache(clean_db, client, 600)
+    applier = Applier(clean_db, views=cache)
+    unread, read = str(uuid.uuid4()), str(uuid.uuid4())
+    for order_id in (unread, read):
+        assert _apply(applier, "PlaceOrder", make_place(order_id=order_id)).result is Result.APPLIED
+    assert cache.get(read)["status"] == "pending"  # read, so cached
+    for order_id in (unread, read):
+        cancel = {"order_id": order_id, "requested_by": {"user_id": "user-1", "roles": ["user"]}}
+        assert _apply(applier, "CancelOrder", cancel).result is Result.APPLIED
+    assert json.loads(client.hget(KEY_PREFIX + read, "view"))["status"] == "cancelled"  # written through
+    assert client.hget(KEY_PREFIX + unread, "view") is None  # only the mark of the cancel's version
+    version = int(client.hget(KEY_PREFIX + unread, "version"))
+    assert cache.get(unread)["status"] == "cancelled"  # the first read caches it, at that version
+    assert json.loads(client.hget(KEY_PREFIX + unread, "view"))["version"] == version
+    # what the commit's outdate reports: the orders whose views were cached, to be written through
+    assert cache.outdate({unread: version + 1, str(uuid.uuid4()): 1}) == {unread}
+    assert not cache._missed
