@@ -127,3 +127,26 @@ def test_a_row_another_transaction_held_during_a_poll_is_published_once_it_lets_
     assert [e["message_id"] for e in bus.events()] == [after_event, later_event, held_event]
     assert relay.publish_pending(publisher, 100) == 0
     assert relay.keyset.after >= later
+
+
+def test_the_relays_sessions_plan_without_bitmap_scans_and_no_one_elses(settings, clean_db):
+    """Found by the soak: after a burst, the poll planned from statistics of a quiet moment became a
+    bitmap scan of every unpublished row above the floor and a sort (108 ms against 3.6 ms in id order,
+    and slower with every row that piled up meanwhile).  The relay's own sessions plan the poll in order;
+    the setting stays on the relay's engine."""
+    from worker import db
+
+    engine = db.make_engine(settings.database, pool_size=1, pre_ping=False)
+    try:
+        Relay(settings, engine)
+        Relay(settings, engine)  # a second relay on the engine (a test's) adds nothing twice
+        with engine.begin() as conn:
+            assert conn.execute(text("SHOW enable_bitmapscan")).scalar() == "off"
+            assert conn.execute(text("SHOW transaction_isolation")).scalar() == "read committed"
+            conn.execute(POLL, {"after": 0, "limit": 10}).all()  # the poll runs as before
+        other = db.make_engine(settings.database, pool_size=1)
+        with other.connect() as conn:  # the worker's, the shim's: their reads by key keep bitmap scans
+            assert conn.execute(text("SHOW enable_bitmapscan")).scalar() == "on"
+        other.dispose()
+    finally:
+        engine.dispose()
