@@ -39,11 +39,11 @@ class Urllib3Client(stripe.HTTPClient):
     ``stripe.RequestsClient`` makes a ``requests.Session`` per thread and sends every request through its
     whole machinery: hooks, cookies, redirects and, per request, the environment's proxies and
     ``~/.netrc``: 829 µs of CPU per PaymentIntent create through the SDK on a 2-core bench machine,
-    against 475 µs through this client (``scripts/bench_stripe_http.py``, medians of 5 alternating rounds).  The environment's proxy for the API's address
-    (``HTTPS_PROXY``, ``NO_PROXY``, ...) is read once, when the client is made.  The SDK keeps its own
-    retries (with the same idempotency key), so urllib3's are off; what it is told is what
-    ``RequestsClient`` tells it: a timeout or a dropped connection may be retried, a certificate that
-    does not verify may not.
+    against 475 µs through this client (``scripts/bench_stripe_http.py``, medians of 5 alternating
+    rounds).  The environment's proxy for the API's address (``HTTPS_PROXY``, ``NO_PROXY``, ...) is
+    read once, when the client is made.  The SDK keeps its own retries (with the same idempotency
+    key), so urllib3's are off; what it is told is what ``RequestsClient`` tells it: a timeout or a
+    dropped connection may be retried, a certificate that does not verify may not.
     """
 
     name = "urllib3"
@@ -73,12 +73,7 @@ class Urllib3Client(stripe.HTTPClient):
         *,
         _usage: list[str] | None = None,
     ) -> tuple[Any, int, Mapping[str, str]]:
-        try:
-            response = self._pool.request(
-                method.upper(), url, body=post_data, headers=dict(headers or {}), redirect=False
-            )
-        except urllib3.exceptions.HTTPError as exc:
-            self._handle_request_error(exc)
+        response = self._send(method, url, headers, post_data, preload=True)
         return response.data, response.status, response.headers
 
     def request_stream(
@@ -90,18 +85,18 @@ class Urllib3Client(stripe.HTTPClient):
         *,
         _usage: list[str] | None = None,
     ) -> tuple[Any, int, Mapping[str, str]]:
+        response = self._send(method, url, headers, post_data, preload=False)
+        return response, response.status, response.headers
+
+    def _send(
+        self, method: str, url: str, headers: Mapping[str, str] | None, body: Any, preload: bool
+    ) -> urllib3.BaseHTTPResponse:
         try:
-            response = self._pool.request(
-                method.upper(),
-                url,
-                body=post_data,
-                headers=dict(headers or {}),
-                redirect=False,
-                preload_content=False,
+            return self._pool.request(
+                method.upper(), url, body=body, headers=dict(headers or {}), redirect=False, preload_content=preload
             )
         except urllib3.exceptions.HTTPError as exc:
             self._handle_request_error(exc)
-        return response, response.status, response.headers
 
     def _handle_request_error(self, exc: urllib3.exceptions.HTTPError) -> NoReturn:
         retry = not isinstance(exc, urllib3.exceptions.SSLError) and isinstance(
