@@ -14,7 +14,11 @@ own idempotency key, through:
   ``~/.netrc`` looked up per request);
 - ``httpx``: ``stripe.HTTPXClient(allow_sync_methods=True)``;
 - ``urllib3``: :class:`handlers.payments.stripe_client.Urllib3Client`, the
-  service's (one thread-safe ``urllib3.PoolManager``).
+  service's (one thread-safe ``urllib3.PoolManager``);
+- ``urllib3, raw``: the same client, the create made as the payment step
+  makes it (``StripeClient.raw_request``, the answer read as JSON, not built
+  into a ``StripeObject``); the typed rows read their answer as the gateway
+  used to (``to_dict()``).
 
 in ``--rounds`` rounds, the clients alternating within each round, and prints
 each one's median µs of CPU per create and its rounds.
@@ -35,6 +39,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import stripe
 
@@ -46,27 +51,44 @@ from scripts.bench_paid import start_fake  # noqa: E402
 from scripts.benchkit import machine_line  # noqa: E402
 
 API_KEY = "sk_test_local_fake"  # the fake's default key
-PARAMS = {"amount": 1000, "currency": "eur", "payment_method": "pm_card_visa", "confirm": True}
+#: as the payment step sends them (handlers.payments.stripe_gateway.StripeGateway.start)
+PARAMS: dict[str, Any] = {
+    "amount": 1000,
+    "currency": "eur",
+    "payment_method": "pm_card_visa",
+    "payment_method_types": ["card"],
+    "confirm": True,
+    "metadata": {"order_id": "00000000-0000-0000-0000-000000000000"},
+}
 
 
-def clients(base: str) -> dict[str, Callable[[], stripe.HTTPClient]]:
+def clients(base: str) -> dict[str, tuple[Callable[[], stripe.HTTPClient], bool]]:
+    """Each row's HTTP client, and whether the create is a raw request."""
     return {
-        "requests": lambda: stripe.RequestsClient(timeout=10),
-        "httpx": lambda: stripe.HTTPXClient(timeout=10, allow_sync_methods=True),
-        "urllib3": lambda: Urllib3Client(base, 10),
+        "requests": (lambda: stripe.RequestsClient(timeout=10), False),
+        "httpx": (lambda: stripe.HTTPXClient(timeout=10, allow_sync_methods=True), False),
+        "urllib3": (lambda: Urllib3Client(base, 10), False),
+        "urllib3, raw": (lambda: Urllib3Client(base, 10), True),
     }
 
 
-def cpu_per_create(base: str, make: Callable[[], stripe.HTTPClient], n: int) -> float:
+def cpu_per_create(base: str, make: Callable[[], stripe.HTTPClient], raw: bool, n: int) -> float:
     """µs of this thread's CPU per create, after 50 to warm the connection and the SDK up."""
     client = stripe.StripeClient(API_KEY, base_addresses={"api": base}, max_network_retries=2, http_client=make())
+
+    def create() -> dict[str, Any]:
+        key = str(uuid.uuid4())
+        if raw:
+            return dict(client.raw_request("post", "/v1/payment_intents", **PARAMS, idempotency_key=key).data)
+        return client.v1.payment_intents.create(PARAMS, {"idempotency_key": key}).to_dict()  # type: ignore[arg-type]
+
     for _ in range(50):
-        client.v1.payment_intents.create(PARAMS, {"idempotency_key": str(uuid.uuid4())})
+        create()
     started = time.thread_time()
     for _ in range(n):
-        intent = client.v1.payment_intents.create(PARAMS, {"idempotency_key": str(uuid.uuid4())})
-        if intent.status != "succeeded":
-            raise SystemExit(f"unexpected intent {intent.id}: {intent.status}")
+        intent = create()
+        if intent["status"] != "succeeded":
+            raise SystemExit(f"unexpected intent {intent['id']}: {intent['status']}")
     return (time.thread_time() - started) / n * 1e6
 
 
@@ -83,7 +105,7 @@ def main() -> None:
             for r in range(args.rounds):
                 order = list(made) if r % 2 == 0 else list(reversed(made))  # who goes first alternates
                 for name in order:
-                    rounds[name].append(cpu_per_create(base, made[name], args.requests))
+                    rounds[name].append(cpu_per_create(base, *made[name], args.requests))
         finally:
             fake.stop()
     print(machine_line())
