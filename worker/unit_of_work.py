@@ -392,7 +392,7 @@ def order_transaction(engine: Engine, consumer: str, views: Views | None) -> Ite
         touched = uow.touched_versions
         if views is not None and touched:
             cached = views.outdate(touched)  # before the commit: a process killed after it leaves no stale view
-    if views is not None and (cached or touched):
+    if views is not None and touched:
         views.refresh(cached)  # with no view cached, what it owes from before (if any)
 
 
