@@ -27,7 +27,8 @@ bound to ``orders.events``.  Every ``--interval`` seconds (default 5) it samples
   relay's next poll does not (the first soak of the keyset relay counted
   those as the poll's buffers).  The locking clause only locks the rows returned; the cost that
   grows with dead rows is the scan, which is the same.  Beside it the CPU of
-  the relay's backends, and the outbox's dead rows (``pg_stat_user_tables``);
+  the relay's backends, the dead rows of ``outbox`` and ``orders``
+  (``pg_stat_user_tables``) and the autovacuum workers at work;
 * completed orders/s and the p99 latency (scheduled send → ``order.completed``)
   of the orders completed in the interval, and the CPU of each component.
 
@@ -47,6 +48,13 @@ Usage::
 
     .venv/bin/python scripts/bench_soak.py --saturation 80 --minutes 30
     .venv/bin/python scripts/bench_soak.py --rate 60 --minutes 2 --interval 5
+    .venv/bin/python scripts/bench_soak.py --saturation 470 --autovacuum on   # as a production server runs
+
+The rate to take 80 % of is the saturation *through this harness* (its load
+generator and its capture of every ``order.completed`` share the machine): offer
+more than the stack can take for a few minutes (``--rate 650 --minutes 4``) and
+read the completed orders/s it settles at.  ``bench_paid.py``'s saturation, with
+its orders preloaded, pays for neither and is higher.
 """
 
 from __future__ import annotations
@@ -220,9 +228,11 @@ class Sampler:
         with self.stack.db.cursor() as cur:
             cur.execute(
                 "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL),"
-                " (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'outbox')"
+                " (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'outbox'),"
+                " (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'orders'),"
+                " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker')"
             )
-            unpublished, dead = cur.fetchone()
+            unpublished, dead, orders_dead, vacuuming = cur.fetchone()
         self.relay_statement()
         poll_ms, poll_buffers = self.poll_timing()
         snap = self.meter.snapshot()
@@ -242,6 +252,8 @@ class Sampler:
             "queue_depths": {q: d for q, d in depths.items() if d},
             "outbox_unpublished": int(unpublished),
             "outbox_dead": int(dead or 0),
+            "orders_dead": int(orders_dead or 0),
+            "autovacuum_workers": int(vacuuming or 0),
             "poll_ms": poll_ms,
             "poll_buffers": poll_buffers,
             "rss_mib": {
@@ -305,15 +317,15 @@ def table(rows: list[dict[str, Any]], most: int = 60) -> str:
     step = max(1, -(-len(rows) // most))
     rows = [r for i, r in enumerate(rows) if i % step == 0 or i == len(rows) - 1]
     lines = [
-        "| t s | offered | completed/s | p99 ms | in flight | queues | outbox | dead | poll ms | poll buf "
-        "| worker MiB | relay MiB | shim MiB | relay's pg % | machine % |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| t s | offered | completed/s | p99 ms | in flight | queues | outbox | dead | orders dead | vacuuming "
+        "| poll ms | poll buf | worker MiB | relay MiB | shim MiB | relay's pg % | machine % |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['t_s']:.0f} | {r['offered']} | {r['completed_per_s']:.0f} | {benchkit.fmt(r['p99_ms'])} | "
             f"{r['in_flight']} | {r['queues']} | {r['outbox_unpublished']} | {r['outbox_dead']} | "
-            f"{r['poll_ms']:.1f} | {r['poll_buffers']} | {r['rss_mib']['worker']:.1f} | "
+            f"{r['orders_dead']} | {r['autovacuum_workers']} | {r['poll_ms']:.1f} | {r['poll_buffers']} | {r['rss_mib']['worker']:.1f} | "
             f"{r['rss_mib']['relay']:.1f} | {r['rss_mib']['shim']:.1f} | "
             f"{r['cpu_percent'].get(RELAY_PG, 0):.0f} | {r['machine_percent']:.0f} |"
         )
@@ -346,6 +358,59 @@ def _interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
 
 
+class Autovacuum:
+    """``--autovacuum on``: the server's autovacuum switched on for the run, as a production server runs.
+
+    This machine's PostgreSQL runs with ``autovacuum = off`` (a test server's setting), so a long soak
+    measures tables that only grow dead rows, and the per-table settings of migration 0007 never act.
+    ``ALTER SYSTEM SET autovacuum = on`` and a reload switch it on without a restart (the setting is
+    read at reload); at the end ``ALTER SYSTEM RESET`` and a reload give the server back its own
+    configuration. Needs a superuser, as this machine's trust-authenticated ``postgres`` is."""
+
+    def __init__(self, switch_on: bool) -> None:
+        self.switch_on = switch_on
+        self.dsn: str | None = None
+        self.described = "as the server has it"
+        self.switched = False
+
+    def _run(self, *statements: str) -> str:
+        import psycopg2
+
+        conn = psycopg2.connect(self.dsn, connect_timeout=5, application_name="bench-soak-autovacuum")
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+                cur.execute("SHOW autovacuum")
+                return str(cur.fetchone()[0])
+        finally:
+            conn.close()
+
+    def start(self, dsn: str) -> None:
+        self.dsn = dsn
+        was = self._run()
+        self.described = f"{was} (as the server has it)"
+        if not self.switch_on or was == "on":
+            return
+        try:
+            now = self._run("ALTER SYSTEM SET autovacuum = on", "SELECT pg_reload_conf()")
+        except Exception as exc:  # noqa: BLE001 - said plainly: the soak needs the switch it was asked for
+            raise BenchError(f"--autovacuum on: could not switch it on ({exc}); run as a superuser") from None
+        for _ in range(50):  # the reload is asynchronous: the new setting is seen by sessions started after it
+            if now == "on":
+                break
+            time.sleep(0.1)
+            now = self._run()
+        self.described = f"{now} (switched on for the run; the server had {was})"
+        self.switched = True
+
+    def restore(self) -> None:
+        if self.switched:
+            self._run("ALTER SYSTEM RESET autovacuum", "SELECT pg_reload_conf()")
+            self.switched = False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -363,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-tolerance", type=float, default=10, help="flat RSS: within this many percent (10)")
     ap.add_argument("--poll-tolerance", type=float, default=50, help="flat poll time: within this many percent (50)")
     ap.add_argument("--capture-queue", choices=("quorum", "classic"), default="quorum")
+    ap.add_argument(
+        "--autovacuum",
+        choices=("as-is", "on"),
+        default="as-is",
+        help="on: switch the server's autovacuum on for the run (ALTER SYSTEM, reset at the end; superuser)",
+    )
     ap.add_argument("--json", action="store_true", help="print the samples and the verdict as JSON")
     ap.add_argument("--keep-logs", action="store_true")
     args = ap.parse_args(argv)
@@ -374,10 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     stack = Ours(args, tmp, database=SOAK_DB, vhost=SOAK_VHOST)
     gen: Any = None
+    autovacuum = Autovacuum(args.autovacuum == "on")
     try:
         machine = benchkit.machine_line()
         say(f"soak: {rate:.0f} orders/s for {args.minutes:g} min via {args.via}; logs in {tmp}; {machine}")
         stack.prepare()
+        autovacuum.start(stack.settings.database.dsn)
         stack.start_stack()
         from worker.shim.auth import issue_token
 
@@ -445,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             "latency_ms": args.latency_ms,
             "machine": machine,
             "machine_after": benchkit.machine_line(),
+            "autovacuum": autovacuum.described,
             "poll_statement": sampler.poll_sql,
             "poll_statement_from_relay": sampler.poll_sql_seen,
             "load": load,
@@ -457,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"soak: {rate:.0f} card orders/s offered via {args.via} for {args.minutes:g} min, Stripe fake "
                 f"{args.latency_ms:g} ms, {args.processes} worker processes, shim {args.shim_workers} workers; "
-                f"{machine} (start), {result['machine_after']} (end)\n"
+                f"{machine} (start), {result['machine_after']} (end); autovacuum {autovacuum.described}\n"
                 f"answers to the load: {load.get('statuses', 'published upstream')}; relay poll timed: "
                 f"{'the relay own statement' if sampler.poll_sql_seen else 'the statement of today (none seen)'}\n"
             )
@@ -476,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         if gen is not None and gen.is_alive():
             gen.terminate()
         stack.close()
+        autovacuum.restore()
         if args.keep_logs:
             say(f"logs kept in {tmp}")
         else:
