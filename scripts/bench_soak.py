@@ -397,13 +397,13 @@ class Autovacuum:
             now = self._run("ALTER SYSTEM SET autovacuum = on", "SELECT pg_reload_conf()")
         except Exception as exc:  # noqa: BLE001 - said plainly: the soak needs the switch it was asked for
             raise BenchError(f"--autovacuum on: could not switch it on ({exc}); run as a superuser") from None
+        self.switched = True  # from here on the server's setting is ours to reset, whatever follows
         for _ in range(50):  # the reload is asynchronous: the new setting is seen by sessions started after it
             if now == "on":
                 break
             time.sleep(0.1)
             now = self._run()
         self.described = f"{now} (switched on for the run; the server had {was})"
-        self.switched = True
 
     def restore(self) -> None:
         if self.switched:
