@@ -51,6 +51,8 @@ class Ledger:
         self.placed: set[str] = set()  # order ids whose PlaceOrder was accepted
         self.gave_up: list[str] = []
         self.refused: Counter[str] = Counter()
+        #: when (monotonic) a buyer's ``GET /orders/{id}`` was last answered 200: a read caches the order's view
+        self.last_view_at: float | None = None
 
     def count(self, what: str, n: int = 1) -> None:
         with self.lock:
@@ -368,6 +370,9 @@ class Driver:
             self.ledger.gave_up.append(f"GET /orders/{o.order_id}")
         else:
             self.ledger.count(f"GET /orders/{{id}} answered {r.status_code}")
+            if r.status_code == 200:
+                with self.ledger.lock:
+                    self.ledger.last_view_at = time.monotonic()
 
     def cancel_shim(self, o: PlannedOrder, key: str) -> None:
         r = self.http.call(

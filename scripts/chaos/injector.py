@@ -46,6 +46,8 @@ class Injector:
 
     def __init__(self, cfg: ChaosConfig, stack: Stack) -> None:
         self.cfg, self.stack = cfg, stack
+        #: when (monotonic) Redis came back, empty, from its outage; None: it never went away
+        self.redis_back_at: float | None = None
         rnd = random.Random(f"injections-{cfg.seed}")
         outages = CLUSTER_OUTAGES if cfg.topology == "cluster" else OUTAGES
         if cfg.alarms:
@@ -157,6 +159,8 @@ class Injector:
         if not self.cfg.real_restarts or what == "redis":
             time.sleep(seconds)
         self.stack.up(dependency)
+        if what == "redis":
+            self.redis_back_at = time.monotonic()
         inj.detail = f"{what} away for {time.monotonic() - started:.1f}s" + (
             " (machine's server restarted)"
             if self.cfg.real_restarts
