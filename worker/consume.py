@@ -13,8 +13,8 @@ the connection closes.  The strategies, after arroyo's
 - :class:`Window` (payment steps): batches of steps in a thread pool, each
   batch two transactions and its provider calls at the same time
   (:mod:`worker.payment_runner`), up to N steps in flight, each step settled and acked
-  as soon as its batch is done, so a slow provider call holds up only its
-  own batch.
+  as soon as its batch has recorded it, so a slow provider call holds up only its
+  own message (steps settled in a row share one ``multiple`` ack).
 
 Nothing is acked before its effects are committed or its retry / dead
 letter is confirmed by the broker, so a kill at any instruction loses
@@ -269,29 +269,33 @@ class Window:
     def poll(self, broker: BlockingBroker) -> None:
         finished = [f for f in self.in_flight if f.done()]  # before draining: everything they reported is in
         outage: list[Handled] = []
-        while True:
-            try:
-                h = self._reported.get_nowait()
-            except queue.Empty:
-                break
-            self._pending.discard(h.delivery.delivery_tag)
-            if h.outage:
-                outage.append(h)
-            else:
-                self._settle(broker, h)
-        for future in finished:
-            batch = self.in_flight.pop(future)
-            failure = future.exception()
-            for d in batch:  # a batch that broke off (a bug): what it did not report fails like any failure
-                if failure is not None and d.delivery_tag in self._pending:
-                    self._pending.discard(d.delivery_tag)
-                    self._settle(broker, handled_from(d, failure))
+        settled: list[int] = []
+        try:
+            while True:
+                try:
+                    h = self._reported.get_nowait()
+                except queue.Empty:
+                    break
+                self._pending.discard(h.delivery.delivery_tag)
+                if h.outage:
+                    outage.append(h)
+                else:
+                    self._settle(broker, h, settled)
+            for future in finished:
+                batch = self.in_flight.pop(future)
+                failure = future.exception()
+                for d in batch:  # a batch that broke off (a bug): what it did not report fails like any failure
+                    if failure is not None and d.delivery_tag in self._pending:
+                        self._pending.discard(d.delivery_tag)
+                        self._settle(broker, handled_from(d, failure), settled)
+            if outage and self.hold.answers():
+                # a step that started before an outage that is over now: an ordinary failure (delay tiers)
+                for h in outage:
+                    self._settle(broker, h, settled)
+                outage = []
+        finally:  # what was settled is acked, also when settling a later one failed
+            self._ack(broker, settled, held=[h.delivery.delivery_tag for h in outage])
         if not outage:
-            return
-        if self.hold.answers():
-            # a step that started before an outage that is over now: an ordinary failure (delay tiers)
-            for h in outage:
-                self._settle(broker, h)
             return
         # hold the work until the database is back (logged once, not once per step), then run it again
         self.hold.wait(outage[0].error)  # type: ignore[arg-type]
@@ -308,7 +312,25 @@ class Window:
         self.in_flight.clear()
         self._pending.clear()
 
-    def _settle(self, broker: BlockingBroker, h: Handled) -> None:
+    def _settle(self, broker: BlockingBroker, h: Handled, settled: list[int]) -> None:
         self.settlement.settle(broker, h)
-        broker.ack(h.delivery.delivery_tag)
+        settled.append(h.delivery.delivery_tag)
         self.metrics.count([h])
+
+    def _ack(self, broker: BlockingBroker, settled: list[int], held: list[int]) -> None:
+        """Ack the steps just settled: those below every step still taken (running, or ``held`` for an
+        outage) with one ``multiple`` ack, since every delivery before them is settled and acked too; each
+        of the others on its own, now (a slow step holds up only its own message, never the acks after it).
+        One frame for a run instead of one per step: 63.8 → 27.1 µs of the consumer's CPU per message and
+        48.5 → 20.0 µs of RabbitMQ's, runs of 20 (``scripts/bench_acks.py``)."""
+        if not settled:
+            return
+        floor = min(self._pending.union(held), default=None)
+        below = sorted(t for t in settled if floor is None or t < floor)
+        if len(below) > 1:
+            broker.ack_through(below[-1])
+        elif below:
+            broker.ack(below[0])
+        for tag in settled:
+            if floor is not None and tag > floor:
+                broker.ack(tag)

@@ -335,3 +335,74 @@ def test_while_every_thread_runs_a_batch_what_arrives_waits_and_goes_into_the_ne
     step.release("m-3", "m-4", "m-5", "m-6", "m-7")
     poll_until(w, broker, lambda: broker.unacked() == [])
     assert step.batches == [[1], [2], [3, 4, 5, 6], [7]]
+
+
+# -- acks: one frame for the steps settled in a row, each of the others at once
+
+
+class WaveStep(GatedStep):
+    """A :class:`GatedStep` that reports its batch at once when the whole batch is done, as the payment runner
+    reports a recorded wave, and says so (``reported``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported = threading.Semaphore(0)
+
+    def handle_batch(
+        self, batch: list[Delivery], report: Callable[[list[Handled]], None] | None = None
+    ) -> list[Handled]:
+        done = [self.handle(d) for d in batch]
+        if report is not None:
+            report(done)
+        self.reported.release()
+        return done
+
+
+def reported(step: WaveStep, batches: int = 1) -> None:
+    for _ in range(batches):
+        assert step.reported.acquire(timeout=GATE_SECONDS), "a batch never reported"
+
+
+def test_steps_settled_in_a_row_are_acked_with_one_multiple_ack(pool) -> None:
+    step, broker = WaveStep(), RecordingBroker()
+    from worker.settlement import Settlement
+
+    w = Window(pool, step, ScriptedHold(broker, threading.Event(), 0.0), Settlement((1, 2)), 8, batch_size=4, slots=2)  # type: ignore[arg-type]
+    submit(w, broker, steps(1, 2, 3, 4))
+    reported(step)
+    w.poll(broker)
+    assert broker.acks == [(4, True)] and broker.unacked() == []
+
+
+def test_steps_settled_above_one_still_running_are_acked_each_at_once_then_the_rest_in_one(pool) -> None:
+    step, broker = WaveStep(), RecordingBroker()
+    step.hold_back("m-1")
+    from worker.settlement import Settlement
+
+    w = Window(pool, step, ScriptedHold(broker, threading.Event(), 0.0), Settlement((1, 2)), 8, batch_size=2, slots=2)  # type: ignore[arg-type]
+    submit(w, broker, steps(1, 2, 3, 4))  # two batches: [1, 2] waits for its provider call, [3, 4] does not
+    reported(step)
+    w.poll(broker)
+    # not held back behind the slow call, and not covered by a multiple ack (1 and 2 are not settled)
+    assert broker.acks == [(3, False), (4, False)] and broker.unacked() == [1, 2]
+    step.release("m-1")
+    reported(step)
+    w.poll(broker)
+    assert broker.acks == [(3, False), (4, False), (2, True)] and broker.unacked() == []
+
+
+def test_a_step_held_for_an_outage_is_not_covered_by_the_multiple_ack_of_those_after_it(pool) -> None:
+    step, broker = WaveStep(), RecordingBroker()
+    step.script("m-1", lambda d: handled_from(d, down(), ORDER))  # then applied
+    from worker.settlement import Settlement
+
+    hold = ScriptedHold(broker, threading.Event(), 1.0)
+    w = Window(pool, step, hold, Settlement((1, 2)), 8, batch_size=4, slots=2)  # type: ignore[arg-type]
+    submit(w, broker, steps(1, 2, 3))
+    reported(step)
+    held: list[list[int]] = []
+    broker.on_sleep.append(lambda b: held.append(b.unacked()))
+    w.poll(broker)  # 2 and 3 settled and acked before the hold waits for the database; 1 held, unacked
+    assert broker.acks[:2] == [(2, False), (3, False)] and [1] in held
+    poll_until(w, broker, lambda: broker.unacked() == [])
+    assert broker.acks == [(2, False), (3, False), (1, False)] and step.calls == ["m-1", "m-2", "m-3", "m-1"]
