@@ -102,12 +102,16 @@ def window(
     size: int = 3,
     stop: threading.Event | None = None,
     back_at: float | None = 0.0,
+    batch_size: int = 1,
+    slots: int | None = None,
 ) -> tuple[Window, ScriptedHold]:
-    """A window over ``step``; PostgreSQL answers its probe from ``back_at`` on the broker's clock."""
+    """A window over ``step`` (batches of ``batch_size``, ``slots`` of them at once); PostgreSQL answers its
+    probe from ``back_at`` on the broker's clock."""
     from worker.settlement import Settlement
 
     hold = ScriptedHold(broker, stop or threading.Event(), back_at)
-    return Window(pool, step, hold, Settlement((1, 2)), size), hold  # type: ignore[arg-type]
+    w = Window(pool, step, hold, Settlement((1, 2)), size, batch_size=batch_size, slots=slots)  # type: ignore[arg-type]
+    return w, hold
 
 
 def steps(*tags: int) -> list[Delivery]:
@@ -314,10 +318,7 @@ def test_while_every_thread_runs_a_batch_what_arrives_waits_and_goes_into_the_ne
     # (unacked, in the prefetch) and the first thread that is free takes four of them as one batch
     step, broker = BatchRecordingStep(), RecordingBroker()
     step.hold_back(*(f"m-{i}" for i in range(1, 8)))
-    hold = ScriptedHold(broker, threading.Event(), 0.0)
-    from worker.settlement import Settlement
-
-    w = Window(pool, step, hold, Settlement((1, 2)), 8, batch_size=4, slots=2)  # type: ignore[arg-type]
+    w, _ = window(pool, step, broker, size=8, batch_size=4, slots=2)
     assert w.room() == 8
     submit(w, broker, steps(1))
     submit(w, broker, steps(2))
@@ -365,9 +366,7 @@ def reported(step: WaveStep, batches: int = 1) -> None:
 
 def test_steps_settled_in_a_row_are_acked_with_one_multiple_ack(pool) -> None:
     step, broker = WaveStep(), RecordingBroker()
-    from worker.settlement import Settlement
-
-    w = Window(pool, step, ScriptedHold(broker, threading.Event(), 0.0), Settlement((1, 2)), 8, batch_size=4, slots=2)  # type: ignore[arg-type]
+    w, _ = window(pool, step, broker, size=8, batch_size=4, slots=2)
     submit(w, broker, steps(1, 2, 3, 4))
     reported(step)
     w.poll(broker)
@@ -377,9 +376,7 @@ def test_steps_settled_in_a_row_are_acked_with_one_multiple_ack(pool) -> None:
 def test_steps_settled_above_one_still_running_are_acked_each_at_once_then_the_rest_in_one(pool) -> None:
     step, broker = WaveStep(), RecordingBroker()
     step.hold_back("m-1")
-    from worker.settlement import Settlement
-
-    w = Window(pool, step, ScriptedHold(broker, threading.Event(), 0.0), Settlement((1, 2)), 8, batch_size=2, slots=2)  # type: ignore[arg-type]
+    w, _ = window(pool, step, broker, size=8, batch_size=2, slots=2)
     submit(w, broker, steps(1, 2, 3, 4))  # two batches: [1, 2] waits for its provider call, [3, 4] does not
     reported(step)
     w.poll(broker)
@@ -394,10 +391,7 @@ def test_steps_settled_above_one_still_running_are_acked_each_at_once_then_the_r
 def test_a_step_held_for_an_outage_is_not_covered_by_the_multiple_ack_of_those_after_it(pool) -> None:
     step, broker = WaveStep(), RecordingBroker()
     step.script("m-1", lambda d: handled_from(d, down(), ORDER))  # then applied
-    from worker.settlement import Settlement
-
-    hold = ScriptedHold(broker, threading.Event(), 1.0)
-    w = Window(pool, step, hold, Settlement((1, 2)), 8, batch_size=4, slots=2)  # type: ignore[arg-type]
+    w, _ = window(pool, step, broker, size=8, back_at=1.0, batch_size=4, slots=2)
     submit(w, broker, steps(1, 2, 3))
     reported(step)
     held: list[list[int]] = []
