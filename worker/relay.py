@@ -67,6 +67,8 @@ RELAY_LOCK_KEY = 0x6F7264657273
 HOUSEKEEPING_INTERVAL = 60.0
 #: rows deleted per housekeeping statement, so no delete holds locks long
 HOUSEKEEPING_CHUNK = 5000
+#: a publishing round longer than this (seconds) is logged with where its time went
+SLOW_ROUND_SECONDS = 2.0
 
 
 _COLUMNS = (
@@ -240,10 +242,12 @@ class Relay:
     def publish_pending(self, publisher: PipelinedPublisher, limit: int) -> int:
         """Publish one batch of unpublished events; return how many."""
         keyset = self.keyset
+        began = polled = published = time.perf_counter()
         with self.engine.begin() as conn:
             # before the poll: what these statements find settled, the poll's snapshot sees committed
             settled, start = keyset.observe(conn)
             rows = conn.execute(POLL, {"after": start, "limit": limit}).all()
+            polled = published = time.perf_counter()
             # unpacked below: looking columns up by name, and Decimal epochs, were a sixth of the relay CPU
             if rows:
                 # with tracing on, each event continues the trace its row stored (worker/tracing.py)
@@ -266,6 +270,7 @@ class Relay:
                     ],
                     [r[8] for r in rows],
                 )
+                published = time.perf_counter()
                 # with no retention, delete: marking can never be a HOT update (the
                 # column is in the partial index) and costs PostgreSQL 3x a delete
                 done = _DELETE_PUBLISHED if self.settings.worker.outbox_retention_hours == 0 else _MARK_PUBLISHED
@@ -276,16 +281,35 @@ class Relay:
                 skipped = conn.execute(_SKIPPED, {"after": start, "reach": reach}).scalar()
                 if skipped is not None:
                     reach = skipped - 1
+            written = time.perf_counter()
         # committed: only now may the floor pass what this batch published
         keyset.advance(settled, reach)
+        ended = time.perf_counter()
+        if ended - began > SLOW_ROUND_SECONDS:
+            self._slow_round(len(rows), began, polled, published, written, ended)
         if not rows:
             return 0
         self.metrics.relayed(len(rows), time.time() - rows[0][7])
         return len(rows)
 
+    @staticmethod
+    def _slow_round(rows: int, began: float, polled: float, published: float, written: float, ended: float) -> None:
+        """Say where a round that held up publishing spent its time: the poll, the broker's confirms, the
+        delete or mark and the commit (two soaks saw the outbox grow for ~20 s with nothing in any log:
+        docs/benchmarks.md)."""
+        log.warning(
+            "relay round slow",
+            rows=rows,
+            seconds=round(ended - began, 3),
+            poll_ms=round((polled - began) * 1000, 1),
+            publish_ms=round((published - polled) * 1000, 1),
+            write_ms=round((written - published) * 1000, 1),
+            commit_ms=round((ended - written) * 1000, 1),
+        )
+
     def housekeeping(self) -> dict[str, int]:
         """Delete published outbox rows and inbox rows past their retention."""
-        self._last_housekeeping = time.monotonic()
+        self._last_housekeeping = began = time.monotonic()
         cfg = self.settings.worker
         deleted = dict.fromkeys(_RETENTION_DELETES, 0)
         retention = {
@@ -307,7 +331,11 @@ class Relay:
                 if n < HOUSEKEEPING_CHUNK:
                     break
         if any(deleted.values()):
-            log.info("housekeeping", **{f"deleted_{k}": v for k, v in deleted.items()})
+            log.info(
+                "housekeeping",
+                seconds=round(time.monotonic() - began, 3),
+                **{f"deleted_{k}": v for k, v in deleted.items()},
+            )
         self.analyze()
         return deleted
 
@@ -332,11 +360,12 @@ class Relay:
                     },
                 ).scalars()
             )
+        began = time.monotonic()
         for table in stale:  # names from the fixed tuple above, never from input
             with self.engine.begin() as conn:
                 conn.execute(text(f"ANALYZE {table}"))
-        if stale:
-            log.info("planner statistics refreshed", tables=stale)
+        if stale:  # publishing waits meanwhile: the time says what it cost
+            log.info("planner statistics refreshed", tables=stale, seconds=round(time.monotonic() - began, 3))
         return stale
 
 

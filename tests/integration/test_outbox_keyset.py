@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import text
+from structlog.testing import capture_logs
 
 from tests.support import dead_outbox_rows
+from worker import relay as relay_module
 from worker.rabbit.publisher import PipelinedPublisher
 from worker.relay import FULL_POLL, POLL, Relay
 
@@ -150,3 +153,37 @@ def test_the_relays_sessions_plan_without_bitmap_scans_and_no_one_elses(settings
         other.dispose()
     finally:
         engine.dispose()
+
+
+class SlowConfirms:
+    """The real publisher, whose confirms take ``delay`` seconds longer (a broker that holds up the round)."""
+
+    def __init__(self, publisher: PipelinedPublisher, delay: float) -> None:
+        self.publisher, self.delay = publisher, delay
+
+    def publish_batch(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(self.delay)
+        return self.publisher.publish_batch(*args, **kwargs)
+
+
+def test_a_round_that_holds_up_publishing_is_logged_with_where_its_time_went(
+    settings, clean_db, bus, publisher, monkeypatch
+):
+    monkeypatch.setattr(relay_module, "SLOW_ROUND_SECONDS", 0.25)
+    relay = Relay(settings, clean_db)
+    with clean_db.begin() as conn:
+        insert(conn)
+    with capture_logs() as fast:
+        assert relay.publish_pending(publisher, 100) == 1
+    assert [e for e in fast if e["event"] == "relay round slow"] == []
+    with clean_db.begin() as conn:
+        insert(conn)
+        insert(conn)
+    with capture_logs() as slow:
+        assert relay.publish_pending(SlowConfirms(publisher, 0.4), 100) == 2  # type: ignore[arg-type]
+    [warning] = [e for e in slow if e["event"] == "relay round slow"]
+    assert warning["log_level"] == "warning" and warning["rows"] == 2
+    assert warning["publish_ms"] >= 400 and warning["poll_ms"] < 250 and warning["seconds"] >= 0.4
+    phases = warning["poll_ms"] + warning["publish_ms"] + warning["write_ms"] + warning["commit_ms"]
+    assert abs(phases / 1000 - warning["seconds"]) < 0.01  # the phases are the whole round
+    assert len(bus.events()) == 3
