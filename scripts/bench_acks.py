@@ -40,6 +40,7 @@ import pika
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.benchkit import HZ, parse_stat  # noqa: E402
 from worker.rabbit.connection import BlockingBroker  # noqa: E402
 from worker.settings import load_settings  # noqa: E402
 
@@ -50,10 +51,7 @@ def beam_pid() -> int | None:
 
 
 def ticks(pid: int | None) -> int:
-    if pid is None:
-        return 0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return 0 if pid is None else parse_stat(Path(f"/proc/{pid}/stat").read_text()).own
 
 
 def fill(url: str, queue: str, n: int) -> None:
@@ -83,7 +81,7 @@ def consume(url: str, queue: str, n: int, mode: str, group: int, beam: int | Non
         got += len(batch)
     cpu, rabbit, wall = time.thread_time() - cpu, ticks(beam) - rabbit, time.perf_counter() - wall
     broker.close()
-    return cpu / n * 1e6, rabbit / os.sysconf("SC_CLK_TCK") / n * 1e6, n / wall
+    return cpu / n * 1e6, rabbit / HZ / n * 1e6, n / wall
 
 
 def main() -> None:

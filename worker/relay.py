@@ -242,7 +242,7 @@ class Relay:
     def publish_pending(self, publisher: PipelinedPublisher, limit: int) -> int:
         """Publish one batch of unpublished events; return how many."""
         keyset = self.keyset
-        began = polled = published = time.perf_counter()
+        began = time.perf_counter()
         with self.engine.begin() as conn:
             # before the poll: what these statements find settled, the poll's snapshot sees committed
             settled, start = keyset.observe(conn)

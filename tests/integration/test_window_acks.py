@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import pika
@@ -106,33 +107,33 @@ def window(broker: BlockingBroker, step: Step, pool: ThreadPoolExecutor, batch: 
     return Window(pool, step, hold, Settlement((1,)), 16, batch_size=batch, slots=4)  # type: ignore[arg-type]
 
 
-def test_what_comes_back_after_a_crash_is_exactly_the_steps_not_yet_settled(queue) -> None:
+@contextmanager
+def running(queue: tuple[str, str], n: int, batch: int, held: str) -> Iterator[tuple[SpyBroker, Step, Window]]:
+    """``n`` steps published, taken and submitted to a window in batches of ``batch``; ``held``'s provider call
+    stays out until the test releases it; the batches without it have reported when this yields."""
     url, name = queue
-    publish(url, name, 6)
+    publish(url, name, n)
     broker = SpyBroker(url).connect()
     broker.consume([name], 16)
-    step = Step("m-1")
+    step = Step(held)
     with ThreadPoolExecutor(4) as pool:
-        w = window(broker, step, pool, batch=2)
-        w.submit(broker, take(broker, 6))  # batches [1, 2] (its call still out), [3, 4], [5, 6]
-        step.wait_reports(2)
+        w = window(broker, step, pool, batch)
+        w.submit(broker, take(broker, n))
+        step.wait_reports(n // batch - 1)
+        yield broker, step, w
+
+
+def test_what_comes_back_after_a_crash_is_exactly_the_steps_not_yet_settled(queue) -> None:
+    with running(queue, 6, batch=2, held="m-1") as (broker, step, w):  # [1, 2] waits for m-1; [3, 4], [5, 6] done
         w.poll(broker)
         assert sorted(broker.acks) == [(3, False), (4, False), (5, False), (6, False)]
         broker.close()  # the process dies with m-1's provider call out
         step.gates["m-1"].set()
-    assert ready(url, name) == 2  # m-1 and m-2 come back; the four acked ones do not, the channel held
+    assert ready(*queue) == 2  # m-1 and m-2 come back; the four acked ones do not, the channel held
 
 
 def test_a_run_of_settled_steps_is_dropped_by_the_broker_with_one_multiple_ack(queue) -> None:
-    url, name = queue
-    publish(url, name, 12)
-    broker = SpyBroker(url).connect()
-    broker.consume([name], 16)
-    step = Step("m-9")
-    with ThreadPoolExecutor(4) as pool:
-        w = window(broker, step, pool, batch=4)
-        w.submit(broker, take(broker, 12))  # [1-4], [5-8] done; [9-12] waits for m-9's call
-        step.wait_reports(2)
+    with running(queue, 12, batch=4, held="m-9") as (broker, step, w):  # [1-4], [5-8] done; [9-12] waits for m-9
         w.poll(broker)
         assert broker.acks == [(8, True)]
         step.gates["m-9"].set()
@@ -141,4 +142,4 @@ def test_a_run_of_settled_steps_is_dropped_by_the_broker_with_one_multiple_ack(q
         assert broker.acks == [(8, True), (12, True)]
         broker.sleep(0.2)  # a round trip: a channel error would be seen by now
         broker.close()
-    assert ready(url, name) == 0
+    assert ready(*queue) == 0
