@@ -16,9 +16,15 @@ own idempotency key, through:
 - ``urllib3``: :class:`handlers.payments.stripe_client.Urllib3Client`, the
   service's (one thread-safe ``urllib3.PoolManager``);
 - ``urllib3, raw``: the same client, the create made as the payment step
-  makes it (``StripeClient.raw_request``, the answer read as JSON, not built
-  into a ``StripeObject``); the typed rows read their answer as the gateway
-  used to (``to_dict()``).
+  made it until 2026-12-07 (``StripeClient.raw_request``, the answer read as
+  JSON, not built into a ``StripeObject``); the typed rows read their answer
+  as the gateway used to (``to_dict()``);
+- ``http.client, raw, quiet``: the service's now,
+  :class:`handlers.payments.stripe_client.ThreadConnectionClient` (a kept
+  ``http.client`` connection per thread) with the SDK's log lines formatted
+  only when the ``stripe`` logger takes them
+  (:func:`handlers.payments.stripe_client.quiet_sdk_logging`; the other rows
+  run with the SDK's logging as it comes).
 
 in ``--rounds`` rounds, the clients alternating within each round, and prints
 each one's median µs of CPU per create and its rounds.
@@ -42,11 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import stripe
+import stripe._api_requestor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from handlers.payments.stripe_client import Urllib3Client  # noqa: E402
+from handlers.payments.stripe_client import ThreadConnectionClient, Urllib3Client, quiet_sdk_logging  # noqa: E402
 from scripts.bench_paid import start_fake  # noqa: E402
 from scripts.benchkit import machine_line  # noqa: E402
 
@@ -62,18 +69,30 @@ PARAMS: dict[str, Any] = {
 }
 
 
-def clients(base: str) -> dict[str, tuple[Callable[[], stripe.HTTPClient], bool]]:
-    """Each row's HTTP client, and whether the create is a raw request."""
+def clients(base: str) -> dict[str, tuple[Callable[[], stripe.HTTPClient], bool, bool]]:
+    """Each row's HTTP client, whether the create is a raw request, and whether the SDK's logging is quieted."""
     return {
-        "requests": (lambda: stripe.RequestsClient(timeout=10), False),
-        "httpx": (lambda: stripe.HTTPXClient(timeout=10, allow_sync_methods=True), False),
-        "urllib3": (lambda: Urllib3Client(base, 10), False),
-        "urllib3, raw": (lambda: Urllib3Client(base, 10), True),
+        "requests": (lambda: stripe.RequestsClient(timeout=10), False, False),
+        "httpx": (lambda: stripe.HTTPXClient(timeout=10, allow_sync_methods=True), False, False),
+        "urllib3": (lambda: Urllib3Client(base, 10), False, False),
+        "urllib3, raw": (lambda: Urllib3Client(base, 10), True, False),
+        "http.client, raw, quiet": (lambda: ThreadConnectionClient(base, 10), True, True),
     }
 
 
-def cpu_per_create(base: str, make: Callable[[], stripe.HTTPClient], raw: bool, n: int) -> float:
+def cpu_per_create(base: str, make: Callable[[], stripe.HTTPClient], raw: bool, quiet: bool, n: int) -> float:
     """µs of this thread's CPU per create, after 50 to warm the connection and the SDK up."""
+    requestor: Any = stripe._api_requestor
+    as_it_comes = (requestor.log_info, requestor.log_debug)
+    if quiet:
+        quiet_sdk_logging()
+    try:
+        return _cpu_per_create(base, make, raw, n)
+    finally:
+        requestor.log_info, requestor.log_debug = as_it_comes
+
+
+def _cpu_per_create(base: str, make: Callable[[], stripe.HTTPClient], raw: bool, n: int) -> float:
     client = stripe.StripeClient(API_KEY, base_addresses={"api": base}, max_network_retries=2, http_client=make())
 
     def create() -> dict[str, Any]:
