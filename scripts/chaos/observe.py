@@ -25,22 +25,50 @@ from .driver import Buyer, Clerk, Ledger
 from .stack import Stack
 
 
-def queue_depths(stack: Stack) -> dict[str, int]:
-    """Messages per queue of the run's vhost, ready and unacknowledged (rabbitmqctl)."""
+def queue_states(stack: Stack) -> dict[str, tuple[int, int, int]]:
+    """Per queue of the run's vhost: its messages, of them ready, and unacknowledged (rabbitmqctl).
+
+    A quorum queue's ``messages`` also counts what it dead-lettered at least once and its target has not
+    confirmed yet (RabbitMQ sends it again after ``dead_letter_worker_publisher_confirm_timeout``, 3
+    minutes by default): more ``messages`` than ready and unacknowledged together says that is where they
+    are, not in the queue waiting for their TTL."""
     try:
         done = harness.rabbitmqctl(
-            "list_queues", "-p", stack.cfg.vhost, "name", "messages", "--quiet", "--no-table-headers"
+            "list_queues",
+            "-p",
+            stack.cfg.vhost,
+            "name",
+            "messages",
+            "messages_ready",
+            "messages_unacknowledged",
+            "--quiet",
+            "--no-table-headers",
         )
     except harness.HarnessError as exc:
         raise ChaosError(str(exc)) from None
     if done.returncode != 0:
         raise ChaosError(f"rabbitmqctl list_queues failed: {done.stderr.strip()[-300:]}")
+    return parse_queue_states(done.stdout)
+
+
+def parse_queue_states(text: str) -> dict[str, tuple[int, int, int]]:
+    """``rabbitmqctl list_queues name messages messages_ready messages_unacknowledged``'s lines, by queue."""
     out = {}
-    for line in done.stdout.splitlines():
+    for line in text.splitlines():
         parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            out[parts[0]] = int(parts[1])
+        if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+            out[parts[0]] = (int(parts[1]), int(parts[2]), int(parts[3]))
     return out
+
+
+def describe_depth(queue: str, state: tuple[int, int, int]) -> str:
+    """``orders.delay.1s: 6 messages``, with where they are when not all of them are ready or delivered."""
+    messages, ready, unacked = state
+    text = f"{queue}: {messages} messages"
+    if messages != ready + unacked or unacked:
+        dead_lettered = messages - ready - unacked
+        text += f" ({ready} ready, {unacked} unacknowledged, {dead_lettered} dead-lettered awaiting a confirm)"
+    return text
 
 
 def db_counts(dsn: str) -> dict[str, Any]:
@@ -117,9 +145,9 @@ def wait_for_quiescence(
         reasons = []
         try:
             counts = db_counts(stack.direct_dsn())
-            depths = queue_depths(stack)
+            states = queue_states(stack)
         except (psycopg2.Error, ChaosError) as exc:
-            counts, depths = {}, {}
+            counts, states = {}, {}
             reasons.append(f"cannot observe: {exc}")
         if counts:
             with buyer.lock:
@@ -135,8 +163,8 @@ def wait_for_quiescence(
             if clerk is not None and not clerk.idle:
                 reasons.append("refunds at the provider still to make")
         for q in work_queues:
-            if depths.get(q):
-                reasons.append(f"{q}: {depths[q]} messages")
+            if states.get(q, (0, 0, 0))[0]:
+                reasons.append(describe_depth(q, states[q]))
         if not reasons:
             snapshot = (counts["last_transition"], counts["inbox"], counts["orders"])
             stable = stable + 1 if snapshot == last else 0
