@@ -23,7 +23,9 @@ import signal, sys, time
 from pathlib import Path
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from scripts.harness import Proc
-p = Proc("group", ["sh", "-c", "sleep 300 & echo $! > {kid}; wait"], None, Path({log!r}))
+# the child's pid is written aside and renamed into place: the file appears with its content, never empty (a
+# parent that exited on seeing an empty file took the shell with it before it wrote: "last: ''" in a CI run)
+p = Proc("group", ["sh", "-c", "sleep 300 & echo $! > {kid}.tmp && mv {kid}.tmp {kid}; wait"], None, Path({log!r}))
 print(p.pid, flush=True)
 while not Path({kid!r}).exists():  # the shell has started its child: there is a group to take along
     time.sleep(0.05)
