@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import stripe
@@ -144,24 +145,29 @@ def test_the_proxy_of_the_environment_is_used_unless_no_proxy_names_the_address(
     assert len(seen) == 1
 
 
-def test_threads_share_one_pool_of_kept_connections(recorder) -> None:
-    base, seen = recorder
-    client = Urllib3Client(base, timeout=5)
+def _from_threads(client: Any, base: str, threads: int = 8, each: int = 20) -> list[BaseException]:
+    """``each`` requests from each of ``threads`` threads at once; what they raised."""
     errors: list[BaseException] = []
 
     def calls() -> None:
         try:
-            for _ in range(20):
+            for _ in range(each):
                 assert client.request("get", f"{base}/v1/payment_intents/pi_1", {})[1] == 200
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
 
-    threads = [threading.Thread(target=calls) for _ in range(8)]
-    for t in threads:
+    started = [threading.Thread(target=calls) for _ in range(threads)]
+    for t in started:
         t.start()
-    for t in threads:
+    for t in started:
         t.join()
-    assert not errors and len(seen) == 160
+    return errors
+
+
+def test_threads_share_one_pool_of_kept_connections(recorder) -> None:
+    base, seen = recorder
+    client = Urllib3Client(base, timeout=5)
+    assert not _from_threads(client, base) and len(seen) == 160
     pool = client._pool.connection_from_url(base)
     assert pool.num_connections <= 8  # at most one per thread in flight: kept and reused, not one per request
 
@@ -183,22 +189,7 @@ def test_one_thread_keeps_one_connection_and_a_str_body_goes_as_utf8(recorder) -
 
 def test_threads_each_keep_a_connection_of_their_own(recorder) -> None:
     base, seen = recorder
-    client = ThreadConnectionClient(base, timeout=5)
-    errors: list[BaseException] = []
-
-    def calls() -> None:
-        try:
-            for _ in range(20):
-                assert client.request("get", f"{base}/v1/payment_intents/pi_1", {})[1] == 200
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=calls) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(seen) == 160
+    assert not _from_threads(ThreadConnectionClient(base, timeout=5), base) and len(seen) == 160
     assert _connections(seen) == 8
 
 
