@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import http.client
 import logging
-import select
 import socket
 import ssl
 import sys
@@ -35,6 +34,7 @@ import stripe._api_requestor
 import urllib3
 from requests.utils import get_environ_proxies
 from stripe import APIConnectionError
+from urllib3.util.wait import wait_for_read
 
 from handlers.payments.settings import StripeSettings
 
@@ -235,12 +235,12 @@ class _Body:
 
 def _dropped(sock: socket.socket) -> bool:
     """Whether a kept connection has something to read before anything was asked: its end of file (the
-    server closed it) or bytes nobody asked for; either way it cannot carry a request (urllib3's test)."""
+    server closed it) or bytes nobody asked for; either way it cannot carry a request (urllib3's test, with
+    its ``poll``: ``select`` cannot take a descriptor above 1023)."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
+        return wait_for_read(sock, timeout=0.0)
+    except OSError:
         return True
-    return bool(readable)
 
 
 def _quiet_unless_logged(log: Callable[..., None], level: int) -> Callable[..., None]:

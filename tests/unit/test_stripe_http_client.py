@@ -16,6 +16,7 @@ the SDK and against the Stripe fake, is the gateway's
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -292,3 +293,19 @@ def test_the_sdks_log_lines_are_formatted_only_when_the_stripe_logger_takes_them
     assert "Request to Stripe api" in formatted and "Post details" in formatted
     assert any("Request to Stripe api" in r.getMessage() for r in caplog.records)
     assert any("Post details" in r.getMessage() and "amount=100" in r.getMessage() for r in caplog.records)
+
+
+def test_a_kept_connection_on_a_descriptor_above_1023_is_kept(recorder) -> None:
+    """A worker with many sockets and files open: the look at a kept connection must not fail on a high
+    descriptor (``select`` cannot take one above 1023), or every request would open a new connection."""
+    base, seen = recorder
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        client = ThreadConnectionClient(base, timeout=5)
+        for _ in range(3):
+            assert client.request("get", f"{base}/v1/payment_intents/pi_1", {})[1] == 200
+        assert client._local.conn.sock.fileno() > 1023
+    finally:
+        for fd in filler:
+            os.close(fd)
+    assert _connections(seen) == 1
