@@ -114,7 +114,7 @@ def _order_and_payment(uow: UnitOfWork, order_id: str) -> tuple[Order, PaymentRe
     return order, uow.payment(order_id)
 
 
-def _new_payment(order: Order, attempts: int = 0) -> PaymentRecord:
+def _new_payment(order: Order) -> PaymentRecord:
     if order.currency is None:  # none of its products was known: it was rejected when placed
         raise IllegalTransition(f"order {order.order_id} has no currency and takes no payment")
     return PaymentRecord(
@@ -124,7 +124,6 @@ def _new_payment(order: Order, attempts: int = 0) -> PaymentRecord:
         amount=order.total,
         currency=order.currency,
         idempotency_key=idempotency_key(order.order_id, "start"),
-        attempts=attempts,
     )
 
 
@@ -146,12 +145,7 @@ def prepare_start(cmd: StartPayment, uow: UnitOfWork, called_before: bool = True
     payment.attempts += 1
     uow.save_payment(payment)
     return _start_call(
-        order.order_id,
-        order.payment_provider,
-        payment.amount,
-        payment.currency,
-        payment.idempotency_key,
-        order.payment_request,
+        order.order_id, order.payment_provider, payment.amount, payment.currency, payment.idempotency_key, order
     )
 
 
@@ -173,7 +167,10 @@ def first_start(order_id: str, provider: str, total: int, currency: str, payment
     return _start_call(order_id, provider, total, currency, idempotency_key(order_id, "start"), payment_request)
 
 
-def _start_call(order_id: str, provider: str, amount: int, currency: str, key: str, req: dict[str, Any]) -> Call:
+def _start_call(
+    order_id: str, provider: str, amount: int, currency: str, key: str, source: Order | dict[str, Any]
+) -> Call:
+    req = source.payment_request if isinstance(source, Order) else source
     request = PaymentRequest(
         order_id=order_id,
         amount=amount,
@@ -249,8 +246,10 @@ def record_start(
     cmd: StartPayment | CapturePayment, msg: MessageContext, uow: UnitOfWork, result: PaymentResult
 ) -> Outcome:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
-    # a first start (:func:`first_start`) has no payment yet: its attempt is recorded with its answer
-    return apply_result(order, payment or _new_payment(order, attempts=1), result, msg, uow)
+    if payment is None:  # a first start (:func:`first_start`): the attempt is recorded with its answer
+        payment = _new_payment(order)
+        payment.attempts = 1
+    return apply_result(order, payment, result, msg, uow)
 
 
 def record_failure(cmd: Any, msg: MessageContext, uow: UnitOfWork, error: PaymentError) -> Outcome:
@@ -274,7 +273,8 @@ def record_failure(cmd: Any, msg: MessageContext, uow: UnitOfWork, error: Paymen
     if msg.message_type == "CancelPayment":
         return Outcome.of("unchanged", order, f"payment could not be cancelled: {error}")
     if payment is None and msg.message_type == "StartPayment":  # a first start: its attempt, with its failure
-        payment = _new_payment(order, attempts=1)
+        payment = _new_payment(order)
+        payment.attempts = 1
     if payment is not None:
         payment.status = PaymentStatus.FAILED
         payment.last_error = str(error)[:1000]

@@ -78,8 +78,6 @@ class _Work:
     ctx: MessageContext
     order_id: str
     span: tracing.StepSpan
-    #: the message's first delivery (:func:`first_delivery`): no earlier one can have called for it
-    first: bool = False
     call: Call | None = None
     #: the provider's answer, or its permanent refusal
     result: Any = None
@@ -146,9 +144,7 @@ class PaymentRunner:
                 continue
             ctx = MessageContext(d.message_id or "", d.message_type or "", d.correlation_id)
             order_id = str(command.order_id)
-            handler = self.handlers[type(command)]
-            span = tracing.StepSpan(d, order_id)
-            works.append(_Work(d, command, handler, ctx, order_id, span, first=first_delivery(d)))
+            works.append(_Work(d, command, self.handlers[type(command)], ctx, order_id, tracing.StepSpan(d, order_id)))
 
         def settled(done: list[_Work]) -> None:
             for w in done:
@@ -228,7 +224,7 @@ class PaymentRunner:
                         continue
                     before.add(w.ctx.message_id)  # a second copy in this batch is a duplicate: one call, not two
                     uow.handling(w.ctx.message_id, w.ctx.message_type, w.ctx.correlation_id)
-                    first = w.handler.prepare_first if w.first else None
+                    first = w.handler.prepare_first if first_delivery(w.delivery) else None
                     with w.span.within():
                         try:
                             w.call = (first or w.handler.prepare)(w.command, uow)
@@ -251,7 +247,7 @@ class PaymentRunner:
 
         About half of a paid order's prepare cost is saved so: the lock, the order's and the payment's
         writes, the view's outdating and a commit (figures: docs/benchmarks.md)."""
-        firsts = {id(w) for w in works if w.handler.prepare_first is not None and w.first}
+        firsts = {id(w) for w in works if w.handler.prepare_first is not None and first_delivery(w.delivery)}
         if not firsts:
             return works
         with self._reads.connect() as conn:

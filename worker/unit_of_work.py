@@ -193,8 +193,8 @@ class PostgresUnitOfWork:
     def _load_orders(self, ids: list[str]) -> None:
         """Lock and load the orders, their lines and payments.  Rows are unpacked as tuples, in the
         statements' column order: reading them by name (and ``_asdict``) cost 113 µs of CPU per order and
-        load, unpacking 90 (``scripts/bench_preload.py``); a paid order is loaded by the payment step's
-        record (and by its prepare, unless it is a first start)."""
+        load, unpacking 90 (``scripts/bench_preload.py``); a paid order is loaded twice (the payment step's
+        two transactions)."""
         if not ids:
             return
         rows = self.conn.execute(_LOCK_ORDERS, {"ids": ids}).all()
