@@ -213,7 +213,6 @@ class PaymentRunner:
         for w in works:  # a batch run again after a failed transaction starts afresh
             w.call, w.handled = None, None
         rest = self._first_starts(works)
-        unrecorded: list[_Work] = []
         if rest:
             with order_transaction(self.engine, CONSUMER, self.views) as uow:
                 before = uow.seen(w.ctx.message_id for w in rest)
@@ -230,15 +229,11 @@ class PaymentRunner:
                             w.call = (first or w.handler.prepare)(w.command, uow)
                         except (RetryLater, ManualActionRequired) as exc:
                             self._set_aside(w, exc)
-                            continue
                         except Refused as exc:
                             self._refuse(uow, w, exc)
-                            continue
-                    if first is not None and w.call is None and uow.payment(w.order_id) is None:
-                        unrecorded.append(w)
-        for w in unrecorded:  # a first start of an order that ended before any money was asked for: settled
-            # with no inbox row, so that a copy of it whose call is out (see first_delivery) still asks again
-            w.done(Handled(w.delivery, Result.APPLIED, Outcome("unchanged", w.order_id), order_id=w.order_id))
+        for w in rest:  # nothing to ask and nothing to record (answered before, nothing open): settled here
+            if w.handled is None and w.call is None and w.handler.calls_provider:
+                w.done(Handled(w.delivery, Result.APPLIED, Outcome("unchanged", w.order_id), order_id=w.order_id))
 
     def _first_starts(self, works: list[_Work]) -> list[_Work]:
         """The first deliveries of starts whose order is ``pending`` with no payment get their calls from one
@@ -314,8 +309,6 @@ class PaymentRunner:
     def _apply(self, w: _Work, uow: PostgresUnitOfWork) -> Outcome | None:
         if w.failure is not None:
             return record_failure(w.command, w.ctx, uow, w.failure)
-        if w.call is None and w.handler.calls_provider:
-            return None  # nothing was asked of the provider (answered before, or nothing open there)
         return w.handler.record(w.command, w.ctx, uow, w.result)
 
     # -- settling one step ------------------------------------------------------------------------
