@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -297,9 +298,11 @@ class Window:
             self._ack(broker, settled, held=[h.delivery.delivery_tag for h in outage])
         if not outage:
             return
-        # hold the work until the database is back (logged once, not once per step), then run it again
+        # hold the work until the database is back (logged once, not once per step), then run it again, as
+        # delivered again: like a redelivery by RabbitMQ, what the first run did (a provider call) may have
+        # happened, so a step that takes a first delivery at its word must not take this one so
         self.hold.wait(outage[0].error)  # type: ignore[arg-type]
-        self.submit(broker, [h.delivery for h in outage])
+        self.submit(broker, [replace(h.delivery, redelivered=True) for h in outage])
 
     def join(self, broker: BlockingBroker) -> None:
         while self.in_flight or self._pending:

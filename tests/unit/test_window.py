@@ -49,6 +49,8 @@ class GatedStep:
         self._scripts: dict[str, list[Callable[[Delivery], Handled]]] = {}
         self._lock = threading.Lock()
         self.calls: list[str] = []
+        #: every delivery handed to the step, as it was handed
+        self.seen: list[Delivery] = []
         self.finished: list[str] = []
 
     def hold_back(self, *message_ids: str) -> None:
@@ -77,6 +79,7 @@ class GatedStep:
         mid = d.message_id or ""
         with self._lock:
             self.calls.append(mid)
+            self.seen.append(d)
             script = self._scripts.get(mid)
             result = script.pop(0) if script else None
         gate = self._gates.get(mid)
@@ -208,6 +211,10 @@ def test_a_database_outage_holds_the_step_and_runs_it_again_when_the_database_is
     assert [1] in held  # unacked all the while
     assert step.calls == ["m-1", "m-1"]
     assert broker.published == [] and broker.acks == [(1, False)]  # no retry tier spent
+    # run again, the step is told it is delivered again (as RabbitMQ's redelivery would): what it did the
+    # first time (a provider call) may have happened, so a step that trusts a first delivery must not
+    assert [d.redelivered for d in step.seen] == [False, True]
+    assert step.seen[1].delivery_tag == 1
 
 
 def test_an_outage_already_over_is_an_ordinary_failure(pool) -> None:
