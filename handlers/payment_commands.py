@@ -5,7 +5,9 @@ Each has a :class:`PaymentHandler` (:func:`payment_handlers`), which
 transaction that reads and locks the order and its payment, records the
 attempt, and says which provider call to make), the call itself with no
 transaction open, and ``record`` (a second short transaction, with the inbox
-row, that applies the provider's answer to the order). Every call carries an
+row, that applies the provider's answer to the order); the first delivery of
+a ``StartPayment`` for a ``pending`` order with no payment has no prepare
+(:func:`first_start`: the record writes its attempt). Every call carries an
 idempotency key derived from the order and the action, so repeating a
 command after a crash or a timeout asks the provider the same question again
 instead of charging twice.
@@ -112,7 +114,7 @@ def _order_and_payment(uow: UnitOfWork, order_id: str) -> tuple[Order, PaymentRe
     return order, uow.payment(order_id)
 
 
-def _new_payment(order: Order) -> PaymentRecord:
+def _new_payment(order: Order, attempts: int = 0) -> PaymentRecord:
     if order.currency is None:  # none of its products was known: it was rejected when placed
         raise IllegalTransition(f"order {order.order_id} has no currency and takes no payment")
     return PaymentRecord(
@@ -122,34 +124,67 @@ def _new_payment(order: Order) -> PaymentRecord:
         amount=order.total,
         currency=order.currency,
         idempotency_key=idempotency_key(order.order_id, "start"),
+        attempts=attempts,
     )
 
 
 # -- StartPayment ---------------------------------------------------------------
 
 
-def prepare_start(cmd: StartPayment, uow: UnitOfWork) -> Call | None:
+def prepare_start(cmd: StartPayment, uow: UnitOfWork, called_before: bool = True) -> Call | None:
+    """Record the attempt and say which call to make.  ``called_before``: an earlier delivery of this
+    command may have called the provider without recording anything (the payment runner's first start
+    writes nothing before its call, :func:`first_start`), so an order that ended meanwhile is still asked,
+    under the same key, what that call did; False only for a message delivered for the first time."""
     order, payment = _order_and_payment(uow, str(cmd.order_id))
     if payment is not None and payment.status in STARTED_AND_ANSWERED:
         return None  # answered before: a duplicate
-    attempted = payment is not None  # started or unknown: a call may have reached the provider
+    attempted = payment is not None or called_before  # a call may have reached the provider
     if order.status is not Status.PENDING and not attempted:
         return None  # cancelled or rejected before any money was asked for
     payment = payment or _new_payment(order)
     payment.attempts += 1
     uow.save_payment(payment)
-    req = order.payment_request
+    return _start_call(
+        order.order_id,
+        order.payment_provider,
+        payment.amount,
+        payment.currency,
+        payment.idempotency_key,
+        order.payment_request,
+    )
+
+
+def prepare_first_start(cmd: StartPayment, uow: UnitOfWork) -> Call | None:
+    """:func:`prepare_start` of a message delivered for the first time: an order that ended before any
+    money was asked for is left alone."""
+    return prepare_start(cmd, uow, called_before=False)
+
+
+def first_start(order_id: str, provider: str, total: int, currency: str, payment_request: dict[str, Any]) -> Call:
+    """The call of a first start of a ``pending`` order that has no payment yet, made with nothing written
+    before it: the record writes the payment with its answer (:func:`record_start`).
+
+    Nothing is lost by not writing first.  A cancel that lands while the call is out finds no payment and
+    asks for no ``CancelPayment``; the record then finds the order ended and gives the money back
+    (``RefundPayment``, or ``CancelPayment`` for a payment waiting for its buyer).  A worker that dies
+    during the call leaves its message unacknowledged: it comes back redelivered, and a redelivered
+    start asks again under the same key, whatever became of the order meanwhile."""
+    return _start_call(order_id, provider, total, currency, idempotency_key(order_id, "start"), payment_request)
+
+
+def _start_call(order_id: str, provider: str, amount: int, currency: str, key: str, req: dict[str, Any]) -> Call:
     request = PaymentRequest(
-        order_id=order.order_id,
-        amount=payment.amount,
-        currency=payment.currency,
-        idempotency_key=payment.idempotency_key,
+        order_id=order_id,
+        amount=amount,
+        currency=currency,
+        idempotency_key=key,
         payment_method=req.get("payment_method"),
         return_url=req.get("return_url"),
         cancel_url=req.get("cancel_url"),
-        description=f"order {order.order_id}",
+        description=f"order {order_id}",
     )
-    return Call(order.payment_provider, lambda gateway: gateway.start(request))
+    return Call(provider, lambda gateway: gateway.start(request))
 
 
 def apply_result(
@@ -214,7 +249,8 @@ def record_start(
     cmd: StartPayment | CapturePayment, msg: MessageContext, uow: UnitOfWork, result: PaymentResult
 ) -> Outcome:
     order, payment = _order_and_payment(uow, str(cmd.order_id))
-    return apply_result(order, payment or _new_payment(order), result, msg, uow)
+    # a first start (:func:`first_start`) has no payment yet: its attempt is recorded with its answer
+    return apply_result(order, payment or _new_payment(order, attempts=1), result, msg, uow)
 
 
 def record_failure(cmd: Any, msg: MessageContext, uow: UnitOfWork, error: PaymentError) -> Outcome:
@@ -237,6 +273,8 @@ def record_failure(cmd: Any, msg: MessageContext, uow: UnitOfWork, error: Paymen
         return Outcome.of("applied", order, str(error))
     if msg.message_type == "CancelPayment":
         return Outcome.of("unchanged", order, f"payment could not be cancelled: {error}")
+    if payment is None and msg.message_type == "StartPayment":  # a first start: its attempt, with its failure
+        payment = _new_payment(order, attempts=1)
     if payment is not None:
         payment.status = PaymentStatus.FAILED
         payment.last_error = str(error)[:1000]
@@ -536,6 +574,8 @@ class PaymentHandler(Generic[C]):
     record: Callable[[C, MessageContext, UnitOfWork, Any], Outcome]
     #: False for commands that only change the order (record runs without a call)
     calls_provider: bool = True
+    #: ``prepare`` for a message delivered for the first time, where that differs
+    prepare_first: Callable[[C, UnitOfWork], Call | None] | None = None
 
 
 def payment_handlers(
@@ -543,7 +583,7 @@ def payment_handlers(
 ) -> dict[type[Command], PaymentHandler[Any]]:
     """The handlers by command class, with the worker's settings."""
     return {
-        StartPayment: PaymentHandler(prepare_start, record_start),
+        StartPayment: PaymentHandler(prepare_start, record_start, prepare_first=prepare_first_start),
         CapturePayment: PaymentHandler(
             prepare_capture, functools.partial(record_capture, settle_after=capture_settle_seconds)
         ),

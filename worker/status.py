@@ -18,7 +18,8 @@ restarts, with nothing added to the worker's path:
   landed (their ``x-last-failure-at``), from the dead-letter index
   (:mod:`worker.dlq.index`); replayed or purged ones no longer count;
 - *payment calls*, by provider: ``order_history`` rows of payment changes (a
-  step records its attempt before the provider call and the answer after);
+  step records the answer of its call; a capture, and a start delivered a
+  second time, also record their attempt before the call);
   *failures* are those declined, failed or carrying an error.  Transient
   provider errors that are retried leave no row: they are counted in
   ``orders_payment_calls_total`` only.

@@ -67,6 +67,11 @@ _OVERDUE = text(
     " AND awaiting_since < clock_timestamp() - make_interval(secs => :timeout)"
     " ORDER BY awaiting_since LIMIT :chunk FOR UPDATE SKIP LOCKED"
 )
+_UNSTARTED = text(
+    "SELECT o.order_id::text, o.payment_provider, o.total, o.currency, o.payment_request FROM orders AS o"
+    " WHERE o.order_id = ANY(CAST(:ids AS uuid[])) AND o.status = 'pending' AND o.currency IS NOT NULL"
+    " AND NOT EXISTS (SELECT 1 FROM payments AS p WHERE p.order_id = o.order_id)"
+)
 _SEEN = text("SELECT message_id FROM inbox WHERE consumer = :c AND message_id = ANY(CAST(:ids AS text[]))")
 
 _ORDER_COLUMNS = (
@@ -188,8 +193,8 @@ class PostgresUnitOfWork:
     def _load_orders(self, ids: list[str]) -> None:
         """Lock and load the orders, their lines and payments.  Rows are unpacked as tuples, in the
         statements' column order: reading them by name (and ``_asdict``) cost 113 µs of CPU per order and
-        load, unpacking 90 (``scripts/bench_preload.py``); a paid order is loaded twice (the payment step's
-        two transactions)."""
+        load, unpacking 90 (``scripts/bench_preload.py``); a paid order is loaded by the payment step's
+        record (and by its prepare, unless it is a first start)."""
         if not ids:
             return
         rows = self.conn.execute(_LOCK_ORDERS, {"ids": ids}).all()
@@ -385,6 +390,15 @@ class PostgresUnitOfWork:
         self.conn.execute(_UPSERT_PAYMENTS, {"rows": to_json(rows).decode()})
 
 
+def unstarted(conn: Connection, order_ids: Iterable[str]) -> dict[str, tuple[str, int, str, dict[str, Any]]]:
+    """Of these orders, those ``pending`` with no payment yet: nothing was asked of a provider for them,
+    nothing changes them but their first start or a cancel.  By order id: the provider, the
+    total, the currency and the payment request.  Read without a lock (the payment runner's first starts,
+    :func:`handlers.payment_commands.first_start`)."""
+    rows = conn.execute(_UNSTARTED, {"ids": sorted(set(order_ids))}).all()
+    return {order_id: (provider, total, currency, request) for order_id, provider, total, currency, request in rows}
+
+
 class Views(Protocol):
     """The read model as the transactions that change orders keep it (:class:`worker.read_model.OrderCache`)."""
 
@@ -418,4 +432,4 @@ def order_transaction(engine: Engine, consumer: str, views: Views | None) -> Ite
         views.refresh(cached)  # with no view cached, what it owes from before (if any)
 
 
-__all__ = ["OUTBOX_CHANNEL", "PostgresUnitOfWork", "Views", "order_transaction"]
+__all__ = ["OUTBOX_CHANNEL", "PostgresUnitOfWork", "Views", "order_transaction", "unstarted"]

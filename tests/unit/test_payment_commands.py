@@ -25,6 +25,7 @@ from handlers.payment_commands import (
     payment_handlers,
     prepare_cancel,
     prepare_capture,
+    prepare_first_start,
     prepare_lookup,
     prepare_none,
     prepare_refund,
@@ -221,10 +222,22 @@ def test_start_for_an_order_cancelled_before_any_payment_asks_for_no_money_and_a
     uow = FakeUnitOfWork(PRODUCTS)
     order_id = placed(uow)
     moved(uow, order_id, Status.CANCELLED)
-    assert prepare_start(cmd(StartPayment, order_id), uow) is None
+    assert prepare_first_start(cmd(StartPayment, order_id), uow) is None
     assert order_id not in uow.payments
     with pytest.raises(RetryLater):
-        prepare_start(cmd(StartPayment, str(uuid.uuid4())), uow)
+        prepare_first_start(cmd(StartPayment, str(uuid.uuid4())), uow)
+
+
+def test_a_start_delivered_again_for_an_ended_order_with_no_payment_asks_the_provider_what_it_did():
+    """An earlier delivery's first start calls before anything is written: a redelivered start cannot tell
+    whether that call reached the provider, so it asks again under the same key (the record gives it back)."""
+    uow = FakeUnitOfWork(PRODUCTS)
+    order_id = placed(uow)
+    moved(uow, order_id, Status.CANCELLED)
+    gateway = RecordingGateway(PaymentResult(Outcome.SUCCEEDED, "pi_1"))
+    run(prepare_start(cmd(StartPayment, order_id), uow), gateway)
+    assert [args[0].idempotency_key for _, args in gateway.calls] == [f"order-{order_id}-start"]
+    assert uow.payments[order_id].attempts == 1
 
 
 def test_a_start_in_flight_when_the_order_was_cancelled_is_asked_again():
