@@ -30,7 +30,12 @@ each round on a fresh database, vhost and Stripe fake:
   time, the latency to its row being completed (``peer_payments.at``, the
   completing transaction's time).  Printed: offered and completed orders/s,
   p50/p90/p99/p99.9, the orders not completed ``--grace`` seconds after the
-  load stopped, CPU µs per completed order.
+  load stopped, CPU µs per completed order.  ``--stages`` (ours) also splits
+  each judged order's latency at the moments the database and the broker
+  show: its PlaceOrder's transaction (``orders.created_at``), its
+  ``payment.start`` published by the relay (a copy consumed from a queue bound
+  to ``orders.internal``), the completing transaction, ``order.completed``
+  consumed; medians and p90 of each stage.
 
 ``--mode all`` (default) runs saturation, then latency at fractions of the
 saturation medians.  The Stripe fake's CPU is printed beside the others but is
@@ -74,7 +79,13 @@ import psycopg2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from schema.topology import COMMAND_QUEUES, COMMANDS_EXCHANGE, EVENTS_EXCHANGE, WORK_QUEUES  # noqa: E402
+from schema.topology import (  # noqa: E402
+    COMMAND_QUEUES,
+    COMMANDS_EXCHANGE,
+    EVENTS_EXCHANGE,
+    INTERNAL_EXCHANGE,
+    WORK_QUEUES,
+)
 from scripts import benchkit, harness  # noqa: E402
 from scripts.bench_drain import (  # noqa: E402
     CATALOGUE,
@@ -108,6 +119,8 @@ OURS_DB, OURS_VHOST = "orders_bench_paid", "orders-bench-paid"
 PEER_DB, PEER_VHOST = "orders_bench_paid_peer", "orders-bench-paid-peer"
 PEER_QUEUE = "peer_paid"
 COMPLETED_QUEUE = "bench.completed"
+#: with --stages: a copy of every payment.start the relay publishes
+STARTS_QUEUE = "bench.starts"
 FAKE = ROOT / "scripts" / "fakes" / "fake_stripe.py"
 #: orders published in the first seconds of an open-loop run are warm-up, not judged
 WARMUP_S = 5.0
@@ -182,8 +195,13 @@ class Ours:
         ch.queue_delete(COMPLETED_QUEUE)
         ch.queue_declare(COMPLETED_QUEUE, durable=True, arguments={"x-queue-type": self.args.capture_queue})
         ch.queue_bind(COMPLETED_QUEUE, EVENTS_EXCHANGE, routing_key="order.completed")
+        ch.queue_delete(STARTS_QUEUE)
+        stages = getattr(self.args, "stages", False)
+        if stages:
+            ch.queue_declare(STARTS_QUEUE, durable=True, arguments={"x-queue-type": self.args.capture_queue})
+            ch.queue_bind(STARTS_QUEUE, INTERNAL_EXCHANGE, routing_key="payment.start")
         conn.close()
-        self.capture = Completions(self.url)
+        self.capture = Completions(self.url, STARTS_QUEUE if stages else None)
         self.capture.start()
         self.capture.ready.wait(10)
         if self.capture.error is not None:
@@ -237,6 +255,12 @@ class Ours:
             )
             return dict(cur.fetchall())
 
+    def placed_rows(self) -> dict[str, float]:
+        """order id → epoch of the transaction that placed it."""
+        with self.db.cursor() as cur:
+            cur.execute("SELECT order_id::text, extract(epoch FROM created_at)::float8 FROM orders")
+            return dict(cur.fetchall())
+
     def close(self) -> None:
         for p in reversed(self.procs):
             p.stop(timeout=15)
@@ -252,12 +276,15 @@ class Ours:
 
 
 class Completions(threading.Thread):
-    """Consumes ``order.completed`` from a queue bound to ``orders.events``: order id → time it arrived."""
+    """Consumes ``order.completed`` from a queue bound to ``orders.events``: order id → time it arrived (and,
+    given ``starts_queue``, the ``payment.start`` copies bound there: order id → time it arrived)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, starts_queue: str | None = None) -> None:
         super().__init__(name="completions", daemon=True)
         self.url = url
+        self.starts_queue = starts_queue
         self.at: dict[str, float] = {}
+        self.starts: dict[str, float] = {}
         self.error: BaseException | None = None
         self.stop_event = threading.Event()
         self.ready = threading.Event()
@@ -271,13 +298,16 @@ class Completions(threading.Thread):
 
             def on_message(_ch: Any, method: Any, _props: Any, body: bytes) -> None:
                 now = time.time()
-                self.at.setdefault(json.loads(body)["order_id"], now)
+                into = self.starts if method.routing_key == "payment.start" else self.at
+                into.setdefault(json.loads(body)["order_id"], now)
                 last[0] = method.delivery_tag
                 if last[0] - last[1] >= 500:
                     ch.basic_ack(last[0], multiple=True)
                     last[1] = last[0]
 
             ch.basic_consume(COMPLETED_QUEUE, on_message)
+            if self.starts_queue is not None:
+                ch.basic_consume(self.starts_queue, on_message)  # delivery tags are the channel's: one ack run
             self.ready.set()
             while not self.stop_event.is_set():
                 conn.process_data_events(time_limit=0.05)
@@ -554,6 +584,35 @@ def latencies(due: dict[str, float], done_at: dict[str, float], judged_from: flo
     return summary
 
 
+#: --stages: each stage of an order's latency, from one moment to the next
+STAGES = (
+    ("published → placed", "due", "placed"),
+    ("placed → payment.start published", "placed", "start"),
+    ("payment.start → completed row", "start", "completed"),
+    ("completed row → order.completed consumed", "completed", "event"),
+)
+
+
+def stages(
+    due: dict[str, float],
+    judged_from: float,
+    placed: dict[str, float],
+    start: dict[str, float],
+    completed: dict[str, float],
+    event: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """Median and p90 (ms) of each of :data:`STAGES` over the judged orders that passed every moment.  The
+    transactions' times are their starts (``now()``): a stage that ends at one holds none of its statements,
+    the next all of them."""
+    moments = {"due": due, "placed": placed, "start": start, "completed": completed, "event": event}
+    judged = [oid for oid, t in due.items() if t >= judged_from and all(oid in m for m in moments.values())]
+    out: dict[str, dict[str, Any]] = {}
+    for name, a, b in STAGES:
+        ms = [(moments[b][oid] - moments[a][oid]) * 1000 for oid in judged]
+        out[name] = {"orders": len(ms), "p50_ms": benchkit.percentile(ms, 50), "p90_ms": benchkit.percentile(ms, 90)}
+    return out
+
+
 def ours_latency(args: Any, tmp: Path, rate: float) -> dict[str, Any]:
     ours = Ours(args, tmp)
     try:
@@ -581,7 +640,12 @@ def ours_latency(args: Any, tmp: Path, rate: float) -> dict[str, Any]:
         time.sleep(1)  # the last order.completed in flight
         due, since = result.pop("_due"), result.pop("_judged_from")
         result["to_event"] = latencies(due, dict(ours.capture.at), since)
-        result["to_row"] = latencies(due, ours.completed_rows(), since)
+        completed_at = ours.completed_rows()
+        result["to_row"] = latencies(due, completed_at, since)
+        if args.stages:
+            result["stages"] = stages(
+                due, since, ours.placed_rows(), dict(ours.capture.starts), completed_at, dict(ours.capture.at)
+            )
         result["rejected"] = ours.counts()[1]
         return result
     finally:
@@ -719,6 +783,10 @@ def report(args: Any, result: dict[str, Any]) -> str:
                 f"{cell('p50_ms')} | {cell('p90_ms')} | {cell('p99_ms')} | {cell('p999_ms')} | "
                 f"{main['incomplete']} | {p['cpu_us_per_order'].get('total', 0):.0f} |"
             )
+        for p in pts:
+            if p.get("stages"):
+                lines += ["", f"where ours at {p['fraction']:.0%} waited (--stages; ms, p50 / p90):", ""]
+                lines += [f"  {name}: {v['p50_ms']:.1f} / {v['p90_ms']:.1f}" for name, v in p["stages"].items()]
         late = max(p["generator"].get("late_max_ms", 0) for p in pts)
         lines.append(f"\n(the load generator ran at most {late:.1f} ms behind its schedule)")
     return "\n".join(lines)
@@ -758,6 +826,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace", type=float, default=60, help="seconds to wait for the last orders (60)")
     ap.add_argument(
         "--capture-queue", choices=("quorum", "classic"), default="quorum", help="order.completed queue type"
+    )
+    ap.add_argument(
+        "--stages", action="store_true", help="latency: split ours into its stages (a copy of payment.start captured)"
     )
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--timeout", type=float, default=900, help="give up a saturation round after this (900 s)")
