@@ -100,20 +100,34 @@ class _Connections:
         self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
 
     async def request(self, raw: bytes) -> int:
-        """The status; ``SHED`` for a 503 the shim answered ``overloaded`` (shed, not failed)."""
+        """The status; ``SHED`` for a 503 the shim answered ``overloaded`` (shed, not failed).
+
+        A request that fails or is cancelled (a caller's timeout) closes its connection and frees its
+        place, so a later request opens a new one: else every connection lost so would be gone for good,
+        and once all ``most`` were, every request would wait for an idle one that never comes (the
+        generator, not the server, stopped: the soak through the shim saw its load fall to nothing)."""
         if self.idle.empty() and self.made < self.most:
             self.made += 1
-            conn = await asyncio.open_connection(self.host, self.port)
+            try:
+                conn = await asyncio.open_connection(self.host, self.port)
+            except BaseException:
+                self.made -= 1
+                raise
         else:
             conn = await self.idle.get()
         reader, writer = conn
-        writer.write(raw)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        body = await reader.readexactly(length)
+        try:
+            writer.write(raw)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            body = await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            self.made -= 1
+            raise
         self.idle.put_nowait(conn)
         status = int(head[9:12])
         return SHED if status == 503 and _error_code(body) == "overloaded" else status
