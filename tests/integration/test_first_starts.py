@@ -250,8 +250,9 @@ def test_a_first_start_held_through_a_database_outage_after_its_call_gets_the_mo
             return  # asked again: answers as before
         cancel(clean_db, order_id)  # committed during the call, not through the proxy
         pg.down()  # the record cannot reach PostgreSQL
-        threading.Timer(1.0, pg.up).start()
+        back.start()
 
+    back = threading.Timer(1.0, pg.up)  # PostgreSQL reachable again a second after the cut
     calls = Gateway(during=took_the_money_then_the_database_went)
     broker = BlockingBroker(url).connect()
     try:
@@ -267,6 +268,9 @@ def test_a_first_start_held_through_a_database_outage_after_its_call_gets_the_mo
             w.submit(broker, [d])
             w.join(broker)  # polls as the consumer does until the step is settled and acked, through the hold
     finally:
+        back.cancel()  # not started, or already fired: either way the proxy is not reopened after the test
+        if back.is_alive():
+            back.join()
         broker.close()
         ch.queue_delete(queue)
         conn.close()
